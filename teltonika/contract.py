@@ -1,0 +1,175 @@
+"""The telemetry record contract: what one stream entry (or JSON line) holds.
+
+This module is the interface between the ingestion server, which writes entries, and
+every consumer of ``telemetry:teltonika`` (our processor, and anyone else's). Its version
+is the ``v`` field of every entry; README.rst, "The record contract", documents it field
+by field. Change the layout only by adding a version and keeping the old one readable.
+
+Version 1, one entry per AVL record, every value a string::
+
+    v                "1"
+    imei             15 digits
+    codec            "8" | "8E" | "16"
+    timestamp_ms     device time, ms since the Unix epoch (UTC)
+    received_at_ms   server time the frame was received, ms
+    latitude         degrees, decimal, up to 7 places, negative south
+    longitude        degrees, decimal, up to 7 places, negative west
+    altitude         metres (signed)
+    angle            degrees
+    speed            km/h
+    satellites       count (0 = no valid fix)
+    priority         0 low, 1 high, 2 panic
+    event_io_id      IO id that triggered the record (0 = periodic)
+    generation_type  codec 16 generation type, or "" for other codecs
+    instance_id      the ingestion instance that received it
+    io               JSON object {"<decimal IO id>": value}
+
+An IO value is a JSON number when it is an integer up to 2**53 - 1 (every JSON parser
+reads that exactly); a larger integer is ``{"__bigint": "<decimal>"}`` and an NX (variable
+length, codec 8E) value is ``{"__buffer_b64": "<base64>"}``. IO values are unsigned, as
+sent; the catalogue (``teltonika.catalogue``) says how to scale or sign them.
+
+Serializer: ``orjson`` (measured in ``benchmarks/decode.py``: the stdlib ``json.dumps``
+version of this step caps the pipeline near 20,000 records/s).
+"""
+
+from __future__ import annotations
+
+from base64 import b64encode
+from typing import Final
+
+import orjson
+
+from teltonika.wire.records import NX, AVLRecord, DeviceMessage, IOElement
+
+CONTRACT_VERSION: Final = "1"
+TELEMETRY_STREAM: Final = "telemetry:teltonika"
+MESSAGES_STREAM: Final = "telemetry:teltonika:messages"
+MAX_SAFE_INTEGER: Final = 2**53 - 1
+
+FIELDS: Final = (
+    "v",
+    "imei",
+    "codec",
+    "timestamp_ms",
+    "received_at_ms",
+    "latitude",
+    "longitude",
+    "altitude",
+    "angle",
+    "speed",
+    "satellites",
+    "priority",
+    "event_io_id",
+    "generation_type",
+    "instance_id",
+    "io",
+)
+"""Field names of a version 1 entry, in the order they are written."""
+
+_B_FIELDS: Final = tuple(name.encode() for name in FIELDS)
+
+
+def format_degrees(value: float) -> str:
+    """Degrees as the shortest decimal that round-trips the device's degrees x 10^7."""
+    scaled = round(value * 10_000_000)
+    sign = "-" if scaled < 0 else ""
+    whole, fraction = divmod(abs(scaled), 10_000_000)
+    if not fraction:
+        return f"{sign}{whole}"
+    return f"{sign}{whole}.{fraction:07d}".rstrip("0")
+
+
+def io_bag(io: tuple[IOElement, ...]) -> dict[int, object]:
+    """The IO elements as a JSON-ready dict, with the contract's sentinels."""
+    bag: dict[int, object] = {}
+    for io_id, width, value in io:
+        if width == NX:
+            assert isinstance(value, bytes)
+            bag[io_id] = {"__buffer_b64": b64encode(value).decode("ascii")}
+        elif width == 8 and isinstance(value, int) and value > MAX_SAFE_INTEGER:
+            bag[io_id] = {"__bigint": str(value)}
+        else:
+            bag[io_id] = value
+    return bag
+
+
+def io_json(io: tuple[IOElement, ...]) -> bytes:
+    """The ``io`` field: :func:`io_bag` serialized as compact JSON (keys as strings)."""
+    return orjson.dumps(io_bag(io), option=orjson.OPT_NON_STR_KEYS)
+
+
+def entry_values(
+    imei: str, codec_name: str, record: AVLRecord, received_at_ms: int, instance_id: str
+) -> tuple[bytes, ...]:
+    """The values of one version 1 entry, in :data:`FIELDS` order, as bytes."""
+    generation = record.generation_type
+    return (
+        b"1",
+        imei.encode("ascii"),
+        codec_name.encode("ascii"),
+        b"%d" % record.timestamp_ms,
+        b"%d" % received_at_ms,
+        format_degrees(record.latitude).encode("ascii"),
+        format_degrees(record.longitude).encode("ascii"),
+        b"%d" % record.altitude,
+        b"%d" % record.angle,
+        b"%d" % record.speed,
+        b"%d" % record.satellites,
+        b"%d" % record.priority,
+        b"%d" % record.event_io_id,
+        b"" if generation is None else b"%d" % generation,
+        instance_id.encode("utf-8"),
+        io_json(record.io),
+    )
+
+
+def entry_fields(
+    imei: str, codec_name: str, record: AVLRecord, received_at_ms: int, instance_id: str
+) -> list[bytes]:
+    """One entry as the flat ``field, value, field, value ...`` list XADD takes."""
+    values = entry_values(imei, codec_name, record, received_at_ms, instance_id)
+    flat: list[bytes] = []
+    for name, value in zip(_B_FIELDS, values, strict=True):
+        flat.append(name)
+        flat.append(value)
+    return flat
+
+
+def json_line(
+    imei: str, codec_name: str, record: AVLRecord, received_at_ms: int, instance_id: str
+) -> bytes:
+    """One record as a JSON line for the file sink: the same fields, ``io`` as an object.
+
+    Every value except ``io`` is the same string an entry holds, so a line and an entry
+    read back through one parser.
+    """
+    values = entry_values(imei, codec_name, record, received_at_ms, instance_id)
+    line: dict[str, object] = {
+        name: value.decode("utf-8") for name, value in zip(FIELDS[:-1], values[:-1], strict=True)
+    }
+    line["io"] = io_bag(record.io)
+    return orjson.dumps(line, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE)
+
+
+def message_fields(
+    imei: str, message: DeviceMessage, codec_name: str, received_at_ms: int, instance_id: str
+) -> dict[str, str]:
+    """A device message (codec 12/13/14 that answered no command) for the messages stream.
+
+    Fields: ``v``, ``imei``, ``codec``, ``type`` (decimal), ``payload_hex``, ``text``
+    (the payload when printable, else ""), ``timestamp_ms`` (codec 13, else ""),
+    ``received_at_ms``, ``instance_id``.
+    """
+    text = message.text
+    return {
+        "v": CONTRACT_VERSION,
+        "imei": imei,
+        "codec": codec_name,
+        "type": str(message.message_type),
+        "payload_hex": message.payload.hex(),
+        "text": "" if text is None else text,
+        "timestamp_ms": "" if message.timestamp_ms is None else str(message.timestamp_ms),
+        "received_at_ms": str(received_at_ms),
+        "instance_id": instance_id,
+    }

@@ -1,0 +1,81 @@
+"""The seams of the server. Each interface's docstrings are its contract.
+
+Implementations are found in three ways: codecs through ``twisted.plugin`` (so a
+deployment can add one from a dropin file), sinks and device authorities by the
+``twistd teltonika`` options, and everything through constructor arguments in tests.
+
+Interface methods are declared without ``self``, as zope.interface requires. mypy-zope
+checks implementers' method signatures but not ``Attribute`` types, so each attribute's
+docstring gives its type.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from teltonika.wire.records import AVLRecord, Packet
+
+
+class ICodec(Interface):
+    """One Teltonika codec: decodes the body of a frame whose codec id byte it owns.
+
+    The body is the CRC-covered region: codec id through Number of Data 2. The same
+    body appears inside TCP frames and (for AVL codecs) inside UDP datagrams.
+    """
+
+    codec_id = Attribute("int: the codec id byte (offset 8 of a TCP frame), e.g. 0x8E.")
+    name = Attribute("str: the short name used in logs, metrics and the record contract: '8E'.")
+    kind = Attribute("str: 'avl' for position records, 'message' for codec 12/13/14 messages.")
+
+    def decode(data: bytes, start: int, end: int) -> Packet:
+        """Decode the body ``data[start:end]``.
+
+        Error offsets name positions in *data*.
+
+        :raise teltonika.wire.errors.DecodeError: the only exception that may escape,
+            whatever the bytes.
+        """
+
+    def encode(packet: Packet) -> bytes:
+        """Encode *packet* as a body (the inverse of :meth:`decode`)."""
+
+    def acknowledgement(packet: Packet) -> bytes | None:
+        """The bytes to answer a *stored* packet with on TCP, or None for never.
+
+        AVL codecs answer with the record count as a u32. Codec 12/13/14 device messages
+        are never acknowledged (devices log errors when they are).
+        """
+
+
+class ISink(Interface):
+    """Where decoded records go. The server ACKs a frame only when :meth:`publish` fires.
+
+    A sink promises that when the Deferred fires successfully every record is durable to
+    the degree the sink documents (Redis memory, Redis AOF fsync, a fsynced file). If it
+    fails, nothing may be assumed stored: the device is not ACKed and resends.
+    """
+
+    name = Attribute("str: short name for logs and metrics ('redis', 'file').")
+
+    def publish(
+        imei: str, codec_name: str, records: tuple[AVLRecord, ...], received_at_ms: int
+    ) -> Deferred[None]:
+        """Store *records* of one frame from *imei*; fire when they are durable."""
+
+    def publish_message(imei: str, message: dict[str, str]) -> Deferred[None]:
+        """Store one device message (codec 12/13/14 that resolved no command)."""
+
+    def ready() -> bool:
+        """True while the sink believes it can store records (drives ``/readyz``)."""
+
+
+class IDeviceAuthority(Interface):
+    """Decides whether a device may log in."""
+
+    def is_allowed(imei: str) -> Deferred[bool]:
+        """Fire with True when *imei* may log in. A failure counts as a refusal."""

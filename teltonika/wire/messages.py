@@ -1,0 +1,141 @@
+"""Decode and encode the message codecs: 12 (commands), 13 (timestamped), 14 (IMEI-addressed).
+
+Layout of the body (TELTONIKA.md section 5.1), after the envelope::
+
+    codec id | quantity 1 | (type | size S u32 | S bytes)* | quantity 2
+
+Codec 13 prefixes the S bytes with a timestamp, codec 14 with the IMEI as 8 BCD bytes.
+None of these frames is ever acknowledged (section 5.6): devices log errors when they are.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from teltonika.wire.errors import (
+    DecodeError,
+    FieldValueError,
+    RecordCountError,
+    TrailingBytesError,
+    TruncatedError,
+)
+from teltonika.wire.records import (
+    CODEC_12,
+    CODEC_13,
+    CODEC_14,
+    MESSAGE_CODEC_IDS,
+    MESSAGE_TYPE_COMMAND,
+    DeviceMessage,
+    MessagePacket,
+)
+
+IMEI_BCD_SIZE: Final = 8
+_SECONDS_THRESHOLD: Final = 0x10000000
+
+
+def imei_to_bcd(imei: str) -> bytes:
+    """Encode a 15-digit IMEI as codec 14's 8 bytes: '0' + 15 digits as hex nibbles."""
+    if not (imei.isdigit() and imei.isascii() and len(imei) <= 16):
+        raise ValueError(f"IMEI must be up to 16 decimal digits, not {imei!r}")
+    return bytes.fromhex(imei.rjust(16, "0"))
+
+
+def bcd_to_imei(raw: bytes, offset: int = 0) -> str:
+    """Decode codec 14's 8-byte IMEI; the single padding nibble is dropped."""
+    digits = raw.hex()
+    if not digits.isdigit():
+        raise FieldValueError(f"IMEI bytes {digits} are not BCD digits", offset)
+    return digits[1:] if len(digits) == 16 and digits[0] == "0" else digits
+
+
+def decode_messages(data: bytes, start: int, end: int) -> MessagePacket:
+    """Decode a message body ``data[start:end]`` (codec id through quantity 2).
+
+    :raise DecodeError: any structural problem; nothing else escapes.
+    """
+    if end - start < 8:
+        raise TruncatedError(f"message body of {end - start} bytes is too short", start)
+    codec_id = data[start]
+    if codec_id not in MESSAGE_CODEC_IDS:
+        raise FieldValueError(f"codec id 0x{codec_id:02X} is not a message codec", start)
+    count = data[start + 1]
+    last = end - 1
+    if count == 0:
+        raise RecordCountError("message quantity 1 is zero", start + 1)
+    if data[last] != count:
+        raise RecordCountError(
+            f"quantity 1 ({count}) differs from quantity 2 ({data[last]})", last
+        )
+    offset = start + 2
+    messages = []
+    for _ in range(count):
+        if offset + 5 > last:
+            raise TruncatedError("message header is truncated", offset)
+        message_type = data[offset]
+        size = int.from_bytes(data[offset + 1 : offset + 5], "big")
+        offset += 5
+        if offset + size > last:
+            raise TruncatedError(
+                f"message size {size} runs past the body ({last - offset} bytes remain)",
+                offset - 4,
+            )
+        messages.append(_decode_message(codec_id, message_type, data[offset : offset + size], offset))
+        offset += size
+    if offset != last:
+        raise TrailingBytesError(f"{last - offset} bytes left before quantity 2", offset)
+    return MessagePacket(codec_id, tuple(messages))
+
+
+def _decode_message(codec_id: int, message_type: int, body: bytes, offset: int) -> DeviceMessage:
+    if codec_id == CODEC_14:
+        if len(body) < IMEI_BCD_SIZE:
+            raise TruncatedError("codec 14 message is shorter than its 8-byte IMEI", offset)
+        imei = bcd_to_imei(body[:IMEI_BCD_SIZE], offset)
+        return DeviceMessage(codec_id, message_type, body[IMEI_BCD_SIZE:], imei=imei)
+    if codec_id == CODEC_13:
+        if len(body) < 4:
+            raise TruncatedError("codec 13 message is shorter than its timestamp", offset)
+        # Section 5.3: 4-byte seconds in real captures, 8-byte milliseconds in the wiki.
+        seconds = int.from_bytes(body[:4], "big")
+        if seconds < _SECONDS_THRESHOLD and len(body) >= 8:
+            return DeviceMessage(
+                codec_id, message_type, body[8:], timestamp_ms=int.from_bytes(body[:8], "big")
+            )
+        return DeviceMessage(codec_id, message_type, body[4:], timestamp_ms=seconds * 1000)
+    return DeviceMessage(codec_id, message_type, body)
+
+
+def encode_message(
+    codec_id: int,
+    payload: bytes,
+    message_type: int = MESSAGE_TYPE_COMMAND,
+    imei: str | None = None,
+    timestamp_ms: int | None = None,
+) -> bytes:
+    """Encode one codec 12/13/14 message as a body (wrap it for TCP).
+
+    :param imei: required for codec 14.
+    :param timestamp_ms: required for codec 13 (written as 4-byte seconds, as devices do).
+    """
+    if codec_id == CODEC_14:
+        if imei is None:
+            raise ValueError("a codec 14 message needs an IMEI")
+        inner = imei_to_bcd(imei) + payload
+    elif codec_id == CODEC_13:
+        if timestamp_ms is None:
+            raise ValueError("a codec 13 message needs a timestamp")
+        inner = (timestamp_ms // 1000).to_bytes(4, "big") + payload
+    elif codec_id == CODEC_12:
+        inner = payload
+    else:
+        raise ValueError(f"codec id 0x{codec_id:02X} is not a message codec")
+    return bytes((codec_id, 1, message_type)) + len(inner).to_bytes(4, "big") + inner + b"\x01"
+
+
+__all__ = [
+    "DecodeError",
+    "bcd_to_imei",
+    "decode_messages",
+    "encode_message",
+    "imei_to_bcd",
+]

@@ -1,0 +1,81 @@
+"""The UDP AVL datagram envelope and its ACK (TELTONIKA.md section 6).
+
+A datagram has no preamble, no data length and no CRC::
+
+    length u16 | packet id u16 | packet type u8 | AVL packet id u8 |
+    IMEI length u16 | IMEI | AVL body (codec id .. Number of Data 2)
+
+The server answers ``0005 <packet id> 01 <AVL packet id> <accepted count>``; the device
+checks the AVL packet id and the count and resends otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from teltonika.wire.avl import decode_avl, encode_avl
+from teltonika.wire.errors import FieldValueError, FrameLengthError, ImeiError, TruncatedError
+from teltonika.wire.framer import MAX_IMEI_LENGTH
+from teltonika.wire.records import AVLRecord, UDPPacket
+
+MAX_DATAGRAM: Final = 65507
+_HEADER: Final = 8
+
+
+def decode_udp(datagram: bytes) -> UDPPacket:
+    """Decode one UDP AVL datagram.
+
+    :raise DecodeError: a length that does not match the datagram, a bad IMEI or a bad body.
+    """
+    size = len(datagram)
+    if size < _HEADER:
+        raise TruncatedError(f"datagram of {size} bytes is shorter than its header", 0)
+    length = int.from_bytes(datagram[0:2], "big")
+    if length != size - 2:
+        raise FrameLengthError(f"length field {length} does not match a {size}-byte datagram", 0)
+    packet_id = int.from_bytes(datagram[2:4], "big")
+    packet_type = datagram[4]
+    avl_packet_id = datagram[5]
+    imei_length = int.from_bytes(datagram[6:8], "big")
+    if not 1 <= imei_length <= MAX_IMEI_LENGTH:
+        raise FrameLengthError(f"IMEI length {imei_length} is out of range", 6)
+    body_start = _HEADER + imei_length
+    if body_start > size:
+        raise TruncatedError("IMEI runs past the datagram", _HEADER)
+    raw_imei = datagram[_HEADER:body_start]
+    if not raw_imei.isdigit():
+        raise ImeiError(f"IMEI bytes {raw_imei.hex()} are not ASCII digits", _HEADER)
+    packet = decode_avl(datagram, body_start, size)
+    return UDPPacket(packet_id, packet_type, avl_packet_id, raw_imei.decode("ascii"), packet)
+
+
+def encode_udp(
+    imei: str,
+    codec_id: int,
+    records: list[AVLRecord] | tuple[AVLRecord, ...],
+    packet_id: int = 0,
+    avl_packet_id: int = 0,
+    packet_type: int = 0x01,
+) -> bytes:
+    """Build a UDP AVL datagram (for tests and the device simulator)."""
+    raw_imei = imei.encode("ascii")
+    rest = (
+        packet_id.to_bytes(2, "big")
+        + bytes((packet_type, avl_packet_id))
+        + len(raw_imei).to_bytes(2, "big")
+        + raw_imei
+        + encode_avl(codec_id, records)
+    )
+    if len(rest) + 2 > MAX_DATAGRAM:
+        raise FieldValueError("datagram too large", 0)
+    return len(rest).to_bytes(2, "big") + rest
+
+
+def udp_ack(packet_id: int, avl_packet_id: int, accepted: int) -> bytes:
+    """The server's reply to an AVL datagram, echoing both ids."""
+    return (
+        b"\x00\x05"
+        + packet_id.to_bytes(2, "big")
+        + b"\x01"
+        + bytes((avl_packet_id, accepted))
+    )
