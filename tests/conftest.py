@@ -78,3 +78,23 @@ def observe_errors() -> Iterator[None]:
                 text += "\n" + failure.getTraceback()
             lines.append(text)
         pytest.fail("errors were logged during the test:\n" + "\n".join(lines))
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[Any]:
+    """One throwaway redis-server for the whole session (see tests/servers.py)."""
+    from tests.servers import RedisServer
+
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def redis_url(redis_server: Any) -> str:
+    """The session's Redis, emptied for this test (tests run one at a time)."""
+    redis_server.cli("FLUSHALL")
+    url: str = redis_server.url
+    return url
