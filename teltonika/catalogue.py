@@ -79,9 +79,8 @@ class Catalogue:
     @classmethod
     def load(cls, extra: Iterable[str] = (), *, use_environment: bool = True) -> Catalogue:
         """The built-in catalogue with *extra* files (and the environment's) layered on top."""
-        documents = [
-            ("built-in", json.loads(files("teltonika").joinpath("data/io_catalogue.json").read_text("utf-8")))
-        ]
+        builtin = files("teltonika").joinpath("data/io_catalogue.json").read_text("utf-8")
+        documents = [("built-in", json.loads(builtin))]
         paths = list(extra)
         if use_environment and os.environ.get(ENVIRONMENT_VARIABLE):
             paths = os.environ[ENVIRONMENT_VARIABLE].split(os.pathsep) + paths

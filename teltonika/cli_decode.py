@@ -48,7 +48,9 @@ def parse_hex(text: str) -> bytes:
     return binascii.unhexlify(cleaned)
 
 
-def record_json(record: AVLRecord, catalogue: Catalogue | None, model: str | None) -> dict[str, Any]:
+def record_json(
+    record: AVLRecord, catalogue: Catalogue | None, model: str | None
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "timestamp_ms": record.timestamp_ms,
         "priority": record.priority,
@@ -108,8 +110,12 @@ def decode_one(
     return out
 
 
-def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None,
-        stderr: TextIO | None = None) -> int:
+def run(
+    args: argparse.Namespace,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 settings.register_profile(
     "ci",
@@ -50,28 +50,22 @@ class LoggedErrors:
 
 
 @pytest.fixture
-def logged_errors(observe_errors: None) -> LoggedErrors:
+def logged_errors(observe_errors: LoggedErrors) -> LoggedErrors:
     """Claim errors a test provokes on purpose; see the module docstring."""
-    return _current
-
-
-_current = LoggedErrors()
+    return observe_errors
 
 
 @pytest.fixture(autouse=True)
-def observe_errors() -> Iterator[None]:
-    global _current
-    _current = LoggedErrors()
-    globalLogPublisher.addObserver(_current)
+def observe_errors() -> Iterator[LoggedErrors]:
+    observed = LoggedErrors()
+    globalLogPublisher.addObserver(observed)
     try:
-        yield
+        yield observed
     finally:
-        globalLogPublisher.removeObserver(_current)
-    if _current.events:
-        from twisted.logger import formatEvent
-
+        globalLogPublisher.removeObserver(observed)
+    if observed.events:
         lines = []
-        for event in _current.events:
+        for event in observed.events:
             failure = event.get("log_failure")
             text = formatEvent(event)
             if failure is not None:

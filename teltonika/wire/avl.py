@@ -56,7 +56,7 @@ _SCALE: Final = 10_000_000
 class _Layout:
     """Field sizes of one AVL codec's IO element."""
 
-    __slots__ = ("codec_id", "count_size", "generation", "id_code", "id_size", "nx", "min_record")
+    __slots__ = ("codec_id", "count_size", "generation", "id_code", "id_size", "min_record", "nx")
 
     def __init__(self, codec_id: int, id_size: int, count_size: int, generation: bool, nx: bool):
         self.codec_id = codec_id

@@ -49,9 +49,4 @@ def unwrap(frame: bytes) -> int:
 
 def wrap(body: bytes) -> bytes:
     """Build a data frame around *body* (codec id through Number of Data 2)."""
-    return (
-        _PREAMBLE
-        + len(body).to_bytes(4, "big")
-        + body
-        + crc16(body).to_bytes(4, "big")
-    )
+    return _PREAMBLE + len(body).to_bytes(4, "big") + body + crc16(body).to_bytes(4, "big")

@@ -63,9 +63,7 @@ def decode_messages(data: bytes, start: int, end: int) -> MessagePacket:
     if count == 0:
         raise RecordCountError("message quantity 1 is zero", start + 1)
     if data[last] != count:
-        raise RecordCountError(
-            f"quantity 1 ({count}) differs from quantity 2 ({data[last]})", last
-        )
+        raise RecordCountError(f"quantity 1 ({count}) differs from quantity 2 ({data[last]})", last)
     offset = start + 2
     messages = []
     for _ in range(count):
@@ -79,7 +77,8 @@ def decode_messages(data: bytes, start: int, end: int) -> MessagePacket:
                 f"message size {size} runs past the body ({last - offset} bytes remain)",
                 offset - 4,
             )
-        messages.append(_decode_message(codec_id, message_type, data[offset : offset + size], offset))
+        body = data[offset : offset + size]
+        messages.append(_decode_message(codec_id, message_type, body, offset))
         offset += size
     if offset != last:
         raise TrailingBytesError(f"{last - offset} bytes left before quantity 2", offset)

@@ -73,9 +73,4 @@ def encode_udp(
 
 def udp_ack(packet_id: int, avl_packet_id: int, accepted: int) -> bytes:
     """The server's reply to an AVL datagram, echoing both ids."""
-    return (
-        b"\x00\x05"
-        + packet_id.to_bytes(2, "big")
-        + b"\x01"
-        + bytes((avl_packet_id, accepted))
-    )
+    return b"\x00\x05" + packet_id.to_bytes(2, "big") + b"\x01" + bytes((avl_packet_id, accepted))

@@ -1,0 +1,99 @@
+"""Turn a ``redis://`` URL into a txredisapi connection that reconnects by itself.
+
+txredisapi is used with two deliberate settings:
+
+* ``convertNumbers=False``: by default txredisapi turns any reply that looks numeric into
+  an int or float, so a stream field ``"1"`` or an IMEI would come back with a different
+  type than it went in. Our code converts explicitly where it wants numbers.
+* a reply timeout: a Redis that stops answering must fail the pending Deferreds (so the
+  server withholds ACKs and closes the device connection) rather than hang them forever.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+from urllib.parse import unquote, urlsplit
+
+import attrs
+
+DEFAULT_REPLY_TIMEOUT: Final = 10.0
+
+
+class RedisURLError(ValueError):
+    """The Redis URL cannot be used; the message says why, for a plain UsageError."""
+
+
+@attrs.frozen
+class RedisAddress:
+    """Where Redis is: parsed from ``redis://[user:password@]host[:port][/db]`` (or rediss://)."""
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+    def __str__(self) -> str:
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{self.host}:{self.port}/{self.db}"
+
+
+def parse_redis_url(url: str) -> RedisAddress:
+    """Parse a Redis URL; the password never appears in ``str()`` of the result.
+
+    :raise RedisURLError: not a redis:// or rediss:// URL, or a bad port or db.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise RedisURLError(f"Redis URL must start with redis:// or rediss://, not {url!r}")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise RedisURLError(f"bad port in Redis URL {url!r}") from None
+    path = parts.path.lstrip("/")
+    try:
+        db = int(path) if path else 0
+    except ValueError:
+        raise RedisURLError(f"database in Redis URL must be a number, not {path!r}") from None
+    return RedisAddress(
+        host=parts.hostname or "127.0.0.1",
+        port=port,
+        db=db,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        tls=parts.scheme == "rediss",
+    )
+
+
+def lazy_connection(
+    address: RedisAddress,
+    *,
+    reply_timeout: float | None = DEFAULT_REPLY_TIMEOUT,
+    connect_timeout: float = 5.0,
+    charset: str | None = "utf-8",
+    poolsize: int = 1,
+) -> Any:
+    """A txredisapi connection (pool) that connects in the background and reconnects
+    with backoff after any loss. Commands issued while it is down fail (or wait for the
+    reconnect, depending on txredisapi's state); callers treat failures as "Redis down".
+
+    :param charset: ``None`` returns replies as bytes.
+    """
+    import txredisapi
+
+    return txredisapi.makeConnection(
+        address.host,
+        address.port,
+        address.db,
+        poolsize,
+        True,  # reconnect
+        True,  # lazy
+        charset,
+        address.password,
+        address.tls,
+        connect_timeout,
+        reply_timeout,
+        False,  # convertNumbers
+        address.username,
+    )
