@@ -31,6 +31,7 @@ from teltonika.wire.records import (
 
 IMEI_BCD_SIZE: Final = 8
 _SECONDS_THRESHOLD: Final = 0x10000000
+_MILLIS_LIMIT: Final = (1 << 32) * 1000
 
 
 def imei_to_bcd(imei: str) -> bytes:
@@ -95,11 +96,14 @@ def _decode_message(codec_id: int, message_type: int, body: bytes, offset: int) 
         if len(body) < 4:
             raise TruncatedError("codec 13 message is shorter than its timestamp", offset)
         # Section 5.3: 4-byte seconds in real captures, 8-byte milliseconds in the wiki.
+        # An implausibly early seconds value is re-read as milliseconds, but only when
+        # that reading is itself plausible (before 2106, the end of u32 seconds);
+        # otherwise the seconds reading stands (vector c13_alim_four_byte_timestamp).
         seconds = int.from_bytes(body[:4], "big")
         if seconds < _SECONDS_THRESHOLD and len(body) >= 8:
-            return DeviceMessage(
-                codec_id, message_type, body[8:], timestamp_ms=int.from_bytes(body[:8], "big")
-            )
+            millis = int.from_bytes(body[:8], "big")
+            if millis < _MILLIS_LIMIT:
+                return DeviceMessage(codec_id, message_type, body[8:], timestamp_ms=millis)
         return DeviceMessage(codec_id, message_type, body[4:], timestamp_ms=seconds * 1000)
     return DeviceMessage(codec_id, message_type, body)
 

@@ -1,0 +1,37 @@
+"""The protocol test vectors, shipped with the tests.
+
+``vectors.json`` beside this module is a verbatim copy of ``shared/protocol/vectors.json``
+(the reference frames collected with TELTONIKA.md; each entry names its source). It is
+copied into the repository so the suite does not depend on a sibling directory; set
+``TELTONIKA_VECTORS`` to run the suite against another copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+VECTORS_PATH = Path(os.environ.get("TELTONIKA_VECTORS") or Path(__file__).with_name("vectors.json"))
+
+
+def load_vectors() -> list[dict[str, Any]]:
+    """Every vector, in file order."""
+    with VECTORS_PATH.open(encoding="utf-8") as handle:
+        vectors: list[dict[str, Any]] = json.load(handle)
+    return vectors
+
+
+VECTORS = load_vectors()
+BY_NAME = {vector["name"]: vector for vector in VECTORS}
+
+
+def frame(name: str) -> bytes:
+    """The bytes of the vector called *name*."""
+    return bytes.fromhex(BY_NAME[name]["hex"])
+
+
+def is_valid(vector: dict[str, Any]) -> bool:
+    """A vector the decoders must accept: its CRC (if any) and structure are good."""
+    return vector["crc_ok"] is not False and vector["structure_ok"] is not False
