@@ -1,0 +1,307 @@
+"""The per-socket CommandQueue: seed 000's acceptance criteria, on StringTransport and Clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+
+from teltonika.commands.codec import encode_command, reply_text
+from teltonika.commands.metrics import CommandMetrics
+from teltonika.commands.queue import (
+    CommandNackError,
+    CommandQueue,
+    CommandTimeoutError,
+    InvalidCommandError,
+    SocketClosedError,
+    WriteQueueFullError,
+)
+from teltonika.wire import decode_messages, unwrap
+from teltonika.wire.records import CODEC_12, CODEC_13, CODEC_14, DeviceMessage
+
+IMEI = "352093081452251"
+_case = SynchronousTestCase()
+success = _case.successResultOf
+failure = _case.failureResultOf
+no_result = _case.assertNoResult
+
+
+def frame(text: str, codec: int = CODEC_12) -> bytes:
+    return encode_command(codec, text.encode(), IMEI)
+
+
+def reply(text: str, codec: int = CODEC_12, message_type: int = 0x06) -> DeviceMessage:
+    return DeviceMessage(
+        codec, message_type, text.encode(), imei=IMEI if codec == CODEC_14 else None
+    )
+
+
+class Rig:
+    def __init__(self, **kwargs: Any) -> None:
+        self.transport = StringTransport()
+        self.clock = Clock()
+        self.registry = CollectorRegistry()
+        self.metrics = CommandMetrics.create(self.registry)
+        self.queue = CommandQueue(
+            self.transport, self.clock, metrics=self.metrics, imei=IMEI, **kwargs
+        )
+
+    def take(self) -> bytes:
+        data: bytes = self.transport.value()
+        self.transport.clear()
+        return data
+
+    def gauge(self) -> float | None:
+        return self.registry.get_sample_value("teltonika_command_queue_depth_total")
+
+
+def test_ack_and_command_bytes_in_submission_order() -> None:
+    """ACK, command, ACK submitted in that order reach the wire in that order, whole."""
+    rig = Rig()
+    ack1 = rig.queue.write(b"\x00\x00\x00\x01")
+    handle = rig.queue.submit(frame("getinfo"), CODEC_12, command_id="c1")
+    ack2 = rig.queue.write(b"\x00\x00\x00\x02")
+    assert rig.take() == b"\x00\x00\x00\x01" + frame("getinfo") + b"\x00\x00\x00\x02"
+    assert success(ack1) is True and success(ack2) is True
+    assert success(handle.written) is True
+    no_result(handle.reply)
+
+
+def test_acks_are_not_held_behind_an_outstanding_command() -> None:
+    """A device keeps logging while a command runs: its ACKs go out at once, the second
+    command waits for the first one's reply."""
+    rig = Rig()
+    first = rig.queue.submit(frame("getinfo"), CODEC_12)
+    second = rig.queue.submit(frame("getver"), CODEC_12)
+    assert rig.take() == frame("getinfo")
+    rig.queue.write(b"\x00\x00\x00\x05")
+    assert rig.take() == b"\x00\x00\x00\x05"
+    no_result(second.written)
+    assert rig.queue.reply_received(reply("INI:ok"))
+    assert success(first.reply).payload == b"INI:ok"
+    assert rig.take() == frame("getver")
+    assert success(second.written) is True
+
+
+def test_one_outstanding_command() -> None:
+    """A second command is not written until the first is answered; replies resolve in order."""
+    rig = Rig()
+    handles = [rig.queue.submit(frame(f"cmd{i}"), CODEC_12) for i in range(3)]
+    assert rig.take() == frame("cmd0")
+    assert rig.queue.depth == 3 and rig.gauge() == 3
+    for i, handle in enumerate(handles):
+        assert rig.queue.reply_received(reply(f"r{i}"))
+        assert success(handle.reply).payload == f"r{i}".encode()
+        assert rig.take() == (frame(f"cmd{i + 1}") if i < 2 else b"")
+    assert rig.queue.depth == 0 and rig.gauge() == 0
+
+
+def test_timeout_fails_the_command_and_the_next_proceeds() -> None:
+    """After the timeout the outstanding command fails with CommandTimeoutError and the
+    next queued command is written; per-command timeouts override the default."""
+    rig = Rig(default_timeout=30)
+    first = rig.queue.submit(frame("a"), CODEC_12, timeout=5)
+    second = rig.queue.submit(frame("b"), CODEC_12)
+    rig.take()
+    with capturedLogs() as events:
+        rig.clock.advance(4.9)
+        no_result(first.reply)
+        rig.clock.advance(0.1)
+    failure(first.reply).trap(CommandTimeoutError)
+    assert [e["log_format"] for e in events if "did not answer" in e["log_format"]]
+    assert rig.take() == frame("b")
+    rig.clock.advance(29.9)
+    no_result(second.reply)
+    rig.clock.advance(0.1)
+    failure(second.reply).trap(CommandTimeoutError)
+    assert rig.gauge() == 0
+
+
+def test_late_reply_after_timeout_is_unsolicited() -> None:
+    """A reply arriving after its command timed out resolves nothing (the caller publishes it)."""
+    rig = Rig()
+    handle = rig.queue.submit(frame("a"), CODEC_12, timeout=1)
+    rig.clock.advance(1)
+    failure(handle.reply).trap(CommandTimeoutError)
+    assert rig.queue.reply_received(reply("late")) is False
+
+
+def test_socket_close_fails_every_pending_command() -> None:
+    """Closing fails the outstanding and all queued commands with SocketClosedError; a
+    later submit fails at once; later writes are dropped, not raised."""
+    rig = Rig()
+    handles = [rig.queue.submit(frame(f"c{i}"), CODEC_12) for i in range(4)]
+    rig.queue.close()
+    for handle in handles:
+        failure(handle.reply).trap(SocketClosedError)
+    assert success(handles[0].written) is True
+    assert success(handles[1].written) is False
+    assert rig.gauge() == 0 and rig.queue.depth == 0
+    late = rig.queue.submit(frame("late"), CODEC_12)
+    failure(late.reply).trap(SocketClosedError)
+    assert success(rig.queue.write(b"\x00")) is False
+    assert rig.clock.getDelayedCalls() == []
+
+
+def test_depth_warning_and_limit() -> None:
+    """A warning at warn_depth queued commands, WriteQueueFullError at max_depth."""
+    rig = Rig(warn_depth=3, max_depth=4)
+    with capturedLogs() as events:
+        handles = [rig.queue.submit(frame(f"c{i}"), CODEC_12) for i in range(4)]
+    warnings = [e for e in events if e["log_format"] == "{depth} commands queued for {imei}"]
+    assert [e["depth"] for e in warnings] == [3, 4]
+    refused = rig.queue.submit(frame("c5"), CODEC_12)
+    failure(refused.reply).trap(WriteQueueFullError)
+    assert success(refused.written) is False
+    assert rig.gauge() == 4
+    rig.queue.reply_received(reply("ok"))
+    success(handles[0].reply)
+    again = rig.queue.submit(frame("c6"), CODEC_12)
+    no_result(again.reply)
+
+
+def test_default_limits_are_5_and_20() -> None:
+    rig = Rig()
+    assert (rig.queue.warn_depth, rig.queue.max_depth, rig.queue.default_timeout) == (5, 20, 30)
+    with capturedLogs():
+        for i in range(20):
+            rig.queue.submit(frame(f"c{i}"), CODEC_12)
+    failure(rig.queue.submit(frame("x"), CODEC_12).reply).trap(WriteQueueFullError)
+
+
+def test_reply_matches_only_the_same_codec() -> None:
+    """A codec 12 reply does not resolve an outstanding codec 14 command, nor a codec 13
+    message, nor a type 0x05 frame; each returns False (unsolicited)."""
+    rig = Rig()
+    handle = rig.queue.submit(frame("getver", CODEC_14), CODEC_14)
+    assert rig.queue.reply_received(reply("scale 12.5kg", CODEC_12)) is False
+    assert rig.queue.reply_received(DeviceMessage(CODEC_13, 0x06, b"x", timestamp_ms=1)) is False
+    assert rig.queue.reply_received(reply("cmd", CODEC_14, 0x05)) is False
+    no_result(handle.reply)
+    assert rig.queue.reply_received(reply("Ver:03.18", CODEC_14)) is True
+    assert success(handle.reply).payload == b"Ver:03.18"
+
+
+def test_unsolicited_reply_without_command() -> None:
+    assert Rig().queue.reply_received(reply("weighing scale line")) is False
+
+
+def test_codec14_nack_fails_the_command() -> None:
+    """A codec 14 type 0x11 fails the outstanding command with CommandNackError (reason nack)."""
+    rig = Rig()
+    handle = rig.queue.submit(frame("getver", CODEC_14), CODEC_14)
+    second = rig.queue.submit(frame("getinfo"), CODEC_12)
+    with capturedLogs():
+        assert rig.queue.reply_received(DeviceMessage(CODEC_14, 0x11, b"", imei=IMEI)) is True
+    err = failure(handle.reply)
+    err.trap(CommandNackError)
+    assert err.value.reason == "nack"
+    assert success(second.written) is True
+
+
+def test_a_failed_command_does_not_poison_the_chain(logged_errors: Any) -> None:
+    """A write that raises fails only its own command; later writes and commands proceed."""
+
+    class Flaky(StringTransport):
+        fail_next = True
+
+        def write(self, data: bytes) -> None:
+            if self.fail_next:
+                self.fail_next = False
+                raise OSError("boom")
+            super().write(data)
+
+    transport = Flaky()
+    queue = CommandQueue(transport, Clock())
+    bad = queue.submit(frame("a"), CODEC_12)
+    failure(bad.reply).trap(SocketClosedError)
+    assert len(logged_errors.flush("Write to device {imei} failed")) == 1
+    good = queue.submit(frame("b"), CODEC_12)
+    assert success(queue.write(b"\x01")) is True
+    assert transport.value() == frame("b") + b"\x01"
+    assert queue.reply_received(reply("ok"))
+    success(good.reply)
+
+
+def test_each_caller_gets_its_own_deferred() -> None:
+    """Callbacks of one caller (even one that raises) do not change another's result."""
+    rig = Rig()
+    a = rig.queue.submit(frame("a"), CODEC_12)
+    b = rig.queue.submit(frame("b"), CODEC_12)
+    assert a.reply is not b.reply
+    seen: list[object] = []
+    a.reply.addCallback(seen.append)
+    rig.queue.reply_received(reply("ra"))
+    rig.queue.reply_received(reply("rb"))
+    assert success(b.reply).payload == b"rb"
+    assert seen and seen[0] == reply("ra")
+
+
+def test_cancel_drops_a_queued_command() -> None:
+    rig = Rig()
+    a = rig.queue.submit(frame("a"), CODEC_12)
+    b = rig.queue.submit(frame("b"), CODEC_12)
+    c = rig.queue.submit(frame("c"), CODEC_12)
+    rig.take()
+    b.reply.cancel()
+    failure(b.reply).trap(CancelledError)
+    assert rig.queue.depth == 2 and rig.gauge() == 2
+    a.reply.cancel()
+    failure(a.reply).trap(CancelledError)
+    assert rig.take() == frame("c")
+    no_result(c.reply)
+
+
+def test_written_fires_before_reply_and_reentrant_submit_works() -> None:
+    """Submitting from inside a reply callback issues the new command right away."""
+    rig = Rig()
+    a = rig.queue.submit(frame("a"), CODEC_12)
+    follow: list[Deferred[DeviceMessage]] = []
+    a.reply.addCallback(lambda _: follow.append(rig.queue.submit(frame("b"), CODEC_12).reply))
+    rig.take()
+    rig.queue.reply_received(reply("ra"))
+    assert rig.take() == frame("b")
+    assert rig.queue.reply_received(reply("rb"))
+    assert success(follow[0]).payload == b"rb"
+
+
+def test_invalid_codec_is_refused() -> None:
+    rig = Rig()
+    failure(rig.queue.submit(b"x", CODEC_13).reply).trap(InvalidCommandError)
+    assert rig.take() == b""
+
+
+def test_encoded_frames_match_the_reference_vectors() -> None:
+    """The wiki's getinfo (codec 12) and getver (codec 14) frames, byte for byte; a reply
+    decodes into text."""
+    assert encode_command(CODEC_12, b"getinfo", IMEI).hex().upper() == (
+        "000000000000000F0C010500000007676574696E666F0100004312"
+    )
+    assert encode_command(CODEC_14, b"getver", IMEI).hex().upper() == (
+        "00000000000000160E01050000000E0352093081452251676574766572010000D2C1"
+    )
+    raw = bytes.fromhex("00000000000000160E01050000000E0352093081452251676574766572010000D2C1")
+    message = decode_messages(raw, 8, unwrap(raw)).messages[0]
+    assert reply_text(message) == "getver"
+    assert reply_text(DeviceMessage(CODEC_12, 6, b"\x00\x01")) == "0001"
+    assert reply_text(DeviceMessage(CODEC_12, 6, b"DI1:1\r\n")) == "DI1:1"
+
+
+@pytest.mark.parametrize(
+    ("codec", "payload", "imei"),
+    [
+        (CODEC_12, b"", IMEI),
+        (CODEC_12, b"x" * 5000, IMEI),
+        (CODEC_14, b"getver", "abc"),
+        (0x0D, b"x", IMEI),
+    ],
+)
+def test_invalid_commands(codec: int, payload: bytes, imei: str) -> None:
+    with pytest.raises(InvalidCommandError):
+        encode_command(codec, payload, imei)
