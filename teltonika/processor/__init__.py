@@ -1,0 +1,14 @@
+"""``twistd teltonika-processor``: the telemetry stream into PostgreSQL, exactly once.
+
+The ingestion server never imports this package. Its pieces, one job each:
+
+* :mod:`.entries` — the record contract check and sentinel reversal (pure);
+* :mod:`.database` — one psycopg connection on its own thread, off the reactor;
+* :mod:`.migrations` — versioned SQL applied under an advisory lock;
+* :mod:`.writer` — COPY + ``INSERT ... ON CONFLICT DO NOTHING``, bisection of bad rows;
+* :mod:`.state` — bounded per-device latest position (the live broadcast's snapshot);
+* :mod:`.streams` — the Redis commands the consumer uses, parsed into plain values;
+* :mod:`.consumer` — the read / write / acknowledge loop;
+* :mod:`.trim` — safe ``XTRIM MINID`` over every consumer group;
+* :mod:`.metrics`, :mod:`.service`, :mod:`.tap` — operations and wiring.
+"""

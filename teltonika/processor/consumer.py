@@ -1,0 +1,410 @@
+"""The read / write / acknowledge loop: stream entries into ``positions``, exactly once.
+
+Invariants (seed 003, seed 004 rules 4, 5 and 7):
+
+* an entry is XACKed only after the transaction holding its row committed (or after it
+  went to the dead-letter stream); a batch that fails stays pending;
+* at most one batch is in memory: while PostgreSQL is down the same batch is retried
+  with backoff and nothing more is read (memory stays flat); its entries are kept
+  "fresh" with ``XCLAIM ... JUSTID`` so another processor does not claim them meanwhile;
+* on start a consumer first re-reads its own pending entries (a crash between COMMIT and
+  XACK then gives duplicates, which ``ON CONFLICT DO NOTHING`` absorbs), then new ones;
+* entries idle in another consumer longer than ``claim_idle`` are taken over with
+  XAUTOCLAIM; a redelivered entry delivered more than ``max_deliveries`` times is
+  dead-lettered (reason ``max_deliveries``) instead of being tried again;
+* an entry that fails the contract, or a row PostgreSQL rejects, is dead-lettered,
+  logged at error level and counted, then XACKed: never skipped silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from teltonika.processor.database import Database, is_connection_error
+from teltonika.processor.entries import ContractError, Position, fields_dict, parse_entry
+from teltonika.processor.metrics import ProcessorMetrics
+from teltonika.processor.state import DeviceSnapshot, DeviceState
+from teltonika.processor.streams import DeadLetter, Entry, Streams
+from teltonika.processor.writer import WriteOutcome, write_batch
+
+
+@attrs.frozen
+class ConsumerConfig:
+    """Tuning of the loop; the defaults are the command-line defaults."""
+
+    batch_size: int = 500
+    block_ms: int = 2000
+    claim_idle: float = 60.0
+    claim_interval: float = 10.0
+    max_deliveries: int = 5
+    retry_initial: float = 0.25
+    retry_max: float = 5.0
+    group_start: str = "0"
+
+
+class Consumer:
+    """One consumer of the group: see the module docstring.
+
+    :param migrate: run before reading (``fn(connection) -> list of applied names``), or None.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        streams: Streams,
+        database: Database,
+        state: DeviceState,
+        metrics: ProcessorMetrics,
+        clock: IReactorTime,
+        config: ConsumerConfig = ConsumerConfig(),
+        migrate: Any = None,
+    ) -> None:
+        self.streams = streams
+        self.database = database
+        self.state = state
+        self.metrics = metrics
+        self.clock = clock
+        self.config = config
+        self.migrate = migrate
+        self.redis_ok = False
+        self.postgres_ok = False
+        self.joined = False
+        self.stopping = False
+        self.batches = 0
+        self._done: Deferred[None] | None = None
+        self._sleeping: Deferred[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> Deferred[None]:
+        """Start the loop; the Deferred fires when it has ended (after :meth:`stop`)."""
+        self._done = Deferred.fromCoroutine(self._main())
+        self._done.addErrback(self._crashed)
+        return self._done
+
+    def _crashed(self, failure: Any) -> None:
+        self._log.failure("The processor loop crashed", failure)
+
+    def ready(self) -> bool:
+        """Joined the group, both stores reachable, and not shutting down."""
+        return self.joined and self.redis_ok and self.postgres_ok and not self.stopping
+
+    def stop(self) -> Deferred[None]:
+        """Stop reading; the Deferred fires once the batch in flight is committed and
+        acknowledged (or abandoned, still pending, when a store is down)."""
+        self.stopping = True
+        if self._sleeping is not None:
+            self._sleeping.cancel()
+        if self._done is None or self._done.called:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+
+        def ended(result: object) -> object:
+            d.callback(None)
+            return result
+
+        self._done.addBoth(ended)
+        return d
+
+    async def _sleep(self, seconds: float) -> None:
+        if self.stopping:
+            return
+        self._sleeping = deferLater(self.clock, seconds, lambda: None)
+        try:
+            await self._sleeping
+        except CancelledError:
+            pass
+        finally:
+            self._sleeping = None
+
+    # -- start-up ----------------------------------------------------------------------
+    async def _main(self) -> None:
+        if not await self._start_up():
+            return
+        await self._loop()
+        self._log.info("Consumer {consumer} stopped reading", consumer=self.streams.consumer)
+
+    async def _retrying(self, what: str, step: Any) -> bool:
+        """Run ``await step()`` until it succeeds (True) or we are stopping (False)."""
+        delay = self.config.retry_initial
+        failures = 0
+        while not self.stopping:
+            try:
+                await step()
+                return True
+            except Exception as e:
+                failures += 1
+                emit = self._log.error if failures == 1 else self._log.warn
+                emit("{what} failed (attempt {attempt}), retrying: {error}",
+                     what=what, attempt=failures, error=repr(e))
+                await self._sleep(delay)
+                delay = min(delay * 2, self.config.retry_max)
+        return False
+
+    async def _start_up(self) -> bool:
+        streams = self.streams
+
+        async def postgres() -> None:
+            version = await self.database.run(
+                lambda c: c.execute("SHOW server_version").fetchone()[0]
+            )
+            self.postgres_ok = True
+            self._log.info("PostgreSQL connected (server {version})", version=version)
+            if self.migrate is not None:
+                applied = await self.database.run(self.migrate)
+                if applied:
+                    self._log.info("Migrations applied: {applied}", applied=", ".join(applied))
+                else:
+                    self._log.info("Migrations: schema up to date")
+
+        async def redis() -> None:
+            await streams.ping()
+            self.redis_ok = True
+            self._log.info("Redis connected")
+            created = await streams.create_group(self.config.group_start)
+            self.joined = True
+            self._log.info(
+                "Consumer {consumer} joined group {group} on {stream}{created}",
+                consumer=streams.consumer, group=streams.group, stream=streams.stream,
+                created=" (group created)" if created else "",
+            )
+
+        if not await self._retrying("Connecting to PostgreSQL", postgres):
+            return False
+        if not await self._retrying("Connecting to Redis", redis):
+            return False
+        self._log.info(
+            "Processor ready: batch {batch_size}, claim idle {claim_idle}s, "
+            "max deliveries {max_deliveries}",
+            batch_size=self.config.batch_size, claim_idle=self.config.claim_idle,
+            max_deliveries=self.config.max_deliveries,
+        )
+        return True
+
+    # -- the loop ------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        config = self.config
+        cursor = "0"  # own pending entries first, then ">" (new ones)
+        next_claim = 0.0
+        delay = config.retry_initial
+        while not self.stopping:
+            try:
+                if cursor == ">" and self.clock.seconds() >= next_claim:
+                    next_claim = self.clock.seconds() + config.claim_interval
+                    await self._claim_idle()
+                    continue
+                block = config.block_ms if cursor == ">" else None
+                entries = await self.streams.read(cursor, config.batch_size, block)
+            except Exception as e:
+                self._redis_failed("Reading the stream", e)
+                await self._sleep(delay)
+                delay = min(delay * 2, config.retry_max)
+                continue
+            delay = config.retry_initial
+            if not self.redis_ok:
+                self._log.info("Redis is reachable again")
+            self.redis_ok = True
+            if cursor != ">":
+                if not entries:
+                    cursor = ">"
+                    continue
+                cursor = entries[-1].entry_id
+                await self.process(entries, redelivered=True)
+            elif entries:
+                await self.process(entries, redelivered=False)
+
+    def _redis_failed(self, what: str, error: Exception) -> None:
+        self.metrics.redis_errors.inc()
+        if self.redis_ok:
+            self._log.error(
+                "{what} failed, Redis unreachable: {error}", what=what, error=repr(error)
+            )
+        else:
+            self._log.warn("{what} failed again: {error}", what=what, error=repr(error))
+        self.redis_ok = False
+
+    async def _claim_idle(self) -> None:
+        """Take over entries idle longer than ``claim_idle`` in any consumer."""
+        start = "0-0"
+        min_idle_ms = int(self.config.claim_idle * 1000)
+        while not self.stopping:
+            start, entries, deleted = await self.streams.autoclaim(
+                min_idle_ms, start, self.config.batch_size
+            )
+            if deleted:
+                self.metrics.entries_deleted.inc(len(deleted))
+            if entries:
+                self.metrics.entries_claimed.inc(len(entries))
+                self._log.info(
+                    "Claimed {count} entries idle for more than {idle}s",
+                    count=len(entries), idle=self.config.claim_idle,
+                )
+                await self.process(entries, redelivered=True)
+            if start == "0-0":
+                return
+
+    # -- one batch -------------------------------------------------------------------------
+    async def process(self, entries: Sequence[Entry], redelivered: bool) -> bool:
+        """Write one batch and acknowledge it; False when abandoned (stays pending)."""
+        started = self.clock.seconds()
+        metrics = self.metrics
+        metrics.entries_read.inc(len(entries))
+        metrics.batch_size.observe(len(entries))
+        ack_ids = [e.entry_id for e in entries]
+        live = [e for e in entries if e.fields is not None]
+        if len(live) != len(entries):
+            metrics.entries_deleted.inc(len(entries) - len(live))
+        dead: list[DeadLetter] = []
+        if redelivered and live:
+            live = await self._over_delivered(live, dead)
+        positions: list[Position] = []
+        fields_of: dict[str, list[Any]] = {}
+        for entry in live:
+            fields = entry.fields or []
+            try:
+                positions.append(parse_entry(entry.entry_id, fields_dict(fields)))
+                fields_of[entry.entry_id] = fields
+            except ContractError as e:
+                dead.append(DeadLetter(entry.entry_id, fields, e.reason, e.detail))
+        missing = self.state.missing(p.device_id for p in positions)
+        outcome = await self._write(positions, missing, ack_ids)
+        if outcome is None:
+            return False
+        rejected = {position.entry_id for position, _ in outcome.rejected}
+        for position, why in outcome.rejected:
+            dead.append(
+                DeadLetter(position.entry_id, fields_of[position.entry_id],
+                           "rejected_by_database", why)
+            )
+        if missing:
+            metrics.rehydration_queries.inc()
+        self._update_state(positions, rejected, outcome)
+        metrics.rows_inserted.inc(outcome.inserted)
+        metrics.duplicates.inc(outcome.duplicates)
+        for letter in dead:
+            metrics.dead_lettered.labels(reason=letter.reason).inc()
+            self._log.error(
+                "Dead-lettered entry {entry_id}: {reason} ({detail})",
+                entry_id=letter.entry_id, reason=letter.reason, detail=letter.detail,
+                imei=fields_dict(letter.fields).get("imei"),
+            )
+        if not await self._acknowledge(dead, ack_ids):
+            return False
+        self.batches += 1
+        metrics.acked.inc(len(ack_ids))
+        metrics.devices.set(len(self.state))
+        metrics.batch_seconds.observe(self.clock.seconds() - started)
+        self._log.debug(
+            "Batch written: {count} entries, inserted={inserted} duplicates={duplicates} "
+            "dead={dead} redelivered={redelivered}",
+            count=len(entries), inserted=outcome.inserted, duplicates=outcome.duplicates,
+            dead=len(dead), redelivered=redelivered,
+        )
+        return True
+
+    async def _over_delivered(self, live: list[Entry], dead: list[DeadLetter]) -> list[Entry]:
+        """Move entries delivered more than ``max_deliveries`` times to *dead*."""
+        limit = self.config.max_deliveries
+        try:
+            counts = await self.streams.deliveries(
+                live[0].entry_id, live[-1].entry_id, max(len(live), self.config.batch_size) * 2
+            )
+        except Exception as e:
+            self._redis_failed("Reading delivery counts", e)
+            return live  # checked again on the next delivery
+        keep = []
+        for entry in live:
+            count = counts.get(entry.entry_id, 0)
+            if count > limit:
+                dead.append(
+                    DeadLetter(entry.entry_id, entry.fields or [], "max_deliveries",
+                               f"delivered {count} times (limit {limit})")
+                )
+            else:
+                keep.append(entry)
+        return keep
+
+    async def _write(
+        self, positions: list[Position], missing: list[str], ids: list[str]
+    ) -> WriteOutcome | None:
+        """Write until it works; None when stopping with PostgreSQL still failing."""
+        delay = self.config.retry_initial
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                outcome = await self.database.run(write_batch, positions, missing)
+            except Exception as e:
+                kind = "connection" if is_connection_error(e) else type(e).__name__
+                self.metrics.postgres_errors.labels(kind=kind).inc()
+                if self.postgres_ok:
+                    self._log.error(
+                        "PostgreSQL write failed ({kind}); holding {count} entries "
+                        "unacknowledged and retrying: {error}",
+                        kind=kind, count=len(ids), error=str(e).strip(),
+                    )
+                else:
+                    self._log.warn(
+                        "PostgreSQL write failed again (attempt {attempt}): {error}",
+                        attempt=attempt, error=str(e).strip(),
+                    )
+                self.postgres_ok = False
+                if self.stopping:
+                    self._log.warn(
+                        "Stopping with PostgreSQL unavailable: {count} entries stay pending",
+                        count=len(ids),
+                    )
+                    return None
+                with contextlib.suppress(Exception):
+                    # Redis down too: the claim-idle clock keeps running, that's all
+                    await self.streams.touch(ids)
+                await self._sleep(delay)
+                delay = min(delay * 2, self.config.retry_max)
+                continue
+            if not self.postgres_ok:
+                self._log.info("PostgreSQL is reachable again")
+            self.postgres_ok = True
+            return outcome
+
+    def _update_state(
+        self, positions: list[Position], rejected: set[str], outcome: WriteOutcome
+    ) -> None:
+        state = self.state
+        if outcome.latest:
+            self.metrics.devices_rehydrated.inc(len(outcome.latest))
+            for row in outcome.latest:
+                state.hydrate(DeviceSnapshot(*row))
+        for position in positions:
+            if position.entry_id not in rejected:
+                state.apply(position)
+
+    async def _acknowledge(self, dead: list[DeadLetter], ids: list[str]) -> bool:
+        """Dead-letter, then XACK, retrying while Redis fails; False if stopped first."""
+        delay = self.config.retry_initial
+        while True:
+            try:
+                if dead:
+                    await self.streams.dead_letter(dead, int(self.clock.seconds() * 1000))
+                    dead = []
+                await self.streams.ack(ids)
+                self.redis_ok = True
+                return True
+            except Exception as e:
+                self._redis_failed("Acknowledging a committed batch", e)
+                if self.stopping:
+                    self._log.warn(
+                        "Stopping with Redis unavailable: {count} committed entries stay "
+                        "pending (their redelivery is a duplicate, not a loss)",
+                        count=len(ids),
+                    )
+                    return False
+                await self._sleep(delay)
+                delay = min(delay * 2, self.config.retry_max)

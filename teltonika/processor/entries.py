@@ -1,0 +1,233 @@
+"""Stream entries -> checked positions: the record contract v1 read back (pure).
+
+Every entry of ``telemetry:teltonika`` is checked against :mod:`teltonika.contract`
+(version, required fields, the shape of every value) before it may become a row. An
+entry that fails is never skipped silently: :func:`parse_entry` raises
+:class:`ContractError` with a low-cardinality ``reason`` (a metric label and the
+dead-letter stream's ``dead.reason``) and a human ``detail``.
+
+Sentinel reversal (the ``io`` column is ``jsonb``, whose numbers are exact decimals):
+
+* ``{"__bigint": "<decimal>"}`` becomes that integer, digit for digit (a u64 above
+  2**53 survives into PostgreSQL exactly);
+* ``{"__buffer_b64": "<base64>"}`` (an NX value of codec 8E) becomes a JSON **string of
+  lowercase hex**: the only strings in a stored IO bag are raw bytes, so
+  ``decode(io->>'<id>', 'hex')`` gives them back as ``bytea``.
+
+Numbers are kept as the strings the entry carried and are only checked here (COPY sends
+text anyway), so the hot path converts little; PostgreSQL judges ranges (a value that
+fits the regular expression but not the column makes the batch fail and is isolated by
+bisection in :mod:`teltonika.processor.writer`).
+"""
+
+from __future__ import annotations
+
+import re
+from base64 import b64decode
+from binascii import Error as BinasciiError
+from collections.abc import Mapping
+from typing import Final
+
+import attrs
+import orjson
+
+from teltonika.contract import CONTRACT_VERSION, FIELDS
+
+U64_MAX: Final = 2**64 - 1
+
+_UNSIGNED = re.compile(r"[0-9]{1,18}")
+_SIGNED = re.compile(r"-?[0-9]{1,18}")
+_DEGREES = re.compile(r"-?[0-9]{1,3}(?:\.[0-9]{1,7})?")
+_IMEI = re.compile(r"[0-9]{15}")
+_CODECS: Final = frozenset({"8", "8E", "16"})
+
+REASONS: Final = (
+    "unknown_version",
+    "missing_field",
+    "bad_field",
+    "bad_io",
+    "bad_sentinel",
+    "rejected_by_database",
+    "max_deliveries",
+)
+"""Every dead-letter reason, so metrics can be pre-created at zero."""
+
+
+class ContractError(ValueError):
+    """An entry that does not satisfy the record contract.
+
+    :ivar reason: low-cardinality label (one of :data:`REASONS`).
+    :ivar detail: what exactly was wrong, for the dead-letter entry and the log.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@attrs.frozen(slots=True)
+class Position:
+    """One checked record, ready for COPY.
+
+    Numeric fields stay the exact strings the entry carried (already checked);
+    :attr:`timestamp_ms` and :attr:`received_at_ms` are also kept as ints for the
+    device state.
+    """
+
+    entry_id: str
+    device_id: str
+    timestamp_ms: int
+    received_at_ms: int
+    latitude: str
+    longitude: str
+    altitude: str
+    angle: str
+    speed: str
+    satellites: str
+    priority: str
+    event_io_id: str
+    generation_type: str | None
+    codec: str
+    instance_id: str
+    io: str
+    """The IO bag as JSON text with the sentinels already reversed."""
+
+    def copy_row(self) -> tuple[str | None, ...]:
+        """The values in :data:`teltonika.processor.writer.COPY_COLUMNS` order."""
+        return (
+            self.device_id,
+            str(self.timestamp_ms),
+            str(self.received_at_ms),
+            self.latitude,
+            self.longitude,
+            self.altitude,
+            self.angle,
+            self.speed,
+            self.satellites,
+            self.priority,
+            self.event_io_id,
+            self.generation_type,
+            self.codec,
+            self.instance_id,
+            self.io,
+        )
+
+
+def fields_dict(flat: list[object] | None) -> dict[str, object]:
+    """A Redis ``field value field value ...`` reply as a dict (names decoded if bytes)."""
+    if not flat:
+        return {}
+    out: dict[str, object] = {}
+    it = iter(flat)
+    for name, value in zip(it, it, strict=False):
+        key = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+        out[key] = value
+    return out
+
+
+def _text(fields: Mapping[str, object], name: str) -> str:
+    value = fields.get(name)
+    if value is None:
+        raise ContractError("missing_field", f"field {name!r} is missing")
+    if not isinstance(value, str):
+        raise ContractError("bad_field", f"field {name!r} is not UTF-8 text")
+    return value
+
+
+def _matching(fields: Mapping[str, object], name: str, pattern: re.Pattern[str]) -> str:
+    value = _text(fields, name)
+    if pattern.fullmatch(value) is None:
+        raise ContractError("bad_field", f"field {name!r} has a bad value {value[:40]!r}")
+    return value
+
+
+def _sentinel(io_id: str, value: dict[str, object]) -> object:
+    """Reverse one sentinel object; anything else is ``bad_sentinel``."""
+    if len(value) == 1:
+        if "__bigint" in value:
+            digits = value["__bigint"]
+            if isinstance(digits, str) and digits.isascii() and digits.isdigit():
+                number = int(digits)
+                if number <= U64_MAX:
+                    return number
+        elif "__buffer_b64" in value:
+            encoded = value["__buffer_b64"]
+            if isinstance(encoded, str):
+                try:
+                    return b64decode(encoded, validate=True).hex()
+                except (BinasciiError, ValueError):
+                    pass
+    raise ContractError("bad_sentinel", f"IO {io_id} holds an unknown or malformed sentinel")
+
+
+def reverse_io(text: str) -> str:
+    """Check the ``io`` field and return it as JSON text for the ``jsonb`` column.
+
+    :raise ContractError: ``bad_io`` (not a JSON object of decimal ids to unsigned
+        integers or sentinels) or ``bad_sentinel``.
+    """
+    try:
+        bag = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise ContractError("bad_io", "io is not JSON") from None
+    if type(bag) is not dict:
+        raise ContractError("bad_io", "io is not a JSON object")
+    reversed_: dict[str, object] | None = None
+    for key, value in bag.items():
+        if not (key.isascii() and key.isdigit()):
+            raise ContractError("bad_io", f"IO id {key[:20]!r} is not a decimal number")
+        kind = type(value)
+        if kind is int:
+            if value < 0:
+                raise ContractError("bad_io", f"IO {key} is negative")
+        elif kind is dict:
+            if reversed_ is None:
+                reversed_ = dict(bag)
+            reversed_[key] = _sentinel(key, value)
+        else:
+            raise ContractError("bad_io", f"IO {key} is a {kind.__name__}, not an integer")
+    if reversed_ is None:
+        return text  # no sentinel: the text is already what jsonb should read
+    return orjson.dumps(reversed_).decode("ascii")
+
+
+def parse_entry(entry_id: str, fields: Mapping[str, object]) -> Position:
+    """Check one entry against contract v1 and reverse its sentinels.
+
+    :raise ContractError: with the reason the entry goes to the dead-letter stream.
+    """
+    version = fields.get("v")
+    if version != CONTRACT_VERSION:
+        if version is None:
+            raise ContractError("missing_field", "field 'v' is missing")
+        raise ContractError("unknown_version", f"contract version {str(version)[:20]!r}")
+    generation = _text(fields, "generation_type")
+    if generation and _UNSIGNED.fullmatch(generation) is None:
+        raise ContractError("bad_field", "field 'generation_type' has a bad value")
+    codec = _text(fields, "codec")
+    if codec not in _CODECS:
+        raise ContractError("bad_field", f"unknown codec {codec[:20]!r}")
+    return Position(
+        entry_id=entry_id,
+        device_id=_matching(fields, "imei", _IMEI),
+        timestamp_ms=int(_matching(fields, "timestamp_ms", _SIGNED)),
+        received_at_ms=int(_matching(fields, "received_at_ms", _SIGNED)),
+        latitude=_matching(fields, "latitude", _DEGREES),
+        longitude=_matching(fields, "longitude", _DEGREES),
+        altitude=_matching(fields, "altitude", _SIGNED),
+        angle=_matching(fields, "angle", _UNSIGNED),
+        speed=_matching(fields, "speed", _UNSIGNED),
+        satellites=_matching(fields, "satellites", _UNSIGNED),
+        priority=_matching(fields, "priority", _UNSIGNED),
+        event_io_id=_matching(fields, "event_io_id", _UNSIGNED),
+        generation_type=generation or None,
+        codec=codec,
+        instance_id=_text(fields, "instance_id"),
+        io=reverse_io(_text(fields, "io")),
+    )
+
+
+__all__ = [
+    "FIELDS", "REASONS", "ContractError", "Position", "fields_dict", "parse_entry", "reverse_io",
+]

@@ -1,0 +1,189 @@
+"""``twistd teltonika-processor``: Options and makeService.
+
+``makeService`` builds the service tree and starts nothing: the ops listener
+(``/metrics``, ``/healthz``, ``/readyz``) and the :class:`ProcessorService`. Secrets stay
+out of the process list: ``--postgres`` defaults to ``$TELTONIKA_POSTGRES_DSN`` and
+``--redis`` to ``$TELTONIKA_REDIS_URL``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Final
+
+from prometheus_client import CollectorRegistry
+from twisted.application.service import IService, MultiService
+from twisted.python import usage
+
+from teltonika.contract import TELEMETRY_STREAM
+from teltonika.redis.connect import RedisURLError, parse_redis_url
+from teltonika.services.ops_http import DEFAULT_PROCESSOR_METRICS
+
+POSTGRES_ENV: Final = "TELTONIKA_POSTGRES_DSN"
+REDIS_ENV: Final = "TELTONIKA_REDIS_URL"
+DEFAULT_REDIS: Final = "redis://127.0.0.1:6379/0"
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise ValueError("must be above 0")
+    return number
+
+
+_positive_int.coerceDoc = "A whole number, at least 1."  # type: ignore[attr-defined]
+_positive_float.coerceDoc = "Seconds, above 0."  # type: ignore[attr-defined]
+
+
+class Options(usage.Options):
+    """Command line of ``twistd teltonika-processor``."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Read the telemetry stream as a consumer group, write each record once into the "
+        "PostgreSQL table positions, keep every device's latest position in memory, and "
+        "acknowledge an entry only after its row is committed. See README.rst, 'Processor'."
+    )
+
+    optFlags = [  # noqa: N815
+        ["trim", None, "Trim the stream with XTRIM MINID below the oldest entry any consumer "
+                       "group still needs (off by default)."],
+    ]
+    optParameters: list[list[Any]] = [  # noqa: N815
+        ["redis", None, None,
+         f"Redis URL redis://[user:password@]host[:port][/db] (default: ${REDIS_ENV}, "
+         f"else {DEFAULT_REDIS})."],
+        ["postgres", None, None,
+         f"PostgreSQL libpq URL or DSN (default: ${POSTGRES_ENV}; use the variable to keep "
+         "the password out of the process list)."],
+        ["stream", None, TELEMETRY_STREAM, "Stream to consume."],
+        ["dead-stream", None, "telemetry:teltonika:dead", "Dead-letter stream."],
+        ["dead-maxlen", None, 1_000_000, "Approximate cap on the dead-letter stream.",
+         _positive_int],
+        ["group", None, "processor", "Consumer group (shared by all processors)."],
+        ["group-start", None, "0",
+         "Where a newly created group starts: 0 = everything in the stream, $ = new entries only."],
+        ["consumer", None, socket.gethostname(),
+         "This instance's consumer name; must be unique in the group and stable across "
+         "restarts (it re-reads its own pending entries on start)."],
+        ["batch-size", None, 500, "Entries per XREADGROUP and per transaction.", _positive_int],
+        ["block-ms", None, 2000, "How long one XREADGROUP waits for new entries (ms).",
+         _positive_int],
+        ["claim-idle", None, 60.0,
+         "Take over entries pending in another consumer for longer than this (seconds).",
+         _positive_float],
+        ["claim-interval", None, 10.0, "How often to look for idle entries (seconds).",
+         _positive_float],
+        ["max-deliveries", None, 5,
+         "Dead-letter an entry delivered more than this many times.", _positive_int],
+        ["state-size", None, 100_000, "Most devices held in memory (least recently seen evicted).",
+         _positive_int],
+        ["metrics", None, DEFAULT_PROCESSOR_METRICS,
+         "Endpoint for /metrics, /healthz, /readyz (a port number means loopback; "
+         "'off' disables)."],
+        ["trim-interval", None, 60.0, "Seconds between trims when --trim is on.", _positive_float],
+        ["stats-interval", None, 5.0, "Seconds between consumer lag/pending updates.",
+         _positive_float],
+        ["retry-max", None, 5.0,
+         "Longest backoff between retries of Redis or PostgreSQL (seconds).",
+         _positive_float],
+        ["shutdown-timeout", None, 15.0,
+         "Backstop: force the exit when shutdown takes longer (seconds).", _positive_float],
+    ]
+
+    def postOptions(self) -> None:
+        from teltonika.processor.database import MissingDriverError, require_psycopg
+
+        try:
+            require_psycopg()
+        except MissingDriverError as e:
+            raise usage.UsageError(str(e)) from None
+        self["redis"] = self["redis"] or os.environ.get(REDIS_ENV) or DEFAULT_REDIS
+        try:
+            self["redis-address"] = parse_redis_url(self["redis"])
+        except RedisURLError as e:
+            raise usage.UsageError(str(e)) from None
+        self["postgres"] = self["postgres"] or os.environ.get(POSTGRES_ENV)
+        if not self["postgres"]:
+            raise usage.UsageError(f"give --postgres DSN or set ${POSTGRES_ENV}")
+        metrics = str(self["metrics"]).strip()
+        if metrics.isdigit():
+            metrics = f"tcp:{metrics}:interface=127.0.0.1"
+        self["metrics"] = None if metrics.lower() in ("off", "none", "") else metrics
+        if not self["consumer"]:
+            raise usage.UsageError("--consumer must not be empty")
+
+
+def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IService:
+    """Build the service tree (starts nothing)."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+
+    from teltonika.processor.consumer import Consumer, ConsumerConfig
+    from teltonika.processor.database import Database, redact_dsn
+    from teltonika.processor.metrics import ProcessorMetrics
+    from teltonika.processor.migrations import apply_migrations
+    from teltonika.processor.service import ProcessorService
+    from teltonika.processor.state import DeviceState
+    from teltonika.processor.streams import Streams
+    from teltonika.redis.connect import lazy_connection
+    from teltonika.services.ops_http import ops_service
+
+    registry = CollectorRegistry()
+    metrics = ProcessorMetrics(registry)
+    block_ms = int(options["block-ms"])
+    address = options.get("redis-address") or parse_redis_url(options["redis"])
+    timeout = 10.0
+    redis = lazy_connection(address, reply_timeout=timeout + block_ms / 1000)
+    streams = Streams(
+        redis, reactor, options["stream"], options["group"], options["consumer"],
+        dead_stream=options["dead-stream"], dead_maxlen=int(options["dead-maxlen"]),
+        timeout=timeout,
+    )
+    database = Database(options["postgres"], reactor)
+    consumer = Consumer(
+        streams, database, DeviceState(int(options["state-size"])), metrics, reactor,
+        ConsumerConfig(
+            batch_size=int(options["batch-size"]),
+            block_ms=block_ms,
+            claim_idle=float(options["claim-idle"]),
+            claim_interval=float(options["claim-interval"]),
+            max_deliveries=int(options["max-deliveries"]),
+            retry_max=float(options["retry-max"]),
+            group_start=options["group-start"],
+        ),
+        migrate=apply_migrations,
+    )
+    top = MultiService()
+    if options["metrics"]:
+        ops = ops_service(
+            options["metrics"], registry,
+            {"redis": lambda: consumer.redis_ok, "postgres": lambda: consumer.postgres_ok,
+             "consumer": consumer.ready},
+            reactor=reactor,
+        )
+        ops.setServiceParent(top)
+    processor = ProcessorService(
+        consumer, redis, reactor,
+        trim=bool(options["trim"]),
+        trim_interval=float(options["trim-interval"]),
+        stats_interval=float(options["stats-interval"]),
+        shutdown_timeout=float(options["shutdown-timeout"]),
+        description=(
+            f"stream {options['stream']} group {options['group']} consumer "
+            f"{options['consumer']}, Redis {address}, PostgreSQL {redact_dsn(options['postgres'])}"
+        ),
+    )
+    processor.setServiceParent(top)  # type: ignore[no-untyped-call]
+    top.processor = processor  # type: ignore[attr-defined]
+    return top

@@ -1,0 +1,161 @@
+"""Write a batch of positions in one transaction, isolating rows PostgreSQL rejects.
+
+The fast path is one transaction: COPY the batch into a temporary staging table, then
+``INSERT INTO positions SELECT ... ON CONFLICT (device_id, ts) DO NOTHING``. The row count
+of the INSERT is the number of new rows; the rest of the batch were duplicates (already
+stored, or twice in this batch), which rule 5 of seed 004 makes harmless.
+
+When PostgreSQL rejects the batch because of its *data* (``DataError``, e.g. a timestamp
+out of range, or ``IntegrityError``, e.g. a CHECK an operator added), the batch is written
+again inside one transaction by bisection: each half in its own savepoint, split until
+the bad rows stand alone. They come back in :attr:`WriteOutcome.rejected` for the
+dead-letter stream; the rest are committed. Connection-level errors are not caught here:
+the caller retries the whole batch later and acknowledges nothing meanwhile.
+
+Runs on the database thread (:class:`teltonika.processor.database.Database`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from typing import Any, Final
+
+import attrs
+import psycopg
+from psycopg import sql
+
+from teltonika.processor.entries import Position
+
+STAGING: Final = "teltonika_positions_in"
+
+_STAGING_DDL: Final = f"""
+CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING} (
+    device_id text, ts_ms bigint, received_ms bigint, latitude numeric, longitude numeric,
+    altitude integer, angle integer, speed integer, satellites integer, priority smallint,
+    event_io_id integer, generation_type smallint, codec text, instance_id text, io jsonb
+) ON COMMIT DELETE ROWS
+"""
+
+COPY_COLUMNS: Final = (
+    "device_id, ts_ms, received_ms, latitude, longitude, altitude, angle, speed, "
+    "satellites, priority, event_io_id, generation_type, codec, instance_id, io"
+)
+
+_COPY: Final = f"COPY {STAGING} ({COPY_COLUMNS}) FROM STDIN"
+
+# ms -> timestamptz: interval arithmetic is exact to the microsecond for any device time
+# before the year 2255 (ts_ms * 1000 < 2**53); beyond that PostgreSQL may round.
+_INSERT: Final = f"""
+INSERT INTO positions (device_id, ts, received_at, latitude, longitude, altitude, angle,
+    speed, satellites, priority, event_io_id, generation_type, codec, instance_id, io)
+SELECT device_id,
+       timestamptz 'epoch' + ts_ms * interval '1 millisecond',
+       timestamptz 'epoch' + received_ms * interval '1 millisecond',
+       latitude, longitude, altitude, angle, speed, satellites, priority, event_io_id,
+       generation_type, codec, instance_id, io
+FROM {STAGING}
+ON CONFLICT (device_id, ts) DO NOTHING
+"""
+
+_LATEST: Final = """
+SELECT p.device_id, (extract(epoch FROM p.ts) * 1000)::bigint,
+       (extract(epoch FROM p.received_at) * 1000)::bigint,
+       p.latitude::text, p.longitude::text, p.altitude, p.angle, p.speed, p.satellites
+FROM unnest(%s::text[]) AS d(id)
+CROSS JOIN LATERAL (
+    SELECT * FROM positions WHERE device_id = d.id ORDER BY ts DESC LIMIT 1
+) AS p
+"""
+
+ROW_ERRORS: Final = (psycopg.errors.DataError, psycopg.errors.IntegrityError)
+"""Errors caused by a row's values, which bisection can isolate."""
+
+_prepared: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
+
+LatestRow = tuple[str, int, int, str, str, int, int, int, int]
+"""device_id, ts ms, received_at ms, latitude, longitude, altitude, angle, speed, satellites."""
+
+
+@attrs.define
+class WriteOutcome:
+    """What one batch did: rows new to the table, duplicates, rejected rows (with why),
+    and the rehydrated latest positions of the devices the caller asked about."""
+
+    inserted: int = 0
+    duplicates: int = 0
+    rejected: list[tuple[Position, str]] = attrs.field(factory=list)
+    latest: list[LatestRow] = attrs.field(factory=list)
+    transactions: int = 0
+
+
+def _prepare(connection: psycopg.Connection[Any]) -> None:
+    if connection not in _prepared:
+        connection.execute(_STAGING_DDL)
+        _prepared.add(connection)
+
+
+def _copy_insert(cursor: psycopg.Cursor[Any], rows: Sequence[Position]) -> int:
+    with cursor.copy(_COPY) as copy:
+        for row in rows:
+            copy.write_row(row.copy_row())
+    cursor.execute(_INSERT)
+    return max(cursor.rowcount, 0)
+
+
+def fetch_latest(connection: psycopg.Connection[Any], device_ids: Sequence[str]) -> list[LatestRow]:
+    """The latest stored position of each device in *device_ids*, in ONE query."""
+    if not device_ids:
+        return []
+    rows: list[LatestRow] = connection.execute(_LATEST, (list(device_ids),)).fetchall()
+    return rows
+
+
+def write_batch(
+    connection: psycopg.Connection[Any],
+    rows: Sequence[Position],
+    rehydrate: Sequence[str] = (),
+) -> WriteOutcome:
+    """Rehydrate *rehydrate* devices, then write *rows*; see the module docstring.
+
+    :param rehydrate: device ids whose latest stored position the caller wants (read
+        before this batch is written, so "latest" means "before this batch").
+    """
+    _prepare(connection)
+    outcome = WriteOutcome(latest=fetch_latest(connection, rehydrate))
+    if not rows:
+        return outcome
+    cursor = connection.cursor()
+    try:
+        outcome.transactions += 1
+        with connection.transaction():
+            outcome.inserted = _copy_insert(cursor, rows)
+    except ROW_ERRORS:
+        outcome.inserted = 0
+        outcome.transactions += 1
+        with connection.transaction():
+            _bisect(connection, cursor, rows, outcome)
+    finally:
+        cursor.close()
+    outcome.duplicates = len(rows) - len(outcome.rejected) - outcome.inserted
+    return outcome
+
+
+def _bisect(
+    connection: psycopg.Connection[Any],
+    cursor: psycopg.Cursor[Any],
+    rows: Sequence[Position],
+    outcome: WriteOutcome,
+) -> None:
+    """Write *rows* in a savepoint; on a data error split in halves (recursively)."""
+    try:
+        with connection.transaction():
+            outcome.inserted += _copy_insert(cursor, rows)
+            cursor.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(STAGING)))
+    except ROW_ERRORS as e:
+        if len(rows) == 1:
+            outcome.rejected.append((rows[0], f"{type(e).__name__}: {e}".strip()[:500]))
+            return
+        middle = len(rows) // 2
+        _bisect(connection, cursor, rows[:middle], outcome)
+        _bisect(connection, cursor, rows[middle:], outcome)
