@@ -79,3 +79,18 @@ class IDeviceAuthority(Interface):
 
     def is_allowed(imei: str) -> Deferred[bool]:
         """Fire with True when *imei* may log in. A failure counts as a refusal."""
+
+
+class ISessionListener(Interface):
+    """Told when a device logs in on this instance and when that session ends.
+
+    The ingestion Factory calls every listener in its ``session_listeners`` list; the
+    command router and the connection registry subscribe here. A listener must not raise
+    (an exception is logged and ignored) and must not block.
+    """
+
+    def device_logged_in(imei: str, protocol: object) -> None:
+        """*protocol* (a ``teltonika.protocol.server.DeviceProtocol``) now owns *imei*."""
+
+    def device_logged_out(imei: str, protocol: object) -> None:
+        """*protocol* no longer owns *imei* (connection closed or replaced by a newer one)."""

@@ -1,0 +1,166 @@
+"""Redis Streams writes through txredisapi: pipelined XADD and the durability check.
+
+txredisapi has no XADD helper, so entries go through ``execute_command("XADD", ...)``.
+Replies arrive as whatever txredisapi parsed: with ``convertNumbers=False`` (see
+:mod:`teltonika.redis.connect`) an entry id stays a string, while integer replies (``:1``,
+as WAITAOF sends) are ints. :func:`entry_id_ok` and :func:`waitaof_ok` accept exactly the
+shapes they expect and nothing else.
+
+Durability, stated plainly: an XADD reply means the entry is in Redis's *memory*. A Redis
+crash then loses nothing acknowledged only when Redis runs with ``appendonly yes`` and
+``appendfsync always`` (every write is fsynced before the reply), or when we wait for
+``WAITAOF 1 0 0`` after the writes (Redis 7.2 and later; Debian 12 ships 7.0, so the
+version is detected). :func:`check_durability` verifies at start-up that Redis can give
+what ``--redis-durability`` asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import Enum
+from typing import Any, Final
+
+WAITAOF_MIN_VERSION: Final = (7, 2)
+
+
+class Durability(Enum):
+    """How a batch is confirmed before the server ACKs the devices."""
+
+    MEMORY = "memory"
+    """The XADD replies: entries are in Redis memory (lost if Redis crashes before its
+    next AOF/RDB write)."""
+    AOF_ALWAYS = "aof-always"
+    """Redis fsyncs its AOF before every reply (``appendfsync always``)."""
+    WAITAOF = "waitaof"
+    """Each batch ends with ``WAITAOF 1 0 0``: the reply comes after the local fsync."""
+
+
+class DurabilityError(Exception):
+    """Redis is not configured for the durability asked for; the message says what to do."""
+
+
+class StreamWriteError(Exception):
+    """Redis answered a pipeline with something other than the expected replies."""
+
+
+def xadd_command(
+    stream: bytes, fields: Sequence[bytes], maxlen: int | None = None
+) -> list[bytes]:
+    """The arguments of one ``XADD`` (``MAXLEN ~ N`` only when *maxlen* is given)."""
+    if maxlen is None:
+        return [b"XADD", stream, b"*", *fields]
+    return [b"XADD", stream, b"MAXLEN", b"~", b"%d" % maxlen, b"*", *fields]
+
+
+def entry_id_ok(reply: object) -> bool:
+    """True for an XADD reply: an entry id ``<ms>-<seq>`` as str or bytes."""
+    if isinstance(reply, bytes):
+        reply = reply.decode("ascii", "replace")
+    if not isinstance(reply, str):
+        return False
+    ms, _, seq = reply.partition("-")
+    return ms.isdigit() and seq.isdigit()
+
+
+def waitaof_ok(reply: object) -> bool:
+    """True when a WAITAOF reply says the local AOF holds the writes (``[>=1, n]``)."""
+    if not isinstance(reply, list | tuple) or len(reply) != 2:
+        return False
+    try:
+        return int(reply[0]) >= 1
+    except (TypeError, ValueError):
+        return False
+
+
+async def pipeline_commands(redis: Any, commands: Sequence[Sequence[bytes]]) -> list[object]:
+    """Send *commands* in one txredisapi pipeline (one write, one round trip).
+
+    :raise Exception: whatever txredisapi raises for a lost connection or an error reply;
+        the connection is always handed back to the pool.
+    """
+    pipe = await redis.pipeline()
+    try:
+        for command in commands:
+            pipe.execute_command(*command)
+    except BaseException:
+        # txredisapi returns the connection to its pool only from execute_pipeline;
+        # without this the pool would starve after a connection loss mid-build.
+        pipe._clear_pipeline_state(None)
+        raise
+    replies: list[object] = await pipe.execute_pipeline()
+    return replies
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """``"7.0.15"`` -> ``(7, 0, 15)`` (non-numeric parts end the tuple)."""
+    parts: list[int] = []
+    for part in text.strip().split("."):
+        if not part.isdigit():
+            break
+        parts.append(int(part))
+    return tuple(parts)
+
+
+def _config_value(reply: object, name: str) -> str:
+    """The value from a ``CONFIG GET name`` reply (a flat list, or a dict on RESP3)."""
+    if isinstance(reply, dict):
+        value = reply.get(name)
+    elif isinstance(reply, list | tuple) and len(reply) >= 2:
+        value = reply[1]
+    else:
+        value = None
+    if isinstance(value, bytes):
+        value = value.decode()
+    if not isinstance(value, str):
+        raise DurabilityError(f"Redis gave no value for CONFIG GET {name} (got {reply!r})")
+    return value
+
+
+def _info_field(info: object, name: str) -> str:
+    if isinstance(info, bytes):
+        info = info.decode()
+    if isinstance(info, str):
+        for line in info.splitlines():
+            key, _, value = line.partition(":")
+            if key == name:
+                return value.strip()
+    return ""
+
+
+async def check_durability(redis: Any, wanted: str) -> Durability:
+    """Check that Redis can give the durability *wanted* (``memory`` or ``fsync``).
+
+    :return: how batches are to be confirmed.
+    :raise DurabilityError: with a message naming the Redis settings to change.
+    """
+    if wanted == "memory":
+        await redis.execute_command("PING")
+        return Durability.MEMORY
+    if wanted != "fsync":
+        raise DurabilityError(f"unknown durability {wanted!r}: use memory or fsync")
+    try:
+        appendonly = _config_value(await redis.execute_command("CONFIG", "GET", "appendonly"),
+                                   "appendonly")
+        appendfsync = _config_value(
+            await redis.execute_command("CONFIG", "GET", "appendfsync"), "appendfsync"
+        )
+    except DurabilityError:
+        raise
+    except Exception as error:
+        raise DurabilityError(
+            "--redis-durability fsync needs CONFIG GET to verify the Redis settings, "
+            f"and Redis refused it: {error}"
+        ) from None
+    version_text = _info_field(await redis.execute_command("INFO", "server"), "redis_version")
+    version = parse_version(version_text)
+    if appendonly == "yes" and appendfsync == "always":
+        return Durability.AOF_ALWAYS
+    if appendonly == "yes" and version >= WAITAOF_MIN_VERSION:
+        return Durability.WAITAOF
+    raise DurabilityError(
+        "--redis-durability fsync: Redis "
+        f"{version_text or '(unknown version)'} runs with appendonly={appendonly} "
+        f"appendfsync={appendfsync}. Configure 'appendonly yes' and 'appendfsync always' "
+        "(or 'appendonly yes' on Redis 7.2+ for WAITAOF), or start with "
+        "--redis-durability memory."
+    )

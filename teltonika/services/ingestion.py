@@ -1,0 +1,174 @@
+"""The ingestion service: listeners, sink and device authority, started and stopped in order.
+
+``MultiService.stopService`` stops children in reverse order without waiting between
+them, but a safe shutdown is a sequence, so :class:`IngestionService` runs it in its own
+``stopService`` and returns one Deferred that twistd waits for:
+
+1. stop listening (TCP and UDP): no new devices;
+2. stop reading on every connection and let the frames already received finish and be
+   ACKed (bounded by ``shutdown_timeout``);
+3. close every connection (ACKs already written are flushed first);
+4. flush and close the sink (a last group commit / pipeline), then stop the authority.
+
+Start-up: the listeners bind in ``privilegedStartService`` (so a taken port makes twistd
+exit at once with the bind error); the sink then checks its store (``--redis-durability``)
+and, when it cannot give what was asked, the server refuses to run via ``on_fatal``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any, Final, Protocol
+
+from twisted.application.service import IService, Service
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReactorTime
+from twisted.logger import Logger
+
+from teltonika.authority import FileAuthority
+from teltonika.protocol.server import DeviceFactory
+
+SECONDS: Final = 1.0
+DEFAULT_SHUTDOWN_TIMEOUT: Final = 10 * SECONDS
+
+
+class ManagedSink(Protocol):
+    """What the service needs from a sink beyond :class:`~teltonika.interfaces.ISink`."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+FatalHandler = Callable[[str], None]
+"""Called with a sentence when the server cannot run (it must stop the process)."""
+
+
+def exit_on_fatal(reactor: IReactorCore) -> FatalHandler:
+    """A :data:`FatalHandler` for twistd: log critically, stop the reactor, exit status 1.
+
+    twistd itself has no way to set an exit status from a running service, so the
+    process exits with status 1 right after the reactor shut down.
+    """
+    log = Logger(namespace="teltonika.services.ingestion")
+
+    def fatal(message: str) -> None:
+        log.critical("Refusing to start: {message}", message=message)
+
+        def hard_exit() -> None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+
+        reactor.addSystemEventTrigger("after", "shutdown", hard_exit)
+        if reactor.running:
+            reactor.stop()
+
+    return fatal
+
+
+class IngestionService(Service):
+    """Owns the device listeners, the sink lifecycle and the ordered shutdown.
+
+    :param listeners: services that bind device ports (TCP strports service, UDP server).
+    :param on_fatal: called when the sink cannot start.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        factory: DeviceFactory,
+        sink: ManagedSink,
+        listeners: Sequence[IService],
+        *,
+        clock: IReactorTime,
+        on_fatal: FatalHandler,
+        shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+        file_authority: FileAuthority | None = None,
+        reactor: IReactorFromThreads | None = None,
+        on_closed: Sequence[Callable[[], Any]] = (),
+    ) -> None:
+        self.factory = factory
+        self.sink = sink
+        self.listeners = list(listeners)
+        self.clock = clock
+        self.on_fatal = on_fatal
+        self.shutdown_timeout = shutdown_timeout
+        self.file_authority = file_authority
+        self.reactor = reactor
+        self.on_closed = list(on_closed)
+        self.started: Deferred[None] | None = None
+        self._old_sighup: Any = None
+
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        for listener in self.listeners:
+            listener.privilegedStartService()
+
+    def startService(self) -> None:
+        Service.startService(self)
+        for listener in self.listeners:
+            listener.startService()
+        if self.file_authority is not None:
+            self.file_authority.start()
+            self._install_sighup()
+        self.started = ensureDeferred(self._start_sink())
+
+    async def _start_sink(self) -> None:
+        try:
+            await self.sink.start()
+        except Exception as error:
+            self.on_fatal(f"the {self.sink.name} sink cannot start: {error}")
+
+    def _install_sighup(self) -> None:
+        authority = self.file_authority
+        reactor = self.reactor
+        if authority is None or reactor is None:
+            return
+
+        def on_sighup(signum: int, frame: FrameType | None) -> None:
+            reactor.callFromThread(authority.reload)
+
+        try:
+            self._old_sighup = signal.signal(signal.SIGHUP, on_sighup)
+        except ValueError:  # not the main thread (tests): the change check still works
+            self._old_sighup = None
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        factory = self.factory
+        self._log.info("Shutting down: no new connections, finishing in-flight frames")
+        for listener in reversed(self.listeners):
+            if listener.running:
+                await _maybe(listener.stopService())
+        factory.stop_accepting()
+        await factory.drain(self.shutdown_timeout)
+        await factory.close_all(self.shutdown_timeout)
+        try:
+            await self.sink.close()
+        except Exception as error:
+            self._log.error("Closing the {sink} sink failed: {error}", sink=self.sink.name,
+                            error=str(error))
+        if self.file_authority is not None:
+            self.file_authority.stop()
+            if self._old_sighup is not None:
+                signal.signal(signal.SIGHUP, self._old_sighup)
+        for callback in self.on_closed:
+            await _maybe(callback())
+        self._log.info("Shutdown complete")
+
+
+async def _maybe(result: Any) -> Any:
+    if isinstance(result, Deferred):
+        return await result
+    return result

@@ -1,0 +1,195 @@
+"""The Redis Streams sink: one ``telemetry:teltonika`` entry per AVL record.
+
+Frames from every connection are batched (:mod:`teltonika.sinks.batch`): all entries of
+all frames that arrived since the last round trip go out in one txredisapi pipeline, and
+each frame's Deferred fires only when Redis has answered every XADD of that pipeline (and
+``WAITAOF`` when the durability check chose it). All records of one frame are therefore
+written in one round trip, and one failure fails the whole batch: no device is ACKed for
+anything in it and every device resends (downstream deduplicates by IMEI + timestamp).
+
+While Redis is unreachable the sink is not ready: :meth:`RedisStreamSink.publish` fails
+at once (nothing is queued in memory), ``/readyz`` answers 503, and a probe (``PING``
+every ``probe_interval``) notices when Redis is back; txredisapi reconnects with backoff.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final
+
+from twisted.internet.defer import Deferred, ensureDeferred, fail
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from teltonika.contract import MESSAGES_STREAM, TELEMETRY_STREAM, entry_fields
+from teltonika.interfaces import ISink
+from teltonika.metrics import ServerMetrics
+from teltonika.redis.streams import (
+    Durability,
+    StreamWriteError,
+    check_durability,
+    entry_id_ok,
+    pipeline_commands,
+    waitaof_ok,
+    xadd_command,
+)
+from teltonika.sinks import SinkUnavailableError
+from teltonika.sinks.batch import Batcher
+from teltonika.wire.records import AVLRecord
+
+SECONDS: Final = 1.0
+DEFAULT_MAX_PENDING_RECORDS: Final = 100_000
+"""Records waiting for Redis beyond which publishes fail (about 100 MB of entries)."""
+
+_WAITAOF: Final = (b"WAITAOF", b"1", b"0", b"0")
+
+
+@implementer(ISink)
+class RedisStreamSink:
+    """Publish records as stream entries through a txredisapi connection.
+
+    :param redis: a txredisapi connection (see :func:`teltonika.redis.connect.lazy_connection`).
+    :param clock: schedules batches and the readiness probe.
+    :param durability: ``"memory"`` or ``"fsync"`` (checked by :meth:`start`).
+    :param maxlen: ``MAXLEN ~ N`` on every XADD, or None (default) for no trimming: a
+        blind trim can drop entries the processor has not read yet.
+    """
+
+    name = "redis"
+    _log = Logger()
+
+    def __init__(
+        self,
+        redis: Any,
+        clock: IReactorTime,
+        metrics: ServerMetrics,
+        *,
+        instance_id: str,
+        durability: str = "memory",
+        stream: str = TELEMETRY_STREAM,
+        messages_stream: str = MESSAGES_STREAM,
+        maxlen: int | None = None,
+        max_pending_records: int = DEFAULT_MAX_PENDING_RECORDS,
+        probe_interval: float = 1 * SECONDS,
+        probe_timeout: float = 2 * SECONDS,
+    ) -> None:
+        self.redis = redis
+        self.clock = clock
+        self.metrics = metrics
+        self.instance_id = instance_id
+        self.wanted_durability = durability
+        self.durability: Durability | None = None
+        self.stream = stream.encode()
+        self.messages_stream = messages_stream.encode()
+        self.maxlen = maxlen
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
+        self._ready = False
+        self._probe: LoopingCall | None = None
+        self._batcher: Batcher[list[list[bytes]]] = Batcher(
+            clock, self._write, max_pending_records
+        )
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Check the durability Redis offers, then start the readiness probe.
+
+        :raise teltonika.redis.streams.DurabilityError: Redis cannot give what was asked.
+        """
+        self.durability = await check_durability(self.redis, self.wanted_durability)
+        self._set_ready(True, None)
+        self._log.info(
+            "Redis sink ready: stream {stream}, durability {durability}",
+            stream=self.stream.decode(),
+            durability=self.durability.value,
+        )
+        self._probe = LoopingCall(self._check)
+        self._probe.clock = self.clock
+        self._probe.start(self.probe_interval, now=False)
+
+    async def close(self) -> None:
+        """Write what is queued, then stop probing (the caller disconnects Redis)."""
+        await self._batcher.when_idle()
+        self._batcher.close()
+        if self._probe is not None and self._probe.running:
+            self._probe.stop()
+
+    def _check(self) -> Deferred[None]:
+        """Probe Redis; never raises (a failing LoopingCall would stop for good)."""
+        d: Deferred[object] = self.redis.execute_command("PING")
+        d.addTimeout(self.probe_timeout, self.clock)
+
+        def ok(_: object) -> None:
+            self._set_ready(True, None)
+
+        def down(failure: Any) -> None:
+            self._set_ready(False, failure.getErrorMessage())
+
+        return d.addCallbacks(ok, down)
+
+    def _set_ready(self, ready: bool, why: str | None) -> None:
+        if ready == self._ready:
+            return
+        self._ready = ready
+        self.metrics.sink_ready.set(1 if ready else 0)
+        if ready:
+            self._log.info("Redis sink is up")
+        else:
+            self._log.error("Redis sink is down: {why}", why=why)
+
+    # -- ISink -----------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        """ISink API"""
+        return self._ready
+
+    def publish(
+        self, imei: str, codec_name: str, records: tuple[AVLRecord, ...], received_at_ms: int
+    ) -> Deferred[None]:
+        """ISink API: the records become entries of the next pipeline."""
+        if not self._ready:
+            return fail(SinkUnavailableError("Redis is unreachable"))
+        maxlen = self.maxlen
+        stream = self.stream
+        instance_id = self.instance_id
+        commands = [
+            xadd_command(
+                stream, entry_fields(imei, codec_name, record, received_at_ms, instance_id), maxlen
+            )
+            for record in records
+        ]
+        return self._batcher.submit(commands, len(commands))
+
+    def publish_message(self, imei: str, message: dict[str, str]) -> Deferred[None]:
+        """ISink API: one entry of the device messages stream, in the same batches."""
+        if not self._ready:
+            return fail(SinkUnavailableError("Redis is unreachable"))
+        fields: list[bytes] = []
+        for key, value in message.items():
+            fields.append(key.encode())
+            fields.append(value.encode())
+        return self._batcher.submit([xadd_command(self.messages_stream, fields, self.maxlen)])
+
+    # -- the batch write ---------------------------------------------------------------
+
+    def _write(self, batches: list[list[list[bytes]]]) -> Deferred[None]:
+        return ensureDeferred(self._write_async(batches))
+
+    async def _write_async(self, batches: Sequence[list[list[bytes]]]) -> None:
+        commands: list[Sequence[bytes]] = [command for batch in batches for command in batch]
+        entries = len(commands)
+        if self.durability is Durability.WAITAOF:
+            commands.append(_WAITAOF)
+        try:
+            replies = await pipeline_commands(self.redis, commands)
+        except Exception as error:
+            self._set_ready(False, str(error) or type(error).__name__)
+            raise
+        self.metrics.sink_batches.labels(self.name).inc()
+        if len(replies) != len(commands) or not all(entry_id_ok(r) for r in replies[:entries]):
+            raise StreamWriteError(f"unexpected XADD replies: {replies[:3]!r}...")
+        if self.durability is Durability.WAITAOF and not waitaof_ok(replies[-1]):
+            raise StreamWriteError(f"WAITAOF did not confirm the local fsync: {replies[-1]!r}")

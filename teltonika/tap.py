@@ -1,0 +1,355 @@
+"""``twistd teltonika``: the options and the service tree (what twistd calls).
+
+:func:`makeService` builds and returns a :class:`TeltonikaService` (a ``MultiService``)
+without starting anything, touching a socket or setting up logging (twistd does those).
+Its children, in start order:
+
+* ``ingestion`` -- :class:`~teltonika.services.ingestion.IngestionService`: the device
+  listeners, the sink and the ordered shutdown;
+* ``ops`` -- ``/metrics``, ``/healthz``, ``/readyz`` (unless ``--metrics off``).
+
+Other parts (the command router, the connection registry) add their own children to the
+returned service and reach the shared pieces through ``service.server``
+(:class:`Server`): the Factory (``sessions``, ``session_listeners``), the metrics
+registry, and :meth:`Server.redis`, the one txredisapi connection of this process.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any, Final
+
+from prometheus_client import CollectorRegistry
+from twisted.application import internet, strports
+from twisted.application.service import IService, MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from teltonika.authority import (
+    AuthoritySpecError,
+    FileAuthority,
+    OpenAuthority,
+    RedisSetAuthority,
+    parse_authority_spec,
+)
+from teltonika.codecs import load_codecs
+from teltonika.interfaces import IDeviceAuthority
+from teltonika.metrics import ServerMetrics
+from teltonika.protocol.server import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_LOGIN_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_PENDING_FRAMES,
+    DEFAULT_SINK_TIMEOUT,
+    DeviceFactory,
+    ServerSettings,
+)
+from teltonika.redis.connect import RedisURLError, lazy_connection, parse_redis_url
+from teltonika.services.ingestion import (
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    FatalHandler,
+    IngestionService,
+    ManagedSink,
+    exit_on_fatal,
+)
+from teltonika.services.ops_http import DEFAULT_SERVER_METRICS, ops_service
+from teltonika.sinks.jsonl import DEFAULT_OUTPUT
+from teltonika.wire.framer import DEFAULT_MAX_FRAME, FRAME_OVERHEAD, MIN_DATA_LENGTH
+
+DEFAULT_PORT: Final = "5027"
+OFF: Final = ("off", "none")
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"{value} is negative")
+    return number
+
+
+def _seconds(value: str) -> float:
+    number = float(value)
+    if number < 0:
+        raise ValueError(f"{value} is negative")
+    return number
+
+
+_positive_int.coerceDoc = "A whole number >= 0."  # type: ignore[attr-defined]
+_seconds.coerceDoc = "Seconds (a decimal number >= 0)."  # type: ignore[attr-defined]
+
+
+def normalize_endpoint(value: str, option: str, default_interface: str | None = None) -> str:
+    """Bare digits become ``tcp:N`` (with *default_interface* if given); anything else
+    must parse as a strports description.
+
+    :raise usage.UsageError: with a plain sentence.
+    """
+    text = value.strip()
+    if text.isdigit():
+        text = f"tcp:{text}"
+        if default_interface:
+            text += f":interface={default_interface}"
+    try:
+        serverFromString(None, text)  # parses only; nothing listens
+    except Exception as error:
+        raise usage.UsageError(
+            f"{option} must be a port number or an endpoint such as "
+            f"tcp:5027:interface=127.0.0.1, not {value!r} ({error})"
+        ) from None
+    return text
+
+
+def parse_udp_port(value: str) -> tuple[str, int]:
+    """``PORT`` or ``INTERFACE:PORT`` -> (interface, port).
+
+    :raise usage.UsageError: anything else.
+    """
+    interface, _, port = value.rpartition(":")
+    if not port.isdigit() or int(port) > 65535:
+        raise usage.UsageError(f"--udp-port must be PORT or INTERFACE:PORT, not {value!r}")
+    return (interface, int(port))
+
+
+class Options(usage.Options):
+    """``twistd teltonika`` options. Add an option by appending to the lists (subclasses
+    and other modules may extend ``optParameters``); :meth:`postOptions` validates."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Accept Teltonika trackers (codec 8, 8E, 16 over TCP; UDP optional), publish every "
+        "record to a Redis Stream (--redis) or an fsynced JSON-lines file (default), and "
+        "ACK a frame only after its records are stored."
+    )
+    optFlags: list[list[str | None]] = [  # noqa: N815 (Twisted name)
+        ["luhn", None, "Require a valid Luhn check digit in IMEIs (off: test fleets use "
+         "non-Luhn IMEIs)."],
+    ]
+    optParameters: list[list[Any]] = [  # noqa: N815 (Twisted name)
+        ["port", "p", DEFAULT_PORT,
+         "TCP endpoint for trackers: a port number or a description such as "
+         "tcp:5027:interface=127.0.0.1."],
+        ["udp-port", None, None,
+         "UDP port for trackers, PORT or INTERFACE:PORT (off unless given)."],
+        ["redis", None, None,
+         "Redis URL, redis://[user:password@]host:port/db: publish records to the stream "
+         "telemetry:teltonika. Without it records go to --output."],
+        ["redis-durability", None, "memory",
+         "memory: ACK once Redis holds the entries in memory. fsync: ACK only once Redis "
+         "fsynced them (needs appendonly yes + appendfsync always, or Redis >= 7.2 for "
+         "WAITAOF); checked at start-up."],
+        ["stream-maxlen", None, None,
+         "Trim the stream with XADD MAXLEN ~ N. Off by default: a blind trim can drop "
+         "entries the processor has not read yet (default: no trimming)", _positive_int],
+        ["output", "o", DEFAULT_OUTPUT,
+         "JSON-lines file for records when no --redis is given (appended to, fsynced "
+         "before each ACK)."],
+        ["metrics", None, DEFAULT_SERVER_METRICS,
+         "Endpoint for /metrics, /healthz and /readyz (loopback by default), or 'off'."],
+        ["instance-id", None, socket.gethostname(),
+         "Name of this server instance, written into every record."],
+        ["devices", None, "open",
+         "Device authority: open, file:PATH (one IMEI a line, reloaded on SIGHUP or "
+         "change) or redis:KEY (a Redis set)."],
+        ["max-frame", None, DEFAULT_MAX_FRAME,
+         "Largest data frame in bytes; a bigger one closes the connection.", _positive_int],
+        ["login-timeout", None, DEFAULT_LOGIN_TIMEOUT,
+         "Seconds from connect to login before the connection is closed.", _seconds],
+        ["idle-timeout", None, DEFAULT_IDLE_TIMEOUT,
+         "Seconds without a byte (keepalives count) before closing; 0 disables.", _seconds],
+        ["max-connections", None, DEFAULT_MAX_CONNECTIONS,
+         "Open device connections beyond which new ones are closed at once; 0 = no limit.",
+         _positive_int],
+        ["max-pending-frames", None, DEFAULT_MAX_PENDING_FRAMES,
+         "Frames waiting on one connection before it stops reading.", _positive_int],
+        ["sink-timeout", None, DEFAULT_SINK_TIMEOUT,
+         "Seconds the sink may take to store a frame before it counts as failed "
+         "(no ACK, connection closed).", _seconds],
+        ["shutdown-timeout", None, DEFAULT_SHUTDOWN_TIMEOUT,
+         "Seconds to let in-flight frames finish on shutdown, and again to close "
+         "connections.", _seconds],
+    ]
+
+    def postOptions(self) -> None:
+        self["port"] = normalize_endpoint(str(self["port"]), "--port")
+        metrics = str(self["metrics"])
+        if metrics.lower() in OFF:
+            self["metrics"] = None
+        else:
+            self["metrics"] = normalize_endpoint(metrics, "--metrics", "127.0.0.1")
+        if self["udp-port"] is not None:
+            self["udp-port"] = parse_udp_port(str(self["udp-port"]))
+        if self["redis"] is not None:
+            try:
+                parse_redis_url(self["redis"])
+            except RedisURLError as error:
+                raise usage.UsageError(f"--redis: {error}") from None
+        if self["redis-durability"] not in ("memory", "fsync"):
+            raise usage.UsageError(
+                f"--redis-durability must be memory or fsync, not {self['redis-durability']!r}"
+            )
+        if self["redis"] is None:
+            if self["redis-durability"] != "memory":
+                raise usage.UsageError("--redis-durability applies only with --redis")
+            if self["stream-maxlen"] is not None:
+                raise usage.UsageError("--stream-maxlen applies only with --redis")
+        try:
+            kind, _ = parse_authority_spec(str(self["devices"]))
+        except AuthoritySpecError as error:
+            raise usage.UsageError(str(error)) from None
+        if kind == "redis" and self["redis"] is None:
+            raise usage.UsageError("--devices redis:KEY needs --redis")
+        if self["max-frame"] < MIN_DATA_LENGTH + FRAME_OVERHEAD:
+            raise usage.UsageError(
+                f"--max-frame must be at least {MIN_DATA_LENGTH + FRAME_OVERHEAD} bytes"
+            )
+        if self["max-pending-frames"] < 1:
+            raise usage.UsageError("--max-pending-frames must be at least 1")
+        if not self["instance-id"]:
+            raise usage.UsageError("--instance-id must not be empty")
+
+
+class Server:
+    """The shared pieces of one server process (``TeltonikaService.server``).
+
+    :ivar factory: the device Factory (``sessions``, ``session_listeners``).
+    :ivar metrics: the server's metrics (``metrics.registry`` is served on /metrics).
+    :ivar readiness: name -> check, served on /readyz; add checks before start.
+    """
+
+    def __init__(self, options: Options, reactor: Any) -> None:
+        self.options = options
+        self.reactor = reactor
+        self.metrics = ServerMetrics(CollectorRegistry())
+        self.readiness: dict[str, Callable[[], bool]] = {}
+        self._redis: Any = None
+        self.redis_address = (
+            parse_redis_url(options["redis"]) if options["redis"] is not None else None
+        )
+
+    def redis(self) -> Any:
+        """The process's txredisapi connection, made on first use (at start, never in
+        ``makeService``). Reconnects with backoff by itself.
+
+        :raise RuntimeError: the server runs without ``--redis``.
+        """
+        if self.redis_address is None:
+            raise RuntimeError("this server runs without --redis")
+        if self._redis is None:
+            self._redis = lazy_connection(self.redis_address)
+        return self._redis
+
+    def disconnect_redis(self) -> Any:
+        """Close the Redis connection, if one was made (last step of the shutdown)."""
+        if self._redis is not None:
+            redis, self._redis = self._redis, None
+            return redis.disconnect()
+        return None
+
+
+class TeltonikaService(MultiService):
+    """The root service; ``server`` holds the shared pieces (see :class:`Server`)."""
+
+    def __init__(self, server: Server) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.server = server
+
+
+def _build_sink(server: Server) -> ManagedSink:
+    options = server.options
+    settings_id = options["instance-id"]
+    if server.redis_address is not None:
+        from teltonika.sinks.redis_stream import RedisStreamSink
+
+        return RedisStreamSink(
+            server.redis,
+            server.reactor,
+            server.metrics,
+            instance_id=settings_id,
+            durability=options["redis-durability"],
+            maxlen=options["stream-maxlen"],
+        )
+    from teltonika.sinks.jsonl import JsonLinesSink
+
+    return JsonLinesSink(
+        options["output"], server.reactor, server.metrics, instance_id=settings_id,
+        reactor=server.reactor,
+    )
+
+
+def _build_authority(server: Server) -> tuple[IDeviceAuthority, FileAuthority | None]:
+    kind, argument = parse_authority_spec(server.options["devices"])
+    if kind == "file":
+        try:
+            authority = FileAuthority(argument, server.reactor)
+        except OSError as error:
+            raise usage.UsageError(f"--devices: cannot read {argument}: {error}") from None
+        return authority, authority
+    if kind == "redis":
+        return RedisSetAuthority(server.redis, argument), None
+    return OpenAuthority(), None
+
+
+def makeService(
+    options: Options, reactor: Any = None, on_fatal: FatalHandler | None = None
+) -> TeltonikaService:
+    """Build the service tree for *options* (see the module docstring).
+
+    :param reactor: defaults to the global reactor; tests pass a ``MemoryReactor``.
+    :param on_fatal: what to do when the sink cannot start (default: log, stop the
+        reactor, exit status 1).
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    server = Server(options, reactor)
+    root = TeltonikaService(server)
+    settings = ServerSettings(
+        instance_id=options["instance-id"],
+        max_frame=options["max-frame"],
+        login_timeout=options["login-timeout"],
+        idle_timeout=options["idle-timeout"],
+        max_connections=options["max-connections"],
+        luhn=bool(options["luhn"]),
+        max_pending_frames=options["max-pending-frames"],
+        sink_timeout=options["sink-timeout"],
+    )
+    sink = _build_sink(server)
+    authority, file_authority = _build_authority(server)
+    factory = DeviceFactory(
+        load_codecs(), sink, authority, server.metrics, reactor, settings  # type: ignore[arg-type]
+    )
+    server.factory = factory  # type: ignore[attr-defined]
+    server.sink = sink  # type: ignore[attr-defined]
+    listeners: list[IService] = [strports.service(options["port"], factory, reactor=reactor)]
+    if options["udp-port"] is not None:
+        from teltonika.udp import DeviceDatagramProtocol
+
+        interface, port = options["udp-port"]
+        datagrams = DeviceDatagramProtocol(
+            sink, authority, server.metrics, reactor, luhn=bool(options["luhn"]),  # type: ignore[arg-type]
+            sink_timeout=options["sink-timeout"],
+        )
+        listeners.append(internet.UDPServer(port, datagrams, interface=interface, reactor=reactor))
+    ingestion = IngestionService(
+        factory,
+        sink,
+        listeners,
+        clock=reactor,
+        on_fatal=on_fatal if on_fatal is not None else exit_on_fatal(reactor),
+        shutdown_timeout=options["shutdown-timeout"],
+        file_authority=file_authority,
+        reactor=reactor,
+        on_closed=[server.disconnect_redis],
+    )
+    ingestion.setName("ingestion")  # type: ignore[no-untyped-call]
+    ingestion.setServiceParent(root)  # type: ignore[no-untyped-call]
+    server.ingestion = ingestion  # type: ignore[attr-defined]
+    server.readiness["sink"] = sink.ready  # type: ignore[attr-defined]
+    if options["metrics"] is not None:
+        ops = ops_service(options["metrics"], server.metrics.registry, server.readiness,
+                          reactor=reactor)
+        ops.setName("ops")
+        ops.setServiceParent(root)
+    return root
