@@ -12,8 +12,10 @@ codec     IO ids     IO counts    generation type   NX group
 16        2 bytes    1 byte       yes (1 byte)      no
 ========  =========  ===========  ================  =============
 
-Speed: each fixed-width IO group is read with one precompiled ``struct.Struct`` call
-(``>BB BB ...`` for ``n`` pairs), cached by shape, instead of a Python loop per element.
+Speed: a record's fixed part is read with one precompiled ``struct.Struct`` call and each
+fixed-width IO group with one ``iter_unpack`` of a per-codec pair struct (measured in
+``benchmarks/decode.py``). No struct is built from input-dependent sizes: an earlier
+cache keyed by group size let a hostile peer pin megabytes with frames of ever new sizes.
 
 Safety: every read is bounds-checked against the body's end (not the buffer's, which
 also holds the CRC), and counts are checked against the bytes that remain *before* any
@@ -25,8 +27,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from functools import lru_cache
-from itertools import repeat
 from typing import Final
 
 from teltonika.wire.errors import (
@@ -54,9 +54,24 @@ _SCALE: Final = 10_000_000
 
 
 class _Layout:
-    """Field sizes of one AVL codec's IO element."""
+    """Field sizes of one AVL codec's IO element, and the precompiled structs to read it.
 
-    __slots__ = ("codec_id", "count_size", "generation", "id_code", "id_size", "min_record", "nx")
+    ``head`` reads a record's fixed part in one call: the GPS element, event IO id,
+    generation type (codec 16) and total IO count. ``pairs`` has one ``(width, struct,
+    item size)`` per fixed-width group; its struct reads one ``(io_id, value)`` pair.
+    """
+
+    __slots__ = (
+        "codec_id",
+        "count_size",
+        "generation",
+        "head",
+        "id_code",
+        "id_size",
+        "min_record",
+        "nx",
+        "pairs",
+    )
 
     def __init__(self, codec_id: int, id_size: int, count_size: int, generation: bool, nx: bool):
         self.codec_id = codec_id
@@ -65,6 +80,13 @@ class _Layout:
         self.count_size = count_size
         self.generation = generation
         self.nx = nx
+        self.head = struct.Struct(
+            ">QBiihHBH" + self.id_code + ("B" if generation else "") + _WIDTH_CODES[count_size]
+        )
+        self.pairs = tuple(
+            (width, struct.Struct(">" + self.id_code + _WIDTH_CODES[width]), id_size + width)
+            for width in _WIDTHS
+        )
         # GPS + event id + [generation] + total + 4 (or 5) group counts
         groups = 5 if nx else 4
         self.min_record = _GPS_SIZE + id_size + int(generation) + count_size * (1 + groups)
@@ -75,19 +97,6 @@ LAYOUTS: Final[dict[int, _Layout]] = {
     CODEC_8E: _Layout(CODEC_8E, id_size=2, count_size=2, generation=False, nx=True),
     CODEC_16: _Layout(CODEC_16, id_size=2, count_size=1, generation=True, nx=False),
 }
-
-
-@lru_cache(maxsize=2048)
-def _group_struct(id_code: str, width: int, count: int) -> struct.Struct:
-    return struct.Struct(">" + (id_code + _WIDTH_CODES[width]) * count)
-
-
-def _read_uint(data: bytes, offset: int, size: int, end: int, field: str) -> int:
-    if offset + size > end:
-        raise TruncatedError(f"{field} needs {size} bytes, {max(end - offset, 0)} remain", offset)
-    if size == 1:
-        return data[offset]
-    return int.from_bytes(data[offset : offset + size], "big")
 
 
 def decode_avl(data: bytes, start: int, end: int) -> AVLPacket:
@@ -107,7 +116,7 @@ def decode_avl(data: bytes, start: int, end: int) -> AVLPacket:
 
 
 def _decode(data: bytes, start: int, end: int) -> AVLPacket:
-    if end - start < 3:
+    if end - start < 3 or end > len(data):
         raise TruncatedError(f"AVL body of {end - start} bytes is too short", start)
     codec_id = data[start]
     layout = LAYOUTS.get(codec_id)
@@ -128,90 +137,109 @@ def _decode(data: bytes, start: int, end: int) -> AVLPacket:
             f"{last - start - 2} remain",
             start + 2,
         )
-    offset = start + 2
-    records = []
-    for _ in range(count):
-        record, offset = _decode_record(data, offset, last, layout)
-        records.append(record)
+    records, offset = _decode_records(data, start + 2, last, count, layout)
     if offset != last:
         raise TrailingBytesError(
             f"{last - offset} bytes left between the last record and Number of Data 2", offset
         )
-    return AVLPacket(codec_id, tuple(records))
+    return AVLPacket(codec_id, records)
 
 
-def _decode_record(data: bytes, offset: int, end: int, layout: _Layout) -> tuple[AVLRecord, int]:
-    record_start = offset
-    if offset + _GPS_SIZE > end:
-        raise TruncatedError("record GPS element is truncated", offset)
-    ts, priority, lon, lat, alt, angle, sats, speed = _GPS.unpack_from(data, offset)
-    offset += _GPS_SIZE
-    id_size = layout.id_size
+def _decode_records(
+    data: bytes, offset: int, end: int, count: int, layout: _Layout
+) -> tuple[tuple[AVLRecord, ...], int]:
+    """Walk *count* records from *offset*; every read is checked against *end*.
+
+    This is the hot loop (benchmarks/decode.py): one struct call for a record's fixed
+    part, one per IO group (``iter_unpack`` over the group's bytes), locals only. The
+    structs are precompiled per codec, so no input can grow a cache.
+    """
+    head = layout.head
+    head_size = head.size
+    pairs = layout.pairs
+    two_byte_counts = layout.count_size == 2
     count_size = layout.count_size
-    event_id = _read_uint(data, offset, id_size, end, "event IO id")
-    offset += id_size
-    generation = None
-    if layout.generation:
-        generation = _read_uint(data, offset, 1, end, "generation type")
-        offset += 1
-    total = _read_uint(data, offset, count_size, end, "total IO count")
-    offset += count_size
-    io: list[IOElement] = []
-    seen = 0
-    id_code = layout.id_code
-    for width in _WIDTHS:
-        n = _read_uint(data, offset, count_size, end, f"{width}-byte IO count")
-        offset += count_size
-        if n:
-            item = id_size + width
-            if offset + n * item > end:
-                raise TruncatedError(
-                    f"{n} IO elements of {width} bytes need {n * item} bytes, "
-                    f"{max(end - offset, 0)} remain",
-                    offset,
-                )
-            flat = _group_struct(id_code, width, n).unpack_from(data, offset)
-            io.extend(zip(flat[0::2], repeat(width, n), flat[1::2], strict=True))
-            offset += n * item
+    generation_type = layout.generation
+    has_nx = layout.nx
+    records = []
+    for _ in range(count):
+        record_start = offset
+        if offset + head_size > end:
+            raise TruncatedError("record GPS element or IO header is truncated", offset)
+        if generation_type:
+            ts, priority, lon, lat, alt, angle, sats, speed, event_id, generation, total = (
+                head.unpack_from(data, offset)
+            )
+        else:
+            ts, priority, lon, lat, alt, angle, sats, speed, event_id, total = head.unpack_from(
+                data, offset
+            )
+            generation = None
+        offset += head_size
+        io: list[IOElement] = []
+        seen = 0
+        for width, pair, item in pairs:
+            if offset + count_size > end:
+                raise TruncatedError(f"{width}-byte IO count is truncated", offset)
+            n = (data[offset] << 8) | data[offset + 1] if two_byte_counts else data[offset]
+            offset += count_size
+            if n:
+                stop = offset + n * item
+                if stop > end:
+                    raise TruncatedError(
+                        f"{n} IO elements of {width} bytes need {n * item} bytes, "
+                        f"{max(end - offset, 0)} remain",
+                        offset,
+                    )
+                if n == 1:
+                    io_id, value = pair.unpack_from(data, offset)
+                    io.append((io_id, width, value))
+                else:
+                    io += [(i, width, v) for i, v in pair.iter_unpack(data[offset:stop])]
+                offset = stop
+                seen += n
+        if has_nx:
+            if offset + 2 > end:
+                raise TruncatedError("NX IO count is truncated", offset)
+            n = (data[offset] << 8) | data[offset + 1]
+            offset += 2
+            if offset + n * 4 > end:
+                raise TruncatedError(f"{n} NX IO elements cannot fit in the record", offset)
+            for _ in range(n):
+                if offset + 4 > end:
+                    raise TruncatedError("NX IO element header is truncated", offset)
+                io_id = (data[offset] << 8) | data[offset + 1]
+                size = (data[offset + 2] << 8) | data[offset + 3]
+                offset += 4
+                if offset + size > end:
+                    raise TruncatedError(
+                        f"NX IO element {io_id} declares {size} bytes, {end - offset} remain",
+                        offset,
+                    )
+                io.append((io_id, NX, bytes(data[offset : offset + size])))
+                offset += size
             seen += n
-    if layout.nx:
-        n = _read_uint(data, offset, 2, end, "NX IO count")
-        offset += 2
-        if offset + n * 4 > end:
-            raise TruncatedError(f"{n} NX IO elements cannot fit in the record", offset)
-        for _ in range(n):
-            if offset + 4 > end:
-                raise TruncatedError("NX IO element header is truncated", offset)
-            io_id = (data[offset] << 8) | data[offset + 1]
-            size = (data[offset + 2] << 8) | data[offset + 3]
-            offset += 4
-            if offset + size > end:
-                raise TruncatedError(
-                    f"NX IO element {io_id} declares {size} bytes, {end - offset} remain", offset
-                )
-            io.append((io_id, NX, bytes(data[offset : offset + size])))
-            offset += size
-        seen += n
-    if seen != total:
-        raise FieldValueError(
-            f"total IO count {total} differs from the {seen} elements in its groups", record_start
+        if seen != total:
+            raise FieldValueError(
+                f"total IO count {total} differs from the {seen} elements in its groups",
+                record_start,
+            )
+        records.append(
+            AVLRecord(
+                ts,
+                priority,
+                lon / _SCALE,
+                lat / _SCALE,
+                alt,
+                angle,
+                sats,
+                speed,
+                event_id,
+                tuple(io),
+                generation,
+            )
         )
-    return (
-        AVLRecord(
-            ts,
-            priority,
-            lon / _SCALE,
-            lat / _SCALE,
-            alt,
-            angle,
-            sats,
-            speed,
-            event_id,
-            tuple(io),
-            generation,
-        ),
-        offset,
-    )
+    return tuple(records), offset
 
 
 def _degrees_to_int(value: float) -> int:

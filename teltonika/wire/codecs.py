@@ -15,7 +15,7 @@ from zope.interface import implementer
 
 from teltonika.interfaces import ICodec
 from teltonika.wire.avl import decode_avl, encode_avl
-from teltonika.wire.errors import FieldValueError
+from teltonika.wire.errors import FieldValueError, TruncatedError
 from teltonika.wire.login import tcp_ack
 from teltonika.wire.messages import decode_messages, encode_message
 from teltonika.wire.records import (
@@ -46,6 +46,8 @@ class AVLCodec:
 
     def decode(self, data: bytes, start: int, end: int) -> Packet:
         """ICodec API"""
+        if start >= end or end > len(data):
+            raise TruncatedError(f"codec {self.name} body is empty or runs past the data", start)
         if data[start] != self.codec_id:
             raise FieldValueError(f"codec id 0x{data[start]:02X} is not {self.name}", start)
         return decode_avl(data, start, end)
@@ -77,6 +79,8 @@ class MessageCodec:
 
     def decode(self, data: bytes, start: int, end: int) -> Packet:
         """ICodec API"""
+        if start >= end or end > len(data):
+            raise TruncatedError(f"codec {self.name} body is empty or runs past the data", start)
         if data[start] != self.codec_id:
             raise FieldValueError(f"codec id 0x{data[start]:02X} is not {self.name}", start)
         return decode_messages(data, start, end)

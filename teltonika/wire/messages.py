@@ -54,7 +54,7 @@ def decode_messages(data: bytes, start: int, end: int) -> MessagePacket:
 
     :raise DecodeError: any structural problem; nothing else escapes.
     """
-    if end - start < 8:
+    if end - start < 8 or end > len(data):
         raise TruncatedError(f"message body of {end - start} bytes is too short", start)
     codec_id = data[start]
     if codec_id not in MESSAGE_CODEC_IDS:

@@ -1,0 +1,190 @@
+"""The incremental framer: read boundaries never matter, bad lengths fail early and for good."""
+
+from __future__ import annotations
+
+import pytest
+
+from teltonika.wire import (
+    CODEC_8,
+    DEFAULT_MAX_FRAME,
+    KEEPALIVE,
+    AVLRecord,
+    DataFrame,
+    Frame,
+    FrameLengthError,
+    Framer,
+    FramingError,
+    ImeiFrame,
+    PreambleError,
+    encode_avl_frame,
+    encode_command_frame,
+    encode_login,
+)
+
+IMEI = "356307042441013"
+LOGIN = encode_login(IMEI)
+RECORD = AVLRecord(1560161136000, 1, 25.5, -54.25, 100, 90, 7, 50, 0, ((1, 1, 1), (66, 2, 24080)))
+DATA = encode_avl_frame(CODEC_8, [RECORD])
+COMMAND = encode_command_frame(0x0C, b"getinfo")
+
+
+def feed_all(framer: Framer, *chunks: bytes) -> list[Frame]:
+    out: list[Frame] = []
+    for chunk in chunks:
+        out.extend(framer.feed(chunk))
+    return out
+
+
+def test_login_and_first_data_frame_in_one_read() -> None:
+    """A login packet and a data frame in one read come out as two frames."""
+    framer = Framer()
+    assert feed_all(framer, LOGIN + DATA) == [ImeiFrame(IMEI.encode()), DataFrame(DATA)]
+    assert framer.buffered == 0
+
+
+def test_several_frames_per_read_and_split_frames() -> None:
+    """A frame split over reads is held until complete; several frames in one read all come
+    out; a read can end in the middle of a header."""
+    framer = Framer()
+    stream = LOGIN + DATA + COMMAND + DATA
+    cut1, cut2 = len(LOGIN) + 5, len(LOGIN) + len(DATA) + 3
+    assert feed_all(framer, stream[:cut1]) == [ImeiFrame(IMEI.encode())]
+    assert framer.buffered == 5
+    assert feed_all(framer, stream[cut1:cut2]) == [DataFrame(DATA)]
+    assert framer.buffered == 3
+    assert feed_all(framer, stream[cut2:]) == [DataFrame(COMMAND), DataFrame(DATA)]
+    assert framer.buffered == 0
+
+
+def test_one_byte_at_a_time() -> None:
+    """Feeding one byte per read yields each frame exactly when its last byte arrives."""
+    framer = Framer()
+    stream = LOGIN + DATA
+    seen = []
+    for index in range(len(stream)):
+        for frame in framer.feed(stream[index : index + 1]):
+            seen.append((index, frame))
+    assert seen == [
+        (len(LOGIN) - 1, ImeiFrame(IMEI.encode())),
+        (len(stream) - 1, DataFrame(DATA)),
+    ]
+
+
+def test_keepalive_before_login_and_between_frames() -> None:
+    """0xFF is a keepalive wherever a frame may start: before the login, between frames,
+    several in a row."""
+    framer = Framer()
+    frames = feed_all(framer, b"\xff" + LOGIN + b"\xff\xff" + DATA[:10], DATA[10:] + b"\xff")
+    assert frames == [
+        KEEPALIVE,
+        ImeiFrame(IMEI.encode()),
+        KEEPALIVE,
+        KEEPALIVE,
+        DataFrame(DATA),
+        KEEPALIVE,
+    ]
+
+
+def test_empty_read() -> None:
+    """An empty read yields nothing and changes nothing."""
+    framer = Framer()
+    assert feed_all(framer, DATA[:7], b"", b"") == []
+    assert framer.buffered == 7
+
+
+def test_zero_data_length_is_rejected() -> None:
+    """A data frame declaring length 0 is rejected as soon as its header is complete."""
+    framer = Framer()
+    with pytest.raises(FrameLengthError) as caught:
+        feed_all(framer, b"\x00" * 8)
+    assert caught.value.offset == 4
+    assert caught.value.reason == "length"
+
+
+def test_length_above_maximum_rejected_before_the_body() -> None:
+    """A length above the cap fails on the 8 header bytes alone: the body is never awaited
+    or buffered."""
+    framer = Framer(max_frame=1024)
+    header = b"\x00\x00\x00\x00" + (1024 - 12 + 1).to_bytes(4, "big")
+    with pytest.raises(FrameLengthError, match="1024-byte maximum") as caught:
+        feed_all(framer, header)
+    assert caught.value.offset == 4
+    assert framer.buffered == 0
+
+
+def test_length_at_maximum_is_accepted() -> None:
+    """A frame of exactly ``max_frame`` bytes is a frame (it need not be valid to be cut)."""
+    framer = Framer(max_frame=64)
+    raw = b"\x00\x00\x00\x00" + (64 - 12).to_bytes(4, "big") + bytes(64 - 8)
+    assert feed_all(framer, raw[:30], raw[30:]) == [DataFrame(raw)]
+
+
+def test_default_maximum_and_huge_length() -> None:
+    """The default cap is 64 KiB; a 4 GiB length claim fails on the header."""
+    framer = Framer()
+    assert framer.max_frame == DEFAULT_MAX_FRAME == 65536
+    with pytest.raises(FrameLengthError):
+        feed_all(framer, b"\x00\x00\x00\x00\xff\xff\xff\xff")
+
+
+def test_max_frame_too_small_for_any_frame() -> None:
+    """A cap below the smallest possible frame is a programming error."""
+    with pytest.raises(ValueError, match="max_frame"):
+        Framer(max_frame=19)
+
+
+def test_imei_length_above_17() -> None:
+    """An IMEI packet longer than 17 bytes is refused on its two length bytes."""
+    with pytest.raises(FrameLengthError, match="IMEI length 18") as caught:
+        feed_all(Framer(), b"\x00\x12")
+    assert caught.value.offset == 0
+
+
+def test_imei_length_17_is_cut() -> None:
+    """17 bytes is the longest IMEI packet cut (``parse_imei`` then judges the content)."""
+    assert feed_all(Framer(), b"\x00\x11" + b"1" * 17) == [ImeiFrame(b"1" * 17)]
+
+
+def test_tls_client_hello_hint() -> None:
+    """A TLS ClientHello (16 03 ...) is named as such: the device is configured for TLS."""
+    with pytest.raises(FrameLengthError, match="TLS ClientHello"):
+        feed_all(Framer(), bytes.fromhex("160301020001"))
+
+
+@pytest.mark.parametrize("preamble", ["00000100", "00000001", "0000ffff"])
+def test_nonzero_preamble_bytes(preamble: str) -> None:
+    """Bytes 2-3 of a data frame's preamble must be zero; the first four bytes suffice."""
+    with pytest.raises(PreambleError) as caught:
+        feed_all(Framer(), bytes.fromhex(preamble))
+    assert caught.value.offset == 0
+    assert caught.value.reason == "preamble"
+
+
+def test_frames_before_an_error_are_yielded_and_the_error_is_sticky() -> None:
+    """Frames completed before a framing error in the same read still come out; then the
+    error is raised, again on every later read, and nothing is buffered any more."""
+    framer = Framer()
+    frames: list[Frame] = []
+    with pytest.raises(FramingError) as caught:
+        for frame in framer.feed(LOGIN + DATA + b"\x00\x00\x00\x00\x00\x00\x00\x01" + DATA):
+            frames.append(frame)
+    assert frames == [ImeiFrame(IMEI.encode()), DataFrame(DATA)]
+    assert caught.value.offset == len(LOGIN) + len(DATA) + 4
+    assert framer.buffered == 0
+    for later in (DATA, b"", b"\xff"):
+        with pytest.raises(FramingError) as again:
+            feed_all(framer, later)
+        assert again.value is caught.value
+    assert framer.buffered == 0
+
+
+def test_partial_frame_is_held_once() -> None:
+    """A nearly complete maximum-size frame is held in one buffer, not duplicated: the
+    framer holds at most one maximum frame plus the current read."""
+    framer = Framer(max_frame=4096)
+    raw = b"\x00\x00\x00\x00" + (4096 - 12).to_bytes(4, "big") + bytes(4096 - 8)
+    for start in range(0, 4095, 100):
+        assert feed_all(framer, raw[start : min(start + 100, 4095)]) == []
+        assert framer.buffered <= 4096
+    assert feed_all(framer, raw[4095:] + LOGIN) == [DataFrame(raw), ImeiFrame(IMEI.encode())]
+    assert framer.buffered == 0
