@@ -8,6 +8,7 @@ restart the same server (same port, same data directory).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -114,4 +115,73 @@ class RedisServer:
 
     def cleanup(self) -> None:
         self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster (``initdb`` + ``pg_ctl``) on a free loopback port.
+
+    As root the cluster runs as the ``postgres`` user (initdb refuses root). Trust
+    authentication, ``fsync=off``: it is thrown away. :meth:`stop` (``-m immediate``, a
+    crash) and :meth:`start` restart the same cluster on the same port, for fault tests.
+    """
+
+    def __init__(self, port: int | None = None) -> None:
+        self.bindir = self._find_bindir()
+        self.port = port or free_port()
+        self.directory = tempfile.mkdtemp(prefix="teltonika-pg-")
+        self.data = os.path.join(self.directory, "data")
+        self._as_postgres = os.geteuid() == 0
+        if self._as_postgres:
+            shutil.chown(self.directory, "postgres", "postgres")
+        self._run(os.path.join(self.bindir, "initdb"), "-D", self.data, "-A", "trust",
+                  "-U", "postgres", "-E", "UTF8", "--no-sync")
+
+    @staticmethod
+    def _find_bindir() -> str:
+        import glob
+
+        candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+        pg_config = shutil.which("pg_config")
+        if pg_config:
+            out = subprocess.run(
+                [pg_config, "--bindir"], check=False, capture_output=True, text=True
+            )
+            candidates.append(out.stdout.strip())
+        for directory in candidates:
+            if os.path.exists(os.path.join(directory, "pg_ctl")):
+                return directory
+        raise RuntimeError(
+            "PostgreSQL server binaries (initdb, pg_ctl) are not installed: the suite needs "
+            "a real PostgreSQL (apt-get install postgresql); .ci/run installs it"
+        )
+
+    def _run(self, *args: str) -> None:
+        command = list(args)
+        if self._as_postgres:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, check=True, capture_output=True, timeout=120)
+
+    def dsn(self, dbname: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    def start(self) -> PostgresServer:
+        options = (f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 "
+                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
+        self._run(os.path.join(self.bindir, "pg_ctl"), "-D", self.data, "-o", options,
+                  "-l", os.path.join(self.directory, "postgres.log"), "-w", "start")
+        wait_for_port(self.port)
+        return self
+
+    def stop(self, mode: str = "immediate") -> None:
+        """Stop the cluster (``immediate`` is a crash: no checkpoint, clients cut)."""
+        self._run(os.path.join(self.bindir, "pg_ctl"), "-D", self.data, "-m", mode, "-w", "stop")
+
+    def running(self) -> bool:
+        return os.path.exists(os.path.join(self.data, "postmaster.pid"))
+
+    def cleanup(self) -> None:
+        if self.running():
+            with contextlib.suppress(subprocess.SubprocessError):
+                self.stop("immediate")
         shutil.rmtree(self.directory, ignore_errors=True)

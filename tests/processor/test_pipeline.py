@@ -1,0 +1,207 @@
+"""The processor against a real redis-server and a real PostgreSQL, in-process."""
+
+from __future__ import annotations
+
+import orjson
+import psycopg
+import pytest_twisted
+import redis
+
+from teltonika.contract import TELEMETRY_STREAM
+from tests.processor.conftest import BASE_MS, NX, entry, eventually, imei, query, record, xadd
+
+DEAD = "telemetry:teltonika:dead"
+DEAD_FORMAT = "Dead-lettered entry {entry_id}: {reason} ({detail})"
+
+
+def pending(rds, group="processor"):
+    """Pending count of the group (None while the group does not exist yet)."""
+    try:
+        return rds.xpending(TELEMETRY_STREAM, group)["pending"]
+    except redis.ResponseError:
+        return None
+
+
+def sample(service, name, **labels):
+    return service.processor.consumer.metrics.registry.get_sample_value(name, labels) or 0
+
+
+def with_field(fields, name, value):
+    """A copy of an entry_fields list with one field's value replaced."""
+    out = list(fields)
+    index = out.index(name.encode())
+    out[index + 1] = value if isinstance(value, bytes) else value.encode()
+    return out
+
+
+def count(dsn):
+    """Rows in positions (None before the migrations created the table)."""
+    try:
+        return query(dsn, "select count(*) from positions")[0][0]
+    except psycopg.errors.UndefinedTable:
+        return None
+
+
+@pytest_twisted.ensureDeferred
+async def test_contract_checks_and_sentinels(processors, rds, pg_dsn, logged_errors):
+    """A u64 above 2**53 reaches jsonb digit for digit and NX bytes become hex; an unknown
+    version, a bad sentinel, a missing field and a non-integer IO value are dead-lettered
+    with their original id, fields and reason, logged at error, counted and acknowledged."""
+    io = ((1, 1, 1), (78, 8, 2**64 - 1), (79, 8, 2**53 + 1), (10, NX, b"\x00\x01\xfe\xff"))
+    good = xadd(rds, entry(rec=record(0, io=io)))
+    bad_version = xadd(rds, with_field(entry(rec=record(1)), "v", "2"))
+    bad_sentinel = xadd(rds, with_field(entry(rec=record(2)), "io", '{"5":{"__bigint":"12x"}}'))
+    bad_b64 = xadd(rds, with_field(entry(rec=record(3)), "io", '{"5":{"__buffer_b64":"!!"}}'))
+    missing = entry(rec=record(4))
+    del missing[missing.index(b"speed") : missing.index(b"speed") + 2]
+    missing_id = xadd(rds, missing)
+    float_io = xadd(rds, with_field(entry(rec=record(5)), "io", '{"5":1.5}'))
+    service = processors.start()
+    await eventually(lambda: rds.xlen(DEAD) == 5 and pending(rds) == 0)
+
+    rows = query(pg_dsn, "select io->'78', io->'79', io->>'10', io, latitude::text from positions")
+    assert len(rows) == 1
+    assert str(rows[0][0]) == str(2**64 - 1)
+    assert rows[0][1] == 2**53 + 1
+    assert rows[0][2] == "0001feff"
+    assert query(pg_dsn, "select (io->>'78')::numeric = 18446744073709551615 from positions")[0][0]
+    assert rows[0][4] == "54.6872000"
+
+    letters = {fields["dead.id"]: fields for _id, fields in rds.xrange(DEAD)}
+    assert letters[bad_version]["dead.reason"] == "unknown_version"
+    assert letters[bad_sentinel]["dead.reason"] == "bad_sentinel"
+    assert letters[bad_b64]["dead.reason"] == "bad_sentinel"
+    assert letters[missing_id]["dead.reason"] == "missing_field"
+    assert letters[float_io]["dead.reason"] == "bad_io"
+    assert letters[bad_version]["v"] == "2"  # original fields kept verbatim
+    assert letters[bad_version]["imei"] == "356307042441013"
+    assert letters[bad_version]["dead.group"] == "processor"
+    assert good not in letters
+    assert sample(service, "teltonika_processor_dead_lettered_total", reason="bad_sentinel") == 2
+    assert sample(service, "teltonika_processor_rows_inserted_total") == 1
+    assert len(logged_errors.flush(DEAD_FORMAT)) == 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_duplicate_in_one_batch_is_one_row(processors, rds, pg_dsn):
+    """The same record twice in one batch gives one row; both entries are acknowledged."""
+    xadd(rds, entry(rec=record(0)))
+    xadd(rds, entry(rec=record(0)))
+    service = processors.start()
+    acked = "teltonika_processor_entries_acked_total"
+    await eventually(lambda: pending(rds) == 0 and sample(service, acked) == 2)
+    assert count(pg_dsn) == 1
+    assert sample(service, "teltonika_processor_duplicates_total") == 1
+    assert sample(service, "teltonika_processor_rows_inserted_total") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_duplicate_in_two_batches_is_one_row(processors, rds, pg_dsn):
+    """The same record again in a later batch is a duplicate, not a second row."""
+    service = processors.start()
+    await eventually(service.processor.consumer.ready)
+    xadd(rds, entry(rec=record(0)))
+    await eventually(lambda: sample(service, "teltonika_processor_entries_acked_total") == 1)
+    xadd(rds, entry(rec=record(0)))
+    await eventually(lambda: sample(service, "teltonika_processor_entries_acked_total") == 2)
+    assert count(pg_dsn) == 1
+    assert sample(service, "teltonika_processor_duplicates_total") == 1
+    assert pending(rds) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_poison_row_is_isolated(processors, rds, pg_dsn, logged_errors):
+    """One row PostgreSQL rejects (a device time out of range) is bisected out of its
+    batch and dead-lettered; the other rows of the batch are written."""
+    ids = [xadd(rds, entry(imei=imei(i), rec=record(i))) for i in range(20)]
+    poison = xadd(rds, with_field(entry(imei=imei(99)), "timestamp_ms", "9999999999999999"))
+    ids += [xadd(rds, entry(imei=imei(i), rec=record(i))) for i in range(20, 30)]
+    service = processors.start()
+    await eventually(lambda: rds.xlen(DEAD) == 1 and pending(rds) == 0)
+    assert count(pg_dsn) == 30
+    (_, letter), = rds.xrange(DEAD)
+    assert letter["dead.id"] == poison
+    assert letter["dead.reason"] == "rejected_by_database"
+    assert "out of range" in letter["dead.detail"]
+    assert sample(service, "teltonika_processor_batch_size_count") == 1  # one batch
+    assert service.processor.consumer.state.get(imei(99)) is None  # never a latest position
+    assert len(logged_errors.flush(DEAD_FORMAT)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_rehydration_one_query_per_batch(processors, rds, pg_dsn):
+    """Devices missing from memory are loaded from positions in one query per batch, and a
+    record older than the stored latest does not move the latest position backwards."""
+    first = processors.start()
+    for i in range(3):
+        xadd(rds, entry(imei=imei(i), rec=record(10_000, speed=10 + i)))
+    await eventually(lambda: count(pg_dsn) == 3 and pending(rds) == 0)
+    await processors.stop(first)
+
+    for i in range(3):  # older than what is stored: buffered records after a reconnect
+        xadd(rds, entry(imei=imei(i), rec=record(5_000, speed=99), received_at_ms=BASE_MS + 60_000))
+    xadd(rds, entry(imei=imei(7), rec=record(1_000, speed=7)))
+    second = processors.start()
+    consumer = second.processor.consumer
+    await eventually(lambda: pending(rds) == 0 and consumer.batches == 1)
+    assert sample(second, "teltonika_processor_rehydration_queries_total") == 1
+    assert sample(second, "teltonika_processor_devices_rehydrated_total") == 3
+    for i in range(3):
+        snapshot = consumer.state.get(imei(i))
+        assert snapshot.timestamp_ms == record(10_000).timestamp_ms
+        assert snapshot.speed == 10 + i
+        assert snapshot.last_seen_ms == BASE_MS + 60_000  # seen now, though old
+    assert consumer.state.get(imei(7)).speed == 7
+    assert count(pg_dsn) == 7
+
+    xadd(rds, entry(imei=imei(0), rec=record(20_000, speed=1)))  # all held now: no query
+    await eventually(lambda: consumer.batches == 2)
+    assert sample(second, "teltonika_processor_rehydration_queries_total") == 1
+    assert consumer.state.get(imei(0)).speed == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_claim_idle_and_max_deliveries(processors, rds, pg_dsn, logged_errors):
+    """Entries left pending by a dead consumer are claimed after --claim-idle; one already
+    delivered more than --max-deliveries times is dead-lettered with reason max_deliveries."""
+    rds.xgroup_create(TELEMETRY_STREAM, "processor", "0", mkstream=True)
+    ids = [xadd(rds, entry(imei=imei(i), rec=record(i))) for i in range(3)]
+    rds.xreadgroup("processor", "dead", {TELEMETRY_STREAM: ">"})
+    for _ in range(4):  # each XCLAIM counts as a delivery: 5 in all
+        rds.xclaim(TELEMETRY_STREAM, "processor", "dead", 0, [ids[0]])
+    service = processors.start("--claim-idle", "0.3", "--claim-interval", "0.2")
+    await eventually(lambda: pending(rds) == 0)
+    assert count(pg_dsn) == 2
+    (_, letter), = rds.xrange(DEAD)
+    assert letter["dead.id"] == ids[0]
+    assert letter["dead.reason"] == "max_deliveries"
+    assert letter["dead.detail"] == "delivered 6 times (limit 5)"
+    assert sample(service, "teltonika_processor_entries_claimed_total") == 3
+    assert len(logged_errors.flush(DEAD_FORMAT)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_processors_share_the_group(processors, rds, pg_dsn):
+    """Two processors in one group split the entries: every entry is one row, each
+    processor handled some, and nothing stays pending."""
+    a = processors.start("--consumer", "a", "--batch-size", "7")
+    b = processors.start("--consumer", "b", "--batch-size", "7")
+    await eventually(lambda: a.processor.consumer.ready() and b.processor.consumer.ready())
+    for i in range(300):
+        xadd(rds, entry(imei=imei(i % 40), rec=record(i)))
+    await eventually(lambda: count(pg_dsn) == 300 and pending(rds) == 0)
+    read_a = sample(a, "teltonika_processor_entries_read_total")
+    read_b = sample(b, "teltonika_processor_entries_read_total")
+    assert read_a > 0 and read_b > 0
+    assert read_a + read_b == 300
+
+
+@pytest_twisted.ensureDeferred
+async def test_io_bag_round_trip(processors, rds, pg_dsn):
+    """Every IO value of a codec 8E record is stored under its decimal id."""
+    io = ((1, 1, 0), (21, 1, 5), (66, 2, 65535), (241, 4, 24602), (11, 8, 2**53 - 1))
+    xadd(rds, entry(rec=record(0, io=io)))
+    processors.start()
+    await eventually(lambda: count(pg_dsn) == 1)
+    (bag,), = query(pg_dsn, "select io::text from positions")
+    assert orjson.loads(bag) == {"1": 0, "21": 5, "66": 65535, "241": 24602, "11": 2**53 - 1}
