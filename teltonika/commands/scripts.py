@@ -1,0 +1,261 @@
+"""The Lua scripts that make the command path's Redis updates atomic.
+
+Each multi-step change runs as one script, because another instance (or its janitor)
+may act on the same keys at the same moment:
+
+* ``UNREGISTER``: delete registry entries only if they still name this instance. The
+  seed's HGET-then-HDEL lets a device that just moved to another instance lose its entry.
+* ``SETTLE``: publish a command's terminal status *and* acknowledge/delete its stream
+  entry in one step, so a crash between the two cannot produce a second terminal status;
+  offline commands that failed for a retryable reason go back to wait for the next login.
+* ``JANITOR_REGISTRY`` / ``JANITOR_STREAM``: act on a dead instance's keys only while its
+  heartbeat is still absent (an instance restarting with the same id wins).
+* ``TAKE_OFFLINE``, ``STORE_OFFLINE``, ``EXPIRE_OFFLINE``: offline delivery.
+
+Scripts that touch offline keys derive some key names inside the script (the IMEI's list
+and the command's hash are only known from the data), which is fine on one Redis server
+and on Redis with replicas; it is not Redis Cluster safe.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from twisted.internet.defer import Deferred
+
+from teltonika.commands.messages import RETRYABLE
+
+_STATUS_LUA: Final = """
+local function status(id, imei, codec, st, reason, inst, now, attempt)
+  local a = ''
+  if attempt and tonumber(attempt) and tonumber(attempt) > 0 then a = tostring(attempt) end
+  return {'v', '1', 'id', id, 'imei', imei, 'codec', codec, 'status', st, 'reason', reason,
+          'response', '', 'response_hex', '', 'instance_id', inst, 'at_ms', now, 'attempt', a}
+end
+local function publish(key, maxlen, fields)
+  redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', unpack(fields))
+end
+local function tomap(flat)
+  local m = {}
+  for i = 1, #flat, 2 do m[flat[i]] = flat[i + 1] end
+  return m
+end
+"""
+
+UNREGISTER: Final = """
+-- KEYS[1] registry; ARGV[1] instance id, ARGV[2..] IMEIs
+local n = 0
+for i = 2, #ARGV do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[1] then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"""
+
+REASSERT: Final = """
+-- KEYS[1] registry; ARGV[1] instance id, ARGV[2..] IMEIs: claim only absent entries
+local n = 0
+for i = 2, #ARGV do
+  n = n + redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[1])
+end
+return n
+"""
+
+JANITOR_REGISTRY: Final = """
+-- KEYS[1] registry, KEYS[2] the dead instance's heartbeat; ARGV[1] dead id, ARGV[2..] IMEIs
+if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+local n = 0
+for i = 2, #ARGV do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[1] then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"""
+
+_RETRYABLE_LUA: Final = (
+    "local RETRYABLE = {" + ", ".join(f"['{r}'] = true" for r in sorted(RETRYABLE)) + "}\n"
+)
+
+SETTLE: Final = (
+    _STATUS_LUA
+    + _RETRYABLE_LUA
+    + """
+-- KEYS[1] outbound stream, KEYS[2] responses, KEYS[3] offline hash, KEYS[4] offline list,
+-- KEYS[5] offline expiry zset
+-- ARGV[1] group, ARGV[2] entry id ('' = none), ARGV[3] offline '1'/'', ARGV[4] now ms,
+-- ARGV[5] max attempts, ARGV[6] maxlen, ARGV[7..] status fields (flat)
+local fields = {}
+for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+local m = tomap(fields)
+local function set(name, value)
+  for i = 1, #fields, 2 do if fields[i] == name then fields[i + 1] = value end end
+end
+local result = m['status']
+local skip = false
+if ARGV[3] == '1' then
+  if redis.call('EXISTS', KEYS[3]) == 0 then
+    skip = true  -- already settled (expired, or a duplicate delivery)
+  else
+    if m['status'] == 'failed' and RETRYABLE[m['reason']] then
+      local exp = tonumber(redis.call('HGET', KEYS[3], 'expires_at_ms'))
+      local attempts = tonumber(redis.call('HGET', KEYS[3], 'attempts') or '0') or 0
+      if exp == nil or exp <= tonumber(ARGV[4]) then
+        set('reason', 'expired')
+      elseif attempts >= tonumber(ARGV[5]) then
+        set('reason', 'attempts_exhausted')
+      else
+        set('status', 'requeued')
+        result = 'requeued'
+        redis.call('RPUSH', KEYS[4], m['id'])
+      end
+    end
+    if result ~= 'requeued' then
+      redis.call('DEL', KEYS[3])
+      redis.call('ZREM', KEYS[5], m['id'])
+    end
+  end
+end
+if ARGV[2] ~= '' then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('XDEL', KEYS[1], ARGV[2])
+end
+if skip then return '' end
+publish(KEYS[2], ARGV[6], fields)
+local final = tomap(fields)
+return final['status'] .. '|' .. final['reason']
+"""
+)
+
+TAKE_OFFLINE: Final = (
+    _STATUS_LUA
+    + """
+-- KEYS[1] offline list of the IMEI, KEYS[2] this instance's outbound stream,
+-- KEYS[3] responses, KEYS[4] expiry zset
+-- ARGV[1] instance id, ARGV[2] now ms, ARGV[3] max attempts, ARGV[4] maxlen
+local ids = redis.call('LRANGE', KEYS[1], 0, -1)
+redis.call('DEL', KEYS[1])
+local now = tonumber(ARGV[2])
+local sent = 0
+for _, id in ipairs(ids) do
+  local hkey = 'commands:offline:command:' .. id
+  local f = tomap(redis.call('HGETALL', hkey))
+  if f['id'] then
+    local attempts = tonumber(f['attempts'] or '0') or 0
+    local exp = tonumber(f['expires_at_ms'])
+    local reason = nil
+    if exp == nil or exp <= now then
+      reason = 'expired'
+    elseif attempts >= tonumber(ARGV[3]) then
+      reason = 'attempts_exhausted'
+    end
+    if reason then
+      publish(KEYS[3], ARGV[4],
+              status(id, f['imei'], f['codec'], 'failed', reason, ARGV[1], ARGV[2], attempts))
+      redis.call('DEL', hkey)
+      redis.call('ZREM', KEYS[4], id)
+    else
+      attempts = attempts + 1
+      redis.call('HSET', hkey, 'attempts', attempts)
+      f['attempts'] = nil
+      f['attempt'] = tostring(attempts)
+      f['offline'] = '1'
+      local entry = {}
+      for k, v in pairs(f) do
+        entry[#entry + 1] = k
+        entry[#entry + 1] = v
+      end
+      redis.call('XADD', KEYS[2], '*', unpack(entry))
+      sent = sent + 1
+    end
+  end
+end
+return sent
+"""
+)
+
+STORE_OFFLINE: Final = (
+    _STATUS_LUA
+    + """
+-- KEYS[1] command hash, KEYS[2] offline list, KEYS[3] expiry zset, KEYS[4] responses
+-- ARGV[1] id, ARGV[2] expires_at_ms, ARGV[3] now ms, ARGV[4] maxlen, ARGV[5] sender name,
+-- ARGV[6..] command fields (flat)
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local fields = {}
+for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+local m = tomap(fields)
+redis.call('HSET', KEYS[1], 'attempts', '0', unpack(fields))
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+publish(KEYS[4], ARGV[4], status(ARGV[1], m['imei'], m['codec'], 'queued', '', ARGV[5], ARGV[3], 0))
+return 1
+"""
+)
+
+EXPIRE_OFFLINE: Final = (
+    _STATUS_LUA
+    + """
+-- KEYS[1] expiry zset, KEYS[2] responses; ARGV[1] now ms, ARGV[2] maxlen,
+-- ARGV[3] instance id, ARGV[4] limit
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[4]))
+local n = 0
+for _, id in ipairs(ids) do
+  local hkey = 'commands:offline:command:' .. id
+  local f = tomap(redis.call('HGETALL', hkey))
+  if not f['id'] then
+    redis.call('ZREM', KEYS[1], id)
+  elseif redis.call('LREM', 'commands:offline:' .. f['imei'], 0, id) > 0 then
+    -- still waiting (not in flight): it expires now; in-flight ones settle on their own
+    publish(KEYS[2], ARGV[2],
+            status(id, f['imei'], f['codec'], 'failed', 'expired', ARGV[3], ARGV[1], f['attempts']))
+    redis.call('DEL', hkey)
+    redis.call('ZREM', KEYS[1], id)
+    n = n + 1
+  end
+end
+return n
+"""
+)
+
+JANITOR_STREAM: Final = (
+    _STATUS_LUA
+    + """
+-- KEYS[1] the dead instance's outbound stream, KEYS[2] its heartbeat, KEYS[3] responses
+-- ARGV[1] dead instance id, ARGV[2] now ms, ARGV[3] maxlen, ARGV[4] this instance's id
+if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+local entries = redis.call('XRANGE', KEYS[1], '-', '+')
+local n = 0
+for _, entry in ipairs(entries) do
+  local f = tomap(entry[2])
+  if f['kind'] ~= 'flush' and f['id'] then
+    local codec = f['codec'] or '12'
+    if f['offline'] == '1' then
+      local hkey = 'commands:offline:command:' .. f['id']
+      if redis.call('EXISTS', hkey) == 1 then
+        redis.call('RPUSH', 'commands:offline:' .. f['imei'], f['id'])
+        local st = status(f['id'], f['imei'], codec, 'requeued', 'instance_gone', ARGV[4],
+                          ARGV[2], f['attempt'])
+        publish(KEYS[3], ARGV[3], st)
+        n = n + 1
+      end
+    else
+      local st = status(f['id'], f['imei'] or '', codec, 'failed', 'instance_gone', ARGV[4],
+                        ARGV[2], 0)
+      publish(KEYS[3], ARGV[3], st)
+      n = n + 1
+    end
+  end
+end
+redis.call('DEL', KEYS[1])
+return n
+"""
+)
+
+
+def run_script(redis: Any, script: str, keys: list[str], args: list[str]) -> Deferred[Any]:
+    """EVALSHA *script* (txredisapi loads it with EVAL on the first call or after NOSCRIPT)."""
+    d: Deferred[Any] = redis.eval(script, keys, args)
+    return d

@@ -1,0 +1,101 @@
+"""The connection registry and heartbeat against a real redis-server (seed 002)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest_twisted
+
+from teltonika.commands.registry import ConnectionRegistry
+from tests.commands.conftest import fresh_metrics
+
+IMEI = "352093081452251"
+
+
+@pytest_twisted.ensureDeferred
+async def test_register_and_unregister(redis: Any) -> None:
+    """After login HGET returns this instance; after logout the entry is gone."""
+    metrics, _ = fresh_metrics()
+    registry = ConnectionRegistry(redis, "a", metrics)
+    await registry.register(IMEI)
+    assert await redis.hget("connections:registry", IMEI) == "a"
+    await registry.unregister(IMEI)
+    assert await redis.hget("connections:registry", IMEI) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_race_newer_instance_wins_and_loser_does_not_delete(redis: Any) -> None:
+    """A registers, B registers the same IMEI, A's late unregister leaves B's entry."""
+    metrics, _ = fresh_metrics()
+    a = ConnectionRegistry(redis, "a", metrics)
+    b = ConnectionRegistry(redis, "b", metrics)
+    await a.register(IMEI)
+    await b.register(IMEI)
+    await a.unregister(IMEI)
+    assert await redis.hget("connections:registry", IMEI) == "b"
+    await a.register("111111111111111")
+    await a.unregister_all()
+    assert await redis.hgetall("connections:registry") == {IMEI: "b"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_sessions_on_one_instance(redis: Any) -> None:
+    """The same IMEI twice here: only the last logout removes the entry."""
+    metrics, _ = fresh_metrics()
+    registry = ConnectionRegistry(redis, "a", metrics)
+    await registry.register(IMEI)
+    await registry.register(IMEI)
+    await registry.unregister(IMEI)
+    assert await redis.hget("connections:registry", IMEI) == "a"
+    await registry.unregister(IMEI)
+    assert await redis.hget("connections:registry", IMEI) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_heartbeat_sets_ex_90_and_reclaims_removed_entries(redis: Any) -> None:
+    """The heartbeat key has EX 90; a held entry removed meanwhile (janitor after a
+    heartbeat gap) is claimed again, but one that names another instance is left alone."""
+    metrics, _ = fresh_metrics()
+    registry = ConnectionRegistry(redis, "a", metrics, now_ms=lambda: 1234)
+    await registry.register(IMEI)
+    await registry.register("111111111111111")
+    await redis.hdel("connections:registry", IMEI)
+    await redis.hset("connections:registry", "111111111111111", "b")
+    await registry.heartbeat()
+    assert await redis.get("instance:heartbeat:a") == "1234"
+    ttl = int(await redis.ttl("instance:heartbeat:a"))
+    assert 85 < ttl <= 90
+    assert await redis.hgetall("connections:registry") == {IMEI: "a", "111111111111111": "b"}
+    await registry.stop_heartbeat()
+    assert not await redis.exists("instance:heartbeat:a")
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_down_at_login_accepts_and_registers_later(
+    redis_server: Any, redis: Any, connect: Any, logged_errors: Any
+) -> None:
+    """With Redis down, register() still succeeds (the device stays), the failure is
+    counted, and the next heartbeat after Redis is back writes the entry."""
+    metrics, prom = fresh_metrics()
+    conn = connect()
+    await conn.ping()
+    registry = ConnectionRegistry(conn, "a", metrics, timeout=0.5)
+    redis_server.kill()
+    try:
+        await registry.register(IMEI)
+        await registry.heartbeat()
+    finally:
+        redis_server.start()
+    assert registry.unsynced == {IMEI}
+    assert (
+        prom.get_sample_value("teltonika_registry_failures_total", {"operation": "register"}) >= 1
+    )
+    assert (
+        prom.get_sample_value("teltonika_registry_failures_total", {"operation": "heartbeat"}) == 1
+    )
+    assert logged_errors.flush("Connection registry {operation} failed: {error}")
+    # txredisapi queues commands while it reconnects; this waits for the reconnect.
+    await conn.ping()
+    await registry.heartbeat()
+    assert registry.unsynced == set()
+    assert await conn.hget("connections:registry", IMEI) == "a"
