@@ -47,6 +47,12 @@ class IODefinition:
             value -= 1 << (8 * width)
         if self.scale == 1:
             return value
+        # Scales are decimal fractions (0.1, 0.001): dividing by the exact integer
+        # divisor gives the correctly rounded decimal (2147483647 * 0.1 would print as
+        # 214748364.70000002); other scales multiply.
+        divisor = round(1 / self.scale)
+        if divisor > 1 and abs(divisor * self.scale - 1) < 1e-12:
+            return value / divisor
         return round(value * self.scale, 10)
 
 
