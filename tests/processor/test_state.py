@@ -1,0 +1,69 @@
+"""Per-device state: bound, eviction order, never backwards (pure, no servers)."""
+
+from __future__ import annotations
+
+import pytest
+from zope.interface.verify import verifyObject
+
+from teltonika.processor.entries import Position
+from teltonika.processor.state import DeviceSnapshot, DeviceState, IDeviceState
+
+
+def pos(device, ts, received=None, speed=1):
+    return Position(
+        entry_id="1-0", device_id=device, timestamp_ms=ts,
+        received_at_ms=ts + 1 if received is None else received,
+        latitude="1.5", longitude="2.5", altitude="3", angle="4", speed=str(speed),
+        satellites="5", priority="0", event_io_id="0", generation_type=None, codec="8",
+        instance_id="i", io="{}",
+    )
+
+
+def test_provides_interface():
+    assert verifyObject(IDeviceState, DeviceState(1))
+
+
+def test_eviction_at_the_bound_least_recently_seen():
+    """At the bound, the device seen least recently goes first (seen, not created)."""
+    state = DeviceState(3)
+    for device in "abc":
+        state.apply(pos(device, 10))
+    state.apply(pos("a", 5))  # an old record still counts as "seen"
+    state.apply(pos("d", 10))
+    assert set(state) == {"a", "c", "d"}
+    assert len(state) == 3 and state.evictions == 1
+    assert state.missing(["a", "b", "b", "e"]) == ["b", "e"]
+
+
+def test_old_record_never_moves_latest_backwards():
+    """A buffered older record updates last-seen only; the same row twice is a no-op."""
+    state = DeviceState(10)
+    moved = []
+    remove = state.add_listener(moved.append)
+    assert state.apply(pos("a", 100, received=100, speed=50))
+    assert not state.apply(pos("a", 50, received=200, speed=1))
+    snapshot = state.get("a")
+    assert (snapshot.timestamp_ms, snapshot.speed, snapshot.last_seen_ms) == (100, 50, 200)
+    assert not state.apply(pos("a", 100, received=100, speed=50))
+    assert state.get("a").last_seen_ms == 200
+    assert state.apply(pos("a", 150, received=150, speed=9))
+    assert state.get("a").last_seen_ms == 200  # last seen never goes backwards either
+    assert [s.timestamp_ms for s in moved] == [100, 150]
+    remove()
+    state.apply(pos("a", 300))
+    assert len(moved) == 2
+
+
+def test_hydrate_does_not_override_newer_memory():
+    """A rehydrated row older than what memory holds is ignored."""
+    state = DeviceState(10)
+    state.apply(pos("a", 100))
+    state.hydrate(DeviceSnapshot("a", 50, 50, "0", "0", 0, 0, 0, 0))
+    assert state.get("a").timestamp_ms == 100
+    state.hydrate(DeviceSnapshot("b", 50, 50, "0", "0", 0, 0, 0, 0))
+    assert [s.device_id for s in state.snapshot()] == ["a", "b"]
+
+
+def test_size_must_be_positive():
+    with pytest.raises(ValueError):
+        DeviceState(0)

@@ -1,0 +1,96 @@
+"""Options, --help, the plugin, and makeService with a MemoryReactor."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from twisted.application.service import IServiceMaker
+from twisted.internet.testing import MemoryReactor
+from twisted.plugin import getPlugins
+from twisted.python import usage
+
+from teltonika.processor import tap
+from teltonika.processor.tap import Options, makeService
+
+
+def parse(*argv):
+    options = Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+def test_defaults(monkeypatch):
+    """Defaults are the documented ones; the DSN can come from the environment."""
+    monkeypatch.setenv("TELTONIKA_POSTGRES_DSN", "postgresql://u:secret@db/x")
+    monkeypatch.delenv("TELTONIKA_REDIS_URL", raising=False)
+    o = parse()
+    assert o["postgres"] == "postgresql://u:secret@db/x"
+    assert o["redis"] == "redis://127.0.0.1:6379/0"
+    assert (o["group"], o["batch-size"], o["claim-idle"], o["max-deliveries"]) == (
+        "processor", 500, 60.0, 5)
+    assert (o["state-size"], o["trim"], o["shutdown-timeout"]) == (100_000, 0, 15.0)
+    assert o["metrics"] == "tcp:9106:interface=127.0.0.1"
+    assert o["consumer"]
+
+
+def test_overrides_and_metrics_forms(monkeypatch):
+    monkeypatch.delenv("TELTONIKA_POSTGRES_DSN", raising=False)
+    o = parse("--postgres", "dbname=x", "--metrics", "9200", "--trim", "--batch-size", "50",
+              "--consumer", "p2", "--redis", "redis://h:6390/2")
+    assert o["metrics"] == "tcp:9200:interface=127.0.0.1"
+    assert (o["trim"], o["batch-size"], o["consumer"]) == (1, 50, "p2")
+    assert parse("--postgres", "x", "--metrics", "off")["metrics"] is None
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],  # no DSN anywhere
+        ["--postgres", "x", "--redis", "http://nope"],
+        ["--postgres", "x", "--batch-size", "0"],
+        ["--postgres", "x", "--claim-idle", "-1"],
+        ["--postgres", "x", "--consumer", ""],
+    ],
+)
+def test_bad_options(argv, monkeypatch):
+    monkeypatch.delenv("TELTONIKA_POSTGRES_DSN", raising=False)
+    with pytest.raises(usage.UsageError):
+        parse(*argv)
+
+
+def test_help_documents_every_option_with_its_default():
+    text = " ".join(str(Options()).split())
+    for name in ("--redis", "--postgres", "--group", "--consumer", "--batch-size", "--block-ms",
+                 "--claim-idle", "--max-deliveries", "--state-size", "--metrics", "--trim",
+                 "--shutdown-timeout", "TELTONIKA_POSTGRES_DSN"):
+        assert name in text
+    assert "[default: 500]" in text and "[default: processor]" in text
+
+
+def test_missing_psycopg_names_the_install_command(monkeypatch):
+    """Without psycopg the options fail with the command that installs it."""
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    with pytest.raises(usage.UsageError, match=r"pip install 'teltonika\[processor\]'"):
+        parse("--postgres", "x")
+
+
+def test_plugin_is_discovered():
+    makers = {m.tapname: m for m in getPlugins(IServiceMaker)}
+    maker = makers["teltonika-processor"]
+    assert maker.options is Options
+    assert maker.makeService is makeService
+
+
+def test_make_service_starts_nothing_and_listens_on_metrics():
+    """makeService builds the tree without touching the network; starting it listens on
+    the metrics endpoint (loopback)."""
+    reactor = MemoryReactor()
+    options = parse("--postgres", "dbname=x", "--metrics", "tcp:9999:interface=127.0.0.1")
+    service = makeService(options, reactor)
+    assert reactor.tcpServers == []
+    ops = next(s for s in service if s is not service.processor)
+    ops.startService()
+    assert reactor.tcpServers[0][0] == 9999
+    assert reactor.tcpServers[0][3] == "127.0.0.1"
+    assert tap.DEFAULT_REDIS == "redis://127.0.0.1:6379/0"
