@@ -14,7 +14,7 @@ every ``probe_interval``) notices when Redis is back; txredisapi reconnects with
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from twisted.internet.defer import Deferred, ensureDeferred, fail
@@ -50,7 +50,9 @@ _WAITAOF: Final = (b"WAITAOF", b"1", b"0", b"0")
 class RedisStreamSink:
     """Publish records as stream entries through a txredisapi connection.
 
-    :param redis: a txredisapi connection (see :func:`teltonika.redis.connect.lazy_connection`).
+    :param get_redis: returns the txredisapi connection (see
+        :func:`teltonika.redis.connect.lazy_connection`); called by :meth:`start`, so
+        building the sink connects nothing.
     :param clock: schedules batches and the readiness probe.
     :param durability: ``"memory"`` or ``"fsync"`` (checked by :meth:`start`).
     :param maxlen: ``MAXLEN ~ N`` on every XADD, or None (default) for no trimming: a
@@ -62,7 +64,7 @@ class RedisStreamSink:
 
     def __init__(
         self,
-        redis: Any,
+        get_redis: Callable[[], Any],
         clock: IReactorTime,
         metrics: ServerMetrics,
         *,
@@ -74,8 +76,10 @@ class RedisStreamSink:
         max_pending_records: int = DEFAULT_MAX_PENDING_RECORDS,
         probe_interval: float = 1 * SECONDS,
         probe_timeout: float = 2 * SECONDS,
+        write_timeout: float = 10 * SECONDS,
     ) -> None:
-        self.redis = redis
+        self._get_redis = get_redis
+        self.redis: Any = None
         self.clock = clock
         self.metrics = metrics
         self.instance_id = instance_id
@@ -86,6 +90,7 @@ class RedisStreamSink:
         self.maxlen = maxlen
         self.probe_interval = probe_interval
         self.probe_timeout = probe_timeout
+        self.write_timeout = write_timeout
         self._ready = False
         self._probe: LoopingCall | None = None
         self._batcher: Batcher[list[list[bytes]]] = Batcher(
@@ -99,6 +104,7 @@ class RedisStreamSink:
 
         :raise teltonika.redis.streams.DurabilityError: Redis cannot give what was asked.
         """
+        self.redis = self._get_redis()
         self.durability = await check_durability(self.redis, self.wanted_durability)
         self._set_ready(True, None)
         self._log.info(
@@ -176,18 +182,23 @@ class RedisStreamSink:
     # -- the batch write ---------------------------------------------------------------
 
     def _write(self, batches: list[list[list[bytes]]]) -> Deferred[None]:
-        return ensureDeferred(self._write_async(batches))
+        # The timeout frees the batcher when txredisapi waits for a connection that does
+        # not come back (it queues commands until it reconnects).
+        d = ensureDeferred(self._write_async(batches))
+        d.addTimeout(self.write_timeout, self.clock)
+        d.addErrback(self._write_failed)
+        return d
+
+    def _write_failed(self, failure: Any) -> Any:
+        self._set_ready(False, failure.getErrorMessage())
+        return failure
 
     async def _write_async(self, batches: Sequence[list[list[bytes]]]) -> None:
         commands: list[Sequence[bytes]] = [command for batch in batches for command in batch]
         entries = len(commands)
         if self.durability is Durability.WAITAOF:
             commands.append(_WAITAOF)
-        try:
-            replies = await pipeline_commands(self.redis, commands)
-        except Exception as error:
-            self._set_ready(False, str(error) or type(error).__name__)
-            raise
+        replies = await pipeline_commands(self.redis, commands)
         self.metrics.sink_batches.labels(self.name).inc()
         if len(replies) != len(commands) or not all(entry_id_ok(r) for r in replies[:entries]):
             raise StreamWriteError(f"unexpected XADD replies: {replies[:3]!r}...")

@@ -1,0 +1,130 @@
+"""Shared helpers for the server tests: frames, a controllable sink, a connected protocol."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from teltonika.codecs import CodecRegistry
+from teltonika.interfaces import IDeviceAuthority, ISink
+from teltonika.metrics import ServerMetrics
+from teltonika.protocol.server import DeviceFactory, DeviceProtocol, ServerSettings
+from teltonika.wire import CODEC_8E, AVLRecord, encode_avl_frame, encode_login
+from teltonika.wire.codecs import BUILTIN_CODECS
+
+IMEI = "356307042441013"
+OTHER_IMEI = "490154203237518"
+
+_sync = SynchronousTestCase()
+successResultOf = _sync.successResultOf
+failureResultOf = _sync.failureResultOf
+
+
+def record(n: int = 0, io: tuple[Any, ...] = ((1, 1, 1), (16, 4, 123456))) -> AVLRecord:
+    """A plausible record; *n* varies the timestamp so records are distinguishable."""
+    return AVLRecord(
+        timestamp_ms=1_700_000_000_000 + n * 1000,
+        priority=1,
+        longitude=25.2797,
+        latitude=54.6872,
+        altitude=112,
+        angle=90,
+        satellites=9,
+        speed=42,
+        event_io_id=0,
+        io=io,
+    )
+
+
+def avl_frame(count: int = 1, codec_id: int = CODEC_8E, start: int = 0) -> bytes:
+    return encode_avl_frame(codec_id, [record(start + i) for i in range(count)])
+
+
+LOGIN = encode_login(IMEI)
+
+
+@implementer(ISink)
+class ControlledSink:
+    """An ISink whose Deferreds the test fires (auto-fires successfully by default)."""
+
+    name = "test"
+
+    def __init__(self, auto: bool = True) -> None:
+        self.auto = auto
+        self.calls: list[tuple[str, str, tuple[AVLRecord, ...], int, Deferred[None]]] = []
+        self.messages: list[tuple[str, dict[str, str], Deferred[None]]] = []
+        self.is_ready = True
+
+    def publish(self, imei: str, codec_name: str, records: Any, received_at_ms: int) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.calls.append((imei, codec_name, records, received_at_ms, d))
+        if self.auto:
+            d.callback(None)
+        return d
+
+    def publish_message(self, imei: str, message: dict[str, str]) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.messages.append((imei, message, d))
+        if self.auto:
+            d.callback(None)
+        return d
+
+    def ready(self) -> bool:
+        return self.is_ready
+
+
+@implementer(IDeviceAuthority)
+class SetAuthority:
+    def __init__(self, allowed: set[str] | None = None, error: Exception | None = None) -> None:
+        self.allowed = allowed
+        self.error = error
+
+    def is_allowed(self, imei: str) -> Deferred[bool]:
+        if self.error is not None:
+            return fail(self.error)
+        return succeed(self.allowed is None or imei in self.allowed)
+
+
+class Harness:
+    """A factory with a Clock, a fresh metrics registry and a controllable sink."""
+
+    def __init__(
+        self,
+        sink: Any = None,
+        authority: Any = None,
+        **settings: Any,
+    ) -> None:
+        self.clock = Clock()
+        self.metrics = ServerMetrics(CollectorRegistry())
+        self.sink = sink if sink is not None else ControlledSink()
+        self.factory = DeviceFactory(
+            CodecRegistry(BUILTIN_CODECS),
+            self.sink,
+            authority if authority is not None else SetAuthority(),
+            self.metrics,
+            self.clock,
+            ServerSettings(**settings),
+        )
+
+    def connect(self) -> tuple[DeviceProtocol, StringTransport]:
+        proto = self.factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def login(self) -> tuple[DeviceProtocol, StringTransport]:
+        proto, transport = self.connect()
+        proto.dataReceived(LOGIN)
+        assert transport.value() == b"\x01"
+        transport.clear()
+        return proto, transport
+
+    def sample(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels or None)
+        return 0.0 if value is None else value

@@ -1,0 +1,211 @@
+"""The Redis Streams sink against a real redis-server (tests/conftest.py) via txredisapi."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_twisted
+import redis as redis_py
+from prometheus_client import CollectorRegistry
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.internet.testing import StringTransport
+
+from teltonika.codecs import CodecRegistry
+from teltonika.contract import FIELDS, MESSAGES_STREAM, TELEMETRY_STREAM, entry_values
+from teltonika.metrics import ServerMetrics
+from teltonika.protocol.server import DeviceFactory, ServerSettings
+from teltonika.redis.connect import lazy_connection, parse_redis_url
+from teltonika.redis.streams import (
+    Durability,
+    DurabilityError,
+    check_durability,
+    entry_id_ok,
+    parse_version,
+    waitaof_ok,
+    xadd_command,
+)
+from teltonika.sinks import SinkUnavailableError
+from teltonika.sinks.redis_stream import RedisStreamSink
+from teltonika.wire import tcp_ack
+from teltonika.wire.codecs import BUILTIN_CODECS
+from tests.server.helpers import IMEI, LOGIN, OTHER_IMEI, SetAuthority, avl_frame, record
+
+
+@pytest_twisted.async_yield_fixture
+async def txredis(redis_url: str) -> AsyncIterator[Any]:
+    connection = lazy_connection(parse_redis_url(redis_url), reply_timeout=2.0)
+    try:
+        yield connection
+    finally:
+        await connection.disconnect()
+
+
+def _sink(connection: Any, **kwargs: Any) -> RedisStreamSink:
+    return RedisStreamSink(
+        lambda: connection, reactor, ServerMetrics(CollectorRegistry()), instance_id="inst-7",
+        probe_interval=0.1, probe_timeout=0.5, write_timeout=1.0, **kwargs,
+    )
+
+
+async def _wait_until(predicate: Any, timeout: float = 15.0) -> None:
+    waited = 0.0
+    while not predicate():
+        if waited > timeout:
+            raise AssertionError("condition not reached in time")
+        await deferLater(reactor, 0.05, lambda: None)
+        waited += 0.05
+
+
+def test_reply_shapes() -> None:
+    """txredisapi hands entry ids back as str (convertNumbers off) and ints as ints."""
+    assert entry_id_ok("1700000000000-0") and entry_id_ok(b"1-2")
+    assert not entry_id_ok(1700000000000) and not entry_id_ok("OK") and not entry_id_ok(None)
+    assert waitaof_ok([1, 0]) and not waitaof_ok([0, 0]) and not waitaof_ok("1")
+    assert parse_version("7.0.15") == (7, 0, 15) and parse_version("7.2-rc1") == (7,)
+    assert xadd_command(b"s", [b"f", b"v"]) == [b"XADD", b"s", b"*", b"f", b"v"]
+    assert xadd_command(b"s", [b"f", b"v"], 5) == [
+        b"XADD", b"s", b"MAXLEN", b"~", b"5", b"*", b"f", b"v",
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_entries_match_contract_field_by_field(txredis: Any, redis_url: str) -> None:
+    """Every record becomes one entry whose fields are exactly the contract's, and frames
+    of two devices published in one turn share one pipeline."""
+    sink = _sink(txredis)
+    await sink.start()
+    assert sink.ready() and sink.durability is Durability.MEMORY
+    big = record(2, io=((78, 8, 2**60), (10, 0, b"\x00\xff"), (1, 1, 1)))
+    d1 = sink.publish(IMEI, "8E", (record(1), big), 1_700_000_000_500)
+    d2 = sink.publish(OTHER_IMEI, "8", (record(3),), 1_700_000_000_600)
+    await d1
+    await d2
+    assert sink.metrics.registry.get_sample_value(
+        "teltonika_sink_batches_total", {"sink": "redis"}
+    ) == 1
+    client = redis_py.Redis.from_url(redis_url)
+    entries = client.xrange(TELEMETRY_STREAM)
+    assert len(entries) == 3
+    expected = [
+        entry_values(IMEI, "8E", record(1), 1_700_000_000_500, "inst-7"),
+        entry_values(IMEI, "8E", big, 1_700_000_000_500, "inst-7"),
+        entry_values(OTHER_IMEI, "8", record(3), 1_700_000_000_600, "inst-7"),
+    ]
+    for (_, fields), values in zip(entries, expected, strict=True):
+        assert list(fields.keys()) == [name.encode() for name in FIELDS]
+        assert list(fields.values()) == list(values)
+    assert entries[1][1][b"io"] == (
+        b'{"78":{"__bigint":"1152921504606846976"},"10":{"__buffer_b64":"AP8="},"1":1}'
+    )
+    client.close()
+    await sink.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_device_messages_stream(txredis: Any, redis_url: str) -> None:
+    sink = _sink(txredis)
+    await sink.start()
+    await sink.publish_message(IMEI, {"v": "1", "imei": IMEI, "codec": "12", "text": "hi"})
+    client = redis_py.Redis.from_url(redis_url, decode_responses=True)
+    [(_, fields)] = client.xrange(MESSAGES_STREAM)
+    assert fields == {"v": "1", "imei": IMEI, "codec": "12", "text": "hi"}
+    client.close()
+    await sink.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_maxlen_trims(txredis: Any, redis_url: str) -> None:
+    sink = _sink(txredis, maxlen=10)
+    await sink.start()
+    for i in range(4):
+        await sink.publish(IMEI, "8", tuple(record(i * 100 + j) for j in range(100)), i)
+    client = redis_py.Redis.from_url(redis_url)
+    # "~" trims whole radix-tree nodes (100 entries each by default), never below 10
+    assert 10 <= client.xlen(TELEMETRY_STREAM) <= 200
+    client.close()
+    await sink.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_killed_no_ack_then_recovery(
+    txredis: Any, redis_server: Any, redis_url: str, logged_errors: Any
+) -> None:
+    """Redis dies: the frame in flight is not ACKed and its connection closes, the sink
+    turns not-ready and refuses at once; once Redis is back frames are ACKed again."""
+    sink = _sink(txredis)
+    await sink.start()
+    factory = DeviceFactory(
+        CodecRegistry(BUILTIN_CODECS), sink, SetAuthority(), sink.metrics, reactor,
+        ServerSettings(sink_timeout=3.0),
+    )
+
+    def connect() -> tuple[Any, StringTransport]:
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(LOGIN)
+        return proto, transport
+
+    proto, transport = connect()
+    proto.dataReceived(avl_frame(1))
+    await _wait_until(lambda: transport.value() == b"\x01" + tcp_ack(1))
+
+    redis_server.kill()
+    try:
+        proto.dataReceived(avl_frame(2, start=10))
+        await _wait_until(lambda: transport.disconnecting)
+        assert transport.value() == b"\x01" + tcp_ack(1)  # no second ACK
+        assert not sink.ready()
+        with pytest.raises(SinkUnavailableError):
+            await sink.publish(IMEI, "8", (record(),), 1)
+    finally:
+        redis_server.start()
+    await _wait_until(sink.ready)
+    proto2, transport2 = connect()
+    proto2.dataReceived(avl_frame(2, start=10))
+    await _wait_until(lambda: transport2.value() == b"\x01" + tcp_ack(2))
+    client = redis_py.Redis.from_url(redis_url)
+    assert client.xlen(TELEMETRY_STREAM) == 2  # the restarted Redis kept nothing before
+    client.close()
+    formats = {e["log_format"] for e in logged_errors.flush()}
+    assert "Redis sink is down: {why}" in formats
+    proto2.connectionLost()
+    await sink.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_durability_check(txredis: Any, redis_server: Any) -> None:
+    """fsync is refused (with the settings to change) unless appendonly yes +
+    appendfsync always; then it is accepted. memory always passes."""
+    assert await check_durability(txredis, "memory") is Durability.MEMORY
+    with pytest.raises(DurabilityError, match="appendonly=no appendfsync=everysec"):
+        await check_durability(txredis, "fsync")
+    sink = _sink(txredis, durability="fsync")
+    with pytest.raises(DurabilityError, match="appendfsync always"):
+        await sink.start()
+    assert not sink.ready()
+    redis_server.cli("CONFIG", "SET", "appendonly", "yes")
+    try:
+        redis_server.cli("CONFIG", "SET", "appendfsync", "always")
+        assert await check_durability(txredis, "fsync") is Durability.AOF_ALWAYS
+        sink = _sink(txredis, durability="fsync")
+        await sink.start()
+        await sink.publish(IMEI, "8", (record(),), 1)
+        await sink.close()
+    finally:
+        redis_server.cli("CONFIG", "SET", "appendfsync", "everysec")
+        redis_server.cli("CONFIG", "SET", "appendonly", "no")
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_set_authority(txredis: Any, redis_server: Any) -> None:
+    from teltonika.authority import RedisSetAuthority
+
+    redis_server.cli("SADD", "devices", IMEI)
+    authority = RedisSetAuthority(lambda: txredis, "devices")
+    assert await authority.is_allowed(IMEI) is True
+    assert await authority.is_allowed(OTHER_IMEI) is False

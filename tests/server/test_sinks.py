@@ -1,0 +1,212 @@
+"""Group commit (Batcher) and the JSON-lines sink."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import pytest_twisted
+from prometheus_client import CollectorRegistry
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import Clock
+
+from teltonika.contract import json_line
+from teltonika.metrics import ServerMetrics
+from teltonika.sinks import SinkClosedError, SinkOverloadedError, SinkUnavailableError
+from teltonika.sinks.batch import Batcher
+from teltonika.sinks.jsonl import JsonLinesSink, messages_path
+from tests.server.helpers import IMEI, failureResultOf, record, successResultOf
+
+
+class Writes:
+    """A batch writer whose Deferreds the test fires."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[list[Any], Deferred[None]]] = []
+
+    def __call__(self, items: list[Any]) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.batches.append((items, d))
+        return d
+
+
+def test_batcher_groups_one_turn_into_one_write() -> None:
+    """Everything submitted in one reactor turn goes out in one write."""
+    clock, writes = Clock(), Writes()
+    batcher: Batcher[str] = Batcher(clock, writes, 100)
+    ds = [batcher.submit(x) for x in "abc"]
+    assert writes.batches == []
+    clock.advance(0)
+    assert [items for items, _ in writes.batches] == [["a", "b", "c"]]
+    assert not any(d.called for d in ds)
+    writes.batches[0][1].callback(None)
+    assert all(successResultOf(d) is None for d in ds)
+
+
+def test_batcher_one_write_in_flight_next_batch_waits() -> None:
+    """While a write is in flight new items wait and then share the next write."""
+    clock, writes = Clock(), Writes()
+    batcher: Batcher[str] = Batcher(clock, writes, 100)
+    batcher.submit("a")
+    clock.advance(0)
+    d2, d3 = batcher.submit("b"), batcher.submit("c")
+    clock.advance(0)
+    assert len(writes.batches) == 1
+    writes.batches[0][1].callback(None)
+    clock.advance(0)
+    assert [items for items, _ in writes.batches] == [["a"], ["b", "c"]]
+    assert not d2.called
+    writes.batches[1][1].callback(None)
+    assert d2.called and d3.called
+
+
+def test_batcher_failure_fails_every_item_of_the_batch() -> None:
+    """A failed write fails all its items (none may be assumed stored), not later ones."""
+    clock, writes = Clock(), Writes()
+    batcher: Batcher[str] = Batcher(clock, writes, 100)
+    d1, d2 = batcher.submit("a"), batcher.submit("b")
+    clock.advance(0)
+    d3 = batcher.submit("c")
+    writes.batches[0][1].errback(OSError("EIO"))
+    failureResultOf(d1, OSError)
+    failureResultOf(d2, OSError)
+    clock.advance(0)
+    writes.batches[1][1].callback(None)
+    assert successResultOf(d3) is None
+
+
+def test_batcher_bounded() -> None:
+    """Beyond max_pending (weights of waiting and in-flight items) submits fail at once."""
+    clock, writes = Clock(), Writes()
+    batcher: Batcher[str] = Batcher(clock, writes, 10)
+    batcher.submit("a", 6)
+    clock.advance(0)
+    failureResultOf(batcher.submit("b", 5), SinkOverloadedError)
+    batcher.submit("c", 4)
+    assert batcher.pending == 10
+
+
+def test_batcher_tolerates_cancelled_items() -> None:
+    """An item whose caller timed out (cancelled) does not break the batch."""
+    clock, writes = Clock(), Writes()
+    batcher: Batcher[str] = Batcher(clock, writes, 10)
+    d1, d2 = batcher.submit("a"), batcher.submit("b")
+    clock.advance(0)
+    d1.cancel()
+    failureResultOf(d1)
+    writes.batches[0][1].callback(None)
+    assert successResultOf(d2) is None
+
+
+def test_batcher_close_fails_waiting_items_and_refuses_new() -> None:
+    clock, writes = Clock(), Writes()
+    batcher: Batcher[str] = Batcher(clock, writes, 10)
+    d = batcher.submit("a")
+    batcher.close()
+    failureResultOf(d, SinkClosedError)
+    failureResultOf(batcher.submit("b"), SinkClosedError)
+    clock.advance(0)
+    assert writes.batches == []
+
+
+def _sync_sink(path: Path) -> tuple[JsonLinesSink, Clock, ServerMetrics, list[int]]:
+    clock = Clock()
+    metrics = ServerMetrics(CollectorRegistry())
+    calls: list[int] = []
+
+    def run(f: Any, *args: Any) -> Deferred[Any]:
+        calls.append(1)
+        return maybeDeferred(f, *args)
+
+    sink = JsonLinesSink(path, clock, metrics, instance_id="test-1", run_in_thread=run)
+    successResultOf(Deferred.fromCoroutine(sink.start()))
+    return sink, clock, metrics, calls
+
+
+def test_jsonl_lines_match_contract_and_share_one_commit(tmp_path: Path) -> None:
+    """Frames from several devices in one turn: one write+fsync, lines = json_line."""
+    path = tmp_path / "records.jsonl"
+    sink, clock, metrics, calls = _sync_sink(path)
+    recs = (record(1), record(2, io=((78, 8, 2**60), (10, 0, b"\x01\x02"))))
+    d1 = sink.publish(IMEI, "8E", recs, 1234)
+    d2 = sink.publish("490154203237518", "8", (record(3),), 1235)
+    assert not d1.called
+    clock.advance(0)
+    assert successResultOf(d1) is None and successResultOf(d2) is None
+    assert len(calls) == 1
+    expected = (
+        json_line(IMEI, "8E", recs[0], 1234, "test-1")
+        + json_line(IMEI, "8E", recs[1], 1234, "test-1")
+        + json_line("490154203237518", "8", record(3), 1235, "test-1")
+    )
+    assert path.read_bytes() == expected
+    line = orjson.loads(expected.splitlines()[1])
+    assert line["io"] == {"78": {"__bigint": str(2**60)}, "10": {"__buffer_b64": "AQI="}}
+    assert metrics.registry.get_sample_value("teltonika_sink_batches_total", {"sink": "file"}) == 1
+    successResultOf(Deferred.fromCoroutine(sink.close()))
+
+
+def test_jsonl_messages_go_to_sibling_file(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    sink, clock, _, _ = _sync_sink(path)
+    d = sink.publish_message(IMEI, {"v": "1", "imei": IMEI, "text": "hi"})
+    clock.advance(0)
+    successResultOf(d)
+    assert messages_path(path).read_bytes() == b'{"v":"1","imei":"' + IMEI.encode() + b'","text":"hi"}\n'
+    assert path.read_bytes() == b""
+
+
+def test_jsonl_appends_to_existing_file(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    path.write_bytes(b'{"old":1}\n')
+    sink, clock, _, _ = _sync_sink(path)
+    d = sink.publish(IMEI, "8", (record(),), 1)
+    clock.advance(0)
+    successResultOf(d)
+    assert path.read_bytes().startswith(b'{"old":1}\n{"v":"1"')
+
+
+def test_jsonl_write_failure_fails_publish(tmp_path: Path, logged_errors: Any) -> None:
+    """When the write fails the publish fails (no ACK) and an error is logged; the next
+    successful write starts on a fresh line."""
+    path = tmp_path / "records.jsonl"
+    sink, clock, _, _ = _sync_sink(path)
+    assert sink._records is not None
+    real_fd = sink._records.fd
+    sink._records.fd = os.open(tmp_path, os.O_RDONLY)  # writing a directory fd fails
+    d = sink.publish(IMEI, "8", (record(),), 1)
+    clock.advance(0)
+    failureResultOf(d, OSError)
+    assert len(logged_errors.flush()) == 1
+    os.close(sink._records.fd)
+    sink._records.fd = real_fd
+    d = sink.publish(IMEI, "8", (record(),), 1)
+    clock.advance(0)
+    successResultOf(d)
+    assert path.read_bytes().startswith(b"\n{")
+
+
+def test_jsonl_not_ready_before_start(tmp_path: Path) -> None:
+    sink = JsonLinesSink(tmp_path / "x", Clock(), ServerMetrics(), instance_id="i")
+    assert not sink.ready()
+    failureResultOf(sink.publish(IMEI, "8", (record(),), 1), SinkUnavailableError)
+
+
+@pytest_twisted.ensureDeferred
+async def test_jsonl_real_thread_fsync(tmp_path: Path) -> None:
+    """With the real reactor the write+fsync runs on the writer thread; close flushes."""
+    from twisted.internet import reactor
+
+    path = tmp_path / "records.jsonl"
+    sink = JsonLinesSink(path, reactor, ServerMetrics(), instance_id="t", reactor=reactor)
+    await sink.start()
+    ds = [sink.publish(IMEI, "8E", (record(i),), i) for i in range(50)]
+    closing = Deferred.fromCoroutine(sink.close())
+    for d in ds:
+        await d
+    await closing
+    assert len(path.read_bytes().splitlines()) == 50
+    assert not sink.ready()
