@@ -17,7 +17,8 @@ What makes it a *device* rather than a load generator:
 
 The server's side of the stream is not self-delimiting: an ACK is four bare bytes and a
 command frame starts with four zero bytes. Like a device, we read four bytes as the ACK
-when one is awaited, unless they are followed by a plausible message-codec header.
+when one is awaited, unless they are followed by a plausible message-codec header (four
+lone zero bytes wait :data:`AMBIGUITY_S` for such a header before counting as ACK 0).
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ from teltonika.wire.frames import BODY_OFFSET
 
 SECONDS = 1.0
 MAX_COMMAND_FRAME = 64 * 1024
+AMBIGUITY_S = 0.05
+"""How long four zero bytes may wait for the rest of a command header before they are
+taken as an ACK of 0 (the server's stream does not say which it is)."""
 _MESSAGE_CODECS = frozenset({0x0C, 0x0D, 0x0E})
 _PREAMBLE = b"\x00\x00\x00\x00"
 
@@ -154,6 +158,7 @@ class Device:
         self._keepalive_call: IDelayedCall | None = None
         self._reconnect_call: IDelayedCall | None = None
         self._resend_call: IDelayedCall | None = None
+        self._ambiguous_call: IDelayedCall | None = None
         self._last_tick = clock.seconds()
 
     # -- lifecycle ------------------------------------------------------------------
@@ -179,7 +184,13 @@ class Device:
     def stop(self) -> None:
         """Power off: cancel every timer, close the link, report unACKed records."""
         self.stop_generating()
-        for name in ("_ack_call", "_keepalive_call", "_reconnect_call", "_resend_call"):
+        for name in (
+            "_ack_call",
+            "_keepalive_call",
+            "_reconnect_call",
+            "_resend_call",
+            "_ambiguous_call",
+        ):
             self._cancel(name)
         previous = self.state
         self.state = State.STOPPED
@@ -247,7 +258,7 @@ class Device:
         """The link went down (either side): keep the records, reconnect after a backoff."""
         self.transport = None
         self._rx = b""
-        for name in ("_ack_call", "_keepalive_call", "_resend_call"):
+        for name in ("_ack_call", "_keepalive_call", "_resend_call", "_ambiguous_call"):
             self._cancel(name)
         if self.state is State.STOPPED:
             return
@@ -360,6 +371,7 @@ class Device:
 
     def data_received(self, data: bytes) -> None:
         """Bytes from the server: login reply, ACKs and command frames, in any chunking."""
+        self._cancel("_ambiguous_call")
         if self._dropping:
             return
         self._rx += data
@@ -383,6 +395,8 @@ class Device:
         if buf[:4] == _PREAMBLE:
             command = self._looks_like_command(buf, awaiting)
             if command is None:
+                if awaiting and self._ambiguous_call is None:
+                    self._ambiguous_call = self.clock.callLater(AMBIGUITY_S, self._ack_zero)
                 return False
             if command:
                 total = int.from_bytes(buf[4:8], "big") + 12
@@ -402,18 +416,25 @@ class Device:
         """Whether the zero-prefixed bytes start a command frame (None: cannot tell yet).
 
         Only a message-codec header with a sane length counts; when an ACK is awaited,
-        four zero bytes alone (or followed by something else) are an ACK of 0.
+        four zero bytes followed by something else are an ACK of 0, and four zero bytes
+        followed by nothing for :data:`AMBIGUITY_S` are too (see :meth:`_ack_zero`).
         """
         if len(buf) < 9:
-            if not awaiting:
-                return None
-            if len(buf) == 4:
-                return False
-            if len(buf) >= 8 and int.from_bytes(buf[4:8], "big") < 8:
+            if awaiting and len(buf) >= 8 and int.from_bytes(buf[4:8], "big") < 8:
                 return False
             return None
         length = int.from_bytes(buf[4:8], "big")
         return 8 <= length <= MAX_COMMAND_FRAME and buf[8] in _MESSAGE_CODECS
+
+    def _ack_zero(self) -> None:
+        """Nothing followed four zero bytes while an ACK was awaited: it was an ACK of 0."""
+        self._ambiguous_call = None
+        awaiting = self.inflight is not None and self.inflight.attempts > 0
+        if self._dropping or not awaiting or self._rx[:4] != _PREAMBLE:
+            return
+        self._rx = self._rx[4:]
+        self._ack(0)
+        self.data_received(b"")
 
     def _unexpected(self, data: bytes, what: str) -> None:
         self.ledger.violation("unexpected_bytes", f"{self.imei}: server sent {what}: {data.hex()}")

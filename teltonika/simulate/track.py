@@ -145,6 +145,8 @@ class Track:
             io.append((IO_ICCID_PART, 8, self.rng.getrandbits(63)))
         if self.codec_id == CODEC_8E and self.rng.random() < 0.3:
             io.append((IO_BEACONS, NX, self.rng.randbytes(self.rng.choice((8, 20, 42)))))
+        # In wire order (grouped by width, NX last), as a device writes and a decoder returns.
+        io.sort(key=lambda element: (element[1] == NX, element[1]))
         fix = self.satellites >= 4
         return AVLRecord(
             timestamp_ms=timestamp_ms,
