@@ -133,12 +133,15 @@ class CommandConsumer(Service):
     # -- the loop ----------------------------------------------------------------------
 
     async def _run(self) -> None:
-        backlog = True  # first our own pending entries (from before a restart), then new
+        # First our own pending entries (read before a restart but never settled), from
+        # the start of the pending list onwards, then new entries (">").
+        backlog = True
+        cursor = "0"
         while not self._stopping:
             try:
-                if backlog:
+                if backlog and cursor == "0":
                     await self._ensure_group()
-                entries = await self._read("0" if backlog else ">")
+                entries = await self._read(cursor if backlog else ">")
             except CancelledError:
                 return
             except Exception:
@@ -154,9 +157,11 @@ class CommandConsumer(Service):
                 except CancelledError:
                     return
                 continue
-            if backlog and not entries:
-                backlog = False
-                continue
+            if backlog:
+                if not entries:
+                    backlog = False
+                    continue
+                cursor = entries[-1][0]
             for entry_id, fields in entries:
                 self.dispatch(entry_id, fields)
 

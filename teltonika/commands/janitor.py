@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -46,6 +47,7 @@ SECONDS: Final = 1.0
 JANITOR_INTERVAL: Final = 30 * SECONDS
 _OUTBOUND_PREFIX: Final = "commands:outbound:"
 EXPIRE_BATCH: Final = 1000
+PASS_TIMEOUT: Final = 20 * SECONDS
 
 
 class Janitor:
@@ -54,6 +56,7 @@ class Janitor:
     :param redis: a txredisapi connection (``charset="utf-8"``).
     :param instance_id: this instance (never treated as dead by itself).
     :param now_ms: milliseconds since the epoch (``lambda: int(clock.seconds() * 1000)``).
+    :param clock: bounds a pass to *timeout* seconds (None: unbounded).
     """
 
     _log = Logger()
@@ -64,7 +67,12 @@ class Janitor:
         instance_id: str,
         metrics: CommandMetrics,
         now_ms: Callable[[], int],
+        *,
+        clock: IReactorTime | None = None,
+        timeout: float = PASS_TIMEOUT,
     ) -> None:
+        self._clock = clock
+        self.timeout = timeout
         self._redis = redis
         self.instance_id = instance_id
         self._metrics = metrics
@@ -73,6 +81,10 @@ class Janitor:
     def run(self) -> Deferred[None]:
         """One pass (what the TimerService calls). Never fails."""
         d = Deferred.fromCoroutine(self.run_once())
+        if self._clock is not None:
+            # txredisapi queues commands while it reconnects: bound the pass so that an
+            # outage is counted instead of silently stalling the timer.
+            d.addTimeout(self.timeout, self._clock)
         done: Deferred[None] = d.addCallbacks(lambda _: None, self._failed)
         return done
 

@@ -73,8 +73,8 @@ class ConnectionRegistry:
         if clock is None:
             from twisted.internet import reactor
 
-            clock = reactor  # type: ignore[assignment]
-        self._clock: IReactorTime = clock  # type: ignore[assignment]
+            clock = reactor
+        self._clock: IReactorTime = clock
         self.timeout = timeout
         self._redis = redis
         self.instance_id = instance_id
