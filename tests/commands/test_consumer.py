@@ -70,7 +70,7 @@ async def test_command_written_replied_and_settled(redis: Any, rig: Any) -> None
     transport, queue = devices.connect(IMEI)
     start()
     command_id = await publish(redis, "a", IMEI, "getinfo")
-    await eventually(lambda: transport.value())
+    await eventually(transport.value)
     assert transport.value() == encode_command(CODEC_12, b"getinfo", IMEI)
     assert queue.reply_received(DeviceMessage(CODEC_12, 6, b"INI:2019/7/22 RTC:ok\r\n"))
     final = await terminal(redis, command_id)
@@ -114,7 +114,7 @@ async def test_failures_have_reasons(redis: Any, rig: Any) -> None:
     nacked = await publish(redis, "a", IMEI, "getver", codec="14")
     full = await publish(redis, "a", IMEI, "getio")
     assert (await terminal(redis, full))["reason"] == "queue_full"
-    await eventually(lambda: transport.value())
+    await eventually(transport.value)
     devices.clock.advance(5)
     assert (await terminal(redis, timed))["reason"] == "timeout"
     await eventually(lambda: queue.outstanding_codec == CODEC_14)
@@ -139,11 +139,11 @@ async def test_restarted_consumer_rereads_its_pending_entries(redis: Any, rig: A
     first_transport, _ = devices.connect(IMEI)
     consumer = start()
     command_id = await publish(redis, "a", IMEI, "getinfo")
-    await eventually(lambda: first_transport.value())
+    await eventually(first_transport.value)
     await consumer.stopService()
     second_transport, second_queue = devices.connect(IMEI)  # the device reconnected
     start()
-    await eventually(lambda: second_transport.value())
+    await eventually(second_transport.value)
     assert second_queue.reply_received(DeviceMessage(CODEC_12, 6, b"ok"))
     final = await terminal(redis, command_id)
     assert final["status"] == "responded", [
