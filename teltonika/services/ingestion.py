@@ -26,6 +26,7 @@ from typing import Any, Final, Protocol
 
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 
@@ -110,7 +111,12 @@ class IngestionService(Service):
     def privilegedStartService(self) -> None:
         Service.privilegedStartService(self)
         for listener in self.listeners:
-            listener.privilegedStartService()
+            try:
+                listener.privilegedStartService()
+            except CannotListenError as error:
+                # One plain line instead of twistd's traceback, and a failing exit status.
+                self._log.critical("Cannot listen for devices: {error}", error=str(error))
+                raise SystemExit(1) from None
 
     def startService(self) -> None:
         Service.startService(self)

@@ -22,8 +22,8 @@ IMEI = "356307042441013"
 OTHER_IMEI = "490154203237518"
 
 _sync = SynchronousTestCase()
-successResultOf = _sync.successResultOf
-failureResultOf = _sync.failureResultOf
+successResultOf = _sync.successResultOf  # noqa: N816 (Twisted's name)
+failureResultOf = _sync.failureResultOf  # noqa: N816
 
 
 def record(n: int = 0, io: tuple[Any, ...] = ((1, 1, 1), (16, 4, 123456))) -> AVLRecord:
@@ -61,7 +61,9 @@ class ControlledSink:
         self.messages: list[tuple[str, dict[str, str], Deferred[None]]] = []
         self.is_ready = True
 
-    def publish(self, imei: str, codec_name: str, records: Any, received_at_ms: int) -> Deferred[None]:
+    def publish(
+        self, imei: str, codec_name: str, records: Any, received_at_ms: int
+    ) -> Deferred[None]:
         d: Deferred[None] = Deferred()
         self.calls.append((imei, codec_name, records, received_at_ms, d))
         if self.auto:

@@ -128,7 +128,7 @@ def test_ack_withheld_until_sink_fires() -> None:
     proto.dataReceived(avl_frame(2))
     assert transport.value() == b""
     assert len(sink.calls) == 1
-    imei, codec, records, received_at_ms, d = sink.calls[0]
+    imei, codec, records, _received_at_ms, d = sink.calls[0]
     assert (imei, codec, len(records)) == (IMEI, "8E", 2)
     h.clock.advance(0.25)
     d.callback(None)
@@ -199,13 +199,13 @@ def test_backlog_pauses_and_resumes_reading() -> None:
 def test_login_timeout() -> None:
     """No login within login_timeout closes the connection; a login in time does not."""
     h = Harness(login_timeout=30.0)
-    proto, transport = h.connect()
+    _proto, transport = h.connect()
     h.clock.advance(29.9)
     assert not transport.disconnecting
     h.clock.advance(0.2)
     assert transport.disconnecting
     assert h.sample("teltonika_timeouts_total", kind="login") == 1
-    proto2, transport2 = h.login()
+    _proto2, transport2 = h.login()
     h.clock.advance(31)
     assert not transport2.disconnecting
 
@@ -226,7 +226,7 @@ def test_idle_timeout_reset_by_any_byte() -> None:
 def test_connection_lost_cancels_timers() -> None:
     """A closed connection leaves no timer behind."""
     h = Harness()
-    proto, transport = h.login()
+    proto, _transport = h.login()
     proto.connectionLost()
     assert h.clock.getDelayedCalls() == []
     assert h.factory.sessions == {}
@@ -263,7 +263,7 @@ def test_corrupt_crc_no_ack_and_closed() -> None:
 def test_rejected_frame_hex_is_truncated() -> None:
     """The log event of a large rejected frame shows only HEX_LOG_BYTES of it."""
     h = Harness()
-    proto, transport = h.login()
+    proto, _transport = h.login()
     frame = bytearray(avl_frame(10))
     frame[-1] ^= 0xFF
     with capturedLogs() as events:
@@ -391,7 +391,7 @@ def test_failing_listener_does_not_break_login(logged_errors: Any) -> None:
 
     h = Harness()
     h.factory.session_listeners.append(Broken())
-    proto, transport = h.login()
+    proto, _transport = h.login()
     assert h.factory.sessions[IMEI] is proto
     assert len(logged_errors.flush()) == 1
 
@@ -399,7 +399,7 @@ def test_failing_listener_does_not_break_login(logged_errors: Any) -> None:
 def test_bytes_counted_both_ways() -> None:
     """bytes in/out count every byte read and every byte written by write_to_device."""
     h = Harness()
-    proto, transport = h.connect()
+    proto, _transport = h.connect()
     proto.dataReceived(LOGIN)
     proto.write_to_device(b"xyz")
     assert h.sample("teltonika_bytes_received_total", transport="tcp") == len(LOGIN)

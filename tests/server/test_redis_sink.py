@@ -10,7 +10,6 @@ import pytest_twisted
 import redis as redis_py
 from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 import pytest_twisted
 from prometheus_client import CollectorRegistry
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -155,7 +154,8 @@ def test_jsonl_messages_go_to_sibling_file(tmp_path: Path) -> None:
     d = sink.publish_message(IMEI, {"v": "1", "imei": IMEI, "text": "hi"})
     clock.advance(0)
     successResultOf(d)
-    assert messages_path(path).read_bytes() == b'{"v":"1","imei":"' + IMEI.encode() + b'","text":"hi"}\n'
+    expected = b'{"v":"1","imei":"' + IMEI.encode() + b'","text":"hi"}\n'
+    assert messages_path(path).read_bytes() == expected
     assert path.read_bytes() == b""
 
 

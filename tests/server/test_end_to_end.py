@@ -1,0 +1,216 @@
+"""The real twistd plugin in a subprocess, real TCP/UDP clients, real Redis and files."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis as redis_py
+
+from teltonika.contract import FIELDS, TELEMETRY_STREAM
+from teltonika.wire import CODEC_8, CODEC_8E, encode_avl_frame, encode_login, encode_udp, tcp_ack
+from tests.server.helpers import IMEI, record
+from tests.server.process import Device, ServerProcess
+from tests.servers import free_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[list[ServerProcess]]:
+    started: list[ServerProcess] = []
+    yield started
+    for server in started:
+        server.close()
+
+
+def start(servers: list[ServerProcess], cwd: Path, *args: str) -> ServerProcess:
+    server = ServerProcess(cwd, *args)
+    servers.append(server)
+    server.wait_listening()
+    return server
+
+
+def frames(count: int, records: int = 2, codec: int = CODEC_8E) -> list[bytes]:
+    return [
+        encode_avl_frame(codec, [record(i * records + j) for j in range(records)])
+        for i in range(count)
+    ]
+
+
+def test_jsonl_server_end_to_end(servers: list[ServerProcess], tmp_path: Path) -> None:
+    """The default sink: login, frames ACKed in order, a UDP datagram ACKed, /metrics and
+    /readyz served, SIGTERM exits 0, every record is in the JSON-lines file."""
+    metrics_port, udp_port = free_port(), free_port()
+    server = start(servers, tmp_path, "--metrics", str(metrics_port),
+                   "--udp-port", f"127.0.0.1:{udp_port}", "--instance-id", "e2e")
+    server.wait_for_log("File sink ready")
+    device = Device(server.port)
+    device.send(b"\xff" + encode_login(IMEI))
+    assert device.recv_exactly(1) == b"\x01"
+    batch = frames(5)
+    device.send(b"".join(batch[:3]))  # several frames in one write
+    assert device.recv_exactly(12) == tcp_ack(2) * 3
+    for frame in batch[3:]:
+        device.send(frame)
+        assert device.recv_exactly(4) == tcp_ack(2)
+
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.settimeout(10)
+    udp.sendto(encode_udp(IMEI, CODEC_8, [record(100)], packet_id=1, avl_packet_id=9),
+               ("127.0.0.1", udp_port))
+    assert udp.recv(64) == bytes.fromhex("0005000101" + "0901")
+    udp.close()
+
+    base = f"http://127.0.0.1:{metrics_port}"
+    with urllib.request.urlopen(base + "/readyz", timeout=10) as response:
+        assert response.status == 200
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    assert 'teltonika_records_total{codec="8E"} 10.0' in text
+    assert IMEI not in text and "imei=" not in text  # no per-device labels
+
+    device.close()
+    # twistd re-raises the signal it stopped on, so a clean SIGTERM exit reads as -15
+    assert server.terminate() == -signal.SIGTERM
+    assert "Shutdown complete" in server.output()
+    lines = [orjson.loads(line) for line in (tmp_path / "teltonika-records.jsonl").read_bytes().splitlines()]
+    assert len(lines) == 11
+    assert all(list(line) == list(FIELDS) for line in lines)
+    assert {line["imei"] for line in lines} == {IMEI}
+    assert {line["instance_id"] for line in lines} == {"e2e"}
+    assert sorted(int(line["timestamp_ms"]) for line in lines) == sorted(
+        record(i).timestamp_ms for i in [*range(10), 100]
+    )
+
+
+def test_redis_server_end_to_end(
+    servers: list[ServerProcess], tmp_path: Path, redis_url: str, redis_server: Any
+) -> None:
+    """--redis: entries in telemetry:teltonika; --devices redis:KEY admits set members only;
+    a corrupt frame is not ACKed and closes the connection."""
+    redis_server.cli("SADD", "fleet", IMEI)
+    server = start(servers, tmp_path, "--redis", redis_url, "--metrics", "off",
+                   "--devices", "redis:fleet")
+    server.wait_for_log("Redis sink ready")
+    stranger = Device(server.port)
+    stranger.send(encode_login("490154203237518"))
+    assert stranger.recv_exactly(1) == b"\x00"
+    assert stranger.closed_by_peer()
+
+    device = Device(server.port)
+    device.send(encode_login(IMEI))
+    assert device.recv_exactly(1) == b"\x01"
+    for frame in frames(4, records=3):
+        device.send(frame)
+        assert device.recv_exactly(4) == tcp_ack(3)
+    corrupt = bytearray(frames(1)[0])
+    corrupt[-1] ^= 0x55
+    device.send(bytes(corrupt))
+    assert device.closed_by_peer()
+    client = redis_py.Redis.from_url(redis_url, decode_responses=True)
+    entries = client.xrange(TELEMETRY_STREAM)
+    client.close()
+    assert len(entries) == 12
+    assert all(list(fields) == list(FIELDS) for _, fields in entries)
+    assert "reason crc" in server.output()
+    assert server.terminate() == -signal.SIGTERM
+    assert "Shutdown complete" in server.output()
+
+
+def test_fsync_durability_refused(servers: list[ServerProcess], tmp_path: Path,
+                                  redis_url: str) -> None:
+    """--redis-durability fsync against a Redis without appendfsync always: twistd
+    logs why and exits with status 1."""
+    server = ServerProcess(tmp_path, "--redis", redis_url, "--redis-durability", "fsync",
+                           "--metrics", "off")
+    servers.append(server)
+    assert server.process.wait(30) == 1
+    output = server.output()
+    assert "Refusing to start" in output and "appendfsync always" in output
+
+
+def test_taken_port_exits_with_clear_message(servers: list[ServerProcess],
+                                             tmp_path: Path) -> None:
+    """A port already in use makes twistd exit at once, naming the problem."""
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    try:
+        server = ServerProcess(tmp_path, "--metrics", "off", port=port)
+        servers.append(server)
+        assert server.process.wait(30) == 1
+        output = server.output()
+        assert "Cannot listen for devices" in output and "Address already in use" in output
+        assert "Traceback" not in output
+    finally:
+        blocker.close()
+
+
+def _stream_until_killed(server: ServerProcess, window: int = 4) -> list[int]:
+    """Send frames with up to *window* unACKed; SIGKILL the server mid-stream. Return the
+    timestamps of every record whose frame the device saw ACKed."""
+    device = Device(server.port)
+    device.send(encode_login(IMEI))
+    assert device.recv_exactly(1) == b"\x01"
+    sent: list[list[int]] = []
+    acked: list[int] = []
+    killer = threading.Timer(1.0, server.kill)
+    killer.start()
+    try:
+        n = 0
+        while True:
+            while len(sent) - len(acked) < window:
+                recs = [record(n * 2), record(n * 2 + 1)]
+                n += 1
+                sent.append([r.timestamp_ms for r in recs])
+                try:
+                    device.send(encode_avl_frame(CODEC_8E, recs))
+                except OSError:
+                    break
+            ack = device.recv_exactly(4)
+            if len(ack) < 4:
+                break
+            assert ack == tcp_ack(2)
+            acked.append(len(acked))
+    except OSError:
+        pass
+    finally:
+        killer.join()
+        device.close()
+    assert server.process.returncode == -9
+    assert len(acked) > 10, "the kill came before any traffic; the test proves nothing"
+    return [ts for index in acked for ts in sent[index]]
+
+
+def test_sigkill_loses_nothing_acked_jsonl(servers: list[ServerProcess], tmp_path: Path) -> None:
+    """SIGKILL during a stream: every record the device saw ACKed is in the file."""
+    server = start(servers, tmp_path, "--metrics", "off")
+    server.wait_for_log("File sink ready")
+    acked = _stream_until_killed(server)
+    stored = {
+        int(orjson.loads(line)["timestamp_ms"])
+        for line in (tmp_path / "teltonika-records.jsonl").read_bytes().splitlines()
+        if line.endswith(b"}")
+    }
+    assert set(acked) <= stored
+
+
+def test_sigkill_loses_nothing_acked_redis(servers: list[ServerProcess], tmp_path: Path,
+                                           redis_url: str) -> None:
+    """SIGKILL during a stream: every record the device saw ACKed is in the stream."""
+    server = start(servers, tmp_path, "--redis", redis_url, "--metrics", "off")
+    server.wait_for_log("Redis sink ready")
+    acked = _stream_until_killed(server)
+    client = redis_py.Redis.from_url(redis_url, decode_responses=True)
+    stored = {int(fields["timestamp_ms"]) for _, fields in client.xrange(TELEMETRY_STREAM)}
+    client.close()
+    assert set(acked) <= stored

@@ -1,0 +1,181 @@
+"""``twistd teltonika`` options and the service tree, on a MemoryReactor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.application.service import IService
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+
+from teltonika.services.ingestion import IngestionService
+from teltonika.sinks.jsonl import JsonLinesSink
+from teltonika.tap import Options, TeltonikaService, makeService
+from tests.server.helpers import successResultOf
+
+
+def parse(*argv: str) -> Options:
+    options = Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+def test_defaults() -> None:
+    """No option: port 5027, JSONL sink at ./teltonika-records.jsonl, metrics on loopback."""
+    options = parse()
+    assert options["port"] == "tcp:5027"
+    assert options["redis"] is None
+    assert options["output"] == "teltonika-records.jsonl"
+    assert options["metrics"] == "tcp:9105:interface=127.0.0.1"
+    assert options["udp-port"] is None
+    assert options["devices"] == "open"
+    assert options["redis-durability"] == "memory"
+    assert options["stream-maxlen"] is None
+    assert (options["login-timeout"], options["idle-timeout"]) == (30.0, 1200.0)
+    assert options["max-frame"] == 65536
+    assert options["luhn"] == 0
+
+
+def test_parsing() -> None:
+    options = parse(
+        "--port", "tcp:6000:interface=127.0.0.1", "--udp-port", "127.0.0.1:6001",
+        "--redis", "redis://localhost:6380/2", "--redis-durability", "fsync",
+        "--stream-maxlen", "1000000", "--metrics", "9200", "--instance-id", "ing-1",
+        "--devices", "redis:allowed", "--max-frame", "2048", "--login-timeout", "5",
+        "--idle-timeout", "0", "--max-connections", "10", "--luhn",
+    )
+    assert options["port"] == "tcp:6000:interface=127.0.0.1"
+    assert options["udp-port"] == ("127.0.0.1", 6001)
+    assert options["metrics"] == "tcp:9200:interface=127.0.0.1"
+    assert options["stream-maxlen"] == 1_000_000
+    assert options["max-frame"] == 2048
+    assert options["login-timeout"] == 5.0 and options["idle-timeout"] == 0.0
+    assert options["luhn"] == 1
+    assert parse("--port", "5999")["port"] == "tcp:5999"
+    assert parse("--metrics", "off")["metrics"] is None
+    assert parse("--udp-port", "5027")["udp-port"] == ("", 5027)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--port", "bogus:1"], "--port must be a port number or an endpoint"),
+        (["--redis", "http://x"], "--redis: Redis URL must start with redis://"),
+        (["--redis-durability", "fsync"], "--redis-durability applies only with --redis"),
+        (["--redis", "redis://x", "--redis-durability", "disk"], "must be memory or fsync"),
+        (["--stream-maxlen", "5"], "--stream-maxlen applies only with --redis"),
+        (["--devices", "ldap:x"], "--devices must be 'open', 'file:PATH' or 'redis:KEY'"),
+        (["--devices", "redis:k"], "--devices redis:KEY needs --redis"),
+        (["--max-frame", "10"], "--max-frame must be at least 20 bytes"),
+        (["--login-timeout", "soon"], "Parameter type enforcement failed"),
+        (["--max-connections", "-1"], "Parameter type enforcement failed"),
+        (["--udp-port", "x:y"], "--udp-port must be PORT or INTERFACE:PORT"),
+        (["--instance-id", ""], "--instance-id must not be empty"),
+    ],
+)
+def test_usage_errors(argv: list[str], message: str) -> None:
+    with pytest.raises(usage.UsageError) as info:
+        parse(*argv)
+    assert message in str(info.value)
+
+
+def test_help_lists_every_option_with_default() -> None:
+    """--help names every option and shows each default (or says when it is off)."""
+    text = str(Options())
+    flat = " ".join(text.split())
+    for long_name, _short, default, *_ in Options.optParameters:
+        assert f"--{long_name}=" in text
+        if default is not None:
+            assert f"[default: {default}]" in flat, long_name
+    assert "--luhn" in text
+    assert "(off unless given)" in flat  # --udp-port
+    assert "(default: no trimming)" in flat  # --stream-maxlen
+    assert "Without it records go to --output" in flat  # --redis
+
+
+def _start(service: IService) -> None:
+    service.privilegedStartService()
+    service.startService()
+
+
+def test_make_service_listens_and_starts_file_sink(tmp_path: Path) -> None:
+    """makeService builds ingestion + ops; starting binds the device and metrics ports;
+    stopping closes the sink."""
+    reactor = MemoryReactorClock()
+    output = tmp_path / "out.jsonl"
+    fatal: list[str] = []
+    options = parse("--port", "tcp:5999:interface=127.0.0.1", "--output", str(output),
+                    "--metrics", "9999")
+    service = makeService(options, reactor, on_fatal=fatal.append)
+    assert isinstance(service, TeltonikaService)
+    assert [s.name for s in service] == ["ingestion", "ops"]
+    assert reactor.tcpServers == []  # nothing listens before start
+    _start(service)
+    ports = sorted((port, interface) for port, _f, _b, interface in reactor.tcpServers)
+    assert ports == [(5999, "127.0.0.1"), (9999, "127.0.0.1")]
+    ingestion = service.getServiceNamed("ingestion")
+    assert isinstance(ingestion, IngestionService)
+    assert ingestion.started is not None and ingestion.started.called
+    sink = service.server.sink
+    assert isinstance(sink, JsonLinesSink) and sink.ready()
+    assert service.server.readiness["sink"]()
+    assert output.exists()
+    assert fatal == []
+    stopped = service.stopService()
+    assert isinstance(stopped, Deferred)
+    successResultOf(stopped)
+    assert not sink.ready()
+
+
+def test_make_service_udp_listener(tmp_path: Path) -> None:
+    """--udp-port adds a UDP listener next to the TCP one (MemoryReactor has no UDP:
+    test_udp.py binds it for real)."""
+    from twisted.application.internet import UDPServer
+
+    options = parse("--udp-port", "127.0.0.1:6001", "--output", str(tmp_path / "o"),
+                    "--metrics", "off")
+    service = makeService(options, MemoryReactorClock(), on_fatal=lambda m: None)
+    assert [s.name for s in service] == ["ingestion"]
+    ingestion: Any = service.getServiceNamed("ingestion")
+    [_tcp, udp] = ingestion.listeners
+    assert isinstance(udp, UDPServer)
+    assert udp.args[0] == 6001 and udp.kwargs["interface"] == "127.0.0.1"
+
+
+def test_file_sink_failure_is_fatal(tmp_path: Path) -> None:
+    """A sink that cannot start (unwritable output) calls on_fatal with a sentence."""
+    reactor = MemoryReactorClock()
+    fatal: list[str] = []
+    options = parse("--output", str(tmp_path / "missing" / "o.jsonl"), "--metrics", "off")
+    service = makeService(options, reactor, on_fatal=fatal.append)
+    _start(service)
+    assert len(fatal) == 1 and "the file sink cannot start" in fatal[0]
+    successResultOf(service.stopService())
+
+
+def test_devices_file_authority(tmp_path: Path) -> None:
+    """--devices file:PATH reads the list at makeService; a missing file is a UsageError."""
+    reactor = MemoryReactorClock()
+    devices = tmp_path / "devices.txt"
+    devices.write_text("# fleet\n356307042441013\n\n490154203237518  # van 2\n")
+    options = parse("--devices", f"file:{devices}", "--output", str(tmp_path / "o"),
+                    "--metrics", "off")
+    service = makeService(options, reactor, on_fatal=lambda m: None)
+    authority: Any = service.server.factory.authority
+    assert authority.allowed == {"356307042441013", "490154203237518"}
+    with pytest.raises(usage.UsageError, match="cannot read"):
+        makeService(parse("--devices", f"file:{tmp_path / 'nope'}", "--metrics", "off"),
+                    reactor)
+
+
+def test_redis_connection_is_lazy() -> None:
+    """makeService with --redis connects nothing; Server.redis() is the shared handle."""
+    reactor = MemoryReactorClock()
+    service = makeService(parse("--redis", "redis://127.0.0.1:1/0", "--metrics", "off"),
+                          reactor, on_fatal=lambda m: None)
+    assert service.server._redis is None
+    assert service.server.redis_address is not None
+    assert service.server.redis_address.port == 1
