@@ -81,7 +81,8 @@ def test_jsonl_server_end_to_end(servers: list[ServerProcess], tmp_path: Path) -
     # twistd re-raises the signal it stopped on, so a clean SIGTERM exit reads as -15
     assert server.terminate() == -signal.SIGTERM
     assert "Shutdown complete" in server.output()
-    lines = [orjson.loads(line) for line in (tmp_path / "teltonika-records.jsonl").read_bytes().splitlines()]
+    raw = (tmp_path / "teltonika-records.jsonl").read_bytes()
+    lines = [orjson.loads(line) for line in raw.splitlines()]
     assert len(lines) == 11
     assert all(list(line) == list(FIELDS) for line in lines)
     assert {line["imei"] for line in lines} == {IMEI}
