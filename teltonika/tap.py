@@ -6,6 +6,8 @@ Its children, in start order:
 
 * ``ingestion`` -- :class:`~teltonika.services.ingestion.IngestionService`: the device
   listeners, the sink and the ordered shutdown;
+* ``commands`` -- with ``--redis`` only: heartbeat, janitor and command consumer
+  (:mod:`teltonika.commands.service`);
 * ``ops`` -- ``/metrics``, ``/healthz``, ``/readyz`` (unless ``--metrics off``).
 
 Other parts (the command router, the connection registry) add their own children to the
@@ -34,6 +36,10 @@ from teltonika.authority import (
     parse_authority_spec,
 )
 from teltonika.codecs import load_codecs
+from teltonika.commands.consumer import DEFAULT_MAX_ATTEMPTS
+from teltonika.commands.janitor import JANITOR_INTERVAL
+from teltonika.commands.queue import DEFAULT_COMMAND_TIMEOUT, DEFAULT_MAX_DEPTH, DEFAULT_WARN_DEPTH
+from teltonika.commands.registry import HEARTBEAT_INTERVAL, HEARTBEAT_TTL
 from teltonika.interfaces import IDeviceAuthority
 from teltonika.metrics import ServerMetrics
 from teltonika.protocol.server import (
@@ -165,6 +171,25 @@ class Options(usage.Options):
         ["sink-timeout", None, DEFAULT_SINK_TIMEOUT,
          "Seconds the sink may take to store a frame before it counts as failed "
          "(no ACK, connection closed).", _seconds],
+        ["command-timeout", None, DEFAULT_COMMAND_TIMEOUT,
+         "Seconds a command waits for the device's reply (a command may ask for another).",
+         _seconds],
+        ["command-queue-warn", None, DEFAULT_WARN_DEPTH,
+         "Commands queued on one socket that log a warning.", _positive_int],
+        ["command-queue-max", None, DEFAULT_MAX_DEPTH,
+         "Commands queued on one socket beyond which new ones fail with queue_full.",
+         _positive_int],
+        ["heartbeat-interval", None, HEARTBEAT_INTERVAL,
+         "Seconds between heartbeats (instance:heartbeat:ID) and registry re-claims "
+         "(with --redis).", _seconds],
+        ["heartbeat-ttl", None, HEARTBEAT_TTL,
+         "Seconds the heartbeat key lives (EX); other instances' janitors clean up after "
+         "an instance whose heartbeat expired.", _seconds],
+        ["janitor-interval", None, JANITOR_INTERVAL,
+         "Seconds between janitor passes (with --redis).", _seconds],
+        ["offline-max-attempts", None, DEFAULT_MAX_ATTEMPTS,
+         "Delivery attempts of an offline command before it fails with "
+         "attempts_exhausted.", _positive_int],
         ["shutdown-timeout", None, DEFAULT_SHUTDOWN_TIMEOUT,
          "Seconds to let in-flight frames finish on shutdown, and again to close "
          "connections.", _seconds],
@@ -207,6 +232,12 @@ class Options(usage.Options):
             raise usage.UsageError("--max-pending-frames must be at least 1")
         if not self["instance-id"]:
             raise usage.UsageError("--instance-id must not be empty")
+        if self["command-queue-max"] < 1 or self["command-timeout"] <= 0:
+            raise usage.UsageError("--command-queue-max and --command-timeout must be > 0")
+        if self["heartbeat-interval"] <= 0 or self["janitor-interval"] <= 0:
+            raise usage.UsageError("--heartbeat-interval and --janitor-interval must be > 0")
+        if self["heartbeat-ttl"] <= self["heartbeat-interval"]:
+            raise usage.UsageError("--heartbeat-ttl must be longer than --heartbeat-interval")
 
 
 class Server:
@@ -314,6 +345,9 @@ def makeService(
         luhn=bool(options["luhn"]),
         max_pending_frames=options["max-pending-frames"],
         sink_timeout=options["sink-timeout"],
+        command_timeout=options["command-timeout"],
+        command_queue_warn=options["command-queue-warn"],
+        command_queue_max=options["command-queue-max"],
     )
     sink = _build_sink(server)
     authority, file_authority = _build_authority(server)
@@ -347,6 +381,10 @@ def makeService(
     ingestion.setServiceParent(root)  # type: ignore[no-untyped-call]
     server.ingestion = ingestion  # type: ignore[attr-defined]
     server.readiness["sink"] = sink.ready  # type: ignore[attr-defined]
+    if server.redis_address is not None:
+        from teltonika.commands.service import add_command_plane
+
+        server.commands = add_command_plane(server, root, options)  # type: ignore[attr-defined]
     if options["metrics"] is not None:
         ops = ops_service(options["metrics"], server.metrics.registry, server.readiness,
                           reactor=reactor)

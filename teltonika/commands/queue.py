@@ -258,7 +258,7 @@ class CommandQueue:
         """
         pending = self._outstanding
         if pending is None or pending.codec_id != message.codec_id:
-            return False
+            return self._unsolicited(message)
         if message.message_type == MESSAGE_TYPE_RESPONSE:
             self._finish(pending, message)
             return True
@@ -271,6 +271,23 @@ class CommandQueue:
             )
             self._finish(pending, Failure(CommandNackError("the device answered nACK (0x11)")))
             return True
+        return self._unsolicited(message)
+
+    def _unsolicited(self, message: DeviceMessage) -> bool:
+        """Log and count a codec 12/14 reply that answers nothing (serial-port data in
+        TCP link mode, or a reply after its command timed out); always False."""
+        if message.codec_id in (CODEC_12, CODEC_14) and message.message_type in (
+            MESSAGE_TYPE_RESPONSE,
+            MESSAGE_TYPE_NACK,
+        ):
+            if self._metrics is not None:
+                self._metrics.unsolicited.labels(codec=f"{message.codec_id:d}").inc()
+            self._log.info(
+                "Unsolicited codec {codec} reply from {imei} (no matching command)",
+                codec=message.codec_id,
+                imei=self.imei,
+                message_type=message.message_type,
+            )
         return False
 
     def close(self) -> None:

@@ -40,6 +40,13 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from teltonika.commands.metrics import CommandMetrics
+from teltonika.commands.queue import (
+    DEFAULT_COMMAND_TIMEOUT,
+    DEFAULT_MAX_DEPTH,
+    DEFAULT_WARN_DEPTH,
+    CommandQueue,
+)
 from teltonika.contract import message_fields
 from teltonika.interfaces import ICodec, IDeviceAuthority, ISessionListener, ISink
 from teltonika.metrics import ServerMetrics
@@ -84,6 +91,9 @@ class ServerSettings:
     :ivar luhn: require a valid Luhn check digit in IMEIs.
     :ivar max_pending_frames: frames waiting on one connection before it stops reading.
     :ivar sink_timeout: seconds a sink may take before the frame counts as failed.
+    :ivar command_timeout: seconds a command waits for the device's reply by default.
+    :ivar command_queue_warn: queued commands on one socket that log a warning.
+    :ivar command_queue_max: queued commands on one socket beyond which commands are refused.
     """
 
     instance_id: str = "teltonika"
@@ -94,6 +104,9 @@ class ServerSettings:
     luhn: bool = False
     max_pending_frames: int = DEFAULT_MAX_PENDING_FRAMES
     sink_timeout: float = DEFAULT_SINK_TIMEOUT
+    command_timeout: float = DEFAULT_COMMAND_TIMEOUT
+    command_queue_warn: int = DEFAULT_WARN_DEPTH
+    command_queue_max: int = DEFAULT_MAX_DEPTH
 
 
 def truncated_hex(data: bytes, limit: int = HEX_LOG_BYTES) -> str:
@@ -126,6 +139,16 @@ class DeviceProtocol(Protocol):
         self._idle_waiters: list[Deferred[None]] = []
         self._lost_waiters: list[Deferred[None]] = []
         self._lost = False
+        settings = factory.settings
+        self.commands = CommandQueue(
+            _SocketWriter(self),
+            factory.clock,
+            default_timeout=settings.command_timeout,
+            warn_depth=settings.command_queue_warn,
+            max_depth=settings.command_queue_max,
+            metrics=factory.command_metrics,
+        )
+        """Every write to the device, and the one outstanding command (seed 000)."""
 
     # -- Twisted callbacks -------------------------------------------------------------
 
@@ -179,6 +202,7 @@ class DeviceProtocol(Protocol):
             if timer is not None and timer.active():
                 timer.cancel()
         self._login_timer = self._idle_timer = None
+        self.commands.close()
         if self.imei is not None:
             self._log.info(
                 "Device {imei} logged out ({peer})", imei=self.imei, peer=self.peer,
@@ -195,7 +219,12 @@ class DeviceProtocol(Protocol):
     # -- the one write path ------------------------------------------------------------
 
     def write_to_device(self, data: bytes) -> None:
-        """Send *data* to the device: the only place that writes to the socket."""
+        """Send *data* to the device. Everything goes through the connection's
+        CommandQueue, so ACKs and command frames keep their order and never interleave."""
+        self.commands.write(data)
+
+    def _write_to_socket(self, data: bytes) -> None:
+        """The CommandQueue's writer: the only place that writes to the socket."""
         transport = self.transport
         if transport is None or self._lost:
             return
@@ -317,6 +346,7 @@ class DeviceProtocol(Protocol):
             self.close()
             return
         self.imei = imei
+        self.commands.imei = imei
         if self._login_timer is not None and self._login_timer.active():
             self._login_timer.cancel()
         self._login_timer = None
@@ -389,13 +419,17 @@ class DeviceProtocol(Protocol):
     ) -> Deferred[None] | None:
         """A codec 12/13/14 message from the device: never ACKed.
 
-        For now every message is unsolicited and goes to the device messages stream
-        (``teltonika.contract.MESSAGES_STREAM``). The command queue resolves its
-        outstanding command here first. A failure is logged and counted; the connection
-        stays open (the device would not resend a message anyway).
+        A reply to this socket's outstanding command (same codec, type 0x06, or 0x11 for
+        codec 14) resolves it and is published by the command consumer on
+        ``commands:responses``; every other message is unsolicited and goes to the
+        device messages stream (``teltonika.contract.MESSAGES_STREAM``). A failure is
+        logged and counted; the connection stays open (the device would not resend a
+        message anyway).
         """
         factory = self.factory
         factory.metrics.messages.labels(codec.name).inc()
+        if self.commands.reply_received(message):
+            return None  # the outstanding command's reply: its caller publishes it
         received_at_ms = int(factory.clock.seconds() * 1000)
         fields = message_fields(
             imei, message, codec.name, received_at_ms, factory.settings.instance_id
@@ -471,6 +505,16 @@ class DeviceProtocol(Protocol):
                 d.callback(None)
 
 
+class _SocketWriter:
+    """Adapts :meth:`DeviceProtocol._write_to_socket` to the CommandQueue's writer."""
+
+    def __init__(self, protocol: DeviceProtocol) -> None:
+        self._protocol = protocol
+
+    def write(self, data: bytes) -> None:
+        self._protocol._write_to_socket(data)
+
+
 def _describe(address: IAddress | None) -> str:
     host = getattr(address, "host", None)
     port = getattr(address, "port", None)
@@ -510,6 +554,7 @@ class DeviceFactory(Factory):
         self.connections: set[DeviceProtocol] = set()
         self.sessions: dict[str, DeviceProtocol] = {}
         self.session_listeners: list[ISessionListener] = []
+        self.command_metrics = CommandMetrics.create(metrics.registry)
         self.accepting = True
 
     def buildProtocol(self, addr: IAddress | None) -> DeviceProtocol:

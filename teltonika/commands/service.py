@@ -1,0 +1,159 @@
+"""Wire the command plane into ``twistd teltonika`` (only with ``--redis``).
+
+:func:`add_command_plane` adds one ``MultiService`` named ``commands`` with three
+children: the heartbeat ``TimerService`` (first tick at start), the janitor
+``TimerService`` and the :class:`~teltonika.commands.consumer.CommandConsumer`. It also
+subscribes a :class:`~teltonika.commands.router.CommandRouter` to the device Factory's
+logins and logouts, and puts one step in front of the ingestion service's last shutdown
+steps: once every device connection is closed, remove every registry entry that still
+names this instance, delete the heartbeat key and close the consumer's connection, and
+only then does the shared Redis connection close.
+
+Timers call methods that never fail (they log and count), because a ``TimerService``
+whose call fails stops for good.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from teltonika.commands.consumer import CommandConsumer
+from teltonika.commands.janitor import Janitor
+from teltonika.commands.metrics import CommandMetrics
+from teltonika.commands.queue import CommandQueue
+from teltonika.commands.registry import ConnectionRegistry
+from teltonika.commands.router import CommandRouter
+from teltonika.redis.connect import lazy_connection
+
+_log = Logger()
+
+
+class CommandPlane(MultiService):
+    """The ``commands`` service: heartbeat, janitor, consumer, and the shutdown step.
+
+    :ivar registry: the connection registry.
+    :ivar consumer: the command consumer.
+    :ivar janitor: the janitor.
+    """
+
+    def __init__(
+        self,
+        registry: ConnectionRegistry,
+        consumer: CommandConsumer,
+        janitor: Janitor,
+        reader: _Lazy,
+        *,
+        heartbeat_interval: float,
+        janitor_interval: float,
+        clock: Any,
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.setName("commands")  # type: ignore[no-untyped-call]
+        self.registry = registry
+        self.consumer = consumer
+        self.janitor = janitor
+        self._reader = reader
+        heartbeat = TimerService(heartbeat_interval, registry.heartbeat)
+        heartbeat.clock = clock
+        heartbeat.setName("heartbeat")
+        heartbeat.setServiceParent(self)
+        sweep = TimerService(janitor_interval, janitor.run)
+        sweep.clock = clock
+        sweep.setName("janitor")
+        sweep.setServiceParent(self)
+        consumer.setServiceParent(self)  # type: ignore[no-untyped-call]
+
+    async def shutdown(self) -> None:
+        """After the device connections closed: unregister all, drop the heartbeat, close
+        the consumer's connection (called by the ingestion service's ``on_closed``)."""
+        if self.running:
+            await self.stopService()  # type: ignore[no-untyped-call]
+        await self.consumer.when_settled()
+        await self.registry.unregister_all()
+        await self.registry.stop_heartbeat()
+        await self._reader.close()
+
+
+def add_command_plane(server: Any, root: MultiService, options: Any) -> CommandPlane:
+    """Build the command plane for a server with ``--redis`` and attach it to *root*.
+
+    :param server: ``teltonika.tap.Server`` (``factory``, ``redis()``, ``redis_address``,
+        ``reactor``, ``ingestion``).
+    """
+    reactor = server.reactor
+    factory = server.factory
+    metrics: CommandMetrics = factory.command_metrics
+    instance_id = options["instance-id"]
+
+    def now_ms() -> int:
+        return int(reactor.seconds() * 1000)
+
+    def lookup(imei: str) -> CommandQueue | None:
+        protocol = factory.sessions.get(imei)
+        if protocol is None:
+            return None
+        queue: CommandQueue = protocol.commands
+        return queue
+
+    redis = _Lazy(server.redis)
+    reader = _Lazy(lambda: lazy_connection(server.redis_address))
+    registry = ConnectionRegistry(
+        redis,
+        instance_id,
+        metrics,
+        now_ms=now_ms,
+        heartbeat_ttl=options["heartbeat-ttl"],
+        clock=reactor,
+    )
+    consumer = CommandConsumer(
+        reader,
+        redis,
+        instance_id,
+        lookup,
+        reactor,
+        metrics,
+        max_attempts=options["offline-max-attempts"],
+    )
+    janitor = Janitor(redis, instance_id, metrics, now_ms, clock=reactor)
+    plane = CommandPlane(
+        registry,
+        consumer,
+        janitor,
+        reader,
+        heartbeat_interval=options["heartbeat-interval"],
+        janitor_interval=options["janitor-interval"],
+        clock=reactor,
+    )
+    plane.setServiceParent(root)  # type: ignore[no-untyped-call]
+    factory.session_listeners.append(CommandRouter(registry, consumer))
+    server.ingestion.on_closed.insert(0, lambda: Deferred.fromCoroutine(plane.shutdown()))
+    return plane
+
+
+class _Lazy:
+    """Makes its txredisapi connection on first use, so that ``makeService`` touches no
+    socket (``server.redis`` is the shared connection, made on first call as well)."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._conn: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._conn is None:
+            self._conn = self._make()
+        return getattr(self._conn, name)
+
+    async def close(self) -> None:
+        """Disconnect if a connection was made (the shared one is closed by its owner)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await conn.disconnect()
+            except Exception as error:  # already gone: nothing left to release
+                _log.info("Redis connection close: {error}", error=str(error))
