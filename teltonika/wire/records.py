@@ -5,6 +5,13 @@ are plain tuples ``(io_id, width, value)`` rather than attrs instances: a realis
 record carries 20-40 of them, and a tuple costs about a tenth of a frozen attrs instance
 to build (measured in ``benchmarks/decode.py``); tuples are just as immutable.
 
+Frozen attrs is kept for the records themselves by measurement (``benchmarks/decode.py``,
+part 3): building an :class:`AVLRecord` costs about 0.7 us against 0.25 us for a
+``NamedTuple``, some 10% of decoding a realistic 8E record and 5% of decode plus stream
+entry, with the issue's speed targets met by a wide margin either way. A NamedTuple would
+also compare equal to any tuple and serialize as a JSON array, traps a record type should
+not set.
+
 Values are kept exactly as sent: IO values are unsigned big-endian integers of their
 declared width, or raw bytes for the variable-length NX group of codec 8 Extended. What
 an IO value *means* (scale, sign, unit) is the catalogue's business, never the decoder's.
