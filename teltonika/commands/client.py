@@ -1,0 +1,174 @@
+"""The sender's side of the command contract (used by ``teltonika send`` and the tests).
+
+Sending is: look the device up in ``connections:registry``, XADD the command to that
+instance's ``commands:outbound:{instance_id}``, then read ``commands:responses`` until the
+command's terminal status. Offline commands (``wait_for_device``) are stored with a
+required expiry (never infinite: a stale engine stop firing when a truck regains coverage
+is a real accident); if the device is online right now, its instance is asked to deliver
+at once (a ``flush`` entry), otherwise the next login delivers. Storing first and looking
+the device up second leaves no gap: a login that happens in between takes the command.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any, Final
+
+from twisted.internet.defer import maybeDeferred
+
+from teltonika.commands.messages import (
+    FAILED,
+    OFFLINE_EXPIRY_KEY,
+    REGISTRY_KEY,
+    RESPONDED,
+    RESPONSES_MAXLEN,
+    RESPONSES_STREAM,
+    Command,
+    flat,
+    offline_command,
+    offline_list,
+    outbound_stream,
+    pairs,
+    status_fields,
+)
+from teltonika.commands.scripts import STORE_OFFLINE, run_script
+
+SENDER: Final = "teltonika-send"
+"""The ``instance_id`` of statuses a sender publishes itself (device_not_connected)."""
+
+TERMINAL: Final = frozenset({RESPONDED, FAILED})
+
+
+def new_command_id() -> str:
+    return uuid.uuid4().hex
+
+
+async def last_response_id(redis: Any) -> str:
+    """The id of the newest entry of ``commands:responses`` ("0-0" when empty): read
+    statuses after it so that none published after this call is missed."""
+    reply = await maybeDeferred(
+        redis.execute_command, "XREVRANGE", RESPONSES_STREAM, "+", "-", "COUNT", "1"
+    )
+    if not reply:
+        return "0-0"
+    return str(reply[0][0])
+
+
+async def send_command(redis: Any, command: Command, now_ms: int) -> str | None:
+    """Route *command* to the instance holding its device.
+
+    :return: the instance id it was published to, or None when the device is not
+        connected anywhere (a ``failed``/``device_not_connected`` status is published).
+    """
+    instance = await maybeDeferred(redis.hget, REGISTRY_KEY, command.imei)
+    if not instance:
+        fields = status_fields(
+            command_id=command.id,
+            imei=command.imei,
+            codec=command.codec,
+            status=FAILED,
+            reason="device_not_connected",
+            instance_id=SENDER,
+            at_ms=now_ms,
+        )
+        await maybeDeferred(
+            redis.execute_command,
+            "XADD",
+            RESPONSES_STREAM,
+            "MAXLEN",
+            "~",
+            str(RESPONSES_MAXLEN),
+            "*",
+            *flat(fields),
+        )
+        return None
+    await maybeDeferred(
+        redis.execute_command, "XADD", outbound_stream(instance), "*", *flat(command.fields())
+    )
+    return str(instance)
+
+
+async def store_offline(redis: Any, command: Command, now_ms: int) -> str | None:
+    """Keep *command* for its device's next login (status ``queued``), and if the device
+    is connected now, ask its instance to deliver it at once.
+
+    :return: the instance asked to deliver now, or None (the next login delivers).
+    :raise ValueError: the command has no expiry, or its id is already stored.
+    """
+    if command.expires_at_ms is None:
+        raise ValueError("an offline command needs an expiry")
+    stored = await run_script(
+        redis,
+        STORE_OFFLINE,
+        [
+            offline_command(command.id),
+            offline_list(command.imei),
+            OFFLINE_EXPIRY_KEY,
+            RESPONSES_STREAM,
+        ],
+        [
+            command.id,
+            str(command.expires_at_ms),
+            str(now_ms),
+            str(RESPONSES_MAXLEN),
+            SENDER,
+            *flat(command.fields()),
+        ],
+    )
+    if not int(stored):
+        raise ValueError(f"command id {command.id} is already stored")
+    instance = await maybeDeferred(redis.hget, REGISTRY_KEY, command.imei)
+    if not instance:
+        return None
+    flush = Command(id=command.id, imei=command.imei, payload=b"", kind="flush")
+    await maybeDeferred(
+        redis.execute_command, "XADD", outbound_stream(instance), "*", *flat(flush.fields())
+    )
+    return str(instance)
+
+
+async def wait_for_terminal(
+    redis: Any,
+    command_id: str,
+    after: str,
+    deadline: float,
+    seconds: Callable[[], float],
+    on_status: Callable[[dict[str, str]], None] | None = None,
+    block: float = 1.0,
+) -> dict[str, str] | None:
+    """Read ``commands:responses`` after entry *after* until *command_id*'s terminal
+    status, or None when *deadline* (in ``seconds()`` time) passes.
+
+    :param redis: a connection that may block (XREAD BLOCK); not shared.
+    :param on_status: called with every status of the command (progress included).
+    """
+    cursor = after
+    while True:
+        remaining = deadline - seconds()
+        if remaining <= 0:
+            return None
+        wait_ms = max(1, int(min(block, remaining) * 1000))
+        reply = await maybeDeferred(
+            redis.execute_command,
+            "XREAD",
+            "COUNT",
+            "500",
+            "BLOCK",
+            str(wait_ms),
+            "STREAMS",
+            RESPONSES_STREAM,
+            cursor,
+        )
+        if not reply:
+            continue
+        for _stream, items in reply:
+            for entry_id, values in items:
+                cursor = entry_id
+                fields = pairs(list(values))
+                if fields.get("id") != command_id:
+                    continue
+                if on_status is not None:
+                    on_status(fields)
+                if fields.get("status") in TERMINAL:
+                    return fields
