@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from teltonika.codecs import load_codecs
@@ -46,6 +46,8 @@ from tests.wire.strategies import avl_batches, imeis, valid_data_frames
 from tests.wire.vectors import VECTORS
 
 REGISTRY = load_codecs()
+FUZZ_EXAMPLES = max(600, settings.default.max_examples)
+"""The main fuzzers run more examples than the profile's default; still about 2 s each."""
 VECTOR_FRAMES = [bytes.fromhex(v["hex"]) for v in VECTORS if v["transport"] == "tcp"]
 VECTOR_DATAGRAMS = [
     bytes.fromhex(v["hex"]) for v in VECTORS if v["transport"] == "udp" and v["codec"] != "ack"
@@ -58,7 +60,8 @@ def only_decode_error(function: Callable[[bytes], Any], data: bytes) -> Any:
         return function(data)
     except DecodeError as error:
         assert error.reason and " " not in error.reason  # a metric label, never data
-        assert str(error)
+        assert error.offset is not None  # every message names where it went wrong
+        assert "offset" in str(error)
         return None
 
 
@@ -133,6 +136,7 @@ def rewrapped_bodies(draw: st.DrawFn) -> bytes:
     return wrap(draw(mutated(base[8:-4])))
 
 
+@settings(max_examples=FUZZ_EXAMPLES)
 @given(data=st.binary(max_size=600))
 def test_arbitrary_bytes_only_raise_decode_error(data: bytes) -> None:
     """Random bytes into every decoder, login parser and framer: DecodeError or a result."""
@@ -153,6 +157,7 @@ def test_arbitrary_body_with_a_valid_envelope(codec_id: int, tail: bytes) -> Non
     only_decode_error(REGISTRY.decode_frame, wrap(bytes([codec_id]) + tail))
 
 
+@settings(max_examples=FUZZ_EXAMPLES)
 @given(raw=mutated_frames())
 def test_mutated_frames(raw: bytes) -> None:
     """Damaged frames (CRC now mostly wrong) only raise DecodeError, via the registry and
@@ -161,6 +166,7 @@ def test_mutated_frames(raw: bytes) -> None:
     frame_all(raw, chunk=5)
 
 
+@settings(max_examples=FUZZ_EXAMPLES)
 @given(raw=rewrapped_bodies())
 def test_mutated_bodies_with_correct_crc(raw: bytes) -> None:
     """Damaged bodies with a correct CRC reach the record walk; it only raises
