@@ -1,0 +1,289 @@
+"""Command round trip: ``send`` -> Redis -> instance -> device reply -> status, over loopback.
+
+Usage::
+
+    python benchmarks/commands.py                      # ~30 s: 1,000 devices
+    python benchmarks/commands.py --devices 200 --rtt 100 --commands 2000
+
+What runs: a throwaway ``redis-server`` on a free port, the server as a
+``twistd -n teltonika --redis ...`` subprocess (one instance), and in this process a fleet
+of scripted devices (each logs in and answers every codec 12 command at once) plus the
+sender, which uses the same library as ``teltonika send`` (registry lookup, XADD to the
+instance's stream) and one reader on ``commands:responses``.
+
+Figures:
+
+1. RTT, one command at a time to a random device: p50 / p99 from the sender's XADD to
+   the ``responded`` status arriving at the sender (the path: HGET registry, XADD,
+   XREADGROUP by the instance, CommandQueue write, device reply, Lua settle + XADD status,
+   XREAD by the sender).
+2. Throughput: commands/s through the one instance with ``--concurrency`` commands in
+   flight (each to a different device: one outstanding command per socket).
+3. Baseline for context: a raw Redis round trip (XADD on one connection, blocking XREAD
+   on another) with the same client library. A command crosses Redis twice (command
+   stream, status stream), so ~2x the baseline is the floor for figure 1.
+
+Loopback only, 2 shared cores: compare the ratios printed in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script from anywhere: import the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from twisted.internet import defer, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+
+from teltonika.commands.client import send_command
+from teltonika.commands.messages import RESPONSES_STREAM, Command, pairs
+from teltonika.redis.connect import lazy_connection, parse_redis_url
+from teltonika.wire import decode_messages, encode_login, encode_message, unwrap, wrap
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+class Device(Protocol):
+    """Logs in, answers every command frame with a codec 12 reply at once."""
+
+    def __init__(self, imei: str) -> None:
+        self.imei = imei
+        self.ready: defer.Deferred[None] = defer.Deferred()
+        self.buffer = b""
+        self.logged_in = False
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(encode_login(self.imei))
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.logged_in:
+            self.logged_in, self.buffer = True, self.buffer[1:]
+            self.ready.callback(None)
+        while len(self.buffer) >= 8:
+            size = 12 + int.from_bytes(self.buffer[4:8], "big")
+            if len(self.buffer) < size:
+                return
+            frame, self.buffer = self.buffer[:size], self.buffer[size:]
+            message = decode_messages(frame, 8, unwrap(frame)).messages[0]
+            reply = wrap(encode_message(12, b"OK " + message.payload, 0x06))
+            assert self.transport is not None
+            self.transport.write(reply)
+
+
+class Statuses:
+    """One XREAD loop on commands:responses that fires a Deferred per command id."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.waiting: dict[str, defer.Deferred[float]] = {}
+        self.cursor = "$"
+        self.running = True
+
+    def expect(self, command_id: str) -> defer.Deferred[float]:
+        d: defer.Deferred[float] = defer.Deferred()
+        self.waiting[command_id] = d
+        return d
+
+    async def run(self) -> None:
+        while self.running:
+            reply = await self.conn.execute_command(
+                "XREAD", "COUNT", "1000", "BLOCK", "200", "STREAMS", RESPONSES_STREAM, self.cursor
+            )
+            if not reply:
+                continue
+            now = time.perf_counter()
+            for _stream, items in reply:
+                for entry_id, values in items:
+                    self.cursor = entry_id
+                    fields = pairs(list(values))
+                    if fields["status"] in ("responded", "failed"):
+                        d = self.waiting.pop(fields["id"], None)
+                        if d is not None:
+                            if fields["status"] == "failed":
+                                d.errback(RuntimeError(fields["reason"]))
+                            else:
+                                d.callback(now)
+
+
+async def baseline(redis_url: str, rounds: int) -> list[float]:
+    """Raw XADD -> blocking XREAD round trips (txredisapi on both ends)."""
+    address = parse_redis_url(redis_url)
+    writer, reader = lazy_connection(address), lazy_connection(address)
+    times = []
+    await reader.ping()
+    cursor = await writer.execute_command("XADD", "bench:raw", "*", "n", "start")
+    for i in range(rounds):
+        read = reader.execute_command("XREAD", "BLOCK", "1000", "STREAMS", "bench:raw", cursor)
+        start = time.perf_counter()
+        await writer.execute_command("XADD", "bench:raw", "*", "n", str(i))
+        reply = await read
+        times.append(time.perf_counter() - start)
+        cursor = reply[0][1][-1][0]
+    await writer.disconnect()
+    await reader.disconnect()
+    return times
+
+
+async def bench(reactor: Any, args: argparse.Namespace, redis_url: str, port: int) -> None:
+    address = parse_redis_url(redis_url)
+    sender, reader = lazy_connection(address), lazy_connection(address)
+    imeis = [f"35{i:013d}" for i in range(args.devices)]
+    started = time.perf_counter()
+    devices = []
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    for chunk in range(0, len(imeis), 100):
+        batch = [Device(imei) for imei in imeis[chunk : chunk + 100]]
+        await defer.gatherResults([connectProtocol(endpoint, d) for d in batch])
+        await defer.gatherResults([d.ready for d in batch])
+        devices += batch
+    while int(await sender.hlen("connections:registry")) < len(imeis):
+        await task.deferLater(reactor, 0.05, lambda: None)
+    print(f"{len(devices)} devices logged in and registered in "
+          f"{time.perf_counter() - started:.1f} s")
+
+    statuses = Statuses(reader)
+    loop = defer.ensureDeferred(statuses.run())
+
+    async def one(n: int, imei: str) -> float:
+        command = Command(id=f"b{n}", imei=imei, payload=b"getinfo")
+        done = statuses.expect(command.id)
+        start = time.perf_counter()
+        await send_command(sender, command, 0)
+        end = await done
+        return end - start
+
+    rng = random.Random(1)
+    for n in range(20):  # warm-up
+        await one(-1 - n, rng.choice(imeis))
+    rtts = [await one(n, rng.choice(imeis)) for n in range(args.rtt)]
+
+    count = 0
+    start = time.perf_counter()
+    deadline = start + args.max_seconds
+
+    async def worker(w: int) -> None:
+        nonlocal count
+        mine = imeis[w :: args.concurrency]
+        i = 0
+        while count + args.concurrency <= args.commands and time.perf_counter() < deadline:
+            await one(100_000 + w * 1_000_000 + i, mine[i % len(mine)])
+            count += 1
+            i += 1
+
+    await defer.gatherResults(
+        [defer.ensureDeferred(worker(w)) for w in range(args.concurrency)]
+    )
+    elapsed = time.perf_counter() - start
+    statuses.running = False
+    await loop
+    raw = await baseline(redis_url, args.rtt)
+    for d in devices:
+        if d.transport is not None:
+            d.transport.loseConnection()
+    await sender.disconnect()
+    await reader.disconnect()
+
+    ms = 1000.0
+    p50, p99 = percentile(rtts, 50) * ms, percentile(rtts, 99) * ms
+    b50, b99 = percentile(raw, 50) * ms, percentile(raw, 99) * ms
+    print()
+    print(f"{'figure':<48}{'p50 ms':>10}{'p99 ms':>10}")
+    print(f"{'command RTT (send -> reply -> status)':<48}{p50:>10.2f}{p99:>10.2f}")
+    print(f"{'baseline: raw XADD -> XREAD round trip':<48}{b50:>10.2f}{b99:>10.2f}")
+    print(f"{'ratio (command / baseline)':<48}{p50 / b50:>10.1f}{p99 / b99:>10.1f}")
+    print()
+    print(f"throughput: {count} commands in {elapsed:.1f} s = {count / elapsed:,.0f} commands/s "
+          f"through one instance ({args.concurrency} in flight, {len(devices)} devices)")
+    print(f"  vs the baseline's sequential rate {1 / (sum(raw) / len(raw)):,.0f} round trips/s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--rtt", type=int, default=300, help="sequential commands timed")
+    parser.add_argument("--commands", type=int, default=5000, help="throughput commands")
+    parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--max-seconds", type=float, default=20.0)
+    args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, max(soft, args.devices * 2 + 256))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-commands-"))
+    redis_port, port = free_port(), free_port()
+    redis_proc = subprocess.Popen(
+        ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    server = None
+    try:
+        wait_port(redis_port)
+        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        log = (workdir / "twistd.log").open("wb")
+        server = subprocess.Popen(
+            [sys.executable, "-c",
+             "import resource as r; s, h = r.getrlimit(r.RLIMIT_NOFILE); "
+             "r.setrlimit(r.RLIMIT_NOFILE, (h, h)); "
+             "from twisted.scripts.twistd import run; run()",
+             "-n", "--pidfile=", "teltonika", "--port", f"tcp:{port}:interface=127.0.0.1",
+             "--redis", redis_url, "--instance-id", "bench", "--metrics", "off"],
+            cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        wait_port(port)
+        task.react(lambda reactor: defer.ensureDeferred(bench(reactor, args, redis_url, port)))
+    except SystemExit as done:
+        return int(done.code or 0)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(30)
+        redis_proc.terminate()
+        redis_proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
