@@ -1,0 +1,442 @@
+"""Server targets measured with the simulated fleet (``teltonika simulate``), each next to
+an in-run baseline.
+
+Usage (from the checkout; each part is bounded to a few minutes)::
+
+    python benchmarks/fleet.py capacity     # logged-in devices per process, RSS per device
+    python benchmarks/fleet.py throughput   # sustained records/s into Redis
+    python benchmarks/fleet.py latency      # ACK latency p99 at 2,000 frames/s, paced
+    python benchmarks/fleet.py all
+
+Parts and their baselines:
+
+* **capacity** -- N simulated devices log in and stay idle (no frames, no keepalives);
+  the server's RSS above the empty server, per device. Baseline in the same run: a bare
+  Twisted server (a Protocol that discards bytes) holding the same N connections from the
+  same simulator. Steps up to ``--max-devices`` (default: as many as the per-process
+  open-file limit allows, after raising the soft limit to the hard one). Clients are spread
+  over several simulator processes, since they need their own descriptors.
+* **throughput** -- a closed-loop fleet (every device sends its next frame as soon as the
+  last is ACKed) against ``twistd teltonika --redis``; steady-state records/s read from the
+  server's own counter over the middle of the run. Baseline: redis-py with hiredis
+  pipelining 100 XADDs of the same contract entries into the same Redis.
+* **latency** -- 200 devices x 10 frames/s = 2,000 frames/s paced; the simulator's ACK
+  latency p50/p99/max. Baseline: the same fleet against a bare Twisted server that decodes
+  each frame (CRC included) and ACKs at once (no sink).
+
+The machine's 2 cores are shared by the server, Redis and the simulator (and other work):
+compare ratios within one run, not absolute numbers across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+KIB = 1024
+BARE_SERVER = r"""
+import resource, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+from twisted.internet import reactor
+from twisted.internet.protocol import Factory, Protocol
+
+mode = sys.argv[2]
+
+class Discard(Protocol):
+    def dataReceived(self, data):
+        pass
+
+class DecodeAndAck(Protocol):
+    def connectionMade(self):
+        from teltonika.wire import Framer
+        self.framer = Framer()
+
+    def dataReceived(self, data):
+        from teltonika.wire import DataFrame, ImeiFrame, tcp_ack
+        for frame in self.framer.feed(data):
+            if isinstance(frame, ImeiFrame):
+                self.transport.write(b"\x01")
+            elif isinstance(frame, DataFrame):
+                _codec, packet = REGISTRY.decode_frame(frame.raw)
+                self.transport.write(tcp_ack(len(packet.records)))
+
+if mode == "ack":
+    from teltonika.codecs import load_codecs
+    REGISTRY = load_codecs()
+factory = Factory.forProtocol(Discard if mode == "idle" else DecodeAndAck)
+factory.noisy = False
+reactor.listenTCP(int(sys.argv[1]), factory, backlog=4096, interface="127.0.0.1")
+reactor.run()
+"""
+
+
+# -- plumbing -------------------------------------------------------------------------
+
+
+def raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def env() -> dict[str, str]:
+    out = dict(os.environ)
+    out["PYTHONPATH"] = str(REPO) + os.pathsep + out.get("PYTHONPATH", "")
+    return out
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def settle_rss(pid: int, seconds: float = 1.5) -> int:
+    """RSS once it stops moving (max over a short window: allocations lag connections)."""
+    best = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        best = max(best, rss_kib(pid))
+        time.sleep(0.25)
+    return best
+
+
+class Redis:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="bench-fleet-redis-")
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+             self.dir, "--save", "", "--appendonly", "no", "--logfile", ""],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_port(self.port)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def flush(self) -> None:
+        subprocess.run(["redis-cli", "-p", str(self.port), "FLUSHALL"], check=True,
+                       capture_output=True)  # fmt: skip
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Process:
+    """A server subprocess (ours or the bare baseline) on a free loopback port."""
+
+    def __init__(self, argv: list[str], workdir: Path, port: int, name: str) -> None:
+        self.port = port
+        self.log = (workdir / f"{name}.log").open("wb")
+        self.proc = subprocess.Popen(argv, cwd=workdir, stdout=self.log,
+                                     stderr=subprocess.STDOUT, env=env())  # fmt: skip
+        wait_port(port)
+        time.sleep(0.5)
+
+    @classmethod
+    def teltonika(cls, workdir: Path, *options: str) -> Process:
+        port = free_port()
+        argv = [
+            sys.executable, "-m", "twisted", "teltonika",
+            "--port", f"tcp:{port}:interface=127.0.0.1", "--metrics", "off",
+            "--max-connections", "0", "--idle-timeout", "0", "--login-timeout", "600",
+            "--instance-id", "bench", *options,
+        ]  # fmt: skip
+        return cls(argv, workdir, port, "teltonika")
+
+    @classmethod
+    def bare(cls, workdir: Path, mode: str) -> Process:
+        port = free_port()
+        return cls([sys.executable, "-c", BARE_SERVER, str(port), mode], workdir, port, "bare")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.log.close()
+
+
+def simulate(port: int, *options: str, timeout: float = 600) -> dict[str, Any]:
+    """Run ``teltonika simulate --json`` to the end; return its summary."""
+    out = subprocess.run(
+        [sys.executable, "-m", "teltonika", "simulate", "--port", str(port), "--json",
+         "--progress", "0", *options],
+        capture_output=True, timeout=timeout, env=env(), cwd=REPO, check=False,
+    )  # fmt: skip
+    try:
+        result: dict[str, Any] = json.loads(out.stdout)
+    except json.JSONDecodeError:
+        raise SystemExit(f"simulate failed: {out.stdout!r} {out.stderr[-2000:]!r}") from None
+    return result
+
+
+def start_idle_fleet(port: int, devices: int, per_process: int, imei_start: int) -> list[Any]:
+    """Simulator processes holding *devices* idle logged-in connections (killed by the caller)."""
+    procs = []
+    offset = 0
+    while offset < devices:
+        count = min(per_process, devices - offset)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "teltonika", "simulate", "--port", str(port),
+             "--devices", str(count), "--imei-start", str(imei_start + offset),
+             "--interval", "1000000", "--keepalive", "0", "--ack-timeout", "100000",
+             "--duration", "900", "--connect-rate", "1500", "--progress", "0",
+             "--backoff-max", "2"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), cwd=REPO,
+        ))  # fmt: skip
+        offset += count
+    return procs
+
+
+def stop_all(procs: list[Any]) -> None:
+    for proc in procs:
+        proc.kill()
+    for proc in procs:
+        proc.wait(30)
+
+
+def machine() -> str:
+    return f"{platform.node()} {os.cpu_count()} CPUs, Python {platform.python_version()}"
+
+
+# -- parts ----------------------------------------------------------------------------
+
+
+def wait_connected(count: Any, target: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    seen = count()
+    while seen < target and time.monotonic() < deadline:
+        time.sleep(0.5)
+        seen = count()
+    return int(seen)
+
+
+def capacity(opts: argparse.Namespace, workdir: Path) -> None:
+    limit = raise_nofile()
+    ceiling = opts.max_devices or (limit - 100)
+    steps = sorted({s for s in (1000, 5000, 10_000, ceiling) if s <= ceiling})
+    print(f"capacity: RLIMIT_NOFILE {limit} per process; steps {steps}; "
+          f"{opts.per_process} simulated devices per client process")  # fmt: skip
+    print(f"{'devices':>8} {'bare KiB/conn':>14} {'teltonika KiB/dev':>18} {'ratio':>6} "
+          f"{'logged in':>10}")  # fmt: skip
+    for step in steps:
+        bare = Process.bare(workdir, "idle")
+        empty = settle_rss(bare.pid, 1.0)
+        fds0 = open_fds(bare.pid)
+        clients = start_idle_fleet(bare.port, step, opts.per_process, 350000000000000)
+        held = wait_connected(lambda b=bare, f=fds0: open_fds(b.pid) - f, step, 120)
+        bare_per = (settle_rss(bare.pid) - empty) / max(held, 1)
+        stop_all(clients)
+        bare.close()
+
+        server = Process.teltonika(workdir, "--output", str(workdir / "idle.jsonl"))
+        empty = settle_rss(server.pid, 1.0)
+        fds0 = open_fds(server.pid)
+        clients = start_idle_fleet(server.port, step, opts.per_process, 350000000000000)
+        logged = wait_connected(lambda s=server, f=fds0: open_fds(s.pid) - f, step, 180)
+        ours_per = (settle_rss(server.pid, 2.5) - empty) / max(logged, 1)
+        stop_all(clients)
+        server.close()
+        print(f"{step:>8} {bare_per:>14.2f} {ours_per:>18.2f} {ours_per / bare_per:>6.1f} "
+              f"{logged:>10}", flush=True)  # fmt: skip
+    print("target: 10,000 devices under 16 KiB each above the empty server")
+
+
+def redispy_baseline(url: str, seconds: float) -> float:
+    import random
+
+    import redis
+
+    from teltonika.codecs import load_codecs
+    from teltonika.contract import TELEMETRY_STREAM, entry_fields
+    from teltonika.simulate.track import Track
+    from teltonika.wire import CODEC_8E
+
+    track = Track(random.Random(1), CODEC_8E)
+    entries = []
+    for index in range(100):
+        track.advance(1)
+        flat = entry_fields("356307042440000", "8E", track.record(1_700_000_000_000 + index),
+                            1, "bench")  # fmt: skip
+        entries.append(dict(zip(flat[::2], flat[1::2], strict=True)))
+    load_codecs()
+    client = redis.Redis.from_url(url)
+    count = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        pipe = client.pipeline(transaction=False)
+        for entry in entries:
+            pipe.xadd(TELEMETRY_STREAM, entry)
+        pipe.execute()
+        count += len(entries)
+    client.close()
+    return count / (time.perf_counter() - start)
+
+
+def throughput(opts: argparse.Namespace, workdir: Path) -> None:
+    raise_nofile()
+    redis = Redis()
+    try:
+        baseline = redispy_baseline(redis.url, 5.0)
+        redis.flush()
+        server = Process.teltonika(workdir, "--redis", redis.url)
+        try:
+            sim = subprocess.Popen(
+                [sys.executable, "-m", "teltonika", "simulate", "--port", str(server.port),
+                 "--json", "--progress", "0", "--devices", str(opts.devices),
+                 "--records-per-frame", str(opts.records), "--interval", "0.001",
+                 "--duration", str(opts.seconds), "--connect-rate", "2000",
+                 "--ack-timeout", "30"],
+                stdout=subprocess.PIPE, env=env(), cwd=REPO,
+            )  # fmt: skip
+            time.sleep(opts.seconds * 0.25)
+            first = (time.perf_counter(), stream_length(redis))
+            time.sleep(opts.seconds * 0.5)
+            second = (time.perf_counter(), stream_length(redis))
+            rss = rss_kib(server.pid)
+            out, _ = sim.communicate(timeout=opts.seconds + 120)
+            summary = json.loads(out)
+        finally:
+            server.close()
+    finally:
+        redis.close()
+    steady = (second[1] - first[1]) / (second[0] - first[0])
+    print(f"throughput: {opts.devices} devices, {opts.records} records/frame, closed loop, "
+          f"{opts.seconds:.0f} s; steady state over the middle half")  # fmt: skip
+    print(f"  baseline redis-py + hiredis, 100-XADD pipelines: {baseline:10,.0f} records/s")
+    print(f"  teltonika server -> Redis stream (steady):       {steady:10,.0f} records/s  "
+          f"= {steady / baseline:.0%} of baseline (target >= 50%)")  # fmt: skip
+    print(f"  simulator saw: {summary['records_acked']:,} records ACKed, "
+          f"{summary['frames_per_s']:,.0f} frames/s, ACK p50 {summary['ack_latency_ms_p50']} ms "
+          f"p99 {summary['ack_latency_ms_p99']} ms; broken promises "
+          f"{summary['broken_promises']}; server RSS {rss / KIB:.0f} MiB")  # fmt: skip
+
+
+def stream_length(redis: Redis) -> int:
+    out = subprocess.run(["redis-cli", "-p", str(redis.port), "XLEN", "telemetry:teltonika"],
+                         capture_output=True, check=True)  # fmt: skip
+    return int(out.stdout.strip() or 0)
+
+
+def latency(opts: argparse.Namespace, workdir: Path) -> None:
+    raise_nofile()
+    devices = 200
+    interval = devices / opts.rate
+    fleet = ["--devices", str(devices), "--interval", f"{interval}", "--duration",
+             str(opts.seconds), "--records-per-frame", str(opts.records), "--connect-rate",
+             "1000", "--keepalive", "0"]  # fmt: skip
+    bare = Process.bare(workdir, "ack")
+    try:
+        base = simulate(bare.port, *fleet)
+    finally:
+        bare.close()
+    redis = Redis()
+    try:
+        server = Process.teltonika(workdir, "--redis", redis.url)
+        try:
+            ours = simulate(server.port, *fleet)
+        finally:
+            server.close()
+    finally:
+        redis.close()
+    print(f"latency: {devices} devices x {1 / interval:.0f} frames/s = {opts.rate} frames/s "
+          f"paced, {opts.records} records/frame, {opts.seconds:.0f} s")  # fmt: skip
+    for label, result in (("bare Twisted decode+ACK", base), ("teltonika -> Redis", ours)):
+        print(f"  {label:<24} {result['frames_per_s']:>7,.0f} frames/s  "
+              f"ACK p50 {result['ack_latency_ms_p50']:6.2f} ms  "
+              f"p99 {result['ack_latency_ms_p99']:6.2f} ms  "
+              f"max {result['ack_latency_ms_max']:7.2f} ms  "
+              f"broken {result['broken_promises']}")  # fmt: skip
+    ratio = ours["ack_latency_ms_p99"] / max(base["ack_latency_ms_p99"], 1e-9)
+    print(f"  p99 ratio teltonika / bare: {ratio:.1f}x (target: p99 under 10 ms)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="part", required=True)
+    cap = sub.add_parser("capacity")
+    cap.add_argument("--max-devices", type=int, default=0,
+                     help="largest step (default: the open-file limit minus 100)")
+    cap.add_argument("--per-process", type=int, default=5000)
+    thr = sub.add_parser("throughput")
+    thr.add_argument("--devices", type=int, default=200)
+    thr.add_argument("--records", type=int, default=10)
+    thr.add_argument("--seconds", type=float, default=30.0)
+    lat = sub.add_parser("latency")
+    lat.add_argument("--rate", type=int, default=2000)
+    lat.add_argument("--records", type=int, default=1)
+    lat.add_argument("--seconds", type=float, default=20.0)
+    every = sub.add_parser("all")
+    every.add_argument("--max-devices", type=int, default=0)
+    every.add_argument("--per-process", type=int, default=5000)
+    opts = parser.parse_args()
+    print(f"machine: {machine()}")
+    workdir = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
+    try:
+        if opts.part in ("capacity", "all"):
+            capacity(opts, workdir)
+        if opts.part in ("throughput", "all"):
+            if opts.part == "all":
+                opts.devices, opts.records, opts.seconds = 200, 10, 30.0
+            throughput(opts, workdir)
+        if opts.part in ("latency", "all"):
+            if opts.part == "all":
+                opts.rate, opts.records, opts.seconds = 2000, 1, 20.0
+            latency(opts, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
