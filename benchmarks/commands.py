@@ -177,8 +177,9 @@ async def bench(reactor: Any, args: argparse.Namespace, redis_url: str, port: in
         devices += batch
     while int(await sender.hlen("connections:registry")) < len(imeis):
         await task.deferLater(reactor, 0.05, lambda: None)
-    print(f"{len(devices)} devices logged in and registered in "
-          f"{time.perf_counter() - started:.1f} s")
+    print(
+        f"{len(devices)} devices logged in and registered in {time.perf_counter() - started:.1f} s"
+    )
 
     statuses = Statuses(reader)
     loop = defer.ensureDeferred(statuses.run())
@@ -209,9 +210,7 @@ async def bench(reactor: Any, args: argparse.Namespace, redis_url: str, port: in
             count += 1
             i += 1
 
-    await defer.gatherResults(
-        [defer.ensureDeferred(worker(w)) for w in range(args.concurrency)]
-    )
+    await defer.gatherResults([defer.ensureDeferred(worker(w)) for w in range(args.concurrency)])
     elapsed = time.perf_counter() - start
     statuses.running = False
     await loop
@@ -231,8 +230,10 @@ async def bench(reactor: Any, args: argparse.Namespace, redis_url: str, port: in
     print(f"{'baseline: raw XADD -> XREAD round trip':<48}{b50:>10.2f}{b99:>10.2f}")
     print(f"{'ratio (command / baseline)':<48}{p50 / b50:>10.1f}{p99 / b99:>10.1f}")
     print()
-    print(f"throughput: {count} commands in {elapsed:.1f} s = {count / elapsed:,.0f} commands/s "
-          f"through one instance ({args.concurrency} in flight, {len(devices)} devices)")
+    print(
+        f"throughput: {count} commands in {elapsed:.1f} s = {count / elapsed:,.0f} commands/s "
+        f"through one instance ({args.concurrency} in flight, {len(devices)} devices)"
+    )
     print(f"  vs the baseline's sequential rate {1 / (sum(raw) / len(raw)):,.0f} round trips/s")
 
 
@@ -251,9 +252,21 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench-commands-"))
     redis_port, port = free_port(), free_port()
     redis_proc = subprocess.Popen(
-        ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            "redis-server",
+            "--port",
+            str(redis_port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     server = None
     try:
@@ -263,13 +276,28 @@ def main() -> int:
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         log = (workdir / "twistd.log").open("wb")
         server = subprocess.Popen(
-            [sys.executable, "-c",
-             "import resource as r; s, h = r.getrlimit(r.RLIMIT_NOFILE); "
-             "r.setrlimit(r.RLIMIT_NOFILE, (h, h)); "
-             "from twisted.scripts.twistd import run; run()",
-             "-n", "--pidfile=", "teltonika", "--port", f"tcp:{port}:interface=127.0.0.1",
-             "--redis", redis_url, "--instance-id", "bench", "--metrics", "off"],
-            cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-c",
+                "import resource as r; s, h = r.getrlimit(r.RLIMIT_NOFILE); "
+                "r.setrlimit(r.RLIMIT_NOFILE, (h, h)); "
+                "from twisted.scripts.twistd import run; run()",
+                "-n",
+                "--pidfile=",
+                "teltonika",
+                "--port",
+                f"tcp:{port}:interface=127.0.0.1",
+                "--redis",
+                redis_url,
+                "--instance-id",
+                "bench",
+                "--metrics",
+                "off",
+            ],
+            cwd=workdir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         wait_port(port)
         task.react(lambda reactor: defer.ensureDeferred(bench(reactor, args, redis_url, port)))
