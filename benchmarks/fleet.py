@@ -177,16 +177,35 @@ class Process:
         wait_port(port)
         time.sleep(0.5)
 
+    metrics_port = 0
+
     @classmethod
     def teltonika(cls, workdir: Path, *options: str) -> Process:
         port = free_port()
+        metrics_port = free_port()
         argv = [
             sys.executable, "-m", "twisted", "teltonika",
-            "--port", f"tcp:{port}:interface=127.0.0.1", "--metrics", "off",
+            "--port", f"tcp:{port}:interface=127.0.0.1",
+            "--metrics", f"tcp:{metrics_port}:interface=127.0.0.1",
             "--max-connections", "0", "--idle-timeout", "0", "--login-timeout", "600",
             "--instance-id", "bench", *options,
         ]  # fmt: skip
-        return cls(argv, workdir, port, "teltonika")
+        process = cls(argv, workdir, port, "teltonika")
+        process.metrics_port = metrics_port
+        return process
+
+    def metric(self, name: str) -> float:
+        """Sum of one metric's samples on /metrics (our server only)."""
+        with socket.create_connection(("127.0.0.1", self.metrics_port), timeout=10) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            raw = b""
+            while chunk := sock.recv(65536):
+                raw += chunk
+        total = 0.0
+        for line in raw.decode().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
 
     @classmethod
     def bare(cls, workdir: Path, mode: str) -> Process:
@@ -282,9 +301,10 @@ def capacity(opts: argparse.Namespace, workdir: Path) -> None:
 
         server = Process.teltonika(workdir, "--output", str(workdir / "idle.jsonl"))
         empty = settle_rss(server.pid, 1.0)
-        fds0 = open_fds(server.pid)
         clients = start_idle_fleet(server.port, step, opts.per_process, 350000000000000)
-        logged = wait_connected(lambda s=server, f=fds0: open_fds(s.pid) - f, step, 180)
+        logged = wait_connected(
+            lambda s=server: s.metric("teltonika_logins_total"), step, 180
+        )
         ours_per = (settle_rss(server.pid, 2.5) - empty) / max(logged, 1)
         stop_all(clients)
         server.close()
