@@ -122,7 +122,8 @@ class PostgresServer:
     """A throwaway PostgreSQL cluster (``initdb`` + ``pg_ctl``) on a free loopback port.
 
     As root the cluster runs as the ``postgres`` user (initdb refuses root). Trust
-    authentication, ``fsync=off``: it is thrown away. :meth:`stop` (``-m immediate``, a
+    authentication, ``fsync=off`` (thrown away; ``synchronous_commit`` stays on so that an
+    immediate stop loses no committed row). :meth:`stop` (``-m immediate``, a
     crash) and :meth:`start` restart the same cluster on the same port, for fault tests.
     """
 
@@ -167,7 +168,7 @@ class PostgresServer:
 
     def start(self) -> PostgresServer:
         options = (f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 "
-                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
+                   "-c fsync=off -c full_page_writes=off")
         self._run(os.path.join(self.bindir, "pg_ctl"), "-D", self.data, "-o", options,
                   "-l", os.path.join(self.directory, "postgres.log"), "-w", "start")
         wait_for_port(self.port)

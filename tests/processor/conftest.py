@@ -8,6 +8,8 @@ A missing PostgreSQL fails the session (tests/servers.py raises), it is never sk
 from __future__ import annotations
 
 import itertools
+import os
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
@@ -163,3 +165,13 @@ async def processors(redis_url: str, pg_dsn: str) -> AsyncIterator[Processors]:
 
 
 __all__ = ["BASE_MS", "NX", "entry", "eventually", "imei", "query", "record", "xadd"]
+
+
+if os.environ.get("TELTONIKA_TEST_LOG"):
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    globalLogPublisher.addObserver(lambda e: print("LOG", formatEvent(e), file=sys.stderr))

@@ -27,7 +27,8 @@ RECORD = AVLRecord(
 def test_parse_valid_entry():
     """A valid entry keeps every value exactly and reverses its sentinels."""
     p = parse_entry("1-0", fields_of(entry_fields("356307042441013", "8E", RECORD, 5, "i1")))
-    assert (p.device_id, p.timestamp_ms, p.received_at_ms) == ("356307042441013", RECORD.timestamp_ms, 5)
+    assert p.device_id == "356307042441013"
+    assert (p.timestamp_ms, p.received_at_ms) == (RECORD.timestamp_ms, 5)
     assert (p.latitude, p.longitude, p.altitude) == ("-51.5072", "-0.1275", "-12")
     assert p.generation_type is None and p.codec == "8E" and p.instance_id == "i1"
     assert orjson.loads(p.io) == {"239": 1, "78": 2**64 - 1, "11": 2**53, "10": "00ff"}

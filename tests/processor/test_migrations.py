@@ -38,7 +38,9 @@ def test_concurrent_start_applies_each_migration_once(pg_dsn):
     applied = [name for names in results for name in names]
     assert sorted(applied) == sorted(m.name for m in load_migrations())
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        rows = conn.execute("select version, count(*) from teltonika_migrations group by 1").fetchall()
+        rows = conn.execute(
+            "select version, count(*) from teltonika_migrations group by 1"
+        ).fetchall()
         assert all(n == 1 for _, n in rows) and len(rows) == len(load_migrations())
         assert conn.execute("select count(*) from positions").fetchone() == (0,)
         assert apply_migrations(conn) == []  # a later start applies nothing

@@ -1,0 +1,152 @@
+"""Faults: PostgreSQL stopped mid-run, a processor SIGKILLed between COMMIT and XACK,
+SIGTERM. Real servers, real twistd processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.web.client import Agent, readBody
+
+from teltonika.contract import TELEMETRY_STREAM
+from tests.processor.conftest import entry, eventually, imei, query, record, xadd
+from tests.processor.test_pipeline import count, pending, sample
+from tests.servers import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+async def http_status(port: int, path: str) -> int:
+    response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}{path}".encode())
+    await readBody(response)
+    return int(response.code)
+
+
+@pytest_twisted.ensureDeferred
+async def test_postgres_stopped_mid_run(processors, rds, pg_dsn, postgres_server, logged_errors):
+    """While PostgreSQL is down nothing is acknowledged, /readyz answers 503, only one
+    batch is held (nothing more is read), and everything is written once it is back."""
+    port = free_port()
+    service = processors.start("--metrics", f"tcp:{port}:interface=127.0.0.1")
+    consumer = service.processor.consumer
+    for i in range(5):
+        xadd(rds, entry(imei=imei(i), rec=record(i)))
+    await eventually(lambda: count(pg_dsn) == 5 and pending(rds) == 0)
+    assert await http_status(port, "/readyz") == 200
+
+    postgres_server.stop("immediate")
+    for i in range(5, 10):
+        xadd(rds, entry(imei=imei(i), rec=record(i)))
+    await eventually(lambda: sample(service, "teltonika_processor_postgres_errors_total",
+                                    kind="connection") >= 3)
+    for i in range(10, 60):  # arriving during the outage: not read while a batch is held
+        xadd(rds, entry(imei=imei(i), rec=record(i)))
+    await eventually(lambda: sample(service, "teltonika_processor_postgres_errors_total",
+                                    kind="connection") >= 5)
+    held = pending(rds)
+    read = sample(service, "teltonika_processor_entries_read_total")
+    assert sample(service, "teltonika_processor_entries_acked_total") == 5
+    assert 1 <= held <= 5 and read == 5 + held  # one batch held; the rest is not read
+    assert not consumer.ready()
+    assert await http_status(port, "/readyz") == 503
+    assert await http_status(port, "/healthz") == 200
+
+    postgres_server.start()
+    await eventually(lambda: pending(rds) == 0 and count(pg_dsn) == 60, timeout=30)
+    assert query(pg_dsn, "select count(distinct (device_id, ts)) from positions")[0][0] == 60
+    assert await http_status(port, "/readyz") == 200
+    assert logged_errors.flush()  # the outage was logged at error level
+
+
+def twistd(tmp_path: Path, redis_url: str, dsn: str, consumer: str, *extra: str):
+    """``twistd -n teltonika-processor`` as a child process (DSN from the environment)."""
+    log = tmp_path / f"processor-{consumer}.log"
+    args = [
+        sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+        "-n", "--pidfile=", f"--logfile={log}", "teltonika-processor",
+        "--redis", redis_url, "--consumer", consumer, "--metrics", "off",
+        "--block-ms", "100", "--retry-max", "0.5", *extra,
+    ]
+    env = dict(os.environ, TELTONIKA_POSTGRES_DSN=dsn,
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.Popen(args, cwd=ROOT, env=env), log
+
+
+@pytest.mark.parametrize("restart_as", ["same consumer", "another processor"])
+@pytest_twisted.ensureDeferred
+async def test_sigkill_between_commit_and_xack(
+    restart_as, processors, rds, redis_server, pg_dsn, tmp_path
+):
+    """A processor whose XACKs cannot succeed (a Redis ACL forbids XACK) commits its rows
+    and is SIGKILLed with every entry still pending. Restarted under the same consumer
+    name it re-reads its own pending entries; or another processor claims them after
+    --claim-idle. Either way: every row exactly once, nothing left pending."""
+    rds.execute_command("ACL", "SETUSER", "noack", "on", ">pw", "~*", "&*", "+@all", "-xack")
+    ids = [xadd(rds, entry(imei=imei(i % 7), rec=record(i))) for i in range(40)]
+    url = f"redis://noack:pw@127.0.0.1:{redis_server.port}/0"
+    child, log = twistd(tmp_path, url, pg_dsn, "c1", "--batch-size", "15")
+    try:
+        # first batch committed, its XACK refused: the processor retries the XACK and
+        # reads nothing more (a committed batch is never left behind unacknowledged)
+        await eventually(lambda: count(pg_dsn) == 15 and pending(rds) == 15, timeout=30)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    assert "NOPERM" in log.read_text()  # it really was stuck between COMMIT and XACK
+    assert pending(rds) == 15 and count(pg_dsn) == 15
+
+    if restart_as == "same consumer":
+        service = processors.start("--consumer", "c1", "--batch-size", "15")
+    else:
+        service = processors.start("--consumer", "c2", "--claim-idle", "0.3",
+                                   "--claim-interval", "0.2", "--batch-size", "15")
+    await eventually(lambda: pending(rds) == 0 and count(pg_dsn) == 40, timeout=20)
+    assert query(pg_dsn, "select count(distinct (device_id, ts)) from positions")[0][0] == 40
+    assert sample(service, "teltonika_processor_duplicates_total") == 15
+    assert sample(service, "teltonika_processor_rows_inserted_total") == 25
+    if restart_as == "another processor":
+        assert sample(service, "teltonika_processor_entries_claimed_total") == 15
+    assert rds.xlen(TELEMETRY_STREAM) == len(ids)
+    rds.execute_command("ACL", "DELUSER", "noack")
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_finishes_and_exits(rds, redis_url, pg_dsn, tmp_path):
+    """SIGTERM: the running processor finishes its batch, acknowledges, closes and exits
+    (logging the lifecycle on the way)."""
+    for i in range(25):
+        xadd(rds, entry(imei=imei(i), rec=record(i)))
+    child, log = twistd(tmp_path, redis_url, pg_dsn, "c1")
+    try:
+        await eventually(lambda: count(pg_dsn) == 25 and pending(rds) == 0, timeout=30)
+        for i in range(25, 50):
+            xadd(rds, entry(imei=imei(i), rec=record(i)))
+        child.send_signal(signal.SIGTERM)
+        await eventually(lambda: child.poll() is not None, timeout=20)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+    # twistd re-raises the signal once its clean shutdown is done
+    assert child.returncode in (0, -signal.SIGTERM)
+    text = log.read_text()
+    for line in ("PostgreSQL connected", "Migrations applied", "Redis connected",
+                 "joined group processor", "Processor ready", "Processor stopped"):
+        assert line in text
+    # whatever was read before SIGTERM is committed and acknowledged: no entry is
+    # both pending and stored, and nothing stored is unacknowledged.
+    stored = count(pg_dsn)
+    assert stored + pending_or_unread(rds) == 50
+
+
+def pending_or_unread(rds) -> int:
+    info = next(g for g in rds.xinfo_groups(TELEMETRY_STREAM) if g["name"] == "processor")
+    assert info["pending"] == 0
+    return int(info["lag"] or 0)
