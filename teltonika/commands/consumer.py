@@ -23,6 +23,7 @@ repeated.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -60,6 +61,7 @@ DEFAULT_BLOCK: Final = 2 * SECONDS
 DEFAULT_BATCH: Final = 100
 DEFAULT_MAX_ATTEMPTS: Final = 10
 RETRY_DELAY: Final = 1 * SECONDS
+STOP_GRACE: Final = 2 * SECONDS
 
 QueueLookup = Callable[[str], CommandQueue | None]
 """IMEI -> the CommandQueue of its live session on this instance, or None."""
@@ -118,13 +120,16 @@ class CommandConsumer(Service):
         self._loop = Deferred.fromCoroutine(self._run())
 
     def stopService(self) -> Deferred[None]:
-        """Stop reading; wait for the current read to end (at most ``block`` seconds)."""
+        """Stop reading; wait for the current read to end (``block`` seconds at most, or
+        the read is cancelled: with Redis down a read waits for the reconnect)."""
         super().stopService()  # type: ignore[no-untyped-call]
         self._stopping = True
         loop, self._loop = self._loop, None
         if loop is None or loop.called:
             return Deferred.fromCoroutine(self._noop())
-        return loop
+        loop.addTimeout(self.block + STOP_GRACE, self._clock)
+        stopped: Deferred[None] = loop.addErrback(lambda _: None)
+        return stopped
 
     @staticmethod
     async def _noop() -> None:
@@ -144,9 +149,15 @@ class CommandConsumer(Service):
                 entries = await self._read(cursor if backlog else ">")
             except CancelledError:
                 return
-            except Exception:
+            except Exception as error:
                 if not self.running:
                     return
+                if "NOGROUP" in str(error):
+                    # Redis lost the group (restarted without persistence): make it
+                    # again; entries in flight here are still settled by their callbacks.
+                    backlog, cursor = False, ">"
+                    with contextlib.suppress(Exception):
+                        await self._ensure_group()
                 self._log.error(
                     "Reading {stream} failed; retrying: {error}",
                     stream=self.stream,
@@ -415,8 +426,12 @@ class CommandConsumer(Service):
         self._in_flight.add(d)
         d.addBoth(lambda _: self._in_flight.discard(d))
 
-    def when_settled(self) -> Deferred[Any]:
-        """Fire when every Redis update started so far has finished (tests, shutdown)."""
+    def when_settled(self, timeout: float | None = None) -> Deferred[Any]:
+        """Fire when every Redis update started so far has finished (tests, shutdown),
+        or after *timeout* seconds; never fails."""
         from twisted.internet.defer import DeferredList
 
-        return DeferredList(list(self._in_flight), consumeErrors=True)
+        d: Deferred[Any] = DeferredList(list(self._in_flight), consumeErrors=True)
+        if timeout is not None:
+            d.addTimeout(timeout, self._clock)
+        return d.addErrback(lambda _: None)

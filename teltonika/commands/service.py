@@ -16,7 +16,7 @@ whose call fails stops for good.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
@@ -32,6 +32,8 @@ from teltonika.commands.router import CommandRouter
 from teltonika.redis.connect import lazy_connection
 
 _log = Logger()
+SETTLE_WAIT: Final = 5.0
+"""Seconds the shutdown waits for statuses still being published."""
 
 
 class CommandPlane(MultiService):
@@ -71,13 +73,17 @@ class CommandPlane(MultiService):
 
     async def shutdown(self) -> None:
         """After the device connections closed: unregister all, drop the heartbeat, close
-        the consumer's connection (called by the ingestion service's ``on_closed``)."""
-        if self.running:
-            await self.stopService()  # type: ignore[no-untyped-call]
-        await self.consumer.when_settled()
-        await self.registry.unregister_all()
-        await self.registry.stop_heartbeat()
-        await self._reader.close()
+        the consumer's connection (called by the ingestion service's ``on_closed``).
+        Every step is bounded and none raises, so the shutdown always completes."""
+        try:
+            if self.running:
+                await self.stopService()  # type: ignore[no-untyped-call]
+            await self.consumer.when_settled(SETTLE_WAIT)
+            await self.registry.unregister_all()
+            await self.registry.stop_heartbeat()
+            await self._reader.close()
+        except Exception:
+            _log.failure("Command plane shutdown step failed")
 
 
 def add_command_plane(server: Any, root: MultiService, options: Any) -> CommandPlane:

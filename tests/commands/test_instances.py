@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from uuid import uuid4
 
 import pytest
 import pytest_twisted
@@ -263,3 +264,38 @@ async def _status_count(redis: Any, command_id: str, status: str, count: int) ->
 
 def _record() -> AVLRecord:
     return AVLRecord(1_700_000_000_000, 0, 25.0, 54.0, 100, 90, 7, 50, 0, ((1, 1, 1),))
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_outage_and_data_loss(
+    redis_server: Any, redis: Any, cluster: Any, logged_errors: Any
+) -> None:
+    """Redis restarts empty while an instance runs: a device that logged in during the
+    outage stays connected and is registered once Redis is back, the connected device is
+    re-claimed by the heartbeat, the consumer re-creates its group, and commands work
+    again. Errors are logged (and claimed here), nothing crashes."""
+    a = await cluster("a", "--heartbeat-interval", "0.3", "--heartbeat-ttl", "5")
+    await cluster.device(a, IMEI_A, echo("A"))
+    await eventually(lambda: _has(redis, {IMEI_A: "a"}))
+    redis_server.kill()
+    try:
+        late = await cluster.device(a, IMEI_B, echo("A2"))  # login while Redis is down
+        assert late.accepted.called
+        await eventually(lambda: a.commands.registry.unsynced == {IMEI_B}, 15)
+    finally:
+        redis_server.start()  # empty: no persistence
+    await redis.ping()
+    await eventually(lambda: _has(redis, {IMEI_A: "a", IMEI_B: "a"}), 20)
+    await eventually(lambda: redis.exists("instance:heartbeat:a"))
+
+    async def answered() -> bool:
+        command = Command(id=f"after-{uuid4().hex}", imei=IMEI_B, payload=b"getinfo")
+        await send_command(redis, command, 0)
+        try:
+            final = await terminal(redis, command.id, 2)
+        except AssertionError:
+            return False
+        return final["response"] == "A2:getinfo"
+
+    await eventually(answered, 20, 0.1)
+    logged_errors.flush()
