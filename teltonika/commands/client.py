@@ -26,6 +26,7 @@ from teltonika.commands.messages import (
     RESPONSES_STREAM,
     Command,
     flat,
+    heartbeat_key,
     offline_command,
     offline_list,
     outbound_stream,
@@ -59,9 +60,12 @@ async def send_command(redis: Any, command: Command, now_ms: int) -> str | None:
     """Route *command* to the instance holding its device.
 
     :return: the instance id it was published to, or None when the device is not
-        connected anywhere (a ``failed``/``device_not_connected`` status is published).
+        connected anywhere, or only to an instance whose heartbeat is gone (a
+        ``failed``/``device_not_connected`` status is published).
     """
     instance = await maybeDeferred(redis.hget, REGISTRY_KEY, command.imei)
+    if instance and not await maybeDeferred(redis.exists, heartbeat_key(instance)):
+        instance = None  # a dead instance's entry, not yet removed by a janitor
     if not instance:
         fields = status_fields(
             command_id=command.id,

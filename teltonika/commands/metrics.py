@@ -7,6 +7,7 @@ The objects are built against a registry handed in, so each test can use a fresh
 from __future__ import annotations
 
 import functools
+import weakref
 
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -35,7 +36,15 @@ class CommandMetrics:
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> CommandMetrics:
-        """Register the metrics in *registry*."""
+        """The metrics in *registry*: registered on the first call, the same object on
+        later calls (several factories may share one server registry)."""
+        known = _by_registry.get(registry)
+        if known is None:
+            known = _by_registry[registry] = cls._register(registry)
+        return known
+
+    @classmethod
+    def _register(cls, registry: CollectorRegistry) -> CommandMetrics:
         return cls(
             queue_depth=Gauge(
                 "teltonika_command_queue_depth_total",
@@ -71,6 +80,11 @@ class CommandMetrics:
                 registry=registry,
             ),
         )
+
+
+_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, CommandMetrics] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 @functools.cache

@@ -99,3 +99,30 @@ async def test_redis_down_at_login_accepts_and_registers_later(
     await registry.heartbeat()
     assert registry.unsynced == set()
     assert await conn.hget("connections:registry", IMEI) == "a"
+
+
+@pytest_twisted.ensureDeferred
+async def test_sender_skips_an_entry_whose_instance_is_dead(redis: Any) -> None:
+    """send_command routes by the registry only to an instance with a heartbeat; a stale
+    entry gives device_not_connected at once instead of a command nobody reads."""
+    from teltonika.commands.client import send_command
+    from teltonika.commands.messages import Command
+    from tests.commands.helpers import statuses
+
+    await redis.hset("connections:registry", IMEI, "gone")
+    command = Command(id="stale", imei=IMEI, payload=b"getinfo")
+    assert await send_command(redis, command, 5) is None
+    [status] = await statuses(redis, "stale")
+    assert (status["status"], status["reason"]) == ("failed", "device_not_connected")
+    assert not await redis.exists("commands:outbound:gone")
+    await redis.set("instance:heartbeat:gone", "1")
+    assert await send_command(redis, Command(id="live", imei=IMEI, payload=b"x"), 5) == "gone"
+
+
+def test_metrics_are_shared_per_registry() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from teltonika.commands.metrics import CommandMetrics
+
+    registry = CollectorRegistry()
+    assert CommandMetrics.create(registry) is CommandMetrics.create(registry)
