@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from types import FrameType
 from typing import Any, Final, Protocol
 
@@ -35,6 +35,9 @@ from teltonika.protocol.server import DeviceFactory
 
 SECONDS: Final = 1.0
 DEFAULT_SHUTDOWN_TIMEOUT: Final = 10 * SECONDS
+FATAL_EXIT_GRACE: Final = 5 * SECONDS
+"""A refused start exits at the latest this long after the decision, even when some
+service's stopService never finishes."""
 
 
 class ManagedSink(Protocol):
@@ -68,6 +71,7 @@ def exit_on_fatal(reactor: IReactorCore) -> FatalHandler:
             os._exit(1)
 
         reactor.addSystemEventTrigger("after", "shutdown", hard_exit)
+        reactor.callLater(FATAL_EXIT_GRACE, hard_exit)  # type: ignore[attr-defined]
         if reactor.running:
             reactor.stop()
 
@@ -161,7 +165,7 @@ class IngestionService(Service):
         await factory.drain(self.shutdown_timeout)
         await factory.close_all(self.shutdown_timeout)
         try:
-            await self.sink.close()
+            await _within(self.sink.close(), self.shutdown_timeout, self.clock)
         except Exception as error:
             self._log.error("Closing the {sink} sink failed: {error}", sink=self.sink.name,
                             error=str(error))
@@ -170,8 +174,22 @@ class IngestionService(Service):
             if self._old_sighup is not None:
                 signal.signal(signal.SIGHUP, self._old_sighup)
         for callback in self.on_closed:
-            await _maybe(callback())
+            try:
+                await _within(callback(), self.shutdown_timeout, self.clock)
+            except Exception as error:
+                self._log.warn("A shutdown step failed: {error}", error=str(error))
         self._log.info("Shutdown complete")
+
+
+async def _within(result: Any, timeout: float, clock: IReactorTime) -> Any:
+    """Await *result* (a coroutine, a Deferred or a plain value) for at most *timeout*
+    seconds: a shutdown step must never hang the process."""
+    if isinstance(result, Coroutine):
+        result = ensureDeferred(result)
+    if isinstance(result, Deferred):
+        result.addTimeout(timeout, clock)
+        return await result
+    return result
 
 
 async def _maybe(result: Any) -> Any:

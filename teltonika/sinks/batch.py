@@ -32,6 +32,8 @@ class Batcher(Generic[T]):
     :param write: takes the list of items of one batch; its Deferred fires when all of
         them are stored, or fails if none may be assumed stored.
     :param max_pending: bound on the summed weight of items waiting or in flight.
+    :param max_batch: weight at which a batch is cut (the rest waits for the next one);
+        None for no cut.
     """
 
     def __init__(
@@ -39,11 +41,14 @@ class Batcher(Generic[T]):
         clock: IReactorTime,
         write: Callable[[list[T]], Deferred[None]],
         max_pending: int,
+        max_batch: int | None = None,
     ) -> None:
         self._clock = clock
+        self.max_batch = max_batch
         self._write = write
         self.max_pending = max_pending
         self._items: list[T] = []
+        self._weights: list[int] = []
         self._waiters: list[Deferred[None]] = []
         self._weight = 0
         self._in_flight_weight = 0
@@ -69,6 +74,7 @@ class Batcher(Generic[T]):
             )
         d: Deferred[None] = Deferred()
         self._items.append(item)
+        self._weights.append(weight)
         self._waiters.append(d)
         self._weight += weight
         self._schedule()
@@ -82,9 +88,19 @@ class Batcher(Generic[T]):
         self._call = None
         if self._in_flight or not self._items:
             return
-        items, waiters = self._items, self._waiters
-        self._items, self._waiters = [], []
-        self._in_flight_weight, self._weight = self._weight, 0
+        cut = len(self._items)
+        if self.max_batch is not None:
+            total = 0
+            for index, weight in enumerate(self._weights):
+                total += weight
+                if total >= self.max_batch:
+                    cut = index + 1
+                    break
+        items, waiters = self._items[:cut], self._waiters[:cut]
+        weight = sum(self._weights[:cut])
+        del self._items[:cut], self._waiters[:cut], self._weights[:cut]
+        self._in_flight_weight = weight
+        self._weight -= weight
         self._in_flight = True
         d = maybeDeferred(self._write, items)
         d.addBoth(self._flushed, waiters)
@@ -122,6 +138,7 @@ class Batcher(Generic[T]):
         self._call = None
         items_waiters, self._waiters = self._waiters, []
         self._items = []
+        self._weights = []
         self._weight = 0
         for waiter in items_waiters:
             if not waiter.called:

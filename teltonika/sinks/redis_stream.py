@@ -1,11 +1,13 @@
 """The Redis Streams sink: one ``telemetry:teltonika`` entry per AVL record.
 
 Frames from every connection are batched (:mod:`teltonika.sinks.batch`): all entries of
-all frames that arrived since the last round trip go out in one txredisapi pipeline, and
-each frame's Deferred fires only when Redis has answered every XADD of that pipeline (and
-``WAITAOF`` when the durability check chose it). All records of one frame are therefore
-written in one round trip, and one failure fails the whole batch: no device is ACKed for
-anything in it and every device resends (downstream deduplicates by IMEI + timestamp).
+all frames that arrived since the last round trip go out in one txredisapi pipeline (the
+records through one ``EVAL`` of :data:`teltonika.redis.streams.XADD_SCRIPT`, which XADDs
+them in order; device messages as plain XADDs), and each frame's Deferred fires only when
+Redis has answered all of it (and ``WAITAOF`` when the durability check chose it). All
+records of one frame are therefore written in one round trip, and one failure fails the
+whole batch: no device is ACKed for anything in it and every device resends (downstream
+deduplicates by IMEI + timestamp).
 
 While Redis is unreachable the sink is not ready: :meth:`RedisStreamSink.publish` fails
 at once (nothing is queued in memory), ``/readyz`` answers 503, and a probe (``PING``
@@ -23,17 +25,20 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from teltonika.contract import MESSAGES_STREAM, TELEMETRY_STREAM, entry_fields
+from teltonika.contract import FIELDS, MESSAGES_STREAM, TELEMETRY_STREAM, entry_values
 from teltonika.interfaces import ISink
 from teltonika.metrics import ServerMetrics
 from teltonika.redis.streams import (
+    SEPARATOR,
     Durability,
     StreamWriteError,
     check_durability,
     entry_id_ok,
     pipeline_commands,
+    script_count_ok,
     waitaof_ok,
     xadd_command,
+    xadd_script_command,
 )
 from teltonika.sinks import SinkUnavailableError
 from teltonika.sinks.batch import Batcher
@@ -43,7 +48,14 @@ SECONDS: Final = 1.0
 DEFAULT_MAX_PENDING_RECORDS: Final = 100_000
 """Records waiting for Redis beyond which publishes fail (about 100 MB of entries)."""
 
+DEFAULT_MAX_BATCH_RECORDS: Final = 5_000
+"""Records per round trip at most: keeps one script's run (which blocks Redis) short."""
+
 _WAITAOF: Final = (b"WAITAOF", b"1", b"0", b"0")
+_NAMES: Final = tuple(name.encode() for name in FIELDS)
+
+Item = tuple[list[bytes], list[bytes] | None]
+"""What a batch item holds: packed records, or one device message's XADD fields."""
 
 
 @implementer(ISink)
@@ -93,8 +105,10 @@ class RedisStreamSink:
         self.write_timeout = write_timeout
         self._ready = False
         self._probe: LoopingCall | None = None
-        self._batcher: Batcher[list[list[bytes]]] = Batcher(
-            clock, self._write, max_pending_records
+        if "\0" in instance_id:
+            raise ValueError("the instance id must not contain a NUL character")
+        self._batcher: Batcher[Item] = Batcher(
+            clock, self._write, max_pending_records, DEFAULT_MAX_BATCH_RECORDS
         )
 
     # -- lifecycle -------------------------------------------------------------------
@@ -158,16 +172,13 @@ class RedisStreamSink:
         """ISink API: the records become entries of the next pipeline."""
         if not self._ready:
             return fail(SinkUnavailableError("Redis is unreachable"))
-        maxlen = self.maxlen
-        stream = self.stream
         instance_id = self.instance_id
-        commands = [
-            xadd_command(
-                stream, entry_fields(imei, codec_name, record, received_at_ms, instance_id), maxlen
-            )
+        join = SEPARATOR.join
+        packed = [
+            join(entry_values(imei, codec_name, record, received_at_ms, instance_id))
             for record in records
         ]
-        return self._batcher.submit(commands, len(commands))
+        return self._batcher.submit((packed, None), len(packed))
 
     def publish_message(self, imei: str, message: dict[str, str]) -> Deferred[None]:
         """ISink API: one entry of the device messages stream, in the same batches."""
@@ -177,14 +188,14 @@ class RedisStreamSink:
         for key, value in message.items():
             fields.append(key.encode())
             fields.append(value.encode())
-        return self._batcher.submit([xadd_command(self.messages_stream, fields, self.maxlen)])
+        return self._batcher.submit(([], fields))
 
     # -- the batch write ---------------------------------------------------------------
 
-    def _write(self, batches: list[list[list[bytes]]]) -> Deferred[None]:
+    def _write(self, items: list[Item]) -> Deferred[None]:
         # The timeout frees the batcher when txredisapi waits for a connection that does
         # not come back (it queues commands until it reconnects).
-        d = ensureDeferred(self._write_async(batches))
+        d = ensureDeferred(self._write_async(items))
         d.addTimeout(self.write_timeout, self.clock)
         d.addErrback(self._write_failed)
         return d
@@ -193,14 +204,29 @@ class RedisStreamSink:
         self._set_ready(False, failure.getErrorMessage())
         return failure
 
-    async def _write_async(self, batches: Sequence[list[list[bytes]]]) -> None:
-        commands: list[Sequence[bytes]] = [command for batch in batches for command in batch]
-        entries = len(commands)
+    async def _write_async(self, items: Sequence[Item]) -> None:
+        packed = [entry for entry_list, _ in items for entry in entry_list]
+        commands: list[Sequence[bytes]] = []
+        if packed:
+            commands.append(xadd_script_command(self.stream, _NAMES, packed, self.maxlen))
+        messages = [fields for _, fields in items if fields is not None]
+        for fields in messages:
+            commands.append(xadd_command(self.messages_stream, fields, self.maxlen))
         if self.durability is Durability.WAITAOF:
             commands.append(_WAITAOF)
         replies = await pipeline_commands(self.redis, commands)
         self.metrics.sink_batches.labels(self.name).inc()
-        if len(replies) != len(commands) or not all(entry_id_ok(r) for r in replies[:entries]):
-            raise StreamWriteError(f"unexpected XADD replies: {replies[:3]!r}...")
+        if len(replies) != len(commands):
+            raise StreamWriteError(f"{len(replies)} replies for {len(commands)} commands")
+        index = 0
+        if packed:
+            if not script_count_ok(replies[0], len(packed)):
+                raise StreamWriteError(
+                    f"the XADD script answered {replies[0]!r} for {len(packed)} entries"
+                )
+            index = 1
+        for reply in replies[index : index + len(messages)]:
+            if not entry_id_ok(reply):
+                raise StreamWriteError(f"unexpected XADD reply {reply!r}")
         if self.durability is Durability.WAITAOF and not waitaof_ok(replies[-1]):
             raise StreamWriteError(f"WAITAOF did not confirm the local fsync: {replies[-1]!r}")

@@ -133,8 +133,12 @@ def test_fsync_durability_refused(servers: list[ServerProcess], tmp_path: Path,
     server = ServerProcess(tmp_path, "--redis", redis_url, "--redis-durability", "fsync",
                            "--metrics", "off")
     servers.append(server)
-    assert server.process.wait(30) == 1
+    try:
+        status = server.process.wait(30)
+    except Exception:
+        raise AssertionError(server.output()) from None
     output = server.output()
+    assert status == 1, output
     assert "Refusing to start" in output and "appendfsync always" in output
 
 
