@@ -161,7 +161,7 @@ class CommandConsumer(Service):
                 self._log.error(
                     "Reading {stream} failed; retrying: {error}",
                     stream=self.stream,
-                    error=Failure().getErrorMessage(),
+                    error=str(error),
                 )
                 try:
                     await deferLater(self._clock, RETRY_DELAY, lambda: None)

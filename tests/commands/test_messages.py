@@ -1,0 +1,102 @@
+"""The command contract: entries round-trip, and any field values only ever raise
+InvalidCommandError (a malformed entry fails its command; it never stops the consumer)."""
+
+from __future__ import annotations
+
+import contextlib
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from teltonika.commands.messages import Command, status_fields
+from teltonika.commands.queue import InvalidCommandError
+
+NAMES = [
+    "v",
+    "kind",
+    "id",
+    "imei",
+    "codec",
+    "payload",
+    "payload_hex",
+    "timeout_s",
+    "created_at_ms",
+    "expires_at_ms",
+    "offline",
+    "attempt",
+]
+
+
+@given(
+    payload=st.binary(min_size=1, max_size=64),
+    codec=st.sampled_from(["12", "14"]),
+    timeout=st.none() | st.floats(min_value=0.001, max_value=3600),
+    expires=st.none() | st.integers(min_value=0, max_value=2**53),
+    offline=st.booleans(),
+    attempt=st.integers(min_value=0, max_value=1000),
+)
+def test_fields_round_trip(
+    payload: bytes,
+    codec: str,
+    timeout: float | None,
+    expires: int | None,
+    offline: bool,
+    attempt: int,
+) -> None:
+    command = Command(
+        id="c1",
+        imei="352093081452251",
+        payload=payload,
+        codec=codec,
+        timeout_s=timeout,
+        created_at_ms=5,
+        expires_at_ms=expires,
+        offline=offline,
+        attempt=attempt,
+    )
+    parsed = Command.from_fields(command.fields())
+    assert parsed.payload == payload and parsed.codec == codec
+    assert parsed.expires_at_ms == expires and parsed.offline == offline
+    assert parsed.attempt == attempt
+    if timeout is None:
+        assert parsed.timeout_s is None
+    else:
+        assert parsed.timeout_s is not None and abs(parsed.timeout_s - timeout) <= 1e-5 * timeout
+
+
+@given(st.dictionaries(st.sampled_from(NAMES), st.text(max_size=20)))
+def test_arbitrary_fields_raise_only_invalid_command(fields: dict[str, str]) -> None:
+    with contextlib.suppress(InvalidCommandError):
+        Command.from_fields(fields)
+
+
+def test_status_fields_are_the_documented_ones() -> None:
+    """The Lua scripts build the same field list (see scripts._STATUS_LUA)."""
+    from teltonika.commands import scripts
+
+    fields = status_fields(
+        command_id="x",
+        imei="1",
+        codec="12",
+        status="failed",
+        instance_id="a",
+        at_ms=1,
+        reason="timeout",
+    )
+    names = list(fields)
+    assert names == [
+        "v",
+        "id",
+        "imei",
+        "codec",
+        "status",
+        "reason",
+        "response",
+        "response_hex",
+        "instance_id",
+        "at_ms",
+        "attempt",
+    ]
+    lua = scripts._STATUS_LUA
+    positions = [lua.index(f"'{name}'") for name in names]
+    assert positions == sorted(positions)
