@@ -130,6 +130,13 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -355,15 +362,18 @@ def throughput(opts: argparse.Namespace, workdir: Path) -> None:
             sim = subprocess.Popen(
                 [sys.executable, "-m", "teltonika", "simulate", "--port", str(server.port),
                  "--json", "--progress", "0", "--devices", str(opts.devices),
-                 "--records-per-frame", str(opts.records), "--interval", "0.001",
+                 "--records-per-frame", str(opts.records), "--interval", "0",
                  "--duration", str(opts.seconds), "--connect-rate", "2000",
-                 "--ack-timeout", "30"],
+                 "--ack-timeout", "30", "--drain", "10"],
                 stdout=subprocess.PIPE, env=env(), cwd=REPO,
             )  # fmt: skip
             time.sleep(opts.seconds * 0.25)
+            pids = {"server": server.pid, "redis": redis.proc.pid, "simulator": sim.pid}
+            cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
             first = (time.perf_counter(), stream_length(redis))
             time.sleep(opts.seconds * 0.5)
             second = (time.perf_counter(), stream_length(redis))
+            cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
             rss = rss_kib(server.pid)
             out, _ = sim.communicate(timeout=opts.seconds + 120)
             summary = json.loads(out)
@@ -381,6 +391,10 @@ def throughput(opts: argparse.Namespace, workdir: Path) -> None:
           f"{summary['frames_per_s']:,.0f} frames/s, ACK p50 {summary['ack_latency_ms_p50']} ms "
           f"p99 {summary['ack_latency_ms_p99']} ms; broken promises "
           f"{summary['broken_promises']}; server RSS {rss / KIB:.0f} MiB")  # fmt: skip
+    window = second[0] - first[0]
+    shares = ", ".join(f"{name} {used / window:.0%}" for name, used in cpu.items())
+    print(f"  CPU use in the window (of one core): {shares} -- the simulator shares the "
+          "2 cores with the server and Redis; the redis-py baseline ran alone")
 
 
 def stream_length(redis: Redis) -> int:

@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=10.0,
         metavar="S",
-        help="seconds between frames per device (jittered +-10%%)",
+        help="seconds between frames per device (jittered +-10%%); 0 = closed loop: the "
+        "next frame as soon as the last is ACKed (for benchmarks)",
     )
     fleet.add_argument(
         "--duration",
@@ -177,8 +178,8 @@ def _check(args: argparse.Namespace) -> str | None:
         return "--devices must be at least 1"
     if not 1 <= args.records_per_frame <= 255:
         return "--records-per-frame must be 1..255"
-    if args.interval <= 0 or args.ack_timeout <= 0 or args.connect_rate <= 0:
-        return "--interval, --ack-timeout and --connect-rate must be positive"
+    if args.interval < 0 or args.ack_timeout <= 0 or args.connect_rate <= 0:
+        return "--interval must be >= 0, --ack-timeout and --connect-rate positive"
     if not 0.0 <= args.corrupt_rate < 1.0:
         return "--corrupt-rate must be in [0, 1)"
     if args.frames is not None and args.frames < 1:

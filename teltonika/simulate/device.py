@@ -68,7 +68,8 @@ class DeviceConfig:
 
     :ivar codec_id: AVL codec of the data frames (0x08, 0x8E or 0x10).
     :ivar records_per_frame: records logged per interval, sent together in one frame.
-    :ivar interval_s: mean time between frames; each wait is jittered by +-10%.
+    :ivar interval_s: mean time between frames; each wait is jittered by +-10%. 0 means
+        closed loop (benchmarks): the next frame is logged as soon as the last is ACKed.
     :ivar ack_timeout_s: the device's "response timeout": no ACK by then -> reconnect, resend.
     :ivar keepalive_s: idle time after which ``FF`` is sent; 0 turns keepalives off.
     :ivar corrupt_rate: probability that a new frame is first sent with a broken CRC.
@@ -220,7 +221,7 @@ class Device:
         self.frames_logged += 1
         if config.max_frames is not None and self.frames_logged >= config.max_frames:
             self.generating = False
-        if self.generating:
+        if self.generating and config.interval_s > 0:
             delay = config.interval_s * self.rng.uniform(0.9, 1.1)
             self._tick_call = self.clock.callLater(delay, self._tick)
         self._maybe_send()
@@ -482,6 +483,9 @@ class Device:
                 self.buffer.popleft()
             self.inflight = None
             self._backoff = self.config.backoff_initial_s
+            if self.generating and self.config.interval_s == 0 and not self.buffer:
+                self._tick()  # closed loop: log the next frame now (it sends itself)
+                return
             self._maybe_send()
             return
         if count == 0:

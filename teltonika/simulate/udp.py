@@ -97,7 +97,7 @@ class UDPDevice:
         self.frames_logged += 1
         if self.config.max_frames is not None and self.frames_logged >= self.config.max_frames:
             self.generating = False
-        if self.generating:
+        if self.generating and self.config.interval_s > 0:
             self._tick_call = self.clock.callLater(
                 self.config.interval_s * self.rng.uniform(0.9, 1.1), self._tick
             )
@@ -189,6 +189,9 @@ class UDPDevice:
             self.buffer.popleft()
         self._inflight = None
         self._backoff = self.config.ack_timeout_s
+        if self.generating and self.config.interval_s == 0 and not self.buffer:
+            self._tick()  # closed loop: log the next frame now (it sends itself)
+            return
         self._maybe_send()
 
 

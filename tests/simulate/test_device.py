@@ -403,3 +403,21 @@ def test_max_frames_stops_logging() -> None:
     assert h.device.frames_logged == 3
     assert not h.device.generating
     assert h.ledger.counts["records_acked"] == 6
+
+
+def test_interval_zero_is_a_closed_loop() -> None:
+    """``interval_s=0``: each ACK immediately logs and sends the next frame (benchmarks)."""
+    h = Harness(interval_s=0.0)
+    h.device.start()
+    h.clock.advance(0)
+    transport = h.login()
+    for _ in range(5):
+        frames = frames_in(transport.value())
+        assert len(frames) == 1
+        transport.clear()
+        h.clock.advance(0.001)
+        h.send(tcp_ack(2))
+    assert h.ledger.counts["frames_acked"] == 5
+    assert not h.clock.getDelayedCalls() or all(
+        call.getTime() > h.clock.seconds() for call in h.clock.getDelayedCalls()
+    )
