@@ -17,7 +17,8 @@ Parts, each printed with its in-run baseline:
    always, the JSON-lines file): records/s, frames/s, ACK latency p50/p99/max, server RSS.
    Baselines on the same entries: the naive path (decode, then one awaited txredisapi
    XADD per record) and redis-py + hiredis pipelining 100 XADDs (no decoding).
-2. ACK latency at a paced 2,000 frames/s (Redis memory sink and the file sink).
+2. ACK latency at a paced 2,000 frames/s (Redis memory sink and the file sink), next to
+   a bare Twisted server that decodes and ACKs at once (the load generator's own noise).
 3. Idle logged-in connections: server RSS with ``--idle`` devices logged in, minus the
    empty server's, per device (RLIMIT_NOFILE is raised to its hard limit first).
 
@@ -28,6 +29,7 @@ ratios printed in one run, not absolute figures across runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -206,10 +208,8 @@ def role_naive(args: dict[str, Any]) -> dict[str, Any]:
         result["records_per_s"] = count / (time.perf_counter() - start)
         await conn.disconnect()
 
-    try:
+    with contextlib.suppress(SystemExit):
         task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
-    except SystemExit:
-        pass
     return result
 
 
@@ -245,7 +245,36 @@ def role_redispy(args: dict[str, Any]) -> dict[str, Any]:
     return {"records_per_s": count / elapsed, "parser": parser}
 
 
-ROLES = {"client": role_client, "naive": role_naive, "redispy": role_redispy}
+def role_bare(args: dict[str, Any]) -> dict[str, Any]:
+    """The latency baseline: a bare Twisted server that cuts, decodes and ACKs at once
+    (no sink, no batching), on the port given."""
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory, Protocol
+
+    from teltonika.codecs import CodecRegistry
+    from teltonika.wire import Framer, ImeiFrame, tcp_ack
+    from teltonika.wire.codecs import BUILTIN_CODECS
+
+    registry = CodecRegistry(BUILTIN_CODECS)
+
+    class Bare(Protocol):
+        def connectionMade(self) -> None:
+            self.framer = Framer()
+
+        def dataReceived(self, data: bytes) -> None:
+            for frame in self.framer.feed(data):
+                if isinstance(frame, ImeiFrame):
+                    self.transport.write(b"\x01")  # type: ignore[union-attr]
+                elif hasattr(frame, "raw"):
+                    _codec, packet = registry.decode_frame(frame.raw)
+                    self.transport.write(tcp_ack(len(packet.records)))  # type: ignore
+
+    reactor.listenTCP(args["port"], Factory.forProtocol(Bare), interface="127.0.0.1")
+    reactor.run()
+    return {}
+
+
+ROLES = {"client": role_client, "naive": role_naive, "redispy": role_redispy, "bare": role_bare}
 
 
 def run_role(role: str, args: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
@@ -362,7 +391,7 @@ def part_throughput(opts: argparse.Namespace, workdir: Path) -> None:
         print(f"  {'baseline redis-py pipeline':<28} {redispy['records_per_s']:>9,.0f} records/s"
               f"  ({redispy['parser']})", flush=True)
         figures = {}
-        for label, url, args in (
+        for label, _url, args in (
             ("server -> Redis (memory)", redis.url, ["--redis", redis.url]),
             ("server -> Redis (fsync)", aof.url,
              ["--redis", aof.url, "--redis-durability", "fsync"]),
@@ -390,6 +419,18 @@ def part_paced(opts: argparse.Namespace, workdir: Path) -> None:
     print(f"\n2. Paced load: {opts.paced_rate:,} frames/s ({devices} devices x {rate:g}/s), "
           f"{opts.seconds:g} s", flush=True)
     redis = Redis()
+    bare_port = free_port()
+    bare = subprocess.Popen(
+        [sys.executable, __file__, "--role", "bare", json.dumps({"port": bare_port})],
+        env=_env(), stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(bare_port)
+        result = drive(bare_port, devices, opts.seconds, rate_per_device=rate)
+        report("baseline bare decode+ACK", result, rss_kib(bare.pid))
+    finally:
+        bare.terminate()
+        bare.wait(10)
     try:
         for label, args in (
             ("server -> Redis (memory)", ["--redis", redis.url]),
