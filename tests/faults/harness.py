@@ -25,7 +25,7 @@ from tests.servers import free_port, wait_for_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
@@ -69,7 +69,7 @@ class ServerProcess:
         log.write(f"\n=== start {self.starts}: {' '.join(argv)}\n".encode())
         log.flush()
         self.process = subprocess.Popen(
-            argv, cwd=str(self.directory), env=_env(), stdout=log, stderr=subprocess.STDOUT
+            argv, cwd=str(self.directory), env=child_env(), stdout=log, stderr=subprocess.STDOUT
         )
         log.close()
         try:
@@ -173,7 +173,7 @@ class Simulation:
         ]  # fmt: skip
         self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 (closed in result())
         self.process = subprocess.Popen(
-            argv, cwd=str(ROOT), env=_env(), stdout=subprocess.PIPE, stderr=self._stderr
+            argv, cwd=str(ROOT), env=child_env(), stdout=subprocess.PIPE, stderr=self._stderr
         )
 
     def result(self, timeout: float) -> tuple[int, dict[str, Any]]:
@@ -210,7 +210,7 @@ def verify(ledger_path: Path, *sink: str) -> tuple[int, dict[str, Any]]:
             *sink,
         ],
         cwd=str(ROOT),
-        env=_env(),
+        env=child_env(),
         capture_output=True,
         timeout=120,
         check=False,
