@@ -230,8 +230,8 @@ class Options(usage.Options):
             )
         if self["max-pending-frames"] < 1:
             raise usage.UsageError("--max-pending-frames must be at least 1")
-        if not self["instance-id"]:
-            raise usage.UsageError("--instance-id must not be empty")
+        if not self["instance-id"] or not self["instance-id"].isprintable():
+            raise usage.UsageError("--instance-id must be non-empty printable text")
         if self["command-queue-max"] < 1 or self["command-timeout"] <= 0:
             raise usage.UsageError("--command-queue-max and --command-timeout must be > 0")
         if self["heartbeat-interval"] <= 0 or self["janitor-interval"] <= 0:

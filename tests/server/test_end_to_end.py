@@ -219,3 +219,22 @@ def test_sigkill_loses_nothing_acked_redis(servers: list[ServerProcess], tmp_pat
     stored = {int(fields["timestamp_ms"]) for _, fields in client.xrange(TELEMETRY_STREAM)}
     client.close()
     assert set(acked) <= stored
+
+
+def test_devices_file_reloaded_on_sighup(servers: list[ServerProcess], tmp_path: Path) -> None:
+    """--devices file:PATH: an unknown IMEI is refused; after the list is edited and the
+    server gets SIGHUP, the same IMEI logs in."""
+    devices = tmp_path / "devices.txt"
+    devices.write_text("490154203237518\n")
+    server = start(servers, tmp_path, "--metrics", "off", "--devices", f"file:{devices}")
+    device = Device(server.port)
+    device.send(encode_login(IMEI))
+    assert device.recv_exactly(1) == b"\x00"
+    device.close()
+    devices.write_text(f"490154203237518\n{IMEI}\n")
+    server.process.send_signal(signal.SIGHUP)
+    server.wait_for_log("2 IMEIs")
+    device = Device(server.port)
+    device.send(encode_login(IMEI))
+    assert device.recv_exactly(1) == b"\x01"
+    device.close()

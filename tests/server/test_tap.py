@@ -73,7 +73,8 @@ def test_parsing() -> None:
         (["--login-timeout", "soon"], "Parameter type enforcement failed"),
         (["--max-connections", "-1"], "Parameter type enforcement failed"),
         (["--udp-port", "x:y"], "--udp-port must be PORT or INTERFACE:PORT"),
-        (["--instance-id", ""], "--instance-id must not be empty"),
+        (["--instance-id", ""], "--instance-id must be non-empty printable text"),
+        (["--instance-id", "a\x00b"], "--instance-id must be non-empty printable text"),
     ],
 )
 def test_usage_errors(argv: list[str], message: str) -> None:
