@@ -309,9 +309,7 @@ def capacity(opts: argparse.Namespace, workdir: Path) -> None:
         server = Process.teltonika(workdir, "--output", str(workdir / "idle.jsonl"))
         empty = settle_rss(server.pid, 1.0)
         clients = start_idle_fleet(server.port, step, opts.per_process, 350000000000000)
-        logged = wait_connected(
-            lambda s=server: s.metric("teltonika_logins_total"), step, 180
-        )
+        logged = wait_connected(lambda s=server: s.metric("teltonika_logins_total"), step, 180)
         ours_per = (settle_rss(server.pid, 2.5) - empty) / max(logged, 1)
         stop_all(clients)
         server.close()
@@ -393,8 +391,10 @@ def throughput(opts: argparse.Namespace, workdir: Path) -> None:
           f"{summary['broken_promises']}; server RSS {rss / KIB:.0f} MiB")  # fmt: skip
     window = second[0] - first[0]
     shares = ", ".join(f"{name} {used / window:.0%}" for name, used in cpu.items())
-    print(f"  CPU use in the window (of one core): {shares} -- the simulator shares the "
-          "2 cores with the server and Redis; the redis-py baseline ran alone")
+    print(
+        f"  CPU use in the window (of one core): {shares} -- the simulator shares the "
+        "2 cores with the server and Redis; the redis-py baseline ran alone"
+    )
 
 
 def stream_length(redis: Redis) -> int:
@@ -440,8 +440,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="part", required=True)
     cap = sub.add_parser("capacity")
-    cap.add_argument("--max-devices", type=int, default=0,
-                     help="largest step (default: the open-file limit minus 100)")
+    cap.add_argument(
+        "--max-devices",
+        type=int,
+        default=0,
+        help="largest step (default: the open-file limit minus 100)",
+    )
     cap.add_argument("--per-process", type=int, default=5000)
     thr = sub.add_parser("throughput")
     thr.add_argument("--devices", type=int, default=200)
