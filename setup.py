@@ -7,4 +7,4 @@ The warning "package init file 'twisted/plugins/__init__.py' not found" is expec
 
 from setuptools import find_packages, setup
 
-setup(packages=find_packages(include=["teltonika", "teltonika.*"]) + ["twisted.plugins"])
+setup(packages=[*find_packages(include=["teltonika", "teltonika.*"]), "twisted.plugins"])
