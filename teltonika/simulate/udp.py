@@ -119,10 +119,11 @@ class UDPDevice:
         self._inflight = (records, datagram, corrupt, 0.0, 0)
         self._transmit()
 
-    def _transmit(self) -> None:
+    def _transmit(self, resend: bool = True) -> None:
+        """Send the datagram in flight; *resend* False: the intact copy after a corrupt one."""
         assert self._inflight is not None and self.send is not None
         records, datagram, corrupt, _, attempts = self._inflight
-        if attempts and not corrupt:
+        if attempts and not corrupt and resend:
             self.ledger.count("resent")
         self.ledger.count("frames_sent")
         self.ledger.count("records_sent", len(records))
@@ -146,6 +147,8 @@ class UDPDevice:
         if corrupt:
             self.ledger.count("corrupt_rejected")
             self._inflight = (records, datagram, False, sent_at, attempts)
+            self._transmit(resend=False)
+            return
         self._backoff = min(self._backoff * 2, self.config.backoff_max_s)
         self._transmit()
 
@@ -169,7 +172,7 @@ class UDPDevice:
         elif corrupt:
             self.ledger.count("corrupt_rejected")
             self._inflight = (records, datagram, False, sent_at, _attempts)
-            self._transmit()
+            self._transmit(resend=False)
             return
         elif accepted == 0:
             self.ledger.count("rejected")

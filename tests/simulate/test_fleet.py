@@ -11,7 +11,7 @@ from twisted.internet.protocol import DatagramProtocol
 from teltonika.codecs import load_codecs
 from teltonika.simulate.device import DeviceConfig
 from teltonika.simulate.fleet import Fleet, imei_for
-from teltonika.wire import CODEC_8, CODEC_16, decode_udp, udp_ack
+from teltonika.wire import CODEC_8, CODEC_16, DecodeError, decode_udp, udp_ack
 
 from .fakeserver import FakeServerFactory
 
@@ -142,3 +142,41 @@ async def test_udp_fleet_resends_after_a_lost_datagram() -> None:
     assert ledger.broken_promises == 0
     acked = {(imei, stamp) for imei, stamps in ledger.acked.items() for stamp in stamps}
     assert acked <= set(server.records)
+
+
+class CheckingUDPServer(DatagramProtocol):
+    """ACKs valid datagrams; ignores malformed ones (as a correct server does)."""
+
+    def __init__(self) -> None:
+        self.bad = 0
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        try:
+            packet = decode_udp(datagram)
+        except DecodeError:
+            self.bad += 1
+            return
+        self.transport.write(
+            udp_ack(packet.packet_id, packet.avl_packet_id, len(packet.packet.records)), addr
+        )
+
+
+@pytest_twisted.ensureDeferred
+async def test_udp_corrupt_datagrams_are_not_acked_then_sent_intact() -> None:
+    """A UDP datagram sent corrupt (N1 != N2) must go unanswered; the intact one follows."""
+    server = CheckingUDPServer()
+    port = reactor.listenUDP(0, server, interface="127.0.0.1")
+    try:
+        config = DeviceConfig(
+            records_per_frame=2, interval_s=0.05, max_frames=4, ack_timeout_s=0.1,
+            corrupt_rate=0.5,
+        )  # fmt: skip
+        fleet = Fleet(reactor, config, "127.0.0.1", port.getHost().port, 5, 5000, seed=4, udp=True)
+        ledger = await fleet.run(None, drain_s=5.0)
+    finally:
+        await port.stopListening()
+    assert ledger.counts["corrupt_sent"] == server.bad > 0
+    assert ledger.counts["corrupt_rejected"] == ledger.counts["corrupt_sent"]
+    assert ledger.counts["resent"] == 0
+    assert ledger.counts["records_acked"] == 5 * 4 * 2
+    assert ledger.broken_promises == 0
