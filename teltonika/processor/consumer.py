@@ -4,8 +4,9 @@ Invariants (seed 003, seed 004 rules 4, 5 and 7):
 
 * an entry is XACKed only after the transaction holding its row committed (or after it
   went to the dead-letter stream); a batch that fails stays pending;
-* at most one batch is in memory: while PostgreSQL is down the same batch is retried
-  with backoff and nothing more is read (memory stays flat); its entries are kept
+* at most two batches are in memory (one being written, one read ahead): while
+  PostgreSQL is down the same batch is retried with backoff and nothing more is read
+  (memory stays flat); its entries are kept
   "fresh" with ``XCLAIM ... JUSTID`` so another processor does not claim them meanwhile;
 * on start a consumer first re-reads its own pending entries (a crash between COMMIT and
   XACK then gives duplicates, which ``ON CONFLICT DO NOTHING`` absorbs), then new ones;
@@ -34,6 +35,17 @@ from teltonika.processor.metrics import ProcessorMetrics
 from teltonika.processor.state import DeviceSnapshot, DeviceState
 from teltonika.processor.streams import DeadLetter, Entry, Streams
 from teltonika.processor.writer import WriteOutcome, write_batch
+
+
+@attrs.define
+class Batch:
+    """A batch read and checked, not yet written: what :meth:`Consumer.commit` needs."""
+
+    entries: Sequence[Entry]
+    redelivered: bool
+    started: float
+    positions: list[Position] = attrs.field(factory=list)
+    dead: list[DeadLetter] = attrs.field(factory=list)
 
 
 @attrs.frozen
@@ -191,13 +203,20 @@ class Consumer:
 
     # -- the loop ------------------------------------------------------------------------
     async def _loop(self) -> None:
+        """Own pending entries first (one batch at a time), then new ones with one batch of
+        read-ahead: batch N+1 is read and checked while batch N is being written, so at
+        most two batches are ever held and Redis/decoding overlap the database."""
         config = self.config
-        cursor = "0"  # own pending entries first, then ">" (new ones)
+        cursor = "0"
         next_claim = 0.0
         delay = config.retry_initial
+        in_flight: Deferred[bool] | None = None
         while not self.stopping:
             try:
                 if cursor == ">" and self.clock.seconds() >= next_claim:
+                    if in_flight is not None:
+                        await in_flight
+                        in_flight = None
                     next_claim = self.clock.seconds() + config.claim_interval
                     await self._claim_idle()
                     continue
@@ -219,7 +238,13 @@ class Consumer:
                 cursor = entries[-1].entry_id
                 await self.process(entries, redelivered=True)
             elif entries:
-                await self.process(entries, redelivered=False)
+                batch = await self.prepare(entries, redelivered=False)
+                if in_flight is not None:
+                    await in_flight
+                in_flight = Deferred.fromCoroutine(self.commit(batch))
+                in_flight.addErrback(self._crashed)
+        if in_flight is not None:
+            await in_flight
 
     def _redis_failed(self, what: str, error: Exception) -> None:
         self.metrics.redis_errors.inc()
@@ -254,36 +279,46 @@ class Consumer:
     # -- one batch -------------------------------------------------------------------------
     async def process(self, entries: Sequence[Entry], redelivered: bool) -> bool:
         """Write one batch and acknowledge it; False when abandoned (stays pending)."""
-        started = self.clock.seconds()
+        return await self.commit(await self.prepare(entries, redelivered))
+
+    async def prepare(self, entries: Sequence[Entry], redelivered: bool) -> Batch:
+        """Check a batch against the contract (and the delivery limit); no database work."""
         metrics = self.metrics
+        batch = Batch(entries=entries, redelivered=redelivered, started=self.clock.seconds())
         metrics.entries_read.inc(len(entries))
         metrics.batch_size.observe(len(entries))
-        ack_ids = [e.entry_id for e in entries]
         live = [e for e in entries if e.fields is not None]
         if len(live) != len(entries):
             metrics.entries_deleted.inc(len(entries) - len(live))
-        dead: list[DeadLetter] = []
         if redelivered and live:
-            live = await self._over_delivered(live, dead)
-        positions: list[Position] = []
-        fields_of: dict[str, list[Any]] = {}
+            live = await self._over_delivered(live, batch.dead)
+        positions = batch.positions
         for entry in live:
             fields = entry.fields or []
             try:
                 positions.append(parse_entry(entry.entry_id, fields_dict(fields)))
-                fields_of[entry.entry_id] = fields
             except ContractError as e:
-                dead.append(DeadLetter(entry.entry_id, fields, e.reason, e.detail))
-        missing = self.state.missing(p.device_id for p in positions)
+                batch.dead.append(DeadLetter(entry.entry_id, fields, e.reason, e.detail))
+        return batch
+
+    async def commit(self, batch: Batch) -> bool:
+        """Rehydrate + write + dead-letter + XACK one prepared batch; False when abandoned."""
+        metrics = self.metrics
+        positions = batch.positions
+        dead = batch.dead
+        ack_ids = [e.entry_id for e in batch.entries]
+        missing = self.state.missing([p.device_id for p in positions])
         outcome = await self._write(positions, missing, ack_ids)
         if outcome is None:
             return False
         rejected = {position.entry_id for position, _ in outcome.rejected}
-        for position, why in outcome.rejected:
-            dead.append(
-                DeadLetter(position.entry_id, fields_of[position.entry_id],
-                           "rejected_by_database", why)
-            )
+        if rejected:
+            fields_of = {e.entry_id: e.fields or [] for e in batch.entries}
+            for position, why in outcome.rejected:
+                dead.append(
+                    DeadLetter(position.entry_id, fields_of[position.entry_id],
+                               "rejected_by_database", why)
+                )
         if missing:
             metrics.rehydration_queries.inc()
         self._update_state(positions, rejected, outcome)
@@ -301,12 +336,13 @@ class Consumer:
         self.batches += 1
         metrics.acked.inc(len(ack_ids))
         metrics.devices.set(len(self.state))
-        metrics.batch_seconds.observe(self.clock.seconds() - started)
+        seconds = self.clock.seconds() - batch.started
+        metrics.batch_seconds.observe(seconds)
         self._log.debug(
             "Batch written: {count} entries, inserted={inserted} duplicates={duplicates} "
-            "dead={dead} redelivered={redelivered}",
-            count=len(entries), inserted=outcome.inserted, duplicates=outcome.duplicates,
-            dead=len(dead), redelivered=redelivered,
+            "dead={dead} redelivered={redelivered} in {seconds:.4f}s",
+            count=len(batch.entries), inserted=outcome.inserted, duplicates=outcome.duplicates,
+            dead=len(dead), redelivered=batch.redelivered, seconds=seconds,
         )
         return True
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import Service
@@ -32,6 +32,7 @@ def hard_exit() -> None:
 class ProcessorService(Service):
     """Runs a :class:`Consumer` plus a stats/trim timer.
 
+    :param redis: the txredisapi connections to close at shutdown.
     :param trim: trim the stream every *trim_interval* seconds (``--trim``).
     :param force_exit: called when shutdown exceeds *shutdown_timeout* seconds.
     """
@@ -41,7 +42,7 @@ class ProcessorService(Service):
     def __init__(
         self,
         consumer: Consumer,
-        redis: Any,
+        redis: Sequence[Any],
         clock: IReactorTime,
         *,
         trim: bool = False,
@@ -130,9 +131,8 @@ class ProcessorService(Service):
         self._log.info("Processor stopping: finishing the batch in flight")
         try:
             await self.consumer.stop()
-            disconnect = getattr(self.redis, "disconnect", None)
-            if disconnect is not None:
-                await (disconnect() or succeed(None))
+            for connection in self.redis:
+                await (connection.disconnect() or succeed(None))
             self.consumer.database.stop()
             self._log.info("Processor stopped")
         finally:

@@ -80,6 +80,8 @@ class Streams:
     """Commands on *stream* for consumer *consumer* of *group*.
 
     :param redis: a txredisapi connection (see :func:`teltonika.redis.connect.lazy_connection`).
+    :param reader: a second connection for XREADGROUP only (default *redis*): a blocking
+        read must not queue the XACKs of the batch being written behind it.
     :param timeout: seconds any command may take (plus the BLOCK time for reads).
     """
 
@@ -93,8 +95,10 @@ class Streams:
         dead_stream: str = DEAD_STREAM,
         dead_maxlen: int = 1_000_000,
         timeout: float = 10.0,
+        reader: Any = None,
     ) -> None:
         self.redis = redis
+        self.reader = redis if reader is None else reader
         self.clock = clock
         self.stream = stream
         self.group = group
@@ -103,14 +107,19 @@ class Streams:
         self.dead_maxlen = dead_maxlen
         self.timeout = timeout
 
-    def command(self, *args: Any, timeout: float | None = None) -> Deferred[Any]:
+    def command(
+        self, *args: Any, timeout: float | None = None, connection: Any = None
+    ) -> Deferred[Any]:
         """Run one command with a timeout (raises ``TimeoutError`` when it expires)."""
-        d: Deferred[Any] = Deferred.fromCoroutine(self._command(args))
+        d: Deferred[Any] = Deferred.fromCoroutine(
+            self._command(self.redis if connection is None else connection, args)
+        )
         d.addTimeout(self.timeout if timeout is None else timeout, self.clock)
         return d
 
-    async def _command(self, args: Sequence[Any]) -> Any:
-        return await self.redis.execute_command(*args)
+    @staticmethod
+    async def _command(connection: Any, args: Sequence[Any]) -> Any:
+        return await connection.execute_command(*args)
 
     async def ping(self) -> None:
         await self.command("PING")
@@ -133,7 +142,7 @@ class Streams:
             args += ["BLOCK", block_ms]
             timeout += block_ms / 1000
         args += ["STREAMS", self.stream, cursor]
-        reply = await self.command(*args, timeout=timeout)
+        reply = await self.command(*args, timeout=timeout, connection=self.reader)
         if not reply:
             return []
         return _entries(reply[0][1])

@@ -131,6 +131,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
 
     from teltonika.processor.consumer import Consumer, ConsumerConfig
     from teltonika.processor.database import Database, redact_dsn
+    from teltonika.processor.fastreader import reader_connection
     from teltonika.processor.metrics import ProcessorMetrics
     from teltonika.processor.migrations import apply_migrations
     from teltonika.processor.service import ProcessorService
@@ -144,11 +145,12 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
     block_ms = int(options["block-ms"])
     address = options.get("redis-address") or parse_redis_url(options["redis"])
     timeout = 10.0
-    redis = lazy_connection(address, reply_timeout=timeout + block_ms / 1000)
+    redis = lazy_connection(address, reply_timeout=timeout)
+    reader = reader_connection(address, reply_timeout=timeout + block_ms / 1000)
     streams = Streams(
         redis, reactor, options["stream"], options["group"], options["consumer"],
         dead_stream=options["dead-stream"], dead_maxlen=int(options["dead-maxlen"]),
-        timeout=timeout,
+        timeout=timeout, reader=reader,
     )
     database = Database(options["postgres"], reactor)
     consumer = Consumer(
@@ -174,7 +176,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
         )
         ops.setServiceParent(top)
     processor = ProcessorService(
-        consumer, redis, reactor,
+        consumer, [reader, redis], reactor,
         trim=bool(options["trim"]),
         trim_interval=float(options["trim-interval"]),
         stats_interval=float(options["stats-interval"]),

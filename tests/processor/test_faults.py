@@ -31,10 +31,11 @@ async def http_status(port: int, path: str) -> int:
 
 @pytest_twisted.ensureDeferred
 async def test_postgres_stopped_mid_run(processors, rds, pg_dsn, postgres_server, logged_errors):
-    """While PostgreSQL is down nothing is acknowledged, /readyz answers 503, only one
-    batch is held (nothing more is read), and everything is written once it is back."""
+    """While PostgreSQL is down nothing is acknowledged, /readyz answers 503, at most two
+    batches are held (nothing more is read), and everything is written once it is back."""
     port = free_port()
-    service = processors.start("--metrics", f"tcp:{port}:interface=127.0.0.1")
+    service = processors.start("--metrics", f"tcp:{port}:interface=127.0.0.1",
+                               "--batch-size", "5")
     consumer = service.processor.consumer
     for i in range(5):
         xadd(rds, entry(imei=imei(i), rec=record(i)))
@@ -53,7 +54,9 @@ async def test_postgres_stopped_mid_run(processors, rds, pg_dsn, postgres_server
     held = pending(rds)
     read = sample(service, "teltonika_processor_entries_read_total")
     assert sample(service, "teltonika_processor_entries_acked_total") == 5
-    assert 1 <= held <= 5 and read == 5 + held  # one batch held; the rest is not read
+    # what was read is held (one batch being retried, at most one read ahead), the rest
+    # stays unread in the stream: memory is flat during the outage
+    assert 1 <= held <= 10 and read == 5 + held
     assert not consumer.ready()
     assert await http_status(port, "/readyz") == 503
     assert await http_status(port, "/healthz") == 200
@@ -93,14 +96,15 @@ async def test_sigkill_between_commit_and_xack(
     url = f"redis://noack:pw@127.0.0.1:{redis_server.port}/0"
     child, log = twistd(tmp_path, url, pg_dsn, "c1", "--batch-size", "15")
     try:
-        # first batch committed, its XACK refused: the processor retries the XACK and
-        # reads nothing more (a committed batch is never left behind unacknowledged)
-        await eventually(lambda: count(pg_dsn) == 15 and pending(rds) == 15, timeout=30)
+        # first batch committed, its XACK refused: the processor retries that XACK and
+        # writes nothing more (at most the next batch is read ahead, uncommitted)
+        await eventually(lambda: count(pg_dsn) == 15 and pending(rds) >= 15, timeout=30)
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(10)
     assert "NOPERM" in log.read_text()  # it really was stuck between COMMIT and XACK
-    assert pending(rds) == 15 and count(pg_dsn) == 15
+    held = pending(rds)
+    assert held in (15, 30) and count(pg_dsn) == 15
 
     if restart_as == "same consumer":
         service = processors.start("--consumer", "c1", "--batch-size", "15")
@@ -112,7 +116,7 @@ async def test_sigkill_between_commit_and_xack(
     assert sample(service, "teltonika_processor_duplicates_total") == 15
     assert sample(service, "teltonika_processor_rows_inserted_total") == 25
     if restart_as == "another processor":
-        assert sample(service, "teltonika_processor_entries_claimed_total") == 15
+        assert sample(service, "teltonika_processor_entries_claimed_total") == held
     assert rds.xlen(TELEMETRY_STREAM) == len(ids)
     rds.execute_command("ACL", "DELUSER", "noack")
 
