@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/ingest.py                 # about 2-3 minutes
+    python benchmarks/ingest.py                 # about 3 minutes
     python benchmarks/ingest.py --seconds 4 --devices 100 --idle 2000   # quicker
 
 Everything runs on this machine and is torn down at the end: a throwaway
@@ -490,7 +490,7 @@ def main() -> None:
         print(json.dumps(result), flush=True)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=8.0, help="length of each run")
+    parser.add_argument("--seconds", type=float, default=6.0, help="length of each run")
     parser.add_argument("--devices", type=int, default=200, help="devices for part 1")
     parser.add_argument("--paced-rate", type=int, default=2000, help="frames/s in part 2")
     parser.add_argument("--idle", type=int, default=10_000, help="idle devices in part 3")
