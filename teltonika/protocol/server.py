@@ -133,6 +133,7 @@ class DeviceProtocol(Protocol):
         self._busy = False
         self._pumping = False
         self._paused = False
+        self._draining = False
         self._closing = False
         self._login_timer: IDelayedCall | None = None
         self._idle_timer: IDelayedCall | None = None
@@ -257,7 +258,7 @@ class DeviceProtocol(Protocol):
                     d.addBoth(self._frame_done)
         finally:
             self._pumping = False
-        if self._paused and not self._closing and len(self._queue) * 2 < max(
+        if self._paused and not self._closing and not self._draining and len(self._queue) * 2 < max(
             self.factory.settings.max_pending_frames, 2
         ):
             self._paused = False
@@ -478,6 +479,7 @@ class DeviceProtocol(Protocol):
 
     def stop_reading(self) -> None:
         """Read no more frames (shutdown); those already queued are still handled."""
+        self._draining = True
         if not self._paused and not self._lost and self.transport is not None:
             self._paused = True
             self.transport.pauseProducing()  # type: ignore[attr-defined]

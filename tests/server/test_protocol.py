@@ -420,6 +420,7 @@ def test_drain_lets_in_flight_frames_finish_then_close_all() -> None:
     sink.calls[0][4].callback(None)
     assert drained.called
     assert transport.value() == tcp_ack(1)
+    assert transport.producerState == "paused"  # finishing a frame does not resume reading
     closed = h.factory.close_all(5.0)
     assert transport.disconnecting and not closed.called
     h.clock.advance(5.0)
