@@ -119,3 +119,26 @@ def test_any_encoded_record_parses_back(io, lat, lon, ts):
         str(io_id): value.hex() if width == NX else value for io_id, (width, value) in io
     }
     assert orjson.loads(p.io) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"1": 5, "2" :{"__bigint" : "18446744073709551615"}}', {"1": 5, "2": 2**64 - 1}),
+        ('{"007":1}', {"007": 1}),
+        ('{"1":{"__buffer_b64":"AAE="}}', {"1": "0001"}),
+        ('{"1":{"__bigint":"007"}}', {"1": 7}),
+        ("{}", {}),
+    ],
+)
+def test_io_general_and_fast_paths_agree(text, expected):
+    """Bags the fast path does not recognise (spaces, leading zeros) are read by the
+    general path with the same result."""
+    assert orjson.loads(reverse_io(text)) == expected
+
+
+def test_unusual_but_valid_fields_take_the_general_path():
+    """A generation type the fast path does not accept still parses field by field."""
+    fields = fields_of(entry_fields("356307042441013", "16", RECORD, 5, "i1"))
+    fields["generation_type"] = "1234567"
+    assert parse_entry("1-0", fields).generation_type == "1234567"
