@@ -376,6 +376,7 @@ def makeService(
         file_authority=file_authority,
         reactor=reactor,
         on_closed=[server.disconnect_redis],
+        freeze_gc=on_fatal is None,  # a real twistd process, not a test
     )
     ingestion.setName("ingestion")  # type: ignore[no-untyped-call]
     ingestion.setServiceParent(root)  # type: ignore[no-untyped-call]
