@@ -164,6 +164,10 @@ class Processor:
         text = self.log.read_text()
         return [float(x) for x in re.findall(r"Batch written: .* in ([0-9.]+)s", text)]
 
+    def db_latencies(self) -> list[float]:
+        text = self.log.read_text()
+        return [float(x) for x in re.findall(r"Batch written: .*\(database ([0-9.]+)s\)", text)]
+
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         try:
@@ -242,6 +246,7 @@ def main() -> int:
             seconds = drain(client, processor, "processor", args.entries)
             rss, hwm = processor.rss_kb()
             lat = processor.latencies()
+            db_lat = processor.db_latencies()
         finally:
             processor.stop()
         with psycopg.connect(dsn) as conn:
@@ -250,6 +255,7 @@ def main() -> int:
         rate = args.entries / seconds
         print(f"2. processor end to end: {rate:,.0f} rows/s ({seconds:.1f} s), "
               f"batch p50 {pct(lat, .5) * 1000:.1f} ms p99 {pct(lat, .99) * 1000:.1f} ms, "
+              f"(database part p50 {pct(db_lat, .5) * 1000:.1f} ms), "
               f"RSS {rss / 1024:.0f} MiB (peak {hwm / 1024:.0f} MiB); "
               f"{rate / base_rate:.0%} of baseline")
 

@@ -340,9 +340,10 @@ class Consumer:
         metrics.batch_seconds.observe(seconds)
         self._log.debug(
             "Batch written: {count} entries, inserted={inserted} duplicates={duplicates} "
-            "dead={dead} redelivered={redelivered} in {seconds:.4f}s",
+            "dead={dead} redelivered={redelivered} in {seconds:.4f}s (database {db_seconds:.4f}s)",
             count=len(batch.entries), inserted=outcome.inserted, duplicates=outcome.duplicates,
             dead=len(dead), redelivered=batch.redelivered, seconds=seconds,
+            db_seconds=outcome.seconds,
         )
         return True
 

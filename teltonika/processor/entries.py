@@ -93,6 +93,20 @@ class Position:
     io: str
     """The IO bag as JSON text with the sentinels already reversed."""
 
+    def copy_line(self) -> str:
+        """The row as one line of COPY text format (tab separated, ``\\N`` for NULL).
+
+        Only ``instance_id`` and ``io`` can hold characters COPY must escape; every other
+        value matched a digits-only pattern.
+        """
+        return "\t".join((
+            self.device_id, str(self.timestamp_ms), str(self.received_at_ms), self.latitude,
+            self.longitude, self.altitude, self.angle, self.speed, self.satellites,
+            self.priority, self.event_io_id,
+            "\\N" if self.generation_type is None else self.generation_type,
+            self.codec, _copy_escape(self.instance_id), _copy_escape(self.io),
+        ))
+
     def copy_row(self) -> tuple[str | None, ...]:
         """The values in :data:`teltonika.processor.writer.COPY_COLUMNS` order."""
         return (
@@ -112,6 +126,16 @@ class Position:
             self.instance_id,
             self.io,
         )
+
+
+def _copy_escape(value: str) -> str:
+    """Escape a value for COPY text format (backslash first)."""
+    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
+        return (
+            value.replace("\\", "\\\\").replace("\t", "\\t")
+            .replace("\n", "\\n").replace("\r", "\\r")
+        )
+    return value
 
 
 def fields_dict(flat: list[object] | None) -> dict[str, object]:

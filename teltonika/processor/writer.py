@@ -17,6 +17,7 @@ Runs on the database thread (:class:`teltonika.processor.database.Database`).
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Sequence
 from typing import Any, Final
@@ -87,6 +88,8 @@ class WriteOutcome:
     rejected: list[tuple[Position, str]] = attrs.field(factory=list)
     latest: list[LatestRow] = attrs.field(factory=list)
     transactions: int = 0
+    seconds: float = 0.0
+    """Time spent on the database thread for this batch."""
 
 
 def _prepare(connection: psycopg.Connection[Any]) -> None:
@@ -96,9 +99,11 @@ def _prepare(connection: psycopg.Connection[Any]) -> None:
 
 
 def _copy_insert(cursor: psycopg.Cursor[Any], rows: Sequence[Position]) -> int:
+    # one COPY payload built in one go (Position.copy_line) rather than a write_row call
+    # per row: less time on this thread holding the GIL the reactor thread also needs
+    data = "\n".join([row.copy_line() for row in rows]) + "\n"
     with cursor.copy(_COPY) as copy:
-        for row in rows:
-            copy.write_row(row.copy_row())
+        copy.write(data.encode("utf-8"))
     cursor.execute(_INSERT)
     return max(cursor.rowcount, 0)
 
@@ -121,6 +126,7 @@ def write_batch(
     :param rehydrate: device ids whose latest stored position the caller wants (read
         before this batch is written, so "latest" means "before this batch").
     """
+    started = time.perf_counter()
     _prepare(connection)
     outcome = WriteOutcome(latest=fetch_latest(connection, rehydrate))
     if not rows:
@@ -138,6 +144,7 @@ def write_batch(
     finally:
         cursor.close()
     outcome.duplicates = len(rows) - len(outcome.rejected) - outcome.inserted
+    outcome.seconds = time.perf_counter() - started
     return outcome
 
 

@@ -142,3 +142,12 @@ def test_unusual_but_valid_fields_take_the_general_path():
     fields = fields_of(entry_fields("356307042441013", "16", RECORD, 5, "i1"))
     fields["generation_type"] = "1234567"
     assert parse_entry("1-0", fields).generation_type == "1234567"
+
+
+def test_copy_line_escapes_free_text():
+    """instance_id and io are the only free text; COPY's special characters are escaped."""
+    fields = fields_of(entry_fields("356307042441013", "8", RECORD, 5, "a\tb\\c\nd"))
+    fields["io"] = '{"1":\n2}'
+    line = parse_entry("1-0", fields).copy_line()
+    assert line.split("\t")[-2:] == ["a\\tb\\\\c\\nd", '{"1":\\n2}']
+    assert line.split("\t")[11] == "\\N"  # no generation type: NULL
