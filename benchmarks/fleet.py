@@ -351,6 +351,14 @@ def redispy_baseline(url: str, seconds: float) -> float:
 
 def throughput(opts: argparse.Namespace, workdir: Path) -> None:
     raise_nofile()
+    bare = Process.bare(workdir, "ack")
+    try:
+        ceiling = simulate(
+            bare.port, "--devices", str(opts.devices), "--records-per-frame",
+            str(opts.records), "--interval", "0", "--duration", "10", "--keepalive", "0",
+        )  # fmt: skip
+    finally:
+        bare.close()
     redis = Redis()
     try:
         baseline = redispy_baseline(redis.url, 5.0)
@@ -385,6 +393,8 @@ def throughput(opts: argparse.Namespace, workdir: Path) -> None:
     print(f"  baseline redis-py + hiredis, 100-XADD pipelines: {baseline:10,.0f} records/s")
     print(f"  teltonika server -> Redis stream (steady):       {steady:10,.0f} records/s  "
           f"= {steady / baseline:.0%} of baseline (target >= 50%)")  # fmt: skip
+    print(f"  fleet ceiling (same fleet, bare decode+ACK server, no sink): "
+          f"{ceiling['records_per_s']:10,.0f} records/s")  # fmt: skip
     print(f"  simulator saw: {summary['records_acked']:,} records ACKed, "
           f"{summary['frames_per_s']:,.0f} frames/s, ACK p50 {summary['ack_latency_ms_p50']} ms "
           f"p99 {summary['ack_latency_ms_p99']} ms; broken promises "
