@@ -69,6 +69,11 @@ class DeviceDatagramProtocol(DatagramProtocol):
         d.addBoth(self._authorized, packet, addr)
 
     def _authorized(self, allowed: bool | Failure, packet: UDPPacket, addr: Address) -> Any:
+        if isinstance(allowed, Failure):
+            self._log.error(
+                "Device authority failed for {imei}; dropping its datagram: {error}",
+                imei=packet.imei, error=allowed.getErrorMessage(),
+            )
         if allowed is not True:
             self.metrics.datagrams.labels("rejected").inc()
             self._log.info("Datagram from {imei} refused by the device authority",
