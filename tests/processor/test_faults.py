@@ -57,6 +57,7 @@ async def test_postgres_stopped_mid_run(processors, rds, pg_dsn, postgres_server
     # what was read is held (one batch being retried, at most one read ahead), the rest
     # stays unread in the stream: memory is flat during the outage
     assert 1 <= held <= 10 and read == 5 + held
+    await eventually(lambda: sample(service, "teltonika_processor_pending") == held)
     assert not consumer.ready()
     assert await http_status(port, "/readyz") == 503
     assert await http_status(port, "/healthz") == 200

@@ -205,3 +205,17 @@ async def test_io_bag_round_trip(processors, rds, pg_dsn):
     await eventually(lambda: count(pg_dsn) == 1)
     (bag,), = query(pg_dsn, "select io::text from positions")
     assert orjson.loads(bag) == {"1": 0, "21": 5, "66": 65535, "241": 24602, "11": 2**53 - 1}
+
+
+@pytest_twisted.ensureDeferred
+async def test_free_text_and_binary_values(processors, rds, pg_dsn, logged_errors):
+    """An instance id with COPY's special characters is stored exactly; a field that is not
+    UTF-8 is dead-lettered as bad_field, never written."""
+    xadd(rds, with_field(entry(rec=record(0)), "instance_id", "a\tb\\c\nd"))
+    bad = xadd(rds, with_field(entry(rec=record(1)), "imei", b"\xff\xfe35630704244101"))
+    processors.start()
+    await eventually(lambda: count(pg_dsn) == 1 and rds.xlen(DEAD) == 1 and pending(rds) == 0)
+    assert query(pg_dsn, "select instance_id from positions") == [("a\tb\\c\nd",)]
+    (_, letter), = rds.xrange(DEAD)
+    assert (letter["dead.id"], letter["dead.reason"]) == (bad, "bad_field")
+    assert len(logged_errors.flush(DEAD_FORMAT)) == 1
