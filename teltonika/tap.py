@@ -234,6 +234,8 @@ class Options(usage.Options):
             raise usage.UsageError("--instance-id must be non-empty printable text")
         if self["command-queue-max"] < 1 or self["command-timeout"] <= 0:
             raise usage.UsageError("--command-queue-max and --command-timeout must be > 0")
+        if self["offline-max-attempts"] < 1:
+            raise usage.UsageError("--offline-max-attempts must be at least 1")
         if self["heartbeat-interval"] <= 0 or self["janitor-interval"] <= 0:
             raise usage.UsageError("--heartbeat-interval and --janitor-interval must be > 0")
         if self["heartbeat-ttl"] <= self["heartbeat-interval"]:

@@ -48,6 +48,7 @@ def test_command_option_defaults() -> None:
         ["--command-timeout", "0"],
         ["--heartbeat-interval", "100"],
         ["--janitor-interval", "0"],
+        ["--offline-max-attempts", "0"],
     ],
 )
 def test_command_option_errors(argv: list[str]) -> None:
