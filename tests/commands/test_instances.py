@@ -299,3 +299,23 @@ async def test_redis_outage_and_data_loss(
 
     await eventually(answered, 20, 0.1)
     logged_errors.flush()
+
+
+@pytest_twisted.ensureDeferred
+async def test_shutdown_completes_with_redis_down(
+    redis_server: Any, redis: Any, cluster: Any, logged_errors: Any
+) -> None:
+    """SIGTERM while Redis is unreachable: every command-plane step is bounded, so the
+    service stops (registry entries are left for the janitors)."""
+    a = await cluster("a")
+    await cluster.device(a, IMEI_A)
+    await eventually(lambda: _has(redis, {IMEI_A: "a"}))
+    redis_server.kill()
+    started = reactor.seconds()
+    try:
+        await a.stop()
+    finally:
+        redis_server.start()
+    assert reactor.seconds() - started < 30
+    assert not a.service.running
+    logged_errors.flush()
