@@ -4,9 +4,9 @@ Invariants (seed 003, seed 004 rules 4, 5 and 7):
 
 * an entry is XACKed only after the transaction holding its row committed (or after it
   went to the dead-letter stream); a batch that fails stays pending;
-* at most two batches are in memory (one being written, one read ahead): while
-  PostgreSQL is down the same batch is retried with backoff and nothing more is read
-  (memory stays flat); its entries are kept
+* at most three batches are in memory (one read ahead, one being written, one being
+  acknowledged): while PostgreSQL is down the same batch is retried with backoff and
+  nothing more is read (memory stays flat); its entries are kept
   "fresh" with ``XCLAIM ... JUSTID`` so another processor does not claim them meanwhile;
 * on start a consumer first re-reads its own pending entries (a crash between COMMIT and
   XACK then gives duplicates, which ``ON CONFLICT DO NOTHING`` absorbs), then new ones;
@@ -34,7 +34,7 @@ from teltonika.processor.entries import ContractError, Position, fields_dict, pa
 from teltonika.processor.metrics import ProcessorMetrics
 from teltonika.processor.state import DeviceSnapshot, DeviceState
 from teltonika.processor.streams import DeadLetter, Entry, Streams
-from teltonika.processor.writer import WriteOutcome, write_batch
+from teltonika.processor.writer import WriteOutcome, copy_payload, write_batch
 
 
 @attrs.define
@@ -46,6 +46,8 @@ class Batch:
     started: float
     positions: list[Position] = attrs.field(factory=list)
     dead: list[DeadLetter] = attrs.field(factory=list)
+    payload: bytes | None = None
+    """The COPY data of ``positions`` (built while the previous batch is written)."""
 
 
 @attrs.frozen
@@ -203,20 +205,20 @@ class Consumer:
 
     # -- the loop ------------------------------------------------------------------------
     async def _loop(self) -> None:
-        """Own pending entries first (one batch at a time), then new ones with one batch of
-        read-ahead: batch N+1 is read and checked while batch N is being written, so at
-        most two batches are ever held and Redis/decoding overlap the database."""
+        """Own pending entries first (one batch at a time), then new ones, pipelined:
+        batch N+1 is read and checked while batch N is being written, and written while
+        batch N is being acknowledged. At most three batches are held (one read ahead,
+        one on the database, one waiting for its XACK), and only one is ever on the
+        database: while PostgreSQL is down, nothing new is written or read."""
         config = self.config
         cursor = "0"
         next_claim = 0.0
         delay = config.retry_initial
-        in_flight: Deferred[bool] | None = None
+        in_flight: list[tuple[Deferred[None], Deferred[bool]]] = []  # (written, done)
         while not self.stopping:
             try:
                 if cursor == ">" and self.clock.seconds() >= next_claim:
-                    if in_flight is not None:
-                        await in_flight
-                        in_flight = None
+                    await self._drain(in_flight)
                     next_claim = self.clock.seconds() + config.claim_interval
                     await self._claim_idle()
                     continue
@@ -239,12 +241,21 @@ class Consumer:
                 await self.process(entries, redelivered=True)
             elif entries:
                 batch = await self.prepare(entries, redelivered=False)
-                if in_flight is not None:
-                    await in_flight
-                in_flight = Deferred.fromCoroutine(self.commit(batch))
-                in_flight.addErrback(self._crashed)
-        if in_flight is not None:
-            await in_flight
+                if in_flight:
+                    await in_flight[-1][0]  # the previous batch is written (not yet acked)
+                while len(in_flight) >= 2 or (in_flight and in_flight[0][1].called):
+                    await in_flight.pop(0)[1]  # at most one batch waiting for its XACK
+                written: Deferred[None] = Deferred()
+                done = Deferred.fromCoroutine(self.commit(batch, written))
+                done.addErrback(self._crashed)
+                in_flight.append((written, done))
+        await self._drain(in_flight)
+
+    @staticmethod
+    async def _drain(in_flight: list[tuple[Deferred[None], Deferred[bool]]]) -> None:
+        """Wait until every batch in flight is written and acknowledged (or abandoned)."""
+        while in_flight:
+            await in_flight.pop(0)[1]
 
     def _redis_failed(self, what: str, error: Exception) -> None:
         self.metrics.redis_errors.inc()
@@ -299,16 +310,26 @@ class Consumer:
                 positions.append(parse_entry(entry.entry_id, fields_dict(fields)))
             except ContractError as e:
                 batch.dead.append(DeadLetter(entry.entry_id, fields, e.reason, e.detail))
+        if positions:
+            batch.payload = copy_payload(positions)
         return batch
 
-    async def commit(self, batch: Batch) -> bool:
-        """Rehydrate + write + dead-letter + XACK one prepared batch; False when abandoned."""
+    async def commit(self, batch: Batch, written: Deferred[None] | None = None) -> bool:
+        """Rehydrate + write + dead-letter + XACK one prepared batch; False when abandoned.
+
+        :param written: fired once the database part is over (committed or abandoned), so
+            the next batch's write can start while this one is being acknowledged.
+        """
         metrics = self.metrics
         positions = batch.positions
         dead = batch.dead
         ack_ids = [e.entry_id for e in batch.entries]
         missing = self.state.missing([p.device_id for p in positions])
-        outcome = await self._write(positions, missing, ack_ids)
+        try:
+            outcome = await self._write(positions, missing, ack_ids, batch.payload)
+        finally:
+            if written is not None:
+                written.callback(None)
         if outcome is None:
             return False
         rejected = {position.entry_id for position, _ in outcome.rejected}
@@ -370,7 +391,8 @@ class Consumer:
         return keep
 
     async def _write(
-        self, positions: list[Position], missing: list[str], ids: list[str]
+        self, positions: list[Position], missing: list[str], ids: list[str],
+        payload: bytes | None = None,
     ) -> WriteOutcome | None:
         """Write until it works; None when stopping with PostgreSQL still failing."""
         delay = self.config.retry_initial
@@ -378,7 +400,7 @@ class Consumer:
         while True:
             attempt += 1
             try:
-                outcome = await self.database.run(write_batch, positions, missing)
+                outcome = await self.database.run(write_batch, positions, missing, payload)
             except Exception as e:
                 kind = "connection" if is_connection_error(e) else type(e).__name__
                 self.metrics.postgres_errors.labels(kind=kind).inc()

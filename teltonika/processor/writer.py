@@ -98,12 +98,21 @@ def _prepare(connection: psycopg.Connection[Any]) -> None:
         _prepared.add(connection)
 
 
-def _copy_insert(cursor: psycopg.Cursor[Any], rows: Sequence[Position]) -> int:
-    # one COPY payload built in one go (Position.copy_line) rather than a write_row call
-    # per row: less time on this thread holding the GIL the reactor thread also needs
-    data = "\n".join([row.copy_line() for row in rows]) + "\n"
+def copy_payload(rows: Sequence[Position]) -> bytes:
+    """The COPY data of *rows*: one text-format line each (:meth:`Position.copy_line`).
+
+    Built in one go rather than with a ``write_row`` call per row, and by the consumer on
+    the reactor thread while the previous batch is being written, so this thread spends
+    its time waiting on PostgreSQL rather than holding the GIL.
+    """
+    return ("\n".join([row.copy_line() for row in rows]) + "\n").encode("utf-8")
+
+
+def _copy_insert(
+    cursor: psycopg.Cursor[Any], rows: Sequence[Position], payload: bytes | None = None
+) -> int:
     with cursor.copy(_COPY) as copy:
-        copy.write(data.encode("utf-8"))
+        copy.write(copy_payload(rows) if payload is None else payload)
     cursor.execute(_INSERT)
     return max(cursor.rowcount, 0)
 
@@ -120,11 +129,13 @@ def write_batch(
     connection: psycopg.Connection[Any],
     rows: Sequence[Position],
     rehydrate: Sequence[str] = (),
+    payload: bytes | None = None,
 ) -> WriteOutcome:
     """Rehydrate *rehydrate* devices, then write *rows*; see the module docstring.
 
     :param rehydrate: device ids whose latest stored position the caller wants (read
         before this batch is written, so "latest" means "before this batch").
+    :param payload: ``copy_payload(rows)`` if the caller built it already.
     """
     started = time.perf_counter()
     _prepare(connection)
@@ -135,7 +146,7 @@ def write_batch(
     try:
         outcome.transactions += 1
         with connection.transaction():
-            outcome.inserted = _copy_insert(cursor, rows)
+            outcome.inserted = _copy_insert(cursor, rows, payload)
     except ROW_ERRORS:
         outcome.inserted = 0
         outcome.transactions += 1
