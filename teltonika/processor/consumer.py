@@ -225,6 +225,10 @@ class Consumer:
                 block = config.block_ms if cursor == ">" else None
                 entries = await self.streams.read(cursor, config.batch_size, block)
             except Exception as e:
+                if "NOGROUP" in str(e) or "UNBLOCKED" in str(e):
+                    await self._recreate_group()
+                    cursor = "0"
+                    continue
                 self._redis_failed("Reading the stream", e)
                 await self._sleep(delay)
                 delay = min(delay * 2, config.retry_max)
@@ -256,6 +260,21 @@ class Consumer:
         """Wait until every batch in flight is written and acknowledged (or abandoned)."""
         while in_flight:
             await in_flight.pop(0)[1]
+
+    async def _recreate_group(self) -> None:
+        """The stream or our group was deleted under us (FLUSHALL, DEL, XGROUP DESTROY):
+        create it again rather than fail every read until someone restarts us."""
+        streams = self.streams
+        try:
+            await streams.create_group(self.config.group_start)
+        except Exception as e:
+            self._redis_failed("Recreating the consumer group", e)
+            await self._sleep(self.config.retry_initial)
+            return
+        self._log.warn(
+            "Group {group} on {stream} had vanished; created it again (from {start})",
+            group=streams.group, stream=streams.stream, start=self.config.group_start,
+        )
 
     def _redis_failed(self, what: str, error: Exception) -> None:
         self.metrics.redis_errors.inc()

@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 
 import attrs
+from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from teltonika.processor.entries import Position
@@ -89,6 +90,8 @@ class DeviceState:
     :param size: the most devices held (``--state-size``).
     """
 
+    _log = Logger()
+
     def __init__(self, size: int) -> None:
         if size < 1:
             raise ValueError("state size must be at least 1")
@@ -144,7 +147,11 @@ class DeviceState:
                 snapshot = attrs.evolve(snapshot, last_seen_ms=current.last_seen_ms)
             self._store(snapshot)
             for listener in self._listeners:
-                listener(snapshot)
+                try:
+                    listener(snapshot)
+                except Exception:
+                    # a broken listener must not stop the batch from being acknowledged
+                    self._log.failure("State listener {listener} failed", listener=listener)
             return True
         if position.received_at_ms > current.last_seen_ms:
             current = attrs.evolve(current, last_seen_ms=position.received_at_ms)

@@ -219,3 +219,16 @@ async def test_free_text_and_binary_values(processors, rds, pg_dsn, logged_error
     (_, letter), = rds.xrange(DEAD)
     assert (letter["dead.id"], letter["dead.reason"]) == (bad, "bad_field")
     assert len(logged_errors.flush(DEAD_FORMAT)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_group_deleted_under_the_processor(processors, rds, pg_dsn):
+    """When the stream (and with it the group) is deleted while the processor runs, it
+    creates the group again and carries on with the new entries."""
+    service = processors.start()
+    await eventually(service.processor.consumer.ready)
+    xadd(rds, entry(rec=record(0)))
+    await eventually(lambda: count(pg_dsn) == 1)
+    rds.delete(TELEMETRY_STREAM)
+    xadd(rds, entry(rec=record(1)))
+    await eventually(lambda: count(pg_dsn) == 2 and pending(rds) == 0)

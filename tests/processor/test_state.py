@@ -67,3 +67,14 @@ def test_hydrate_does_not_override_newer_memory():
 def test_size_must_be_positive():
     with pytest.raises(ValueError):
         DeviceState(0)
+
+
+def test_a_failing_listener_does_not_stop_updates(logged_errors):
+    """A listener that raises is logged; the state still moves and other listeners run."""
+    state = DeviceState(10)
+    seen = []
+    state.add_listener(lambda s: 1 / 0)
+    state.add_listener(seen.append)
+    assert state.apply(pos("a", 100))
+    assert state.get("a").timestamp_ms == 100 and len(seen) == 1
+    assert len(logged_errors.flush()) == 1
