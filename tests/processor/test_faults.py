@@ -163,3 +163,22 @@ def pending_or_unread(rds) -> int:
     info = next(g for g in rds.xinfo_groups(TELEMETRY_STREAM) if g["name"] == "processor")
     assert info["pending"] == 0
     return int(info["lag"] or 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_restarted_mid_run(processors, rds, redis_server, pg_dsn, logged_errors):
+    """Redis crashing (and coming back empty) makes the processor not ready; it reconnects
+    by itself, recreates its group and stores what arrives afterwards."""
+    service = processors.start()
+    consumer = service.processor.consumer
+    await eventually(consumer.ready)
+    xadd(rds, entry(imei=imei(1), rec=record(0)))
+    await eventually(lambda: count(pg_dsn) == 1)
+    redis_server.kill()
+    await eventually(lambda: not consumer.redis_ok, timeout=20)
+    assert not consumer.ready()
+    redis_server.start()
+    xadd(rds, entry(imei=imei(2), rec=record(1)))
+    await eventually(lambda: count(pg_dsn) == 2 and pending(rds) == 0, timeout=30)
+    await eventually(consumer.ready)
+    assert logged_errors.flush()
