@@ -182,3 +182,21 @@ async def test_redis_restarted_mid_run(processors, rds, redis_server, pg_dsn, lo
     await eventually(lambda: count(pg_dsn) == 2 and pending(rds) == 0, timeout=30)
     await eventually(consumer.ready)
     assert logged_errors.flush()
+
+
+@pytest_twisted.ensureDeferred
+async def test_starts_before_postgres(processors, rds, pg_dsn, postgres_server, logged_errors):
+    """Started while PostgreSQL is down, the processor waits (not ready, retrying), then
+    migrates and consumes once PostgreSQL is up."""
+    postgres_server.stop("fast")
+    xadd(rds, entry(rec=record(0)))
+    service = processors.start()
+    consumer = service.processor.consumer
+    await eventually(
+        lambda: "Connecting to PostgreSQL" in [e.get("what") for e in logged_errors.events]
+    )
+    assert not consumer.ready()
+    postgres_server.start()
+    await eventually(lambda: count(pg_dsn) == 1 and pending(rds) == 0, timeout=30)
+    assert consumer.ready()
+    logged_errors.flush()
