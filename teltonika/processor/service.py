@@ -36,6 +36,9 @@ class ProcessorService(Service):
     """Runs a :class:`Consumer` plus a stats/trim timer.
 
     :param redis: the txredisapi connections to close at shutdown.
+    :param connect: opens the Redis connections when the service starts (building the
+        service must not touch the network): returns (commands, reader), which become
+        the consumer's ``streams.redis`` and ``streams.reader``.
     :param trim: trim the stream every *trim_interval* seconds (``--trim``).
     :param force_exit: called when shutdown exceeds *shutdown_timeout* seconds.
     """
@@ -48,6 +51,7 @@ class ProcessorService(Service):
         redis: Sequence[Any],
         clock: IReactorTime,
         *,
+        connect: Callable[[], tuple[Any, Any]] | None = None,
         trim: bool = False,
         trim_interval: float = 60.0,
         stats_interval: float = 5.0,
@@ -56,7 +60,8 @@ class ProcessorService(Service):
         description: str = "",
     ) -> None:
         self.consumer = consumer
-        self.redis = redis
+        self.redis = list(redis)
+        self.connect = connect
         self.clock = clock
         self.trim = trim
         self.trim_interval = trim_interval
@@ -77,6 +82,11 @@ class ProcessorService(Service):
         # ours, so the interpreter-wide setting is acceptable.
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         self._log.info("Processor starting: {description}", description=self.description)
+        if self.connect is not None:
+            commands, reader = self.connect()
+            self.consumer.streams.redis = commands
+            self.consumer.streams.reader = reader
+            self.redis = [reader, commands]
         self.consumer.database.start()
         self.consumer.start()
         self._next_trim = self.clock.seconds() + self.trim_interval

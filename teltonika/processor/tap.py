@@ -145,12 +145,18 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
     block_ms = int(options["block-ms"])
     address = options.get("redis-address") or parse_redis_url(options["redis"])
     timeout = 10.0
-    redis = lazy_connection(address, reply_timeout=timeout)
-    reader = reader_connection(address, reply_timeout=timeout + block_ms / 1000)
+
+    def connect() -> tuple[Any, Any]:
+        """Called by ProcessorService.startService: makeService touches no network."""
+        return (
+            lazy_connection(address, reply_timeout=timeout),
+            reader_connection(address, reply_timeout=timeout + block_ms / 1000),
+        )
+
     streams = Streams(
-        redis, reactor, options["stream"], options["group"], options["consumer"],
+        None, reactor, options["stream"], options["group"], options["consumer"],
         dead_stream=options["dead-stream"], dead_maxlen=int(options["dead-maxlen"]),
-        timeout=timeout, reader=reader,
+        timeout=timeout,
     )
     database = Database(options["postgres"], reactor)
     consumer = Consumer(
@@ -176,7 +182,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
         )
         ops.setServiceParent(top)
     processor = ProcessorService(
-        consumer, [reader, redis], reactor,
+        consumer, (), reactor, connect=connect,
         trim=bool(options["trim"]),
         trim_interval=float(options["trim-interval"]),
         stats_interval=float(options["stats-interval"]),

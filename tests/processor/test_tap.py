@@ -86,9 +86,11 @@ def test_make_service_starts_nothing_and_listens_on_metrics():
     """makeService builds the tree without touching the network; starting it listens on
     the metrics endpoint (loopback)."""
     reactor = MemoryReactor()
-    options = parse("--postgres", "dbname=x", "--metrics", "tcp:9999:interface=127.0.0.1")
+    options = parse("--postgres", "dbname=x", "--metrics", "tcp:9999:interface=127.0.0.1",
+                    "--redis", "redis://127.0.0.1:1/0")
     service = makeService(options, reactor)
-    assert reactor.tcpServers == []
+    assert reactor.tcpServers == [] and reactor.tcpClients == []
+    assert service.processor.consumer.streams.redis is None  # connects on start only
     ops = next(s for s in service if s is not service.processor)
     ops.startService()
     assert reactor.tcpServers[0][0] == 9999
