@@ -49,6 +49,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.support import free_port, rss_kib, wait_port  # noqa: E402
+
 KIB = 1024
 BARE_SERVER = r"""
 import resource, sys
@@ -97,37 +99,10 @@ def raise_nofile() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 def env() -> dict[str, str]:
     out = dict(os.environ)
     out["PYTHONPATH"] = str(REPO) + os.pathsep + out.get("PYTHONPATH", "")
     return out
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -160,7 +135,7 @@ class Redis:
              self.dir, "--save", "", "--appendonly", "no", "--logfile", ""],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        wait_port(self.port)
+        wait_port(self.port, 30.0)
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def flush(self) -> None:
@@ -181,7 +156,7 @@ class Process:
         self.log = (workdir / f"{name}.log").open("wb")
         self.proc = subprocess.Popen(argv, cwd=workdir, stdout=self.log,
                                      stderr=subprocess.STDOUT, env=env())  # fmt: skip
-        wait_port(port)
+        wait_port(port, 30.0)
         time.sleep(0.5)
 
     metrics_port = 0

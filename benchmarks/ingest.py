@@ -47,28 +47,11 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script from anywhere: import the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.support import free_port, percentile, rss_kib, wait_port
+
 REPO = Path(__file__).resolve().parents[1]
 RECORDS_PER_FRAME = 10
 TWISTD = "from twisted.scripts.twistd import run; run()"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
 
 
 def imei(n: int) -> str:
@@ -79,31 +62,27 @@ def build_frame() -> bytes:
     from teltonika.wire import CODEC_8E, AVLRecord, encode_avl_frame
 
     io = (
-        (239, 1, 1), (240, 1, 1), (80, 1, 0), (21, 1, 4), (200, 1, 0), (69, 1, 1),
-        (181, 2, 9), (182, 2, 7), (66, 2, 12850), (24, 2, 42), (241, 4, 24602),
-        (16, 4, 1234567), (11, 8, 893700099),
+        (239, 1, 1),
+        (240, 1, 1),
+        (80, 1, 0),
+        (21, 1, 4),
+        (200, 1, 0),
+        (69, 1, 1),
+        (181, 2, 9),
+        (182, 2, 7),
+        (66, 2, 12850),
+        (24, 2, 42),
+        (241, 4, 24602),
+        (16, 4, 1234567),
+        (11, 8, 893700099),
     )
     records = [
-        AVLRecord(1_700_000_000_000 + i * 1000, 0, 25.2797 + i * 1e-4, 54.6872, 112, 90, 11,
-                  42, 0, io)
+        AVLRecord(
+            1_700_000_000_000 + i * 1000, 0, 25.2797 + i * 1e-4, 54.6872, 112, 90, 11, 42, 0, io
+        )
         for i in range(RECORDS_PER_FRAME)
     ]
     return encode_avl_frame(CODEC_8E, records)
-
-
-def percentile(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 # -- helper processes ------------------------------------------------------------------
@@ -280,7 +259,10 @@ ROLES = {"client": role_client, "naive": role_naive, "redispy": role_redispy, "b
 def run_role(role: str, args: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, __file__, "--role", role, json.dumps(args)],
-        capture_output=True, check=True, timeout=timeout, env=_env(),
+        capture_output=True,
+        check=True,
+        timeout=timeout,
+        env=_env(),
     )
     result: dict[str, Any] = json.loads(out.stdout.decode().strip().splitlines()[-1])
     return result
@@ -300,16 +282,32 @@ class Redis:
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="bench-redis-")
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
-             "--save", "", "--appendonly", "no", "--logfile", "", *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                self.dir,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--logfile",
+                "",
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_port(self.port)
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def flush(self) -> None:
-        subprocess.run(["redis-cli", "-p", str(self.port), "FLUSHALL"], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["redis-cli", "-p", str(self.port), "FLUSHALL"], check=True, capture_output=True
+        )
 
     def close(self) -> None:
         self.proc.terminate()
@@ -322,10 +320,25 @@ class Server:
         self.port = free_port()
         self.log = (workdir / f"twistd-{self.port}.log").open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "teltonika", "--port",
-             f"tcp:{self.port}:interface=127.0.0.1", "--metrics", "off",
-             "--max-connections", "0", *args],
-            cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT, env=_env(),
+            [
+                sys.executable,
+                "-c",
+                TWISTD,
+                "-n",
+                "--pidfile=",
+                "teltonika",
+                "--port",
+                f"tcp:{self.port}:interface=127.0.0.1",
+                "--metrics",
+                "off",
+                "--max-connections",
+                "0",
+                *args,
+            ],
+            cwd=workdir,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=_env(),
         )
         wait_port(self.port)
         time.sleep(0.3)  # let the sink's start-up check finish
@@ -342,18 +355,28 @@ class Server:
         self.log.close()
 
 
-def drive(port: int, devices: int, seconds: float, rate_per_device: float = 0.0,
-          processes: int = 2) -> dict[str, Any]:
+def drive(
+    port: int, devices: int, seconds: float, rate_per_device: float = 0.0, processes: int = 2
+) -> dict[str, Any]:
     """Run *processes* load generators against *port*; merge their results."""
     per = devices // processes
     procs = []
     for p in range(processes):
-        args = {"port": port, "first": p * per, "count": per, "seconds": seconds,
-                "rate_per_device": rate_per_device, "send": True}
-        procs.append(subprocess.Popen(
-            [sys.executable, __file__, "--role", "client", json.dumps(args)],
-            stdout=subprocess.PIPE, env=_env(),
-        ))
+        args = {
+            "port": port,
+            "first": p * per,
+            "count": per,
+            "seconds": seconds,
+            "rate_per_device": rate_per_device,
+            "send": True,
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, __file__, "--role", "client", json.dumps(args)],
+                stdout=subprocess.PIPE,
+                env=_env(),
+            )
+        )
     acked, elapsed, latencies = 0, 0.0, []
     for proc in procs:
         out, _ = proc.communicate(timeout=seconds + 120)
@@ -368,9 +391,11 @@ def report(label: str, result: dict[str, Any], rss: int | None = None) -> float:
     frames_per_s = result["frames"] / result["elapsed"]
     records_per_s = frames_per_s * RECORDS_PER_FRAME
     lat = [x * 1000 for x in result["latencies"]]
-    line = (f"  {label:<28} {records_per_s:>9,.0f} records/s {frames_per_s:>8,.0f} frames/s  "
-            f"ACK p50 {percentile(lat, 50):6.2f} ms  p99 {percentile(lat, 99):6.2f} ms  "
-            f"max {max(lat) if lat else float('nan'):7.2f} ms")
+    line = (
+        f"  {label:<28} {records_per_s:>9,.0f} records/s {frames_per_s:>8,.0f} frames/s  "
+        f"ACK p50 {percentile(lat, 50):6.2f} ms  p99 {percentile(lat, 99):6.2f} ms  "
+        f"max {max(lat) if lat else float('nan'):7.2f} ms"
+    )
     if rss is not None:
         line += f"  RSS {rss / 1024:6.1f} MiB"
     print(line, flush=True)
@@ -378,8 +403,11 @@ def report(label: str, result: dict[str, Any], rss: int | None = None) -> float:
 
 
 def part_throughput(opts: argparse.Namespace, workdir: Path) -> None:
-    print(f"\n1. Throughput: {opts.devices} devices, frames of {RECORDS_PER_FRAME} 8E records, "
-          f"{opts.seconds:g} s per run", flush=True)
+    print(
+        f"\n1. Throughput: {opts.devices} devices, frames of {RECORDS_PER_FRAME} 8E records, "
+        f"{opts.seconds:g} s per run",
+        flush=True,
+    )
     redis = Redis()
     aof = Redis("--appendonly", "yes", "--appendfsync", "always")
     try:
@@ -388,13 +416,19 @@ def part_throughput(opts: argparse.Namespace, workdir: Path) -> None:
         redispy = run_role("redispy", {"redis": redis.url, "seconds": opts.seconds})
         redis.flush()
         print(f"  {'baseline naive (1 XADD/await)':<28} {naive['records_per_s']:>9,.0f} records/s")
-        print(f"  {'baseline redis-py pipeline':<28} {redispy['records_per_s']:>9,.0f} records/s"
-              f"  ({redispy['parser']})", flush=True)
+        print(
+            f"  {'baseline redis-py pipeline':<28} {redispy['records_per_s']:>9,.0f} records/s"
+            f"  ({redispy['parser']})",
+            flush=True,
+        )
         figures = {}
         for label, _url, args in (
             ("server -> Redis (memory)", redis.url, ["--redis", redis.url]),
-            ("server -> Redis (fsync)", aof.url,
-             ["--redis", aof.url, "--redis-durability", "fsync"]),
+            (
+                "server -> Redis (fsync)",
+                aof.url,
+                ["--redis", aof.url, "--redis-durability", "fsync"],
+            ),
             ("server -> JSONL file", None, ["--output", str(workdir / "records.jsonl")]),
         ):
             server = Server(workdir, *args)
@@ -404,10 +438,13 @@ def part_throughput(opts: argparse.Namespace, workdir: Path) -> None:
             finally:
                 server.close()
         memory = figures["server -> Redis (memory)"]
-        print(f"  ratios: Redis(memory) / naive = {memory / naive['records_per_s']:.2f}x "
-              f"(target >= 3x); / redis-py pipeline = "
-              f"{memory / redispy['records_per_s']:.0%} (target >= 50%); "
-              f"fsync / memory = {figures['server -> Redis (fsync)'] / memory:.0%}", flush=True)
+        print(
+            f"  ratios: Redis(memory) / naive = {memory / naive['records_per_s']:.2f}x "
+            f"(target >= 3x); / redis-py pipeline = "
+            f"{memory / redispy['records_per_s']:.0%} (target >= 50%); "
+            f"fsync / memory = {figures['server -> Redis (fsync)'] / memory:.0%}",
+            flush=True,
+        )
     finally:
         redis.close()
         aof.close()
@@ -416,13 +453,17 @@ def part_throughput(opts: argparse.Namespace, workdir: Path) -> None:
 def part_paced(opts: argparse.Namespace, workdir: Path) -> None:
     devices = 100
     rate = opts.paced_rate / devices
-    print(f"\n2. Paced load: {opts.paced_rate:,} frames/s ({devices} devices x {rate:g}/s), "
-          f"{opts.seconds:g} s", flush=True)
+    print(
+        f"\n2. Paced load: {opts.paced_rate:,} frames/s ({devices} devices x {rate:g}/s), "
+        f"{opts.seconds:g} s",
+        flush=True,
+    )
     redis = Redis()
     bare_port = free_port()
     bare = subprocess.Popen(
         [sys.executable, __file__, "--role", "bare", json.dumps({"port": bare_port})],
-        env=_env(), stdout=subprocess.DEVNULL,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
     )
     try:
         wait_port(bare_port)
@@ -450,8 +491,7 @@ def part_idle(opts: argparse.Namespace, workdir: Path) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     count = min(opts.idle, hard - 200)
-    print(f"\n3. Idle connections: {count:,} logged-in devices (RLIMIT_NOFILE {hard})",
-          flush=True)
+    print(f"\n3. Idle connections: {count:,} logged-in devices (RLIMIT_NOFILE {hard})", flush=True)
     server = Server(workdir, "--output", str(workdir / "idle.jsonl"))
     holders = []
     try:
@@ -459,12 +499,22 @@ def part_idle(opts: argparse.Namespace, workdir: Path) -> None:
         empty = server.rss()
         per = count // 2
         for p in range(2):
-            args = {"port": server.port, "first": p * per, "count": per, "seconds": 0,
-                    "rate_per_device": 0, "send": False}
-            holders.append(subprocess.Popen(
-                [sys.executable, __file__, "--role", "client", json.dumps(args)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_env(),
-            ))
+            args = {
+                "port": server.port,
+                "first": p * per,
+                "count": per,
+                "seconds": 0,
+                "rate_per_device": 0,
+                "send": False,
+            }
+            holders.append(
+                subprocess.Popen(
+                    [sys.executable, __file__, "--role", "client", json.dumps(args)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    env=_env(),
+                )
+            )
         for holder in holders:
             assert holder.stdout is not None
             line = holder.stdout.readline()
@@ -472,9 +522,12 @@ def part_idle(opts: argparse.Namespace, workdir: Path) -> None:
                 raise RuntimeError("idle client failed")
         time.sleep(1.0)
         full = server.rss()
-        print(f"  empty server RSS {empty / 1024:.1f} MiB; with {2 * per:,} devices "
-              f"{full / 1024:.1f} MiB; {(full - empty) / (2 * per):.2f} KiB per device "
-              f"(target < 16 KiB)", flush=True)
+        print(
+            f"  empty server RSS {empty / 1024:.1f} MiB; with {2 * per:,} devices "
+            f"{full / 1024:.1f} MiB; {(full - empty) / (2 * per):.2f} KiB per device "
+            f"(target < 16 KiB)",
+            flush=True,
+        )
     finally:
         for holder in holders:
             if holder.stdin is not None:
