@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -86,6 +86,9 @@ class ConnectionRegistry:
         self.unsynced: set[str] = set()
         """IMEIs held here whose registration has not reached Redis yet."""
         self._heartbeat_key = heartbeat_key(instance_id)
+        self._removing: set[Deferred[None]] = set()
+        """Removals still waiting for Redis; graceful shutdown waits for them before the
+        Redis connection is closed (else each would time out later, after the close)."""
 
     def register(self, imei: str) -> Deferred[None]:
         """A device logged in here: point its entry at this instance (HSET, last one wins)."""
@@ -119,9 +122,13 @@ class ConnectionRegistry:
         imeis = [imei for imei in self.held if imei not in self.unsynced]
         self.held.clear()
         self.unsynced.clear()
-        if not imeis:
+        pending = list(self._removing)
+        if imeis:
+            pending.append(self._remove(imeis))
+        if not pending:
             return succeed(None)
-        return self._remove(imeis)
+        # Each removal is bounded by its own timeout and never fails (see _remove).
+        return DeferredList(pending, consumeErrors=True).addCallback(lambda _: None)
 
     def heartbeat(self) -> Deferred[None]:
         """Refresh the heartbeat key (SET EX), then retry failed registrations and re-claim
@@ -170,7 +177,13 @@ class ConnectionRegistry:
             run_script, self._redis, UNREGISTER, [REGISTRY_KEY], [self.instance_id, *imeis]
         )
         d.addCallbacks(lambda _: None, lambda f: self._failed("unregister", f, count=len(imeis)))
-        return d
+        self._removing.add(d)
+
+        def settled(result: None) -> None:
+            self._removing.discard(d)
+            return result
+
+        return d.addBoth(settled)
 
     def _call(self, function: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
         """Call a txredisapi method with a timeout; a synchronous raise becomes a failure."""

@@ -126,3 +126,40 @@ def test_metrics_are_shared_per_registry() -> None:
 
     registry = CollectorRegistry()
     assert CommandMetrics.create(registry) is CommandMetrics.create(registry)
+
+
+class _HeldRedis:
+    """A stand-in whose EVAL replies only when the test says so (the reactor is a Clock)."""
+
+    def __init__(self) -> None:
+        self.pending: list[Any] = []
+
+    def eval(self, script: str, keys: list[str], args: list[str]) -> Any:
+        from twisted.internet.defer import Deferred
+
+        d: Deferred[Any] = Deferred()
+        self.pending.append(d)
+        return d
+
+
+def test_unregister_all_waits_for_removals_in_flight() -> None:
+    """A logout's removal still waiting for Redis when shutdown starts is awaited by
+    unregister_all, so the connection is not closed under it (it would otherwise time
+    out later and log an error long after the shutdown)."""
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    redis = _HeldRedis()
+    metrics, prom = fresh_metrics()
+    registry = ConnectionRegistry(redis, "a", metrics, clock=clock, timeout=5.0)
+    registry.held[IMEI] = 1
+    registry.unregister(IMEI)  # a connection closed during shutdown
+    assert len(redis.pending) == 1
+    done = registry.unregister_all()  # nothing else held: only the in-flight removal
+    assert not done.called
+    redis.pending[0].callback(1)
+    assert done.called
+    assert not clock.getDelayedCalls()  # its timeout was cancelled: nothing fires later
+    assert prom.get_sample_value(
+        "teltonika_registry_failures_total", {"operation": "unregister"}
+    ) in (None, 0.0)
