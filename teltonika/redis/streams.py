@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from enum import Enum
 from typing import Any, Final
 
+from twisted.internet.defer import DeferredList, FirstError, maybeDeferred
+
 WAITAOF_MIN_VERSION: Final = (7, 2)
 
 SEPARATOR: Final = b"\0"
@@ -81,9 +83,7 @@ class StreamWriteError(Exception):
     """Redis answered a pipeline with something other than the expected replies."""
 
 
-def xadd_command(
-    stream: bytes, fields: Sequence[bytes], maxlen: int | None = None
-) -> list[bytes]:
+def xadd_command(stream: bytes, fields: Sequence[bytes], maxlen: int | None = None) -> list[bytes]:
     """The arguments of one ``XADD`` (``MAXLEN ~ N`` only when *maxlen* is given)."""
     if maxlen is None:
         return [b"XADD", stream, b"*", *fields]
@@ -137,22 +137,22 @@ def waitaof_ok(reply: object) -> bool:
 
 
 async def pipeline_commands(redis: Any, commands: Sequence[Sequence[bytes]]) -> list[object]:
-    """Send *commands* in one txredisapi pipeline (one write, one round trip).
+    """Send *commands* back to back and return their replies, in order.
 
-    :raise Exception: whatever txredisapi raises for a lost connection or an error reply;
-        the connection is always handed back to the pool.
+    They are written in the same reactor turn, so they leave in one segment and come
+    back in one round trip, like a pipeline. txredisapi's own ``pipeline()`` would hold
+    the connection for itself until the replies arrive, so a second batch could not be
+    sent while the first is in Redis; plain commands share the connection, whose replies
+    Redis returns in order.
+
+    :raise Exception: the first failure (a lost connection, an error reply).
     """
-    pipe = await redis.pipeline()
+    ds = [maybeDeferred(redis.execute_command, *command) for command in commands]
     try:
-        for command in commands:
-            pipe.execute_command(*command)
-    except BaseException:
-        # txredisapi returns the connection to its pool only from execute_pipeline;
-        # without this the pool would starve after a connection loss mid-build.
-        pipe._clear_pipeline_state(None)
-        raise
-    replies: list[object] = await pipe.execute_pipeline()
-    return replies
+        results = await DeferredList(ds, fireOnOneErrback=True, consumeErrors=True)
+    except FirstError as error:
+        error.subFailure.raiseException()
+    return [value for _success, value in results]
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -203,8 +203,9 @@ async def check_durability(redis: Any, wanted: str) -> Durability:
     if wanted != "fsync":
         raise DurabilityError(f"unknown durability {wanted!r}: use memory or fsync")
     try:
-        appendonly = _config_value(await redis.execute_command("CONFIG", "GET", "appendonly"),
-                                   "appendonly")
+        appendonly = _config_value(
+            await redis.execute_command("CONFIG", "GET", "appendonly"), "appendonly"
+        )
         appendfsync = _config_value(
             await redis.execute_command("CONFIG", "GET", "appendfsync"), "appendfsync"
         )

@@ -1,11 +1,17 @@
-"""Group commit: everything submitted while one write is in flight shares the next one.
+"""Group commit: everything submitted while the writes are busy shares the next one.
 
-A :class:`Batcher` collects items from any number of connections. At most one flush runs
-at a time; the first submit after an idle period schedules a flush for the next reactor
-turn (``callLater(0)``), so every frame decoded in the current turn joins it, and while a
-flush is in flight new items simply wait for the next one. Under light load a frame is
-written almost at once; under heavy load batches grow by themselves and the per-batch
-cost (one Redis round trip, one fsync) is spread over many records.
+A :class:`Batcher` collects items from any number of connections. At most
+``max_in_flight`` flushes run at a time; the first submit after an idle period schedules a
+flush for the next reactor turn (``callLater(0)``), so every frame decoded in the current
+turn joins it, and while all flush slots are busy new items simply wait for the next one.
+Under light load a frame is written almost at once; under heavy load batches grow by
+themselves and the per-batch cost (one Redis round trip, one fsync) is spread over many
+records.
+
+One flush in flight suits a file (one fsync covers everything before it). A Redis
+connection answers in order, so several batches in flight keep Redis busy while the
+server ACKs the previous batch and decodes the next frames, instead of each side waiting
+for the other (measured in ``benchmarks/fleet.py throughput``).
 
 Memory is bounded: items beyond ``max_pending`` (in caller-defined units, records for our
 sinks) are refused at once with :class:`~teltonika.sinks.SinkOverloadedError`.
@@ -34,6 +40,8 @@ class Batcher(Generic[T]):
     :param max_pending: bound on the summed weight of items waiting or in flight.
     :param max_batch: weight at which a batch is cut (the rest waits for the next one);
         None for no cut.
+    :param max_in_flight: writes allowed at once. Their Deferreds may fire in any order;
+        each fires its own items only.
     """
 
     def __init__(
@@ -42,7 +50,10 @@ class Batcher(Generic[T]):
         write: Callable[[list[T]], Deferred[None]],
         max_pending: int,
         max_batch: int | None = None,
+        max_in_flight: int = 1,
     ) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
         self._clock = clock
         self.max_batch = max_batch
         self._write = write
@@ -51,8 +62,9 @@ class Batcher(Generic[T]):
         self._weights: list[int] = []
         self._waiters: list[Deferred[None]] = []
         self._weight = 0
+        self.max_in_flight = max_in_flight
         self._in_flight_weight = 0
-        self._in_flight = False
+        self._in_flight = 0
         self._call: IDelayedCall | None = None
         self._idle: list[Deferred[None]] = []
         self._closed = False
@@ -81,12 +93,12 @@ class Batcher(Generic[T]):
         return d
 
     def _schedule(self) -> None:
-        if self._call is None and not self._in_flight and self._items:
+        if self._call is None and self._in_flight < self.max_in_flight and self._items:
             self._call = self._clock.callLater(0, self._flush)
 
     def _flush(self) -> None:
         self._call = None
-        if self._in_flight or not self._items:
+        if self._in_flight >= self.max_in_flight or not self._items:
             return
         cut = len(self._items)
         if self.max_batch is not None:
@@ -99,15 +111,17 @@ class Batcher(Generic[T]):
         items, waiters = self._items[:cut], self._waiters[:cut]
         weight = sum(self._weights[:cut])
         del self._items[:cut], self._waiters[:cut], self._weights[:cut]
-        self._in_flight_weight = weight
+        self._in_flight_weight += weight
         self._weight -= weight
-        self._in_flight = True
+        self._in_flight += 1
         d = maybeDeferred(self._write, items)
-        d.addBoth(self._flushed, waiters)
+        d.addBoth(self._flushed, waiters, weight)
+        if self._items:
+            self._schedule()  # a cut batch, or room for another write: next turn
 
-    def _flushed(self, result: object, waiters: list[Deferred[None]]) -> None:
-        self._in_flight = False
-        self._in_flight_weight = 0
+    def _flushed(self, result: object, waiters: list[Deferred[None]], weight: int) -> None:
+        self._in_flight -= 1
+        self._in_flight_weight -= weight
         for waiter in waiters:
             if waiter.called:  # cancelled by its caller's timeout
                 continue

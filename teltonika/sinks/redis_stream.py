@@ -1,9 +1,10 @@
 """The Redis Streams sink: one ``telemetry:teltonika`` entry per AVL record.
 
 Frames from every connection are batched (:mod:`teltonika.sinks.batch`): all entries of
-all frames that arrived since the last round trip go out in one txredisapi pipeline (the
-records through one ``EVAL`` of :data:`teltonika.redis.streams.XADD_SCRIPT`, which XADDs
-them in order; device messages as plain XADDs), and each frame's Deferred fires only when
+all frames that arrived since the last batch left go out in one round trip (the records
+through one ``EVAL`` of :data:`teltonika.redis.streams.XADD_SCRIPT`, which XADDs them in
+order; device messages as plain XADDs; up to :data:`DEFAULT_MAX_IN_FLIGHT` batches in
+flight on the one connection), and each frame's Deferred fires only when
 Redis has answered all of it (and ``WAITAOF`` when the durability check chose it). All
 records of one frame are therefore written in one round trip, and one failure fails the
 whole batch: no device is ACKed for anything in it and every device resends (downstream
@@ -50,6 +51,10 @@ DEFAULT_MAX_PENDING_RECORDS: Final = 100_000
 
 DEFAULT_MAX_BATCH_RECORDS: Final = 5_000
 """Records per round trip at most: keeps one script's run (which blocks Redis) short."""
+
+DEFAULT_MAX_IN_FLIGHT: Final = 4
+"""Batches sent to Redis before the first answered: Redis works on one while the server
+ACKs the one before and collects the next (see :mod:`teltonika.sinks.batch`)."""
 
 _WAITAOF: Final = (b"WAITAOF", b"1", b"0", b"0")
 _NAMES: Final = tuple(name.encode() for name in FIELDS)
@@ -108,7 +113,11 @@ class RedisStreamSink:
         if "\0" in instance_id:
             raise ValueError("the instance id must not contain a NUL character")
         self._batcher: Batcher[Item] = Batcher(
-            clock, self._write, max_pending_records, DEFAULT_MAX_BATCH_RECORDS
+            clock,
+            self._write,
+            max_pending_records,
+            DEFAULT_MAX_BATCH_RECORDS,
+            max_in_flight=DEFAULT_MAX_IN_FLIGHT,
         )
 
     # -- lifecycle -------------------------------------------------------------------

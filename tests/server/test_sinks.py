@@ -62,6 +62,60 @@ def test_batcher_one_write_in_flight_next_batch_waits() -> None:
     assert d2.called and d3.called
 
 
+def test_batcher_several_writes_in_flight() -> None:
+    """With max_in_flight=2 a second batch leaves while the first is in flight; a third
+    waits for a free slot; each write's outcome fires only its own items."""
+    clock, writes = Clock(), Writes()
+    batcher: Batcher[str] = Batcher(clock, writes, 100, max_in_flight=2)
+    d1 = batcher.submit("a")
+    clock.advance(0)
+    d2 = batcher.submit("b")
+    clock.advance(0)
+    d3 = batcher.submit("c")
+    clock.advance(0)
+    assert [items for items, _ in writes.batches] == [["a"], ["b"]]
+    assert batcher.pending == 3
+    writes.batches[1][1].errback(OSError("EIO"))  # the second answers first, failed
+    failureResultOf(d2, OSError)
+    assert not d1.called
+    clock.advance(0)
+    assert [items for items, _ in writes.batches][2:] == [["c"]]
+    writes.batches[0][1].callback(None)
+    writes.batches[2][1].callback(None)
+    assert successResultOf(d1) is None and successResultOf(d3) is None
+    assert batcher.pending == 0
+    assert successResultOf(batcher.when_idle()) is None
+
+
+def test_batcher_idle_waits_for_every_write_in_flight() -> None:
+    """when_idle (shutdown) fires only once no write of several is in flight."""
+    clock, writes = Clock(), Writes()
+    batcher: Batcher[str] = Batcher(clock, writes, 100, max_in_flight=3)
+    batcher.submit("a")
+    clock.advance(0)
+    batcher.submit("b")
+    clock.advance(0)
+    idle = batcher.when_idle()
+    writes.batches[0][1].callback(None)
+    assert not idle.called
+    writes.batches[1][1].callback(None)
+    assert idle.called
+
+
+def test_batcher_cut_batch_leaves_at_once_when_a_slot_is_free() -> None:
+    """A batch cut at max_batch sends its remainder next turn if a slot is free."""
+    clock, writes = Clock(), Writes()
+    batcher: Batcher[str] = Batcher(clock, writes, 100, max_batch=2, max_in_flight=2)
+    for x in "abcde":
+        batcher.submit(x)
+    clock.advance(0)
+    clock.advance(0)
+    assert [items for items, _ in writes.batches] == [["a", "b"], ["c", "d"]]
+    writes.batches[0][1].callback(None)
+    clock.advance(0)
+    assert [items for items, _ in writes.batches][2:] == [["e"]]
+
+
 def test_batcher_failure_fails_every_item_of_the_batch() -> None:
     """A failed write fails all its items (none may be assumed stored), not later ones."""
     clock, writes = Clock(), Writes()
