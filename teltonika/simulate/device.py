@@ -210,14 +210,8 @@ class Device:
         self._tick_call = None
         now = self.clock.seconds()
         config = self.config
-        count = config.records_per_frame
-        step = (now - self._last_tick) / count
+        self.buffer.extend(self.track.log(now, now - self._last_tick, config.records_per_frame))
         self._last_tick = now
-        now_ms = int(now * 1000)
-        for index in range(count):
-            event = self.track.advance(step)
-            stamp = now_ms - int((count - 1 - index) * step * 1000)
-            self.buffer.append(self.track.record(stamp, event=event))
         self.frames_logged += 1
         if config.max_frames is not None and self.frames_logged >= config.max_frames:
             self.generating = False

@@ -115,6 +115,18 @@ class Track:
         self.latitude = max(-89.9, min(89.9, math.degrees(lat2)))
         self.longitude = (math.degrees(lon2) + 540) % 360 - 180
 
+    def log(self, now: float, elapsed: float, count: int) -> list[AVLRecord]:
+        """*count* records spread evenly over the last *elapsed* seconds up to *now*, the
+        way a tracker samples between two sends (oldest first)."""
+        step = elapsed / count
+        now_ms = int(now * 1000)
+        out = []
+        for index in range(count):
+            event = self.advance(step)
+            stamp = now_ms - int((count - 1 - index) * step * 1000)
+            out.append(self.record(stamp, event=event))
+        return out
+
     def record(self, timestamp_ms: int, event: bool = False) -> AVLRecord:
         """The record a device would log now.
 

@@ -88,12 +88,8 @@ class UDPDevice:
         self._tick_call = None
         now = self.clock.seconds()
         count = self.config.records_per_frame
-        step = (now - self._last_tick) / count
+        self.buffer.extend(self.track.log(now, now - self._last_tick, count))
         self._last_tick = now
-        for index in range(count):
-            event = self.track.advance(step)
-            stamp = int(now * 1000) - int((count - 1 - index) * step * 1000)
-            self.buffer.append(self.track.record(stamp, event=event))
         self.frames_logged += 1
         if self.config.max_frames is not None and self.frames_logged >= self.config.max_frames:
             self.generating = False
