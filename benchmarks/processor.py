@@ -62,19 +62,36 @@ BASE_MS = 1_700_000_000_000
 
 def make_record(rng: random.Random, ts_ms: int) -> AVLRecord:
     io = (
-        (239, 1, rng.randint(0, 1)), (240, 1, rng.randint(0, 1)), (21, 1, rng.randint(0, 5)),
-        (200, 1, 0), (69, 1, 1), (1, 1, 0), (179, 1, 0),
-        (181, 2, rng.randint(5, 30)), (182, 2, rng.randint(5, 30)),
+        (239, 1, rng.randint(0, 1)),
+        (240, 1, rng.randint(0, 1)),
+        (21, 1, rng.randint(0, 5)),
+        (200, 1, 0),
+        (69, 1, 1),
+        (1, 1, 0),
+        (179, 1, 0),
+        (181, 2, rng.randint(5, 30)),
+        (182, 2, rng.randint(5, 30)),
         (66, 2, rng.randint(11000, 14500)),
-        (24, 2, rng.randint(0, 130)), (67, 2, rng.randint(3500, 4200)), (68, 2, 0),
-        (16, 4, rng.randint(0, 10**8)), (241, 4, 24602), (199, 4, rng.randint(0, 1000)),
+        (24, 2, rng.randint(0, 130)),
+        (67, 2, rng.randint(3500, 4200)),
+        (68, 2, 0),
+        (16, 4, rng.randint(0, 10**8)),
+        (241, 4, 24602),
+        (199, 4, rng.randint(0, 1000)),
         (78, 8, rng.randint(2**53 + 1, 2**64 - 1)),  # iButton id: a u64 above 2**53
         (385, NX, rng.randbytes(rng.randint(4, 24))),  # beacon data: NX bytes
     )
     return AVLRecord(
-        timestamp_ms=ts_ms, priority=0, longitude=25.0 + rng.random(), latitude=54.0 + rng.random(),
-        altitude=rng.randint(50, 300), angle=rng.randint(0, 359), satellites=rng.randint(4, 14),
-        speed=rng.randint(0, 130), event_io_id=0, io=io,
+        timestamp_ms=ts_ms,
+        priority=0,
+        longitude=25.0 + rng.random(),
+        latitude=54.0 + rng.random(),
+        altitude=rng.randint(50, 300),
+        angle=rng.randint(0, 359),
+        satellites=rng.randint(4, 14),
+        speed=rng.randint(0, 130),
+        event_io_id=0,
+        io=io,
     )
 
 
@@ -138,14 +155,30 @@ class Processor:
         self.metrics_port = free_port()
         self.log = Path(tempfile.mkdtemp(prefix="bench-processor-")) / "processor.log"
         args = [
-            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "-n", "--pidfile=", f"--logfile={self.log}", "teltonika-processor",
-            "--redis", redis_url, "--group", group, "--consumer", "bench",
-            "--metrics", f"tcp:{self.metrics_port}:interface=127.0.0.1", "--batch-size", "500",
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            f"--logfile={self.log}",
+            "teltonika-processor",
+            "--redis",
+            redis_url,
+            "--group",
+            group,
+            "--consumer",
+            "bench",
+            "--metrics",
+            f"tcp:{self.metrics_port}:interface=127.0.0.1",
+            "--batch-size",
+            "500",
             *extra,
         ]
-        env = dict(os.environ, TELTONIKA_POSTGRES_DSN=dsn,
-                   PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        env = dict(
+            os.environ,
+            TELTONIKA_POSTGRES_DSN=dsn,
+            PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        )
         self.process = subprocess.Popen(args, cwd=REPO, env=env)
 
     def ready(self) -> bool:
@@ -234,8 +267,10 @@ def main() -> int:
         print(f"  mean entry payload {size:.0f} bytes")
 
         base_rate, base_lat = baseline(fresh_db(pg, "bench_baseline"), entries)
-        print(f"1. baseline psycopg COPY+INSERT ON CONFLICT, batch 500: {base_rate:,.0f} rows/s, "
-              f"batch p50 {pct(base_lat, .5) * 1000:.1f} ms p99 {pct(base_lat, .99) * 1000:.1f} ms")
+        print(
+            f"1. baseline psycopg COPY+INSERT ON CONFLICT, batch 500: {base_rate:,.0f} rows/s, "
+            f"batch p50 {pct(base_lat, 0.5) * 1000:.1f} ms p99 {pct(base_lat, 0.99) * 1000:.1f} ms"
+        )
 
         fill(client, entries)
         dsn = fresh_db(pg, "bench_processor")
@@ -256,11 +291,13 @@ def main() -> int:
         again, _ = baseline(fresh_db(pg, "bench_baseline2"), entries)
         base_rate = (base_rate + again) / 2
         print(f"   baseline again: {again:,.0f} rows/s; mean {base_rate:,.0f} rows/s")
-        print(f"2. processor end to end: {rate:,.0f} rows/s ({seconds:.1f} s), "
-              f"batch p50 {pct(lat, .5) * 1000:.1f} ms p99 {pct(lat, .99) * 1000:.1f} ms, "
-              f"(database part p50 {pct(db_lat, .5) * 1000:.1f} ms), "
-              f"RSS {rss / 1024:.0f} MiB (peak {hwm / 1024:.0f} MiB); "
-              f"{rate / base_rate:.0%} of the mean baseline")
+        print(
+            f"2. processor end to end: {rate:,.0f} rows/s ({seconds:.1f} s), "
+            f"batch p50 {pct(lat, 0.5) * 1000:.1f} ms p99 {pct(lat, 0.99) * 1000:.1f} ms, "
+            f"(database part p50 {pct(db_lat, 0.5) * 1000:.1f} ms), "
+            f"RSS {rss / 1024:.0f} MiB (peak {hwm / 1024:.0f} MiB); "
+            f"{rate / base_rate:.0%} of the mean baseline"
+        )
 
         processor = Processor(redis_server.url, dsn, "replay")
         try:
@@ -268,23 +305,28 @@ def main() -> int:
         finally:
             processor.stop()
         replay_rate = args.entries / replay_seconds
-        print(f"3. replay, all duplicates: {replay_rate:,.0f} rows/s; "
-              f"{replay_rate / rate:.0%} of run 2")
+        print(
+            f"3. replay, all duplicates: {replay_rate:,.0f} rows/s; "
+            f"{replay_rate / rate:.0%} of run 2"
+        )
 
         n = args.state_devices
         client.delete(TELEMETRY_STREAM)
         fill(client, build_entries(n, n, seed=5))
-        processor = Processor(redis_server.url, fresh_db(pg, "bench_state"), "processor",
-                              "--state-size", str(n))
+        processor = Processor(
+            redis_server.url, fresh_db(pg, "bench_state"), "processor", "--state-size", str(n)
+        )
         try:
             drain(client, processor, "processor", n)
             rss_state, _ = processor.rss_kb()
         finally:
             processor.stop()
         per_device_rss = (rss_state - rss) * 1024 / max(1, n - args.devices)
-        print(f"4. state: {n:,} devices held (--state-size {n}): RSS {rss_state / 1024:.0f} MiB, "
-              f"about {per_device_rss:,.0f} bytes/device over run 2; "
-              f"Python heap {snapshot_bytes(min(n, 20_000)):,.0f} bytes per device held")
+        print(
+            f"4. state: {n:,} devices held (--state-size {n}): RSS {rss_state / 1024:.0f} MiB, "
+            f"about {per_device_rss:,.0f} bytes/device over run 2; "
+            f"Python heap {snapshot_bytes(min(n, 20_000)):,.0f} bytes per device held"
+        )
     finally:
         client.close()
         redis_server.cleanup()

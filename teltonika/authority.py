@@ -96,7 +96,8 @@ class FileAuthority:
                 raise
             self._log.error(
                 "Could not reload the device list {path}; keeping the old one: {error}",
-                path=str(self.path), error=str(error),
+                path=str(self.path),
+                error=str(error),
             )
             return
         self._stamp = stamp
@@ -110,8 +111,9 @@ class FileAuthority:
         try:
             stamp = self._file_stamp()
         except OSError as error:
-            self._log.warn("Device list {path} unreadable: {error}", path=str(self.path),
-                           error=str(error))
+            self._log.warn(
+                "Device list {path} unreadable: {error}", path=str(self.path), error=str(error)
+            )
             return
         if stamp != self._stamp:
             self.reload()
@@ -156,6 +158,4 @@ def parse_authority_spec(spec: str) -> tuple[str, str]:
     kind, sep, argument = spec.partition(":")
     if sep and kind in ("file", "redis") and argument:
         return (kind, argument)
-    raise AuthoritySpecError(
-        f"--devices must be 'open', 'file:PATH' or 'redis:KEY', not {spec!r}"
-    )
+    raise AuthoritySpecError(f"--devices must be 'open', 'file:PATH' or 'redis:KEY', not {spec!r}")

@@ -16,7 +16,20 @@ from typing import Final
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 SINK_LATENCY_BUCKETS: Final = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 """Seconds. A healthy Redis pipeline answers in well under a millisecond, a fsync takes a
 few milliseconds, and a device gives up on an ACK after 30 s by default."""
@@ -50,8 +63,10 @@ class ServerMetrics:
             registry=r,
         )
         self.timeouts = Counter(
-            "teltonika_timeouts", "Connections closed by a timer, by kind (login, idle).",
-            ["kind"], registry=r,
+            "teltonika_timeouts",
+            "Connections closed by a timer, by kind (login, idle).",
+            ["kind"],
+            registry=r,
         )
         self.frames = Counter(
             "teltonika_frames", "Data frames decoded, by codec.", ["codec"], registry=r
@@ -75,8 +90,10 @@ class ServerMetrics:
             registry=r,
         )
         self.acks = Counter(
-            "teltonika_acks", "ACKs sent after the sink confirmed, by transport.",
-            ["transport"], registry=r,
+            "teltonika_acks",
+            "ACKs sent after the sink confirmed, by transport.",
+            ["transport"],
+            registry=r,
         )
         self.acked_records = Counter(
             "teltonika_acked_records", "Records acknowledged to devices.", registry=r
@@ -109,7 +126,9 @@ class ServerMetrics:
             registry=r,
         )
         self.bytes_in = Counter(
-            "teltonika_bytes_received", "Bytes received from devices.", ["transport"],
+            "teltonika_bytes_received",
+            "Bytes received from devices.",
+            ["transport"],
             registry=r,
         )
         self.bytes_out = Counter(

@@ -128,71 +128,176 @@ class Options(usage.Options):
         "ACK a frame only after its records are stored."
     )
     optFlags: list[list[str | None]] = [  # noqa: N815 (Twisted name)
-        ["luhn", None, "Require a valid Luhn check digit in IMEIs (off: test fleets use "
-         "non-Luhn IMEIs)."],
+        [
+            "luhn",
+            None,
+            "Require a valid Luhn check digit in IMEIs (off: test fleets use non-Luhn IMEIs).",
+        ],
     ]
     optParameters: list[list[Any]] = [  # noqa: N815 (Twisted name)
-        ["port", "p", DEFAULT_PORT,
-         "TCP endpoint for trackers: a port number or a description such as "
-         "tcp:5027:interface=127.0.0.1."],
-        ["udp-port", None, None,
-         "UDP port for trackers, PORT or INTERFACE:PORT (off unless given)."],
-        ["redis", None, None,
-         "Redis URL, redis://[user:password@]host:port/db: publish records to the stream "
-         "telemetry:teltonika. Without it records go to --output."],
-        ["redis-durability", None, "memory",
-         "memory: ACK once Redis holds the entries in memory. fsync: ACK only once Redis "
-         "fsynced them (needs appendonly yes + appendfsync always, or Redis >= 7.2 for "
-         "WAITAOF); checked at start-up."],
-        ["stream-maxlen", None, None,
-         "Trim the stream with XADD MAXLEN ~ N. Off by default: a blind trim can drop "
-         "entries the processor has not read yet (default: no trimming)", _positive_int],
-        ["output", "o", DEFAULT_OUTPUT,
-         "JSON-lines file for records when no --redis is given (appended to, fsynced "
-         "before each ACK)."],
-        ["metrics", None, DEFAULT_SERVER_METRICS,
-         "Endpoint for /metrics, /healthz and /readyz (loopback by default), or 'off'."],
-        ["instance-id", None, socket.gethostname(),
-         "Name of this server instance, written into every record."],
-        ["devices", None, "open",
-         "Device authority: open, file:PATH (one IMEI a line, reloaded on SIGHUP or "
-         "change) or redis:KEY (a Redis set)."],
-        ["max-frame", None, DEFAULT_MAX_FRAME,
-         "Largest data frame in bytes; a bigger one closes the connection.", _positive_int],
-        ["login-timeout", None, DEFAULT_LOGIN_TIMEOUT,
-         "Seconds from connect to login before the connection is closed.", _seconds],
-        ["idle-timeout", None, DEFAULT_IDLE_TIMEOUT,
-         "Seconds without a byte (keepalives count) before closing; 0 disables.", _seconds],
-        ["max-connections", None, DEFAULT_MAX_CONNECTIONS,
-         "Open device connections beyond which new ones are closed at once; 0 = no limit.",
-         _positive_int],
-        ["max-pending-frames", None, DEFAULT_MAX_PENDING_FRAMES,
-         "Frames waiting on one connection before it stops reading.", _positive_int],
-        ["sink-timeout", None, DEFAULT_SINK_TIMEOUT,
-         "Seconds the sink may take to store a frame before it counts as failed "
-         "(no ACK, connection closed).", _seconds],
-        ["command-timeout", None, DEFAULT_COMMAND_TIMEOUT,
-         "Seconds a command waits for the device's reply (a command may ask for another).",
-         _seconds],
-        ["command-queue-warn", None, DEFAULT_WARN_DEPTH,
-         "Commands queued on one socket that log a warning.", _positive_int],
-        ["command-queue-max", None, DEFAULT_MAX_DEPTH,
-         "Commands queued on one socket beyond which new ones fail with queue_full.",
-         _positive_int],
-        ["heartbeat-interval", None, HEARTBEAT_INTERVAL,
-         "Seconds between heartbeats (instance:heartbeat:ID) and registry re-claims "
-         "(with --redis).", _seconds],
-        ["heartbeat-ttl", None, HEARTBEAT_TTL,
-         "Seconds the heartbeat key lives (EX); other instances' janitors clean up after "
-         "an instance whose heartbeat expired.", _seconds],
-        ["janitor-interval", None, JANITOR_INTERVAL,
-         "Seconds between janitor passes (with --redis).", _seconds],
-        ["offline-max-attempts", None, DEFAULT_MAX_ATTEMPTS,
-         "Delivery attempts of an offline command before it fails with "
-         "attempts_exhausted.", _positive_int],
-        ["shutdown-timeout", None, DEFAULT_SHUTDOWN_TIMEOUT,
-         "Seconds to let in-flight frames finish on shutdown, and again to close "
-         "connections.", _seconds],
+        [
+            "port",
+            "p",
+            DEFAULT_PORT,
+            "TCP endpoint for trackers: a port number or a description such as "
+            "tcp:5027:interface=127.0.0.1.",
+        ],
+        [
+            "udp-port",
+            None,
+            None,
+            "UDP port for trackers, PORT or INTERFACE:PORT (off unless given).",
+        ],
+        [
+            "redis",
+            None,
+            None,
+            "Redis URL, redis://[user:password@]host:port/db: publish records to the stream "
+            "telemetry:teltonika. Without it records go to --output.",
+        ],
+        [
+            "redis-durability",
+            None,
+            "memory",
+            "memory: ACK once Redis holds the entries in memory. fsync: ACK only once Redis "
+            "fsynced them (needs appendonly yes + appendfsync always, or Redis >= 7.2 for "
+            "WAITAOF); checked at start-up.",
+        ],
+        [
+            "stream-maxlen",
+            None,
+            None,
+            "Trim the stream with XADD MAXLEN ~ N. Off by default: a blind trim can drop "
+            "entries the processor has not read yet (default: no trimming)",
+            _positive_int,
+        ],
+        [
+            "output",
+            "o",
+            DEFAULT_OUTPUT,
+            "JSON-lines file for records when no --redis is given (appended to, fsynced "
+            "before each ACK).",
+        ],
+        [
+            "metrics",
+            None,
+            DEFAULT_SERVER_METRICS,
+            "Endpoint for /metrics, /healthz and /readyz (loopback by default), or 'off'.",
+        ],
+        [
+            "instance-id",
+            None,
+            socket.gethostname(),
+            "Name of this server instance, written into every record.",
+        ],
+        [
+            "devices",
+            None,
+            "open",
+            "Device authority: open, file:PATH (one IMEI a line, reloaded on SIGHUP or "
+            "change) or redis:KEY (a Redis set).",
+        ],
+        [
+            "max-frame",
+            None,
+            DEFAULT_MAX_FRAME,
+            "Largest data frame in bytes; a bigger one closes the connection.",
+            _positive_int,
+        ],
+        [
+            "login-timeout",
+            None,
+            DEFAULT_LOGIN_TIMEOUT,
+            "Seconds from connect to login before the connection is closed.",
+            _seconds,
+        ],
+        [
+            "idle-timeout",
+            None,
+            DEFAULT_IDLE_TIMEOUT,
+            "Seconds without a byte (keepalives count) before closing; 0 disables.",
+            _seconds,
+        ],
+        [
+            "max-connections",
+            None,
+            DEFAULT_MAX_CONNECTIONS,
+            "Open device connections beyond which new ones are closed at once; 0 = no limit.",
+            _positive_int,
+        ],
+        [
+            "max-pending-frames",
+            None,
+            DEFAULT_MAX_PENDING_FRAMES,
+            "Frames waiting on one connection before it stops reading.",
+            _positive_int,
+        ],
+        [
+            "sink-timeout",
+            None,
+            DEFAULT_SINK_TIMEOUT,
+            "Seconds the sink may take to store a frame before it counts as failed "
+            "(no ACK, connection closed).",
+            _seconds,
+        ],
+        [
+            "command-timeout",
+            None,
+            DEFAULT_COMMAND_TIMEOUT,
+            "Seconds a command waits for the device's reply (a command may ask for another).",
+            _seconds,
+        ],
+        [
+            "command-queue-warn",
+            None,
+            DEFAULT_WARN_DEPTH,
+            "Commands queued on one socket that log a warning.",
+            _positive_int,
+        ],
+        [
+            "command-queue-max",
+            None,
+            DEFAULT_MAX_DEPTH,
+            "Commands queued on one socket beyond which new ones fail with queue_full.",
+            _positive_int,
+        ],
+        [
+            "heartbeat-interval",
+            None,
+            HEARTBEAT_INTERVAL,
+            "Seconds between heartbeats (instance:heartbeat:ID) and registry re-claims "
+            "(with --redis).",
+            _seconds,
+        ],
+        [
+            "heartbeat-ttl",
+            None,
+            HEARTBEAT_TTL,
+            "Seconds the heartbeat key lives (EX); other instances' janitors clean up after "
+            "an instance whose heartbeat expired.",
+            _seconds,
+        ],
+        [
+            "janitor-interval",
+            None,
+            JANITOR_INTERVAL,
+            "Seconds between janitor passes (with --redis).",
+            _seconds,
+        ],
+        [
+            "offline-max-attempts",
+            None,
+            DEFAULT_MAX_ATTEMPTS,
+            "Delivery attempts of an offline command before it fails with attempts_exhausted.",
+            _positive_int,
+        ],
+        [
+            "shutdown-timeout",
+            None,
+            DEFAULT_SHUTDOWN_TIMEOUT,
+            "Seconds to let in-flight frames finish on shutdown, and again to close connections.",
+            _seconds,
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -305,7 +410,10 @@ def _build_sink(server: Server) -> ManagedSink:
     from teltonika.sinks.jsonl import JsonLinesSink
 
     return JsonLinesSink(
-        options["output"], server.reactor, server.metrics, instance_id=settings_id,
+        options["output"],
+        server.reactor,
+        server.metrics,
+        instance_id=settings_id,
         reactor=server.reactor,
     )
 
@@ -354,7 +462,12 @@ def makeService(
     sink = _build_sink(server)
     authority, file_authority = _build_authority(server)
     factory = DeviceFactory(
-        load_codecs(), sink, authority, server.metrics, reactor, settings  # type: ignore[arg-type]
+        load_codecs(),
+        sink,  # type: ignore[arg-type]  # a ManagedSink provides ISink too
+        authority,
+        server.metrics,
+        reactor,
+        settings,
     )
     server.factory = factory  # type: ignore[attr-defined]
     server.sink = sink  # type: ignore[attr-defined]
@@ -364,7 +477,11 @@ def makeService(
 
         interface, port = options["udp-port"]
         datagrams = DeviceDatagramProtocol(
-            sink, authority, server.metrics, reactor, luhn=bool(options["luhn"]),  # type: ignore[arg-type]
+            sink,  # type: ignore[arg-type]  # a ManagedSink provides ISink too
+            authority,
+            server.metrics,
+            reactor,
+            luhn=bool(options["luhn"]),
             sink_timeout=options["sink-timeout"],
         )
         listeners.append(internet.UDPServer(port, datagrams, interface=interface, reactor=reactor))
@@ -389,8 +506,9 @@ def makeService(
 
         server.commands = add_command_plane(server, root, options)  # type: ignore[attr-defined]
     if options["metrics"] is not None:
-        ops = ops_service(options["metrics"], server.metrics.registry, server.readiness,
-                          reactor=reactor)
+        ops = ops_service(
+            options["metrics"], server.metrics.registry, server.readiness, reactor=reactor
+        )
         ops.setName("ops")
         ops.setServiceParent(root)
     return root

@@ -61,8 +61,11 @@ class DeviceDatagramProtocol(DatagramProtocol):
             self.metrics.decode_errors.labels(error.reason).inc()
             self._log.warn(
                 "Dropped malformed datagram from {peer}, reason {reason}: {error}. Bytes: {hex}",
-                peer=_peer(addr), reason=error.reason, error=str(error),
-                hex=truncated_hex(datagram), event="rejected_frame",
+                peer=_peer(addr),
+                reason=error.reason,
+                error=str(error),
+                hex=truncated_hex(datagram),
+                event="rejected_frame",
             )
             return
         d: Deferred[bool] = maybeDeferred(self.authority.is_allowed, packet.imei)
@@ -72,12 +75,12 @@ class DeviceDatagramProtocol(DatagramProtocol):
         if isinstance(allowed, Failure):
             self._log.error(
                 "Device authority failed for {imei}; dropping its datagram: {error}",
-                imei=packet.imei, error=allowed.getErrorMessage(),
+                imei=packet.imei,
+                error=allowed.getErrorMessage(),
             )
         if allowed is not True:
             self.metrics.datagrams.labels("rejected").inc()
-            self._log.info("Datagram from {imei} refused by the device authority",
-                           imei=packet.imei)
+            self._log.info("Datagram from {imei} refused by the device authority", imei=packet.imei)
             return None
         avl = packet.packet
         codec = CODEC_NAMES.get(avl.codec_id, str(avl.codec_id))
@@ -90,7 +93,9 @@ class DeviceDatagramProtocol(DatagramProtocol):
         )
         d.addTimeout(self.sink_timeout, self.clock)
         return d.addCallbacks(
-            self._stored, self._failed, callbackArgs=(packet, addr, started),
+            self._stored,
+            self._failed,
+            callbackArgs=(packet, addr, started),
             errbackArgs=(packet,),
         )
 
@@ -109,7 +114,9 @@ class DeviceDatagramProtocol(DatagramProtocol):
         self.metrics.sink_failures.labels(self.sink.name).inc()
         self._log.error(
             "Sink {sink} did not store a datagram from {imei}; no ACK: {error}",
-            sink=self.sink.name, imei=packet.imei, error=failure.getErrorMessage(),
+            sink=self.sink.name,
+            imei=packet.imei,
+            error=failure.getErrorMessage(),
         )
 
 

@@ -135,8 +135,18 @@ class PostgresServer:
         self._as_postgres = os.geteuid() == 0
         if self._as_postgres:
             shutil.chown(self.directory, "postgres", "postgres")
-        self._run(os.path.join(self.bindir, "initdb"), "-D", self.data, "-A", "trust",
-                  "-U", "postgres", "-E", "UTF8", "--no-sync")
+        self._run(
+            os.path.join(self.bindir, "initdb"),
+            "-D",
+            self.data,
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
 
     @staticmethod
     def _find_bindir() -> str:
@@ -167,10 +177,21 @@ class PostgresServer:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
 
     def start(self) -> PostgresServer:
-        options = (f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 "
-                   "-c fsync=off -c full_page_writes=off")
-        self._run(os.path.join(self.bindir, "pg_ctl"), "-D", self.data, "-o", options,
-                  "-l", os.path.join(self.directory, "postgres.log"), "-w", "start")
+        options = (
+            f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 "
+            "-c fsync=off -c full_page_writes=off"
+        )
+        self._run(
+            os.path.join(self.bindir, "pg_ctl"),
+            "-D",
+            self.data,
+            "-o",
+            options,
+            "-l",
+            os.path.join(self.directory, "postgres.log"),
+            "-w",
+            "start",
+        )
         wait_for_port(self.port)
         return self
 

@@ -157,8 +157,12 @@ class Consumer:
             except Exception as e:
                 failures += 1
                 emit = self._log.error if failures == 1 else self._log.warn
-                emit("{what} failed (attempt {attempt}), retrying: {error}",
-                     what=what, attempt=failures, error=repr(e))
+                emit(
+                    "{what} failed (attempt {attempt}), retrying: {error}",
+                    what=what,
+                    attempt=failures,
+                    error=repr(e),
+                )
                 await self._sleep(delay)
                 delay = min(delay * 2, self.config.retry_max)
         return False
@@ -187,7 +191,9 @@ class Consumer:
             self.joined = True
             self._log.info(
                 "Consumer {consumer} joined group {group} on {stream}{created}",
-                consumer=streams.consumer, group=streams.group, stream=streams.stream,
+                consumer=streams.consumer,
+                group=streams.group,
+                stream=streams.stream,
                 created=" (group created)" if created else "",
             )
 
@@ -198,7 +204,8 @@ class Consumer:
         self._log.info(
             "Processor ready: batch {batch_size}, claim idle {claim_idle}s, "
             "max deliveries {max_deliveries}",
-            batch_size=self.config.batch_size, claim_idle=self.config.claim_idle,
+            batch_size=self.config.batch_size,
+            claim_idle=self.config.claim_idle,
             max_deliveries=self.config.max_deliveries,
         )
         return True
@@ -273,7 +280,9 @@ class Consumer:
             return
         self._log.warn(
             "Group {group} on {stream} had vanished; created it again (from {start})",
-            group=streams.group, stream=streams.stream, start=self.config.group_start,
+            group=streams.group,
+            stream=streams.stream,
+            start=self.config.group_start,
         )
 
     def _redis_failed(self, what: str, error: Exception) -> None:
@@ -300,7 +309,8 @@ class Consumer:
                 self.metrics.entries_claimed.inc(len(entries))
                 self._log.info(
                     "Claimed {count} entries idle for more than {idle}s",
-                    count=len(entries), idle=self.config.claim_idle,
+                    count=len(entries),
+                    idle=self.config.claim_idle,
                 )
                 await self.process(entries, redelivered=True)
             if start == "0-0":
@@ -356,8 +366,9 @@ class Consumer:
             fields_of = {e.entry_id: e.fields or [] for e in batch.entries}
             for position, why in outcome.rejected:
                 dead.append(
-                    DeadLetter(position.entry_id, fields_of[position.entry_id],
-                               "rejected_by_database", why)
+                    DeadLetter(
+                        position.entry_id, fields_of[position.entry_id], "rejected_by_database", why
+                    )
                 )
         if missing:
             metrics.rehydration_queries.inc()
@@ -368,7 +379,9 @@ class Consumer:
             metrics.dead_lettered.labels(reason=letter.reason).inc()
             self._log.error(
                 "Dead-lettered entry {entry_id}: {reason} ({detail})",
-                entry_id=letter.entry_id, reason=letter.reason, detail=letter.detail,
+                entry_id=letter.entry_id,
+                reason=letter.reason,
+                detail=letter.detail,
                 imei=fields_dict(letter.fields).get("imei"),
             )
         if not await self._acknowledge(dead, ack_ids):
@@ -381,8 +394,12 @@ class Consumer:
         self._log.debug(
             "Batch written: {count} entries, inserted={inserted} duplicates={duplicates} "
             "dead={dead} redelivered={redelivered} in {seconds:.4f}s (database {db_seconds:.4f}s)",
-            count=len(batch.entries), inserted=outcome.inserted, duplicates=outcome.duplicates,
-            dead=len(dead), redelivered=batch.redelivered, seconds=seconds,
+            count=len(batch.entries),
+            inserted=outcome.inserted,
+            duplicates=outcome.duplicates,
+            dead=len(dead),
+            redelivered=batch.redelivered,
+            seconds=seconds,
             db_seconds=outcome.seconds,
         )
         return True
@@ -402,15 +419,22 @@ class Consumer:
             count = counts.get(entry.entry_id, 0)
             if count > limit:
                 dead.append(
-                    DeadLetter(entry.entry_id, entry.fields or [], "max_deliveries",
-                               f"delivered {count} times (limit {limit})")
+                    DeadLetter(
+                        entry.entry_id,
+                        entry.fields or [],
+                        "max_deliveries",
+                        f"delivered {count} times (limit {limit})",
+                    )
                 )
             else:
                 keep.append(entry)
         return keep
 
     async def _write(
-        self, positions: list[Position], missing: list[str], ids: list[str],
+        self,
+        positions: list[Position],
+        missing: list[str],
+        ids: list[str],
         payload: bytes | None = None,
     ) -> WriteOutcome | None:
         """Write until it works; None when stopping with PostgreSQL still failing."""
@@ -427,12 +451,15 @@ class Consumer:
                     self._log.error(
                         "PostgreSQL write failed ({kind}); holding {count} entries "
                         "unacknowledged and retrying: {error}",
-                        kind=kind, count=len(ids), error=str(e).strip(),
+                        kind=kind,
+                        count=len(ids),
+                        error=str(e).strip(),
                     )
                 else:
                     self._log.warn(
                         "PostgreSQL write failed again (attempt {attempt}): {error}",
-                        attempt=attempt, error=str(e).strip(),
+                        attempt=attempt,
+                        error=str(e).strip(),
                     )
                 self.postgres_ok = False
                 if self.stopping:

@@ -99,13 +99,25 @@ class Position:
         Only ``instance_id`` and ``io`` can hold characters COPY must escape; every other
         value matched a digits-only pattern.
         """
-        return "\t".join((
-            self.device_id, str(self.timestamp_ms), str(self.received_at_ms), self.latitude,
-            self.longitude, self.altitude, self.angle, self.speed, self.satellites,
-            self.priority, self.event_io_id,
-            "\\N" if self.generation_type is None else self.generation_type,
-            self.codec, _copy_escape(self.instance_id), _copy_escape(self.io),
-        ))
+        return "\t".join(
+            (
+                self.device_id,
+                str(self.timestamp_ms),
+                str(self.received_at_ms),
+                self.latitude,
+                self.longitude,
+                self.altitude,
+                self.angle,
+                self.speed,
+                self.satellites,
+                self.priority,
+                self.event_io_id,
+                "\\N" if self.generation_type is None else self.generation_type,
+                self.codec,
+                _copy_escape(self.instance_id),
+                _copy_escape(self.io),
+            )
+        )
 
     def copy_row(self) -> tuple[str | None, ...]:
         """The values in :data:`teltonika.processor.writer.COPY_COLUMNS` order."""
@@ -132,8 +144,10 @@ def _copy_escape(value: str) -> str:
     """Escape a value for COPY text format (backslash first)."""
     if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
         return (
-            value.replace("\\", "\\\\").replace("\t", "\\t")
-            .replace("\n", "\\n").replace("\r", "\\r")
+            value.replace("\\", "\\\\")
+            .replace("\t", "\\t")
+            .replace("\n", "\\n")
+            .replace("\r", "\\r")
         )
     return value
 
@@ -255,10 +269,17 @@ def _reverse_io_general(text: str) -> str:
 
 
 _CHECKED: Final = (
-    ("imei", _IMEI), ("timestamp_ms", _SIGNED), ("received_at_ms", _SIGNED),
-    ("latitude", _DEGREES), ("longitude", _DEGREES), ("altitude", _SIGNED),
-    ("angle", _UNSIGNED), ("speed", _UNSIGNED), ("satellites", _UNSIGNED),
-    ("priority", _UNSIGNED), ("event_io_id", _UNSIGNED),
+    ("imei", _IMEI),
+    ("timestamp_ms", _SIGNED),
+    ("received_at_ms", _SIGNED),
+    ("latitude", _DEGREES),
+    ("longitude", _DEGREES),
+    ("altitude", _SIGNED),
+    ("angle", _UNSIGNED),
+    ("speed", _UNSIGNED),
+    ("satellites", _UNSIGNED),
+    ("priority", _UNSIGNED),
+    ("event_io_id", _UNSIGNED),
 )
 _CHECKED_NAMES: Final = tuple(name for name, _ in _CHECKED)
 # All checked fields joined by NUL and matched at once (no pattern admits a NUL).
@@ -283,15 +304,35 @@ def parse_entry(entry_id: str, fields: Mapping[str, object]) -> Position:
         and codec in _CODECS
         and type(instance) is str
         and type(io) is str
-        and (generation == "" or (type(generation) is str and generation.isdigit()
-                                  and generation.isascii() and len(generation) < 6))
+        and (
+            generation == ""
+            or (
+                type(generation) is str
+                and generation.isdigit()
+                and generation.isascii()
+                and len(generation) < 6
+            )
+        )
     ):
         imei, ts, received, lat, lon, alt, angle, speed, sats, prio, event = cast(
             "list[str]", values
         )
         return Position(
-            entry_id, imei, int(ts), int(received), lat, lon, alt, angle, speed, sats, prio,
-            event, generation or None, codec, instance,
+            entry_id,
+            imei,
+            int(ts),
+            int(received),
+            lat,
+            lon,
+            alt,
+            angle,
+            speed,
+            sats,
+            prio,
+            event,
+            generation or None,
+            codec,
+            instance,
             reverse_io(io),
         )
     return _parse_general(entry_id, fields)
@@ -331,5 +372,11 @@ def _parse_general(entry_id: str, fields: Mapping[str, object]) -> Position:
 
 
 __all__ = [
-    "FIELDS", "REASONS", "ContractError", "Position", "fields_dict", "parse_entry", "reverse_io",
+    "FIELDS",
+    "REASONS",
+    "ContractError",
+    "Position",
+    "fields_dict",
+    "parse_entry",
+    "reverse_io",
 ]

@@ -47,8 +47,16 @@ def reader_connection(
         protocol = DecodingProtocol
 
     factory = DecodingFactory(
-        f"{address.host}:{address.port}", address.db, 1, True, txredisapi.ConnectionHandler,
-        "utf-8", address.password, reply_timeout, False, address.username,
+        f"{address.host}:{address.port}",
+        address.db,
+        1,
+        True,
+        txredisapi.ConnectionHandler,
+        "utf-8",
+        address.password,
+        reply_timeout,
+        False,
+        address.username,
     )
     factory.reconnect = True
     ssl_context_factory: Any = None

@@ -19,11 +19,13 @@ class ProcessorMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.entries_read = Counter(
-            _PREFIX + "entries_read", "Stream entries read (new, own pending and claimed)",
+            _PREFIX + "entries_read",
+            "Stream entries read (new, own pending and claimed)",
             registry=registry,
         )
         self.entries_claimed = Counter(
-            _PREFIX + "entries_claimed", "Entries taken over from idle consumers by XAUTOCLAIM",
+            _PREFIX + "entries_claimed",
+            "Entries taken over from idle consumers by XAUTOCLAIM",
             registry=registry,
         )
         self.entries_deleted = Counter(
@@ -35,22 +37,28 @@ class ProcessorMetrics:
             _PREFIX + "rows_inserted", "Rows inserted into positions", registry=registry
         )
         self.duplicates = Counter(
-            _PREFIX + "duplicates", "Records already stored (ON CONFLICT DO NOTHING)",
+            _PREFIX + "duplicates",
+            "Records already stored (ON CONFLICT DO NOTHING)",
             registry=registry,
         )
         self.acked = Counter(_PREFIX + "entries_acked", "Entries acknowledged", registry=registry)
         self.dead_lettered = Counter(
-            _PREFIX + "dead_lettered", "Entries sent to the dead-letter stream",
-            ["reason"], registry=registry,
+            _PREFIX + "dead_lettered",
+            "Entries sent to the dead-letter stream",
+            ["reason"],
+            registry=registry,
         )
         for reason in REASONS:
             self.dead_lettered.labels(reason=reason)
         self.batch_size = Histogram(
-            _PREFIX + "batch_size", "Entries per batch",
-            buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000), registry=registry,
+            _PREFIX + "batch_size",
+            "Entries per batch",
+            buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000),
+            registry=registry,
         )
         self.batch_seconds = Histogram(
-            _PREFIX + "batch_seconds", "Seconds from read to acknowledgement of a batch",
+            _PREFIX + "batch_seconds",
+            "Seconds from read to acknowledgement of a batch",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=registry,
         )
@@ -72,11 +80,13 @@ class ProcessorMetrics:
         )
         self.devices = Gauge(_PREFIX + "devices", "Devices held in state", registry=registry)
         self.lag = Gauge(
-            _PREFIX + "consumer_lag", "Entries not yet delivered to our group (XINFO GROUPS lag)",
+            _PREFIX + "consumer_lag",
+            "Entries not yet delivered to our group (XINFO GROUPS lag)",
             registry=registry,
         )
         self.pending = Gauge(
-            _PREFIX + "pending", "Entries delivered to our group and not yet acknowledged",
+            _PREFIX + "pending",
+            "Entries delivered to our group and not yet acknowledged",
             registry=registry,
         )
         self.trimmed = Counter(

@@ -152,8 +152,14 @@ class Streams:
     ) -> tuple[str, list[Entry], list[str]]:
         """XAUTOCLAIM: (next cursor, claimed entries, ids of claimed-but-deleted entries)."""
         reply = await self.command(
-            "XAUTOCLAIM", self.stream, self.group, self.consumer, min_idle_ms, start,
-            "COUNT", count,
+            "XAUTOCLAIM",
+            self.stream,
+            self.group,
+            self.consumer,
+            min_idle_ms,
+            start,
+            "COUNT",
+            count,
         )
         deleted = [_text(i) for i in reply[2]] if len(reply) > 2 and reply[2] else []
         return _text(reply[0]), _entries(reply[1]), deleted
@@ -169,9 +175,7 @@ class Streams:
         """Reset the idle time of entries we still hold (XCLAIM JUSTID does not count as a
         delivery), so no other processor claims them while we retry PostgreSQL."""
         if ids:
-            await self.command(
-                "XCLAIM", self.stream, self.group, self.consumer, 0, *ids, "JUSTID"
-            )
+            await self.command("XCLAIM", self.stream, self.group, self.consumer, 0, *ids, "JUSTID")
 
     async def ack(self, ids: Sequence[str]) -> int:
         if not ids:
@@ -183,14 +187,26 @@ class Streams:
         replay is "drop the dead.* fields and XADD the rest")."""
         for letter in letters:
             await self.command(
-                "XADD", self.dead_stream, "MAXLEN", "~", self.dead_maxlen, "*",
-                "dead.id", letter.entry_id,
-                "dead.stream", self.stream,
-                "dead.reason", letter.reason,
-                "dead.detail", letter.detail,
-                "dead.group", self.group,
-                "dead.consumer", self.consumer,
-                "dead.at_ms", now_ms,
+                "XADD",
+                self.dead_stream,
+                "MAXLEN",
+                "~",
+                self.dead_maxlen,
+                "*",
+                "dead.id",
+                letter.entry_id,
+                "dead.stream",
+                self.stream,
+                "dead.reason",
+                letter.reason,
+                "dead.detail",
+                letter.detail,
+                "dead.group",
+                self.group,
+                "dead.consumer",
+                self.consumer,
+                "dead.at_ms",
+                now_ms,
                 *letter.fields,
             )
 

@@ -54,49 +54,117 @@ class Options(usage.Options):
     )
 
     optFlags = [  # noqa: N815
-        ["trim", None, "Trim the stream with XTRIM MINID below the oldest entry any consumer "
-                       "group still needs (off by default)."],
+        [
+            "trim",
+            None,
+            "Trim the stream with XTRIM MINID below the oldest entry any consumer "
+            "group still needs (off by default).",
+        ],
     ]
     optParameters: list[list[Any]] = [  # noqa: N815
-        ["redis", None, None,
-         f"Redis URL redis://[user:password@]host[:port][/db] (default: ${REDIS_ENV}, "
-         f"else {DEFAULT_REDIS})."],
-        ["postgres", None, None,
-         f"PostgreSQL libpq URL or DSN (default: ${POSTGRES_ENV}; use the variable to keep "
-         "the password out of the process list)."],
+        [
+            "redis",
+            None,
+            None,
+            f"Redis URL redis://[user:password@]host[:port][/db] (default: ${REDIS_ENV}, "
+            f"else {DEFAULT_REDIS}).",
+        ],
+        [
+            "postgres",
+            None,
+            None,
+            f"PostgreSQL libpq URL or DSN (default: ${POSTGRES_ENV}; use the variable to keep "
+            "the password out of the process list).",
+        ],
         ["stream", None, TELEMETRY_STREAM, "Stream to consume."],
         ["dead-stream", None, "telemetry:teltonika:dead", "Dead-letter stream."],
-        ["dead-maxlen", None, 1_000_000, "Approximate cap on the dead-letter stream.",
-         _positive_int],
+        [
+            "dead-maxlen",
+            None,
+            1_000_000,
+            "Approximate cap on the dead-letter stream.",
+            _positive_int,
+        ],
         ["group", None, "processor", "Consumer group (shared by all processors)."],
-        ["group-start", None, "0",
-         "Where a newly created group starts: 0 = everything in the stream, $ = new entries only."],
-        ["consumer", None, socket.gethostname(),
-         "This instance's consumer name; must be unique in the group and stable across "
-         "restarts (it re-reads its own pending entries on start)."],
+        [
+            "group-start",
+            None,
+            "0",
+            "Where a newly created group starts: 0 = everything in the stream, "
+            "$ = new entries only.",
+        ],
+        [
+            "consumer",
+            None,
+            socket.gethostname(),
+            "This instance's consumer name; must be unique in the group and stable across "
+            "restarts (it re-reads its own pending entries on start).",
+        ],
         ["batch-size", None, 500, "Entries per XREADGROUP and per transaction.", _positive_int],
-        ["block-ms", None, 2000, "How long one XREADGROUP waits for new entries (ms).",
-         _positive_int],
-        ["claim-idle", None, 60.0,
-         "Take over entries pending in another consumer for longer than this (seconds).",
-         _positive_float],
-        ["claim-interval", None, 10.0, "How often to look for idle entries (seconds).",
-         _positive_float],
-        ["max-deliveries", None, 5,
-         "Dead-letter an entry delivered more than this many times.", _positive_int],
-        ["state-size", None, 100_000, "Most devices held in memory (least recently seen evicted).",
-         _positive_int],
-        ["metrics", None, DEFAULT_PROCESSOR_METRICS,
-         "Endpoint for /metrics, /healthz, /readyz (a port number means loopback; "
-         "'off' disables)."],
+        [
+            "block-ms",
+            None,
+            2000,
+            "How long one XREADGROUP waits for new entries (ms).",
+            _positive_int,
+        ],
+        [
+            "claim-idle",
+            None,
+            60.0,
+            "Take over entries pending in another consumer for longer than this (seconds).",
+            _positive_float,
+        ],
+        [
+            "claim-interval",
+            None,
+            10.0,
+            "How often to look for idle entries (seconds).",
+            _positive_float,
+        ],
+        [
+            "max-deliveries",
+            None,
+            5,
+            "Dead-letter an entry delivered more than this many times.",
+            _positive_int,
+        ],
+        [
+            "state-size",
+            None,
+            100_000,
+            "Most devices held in memory (least recently seen evicted).",
+            _positive_int,
+        ],
+        [
+            "metrics",
+            None,
+            DEFAULT_PROCESSOR_METRICS,
+            "Endpoint for /metrics, /healthz, /readyz (a port number means loopback; "
+            "'off' disables).",
+        ],
         ["trim-interval", None, 60.0, "Seconds between trims when --trim is on.", _positive_float],
-        ["stats-interval", None, 5.0, "Seconds between consumer lag/pending updates.",
-         _positive_float],
-        ["retry-max", None, 5.0,
-         "Longest backoff between retries of Redis or PostgreSQL (seconds).",
-         _positive_float],
-        ["shutdown-timeout", None, 15.0,
-         "Backstop: force the exit when shutdown takes longer (seconds).", _positive_float],
+        [
+            "stats-interval",
+            None,
+            5.0,
+            "Seconds between consumer lag/pending updates.",
+            _positive_float,
+        ],
+        [
+            "retry-max",
+            None,
+            5.0,
+            "Longest backoff between retries of Redis or PostgreSQL (seconds).",
+            _positive_float,
+        ],
+        [
+            "shutdown-timeout",
+            None,
+            15.0,
+            "Backstop: force the exit when shutdown takes longer (seconds).",
+            _positive_float,
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -154,13 +222,22 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
         )
 
     streams = Streams(
-        None, reactor, options["stream"], options["group"], options["consumer"],
-        dead_stream=options["dead-stream"], dead_maxlen=int(options["dead-maxlen"]),
+        None,
+        reactor,
+        options["stream"],
+        options["group"],
+        options["consumer"],
+        dead_stream=options["dead-stream"],
+        dead_maxlen=int(options["dead-maxlen"]),
         timeout=timeout,
     )
     database = Database(options["postgres"], reactor)
     consumer = Consumer(
-        streams, database, DeviceState(int(options["state-size"])), metrics, reactor,
+        streams,
+        database,
+        DeviceState(int(options["state-size"])),
+        metrics,
+        reactor,
         ConsumerConfig(
             batch_size=int(options["batch-size"]),
             block_ms=block_ms,
@@ -175,14 +252,21 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
     top = MultiService()
     if options["metrics"]:
         ops = ops_service(
-            options["metrics"], registry,
-            {"redis": lambda: consumer.redis_ok, "postgres": lambda: consumer.postgres_ok,
-             "consumer": consumer.ready},
+            options["metrics"],
+            registry,
+            {
+                "redis": lambda: consumer.redis_ok,
+                "postgres": lambda: consumer.postgres_ok,
+                "consumer": consumer.ready,
+            },
             reactor=reactor,
         )
         ops.setServiceParent(top)
     processor = ProcessorService(
-        consumer, (), reactor, connect=connect,
+        consumer,
+        (),
+        reactor,
+        connect=connect,
         trim=bool(options["trim"]),
         trim_interval=float(options["trim-interval"]),
         stats_interval=float(options["stats-interval"]),

@@ -206,7 +206,9 @@ class DeviceProtocol(Protocol):
         self.commands.close()
         if self.imei is not None:
             self._log.info(
-                "Device {imei} logged out ({peer})", imei=self.imei, peer=self.peer,
+                "Device {imei} logged out ({peer})",
+                imei=self.imei,
+                peer=self.peer,
                 event="logout",
             )
             self.factory.device_logged_out(self)
@@ -258,8 +260,11 @@ class DeviceProtocol(Protocol):
                     d.addBoth(self._frame_done)
         finally:
             self._pumping = False
-        if self._paused and not self._closing and not self._draining and len(self._queue) * 2 < max(
-            self.factory.settings.max_pending_frames, 2
+        if (
+            self._paused
+            and not self._closing
+            and not self._draining
+            and len(self._queue) * 2 < max(self.factory.settings.max_pending_frames, 2)
         ):
             self._paused = False
             assert self.transport is not None
@@ -282,7 +287,9 @@ class DeviceProtocol(Protocol):
             self.factory.metrics.decode_errors.labels("before_login").inc()
             self._log.warn(
                 "Data frame before login from {peer}; closing: {hex}",
-                peer=self.peer, hex=truncated_hex(frame.raw), reason="before_login",
+                peer=self.peer,
+                hex=truncated_hex(frame.raw),
+                reason="before_login",
             )
             self.close()
             return None
@@ -305,7 +312,9 @@ class DeviceProtocol(Protocol):
         except ImeiError as error:
             metrics.logins.labels("invalid").inc()
             self._log.warn(
-                "Invalid IMEI packet from {peer}: {error}", peer=self.peer, error=str(error),
+                "Invalid IMEI packet from {peer}: {error}",
+                peer=self.peer,
+                error=str(error),
                 reason="invalid_imei",
             )
             self.write_to_device(REJECT)
@@ -318,7 +327,10 @@ class DeviceProtocol(Protocol):
             metrics.decode_errors.labels("imei_changed").inc()
             self._log.warn(
                 "Device {imei} sent a different IMEI {other} mid-session; closing",
-                imei=self.imei, other=imei, peer=self.peer, reason="imei_changed",
+                imei=self.imei,
+                other=imei,
+                peer=self.peer,
+                reason="imei_changed",
             )
             self.write_to_device(REJECT)
             self.close()
@@ -334,14 +346,17 @@ class DeviceProtocol(Protocol):
             metrics.logins.labels("error").inc()
             self._log.error(
                 "Device authority failed for {imei}; refusing the login: {error}",
-                imei=imei, error=allowed.getErrorMessage(),
+                imei=imei,
+                error=allowed.getErrorMessage(),
             )
             allowed = False
         if not allowed:
             metrics.logins.labels("rejected").inc()
             self._log.info(
                 "Device {imei} refused by the device authority ({peer})",
-                imei=imei, peer=self.peer, event="login_rejected",
+                imei=imei,
+                peer=self.peer,
+                event="login_rejected",
             )
             self.write_to_device(REJECT)
             self.close()
@@ -397,7 +412,10 @@ class DeviceProtocol(Protocol):
         self.factory.metrics.sink_failures.labels(sink.name).inc()
         self._log.error(
             "Sink {sink} did not store {count} records from {imei}; no ACK, closing: {error}",
-            sink=sink.name, count=count, imei=self.imei, error=failure.getErrorMessage(),
+            sink=sink.name,
+            count=count,
+            imei=self.imei,
+            error=failure.getErrorMessage(),
         )
         self.close()
 
@@ -442,7 +460,9 @@ class DeviceProtocol(Protocol):
             factory.metrics.sink_failures.labels(factory.sink.name).inc()
             self._log.error(
                 "Sink {sink} did not store a codec {codec} message from {imei}: {error}",
-                sink=factory.sink.name, codec=codec.name, imei=imei,
+                sink=factory.sink.name,
+                codec=codec.name,
+                imei=imei,
                 error=failure.getErrorMessage(),
             )
 
@@ -453,10 +473,13 @@ class DeviceProtocol(Protocol):
     def _reject(self, reason: str, error: DecodeError, data: bytes) -> None:
         self.factory.metrics.decode_errors.labels(reason).inc()
         self._log.warn(
-            "Rejected frame from {imei} ({peer}), reason {reason}: {error}; closing. "
-            "Bytes: {hex}",
-            imei=self.imei, peer=self.peer, reason=reason, error=str(error),
-            hex=truncated_hex(data), event="rejected_frame",
+            "Rejected frame from {imei} ({peer}), reason {reason}: {error}; closing. Bytes: {hex}",
+            imei=self.imei,
+            peer=self.peer,
+            reason=reason,
+            error=str(error),
+            hex=truncated_hex(data),
+            event="rejected_frame",
         )
         self.close()
 
@@ -471,8 +494,9 @@ class DeviceProtocol(Protocol):
         self._idle_timer = None
         if not self._closing:
             self.factory.metrics.timeouts.labels("idle").inc()
-            self._log.info("Connection from {imei} ({peer}) idle; closing",
-                           imei=self.imei, peer=self.peer)
+            self._log.info(
+                "Connection from {imei} ({peer}) idle; closing", imei=self.imei, peer=self.peer
+            )
             self.close()
 
     # -- shutdown support --------------------------------------------------------------
@@ -574,7 +598,9 @@ class DeviceFactory(Factory):
             self.metrics.connections_refused.labels("max_connections").inc()
             self._log.warn(
                 "Refused connection from {peer}: {limit} connections are open",
-                peer=protocol.peer, limit=limit, reason="max_connections",
+                peer=protocol.peer,
+                limit=limit,
+                reason="max_connections",
             )
             return False
         self.connections.add(protocol)
@@ -597,7 +623,9 @@ class DeviceFactory(Factory):
             self._log.info(
                 "Device {imei} logged in again from {peer}; closing the older connection "
                 "from {older}",
-                imei=imei, peer=protocol.peer, older=older.peer,
+                imei=imei,
+                peer=protocol.peer,
+                older=older.peer,
             )
             self._notify("device_logged_out", imei, older)
             older.close()
@@ -627,9 +655,7 @@ class DeviceFactory(Factory):
         frames already received are handled and ACKed."""
         for protocol in list(self.connections):
             protocol.stop_reading()
-        return _bounded(
-            [p.when_idle() for p in list(self.connections)], timeout, self.clock
-        )
+        return _bounded([p.when_idle() for p in list(self.connections)], timeout, self.clock)
 
     def close_all(self, timeout: float) -> Deferred[None]:
         """Close every connection (flushing written ACKs); abort what is still open after

@@ -178,8 +178,9 @@ class IngestionService(Service):
         try:
             await _within(self.sink.close(), self.shutdown_timeout, self.clock)
         except Exception as error:
-            self._log.error("Closing the {sink} sink failed: {error}", sink=self.sink.name,
-                            error=str(error))
+            self._log.error(
+                "Closing the {sink} sink failed: {error}", sink=self.sink.name, error=str(error)
+            )
         if self.file_authority is not None:
             self.file_authority.stop()
             if self._old_sighup is not None:

@@ -71,19 +71,27 @@ def record(
     speed: int = 42,
 ) -> AVLRecord:
     return AVLRecord(
-        timestamp_ms=BASE_MS + ts_offset_ms, priority=0, longitude=longitude, latitude=latitude,
-        altitude=112, angle=270, satellites=9, speed=speed, event_io_id=0, io=io,
+        timestamp_ms=BASE_MS + ts_offset_ms,
+        priority=0,
+        longitude=longitude,
+        latitude=latitude,
+        altitude=112,
+        angle=270,
+        satellites=9,
+        speed=speed,
+        event_io_id=0,
+        io=io,
     )
 
 
 def entry(
-    imei: str = "356307042441013", rec: AVLRecord | None = None, codec: str = "8E",
+    imei: str = "356307042441013",
+    rec: AVLRecord | None = None,
+    codec: str = "8E",
     received_at_ms: int | None = None,
 ) -> list[bytes]:
     rec = rec or record()
-    return entry_fields(
-        imei, codec, rec, received_at_ms or rec.timestamp_ms + 1500, "ingest-test"
-    )
+    return entry_fields(imei, codec, rec, received_at_ms or rec.timestamp_ms + 1500, "ingest-test")
 
 
 def xadd(client: redis.Redis, fields: Sequence[bytes | str], stream: str = TELEMETRY_STREAM) -> str:
@@ -124,8 +132,23 @@ def query(dsn: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
 def processor_options(redis_url: str, dsn: str, *extra: str) -> Options:
     options = Options()
     options.parseOptions(
-        ["--redis", redis_url, "--postgres", dsn, "--metrics", "off", "--consumer", "c1",
-         "--block-ms", "100", "--retry-max", "0.5", "--stats-interval", "0.5", *extra]
+        [
+            "--redis",
+            redis_url,
+            "--postgres",
+            dsn,
+            "--metrics",
+            "off",
+            "--consumer",
+            "c1",
+            "--block-ms",
+            "100",
+            "--retry-max",
+            "0.5",
+            "--stats-interval",
+            "0.5",
+            *extra,
+        ]
     )
     return options
 

@@ -25,8 +25,15 @@ pytestmark = pytest.mark.slow
 
 def start(tmp_path: Path, name: str, *args: str, env: dict[str, str] | None = None):
     log = tmp_path / f"{name}.log"
-    command = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-               "-n", "--pidfile=", f"--logfile={log}", *args]
+    command = [
+        sys.executable,
+        "-c",
+        "from twisted.scripts.twistd import run; run()",
+        "-n",
+        "--pidfile=",
+        f"--logfile={log}",
+        *args,
+    ]
     environment = dict(os.environ, **(env or {}))
     environment["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     return subprocess.Popen(command, cwd=ROOT, env=environment), log
@@ -91,13 +98,30 @@ def test_fleet_to_postgres_exactly_once(redis_url, pg_dsn, tmp_path):
     twice: the rows are exactly the records the devices saw ACKed, each once."""
     port, ops = free_port(), free_port()
     server, server_log = start(
-        tmp_path, "server", "teltonika", "--port", f"tcp:{port}:interface=127.0.0.1",
-        "--redis", redis_url, "--metrics", f"tcp:{ops}:interface=127.0.0.1",
-        "--instance-id", "e2e",
+        tmp_path,
+        "server",
+        "teltonika",
+        "--port",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--redis",
+        redis_url,
+        "--metrics",
+        f"tcp:{ops}:interface=127.0.0.1",
+        "--instance-id",
+        "e2e",
     )
     processor, processor_log = start(
-        tmp_path, "processor", "teltonika-processor", "--redis", redis_url,
-        "--metrics", "off", "--block-ms", "100", "--consumer", "e2e",
+        tmp_path,
+        "processor",
+        "teltonika-processor",
+        "--redis",
+        redis_url,
+        "--metrics",
+        "off",
+        "--block-ms",
+        "100",
+        "--consumer",
+        "e2e",
         env={"TELTONIKA_POSTGRES_DSN": pg_dsn},
     )
     try:
@@ -110,8 +134,10 @@ def test_fleet_to_postgres_exactly_once(redis_url, pg_dsn, tmp_path):
 
         def rows() -> set[tuple[str, int]]:
             try:
-                found = query(pg_dsn, "select device_id, (extract(epoch from ts) * 1000)::bigint"
-                                      " from positions")
+                found = query(
+                    pg_dsn,
+                    "select device_id, (extract(epoch from ts) * 1000)::bigint from positions",
+                )
             except Exception:
                 return set()
             return {(device, int(ts)) for device, ts in found}
@@ -121,9 +147,10 @@ def test_fleet_to_postgres_exactly_once(redis_url, pg_dsn, tmp_path):
             time.sleep(0.1)
         assert rows() == acked, (server_log.read_text()[-2000:], processor_log.read_text()[-2000:])
         assert query(pg_dsn, "select count(*) from positions")[0][0] == len(acked)
-        (u64, nx, instance), = query(
-            pg_dsn, "select io->>'78', io->>'385', instance_id from positions"
-                    " where device_id = '357304000000001' and ts = to_timestamp(%s / 1000.0)",
+        ((u64, nx, instance),) = query(
+            pg_dsn,
+            "select io->>'78', io->>'385', instance_id from positions"
+            " where device_id = '357304000000001' and ts = to_timestamp(%s / 1000.0)",
             BASE_MS + 7 + 10_000,
         )
         assert u64 == str(2**63 + 1) and nx == bytes([1, 7, 255]).hex() and instance == "e2e"

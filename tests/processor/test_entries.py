@@ -17,8 +17,15 @@ def fields_of(flat):
 
 
 RECORD = AVLRecord(
-    timestamp_ms=1_700_000_000_123, priority=1, longitude=-0.1275, latitude=-51.5072,
-    altitude=-12, angle=359, satellites=11, speed=88, event_io_id=239,
+    timestamp_ms=1_700_000_000_123,
+    priority=1,
+    longitude=-0.1275,
+    latitude=-51.5072,
+    altitude=-12,
+    angle=359,
+    satellites=11,
+    speed=88,
+    event_io_id=239,
     io=((239, 1, 1), (78, 8, 2**64 - 1), (11, 8, 2**53), (10, NX, b"\x00\xff")),
     generation_type=None,
 )
@@ -108,16 +115,21 @@ io_values = st.one_of(
 def test_any_encoded_record_parses_back(io, lat, lon, ts):
     """Whatever the ingestion encoder writes, the processor reads back exactly."""
     rec = AVLRecord(
-        timestamp_ms=ts, priority=0, longitude=lon / 1e7, latitude=lat / 1e7, altitude=0,
-        angle=0, satellites=0, speed=0, event_io_id=0,
+        timestamp_ms=ts,
+        priority=0,
+        longitude=lon / 1e7,
+        latitude=lat / 1e7,
+        altitude=0,
+        angle=0,
+        satellites=0,
+        speed=0,
+        event_io_id=0,
         io=tuple((io_id, width, value) for io_id, (width, value) in io),
     )
     p = parse_entry("1-0", fields_of(entry_fields("356307042441013", "8E", rec, 1, "i")))
     assert p.timestamp_ms == ts
     assert round(float(p.latitude) * 1e7) == lat
-    expected = {
-        str(io_id): value.hex() if width == NX else value for io_id, (width, value) in io
-    }
+    expected = {str(io_id): value.hex() if width == NX else value for io_id, (width, value) in io}
     assert orjson.loads(p.io) == expected
 
 

@@ -42,8 +42,7 @@ async def test_postgres_stopped_mid_run(processors, rds, pg_dsn, postgres_server
     """While PostgreSQL is down nothing is acknowledged, /readyz answers 503, at most two
     batches are held (nothing more is read), and everything is written once it is back."""
     port = free_port()
-    service = processors.start("--metrics", f"tcp:{port}:interface=127.0.0.1",
-                               "--batch-size", "5")
+    service = processors.start("--metrics", f"tcp:{port}:interface=127.0.0.1", "--batch-size", "5")
     consumer = service.processor.consumer
     for i in range(5):
         xadd(rds, entry(imei=imei(i), rec=record(i)))
@@ -53,12 +52,14 @@ async def test_postgres_stopped_mid_run(processors, rds, pg_dsn, postgres_server
     postgres_server.stop("immediate")
     for i in range(5, 10):
         xadd(rds, entry(imei=imei(i), rec=record(i)))
-    await eventually(lambda: sample(service, "teltonika_processor_postgres_errors_total",
-                                    kind="connection") >= 3)
+    await eventually(
+        lambda: sample(service, "teltonika_processor_postgres_errors_total", kind="connection") >= 3
+    )
     for i in range(10, 60):  # arriving during the outage: not read while a batch is held
         xadd(rds, entry(imei=imei(i), rec=record(i)))
-    await eventually(lambda: sample(service, "teltonika_processor_postgres_errors_total",
-                                    kind="connection") >= 5)
+    await eventually(
+        lambda: sample(service, "teltonika_processor_postgres_errors_total", kind="connection") >= 5
+    )
     held = pending(rds)
     read = sample(service, "teltonika_processor_entries_read_total")
     assert sample(service, "teltonika_processor_entries_acked_total") == 5
@@ -81,13 +82,30 @@ def twistd(tmp_path: Path, redis_url: str, dsn: str, consumer: str, *extra: str)
     """``twistd -n teltonika-processor`` as a child process (DSN from the environment)."""
     log = tmp_path / f"processor-{consumer}.log"
     args = [
-        sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-        "-n", "--pidfile=", f"--logfile={log}", "teltonika-processor",
-        "--redis", redis_url, "--consumer", consumer, "--metrics", "off",
-        "--block-ms", "100", "--retry-max", "0.5", *extra,
+        sys.executable,
+        "-c",
+        "from twisted.scripts.twistd import run; run()",
+        "-n",
+        "--pidfile=",
+        f"--logfile={log}",
+        "teltonika-processor",
+        "--redis",
+        redis_url,
+        "--consumer",
+        consumer,
+        "--metrics",
+        "off",
+        "--block-ms",
+        "100",
+        "--retry-max",
+        "0.5",
+        *extra,
     ]
-    env = dict(os.environ, TELTONIKA_POSTGRES_DSN=dsn,
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        TELTONIKA_POSTGRES_DSN=dsn,
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
     return subprocess.Popen(args, cwd=ROOT, env=env), log
 
 
@@ -118,8 +136,16 @@ async def test_sigkill_between_commit_and_xack(
     if restart_as == "same consumer":
         service = processors.start("--consumer", "c1", "--batch-size", "15")
     else:
-        service = processors.start("--consumer", "c2", "--claim-idle", "0.3",
-                                   "--claim-interval", "0.2", "--batch-size", "15")
+        service = processors.start(
+            "--consumer",
+            "c2",
+            "--claim-idle",
+            "0.3",
+            "--claim-interval",
+            "0.2",
+            "--batch-size",
+            "15",
+        )
     await eventually(lambda: pending(rds) == 0 and count(pg_dsn) == 40, timeout=20)
     assert query(pg_dsn, "select count(distinct (device_id, ts)) from positions")[0][0] == 40
     assert sample(service, "teltonika_processor_duplicates_total") == 30
@@ -150,8 +176,14 @@ async def test_sigterm_finishes_and_exits(rds, redis_url, pg_dsn, tmp_path):
     # twistd re-raises the signal once its clean shutdown is done
     assert child.returncode in (0, -signal.SIGTERM)
     text = log.read_text()
-    for line in ("PostgreSQL connected", "Migrations applied", "Redis connected",
-                 "joined group processor", "Processor ready", "Processor stopped"):
+    for line in (
+        "PostgreSQL connected",
+        "Migrations applied",
+        "Redis connected",
+        "joined group processor",
+        "Processor ready",
+        "Processor stopped",
+    ):
         assert line in text
     # whatever was read before SIGTERM is committed and acknowledged: no entry is
     # both pending and stored, and nothing stored is unacknowledged.

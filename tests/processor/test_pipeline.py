@@ -119,7 +119,7 @@ async def test_poison_row_is_isolated(processors, rds, pg_dsn, logged_errors):
     service = processors.start()
     await eventually(lambda: rds.xlen(DEAD) == 1 and pending(rds) == 0)
     assert count(pg_dsn) == 30
-    (_, letter), = rds.xrange(DEAD)
+    ((_, letter),) = rds.xrange(DEAD)
     assert letter["dead.id"] == poison
     assert letter["dead.reason"] == "rejected_by_database"
     assert "out of range" in letter["dead.detail"]
@@ -172,7 +172,7 @@ async def test_claim_idle_and_max_deliveries(processors, rds, pg_dsn, logged_err
     service = processors.start("--claim-idle", "0.3", "--claim-interval", "0.2")
     await eventually(lambda: pending(rds) == 0)
     assert count(pg_dsn) == 2
-    (_, letter), = rds.xrange(DEAD)
+    ((_, letter),) = rds.xrange(DEAD)
     assert letter["dead.id"] == ids[0]
     assert letter["dead.reason"] == "max_deliveries"
     assert letter["dead.detail"] == "delivered 6 times (limit 5)"
@@ -203,7 +203,7 @@ async def test_io_bag_round_trip(processors, rds, pg_dsn):
     xadd(rds, entry(rec=record(0, io=io)))
     processors.start()
     await eventually(lambda: count(pg_dsn) == 1)
-    (bag,), = query(pg_dsn, "select io::text from positions")
+    ((bag,),) = query(pg_dsn, "select io::text from positions")
     assert orjson.loads(bag) == {"1": 0, "21": 5, "66": 65535, "241": 24602, "11": 2**53 - 1}
 
 
@@ -216,7 +216,7 @@ async def test_free_text_and_binary_values(processors, rds, pg_dsn, logged_error
     processors.start()
     await eventually(lambda: count(pg_dsn) == 1 and rds.xlen(DEAD) == 1 and pending(rds) == 0)
     assert query(pg_dsn, "select instance_id from positions") == [("a\tb\\c\nd",)]
-    (_, letter), = rds.xrange(DEAD)
+    ((_, letter),) = rds.xrange(DEAD)
     assert (letter["dead.id"], letter["dead.reason"]) == (bad, "bad_field")
     assert len(logged_errors.flush(DEAD_FORMAT)) == 1
 

@@ -46,8 +46,12 @@ def make(stopping: Deferred[None]) -> tuple[ProcessorService, Clock, list[str], 
     exits: list[str] = []
     redis = FakeRedis()
     service = ProcessorService(
-        FakeConsumer(stopping), [redis], clock, stats_interval=1000,  # type: ignore[arg-type]
-        shutdown_timeout=15, force_exit=lambda: exits.append("exit"),
+        FakeConsumer(stopping),
+        [redis],
+        clock,
+        stats_interval=1000,  # type: ignore[arg-type]
+        shutdown_timeout=15,
+        force_exit=lambda: exits.append("exit"),
     )
     service.startService()
     return service, clock, exits, redis

@@ -11,11 +11,22 @@ from teltonika.processor.state import DeviceSnapshot, DeviceState, IDeviceState
 
 def pos(device, ts, received=None, speed=1):
     return Position(
-        entry_id="1-0", device_id=device, timestamp_ms=ts,
+        entry_id="1-0",
+        device_id=device,
+        timestamp_ms=ts,
         received_at_ms=ts + 1 if received is None else received,
-        latitude="1.5", longitude="2.5", altitude="3", angle="4", speed=str(speed),
-        satellites="5", priority="0", event_io_id="0", generation_type=None, codec="8",
-        instance_id="i", io="{}",
+        latitude="1.5",
+        longitude="2.5",
+        altitude="3",
+        angle="4",
+        speed=str(speed),
+        satellites="5",
+        priority="0",
+        event_io_id="0",
+        generation_type=None,
+        codec="8",
+        instance_id="i",
+        io="{}",
     )
 
 

@@ -28,7 +28,11 @@ def test_defaults(monkeypatch):
     assert o["postgres"] == "postgresql://u:secret@db/x"
     assert o["redis"] == "redis://127.0.0.1:6379/0"
     assert (o["group"], o["batch-size"], o["claim-idle"], o["max-deliveries"]) == (
-        "processor", 500, 60.0, 5)
+        "processor",
+        500,
+        60.0,
+        5,
+    )
     assert (o["state-size"], o["trim"], o["shutdown-timeout"]) == (100_000, 0, 15.0)
     assert o["metrics"] == "tcp:9106:interface=127.0.0.1"
     assert o["consumer"]
@@ -36,8 +40,19 @@ def test_defaults(monkeypatch):
 
 def test_overrides_and_metrics_forms(monkeypatch):
     monkeypatch.delenv("TELTONIKA_POSTGRES_DSN", raising=False)
-    o = parse("--postgres", "dbname=x", "--metrics", "9200", "--trim", "--batch-size", "50",
-              "--consumer", "p2", "--redis", "redis://h:6390/2")
+    o = parse(
+        "--postgres",
+        "dbname=x",
+        "--metrics",
+        "9200",
+        "--trim",
+        "--batch-size",
+        "50",
+        "--consumer",
+        "p2",
+        "--redis",
+        "redis://h:6390/2",
+    )
     assert o["metrics"] == "tcp:9200:interface=127.0.0.1"
     assert (o["trim"], o["batch-size"], o["consumer"]) == (1, 50, "p2")
     assert parse("--postgres", "x", "--metrics", "off")["metrics"] is None
@@ -61,9 +76,21 @@ def test_bad_options(argv, monkeypatch):
 
 def test_help_documents_every_option_with_its_default():
     text = " ".join(str(Options()).split())
-    for name in ("--redis", "--postgres", "--group", "--consumer", "--batch-size", "--block-ms",
-                 "--claim-idle", "--max-deliveries", "--state-size", "--metrics", "--trim",
-                 "--shutdown-timeout", "TELTONIKA_POSTGRES_DSN"):
+    for name in (
+        "--redis",
+        "--postgres",
+        "--group",
+        "--consumer",
+        "--batch-size",
+        "--block-ms",
+        "--claim-idle",
+        "--max-deliveries",
+        "--state-size",
+        "--metrics",
+        "--trim",
+        "--shutdown-timeout",
+        "TELTONIKA_POSTGRES_DSN",
+    ):
         assert name in text
     assert "[default: 500]" in text and "[default: processor]" in text
 
@@ -86,8 +113,14 @@ def test_make_service_starts_nothing_and_listens_on_metrics():
     """makeService builds the tree without touching the network; starting it listens on
     the metrics endpoint (loopback)."""
     reactor = MemoryReactor()
-    options = parse("--postgres", "dbname=x", "--metrics", "tcp:9999:interface=127.0.0.1",
-                    "--redis", "redis://127.0.0.1:1/0")
+    options = parse(
+        "--postgres",
+        "dbname=x",
+        "--metrics",
+        "tcp:9999:interface=127.0.0.1",
+        "--redis",
+        "redis://127.0.0.1:1/0",
+    )
     service = makeService(options, reactor)
     assert reactor.tcpServers == [] and reactor.tcpClients == []
     assert service.processor.consumer.streams.redis is None  # connects on start only

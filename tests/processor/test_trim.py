@@ -37,8 +37,12 @@ async def test_trim_keeps_what_a_slower_group_needs(processors, rds, pg_dsn):
     await eventually(lambda: rds.xlen(TELEMETRY_STREAM) == 15)
     assert rds.xrange(TELEMETRY_STREAM, count=1)[0][0] == ids[5]  # slow's oldest pending
     assert rds.xpending(TELEMETRY_STREAM, "processor")["pending"] == 0
-    assert service.processor.consumer.metrics.registry.get_sample_value(
-        "teltonika_processor_entries_trimmed_total") == 5
+    assert (
+        service.processor.consumer.metrics.registry.get_sample_value(
+            "teltonika_processor_entries_trimmed_total"
+        )
+        == 5
+    )
 
     rds.xack(TELEMETRY_STREAM, "slow", *ids[5:10])
     await eventually(lambda: rds.xlen(TELEMETRY_STREAM) == 10)

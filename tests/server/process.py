@@ -27,9 +27,21 @@ class ServerProcess:
         self.log = cwd / "twistd.out"
         self._log_file = self.log.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "teltonika",
-             "--port", f"tcp:{self.port}:interface=127.0.0.1", *args],
-            cwd=cwd, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-c",
+                TWISTD,
+                "-n",
+                "--pidfile=",
+                "teltonika",
+                "--port",
+                f"tcp:{self.port}:interface=127.0.0.1",
+                *args,
+            ],
+            cwd=cwd,
+            env=env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
         )
 
     def wait_listening(self, timeout: float = 20.0) -> None:

@@ -49,8 +49,16 @@ def test_jsonl_server_end_to_end(servers: list[ServerProcess], tmp_path: Path) -
     """The default sink: login, frames ACKed in order, a UDP datagram ACKed, /metrics and
     /readyz served, SIGTERM exits 0, every record is in the JSON-lines file."""
     metrics_port, udp_port = free_port(), free_port()
-    server = start(servers, tmp_path, "--metrics", str(metrics_port),
-                   "--udp-port", f"127.0.0.1:{udp_port}", "--instance-id", "e2e")
+    server = start(
+        servers,
+        tmp_path,
+        "--metrics",
+        str(metrics_port),
+        "--udp-port",
+        f"127.0.0.1:{udp_port}",
+        "--instance-id",
+        "e2e",
+    )
     server.wait_for_log("File sink ready")
     device = Device(server.port)
     device.send(b"\xff" + encode_login(IMEI))
@@ -64,8 +72,10 @@ def test_jsonl_server_end_to_end(servers: list[ServerProcess], tmp_path: Path) -
 
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.settimeout(10)
-    udp.sendto(encode_udp(IMEI, CODEC_8, [record(100)], packet_id=1, avl_packet_id=9),
-               ("127.0.0.1", udp_port))
+    udp.sendto(
+        encode_udp(IMEI, CODEC_8, [record(100)], packet_id=1, avl_packet_id=9),
+        ("127.0.0.1", udp_port),
+    )
     assert udp.recv(64) == bytes.fromhex("0005000101" + "0901")
     udp.close()
 
@@ -98,8 +108,9 @@ def test_redis_server_end_to_end(
     """--redis: entries in telemetry:teltonika; --devices redis:KEY admits set members only;
     a corrupt frame is not ACKed and closes the connection."""
     redis_server.cli("SADD", "fleet", IMEI)
-    server = start(servers, tmp_path, "--redis", redis_url, "--metrics", "off",
-                   "--devices", "redis:fleet")
+    server = start(
+        servers, tmp_path, "--redis", redis_url, "--metrics", "off", "--devices", "redis:fleet"
+    )
     server.wait_for_log("Redis sink ready")
     stranger = Device(server.port)
     stranger.send(encode_login("490154203237518"))
@@ -126,12 +137,14 @@ def test_redis_server_end_to_end(
     assert "Shutdown complete" in server.output()
 
 
-def test_fsync_durability_refused(servers: list[ServerProcess], tmp_path: Path,
-                                  redis_url: str) -> None:
+def test_fsync_durability_refused(
+    servers: list[ServerProcess], tmp_path: Path, redis_url: str
+) -> None:
     """--redis-durability fsync against a Redis without appendfsync always: twistd
     logs why and exits with status 1."""
-    server = ServerProcess(tmp_path, "--redis", redis_url, "--redis-durability", "fsync",
-                           "--metrics", "off")
+    server = ServerProcess(
+        tmp_path, "--redis", redis_url, "--redis-durability", "fsync", "--metrics", "off"
+    )
     servers.append(server)
     try:
         status = server.process.wait(30)
@@ -142,8 +155,7 @@ def test_fsync_durability_refused(servers: list[ServerProcess], tmp_path: Path,
     assert "Refusing to start" in output and "appendfsync always" in output
 
 
-def test_taken_port_exits_with_clear_message(servers: list[ServerProcess],
-                                             tmp_path: Path) -> None:
+def test_taken_port_exits_with_clear_message(servers: list[ServerProcess], tmp_path: Path) -> None:
     """A port already in use makes twistd exit at once, naming the problem."""
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", 0))
@@ -209,8 +221,9 @@ def test_sigkill_loses_nothing_acked_jsonl(servers: list[ServerProcess], tmp_pat
     assert set(acked) <= stored
 
 
-def test_sigkill_loses_nothing_acked_redis(servers: list[ServerProcess], tmp_path: Path,
-                                           redis_url: str) -> None:
+def test_sigkill_loses_nothing_acked_redis(
+    servers: list[ServerProcess], tmp_path: Path, redis_url: str
+) -> None:
     """SIGKILL during a stream: every record the device saw ACKed is in the stream."""
     server = start(servers, tmp_path, "--redis", redis_url, "--metrics", "off")
     server.wait_for_log("Redis sink ready")

@@ -45,8 +45,14 @@ async def txredis(redis_url: str) -> AsyncIterator[Any]:
 
 def _sink(connection: Any, **kwargs: Any) -> RedisStreamSink:
     return RedisStreamSink(
-        lambda: connection, reactor, ServerMetrics(CollectorRegistry()), instance_id="inst-7",
-        probe_interval=0.1, probe_timeout=0.5, write_timeout=1.0, **kwargs,
+        lambda: connection,
+        reactor,
+        ServerMetrics(CollectorRegistry()),
+        instance_id="inst-7",
+        probe_interval=0.1,
+        probe_timeout=0.5,
+        write_timeout=1.0,
+        **kwargs,
     )
 
 
@@ -67,7 +73,14 @@ def test_reply_shapes() -> None:
     assert parse_version("7.0.15") == (7, 0, 15) and parse_version("7.2-rc1") == (7,)
     assert xadd_command(b"s", [b"f", b"v"]) == [b"XADD", b"s", b"*", b"f", b"v"]
     assert xadd_command(b"s", [b"f", b"v"], 5) == [
-        b"XADD", b"s", b"MAXLEN", b"~", b"5", b"*", b"f", b"v",
+        b"XADD",
+        b"s",
+        b"MAXLEN",
+        b"~",
+        b"5",
+        b"*",
+        b"f",
+        b"v",
     ]
 
 
@@ -83,9 +96,10 @@ async def test_entries_match_contract_field_by_field(txredis: Any, redis_url: st
     d2 = sink.publish(OTHER_IMEI, "8", (record(3),), 1_700_000_000_600)
     await d1
     await d2
-    assert sink.metrics.registry.get_sample_value(
-        "teltonika_sink_batches_total", {"sink": "redis"}
-    ) == 1
+    assert (
+        sink.metrics.registry.get_sample_value("teltonika_sink_batches_total", {"sink": "redis"})
+        == 1
+    )
     client = redis_py.Redis.from_url(redis_url)
     entries = client.xrange(TELEMETRY_STREAM)
     assert len(entries) == 3
@@ -138,7 +152,11 @@ async def test_redis_killed_no_ack_then_recovery(
     sink = _sink(txredis)
     await sink.start()
     factory = DeviceFactory(
-        CodecRegistry(BUILTIN_CODECS), sink, SetAuthority(), sink.metrics, reactor,
+        CodecRegistry(BUILTIN_CODECS),
+        sink,
+        SetAuthority(),
+        sink.metrics,
+        reactor,
         ServerSettings(sink_timeout=3.0),
     )
 

@@ -41,11 +41,31 @@ def test_defaults() -> None:
 
 def test_parsing() -> None:
     options = parse(
-        "--port", "tcp:6000:interface=127.0.0.1", "--udp-port", "127.0.0.1:6001",
-        "--redis", "redis://localhost:6380/2", "--redis-durability", "fsync",
-        "--stream-maxlen", "1000000", "--metrics", "9200", "--instance-id", "ing-1",
-        "--devices", "redis:allowed", "--max-frame", "2048", "--login-timeout", "5",
-        "--idle-timeout", "0", "--max-connections", "10", "--luhn",
+        "--port",
+        "tcp:6000:interface=127.0.0.1",
+        "--udp-port",
+        "127.0.0.1:6001",
+        "--redis",
+        "redis://localhost:6380/2",
+        "--redis-durability",
+        "fsync",
+        "--stream-maxlen",
+        "1000000",
+        "--metrics",
+        "9200",
+        "--instance-id",
+        "ing-1",
+        "--devices",
+        "redis:allowed",
+        "--max-frame",
+        "2048",
+        "--login-timeout",
+        "5",
+        "--idle-timeout",
+        "0",
+        "--max-connections",
+        "10",
+        "--luhn",
     )
     assert options["port"] == "tcp:6000:interface=127.0.0.1"
     assert options["udp-port"] == ("127.0.0.1", 6001)
@@ -108,8 +128,9 @@ def test_make_service_listens_and_starts_file_sink(tmp_path: Path) -> None:
     reactor = MemoryReactorClock()
     output = tmp_path / "out.jsonl"
     fatal: list[str] = []
-    options = parse("--port", "tcp:5999:interface=127.0.0.1", "--output", str(output),
-                    "--metrics", "9999")
+    options = parse(
+        "--port", "tcp:5999:interface=127.0.0.1", "--output", str(output), "--metrics", "9999"
+    )
     service = makeService(options, reactor, on_fatal=fatal.append)
     assert isinstance(service, TeltonikaService)
     assert [s.name for s in service] == ["ingestion", "ops"]
@@ -136,8 +157,9 @@ def test_make_service_udp_listener(tmp_path: Path) -> None:
     test_udp.py binds it for real)."""
     from twisted.application.internet import UDPServer
 
-    options = parse("--udp-port", "127.0.0.1:6001", "--output", str(tmp_path / "o"),
-                    "--metrics", "off")
+    options = parse(
+        "--udp-port", "127.0.0.1:6001", "--output", str(tmp_path / "o"), "--metrics", "off"
+    )
     service = makeService(options, MemoryReactorClock(), on_fatal=lambda m: None)
     assert [s.name for s in service] == ["ingestion"]
     ingestion: Any = service.getServiceNamed("ingestion")
@@ -162,21 +184,24 @@ def test_devices_file_authority(tmp_path: Path) -> None:
     reactor = MemoryReactorClock()
     devices = tmp_path / "devices.txt"
     devices.write_text("# fleet\n356307042441013\n\n490154203237518  # van 2\n")
-    options = parse("--devices", f"file:{devices}", "--output", str(tmp_path / "o"),
-                    "--metrics", "off")
+    options = parse(
+        "--devices", f"file:{devices}", "--output", str(tmp_path / "o"), "--metrics", "off"
+    )
     service = makeService(options, reactor, on_fatal=lambda m: None)
     authority: Any = service.server.factory.authority
     assert authority.allowed == {"356307042441013", "490154203237518"}
     with pytest.raises(usage.UsageError, match="cannot read"):
-        makeService(parse("--devices", f"file:{tmp_path / 'nope'}", "--metrics", "off"),
-                    reactor)
+        makeService(parse("--devices", f"file:{tmp_path / 'nope'}", "--metrics", "off"), reactor)
 
 
 def test_redis_connection_is_lazy() -> None:
     """makeService with --redis connects nothing; Server.redis() is the shared handle."""
     reactor = MemoryReactorClock()
-    service = makeService(parse("--redis", "redis://127.0.0.1:1/0", "--metrics", "off"),
-                          reactor, on_fatal=lambda m: None)
+    service = makeService(
+        parse("--redis", "redis://127.0.0.1:1/0", "--metrics", "off"),
+        reactor,
+        on_fatal=lambda m: None,
+    )
     assert service.server._redis is None
     assert service.server.redis_address is not None
     assert service.server.redis_address.port == 1

@@ -39,8 +39,9 @@ async def test_udp_ack_after_sink_and_malformed_dropped(logged_errors: Any) -> N
     client_port = reactor.listenUDP(0, client, interface="127.0.0.1")
     address = ("127.0.0.1", server_port.getHost().port)
     try:
-        datagram = encode_udp(IMEI, CODEC_8, [record(1), record(2)], packet_id=0xCAFE,
-                              avl_packet_id=7)
+        datagram = encode_udp(
+            IMEI, CODEC_8, [record(1), record(2)], packet_id=0xCAFE, avl_packet_id=7
+        )
         client.transport.write(b"\x00\x01garbage", address)
         client.transport.write(datagram, address)
         while not sink.calls:
@@ -63,7 +64,8 @@ async def test_udp_ack_after_sink_and_malformed_dropped(logged_errors: Any) -> N
 
         def sample(result: str) -> float | None:
             return metrics.registry.get_sample_value(
-                "teltonika_udp_datagrams_total", {"result": result})
+                "teltonika_udp_datagrams_total", {"result": result}
+            )
 
         assert sample("malformed") == 1
         assert sample("acked") == 1
