@@ -109,6 +109,7 @@ class RedisStreamSink:
         self.probe_timeout = probe_timeout
         self.write_timeout = write_timeout
         self._ready = False
+        self._closed = False
         self._probe: LoopingCall | None = None
         if "\0" in instance_id:
             raise ValueError("the instance id must not contain a NUL character")
@@ -143,6 +144,7 @@ class RedisStreamSink:
         """Write what is queued, then stop probing (the caller disconnects Redis)."""
         await self._batcher.when_idle()
         self._batcher.close()
+        self._closed = True  # a probe still in flight must not report on a closed sink
         if self._probe is not None and self._probe.running:
             self._probe.stop()
 
@@ -160,7 +162,7 @@ class RedisStreamSink:
         return d.addCallbacks(ok, down)
 
     def _set_ready(self, ready: bool, why: str | None) -> None:
-        if ready == self._ready:
+        if ready == self._ready or self._closed:
             return
         self._ready = ready
         self.metrics.sink_ready.set(1 if ready else 0)

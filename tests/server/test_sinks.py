@@ -264,3 +264,36 @@ async def test_jsonl_real_thread_fsync(tmp_path: Path) -> None:
     await closing
     assert len(path.read_bytes().splitlines()) == 50
     assert not sink.ready()
+
+
+class _HeldRedis:
+    """A stand-in connection whose replies the test fires (PING, nothing else)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[tuple[Any, ...], Deferred[Any]]] = []
+
+    def execute_command(self, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.calls.append((args, d))
+        return d
+
+
+def test_redis_sink_probe_in_flight_at_close_reports_nothing(logged_errors: Any) -> None:
+    """A readiness probe still waiting when the sink closes, and failing afterwards (the
+    connection is being torn down), neither logs "sink is down" nor flips readiness."""
+    from teltonika.sinks.redis_stream import RedisStreamSink
+
+    clock, redis = Clock(), _HeldRedis()
+    metrics = ServerMetrics(CollectorRegistry())
+    sink = RedisStreamSink(
+        lambda: redis, clock, metrics, instance_id="i", probe_interval=1.0, probe_timeout=5.0
+    )
+    started = Deferred.fromCoroutine(sink.start())
+    redis.calls[0][1].callback(b"PONG")  # the durability check's PING
+    assert successResultOf(started) is None and sink.ready()
+    clock.advance(1.0)  # the probe's PING goes out and waits
+    assert len(redis.calls) == 2
+    successResultOf(Deferred.fromCoroutine(sink.close()))
+    redis.calls[1][1].errback(ConnectionError("Lost connection"))
+    assert logged_errors.events == []
+    assert metrics.registry.get_sample_value("teltonika_sink_ready") == 1
