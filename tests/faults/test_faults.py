@@ -225,8 +225,13 @@ def test_hostile_clients_while_a_fleet_runs(
             if n == name and wanted <= set(sample_labels)
         )  # fmt: skip
 
-    assert total("teltonika_connections_refused_total", reason="max_connections") >= 40
-    assert total("teltonika_timeouts_total", kind="login") >= 5
+    # Every idle flood connection and every slowloris is either refused at the door or
+    # closed by the login timeout. How many of each depends on the machine's speed: a
+    # flood connection let in is closed after 2 s, which frees a slot for a later one.
+    refused = total("teltonika_connections_refused_total", reason="max_connections")
+    login_timeouts = total("teltonika_timeouts_total", kind="login")
+    assert refused > 0
+    assert refused + login_timeouts >= len(bad["flood"]) + len(bad["slowloris"])
     assert total("teltonika_decode_errors_total") >= 30
     assert server.metric("teltonika_connections_open") <= summary["devices"]
     # 200 hostile connections must not cost more than a few MiB.
