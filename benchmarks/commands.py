@@ -29,7 +29,6 @@ Loopback only, 2 shared cores: compare the ratios printed in one run.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import resource
 import shutil
@@ -47,7 +46,7 @@ from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
-from benchmarks.support import free_port, percentile, wait_port
+from benchmarks.support import checkout_env, free_port, percentile, wait_port
 from teltonika.commands.client import send_command
 from teltonika.commands.messages import RESPONSES_STREAM, Command, pairs
 from teltonika.redis.connect import lazy_connection, parse_redis_url
@@ -248,8 +247,7 @@ def main() -> int:
     try:
         wait_port(redis_port)
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        env = checkout_env()
         log = (workdir / "twistd.log").open("wb")
         server = subprocess.Popen(
             [

@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.support import free_port, rss_kib, wait_port  # noqa: E402
+from benchmarks.support import checkout_env, free_port, rss_kib, wait_port  # noqa: E402
 
 KIB = 1024
 BARE_SERVER = r"""
@@ -97,12 +97,6 @@ def raise_nofile() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def env() -> dict[str, str]:
-    out = dict(os.environ)
-    out["PYTHONPATH"] = str(REPO) + os.pathsep + out.get("PYTHONPATH", "")
-    return out
 
 
 def cpu_seconds(pid: int) -> float:
@@ -155,7 +149,7 @@ class Process:
         self.port = port
         self.log = (workdir / f"{name}.log").open("wb")
         self.proc = subprocess.Popen(argv, cwd=workdir, stdout=self.log,
-                                     stderr=subprocess.STDOUT, env=env())  # fmt: skip
+                                     stderr=subprocess.STDOUT, env=checkout_env())  # fmt: skip
         wait_port(port, 30.0)
         time.sleep(0.5)
 
@@ -213,7 +207,7 @@ def simulate(port: int, *options: str, timeout: float = 600) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, "-m", "teltonika", "simulate", "--port", str(port), "--json",
          "--progress", "0", *options],
-        capture_output=True, timeout=timeout, env=env(), cwd=REPO, check=False,
+        capture_output=True, timeout=timeout, env=checkout_env(), cwd=REPO, check=False,
     )  # fmt: skip
     try:
         result: dict[str, Any] = json.loads(out.stdout)
@@ -234,7 +228,7 @@ def start_idle_fleet(port: int, devices: int, per_process: int, imei_start: int)
              "--interval", "1000000", "--keepalive", "0", "--ack-timeout", "100000",
              "--duration", "900", "--connect-rate", "1500", "--progress", "0",
              "--backoff-max", "2"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), cwd=REPO,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=checkout_env(), cwd=REPO,
         ))  # fmt: skip
         offset += count
     return procs
@@ -346,7 +340,7 @@ def throughput(opts: argparse.Namespace, workdir: Path) -> None:
                  "--records-per-frame", str(opts.records), "--interval", "0",
                  "--duration", str(opts.seconds), "--connect-rate", "2000",
                  "--ack-timeout", "30", "--drain", "10"],
-                stdout=subprocess.PIPE, env=env(), cwd=REPO,
+                stdout=subprocess.PIPE, env=checkout_env(), cwd=REPO,
             )  # fmt: skip
             time.sleep(opts.seconds * 0.25)
             pids = {"server": server.pid, "redis": redis.proc.pid, "simulator": sim.pid}

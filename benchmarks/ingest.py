@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import resource
 import selectors
 import shutil
@@ -47,7 +46,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script from anywhere: import the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.support import free_port, percentile, rss_kib, wait_port
+from benchmarks.support import checkout_env, free_port, percentile, rss_kib, wait_port
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDS_PER_FRAME = 10
@@ -262,16 +261,10 @@ def run_role(role: str, args: dict[str, Any], timeout: float = 120) -> dict[str,
         capture_output=True,
         check=True,
         timeout=timeout,
-        env=_env(),
+        env=checkout_env(),
     )
     result: dict[str, Any] = json.loads(out.stdout.decode().strip().splitlines()[-1])
     return result
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 # -- servers ---------------------------------------------------------------------------
@@ -338,7 +331,7 @@ class Server:
             cwd=workdir,
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            env=_env(),
+            env=checkout_env(),
         )
         wait_port(self.port)
         time.sleep(0.3)  # let the sink's start-up check finish
@@ -374,7 +367,7 @@ def drive(
             subprocess.Popen(
                 [sys.executable, __file__, "--role", "client", json.dumps(args)],
                 stdout=subprocess.PIPE,
-                env=_env(),
+                env=checkout_env(),
             )
         )
     acked, elapsed, latencies = 0, 0.0, []
@@ -462,7 +455,7 @@ def part_paced(opts: argparse.Namespace, workdir: Path) -> None:
     bare_port = free_port()
     bare = subprocess.Popen(
         [sys.executable, __file__, "--role", "bare", json.dumps({"port": bare_port})],
-        env=_env(),
+        env=checkout_env(),
         stdout=subprocess.DEVNULL,
     )
     try:
@@ -512,7 +505,7 @@ def part_idle(opts: argparse.Namespace, workdir: Path) -> None:
                     [sys.executable, __file__, "--role", "client", json.dumps(args)],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
-                    env=_env(),
+                    env=checkout_env(),
                 )
             )
         for holder in holders:

@@ -30,7 +30,6 @@ Loopback only, 2 shared cores: compare the ratios printed in one run.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import re
 import signal
@@ -54,7 +53,7 @@ from teltonika.processor.migrations import apply_migrations
 from teltonika.processor.state import DeviceState
 from teltonika.processor.writer import _COPY, _INSERT, _STAGING_DDL
 from teltonika.wire.records import NX, AVLRecord
-from tests.servers import PostgresServer, RedisServer, free_port
+from tests.servers import PostgresServer, RedisServer, checkout_env, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_MS = 1_700_000_000_000
@@ -174,11 +173,7 @@ class Processor:
             "500",
             *extra,
         ]
-        env = dict(
-            os.environ,
-            TELTONIKA_POSTGRES_DSN=dsn,
-            PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        )
+        env = checkout_env(TELTONIKA_POSTGRES_DSN=dsn)
         self.process = subprocess.Popen(args, cwd=REPO, env=env)
 
     def ready(self) -> bool:

@@ -6,9 +6,9 @@ The benchmarks run as scripts (``python benchmarks/ingest.py``) and put the chec
 
 from __future__ import annotations
 
-from tests.servers import free_port, wait_for_port
+from tests.servers import checkout_env, free_port, wait_for_port
 
-__all__ = ["free_port", "percentile", "rss_kib", "wait_port"]
+__all__ = ["checkout_env", "free_port", "percentile", "rss_kib", "wait_port"]
 
 
 def wait_port(port: int, timeout: float = 20.0) -> None:

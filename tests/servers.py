@@ -17,6 +17,19 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+"""The checkout's root: the directory holding ``teltonika/`` and ``twisted/plugins/``."""
+
+
+def checkout_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child that must import *this checkout* (the
+    repository root first on ``PYTHONPATH``, so ``python -m twisted teltonika`` finds our
+    plugins and code rather than an installed copy), plus *extra* variables."""
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return env
 
 
 def free_port() -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import pytest
 
 from teltonika.cli import main
+from tests.servers import checkout_env
 from tests.wire.vectors import BY_NAME
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,8 +237,7 @@ def test_imei_length_mismatch(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_python_m_entry_point() -> None:
     """``python -m teltonika decode`` runs the same command in a fresh interpreter."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env = checkout_env()
     result = subprocess.run(
         [sys.executable, "-m", "teltonika", "decode", ISSUE_FRAME],
         cwd=REPO,

@@ -199,9 +199,7 @@ class Device:
             self.ledger.online -= 1
         if self.transport is not None:
             self.transport.loseConnection()
-        pending = [record.timestamp_ms for record in self.buffer]
-        if pending:
-            self.ledger.never_acked.setdefault(self.imei, []).extend(pending)
+        self.ledger.add_never_acked(self.imei, self.buffer)
 
     # -- record logging ----------------------------------------------------------------
 

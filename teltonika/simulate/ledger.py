@@ -23,6 +23,8 @@ from typing import Any, Final
 import attrs
 import orjson
 
+from teltonika.wire.records import AVLRecord
+
 LEDGER_VERSION: Final = 1
 MAX_VIOLATION_DETAILS: Final = 50
 
@@ -106,6 +108,12 @@ class Ledger:
     def broken_promises(self) -> int:
         """How many times the server broke a promise (see the module docstring)."""
         return sum(self.counts[name] for name in VIOLATIONS)
+
+    def add_never_acked(self, imei: str, records: Iterable[AVLRecord]) -> None:
+        """A device stopped with *records* still unACKed in its buffer."""
+        stamps = [record.timestamp_ms for record in records]
+        if stamps:
+            self.never_acked.setdefault(imei, []).extend(stamps)
 
     def summary(self) -> dict[str, Any]:
         """The run's summary as a flat JSON-ready dict (what ``--json`` prints)."""

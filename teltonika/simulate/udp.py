@@ -80,9 +80,7 @@ class UDPDevice:
         if self.send is not None:
             self.ledger.online -= 1
             self.send = None
-        pending = [r.timestamp_ms for r in self.buffer]
-        if pending:
-            self.ledger.never_acked.setdefault(self.imei, []).extend(pending)
+        self.ledger.add_never_acked(self.imei, self.buffer)
 
     def _tick(self) -> None:
         self._tick_call = None

@@ -7,7 +7,6 @@ raises with the server's log tail so a failure says what happened.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -20,15 +19,9 @@ from typing import Any
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import free_port, wait_for_port
+from tests.servers import checkout_env, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
@@ -69,7 +62,7 @@ class ServerProcess:
         log.write(f"\n=== start {self.starts}: {' '.join(argv)}\n".encode())
         log.flush()
         self.process = subprocess.Popen(
-            argv, cwd=str(self.directory), env=child_env(), stdout=log, stderr=subprocess.STDOUT
+            argv, cwd=str(self.directory), env=checkout_env(), stdout=log, stderr=subprocess.STDOUT
         )
         log.close()
         try:
@@ -173,7 +166,7 @@ class Simulation:
         ]  # fmt: skip
         self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 (closed in result())
         self.process = subprocess.Popen(
-            argv, cwd=str(ROOT), env=child_env(), stdout=subprocess.PIPE, stderr=self._stderr
+            argv, cwd=str(ROOT), env=checkout_env(), stdout=subprocess.PIPE, stderr=self._stderr
         )
 
     def result(self, timeout: float) -> tuple[int, dict[str, Any]]:
@@ -210,7 +203,7 @@ def verify(ledger_path: Path, *sink: str) -> tuple[int, dict[str, Any]]:
             *sink,
         ],
         cwd=str(ROOT),
-        env=child_env(),
+        env=checkout_env(),
         capture_output=True,
         timeout=120,
         check=False,

@@ -14,7 +14,7 @@ from .harness import (
     ServerProcess,
     Simulation,
     assert_nothing_lost,
-    child_env,
+    checkout_env,
     fleet_options,
     verify,
     wait_until,
@@ -28,7 +28,7 @@ def send(redis_url: str, imei: int, *command: str) -> tuple[int, str]:
     out = subprocess.run(
         [sys.executable, "-m", "teltonika", "send", "--redis", redis_url, str(imei), *command,
          "--timeout", "10"],
-        cwd=str(ROOT), env=child_env(), capture_output=True, timeout=60, check=False,
+        cwd=str(ROOT), env=checkout_env(), capture_output=True, timeout=60, check=False,
     )  # fmt: skip
     return out.returncode, out.stdout.decode()
 

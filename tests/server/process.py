@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -10,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.servers import free_port
+from tests.servers import checkout_env, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TWISTD = "from twisted.scripts.twistd import run; run()"
@@ -22,8 +21,7 @@ class ServerProcess:
     def __init__(self, cwd: Path, *args: str, port: int | None = None) -> None:
         self.port = port or free_port()
         self.cwd = cwd
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        env = checkout_env()
         self.log = cwd / "twistd.out"
         self._log_file = self.log.open("wb")
         self.process = subprocess.Popen(

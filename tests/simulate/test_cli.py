@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 
 from teltonika.cli import main
 from teltonika.contract import json_line
+from tests.servers import checkout_env
 
 from .fakeserver import FakeServerFactory
 
@@ -23,7 +23,7 @@ ROOT = str(Path(__file__).resolve().parents[2])
 
 
 async def simulate(*argv: str) -> tuple[int, str, str]:
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = checkout_env()
     out, err, code = await getProcessOutputAndValue(
         sys.executable, ["-m", "teltonika", "simulate", *argv], env=env, path=ROOT
     )
