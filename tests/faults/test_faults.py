@@ -91,7 +91,11 @@ def test_server_sigkill_and_restart_during_load(
     sink: str, tmp_path: Path, redis_url: str, servers: list[ServerProcess]
 ) -> None:
     """The server is SIGKILLed under load and restarted: devices reconnect, resend what was
-    not ACKed, and every record they saw ACKed is in the sink (Redis, or the fsynced file)."""
+    not ACKed, and every record they saw ACKed is in the sink (Redis, or the fsynced file).
+
+    For the file, the kill is made to land in the middle of a write: a SIGKILL cannot be
+    aimed inside os.write, so half of a line is appended to the file after the kill. The
+    restarted server must start a new line, or the first records it ACKs are unreadable."""
     output = tmp_path / "records.jsonl"
     options = ["--redis", redis_url] if sink == "redis" else ["--output", str(output)]
     server = ServerProcess(tmp_path, options).start()
@@ -99,6 +103,12 @@ def test_server_sigkill_and_restart_during_load(
     sim = Simulation(tmp_path, server.port, fleet_options(30, duration=7))
     wait_until(lambda: server.metric("teltonika_acked_records_total") > 200, 20, "fleet ACKed")
     server.kill()
+    torn_end = 0
+    if sink == "jsonl":
+        last_line = output.read_bytes().splitlines()[-1]
+        with output.open("ab") as torn:
+            torn.write(last_line[: len(last_line) // 2])
+        torn_end = output.stat().st_size
     time.sleep(1.0)
     server.start()
     code, summary = sim.result(timeout=60)
@@ -107,6 +117,10 @@ def test_server_sigkill_and_restart_during_load(
     assert_nothing_lost(summary, check)
     assert code == 0
     assert summary["disconnects"] >= 30
+    if sink == "jsonl":
+        # the half line stays as it was; what the restarted server wrote starts after it
+        assert output.read_bytes()[torn_end : torn_end + 2] == b"\n{"
+        assert check["unreadable"] == 1
 
 
 def test_sigterm_during_load_is_graceful_and_loses_nothing(
