@@ -120,6 +120,12 @@ class ServerMetrics:
         self.sink_ready = Gauge(
             "teltonika_sink_ready", "1 while the sink can store records, else 0.", registry=r
         )
+        self.sink_durability_lost = Counter(
+            "teltonika_sink_durability_lost",
+            "Times Redis stopped giving the durability --redis-durability fsync asked for "
+            "(the sink refused frames until a check passed again).",
+            registry=r,
+        )
         self.backlog_pauses = Counter(
             "teltonika_backlog_pauses",
             "Times a connection stopped reading because too many frames were pending.",

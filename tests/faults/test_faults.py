@@ -86,6 +86,35 @@ def test_redis_sigkill_and_restart_during_load(
     assert summary["disconnects"] > 0 or summary["ack_timeouts"] > 0
 
 
+def test_fsync_taken_away_at_runtime_refuses_frames_until_restored(
+    tmp_path: Path, durable_redis: RedisServer, servers: list[ServerProcess]
+) -> None:
+    """--redis-durability fsync, and someone runs CONFIG SET appendfsync everysec under
+    load: within the periodic check the server turns not ready (/readyz 503) and ACKs
+    nothing more, logs one error and counts it; once appendfsync always is back it takes
+    frames again by itself, and every ACKed record is in the stream."""
+    server = ServerProcess(
+        tmp_path, ["--redis", durable_redis.url, "--redis-durability", "fsync"]
+    ).start()
+    servers.append(server)
+    sim = Simulation(tmp_path, server.port, fleet_options(20, duration=10))
+    wait_until(lambda: server.metric("teltonika_acked_records_total") > 100, 20, "fleet ACKed")
+    durable_redis.cli("CONFIG", "SET", "appendfsync", "everysec")
+    wait_until(lambda: server.http("/readyz")[0] == 503, 10, "/readyz reports no fsync")
+    acks_when_refused = server.metric_sum("teltonika_acks_total")
+    time.sleep(2.0)
+    assert server.metric_sum("teltonika_acks_total") == acks_when_refused, "ACKs without fsync"
+    assert server.metric("teltonika_sink_durability_lost_total") == 1
+    durable_redis.cli("CONFIG", "SET", "appendfsync", "always")
+    wait_until(lambda: server.http("/readyz")[0] == 200, 10, "server ready again")
+    code, summary = sim.result(timeout=60)
+    _code, check = verify(sim.ledger_path, "--redis", durable_redis.url)
+    assert_nothing_lost(summary, check)
+    assert code == 0
+    assert server.metric_sum("teltonika_acks_total") > acks_when_refused
+    assert server.log_tail(10_000).count("no longer gives the durability") == 1
+
+
 @pytest.mark.parametrize("sink", ["redis", "jsonl"])
 def test_server_sigkill_and_restart_during_load(
     sink: str, tmp_path: Path, redis_url: str, servers: list[ServerProcess]
