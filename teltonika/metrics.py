@@ -62,6 +62,13 @@ class ServerMetrics:
             ["result"],
             registry=r,
         )
+        self.authority_failures = Counter(
+            "teltonika_authority_failures",
+            "Device lookups that gave no answer (the login or datagram was refused), by "
+            "reason (timeout, busy, unavailable, error).",
+            ["reason"],
+            registry=r,
+        )
         self.timeouts = Counter(
             "teltonika_timeouts",
             "Connections closed by a timer, by kind (login, idle).",
@@ -142,7 +149,8 @@ class ServerMetrics:
         )
         self.datagrams = Counter(
             "teltonika_udp_datagrams",
-            "UDP datagrams by result (acked, malformed, sink_failed, rejected).",
+            "UDP datagrams by result (acked, malformed, rejected, authority_failed, "
+            "sink_failed, ack_failed).",
             ["result"],
             registry=r,
         )

@@ -221,12 +221,34 @@ async def test_durability_check(txredis: Any, redis_server: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_redis_set_authority(txredis: Any, redis_server: Any) -> None:
-    from teltonika.authority import RedisSetAuthority
+    """SISMEMBER decides; while Redis is down a lookup fails after its timeout instead of
+    waiting for Redis, and once Redis is back lookups get their own answers again (a
+    timed-out command does not shift the replies of the next ones)."""
+    from teltonika.authority import AuthorityError, AuthorityTimeoutError, RedisSetAuthority
 
     redis_server.cli("SADD", "devices", IMEI)
-    authority = RedisSetAuthority(lambda: txredis, "devices")
+    authority = RedisSetAuthority(lambda: txredis, "devices", reactor, ServerMetrics(), timeout=0.5)
     assert await authority.is_allowed(IMEI) is True
     assert await authority.is_allowed(OTHER_IMEI) is False
+    redis_server.kill()
+    try:
+        with pytest.raises(AuthorityError):  # the connection is lost under it, or a timeout
+            await authority.is_allowed(IMEI)
+        with pytest.raises(AuthorityTimeoutError):  # txredisapi queues it until Redis is back
+            await authority.is_allowed(IMEI)
+    finally:
+        redis_server.start()
+    redis_server.cli("SADD", "devices", IMEI)
+    await _wait_until(lambda: authority.in_flight == 0)
+    answers = []
+    for _ in range(20):
+        try:
+            answers.append(
+                (await authority.is_allowed(IMEI), await authority.is_allowed(OTHER_IMEI))
+            )
+        except AuthorityTimeoutError:
+            await deferLater(reactor, 0.2, lambda: None)  # still reconnecting
+    assert answers and set(answers) == {(True, False)}
 
 
 @pytest.fixture

@@ -163,7 +163,8 @@ def test_make_service_udp_listener(tmp_path: Path) -> None:
     service = makeService(options, MemoryReactorClock(), on_fatal=lambda m: None)
     assert [s.name for s in service] == ["ingestion"]
     ingestion: Any = service.getServiceNamed("ingestion")
-    [_tcp, udp] = ingestion.listeners
+    [_tcp] = ingestion.listeners
+    udp, _datagrams = ingestion.udp
     assert isinstance(udp, UDPServer)
     assert udp.args[0] == 6001 and udp.kwargs["interface"] == "127.0.0.1"
 
