@@ -344,6 +344,9 @@ class Options(usage.Options):
             raise usage.UsageError("--offline-max-attempts must be at least 1")
         if self["heartbeat-interval"] <= 0 or self["janitor-interval"] <= 0:
             raise usage.UsageError("--heartbeat-interval and --janitor-interval must be > 0")
+        for name in ("login-timeout", "sink-timeout", "shutdown-timeout"):
+            if self[name] <= 0:
+                raise usage.UsageError(f"--{name} must be more than 0 seconds")
         if self["heartbeat-ttl"] <= self["heartbeat-interval"]:
             raise usage.UsageError("--heartbeat-ttl must be longer than --heartbeat-interval")
 

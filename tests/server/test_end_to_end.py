@@ -174,6 +174,27 @@ def test_taken_port_exits_with_clear_message(servers: list[ServerProcess], tmp_p
         blocker.close()
 
 
+def test_taken_metrics_port_exits_with_clear_message(
+    servers: list[ServerProcess], tmp_path: Path
+) -> None:
+    """A second instance on one host: the metrics port is taken, and twistd exits with
+    status 1 and one line naming the endpoint and --metrics, without a traceback."""
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    metrics_port = blocker.getsockname()[1]
+    try:
+        server = ServerProcess(tmp_path, "--metrics", str(metrics_port))
+        servers.append(server)
+        assert server.process.wait(30) == 1
+        output = server.output()
+        assert f"Cannot listen for /metrics on tcp:{metrics_port}:interface=127.0.0.1" in output
+        assert "Choose another port with --metrics" in output
+        assert "Traceback" not in output
+    finally:
+        blocker.close()
+
+
 def _stream_until_killed(server: ServerProcess, window: int = 4) -> list[int]:
     """Send frames with up to *window* unACKed; SIGKILL the server mid-stream. Return the
     timestamps of every record whose frame the device saw ACKed."""
