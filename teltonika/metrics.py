@@ -71,7 +71,8 @@ class ServerMetrics:
         )
         self.timeouts = Counter(
             "teltonika_timeouts",
-            "Connections closed by a timer, by kind (login, idle).",
+            "Connections closed by a timer, by kind (login, idle; close: aborted after the "
+            "close grace because the peer did not read).",
             ["kind"],
             registry=r,
         )

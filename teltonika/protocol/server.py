@@ -581,6 +581,8 @@ def _describe(address: IAddress | None) -> str:
     port = getattr(address, "port", None)
     if host is None:
         return str(address)
+    if ":" in host:  # IPv6: brackets keep the port apart
+        return f"[{host}]:{port}"
     return f"{host}:{port}"
 
 

@@ -103,7 +103,7 @@ class Device:
         self, port: int, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None
     ) -> None:
         sock = socket.create_connection((host, port), timeout=10)
-        self.sock = tls.wrap_socket(sock) if tls is not None else sock
+        self.sock = tls.wrap_socket(sock, server_hostname="localhost") if tls else sock
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
