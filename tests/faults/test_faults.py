@@ -19,6 +19,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,18 +58,35 @@ def servers(tmp_path: Path) -> Iterator[list[ServerProcess]]:
             server.stop()
 
 
+def _fsync_server_and_fleet(
+    directory: Path, redis: RedisServer, servers: list[ServerProcess], devices: int, seconds: float
+) -> tuple[ServerProcess, Simulation]:
+    """A server on --redis-durability fsync and a fleet it has ACKed 200 records of."""
+    server = ServerProcess(directory, ["--redis", redis.url, "--redis-durability", "fsync"])
+    servers.append(server.start())
+    sim = Simulation(directory, server.port, fleet_options(devices, duration=seconds))
+    wait_until(lambda: server.metric("teltonika_acked_records_total") > 200, 20, "fleet ACKed")
+    return server, sim
+
+
+def _recovered(server: ServerProcess, sim: Simulation, redis: RedisServer) -> dict[str, Any]:
+    """Wait for the server to be ready again and the fleet to finish; check that nothing
+    it saw ACKed is missing from the stream. Returns the fleet's summary."""
+    wait_until(lambda: server.http("/readyz")[0] == 200, 20, "server ready again")
+    code, summary = sim.result(timeout=60)
+    _code, check = verify(sim.ledger_path, "--redis", redis.url)
+    assert_nothing_lost(summary, check)
+    assert code == 0
+    return summary
+
+
 def test_redis_sigkill_and_restart_during_load(
     tmp_path: Path, durable_redis: RedisServer, servers: list[ServerProcess]
 ) -> None:
     """Redis (appendonly, fsync always) is SIGKILLed under load and restarted 3 s later:
     no ACK while it is down, /readyz says not ready, the server reconnects by itself and
     every ACKed record survives the crash."""
-    server = ServerProcess(
-        tmp_path, ["--redis", durable_redis.url, "--redis-durability", "fsync"]
-    ).start()
-    servers.append(server)
-    sim = Simulation(tmp_path, server.port, fleet_options(30, duration=9))
-    wait_until(lambda: server.metric("teltonika_acked_records_total") > 200, 20, "fleet ACKed")
+    server, sim = _fsync_server_and_fleet(tmp_path, durable_redis, servers, 30, 9)
     durable_redis.kill()
     wait_until(lambda: server.http("/readyz")[0] == 503, 10, "/readyz reports Redis down")
     time.sleep(0.5)  # frames whose XADD was confirmed before the kill may still be ACKed
@@ -77,11 +95,7 @@ def test_redis_sigkill_and_restart_during_load(
     assert server.metric_sum("teltonika_acks_total") == acks_at_outage, "ACKs while Redis was down"
     assert server.metric_sum("teltonika_sink_failures_total") > 0
     durable_redis.start()
-    wait_until(lambda: server.http("/readyz")[0] == 200, 20, "server ready again")
-    code, summary = sim.result(timeout=60)
-    _code, check = verify(sim.ledger_path, "--redis", durable_redis.url)
-    assert_nothing_lost(summary, check)
-    assert code == 0
+    summary = _recovered(server, sim, durable_redis)
     assert server.metric_sum("teltonika_acks_total") > acks_at_outage
     assert summary["disconnects"] > 0 or summary["ack_timeouts"] > 0
 
@@ -93,12 +107,7 @@ def test_fsync_taken_away_at_runtime_refuses_frames_until_restored(
     load: within the periodic check the server turns not ready (/readyz 503) and ACKs
     nothing more, logs one error and counts it; once appendfsync always is back it takes
     frames again by itself, and every ACKed record is in the stream."""
-    server = ServerProcess(
-        tmp_path, ["--redis", durable_redis.url, "--redis-durability", "fsync"]
-    ).start()
-    servers.append(server)
-    sim = Simulation(tmp_path, server.port, fleet_options(20, duration=10))
-    wait_until(lambda: server.metric("teltonika_acked_records_total") > 100, 20, "fleet ACKed")
+    server, sim = _fsync_server_and_fleet(tmp_path, durable_redis, servers, 20, 10)
     durable_redis.cli("CONFIG", "SET", "appendfsync", "everysec")
     wait_until(lambda: server.http("/readyz")[0] == 503, 10, "/readyz reports no fsync")
     acks_when_refused = server.metric_sum("teltonika_acks_total")
@@ -106,11 +115,7 @@ def test_fsync_taken_away_at_runtime_refuses_frames_until_restored(
     assert server.metric_sum("teltonika_acks_total") == acks_when_refused, "ACKs without fsync"
     assert server.metric("teltonika_sink_durability_lost_total") == 1
     durable_redis.cli("CONFIG", "SET", "appendfsync", "always")
-    wait_until(lambda: server.http("/readyz")[0] == 200, 10, "server ready again")
-    code, summary = sim.result(timeout=60)
-    _code, check = verify(sim.ledger_path, "--redis", durable_redis.url)
-    assert_nothing_lost(summary, check)
-    assert code == 0
+    _recovered(server, sim, durable_redis)
     assert server.metric_sum("teltonika_acks_total") > acks_when_refused
     assert server.log_tail(10_000).count("no longer gives the durability") == 1
 
