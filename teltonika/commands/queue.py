@@ -1,10 +1,10 @@
 """The per-socket write queue: every byte to a device, and at most one command in flight.
 
-Teltonika's command codecs (TELTONIKA.md section 5.6) carry no correlation id, so a reply
-can only be matched to "the command this socket is waiting for": one outstanding command
-per socket is the only safe model (seed 001, invariant 3). And because the same socket
-carries AVL ACKs, every write goes through one ordered chain so that an ACK and a command
-frame can never interleave (seed 000).
+Teltonika's command codecs (docs/protocol.rst, section 'Commands on a live socket') carry
+no correlation id, so a reply can only be matched to "the command this socket is waiting
+for": one outstanding command per socket is the only safe model (seed 001, invariant 3).
+And because the same socket carries AVL ACKs, every write goes through one ordered chain
+so that an ACK and a command frame can never interleave (seed 000).
 
 The model is txtorcon's ``TorControlProtocol.queue_command``: callers queue work and each
 gets its *own* Deferred; ``_maybe_issue`` starts the next command only when nothing is in
