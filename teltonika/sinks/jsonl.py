@@ -89,16 +89,12 @@ class _AppendFile:
         self.path = path
         self.torn = False
         self.torn_fragment = 0
-        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
-        try:
-            self.fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
-            created = True
-        except FileExistsError:
-            self.fd = os.open(path, flags)
-            created = False
+        created = not path.exists()  # one process opens it, at start: no race to fear
+        self.fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             if created:
-                fsync_directory(path.parent)
+                # where the new name lives (the target's directory, if *path* is a symlink)
+                fsync_directory(Path(os.path.realpath(path)).parent)
             else:
                 self.torn_fragment = self._repair_tail()
         except BaseException:
