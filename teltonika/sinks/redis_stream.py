@@ -24,6 +24,7 @@ after every reconnect. A failed check logs one error, counts
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from enum import Enum
 from typing import Any, Final
 
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
@@ -73,6 +74,17 @@ _NAMES: Final = tuple(name.encode() for name in FIELDS)
 
 Item = tuple[list[bytes], list[bytes] | None]
 """What a batch item holds: packed records, or one device message's XADD fields."""
+
+
+class Verification(Enum):
+    """What the sink knows of the durability Redis gives (always VERIFIED in memory mode)."""
+
+    VERIFIED = "verified"
+    """The last check passed, on the connection batches use."""
+    UNVERIFIED = "unverified"
+    """Not known: a new connection, or a check that could not reach Redis."""
+    REFUSED = "refused"
+    """The last check found settings that do not give what was asked."""
 
 
 @implementer(ISink)
@@ -126,8 +138,7 @@ class RedisStreamSink:
         self.write_timeout = write_timeout
         self._ready = False
         self._reachable = False
-        self._durable = False
-        self._durability_refused = False
+        self._verification = Verification.UNVERIFIED
         self._closed = False
         self._probe: LoopingCall | None = None
         self._recheck_timer: LoopingCall | None = None
@@ -152,8 +163,9 @@ class RedisStreamSink:
         """
         self.redis = self._get_redis()
         self.durability = await self.durability_check.verify(self.redis)
-        self._reachable = self._durable = True
-        self._update_ready(None)
+        self._reachable = True
+        self._verification = Verification.VERIFIED
+        self._update_ready()
         self._log.info(
             "Redis sink ready: stream {stream}, durability {durability}",
             stream=self.stream.decode(),
@@ -180,7 +192,7 @@ class RedisStreamSink:
         """Probe Redis; never raises (a failing LoopingCall would stop for good). While
         Redis is reachable but its durability is not verified, the probe is a durability
         check, so the sink recovers within a probe interval of the settings' return."""
-        if self._reachable and not self._durable and self.durability_check.rechecked:
+        if self._reachable and self._verification is not Verification.VERIFIED:
             return self._recheck()
         d: Deferred[object] = self.redis.execute_command("PING")
         d.addTimeout(self.probe_timeout, self.clock)
@@ -202,11 +214,12 @@ class RedisStreamSink:
             if self.durability_check.rechecked:
                 # txredisapi reconnected, perhaps to a server configured otherwise: no
                 # frame is taken until the new connection is verified.
-                self._durable = False
+                if self._verification is Verification.VERIFIED:
+                    self._verification = Verification.UNVERIFIED
                 self._recheck()
         else:
             self._log.error("Redis sink is down: {why}", why=why)
-        self._update_ready(why)
+        self._update_ready()
 
     def _recheck(self) -> Deferred[None]:
         """Verify the durability settings again (on the timer, after a reconnect, after a
@@ -226,36 +239,35 @@ class RedisStreamSink:
     def _verified(self, durability: Durability) -> None:
         if self._closed:
             return
-        if self._durability_refused:
-            self._durability_refused = False
+        if self._verification is Verification.REFUSED:
             self._log.info(
                 "Redis gives the durability asked for again ({durability}); taking frames",
                 durability=durability.value,
             )
         self.durability = durability
-        self._durable = True
-        self._update_ready(None)
+        self._verification = Verification.VERIFIED
+        self._update_ready()
 
     def _not_verified(self, failure: Any) -> None:
         if self._closed:
             return
-        self._durable = False
         why = failure.getErrorMessage()
-        if failure.check(DurabilityError):
-            if not self._durability_refused:
-                self._durability_refused = True
-                self.metrics.sink_durability_lost.inc()
-                self._log.error(
-                    "Redis no longer gives the durability asked for; refusing frames until "
-                    "it does: {why}",
-                    why=why,
-                )
-        else:
+        if not failure.check(DurabilityError):
+            if self._verification is Verification.VERIFIED:
+                self._verification = Verification.UNVERIFIED
             self._set_reachable(False, f"the durability check failed: {why}")
-        self._update_ready(why)
+        elif self._verification is not Verification.REFUSED:
+            self._verification = Verification.REFUSED
+            self.metrics.sink_durability_lost.inc()
+            self._log.error(
+                "Redis no longer gives the durability asked for; refusing frames until it "
+                "does: {why}",
+                why=why,
+            )
+        self._update_ready()
 
-    def _update_ready(self, why: str | None) -> None:
-        ready = self._reachable and self._durable
+    def _update_ready(self) -> None:
+        ready = self._reachable and self._verification is Verification.VERIFIED
         if ready == self._ready or self._closed:
             return
         self._ready = ready
@@ -302,14 +314,14 @@ class RedisStreamSink:
         return d
 
     def _write_failed(self, failure: Any) -> Any:
-        if failure.check(ConnectionChangedError) and self.durability_check.rechecked:
-            if self._durable:
+        if failure.check(ConnectionChangedError):
+            if self._verification is Verification.VERIFIED:
+                self._verification = Verification.UNVERIFIED
                 self._log.warn(
                     "Redis reconnected since the durability check; checking again: {why}",
                     why=failure.getErrorMessage(),
                 )
-            self._durable = False
-            self._update_ready(failure.getErrorMessage())
+                self._update_ready()
             self._recheck()
         else:
             self._set_reachable(False, failure.getErrorMessage())
@@ -342,6 +354,6 @@ class RedisStreamSink:
             if not entry_id_ok(reply):
                 raise StreamWriteError(f"unexpected XADD reply {reply!r}")
         self.durability_check.confirm(durability, replies[len(replies) - len(confirmations) :])
-        if not self._durable:
+        if self._verification is not Verification.VERIFIED:
             # a check that failed while this batch was in flight
             raise StreamWriteError("Redis durability is not verified")
