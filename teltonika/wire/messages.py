@@ -69,7 +69,7 @@ def decode_messages(data: bytes, start: int, end: int) -> MessagePacket:
         raise FieldValueError(f"codec id 0x{codec_id:02X} is not a message codec", start)
     last = end - 1  # quantity 2: not parsed, like quantity 1
     offset = start + 2
-    messages = []
+    messages: list[DeviceMessage] = []
     while offset < last:
         if len(messages) == MAX_MESSAGES:
             raise RecordCountError(f"more than {MAX_MESSAGES} messages in one frame", offset)

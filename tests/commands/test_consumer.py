@@ -29,7 +29,11 @@ class Devices:
         self.sockets: dict[str, tuple[StringTransport, CommandQueue]] = {}
 
     def connect(self, imei: str, **kwargs: Any) -> tuple[StringTransport, CommandQueue]:
+        """A device socket whose queue writes at once (no quiet or settle interval)
+        unless *kwargs* say otherwise."""
         transport = StringTransport()
+        kwargs.setdefault("quiet", 0)
+        kwargs.setdefault("settle", 0)
         queue = CommandQueue(transport, self.clock, imei=imei, **kwargs)
         self.sockets[imei] = (transport, queue)
         return transport, queue
