@@ -53,7 +53,8 @@ command gets exactly one terminal status.
 from __future__ import annotations
 
 import re
-from typing import Final
+from collections.abc import Mapping
+from typing import Any, Final
 
 import attrs
 
@@ -88,6 +89,12 @@ REASONS: Final = frozenset(
 )
 RETRYABLE: Final = frozenset({"device_not_connected", "timeout", "socket_closed", "queue_full"})
 """Reasons after which an offline command goes back to wait for the next login."""
+SESSION_GONE: Final = frozenset({"device_not_connected", "socket_closed"})
+"""Retryable reasons that mean the attempt's session is gone: if the device is logged in
+again by the time the command is back, it is delivered at once (a ``flush``)."""
+
+MAX_INTEGER: Final = 2**63
+"""Integer fields (milliseconds, attempts) stay below what Redis and Lua count with."""
 
 _IMEI = re.compile(r"\A[0-9]{15,16}\Z")
 
@@ -108,14 +115,27 @@ def offline_command(command_id: str) -> str:
     return f"commands:offline:command:{command_id}"
 
 
-def _optional_int(fields: dict[str, str], name: str) -> int | None:
+def text_of(value: object) -> str:
+    """*value* as text for a status or a log event: ``bytes`` that are not UTF-8 (what
+    txredisapi returns for them) with backslash escapes, anything else through ``str``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return str(value)
+
+
+def _optional_int(fields: Mapping[str, str], name: str) -> int | None:
     raw = fields.get(name, "")
     if raw == "":
         return None
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise InvalidCommandError(f"{name} must be an integer, not {raw!r}") from None
+    if not 0 <= value < MAX_INTEGER:
+        raise InvalidCommandError(f"{name} must be between 0 and 2^63, not {raw!r}")
+    return value
 
 
 @attrs.frozen
@@ -162,11 +182,17 @@ class Command:
         return out
 
     @classmethod
-    def from_fields(cls, fields: dict[str, str]) -> Command:
+    def from_fields(cls, fields: Mapping[Any, Any]) -> Command:
         """Parse an entry; the id and IMEI are kept verbatim even when invalid.
 
-        :raise InvalidCommandError: a field is missing or malformed.
+        Anything may come out of a stream: txredisapi returns a value that is not UTF-8
+        as ``bytes``, so every name and value is checked to be text first.
+
+        :raise InvalidCommandError: a field is missing, not text, or malformed.
         """
+        for name, value in fields.items():
+            if not isinstance(name, str) or not isinstance(value, str):
+                raise InvalidCommandError(f"field {text_of(name)!r} is not UTF-8 text")
         kind = fields.get("kind") or "command"
         if kind not in ("command", "flush"):
             raise InvalidCommandError(f"kind must be command or flush, not {kind!r}")

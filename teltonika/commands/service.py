@@ -79,6 +79,11 @@ class CommandPlane(MultiService):
             if self.running:
                 await self.stopService()  # type: ignore[no-untyped-call]
             await self.consumer.when_settled(SETTLE_WAIT)
+        except Exception:
+            _log.failure("Command plane shutdown step failed")
+        # Statuses Redis has not taken by now stay pending (re-read at the next start).
+        self.consumer.abandon()
+        try:
             await self.registry.unregister_all()
             await self.registry.stop_heartbeat()
             await self._reader.close()
