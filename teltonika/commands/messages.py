@@ -7,7 +7,8 @@ the servers and whoever sends commands (``teltonika send``, a back office). READ
 Keys::
 
     connections:registry                 hash  IMEI -> instance id holding its socket
-    instance:heartbeat:{instance_id}     string, SET EX 90 every 30 s: the instance is alive
+    instance:heartbeat:{instance_id}     string, SET EX 90 every 30 s: the instance is alive;
+                                         its value is JSON, :class:`InstanceSettings`
     commands:outbound:{instance_id}      stream of commands for that instance (group "teltonika")
     commands:responses                   stream of statuses, every command ends with one
                                          terminal status (responded or failed)
@@ -52,13 +53,20 @@ command gets exactly one terminal status.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any, Final
 
 import attrs
 
-from teltonika.commands.queue import InvalidCommandError
+from teltonika.commands.queue import (
+    DEFAULT_COMMAND_QUIET,
+    DEFAULT_COMMAND_SETTLE,
+    DEFAULT_COMMAND_TIMEOUT,
+    InvalidCommandError,
+)
 
 COMMANDS_VERSION: Final = "1"
 REGISTRY_KEY: Final = "connections:registry"
@@ -240,6 +248,43 @@ class Command:
             attempt=_optional_int(fields, "attempt") or 0,
             kind=kind,
         )
+
+
+@attrs.frozen
+class InstanceSettings:
+    """What an instance announces in its heartbeat value, so that a sender can tell how
+    long a command sent there may take: ``{"at_ms": ..., "command_timeout_s": ...,
+    "command_quiet_s": ..., "command_settle_s": ...}``.
+
+    :ivar command_timeout_s: the instance's ``--command-timeout`` (commands without
+        ``timeout_s``).
+    :ivar command_quiet_s: its ``--command-quiet``: an idle device gets a command after it.
+    :ivar command_settle_s: its ``--command-settle``: the pause after a timeout.
+    """
+
+    command_timeout_s: float = DEFAULT_COMMAND_TIMEOUT
+    command_quiet_s: float = DEFAULT_COMMAND_QUIET
+    command_settle_s: float = DEFAULT_COMMAND_SETTLE
+
+    def heartbeat_value(self, at_ms: int) -> str:
+        return json.dumps({"at_ms": at_ms, **attrs.asdict(self)}, separators=(",", ":"))
+
+    @classmethod
+    def from_heartbeat(cls, value: object) -> InstanceSettings:
+        """Read a heartbeat value; anything missing or malformed (an older instance wrote
+        only milliseconds) takes the default."""
+        try:
+            raw = json.loads(value) if isinstance(value, str | bytes) else None
+        except ValueError:
+            raw = None
+        if not isinstance(raw, dict):
+            return cls()
+        out: dict[str, float] = {}
+        for field in attrs.fields(cls):
+            number = raw.get(field.name)
+            if isinstance(number, int | float) and math.isfinite(number) and 0 <= number <= 3600:
+                out[field.name] = float(number)
+        return cls(**out)
 
 
 def status_fields(
