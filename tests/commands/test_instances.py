@@ -13,7 +13,9 @@ from twisted.internet.task import Clock
 
 from teltonika.commands.client import send_command, store_offline
 from teltonika.commands.janitor import Janitor
+from teltonika.commands.messages import OFFLINE_EXPIRY_KEY as EXPIRY
 from teltonika.commands.messages import Command
+from teltonika.commands.scripts import TAKE_OFFLINE, run_script
 from teltonika.wire import encode_avl_frame
 from teltonika.wire.records import CODEC_8E, CODEC_12, CODEC_14, AVLRecord
 from tests.commands.conftest import fresh_metrics
@@ -372,3 +374,36 @@ async def test_a_late_reply_is_not_credited_to_the_next_command(redis: Any, clus
         return [dict(zip(v[::2], v[1::2], strict=True))["text"] for _, v in entries]
 
     assert await eventually(lambda: _equal(texts(), ["Ver:03.18"]))
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_offline_command_of_a_dead_instance_reaches_the_device_where_it_is_now(
+    redis: Any, cluster: Any
+) -> None:
+    """Instance b died with an offline command in flight (taken into its stream); the
+    device is logged in on a by now. a's janitor puts the command back to wait and, since
+    the registry shows the device online on a, asks a to flush: a delivers it without
+    waiting for another login."""
+    a = await cluster("a", *QUIET)
+    command = Command(
+        id="off-dead", imei=IMEI_B, payload=b"getinfo", offline=True, expires_at_ms=2**50
+    )
+    await store_offline(redis, command, 1)
+    taken = await run_script(  # what b did at the device's login, before it died
+        redis,
+        TAKE_OFFLINE,
+        [f"commands:offline:{IMEI_B}", "commands:outbound:b", "commands:responses", EXPIRY],
+        ["b", "1", "10", "1000"],
+    )
+    assert int(taken) == 1
+    await cluster.device(a, IMEI_B, echo("A"))
+    await eventually(lambda: _has(redis, {IMEI_B: "a"}))
+    metrics, _ = fresh_metrics()
+    janitor = Janitor(redis, "a", metrics, lambda: 1000)
+    assert (await janitor.run_once())["failed"] == 1
+    final = await terminal(redis, "off-dead")
+    assert (final["status"], final["response"], final["attempt"]) == (
+        "responded",
+        "A:getinfo",
+        "2",
+    )
