@@ -33,6 +33,7 @@ from teltonika.commands.messages import (
     offline_list,
     outbound_stream,
     pairs,
+    publish_status_args,
     status_fields,
 )
 from teltonika.commands.scripts import STORE_OFFLINE, run_script
@@ -133,16 +134,7 @@ async def publish_not_connected(redis: Any, command: Command, now_ms: int) -> No
         instance_id=SENDER,
         at_ms=now_ms,
     )
-    await maybeDeferred(
-        redis.execute_command,
-        "XADD",
-        RESPONSES_STREAM,
-        "MAXLEN",
-        "~",
-        str(RESPONSES_MAXLEN),
-        "*",
-        *flat(fields),
-    )
+    await maybeDeferred(redis.execute_command, *publish_status_args(fields))
 
 
 async def publish_command(redis: Any, instance: str, command: Command) -> None:

@@ -55,6 +55,7 @@ from teltonika.commands.messages import (
     offline_command,
     offline_list,
     outbound_stream,
+    publish_status_args,
     status_fields,
     text_of,
 )
@@ -316,16 +317,7 @@ class CommandConsumer(Service):
             at_ms=self.now_ms(),
             attempt=command.attempt,
         )
-        d = maybeDeferred(
-            self._redis.execute_command,
-            "XADD",
-            RESPONSES_STREAM,
-            "MAXLEN",
-            "~",
-            str(RESPONSES_MAXLEN),
-            "*",
-            *flat(fields),
-        )
+        d = maybeDeferred(self._redis.execute_command, *publish_status_args(fields))
         self._metrics.commands.labels(status=DELIVERED, reason="").inc()
         self._track(d.addErrback(self._publish_failed, command.id, DELIVERED))
 

@@ -316,6 +316,11 @@ def status_fields(
     }
 
 
+def publish_status_args(fields: dict[str, str]) -> list[str]:
+    """The command that appends a status entry to the (capped) responses stream."""
+    return ["XADD", RESPONSES_STREAM, "MAXLEN", "~", str(RESPONSES_MAXLEN), "*", *flat(fields)]
+
+
 def flat(fields: dict[str, str]) -> list[str]:
     """``{"a": "1"}`` -> ``["a", "1"]`` for XADD and script arguments."""
     out: list[str] = []

@@ -344,18 +344,25 @@ async def test_abandon_ends_the_retries(
     logged_errors.flush()
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_command_expiring_behind_a_slow_one_is_failed_not_written(
-    redis: Any, rig: Any
-) -> None:
-    """An online command with a 1 s expiry waits behind a slow command: when the expiry
-    passes it fails with expired and is never written (today's delivered-late bug)."""
+async def behind_a_slow_command(redis: Any, rig: Any) -> tuple[Any, ...]:
+    """A device socket whose one command (getver) is outstanding; returns the rig's
+    devices, the socket's transport (cleared) and queue, the consumer, the command id."""
     devices, start = rig
     transport, queue = devices.connect(IMEI)
     consumer = start()
     slow = await publish(redis, "a", IMEI, "getver")
     await eventually(transport.value)
     transport.clear()
+    return devices, transport, queue, consumer, slow
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_command_expiring_behind_a_slow_one_is_failed_not_written(
+    redis: Any, rig: Any
+) -> None:
+    """An online command with a 1 s expiry waits behind a slow command: when the expiry
+    passes it fails with expired and is never written (today's delivered-late bug)."""
+    devices, transport, queue, consumer, slow = await behind_a_slow_command(redis, rig)
     late = await publish(redis, "a", IMEI, "setdigout 1", expires_at_ms=consumer.now_ms() + 1000)
     await eventually(lambda: queue.depth == 2)
     devices.clock.advance(1)
@@ -374,12 +381,7 @@ async def test_an_offline_command_in_flight_expires_instead_of_being_written_lat
 ) -> None:
     """An offline command taken at login waits behind a slow command; its expiry passes
     before its turn: failed/expired, never written, and its stored copy is gone."""
-    devices, start = rig
-    transport, queue = devices.connect(IMEI)
-    consumer = start()
-    slow = await publish(redis, "a", IMEI, "getver")
-    await eventually(transport.value)
-    transport.clear()
+    devices, transport, queue, consumer, slow = await behind_a_slow_command(redis, rig)
     command = Command(
         id="off-late",
         imei=IMEI,
