@@ -204,12 +204,16 @@ async def bench(reactor: Any, args: argparse.Namespace, redis_url: str, port: in
 
     streaming, ledger = await start_streaming(reactor, args, port, sender, len(imeis))
     stream_rtts: list[float] = []
+    stream_failures: list[str] = []
 
     async def streaming_worker(w: int) -> None:
         mine = streaming[w :: args.streaming_concurrency]
         for i in range(args.streaming_rtt // args.streaming_concurrency):
             device = mine[i % len(mine)]
-            stream_rtts.append(await one(2_000_000 + w * 10_000 + i, device.imei))
+            try:
+                stream_rtts.append(await one(2_000_000 + w * 10_000 + i, device.imei))
+            except RuntimeError as error:  # a failed status: counted and shown below
+                stream_failures.append(str(error))
 
     await defer.gatherResults(
         [defer.ensureDeferred(streaming_worker(w)) for w in range(args.streaming_concurrency)]
@@ -245,6 +249,7 @@ async def bench(reactor: Any, args: argparse.Namespace, redis_url: str, port: in
     summary = ledger.summary()
     print(
         f"streaming devices: {len(streaming)}, {len(stream_rtts)} commands answered, "
+        f"{len(stream_failures)} failed {sorted(set(stream_failures))}, "
         f"{summary['frames_acked']} frames ACKed, broken promises {summary['broken_promises']} "
         f"(command in place of an ACK {summary['command_in_place_of_ack']})"
     )

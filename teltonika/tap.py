@@ -261,8 +261,8 @@ class Options(usage.Options):
             None,
             DEFAULT_COMMAND_QUIET,
             "Seconds without a byte from a device after which a command may be written to "
-            "it; otherwise commands go out only right after an ACK (a device reads the next "
-            "4 bytes after a frame as its ACK).",
+            "it, unless its next periodic frame is due; otherwise commands go out only right "
+            "after an ACK (a device reads the next 4 bytes after a frame as its ACK).",
             _seconds,
         ],
         [

@@ -22,7 +22,12 @@ socket errbacks everything pending with a dedicated error. On top of that:
   a. right after an ACK, in the same reactor turn (:meth:`CommandQueue.ack_written`): the
      device reads the command together with its ACK, before it sends its next frame; or
   b. when nothing was received for ``quiet`` seconds (:meth:`CommandQueue.received`
-     marks each read).
+     marks each read), except while the device's next frame is due: a device that
+     reports periodically sends its next frame about one period (the last interval
+     between two of its frames, :meth:`CommandQueue.frame_received`) after its last one,
+     so from half a period to one and a half periods after its last frame only an ACK
+     lets a command out. Without that, a device whose period is close to ``quiet`` would
+     regularly get a command just as its frame is on the way.
 
   and in both cases only while the connection is idle (the ``connection_idle`` predicate
   the protocol supplies: no frame queued or being stored, no partial frame buffered; a
@@ -209,6 +214,8 @@ class CommandQueue:
         self._outstanding: _Pending | None = None
         self._closed = False
         self._last_received = clock.seconds()
+        self._last_frame: float | None = None
+        self._frame_gap: float | None = None
         self._settle_until = 0.0
         self._wake: IDelayedCall | None = None
 
@@ -321,6 +328,23 @@ class CommandQueue:
         """The protocol read bytes from the device: the quiet interval starts again."""
         self._last_received = self._clock.seconds()
 
+    def frame_received(self, at: float) -> None:
+        """The device sent an AVL frame (received at clock time *at*): the interval since
+        its previous one is its current period."""
+        if self._last_frame is not None:
+            self._frame_gap = at - self._last_frame
+        self._last_frame = at
+
+    def _quiet_from(self, now: float) -> float:
+        """The earliest time from *now* on when the quiet path may write a command: after
+        ``quiet`` seconds without a byte, and outside the window in which the device's
+        next periodic frame is due (half a period to one and a half after its last)."""
+        at = max(now, self._last_received + self.quiet)
+        gap, last = self._frame_gap, self._last_frame
+        if gap is None or last is None or at <= last + gap / 2:
+            return at
+        return max(at, last + 1.5 * gap)
+
     def ack_written(self) -> None:
         """The protocol just wrote an ACK and the connection is idle: the one moment a
         command frame reaches the device together with its ACK, before its next frame.
@@ -399,7 +423,7 @@ class CommandQueue:
         if now < self._settle_until:
             self._arm(self._settle_until - now)
             return
-        quiet_at = self._last_received + self.quiet
+        quiet_at = self._quiet_from(now)
         if not after_ack and now < quiet_at:
             self._arm(quiet_at - now)
             return

@@ -412,6 +412,7 @@ class DeviceProtocol(Protocol):
         metrics.frames.labels(codec.name).inc()
         metrics.records.labels(codec.name).inc(count)
         started = clock.seconds()
+        self.commands.frame_received(started)
         assert self.imei is not None
         d: Deferred[None] = maybeDeferred(
             factory.sink.publish, self.imei, codec.name, packet.records, int(started * 1000)

@@ -445,3 +445,44 @@ def test_closing_cancels_every_timer() -> None:
     for handle in handles:
         failure(handle.reply).trap(SocketClosedError)
     assert rig.clock.getDelayedCalls() == []
+
+
+def frames_every(rig: Rig, period: float, count: int) -> None:
+    """The device sends *count* frames *period* seconds apart (the last one now)."""
+    for index in range(count):
+        if index:
+            rig.clock.advance(period)
+        rig.queue.received()
+        rig.queue.frame_received(rig.clock.seconds())
+
+
+def test_no_quiet_path_while_a_periodic_frame_is_due() -> None:
+    """A device reporting about once a second: one second after its last frame its next
+    one is due, so the quiet interval alone does not let a command out; its next ACK
+    does, or a silence of one and a half periods."""
+    rig = Rig(quiet=1)
+    frames_every(rig, 1.0, 3)
+    rig.queue.submit(frame("getinfo"), CODEC_12)
+    rig.clock.advance(1.0)
+    assert rig.take() == b""
+    frames_every(rig, 0.05, 2)  # the next frame (and one more: period now 0.05 s)
+    rig.queue.write(ACK_1)
+    rig.queue.ack_written()
+    assert rig.take() == ACK_1 + frame("getinfo")
+
+    silent = Rig(quiet=1)
+    frames_every(silent, 1.0, 3)
+    silent.queue.submit(frame("getinfo"), CODEC_12)
+    silent.clock.advance(1.49)
+    assert silent.take() == b""
+    silent.clock.advance(0.01)
+    assert silent.take() == frame("getinfo")
+
+
+def test_a_slow_reporter_gets_its_command_after_the_quiet_interval() -> None:
+    """Every 10 s: one second after a frame is mid-period, far from the next frame."""
+    rig = Rig(quiet=1)
+    frames_every(rig, 10.0, 2)
+    rig.queue.submit(frame("getinfo"), CODEC_12)
+    rig.clock.advance(1.0)
+    assert rig.take() == frame("getinfo")

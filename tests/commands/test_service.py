@@ -233,3 +233,20 @@ def test_a_reply_is_no_opportunity_for_the_next_command() -> None:
     assert transport.value() == b""
     factory.clock.advance(1)
     assert transport.value() == frame("getver")
+
+
+def test_a_device_reporting_every_second_gets_its_command_after_an_ack() -> None:
+    """The protocol tells the queue when AVL frames arrive: for a device reporting once
+    a second, the quiet interval alone never lets a command out when its next frame is
+    due; the next ACK does."""
+    factory, _, _ = make_factory()
+    protocol, transport = login(factory)
+    for n in range(3):
+        factory.clock.advance(1.0)
+        protocol.dataReceived(avl(n))
+    transport.clear()
+    protocol.commands.submit(frame("getinfo"), CODEC_12)
+    factory.clock.advance(1.0)
+    assert transport.value() == b""
+    protocol.dataReceived(avl(3))
+    assert transport.value() == ACK_1 + frame("getinfo")
