@@ -18,7 +18,7 @@ routing margin; the instance announces its timings in its heartbeat), or ``--exp
 ``send`` waits until the expiry plus the command's own timeout. ``--no-expiry`` lets the
 command be written whenever its turn comes, however late. With ``--wait-for-device S``
 the command is kept (in Redis) for the device's next login for at most S seconds.
-There is no HTTP anywhere: Redis is the only way in (seed 001, invariant 1).
+There is no HTTP anywhere: Redis is the only way in.
 """
 
 from __future__ import annotations

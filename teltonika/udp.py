@@ -1,8 +1,8 @@
 """The UDP listener (``--udp-port``): one AVL datagram in, one ACK out after the sink.
 
-TELTONIKA.md section 6: a datagram carries the IMEI and one AVL packet; the reply
-``0005 <packet id> 01 <AVL packet id> <count>`` goes to the datagram's source address,
-and only after the sink confirmed the records. Malformed datagrams are dropped and
+docs/protocol.rst, section 'UDP channel': a datagram carries the IMEI and one AVL packet;
+the reply ``0005 <packet id> 01 <AVL packet id> <count>`` goes to the datagram's source
+address, and only after the sink confirmed the records. Malformed datagrams are dropped and
 counted (UDP has no connection to close); a datagram from a device the authority refuses
 is dropped too, unacknowledged.
 """

@@ -1,10 +1,10 @@
 """The per-socket write queue: every byte to a device, and at most one command in flight.
 
-Teltonika's command codecs (TELTONIKA.md section 5.6) carry no correlation id, so a reply
-can only be matched to "the command this socket is waiting for": one outstanding command
-per socket is the only safe model (seed 001, invariant 3). And because the same socket
-carries AVL ACKs, every write goes through one ordered chain so that an ACK and a command
-frame can never interleave (seed 000).
+Teltonika's command codecs (docs/protocol.rst, section 'Commands on a live socket') carry
+no correlation id, so a reply can only be matched to "the command this socket is waiting
+for": one outstanding command per socket is the only safe model. And because the same
+socket carries AVL ACKs, every write goes through one ordered chain so that an ACK and a
+command frame can never interleave.
 
 The model is txtorcon's ``TorControlProtocol.queue_command``: callers queue work and each
 gets its *own* Deferred; ``_maybe_issue`` starts the next command only when nothing is in
@@ -13,7 +13,7 @@ socket errbacks everything pending with a dedicated error. On top of that:
 
 * ACKs (:meth:`CommandQueue.write`) go through the same write chain as command frames and
   are *never* held back: a device keeps sending records while it runs a command, and it
-  must get their ACKs (seed 000, "Risks").
+  must get their ACKs, or it resends them and may fail over to a backup server.
 * **A command frame never arrives where the device expects an ACK.** A tracker is
   strictly sequential: after writing an AVL frame it reads the next four bytes as that
   frame's ACK, and a command frame starts with four zero bytes, which it would read as

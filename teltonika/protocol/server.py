@@ -1,6 +1,7 @@
 """The device connection: login, frames in order, ACK only after the sink confirmed.
 
-The exchange (TELTONIKA.md sections 2, 3 and 9)::
+The exchange (docs/protocol.rst, sections 'The TCP session', 'AVL data frame' and 'Reply
+summary')::
 
     device                                  server
       | -- 000F + 15 ASCII digits (login) --> |  validate, ask the device authority
@@ -74,7 +75,8 @@ MINUTE: Final = 60 * SECONDS
 DEFAULT_LOGIN_TIMEOUT: Final = 30 * SECONDS
 DEFAULT_IDLE_TIMEOUT: Final = 20 * MINUTE
 DEFAULT_SINK_TIMEOUT: Final = 15 * SECONDS
-"""Well inside the device's default 30 s response timeout (TELTONIKA.md 2.6)."""
+"""Well inside the device's default 30 s response timeout (docs/protocol.rst, section
+'Device timers')."""
 DEFAULT_MAX_CONNECTIONS: Final = 20_000
 DEFAULT_MAX_PENDING_FRAMES: Final = 8
 HEX_LOG_BYTES: Final = 64

@@ -1,6 +1,7 @@
 """One simulated tracker on TCP: a state machine behind a thin Protocol.
 
-The exchange a device runs (TELTONIKA.md sections 2, 3.3, 5.6)::
+The exchange a device runs (docs/protocol.rst, sections 'The TCP session', 'ACK and
+retransmission' and 'Commands on a live socket')::
 
     connect -> IMEI packet -> 01 -> [AVL frame -> u32 ACK]* ... FF keepalives when idle
                               00 -> close, come back after a backoff

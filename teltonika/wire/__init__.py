@@ -2,7 +2,7 @@
 
 Nothing here imports the reactor, Redis, logging or metrics, so every function can be
 driven by hypothesis and reused by any Twisted (or non-Twisted) program. The protocol
-facts are in TELTONIKA.md; the invariants are:
+facts are in docs/protocol.rst; the invariants are:
 
 * decoders raise only :class:`DecodeError` and its subclasses, whatever the bytes;
 * the framer never buffers more than one maximum-size frame;

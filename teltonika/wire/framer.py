@@ -1,6 +1,6 @@
 """Cut a TCP byte stream into Teltonika frames, whatever the read boundaries.
 
-TELTONIKA.md section 2.4 gives the dispatch rule every capture obeys:
+docs/protocol.rst, section 'Dispatch rule', gives the rule every capture obeys:
 
 * ``FF`` is a one-byte keepalive (allowed anywhere, even before the login);
 * two non-zero bytes ``L`` start an IMEI packet of ``2 + L`` bytes;
@@ -25,12 +25,14 @@ from teltonika.wire.records import KEEPALIVE, DataFrame, Frame, ImeiFrame
 
 DEFAULT_MAX_FRAME: Final = 64 * 1024
 """Default cap on a whole data frame in bytes. Teltonika documents 512 and 1280 byte
-packets, but NX elements are unbounded by the format and verified captures exceed 1 KiB;
-TELTONIKA.md section 3.4 recommends a generous hard cap and a warning above 1280."""
+packets, but NX elements are unbounded by the format and verified captures exceed 1 KiB,
+so the cap is generous: it bounds memory per connection rather than policing devices
+(docs/protocol.rst, section 'Size limits')."""
 
 MAX_IMEI_LENGTH: Final = 17
-"""Longest IMEI packet body accepted (an IMEI is 15 digits; section 2.4 tolerates up to 17).
-Anything longer is not a tracker: a TLS ClientHello (``16 03 ...``) reads as 5635."""
+"""Longest IMEI packet body framed (an IMEI is 15 digits; other lengths up to 17 are framed
+and left to the login check; docs/protocol.rst, section 'Length caps'). Anything longer is
+not a tracker: a TLS ClientHello (``16 03 ...``) reads as 5635."""
 
 MIN_DATA_LENGTH: Final = 8
 """Smallest data length of any frame: an empty codec 12 message (codec, quantity, type,

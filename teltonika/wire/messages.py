@@ -1,11 +1,12 @@
 """Decode and encode the message codecs: 12 (commands), 13 (timestamped), 14 (IMEI-addressed).
 
-Layout of the body (TELTONIKA.md section 5.1), after the envelope::
+Layout of the body (docs/protocol.rst, section 'Common message frame'), after the envelope::
 
     codec id | quantity 1 | (type | size S u32 | S bytes)* | quantity 2
 
 Codec 13 prefixes the S bytes with a timestamp, codec 14 with the IMEI as 8 BCD bytes.
-None of these frames is ever acknowledged (section 5.6): devices log errors when they are.
+None of these frames is ever acknowledged (docs/protocol.rst, section 'Commands on a live
+socket'): devices log errors when they are.
 
 The two quantities are not trusted. Teltonika's codec description says "Command Quantity 1
 is ignored when parsing" and does not parse Quantity 2 either; frames in the field carry
@@ -101,10 +102,11 @@ def _decode_message(codec_id: int, message_type: int, body: bytes, offset: int) 
     if codec_id == CODEC_13:
         if len(body) < 4:
             raise TruncatedError("codec 13 message is shorter than its timestamp", offset)
-        # Section 5.3: 4-byte seconds in real captures, 8-byte milliseconds in the wiki.
-        # An implausibly early seconds value is re-read as milliseconds, but only when
-        # that reading is itself plausible (before 2106, the end of u32 seconds);
-        # otherwise the seconds reading stands (vector c13_alim_four_byte_timestamp).
+        # docs/protocol.rst, section 'Codec 13': 4-byte seconds in real captures, 8-byte
+        # milliseconds in the wiki. An implausibly early seconds value is re-read as
+        # milliseconds, but only when that reading is itself plausible (before 2106, the
+        # end of u32 seconds); otherwise the seconds reading stands (vector
+        # c13_alim_four_byte_timestamp).
         seconds = int.from_bytes(body[:4], "big")
         if seconds < _SECONDS_THRESHOLD and len(body) >= 8:
             millis = int.from_bytes(body[:8], "big")

@@ -1,10 +1,11 @@
 """Every frame of the protocol vectors decodes as documented, or fails as documented.
 
-The vectors (``vectors.json``, copied from ``shared/protocol``) are real captures and
-documentation examples. Valid ones must decode to exactly the ``expected`` values (IO
-values compared as big-endian hex of their declared width, NX values as hex); the ones
-marked ``crc_ok: false`` or ``structure_ok: false`` must raise the precise
-:class:`DecodeError` subclass; the ``response`` bytes are what our encoders produce.
+The vectors (``vectors.json``, described in docs/protocol.rst, section 'Test vectors') are
+real captures and documentation examples. Valid ones must decode to exactly the
+``expected`` values (IO values compared as big-endian hex of their declared width, NX
+values as hex); the ones marked ``crc_ok: false`` or ``structure_ok: false`` must raise
+the precise :class:`DecodeError` subclass; the ``response`` bytes are what our encoders
+produce.
 """
 
 from __future__ import annotations
@@ -171,8 +172,9 @@ def test_message_vector(name: str) -> None:
     for message, want in zip(packet.messages, expected["messages"], strict=True):
         assert message.message_type == want["type"]
         if name == "c13_wiki_current_example":
-            # TELTONIKA.md 5.3: an implausible 4-byte seconds value (364) with 8 bytes
-            # available is read as the wiki's 8-byte millisecond timestamp.
+            # docs/protocol.rst, section 'Codec 13': an implausible 4-byte seconds value
+            # (364) with 8 bytes available is read as the wiki's 8-byte millisecond
+            # timestamp.
             alternative = expected["alternative_8_byte_timestamp_reading"]
             assert message.timestamp_ms == alternative["timestamp_ms"]
             assert message.payload == alternative["payload_ascii"].encode()
