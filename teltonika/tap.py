@@ -38,7 +38,13 @@ from teltonika.authority import (
 from teltonika.codecs import load_codecs
 from teltonika.commands.consumer import DEFAULT_MAX_ATTEMPTS
 from teltonika.commands.janitor import JANITOR_INTERVAL
-from teltonika.commands.queue import DEFAULT_COMMAND_TIMEOUT, DEFAULT_MAX_DEPTH, DEFAULT_WARN_DEPTH
+from teltonika.commands.queue import (
+    DEFAULT_COMMAND_QUIET,
+    DEFAULT_COMMAND_SETTLE,
+    DEFAULT_COMMAND_TIMEOUT,
+    DEFAULT_MAX_DEPTH,
+    DEFAULT_WARN_DEPTH,
+)
 from teltonika.commands.registry import HEARTBEAT_INTERVAL, HEARTBEAT_TTL
 from teltonika.interfaces import IDeviceAuthority
 from teltonika.metrics import ServerMetrics
@@ -65,6 +71,9 @@ from teltonika.udp import DeviceDatagramProtocol
 from teltonika.wire.framer import DEFAULT_MAX_FRAME, FRAME_OVERHEAD, MIN_DATA_LENGTH
 
 DEFAULT_PORT: Final = "5027"
+MAX_COMMAND_QUIET: Final = 300.0
+"""Seconds; a longer quiet interval would starve commands to devices that ping often."""
+MAX_COMMAND_SETTLE: Final = 300.0
 OFF: Final = ("off", "none")
 
 
@@ -249,6 +258,23 @@ class Options(usage.Options):
             _seconds,
         ],
         [
+            "command-quiet",
+            None,
+            DEFAULT_COMMAND_QUIET,
+            "Seconds without a byte from a device after which a command may be written to "
+            "it, unless its next periodic frame is due; otherwise commands go out only right "
+            "after an ACK (a device reads the next 4 bytes after a frame as its ACK).",
+            _seconds,
+        ],
+        [
+            "command-settle",
+            None,
+            DEFAULT_COMMAND_SETTLE,
+            "Seconds after a command timed out before the next command is written to that "
+            "device (a late reply in that time is unsolicited, not the next one's); 0 = none.",
+            _seconds,
+        ],
+        [
             "command-queue-warn",
             None,
             DEFAULT_WARN_DEPTH,
@@ -340,6 +366,15 @@ class Options(usage.Options):
             raise usage.UsageError("--instance-id must be non-empty printable text")
         if self["command-queue-max"] < 1 or self["command-timeout"] <= 0:
             raise usage.UsageError("--command-queue-max and --command-timeout must be > 0")
+        if not 0 < self["command-quiet"] <= MAX_COMMAND_QUIET:
+            raise usage.UsageError(
+                f"--command-quiet must be more than 0 and at most {MAX_COMMAND_QUIET:g} "
+                "seconds (0 would write commands while a frame may be on its way)"
+            )
+        if self["command-settle"] > MAX_COMMAND_SETTLE:
+            raise usage.UsageError(
+                f"--command-settle must be at most {MAX_COMMAND_SETTLE:g} seconds"
+            )
         if self["offline-max-attempts"] < 1:
             raise usage.UsageError("--offline-max-attempts must be at least 1")
         if self["heartbeat-interval"] <= 0 or self["janitor-interval"] <= 0:
@@ -470,6 +505,8 @@ def makeService(
         command_timeout=options["command-timeout"],
         command_queue_warn=options["command-queue-warn"],
         command_queue_max=options["command-queue-max"],
+        command_quiet=options["command-quiet"],
+        command_settle=options["command-settle"],
     )
     sink = _build_sink(server)
     authority, file_authority = _build_authority(server, sink)

@@ -46,6 +46,8 @@ from twisted.python.failure import Failure
 
 from teltonika.commands.metrics import CommandMetrics
 from teltonika.commands.queue import (
+    DEFAULT_COMMAND_QUIET,
+    DEFAULT_COMMAND_SETTLE,
     DEFAULT_COMMAND_TIMEOUT,
     DEFAULT_MAX_DEPTH,
     DEFAULT_WARN_DEPTH,
@@ -103,6 +105,9 @@ class ServerSettings:
     :ivar command_timeout: seconds a command waits for the device's reply by default.
     :ivar command_queue_warn: queued commands on one socket that log a warning.
     :ivar command_queue_max: queued commands on one socket beyond which commands are refused.
+    :ivar command_quiet: seconds without a received byte after which an idle connection
+        may get a command (otherwise only right after an ACK).
+    :ivar command_settle: seconds after a command timed out before the next is written.
     :ivar close_grace: seconds a closing connection may take before it is aborted.
     """
 
@@ -117,6 +122,8 @@ class ServerSettings:
     command_timeout: float = DEFAULT_COMMAND_TIMEOUT
     command_queue_warn: int = DEFAULT_WARN_DEPTH
     command_queue_max: int = DEFAULT_MAX_DEPTH
+    command_quiet: float = DEFAULT_COMMAND_QUIET
+    command_settle: float = DEFAULT_COMMAND_SETTLE
     close_grace: float = DEFAULT_CLOSE_GRACE
 
 
@@ -153,6 +160,7 @@ class DeviceProtocol(Protocol):
         self._idle_waiters: list[Deferred[None]] = []
         self._lost_waiters: list[Deferred[None]] = []
         self._lost = False
+        self._acked_in_turn = False
         settings = factory.settings
         self.commands = CommandQueue(
             _SocketWriter(self),
@@ -161,6 +169,9 @@ class DeviceProtocol(Protocol):
             warn_depth=settings.command_queue_warn,
             max_depth=settings.command_queue_max,
             metrics=factory.command_metrics,
+            quiet=settings.command_quiet,
+            settle=settings.command_settle,
+            connection_idle=self._idle_for_commands,
         )
         """Every write to the device, and the one outstanding command (seed 000)."""
 
@@ -190,6 +201,7 @@ class DeviceProtocol(Protocol):
             self._peer_final = True
             assert self.transport is not None
             self.peer = _describe(self.transport.getPeer())
+        self.commands.received()
         self.factory.metrics.bytes_in.labels("tcp").inc(len(data))
         timer = self._idle_timer
         if timer is not None and timer.active():
@@ -279,6 +291,7 @@ class DeviceProtocol(Protocol):
         try:
             queue = self._queue
             while not self._busy and queue and not self._closing:
+                self._acked_in_turn = False  # this frame is now the one awaiting an ACK
                 d = self._handle(queue.popleft())
                 if d is not None:
                     self._busy = True
@@ -296,6 +309,22 @@ class DeviceProtocol(Protocol):
             self.transport.resumeProducing()  # type: ignore[attr-defined]
         if not self._busy and not self._queue:
             self._fire_idle()
+            if self._acked_in_turn:
+                # The ACK just written is the one moment a command cannot be misread.
+                self._acked_in_turn = False
+                self.commands.ack_written()
+
+    def _idle_for_commands(self) -> bool:
+        """Whether a command frame may follow: logged in, no frame queued or being
+        handled, and no partial frame buffered (a device that sent one more frame is
+        awaiting that frame's ACK)."""
+        return (
+            self.imei is not None
+            and not self._closing
+            and not self._busy
+            and not self._queue
+            and self._framer.buffered == 0
+        )
 
     def _frame_done(self, result: object) -> None:
         self._busy = False
@@ -408,6 +437,7 @@ class DeviceProtocol(Protocol):
         metrics.frames.labels(codec.name).inc()
         metrics.records.labels(codec.name).inc(count)
         started = clock.seconds()
+        self.commands.frame_received(started)
         assert self.imei is not None
         d: Deferred[None] = maybeDeferred(
             factory.sink.publish, self.imei, codec.name, packet.records, int(started * 1000)
@@ -429,6 +459,7 @@ class DeviceProtocol(Protocol):
         if ack is None or self._lost:
             return
         self.write_to_device(ack)
+        self._acked_in_turn = True
         factory.metrics.acks.labels("tcp").inc()
         factory.metrics.acked_records.inc(count)
 
