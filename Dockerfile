@@ -12,7 +12,7 @@ WORKDIR /src
 COPY setup.py setup.cfg README.rst ./
 COPY teltonika ./teltonika
 COPY twisted ./twisted
-RUN pip install '.[processor]' \
+RUN pip install '.[processor,tls]' \
     # Regenerate Twisted's plugin cache now: at run time the non-root user cannot write
     # site-packages, and Twisted would rescan every plugin on every start.
     && python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \

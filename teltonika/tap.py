@@ -67,6 +67,7 @@ from teltonika.services.ingestion import (
 )
 from teltonika.services.ops_http import DEFAULT_SERVER_METRICS, ops_service
 from teltonika.sinks.jsonl import DEFAULT_OUTPUT
+from teltonika.udp import DeviceDatagramProtocol
 from teltonika.wire.framer import DEFAULT_MAX_FRAME, FRAME_OVERHEAD, MIN_DATA_LENGTH
 
 DEFAULT_PORT: Final = "5027"
@@ -378,6 +379,9 @@ class Options(usage.Options):
             raise usage.UsageError("--offline-max-attempts must be at least 1")
         if self["heartbeat-interval"] <= 0 or self["janitor-interval"] <= 0:
             raise usage.UsageError("--heartbeat-interval and --janitor-interval must be > 0")
+        for name in ("login-timeout", "sink-timeout", "shutdown-timeout"):
+            if self[name] <= 0:
+                raise usage.UsageError(f"--{name} must be more than 0 seconds")
         if self["heartbeat-ttl"] <= self["heartbeat-interval"]:
             raise usage.UsageError("--heartbeat-ttl must be longer than --heartbeat-interval")
 
@@ -453,7 +457,9 @@ def _build_sink(server: Server) -> ManagedSink:
     )
 
 
-def _build_authority(server: Server) -> tuple[IDeviceAuthority, FileAuthority | None]:
+def _build_authority(
+    server: Server, sink: ManagedSink
+) -> tuple[IDeviceAuthority, FileAuthority | None]:
     kind, argument = parse_authority_spec(server.options["devices"])
     if kind == "file":
         try:
@@ -462,7 +468,13 @@ def _build_authority(server: Server) -> tuple[IDeviceAuthority, FileAuthority | 
             raise usage.UsageError(f"--devices: cannot read {argument}: {error}") from None
         return authority, authority
     if kind == "redis":
-        return RedisSetAuthority(server.redis, argument), None
+        # While the sink finds Redis unreachable a lookup would only queue in txredisapi.
+        return (
+            RedisSetAuthority(
+                server.redis, argument, server.reactor, server.metrics, available=sink.ready
+            ),
+            None,
+        )
     return OpenAuthority(), None
 
 
@@ -497,7 +509,7 @@ def makeService(
         command_settle=options["command-settle"],
     )
     sink = _build_sink(server)
-    authority, file_authority = _build_authority(server)
+    authority, file_authority = _build_authority(server, sink)
     factory = DeviceFactory(
         load_codecs(),
         sink,  # type: ignore[arg-type]  # a ManagedSink provides ISink too
@@ -509,9 +521,8 @@ def makeService(
     server.factory = factory  # type: ignore[attr-defined]
     server.sink = sink  # type: ignore[attr-defined]
     listeners: list[IService] = [strports.service(options["port"], factory, reactor=reactor)]
+    udp: tuple[IService, DeviceDatagramProtocol] | None = None
     if options["udp-port"] is not None:
-        from teltonika.udp import DeviceDatagramProtocol
-
         interface, port = options["udp-port"]
         datagrams = DeviceDatagramProtocol(
             sink,  # type: ignore[arg-type]  # a ManagedSink provides ISink too
@@ -521,11 +532,12 @@ def makeService(
             luhn=bool(options["luhn"]),
             sink_timeout=options["sink-timeout"],
         )
-        listeners.append(internet.UDPServer(port, datagrams, interface=interface, reactor=reactor))
+        udp = (internet.UDPServer(port, datagrams, interface=interface, reactor=reactor), datagrams)
     ingestion = IngestionService(
         factory,
         sink,
         listeners,
+        udp=udp,
         clock=reactor,
         on_fatal=on_fatal if on_fatal is not None else exit_on_fatal(reactor),
         shutdown_timeout=options["shutdown-timeout"],
@@ -537,7 +549,7 @@ def makeService(
     ingestion.setName("ingestion")  # type: ignore[no-untyped-call]
     ingestion.setServiceParent(root)  # type: ignore[no-untyped-call]
     server.ingestion = ingestion  # type: ignore[attr-defined]
-    server.readiness["sink"] = sink.ready  # type: ignore[attr-defined]
+    server.readiness["sink"] = sink.ready
     if server.redis_address is not None:
         from teltonika.commands.service import add_command_plane
 

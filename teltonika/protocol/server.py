@@ -24,6 +24,9 @@ Invariants:
   command queue hooks in there).
 * Invalid input is never ACKed: one warn event (hex truncated), one count by ``reason``,
   and the connection is closed (there is no resynchronisation marker in the stream).
+  A data frame before the IMEI packet is refused at its header, before its body is read.
+* A closed connection gives up its socket: after ``close_grace`` seconds a peer that does
+  not read what is left to send (so the close cannot finish) is aborted.
 
 The Protocol holds only per-connection state; decoding is the codec registry's job,
 cutting the stream the pure :class:`~teltonika.wire.framer.Framer`'s, storing the sink's.
@@ -79,6 +82,10 @@ DEFAULT_SINK_TIMEOUT: Final = 15 * SECONDS
 'Device timers')."""
 DEFAULT_MAX_CONNECTIONS: Final = 20_000
 DEFAULT_MAX_PENDING_FRAMES: Final = 8
+DEFAULT_CLOSE_GRACE: Final = 5 * SECONDS
+"""How long a closing connection may take to flush what is left to write (a last ACK, a
+``00``) before it is aborted: a peer that stops reading would otherwise keep its socket
+and its ``--max-connections`` slot for ever."""
 HEX_LOG_BYTES: Final = 64
 """Bytes of a rejected frame shown (as hex) in its log event."""
 
@@ -101,6 +108,7 @@ class ServerSettings:
     :ivar command_quiet: seconds without a received byte after which an idle connection
         may get a command (otherwise only right after an ACK).
     :ivar command_settle: seconds after a command timed out before the next is written.
+    :ivar close_grace: seconds a closing connection may take before it is aborted.
     """
 
     instance_id: str = "teltonika"
@@ -116,6 +124,7 @@ class ServerSettings:
     command_queue_max: int = DEFAULT_MAX_DEPTH
     command_quiet: float = DEFAULT_COMMAND_QUIET
     command_settle: float = DEFAULT_COMMAND_SETTLE
+    close_grace: float = DEFAULT_CLOSE_GRACE
 
 
 def truncated_hex(data: bytes, limit: int = HEX_LOG_BYTES) -> str:
@@ -137,7 +146,8 @@ class DeviceProtocol(Protocol):
         self.factory = factory
         self.imei: str | None = None
         self.peer = ""
-        self._framer = Framer(factory.settings.max_frame)
+        self._peer_final = False
+        self._framer = Framer(factory.settings.max_frame, login_first=True)
         self._queue: deque[Frame] = deque()
         self._busy = False
         self._pumping = False
@@ -146,6 +156,7 @@ class DeviceProtocol(Protocol):
         self._closing = False
         self._login_timer: IDelayedCall | None = None
         self._idle_timer: IDelayedCall | None = None
+        self._abort_timer: IDelayedCall | None = None
         self._idle_waiters: list[Deferred[None]] = []
         self._lost_waiters: list[Deferred[None]] = []
         self._lost = False
@@ -183,6 +194,13 @@ class DeviceProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
+        if not self._peer_final:
+            # Behind a PROXY-protocol endpoint (haproxy:tcp:...) the transport knows the
+            # device's address only once the header is parsed, which is before the first
+            # byte reaches us; in connectionMade it still gives the balancer's.
+            self._peer_final = True
+            assert self.transport is not None
+            self.peer = _describe(self.transport.getPeer())
         self.commands.received()
         self.factory.metrics.bytes_in.labels("tcp").inc(len(data))
         timer = self._idle_timer
@@ -213,10 +231,10 @@ class DeviceProtocol(Protocol):
         self._closing = True
         self._lost = True
         self._queue.clear()
-        for timer in (self._login_timer, self._idle_timer):
+        for timer in (self._login_timer, self._idle_timer, self._abort_timer):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._login_timer = self._idle_timer = None
+        self._login_timer = self._idle_timer = self._abort_timer = None
         self.commands.close()
         if self.imei is not None:
             self._log.info(
@@ -249,13 +267,18 @@ class DeviceProtocol(Protocol):
         transport.write(data)
 
     def close(self) -> None:
-        """Close after what was written is flushed; drop frames not yet handled."""
+        """Close after what was written is flushed; drop frames not yet handled. A peer
+        that does not read the rest within ``close_grace`` seconds is aborted."""
         if self._lost:
             return
         self._closing = True
         self._queue.clear()
         if self.transport is not None:
             self.transport.loseConnection()
+            if self._abort_timer is None:
+                self._abort_timer = self.factory.clock.callLater(
+                    self.factory.settings.close_grace, self._close_timed_out
+                )
 
     # -- frame queue -------------------------------------------------------------------
 
@@ -523,6 +546,18 @@ class DeviceProtocol(Protocol):
             self._log.info("No login from {peer} in time; closing", peer=self.peer)
             self.close()
 
+    def _close_timed_out(self) -> None:
+        self._abort_timer = None
+        if self._lost or self.transport is None:
+            return
+        self.factory.metrics.timeouts.labels("close").inc()
+        self._log.info(
+            "Connection from {imei} ({peer}) did not close in time (peer not reading); aborting",
+            imei=self.imei,
+            peer=self.peer,
+        )
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
     def _idle_timed_out(self) -> None:
         self._idle_timer = None
         if not self._closing:
@@ -579,6 +614,8 @@ def _describe(address: IAddress | None) -> str:
     port = getattr(address, "port", None)
     if host is None:
         return str(address)
+    if ":" in host:  # IPv6: brackets keep the port apart
+        return f"[{host}]:{port}"
     return f"{host}:{port}"
 
 

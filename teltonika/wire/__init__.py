@@ -13,6 +13,7 @@ from teltonika.wire.avl import decode_avl, encode_avl
 from teltonika.wire.crc import crc16
 from teltonika.wire.errors import (
     CRCError,
+    DataBeforeLoginError,
     DecodeError,
     FieldValueError,
     FrameLengthError,
@@ -85,6 +86,7 @@ __all__ = [
     "AVLPacket",
     "AVLRecord",
     "CRCError",
+    "DataBeforeLoginError",
     "DataFrame",
     "DecodeError",
     "DeviceMessage",
