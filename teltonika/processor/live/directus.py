@@ -262,13 +262,19 @@ class DirectusAuthenticator:
 class DirectusEventDirectory:
     """Events, entries and devices in Directus collections (module docstring)."""
 
-    def __init__(self, client: DirectusClient, clock: IReactorTime, metrics: LiveMetrics) -> None:
+    def __init__(
+        self,
+        client: DirectusClient,
+        clock: IReactorTime,
+        metrics: LiveMetrics,
+        members_lifetime: float = MEMBERS_LIFETIME,
+    ) -> None:
         self.client = client
         self.settings = client.settings
         self.membership: SingleFlightCache[str, Sequence[Member]] = SingleFlightCache(
             clock,
             lambda event: Deferred.fromCoroutine(self._members(event)),
-            lambda outcome: 0.0 if isinstance(outcome, Failure) else MEMBERS_LIFETIME,
+            lambda outcome: 0.0 if isinstance(outcome, Failure) else members_lifetime,
             size=1_000,
             on_lookup=lambda hit: metrics.directus_cache.labels(
                 result="hit" if hit else "miss"

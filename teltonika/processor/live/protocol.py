@@ -198,7 +198,7 @@ class LiveServerProtocol(WebSocketServerProtocol):
         # autobahn applies maxMessagePayloadSize to outgoing messages too; that limit is
         # for what clients send (a snapshot of 2,000 devices is far larger), so it is
         # lifted for the duration of this synchronous call.
-        limit = self.maxMessagePayloadSize
+        limit: int = self.maxMessagePayloadSize  # type: ignore[has-type]
         self.maxMessagePayloadSize = 0
         try:
             self.sendMessage(data, False)  # type: ignore[no-untyped-call]

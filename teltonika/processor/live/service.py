@@ -284,7 +284,9 @@ def authorities(
 
             directory = FileEventDirectory(events[len("file:") :], devices_check)
         else:
-            directory = DirectusEventDirectory(client, reactor, metrics)
+            directory = DirectusEventDirectory(
+                client, reactor, metrics, float(options["live-resolve-interval"])
+            )
         return authenticator, directory
     authenticator = TokenFileAuthenticator(argument) if kind == "token-file" else NoAuthenticator()
     if events and events.startswith("file:"):

@@ -20,10 +20,8 @@ from tests.processor.live.conftest import (
     LiveProcessor,
     connect,
     entry,
-    eventually,
     imei,
     now_ms,
-    sleep,
     wait_table,
 )
 
