@@ -15,6 +15,8 @@ the connection is aborted, logged and counted.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -44,6 +46,10 @@ from teltonika.processor.live.session import Greeting, Limits, LiveSession
 SECONDS: Final = 1.0
 MAX_QUEUED_BYTES: Final = 4 * 1024 * 1024
 """Replies held for a client that does not read; beyond this it is evicted at once."""
+SEND_BUFFER_BYTES: Final = 256 * 1024
+"""The kernel send buffer of a live socket. Linux grows it to several MiB by itself; a
+bounded one caps the kernel memory a slow client holds and lets backpressure (conflation,
+then eviction) start after a quarter MiB rather than after megabytes."""
 CLIENT_TIMEOUT_TICKS: Final = 2.4
 """hello's heartbeat.timeout in ticks (60 s for the 25 s tick): a client that heard
 nothing for that long reconnects."""
@@ -176,6 +182,8 @@ class LiveServerProtocol(WebSocketServerProtocol):
         factory.metrics.auth.labels(result="ok").inc()
         factory.metrics.connections.inc()
         transport: Any = self.transport
+        with contextlib.suppress(AttributeError, OSError):
+            transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         transport.unregisterProducer()  # twisted.web's channel, which handed us the socket
         transport.registerProducer(self, True)
         self.session = factory.new_session(self, self.user)
