@@ -36,6 +36,7 @@ from teltonika.processor.live.messages import (
     encode_positions_array,
     encode_seen,
     encode_snapshot,
+    positions_parts,
 )
 from teltonika.processor.live.metrics import LiveMetrics
 
@@ -47,8 +48,9 @@ class Outlet(Protocol):
     def paused(self) -> bool:
         """True while the transport asked us to stop writing."""
 
-    def send(self, data: bytes, kind: str) -> None:
-        """Send one message of type *kind* (queued by the outlet while paused)."""
+    def send(self, data: bytes | Sequence[bytes], kind: str) -> None:
+        """Send one message of type *kind*: bytes, or parts that concatenate to it
+        (queued by the outlet while paused)."""
 
 
 class Subscription:
@@ -67,7 +69,7 @@ class Subscription:
     ) -> None:
         """One flushed batch: sent as it is, or conflated while the client is not reading."""
         if not self.outlet.paused and not self.held:
-            self.outlet.send(encode_positions(self.id, 0, array), "positions")
+            self.outlet.send(positions_parts(self.id, 0, array), "positions")
             return
         held = self.held
         replaced = 0

@@ -369,17 +369,22 @@ def encode_positions_array(positions: Sequence[LivePosition]) -> bytes:
     return b"[" + b",".join(p.wire for p in positions) + b"]"
 
 
-def encode_positions(request_id: str, skipped: int, array: bytes) -> bytes:
-    """A ``positions`` message around a shared :func:`encode_positions_array`."""
-    return (
+def positions_parts(request_id: str, skipped: int, array: bytes) -> tuple[bytes, bytes, bytes]:
+    """A ``positions`` message around a shared :func:`encode_positions_array`, as three
+    parts (the shared array in the middle is never copied per client)."""
+    prefix = (
         b'{"type":"positions","id":'
         + orjson.dumps(request_id)
         + b',"skipped":'
         + str(skipped).encode()
         + b',"positions":'
-        + array
-        + b"}"
     )
+    return prefix, array, b"}"
+
+
+def encode_positions(request_id: str, skipped: int, array: bytes) -> bytes:
+    """:func:`positions_parts` joined."""
+    return b"".join(positions_parts(request_id, skipped, array))
 
 
 def encode_seen(request_id: str, seen: Mapping[str, int]) -> bytes:

@@ -28,6 +28,9 @@ CLOSE_REASONS: Final = (
     "slow_client",
     "unauthenticated",
     "shutdown",
+    "oversize",
+    "protocol_error",
+    "invalid_utf8",
 )
 
 

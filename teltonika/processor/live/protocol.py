@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import attrs
@@ -195,24 +195,28 @@ class LiveServerProtocol(WebSocketServerProtocol):
         if self.session is not None:
             self.session.received(payload, isBinary)
 
-    def send(self, data: bytes, kind: str) -> None:
-        """Outlet API: send now, or queue while the client does not read."""
+    def send(self, data: bytes | Sequence[bytes], kind: str) -> None:
+        """Outlet API: send one message (bytes, or parts to concatenate) now, or queue it
+        while the client does not read."""
         if self.paused:
-            self.queued.append((data, kind))
-            self.queued_bytes += len(data)
+            joined = data if isinstance(data, bytes) else b"".join(data)
+            self.queued.append((joined, kind))
+            self.queued_bytes += len(joined)
             if self.queued_bytes > MAX_QUEUED_BYTES:
                 self._evict("too much queued")
             return
-        # autobahn applies maxMessagePayloadSize to outgoing messages too; that limit is
-        # for what clients send (a snapshot of 2,000 devices is far larger), so it is
-        # lifted for the duration of this synchronous call.
-        limit: int = self.maxMessagePayloadSize  # type: ignore[has-type]
-        self.maxMessagePayloadSize = 0
-        try:
-            self.sendMessage(data, False)  # type: ignore[no-untyped-call]
-        finally:
-            self.maxMessagePayloadSize = limit
-        self.factory.count_sent(kind, len(data))
+        if self.state != WebSocketServerProtocol.STATE_OPEN:
+            return
+        parts = (data,) if isinstance(data, bytes) else tuple(data)
+        size = sum(len(part) for part in parts)
+        # The frame is written here rather than by autobahn's sendMessage, which would
+        # copy the payload twice per client (join, then frame) and apply the inbound
+        # message limit to outbound messages too. A server frame is unmasked and we use
+        # no extension, so a frame is its header followed by the parts: the positions
+        # array encoded once per event goes to every subscriber without a copy.
+        transport: Any = self.transport
+        transport.writeSequence((text_frame_header(size), *parts))
+        self.factory.count_sent(kind, size)
         self.last_sent = self.factory.clock.seconds()
 
     def close(self, code: int, reason: str) -> None:
@@ -264,6 +268,13 @@ class LiveServerProtocol(WebSocketServerProtocol):
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         super().connectionLost(reason)
         factory = self.factory
+        violation = _VIOLATIONS.get(getattr(self, "localCloseCode", None) or 0)
+        if violation is not None and self.session is not None:
+            # autobahn closed it for a frame-level violation (it logged the detail)
+            self._log.warn(
+                "Live client closed for {violation}", violation=violation, peer=str(self.peer)
+            )
+            factory.metrics.closes.labels(reason=violation).inc()
         if self._evict_call is not None and self._evict_call.active():
             self._evict_call.cancel()
         if self.session is not None:
@@ -371,6 +382,19 @@ class LiveFactory(WebSocketServerFactory):
             if connection.last_sent <= cutoff:
                 connection.send(payload, "tick")
 
+
+def text_frame_header(length: int) -> bytes:
+    """The header of one unmasked, final text frame of *length* payload bytes (RFC 6455,
+    section 5.2)."""
+    if length < 126:
+        return bytes((0x81, length))
+    if length < 1 << 16:
+        return bytes((0x81, 126)) + length.to_bytes(2, "big")
+    return bytes((0x81, 127)) + length.to_bytes(8, "big")
+
+
+_VIOLATIONS: Final = {1009: "oversize", 1002: "protocol_error", 1007: "invalid_utf8"}
+"""Close codes autobahn sends when a client breaks the framing rules."""
 
 _KINDS: Final = (
     "hello",

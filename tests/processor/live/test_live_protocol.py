@@ -261,6 +261,7 @@ async def test_protocol_abuse(proc: LiveProcessor, clients: list[Any]) -> None:
     await large.next("hello")
     large.send(json.dumps({"type": "ping", "id": "p", "pad": "x" * 5000}).encode())
     assert (await large.wait_closed())[0] == 1009
+    assert proc.metric("teltonika_processor_live_closes_total", reason="oversize") == 1
 
     flood = await connect(proc.port)
     await flood.next("hello")

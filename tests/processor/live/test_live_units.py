@@ -191,8 +191,8 @@ class Outlet:
         self.paused = False
         self.sent: list[dict[str, Any]] = []
 
-    def send(self, data: bytes, kind: str) -> None:
-        message = orjson.loads(data)
+    def send(self, data: Any, kind: str) -> None:
+        message = orjson.loads(data if isinstance(data, bytes) else b"".join(data))
         assert message["type"] == kind
         self.sent.append(message)
 
