@@ -11,8 +11,8 @@ What runs (loopback only, bounded in time and count, stops by itself): a throwaw
 ``twistd -n teltonika-processor --live`` subprocess (``--live-auth none``, an events file
 with one event of ``--devices`` devices), ``--procs`` client processes holding
 ``--clients`` autobahn clients between them (each subscribes to the event), and a paced
-feeder process XADDing ``--rate`` records a second round-robin over the devices, each
-record's ``timestamp_ms`` being its XADD time.
+feeder process (``tests/processor/live/feeder.py``) XADDing ``--rate`` records a second
+round-robin over the devices, each record's ``timestamp_ms`` being its XADD time.
 
 Figures, for the processor and then for the baseline:
 
@@ -43,57 +43,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.support import checkout_env, free_port, percentile, rss_kib, wait_port
+from tests.processor.live.feeder import FIRST_DEVICE, imei
 
 SCRIPT = str(Path(__file__).resolve())
 REPO = str(Path(__file__).resolve().parents[1])
-
-
-def imei(n: int) -> str:
-    return f"35209309{n:07d}"
-
-
-# -- feeder ---------------------------------------------------------------------------------
-def feed(url: str, rate: int, seconds: float, devices: int) -> None:
-    import redis
-
-    from teltonika.contract import TELEMETRY_STREAM
-
-    client = redis.Redis.from_url(url)
-    per_slice = max(1, rate // 100)
-    started = time.monotonic()
-    n = 0
-    while time.monotonic() - started < seconds:
-        pipe = client.pipeline(transaction=False)
-        now = int(time.time() * 1000)
-        for _ in range(per_slice):
-            device = n % devices
-            pipe.xadd(
-                TELEMETRY_STREAM,
-                {
-                    "v": "1",
-                    "imei": imei(device),
-                    "codec": "8E",
-                    "timestamp_ms": str(now),
-                    "received_at_ms": str(now),
-                    "latitude": f"41.{3200000 + n % 99999}",
-                    "longitude": "19.8187456",
-                    "altitude": "112",
-                    "angle": str(n % 360),
-                    "speed": "42",
-                    "satellites": "9",
-                    "priority": "0",
-                    "event_io_id": "0",
-                    "generation_type": "",
-                    "instance_id": "bench",
-                    "io": "{}",
-                },
-            )
-            n += 1
-        pipe.execute()
-        delay = started + n / rate - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-    print(json.dumps({"written": n, "seconds": time.monotonic() - started}), flush=True)
 
 
 # -- clients --------------------------------------------------------------------------------
@@ -266,8 +219,19 @@ def run_round(
     ]
     time.sleep(connect_seconds)
     rss_idle = rss_kib(server_pid)
-    feeder = child(
-        "--feed-mode", redis_url, str(args.rate), str(args.seconds + 3), str(args.devices)
+    feeder = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.processor.live.feeder",
+            redis_url,
+            str(args.rate),
+            str(args.seconds + 3),
+            str(args.devices),
+        ],
+        cwd=REPO,
+        env=checkout_env(),
+        stdout=subprocess.PIPE,
     )
     time.sleep(max(0.0, start_at - time.time()))
     load = os.getloadavg()
@@ -317,7 +281,7 @@ def main() -> None:
             {
                 "events": {
                     "bench": {
-                        "devices": {imei(n): f"#{n}" for n in range(args.devices)},
+                        "devices": {imei(FIRST_DEVICE + n): f"#{n}" for n in range(args.devices)},
                         "users": ["*"],
                     }
                 }
@@ -381,9 +345,6 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--client-mode":
         a = sys.argv[2:]
         clients(int(a[0]), int(a[1]), int(a[2]), float(a[3]), float(a[4]))
-    elif len(sys.argv) > 1 and sys.argv[1] == "--feed-mode":
-        a = sys.argv[2:]
-        feed(a[0], int(a[1]), float(a[2]), int(a[3]))
     elif len(sys.argv) > 1 and sys.argv[1] == "--bare-mode":
         bare(int(sys.argv[2]), sys.argv[3])
     else:

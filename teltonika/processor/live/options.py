@@ -14,7 +14,7 @@ from typing import Any, Final
 from twisted.python import usage
 
 from teltonika.processor.live.handshake import OriginError, parse_allowed
-from teltonika.processor.live.site import OSM_ATTRIBUTION, OSM_TILES
+from teltonika.processor.live.tiles import OSM_ATTRIBUTION, OSM_TILES
 
 AUTH_FORMS: Final = "directus:URL, token-file:PATH or none"
 _INTERFACE = re.compile(r"interface=((?:\\.|[^:])*)")
@@ -212,6 +212,15 @@ class LiveOptions(usage.Options):
 
     def check_live(self) -> None:
         """Validate the live options (called from ``postOptions``)."""
+        if self["live"]:
+            try:
+                import autobahn.twisted  # noqa: F401
+                import treq  # noqa: F401
+            except ImportError as e:
+                raise usage.UsageError(
+                    "--live needs autobahn and treq: pip install 'teltonika[processor]' "
+                    f"(or '.[processor]' from a checkout) ({e})"
+                ) from None
         try:
             self["live-origins"] = parse_allowed(self["live-allowed-origin"])
         except OriginError as e:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from importlib.resources import files
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 import attrs
 import orjson
@@ -23,6 +22,7 @@ from twisted.web.server import Request, Site
 from twisted.web.util import Redirect
 
 from teltonika.processor.live.protocol import LiveFactory
+from teltonika.processor.live.tiles import OSM_ATTRIBUTION, OSM_TILES, tile_source
 
 STATIC_FILES: Final = {
     b"": ("index.html", b"text/html; charset=utf-8"),
@@ -33,11 +33,6 @@ STATIC_FILES: Final = {
     b"LICENSE-leaflet.txt": ("leaflet/LICENSE", b"text/plain; charset=utf-8"),
 }
 """URL name under ``/live/`` -> (file under ``static/``, content type)."""
-
-OSM_TILES: Final = "https://tile.openstreetmap.org/{z}/{x}/{y}.png"
-OSM_ATTRIBUTION: Final = (
-    '&copy; <a href="https://www.openstreetmap.org/copyright">OpenStreetMap</a> contributors'
-)
 
 
 @attrs.frozen
@@ -64,17 +59,6 @@ class PageConfig:
                 "trail_minutes": self.trail_minutes,
             }
         )
-
-
-def tile_source(template: str | None) -> str:
-    """The CSP source for the tile server (``{s}`` subdomains become a wildcard)."""
-    if not template:
-        return ""
-    parts = urlsplit(template.replace("{s}", "a"))
-    host = parts.netloc
-    if "{s}." in template:
-        host = "*." + host.split(".", 1)[1]
-    return f"{parts.scheme}://{host}"
 
 
 def security_headers(request: Request, tiles: str | None) -> None:

@@ -28,50 +28,12 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import deferLater
 
 from teltonika.contract import TELEMETRY_STREAM
+from tests.processor.live.feeder import entry, imei, now_ms
 from tests.servers import REPO, RedisServer, checkout_env, free_port, wait_for_port
 
 SUBPROTOCOL = "teltonika-live.v1"
+__all__ = ["entry", "imei", "now_ms"]
 _databases = itertools.count()
-
-
-def imei(n: int) -> str:
-    return f"35209308{n:07d}"
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def entry(
-    device: str,
-    ts: int,
-    *,
-    rx: int | None = None,
-    lat: str = "41.3275123",
-    lon: str = "19.8187456",
-    speed: int = 40,
-    angle: int = 90,
-    sats: int = 9,
-) -> dict[str, str]:
-    """A record contract v1 entry (the fields the ingestion server writes)."""
-    return {
-        "v": "1",
-        "imei": device,
-        "codec": "8E",
-        "timestamp_ms": str(ts),
-        "received_at_ms": str(ts + 500 if rx is None else rx),
-        "latitude": lat,
-        "longitude": lon,
-        "altitude": "112",
-        "angle": str(angle),
-        "speed": str(speed),
-        "satellites": str(sats),
-        "priority": "0",
-        "event_io_id": "0",
-        "generation_type": "",
-        "instance_id": "live-test",
-        "io": "{}",
-    }
 
 
 class LiveProcessor:

@@ -22,6 +22,7 @@ from tests.processor.live.conftest import (
     now_ms,
     wait_table,
 )
+from tests.processor.live.feeder import FIRST_DEVICE
 from tests.servers import REPO, checkout_env
 
 pytestmark = pytest.mark.slow
@@ -57,7 +58,7 @@ async def test_slow_client_conflated_then_evicted(live_env: Env, clients: list[A
     --live-slow-timeout, and the server's RSS stays flat."""
     proc = live_env.processor("live-slow", "--live-slow-timeout", "5")
     await deferToThread(wait_table, live_env.dsn)
-    devices = [imei(1000 + n) for n in range(DEVICES)]
+    devices = [imei(FIRST_DEVICE + n) for n in range(DEVICES)]
     resuming, stuck, steady = [await connect(proc.port) for _ in range(3)]
     for client in (resuming, stuck, steady):
         clients.append(client)
