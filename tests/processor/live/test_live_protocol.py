@@ -246,6 +246,15 @@ async def test_protocol_abuse(proc: LiveProcessor, clients: list[Any]) -> None:
     client.send({"type": "subscribe", "id": "many", "devices": [imei(i) for i in range(51)]})
     assert (await client.next("error"))["error"]["code"] == "TOO_MANY_DEVICES"
 
+    many = await connect(proc.port)
+    clients.append(many)
+    await many.next("hello")
+    for n in range(9):
+        many.send({"type": "subscribe", "id": f"s{n}", "devices": [imei(42)]})
+    error = await many.next("error")
+    assert (error["id"], error["error"]["code"]) == ("s8", "TOO_MANY_SUBSCRIPTIONS")
+    assert len([m for m in many.received if m["type"] == "snapshot"]) <= 8
+
     not_json = await connect(proc.port)
     await not_json.next("hello")
     not_json.send(b"{nope")

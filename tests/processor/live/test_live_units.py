@@ -4,6 +4,7 @@ ordering and conflation, the single-flight cache, and the handshake decisions.""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
@@ -37,7 +38,11 @@ def pos(ts: int, device: str = DEVICE, rx: int | None = None, lat: float = 41.0)
 
 # -- messages -----------------------------------------------------------------------------
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
     lambda children: (
         st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
     ),
@@ -69,7 +74,7 @@ def test_parser_takes_any_object(message: dict[str, Any]) -> None:
     """Any JSON object gives a valid request or a RequestError with a known code; a
     usable id is echoed in the error."""
     try:
-        request = m.parse_request(orjson.dumps(message), 3)
+        request = m.parse_request(json.dumps(message).encode(), 3)
     except m.RequestError as e:
         assert e.code in m.ERROR_CODES and not e.fatal
         if e.request_id is not None:
