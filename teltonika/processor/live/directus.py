@@ -218,11 +218,13 @@ class DirectusAuthenticator:
         """IAuthenticator API"""
         return True
 
-    def authenticate(self, credential: Credential | None) -> Deferred[User]:
+    def authenticate(self, credential: Credential | None, fresh: bool = False) -> Deferred[User]:
         """IAuthenticator API"""
         if credential is None:
             return Deferred.fromCoroutine(self._refuse())
         key = credential_key(credential)
+        if fresh:
+            self.cache.forget(key)
         self._credentials[key] = credential
         d = self.cache.get(key)
 

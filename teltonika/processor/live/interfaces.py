@@ -56,9 +56,10 @@ class User:
 class IAuthenticator(Interface):
     """Turns a handshake's credential into a :class:`User`."""
 
-    def authenticate(credential: Credential | None) -> Deferred[User]:  # noqa: N805
+    def authenticate(credential: Credential | None, fresh: bool = False) -> Deferred[User]:  # noqa: N805
         """The user, or a failure with :class:`Unauthenticated` or
-        :class:`UpstreamUnavailable`."""
+        :class:`UpstreamUnavailable`. *fresh* (the periodic re-check) does not accept a
+        cached success: an expired session must be noticed at the next re-check."""
 
     def applies_user_limit() -> bool:
         """Whether the per-user connection limit means anything (False when every

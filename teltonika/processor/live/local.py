@@ -85,7 +85,7 @@ class TokenFileAuthenticator:
         """IAuthenticator API"""
         return True
 
-    def authenticate(self, credential: Credential | None) -> Deferred[User]:
+    def authenticate(self, credential: Credential | None, fresh: bool = False) -> Deferred[User]:
         """IAuthenticator API"""
         if credential is None or credential.kind != "bearer":
             return fail(Unauthenticated("no bearer token"))
@@ -107,7 +107,7 @@ class NoAuthenticator:
         """IAuthenticator API"""
         return False
 
-    def authenticate(self, credential: Credential | None) -> Deferred[User]:
+    def authenticate(self, credential: Credential | None, fresh: bool = False) -> Deferred[User]:
         """IAuthenticator API"""
         return succeed(User(ANONYMOUS))
 

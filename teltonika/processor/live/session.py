@@ -310,8 +310,8 @@ class LiveSession:
 
     async def _reauthorize(self) -> None:
         try:
-            if self.user.credential is not None:
-                self.user = await self.authenticator.authenticate(self.user.credential)
+            if self.user.credential is not None:  # Directus: ask again
+                self.user = await self.authenticator.authenticate(self.user.credential, fresh=True)
         except Unauthenticated:
             if not self.closed:
                 self._error(m.UNAUTHENTICATED, "the session expired", None)

@@ -28,11 +28,12 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import deferLater
 
 from teltonika.contract import TELEMETRY_STREAM
+from tests.processor.conftest import eventually
 from tests.processor.live.feeder import entry, imei, now_ms
 from tests.servers import REPO, RedisServer, checkout_env, free_port, wait_for_port
 
 SUBPROTOCOL = "teltonika-live.v1"
-__all__ = ["entry", "imei", "now_ms"]
+__all__ = ["entry", "eventually", "imei", "now_ms"]
 _databases = itertools.count()
 
 
@@ -175,18 +176,6 @@ async def connect(
 
 async def sleep(seconds: float) -> None:
     await deferLater(reactor, seconds, lambda: None)
-
-
-async def eventually(predicate: Any, timeout: float = 15.0, step: float = 0.05) -> Any:
-    waited = 0.0
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if waited >= timeout:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await sleep(step)
-        waited += step
 
 
 class Env:

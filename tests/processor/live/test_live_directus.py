@@ -42,7 +42,7 @@ def proc(live_env: Env, directus: DirectusStub) -> LiveProcessor:
         "--live-directus-token-file",
         str(token),
         "--live-reauth",
-        "1",
+        "2",
         "--live-resolve-interval",
         "1",
         "--live-max-per-user",
@@ -113,14 +113,15 @@ async def test_slow_upstream(proc: LiveProcessor, directus: DirectusStub) -> Non
 
 
 @pytest_twisted.ensureDeferred
-async def test_cache(proc: LiveProcessor, directus: DirectusStub, clients: list[Any]) -> None:
+async def test_cache(proc: LiveProcessor, directus: DirectusStub) -> None:
     """A reconnect with the same credential does not call Directus again (success and
     refusal are both cached)."""
     directus.users.update({"tok-cache": "u-3", "tok-cache-no": 401})
     for _ in range(2):
         client = await connect(proc.port, headers=cookie("tok-cache"))
-        clients.append(client)
         await client.next("hello")
+        client.sendClose(1000)  # a page reload: the old socket goes, a new one comes
+        await client.wait_closed()
         refused = await connect(proc.port, headers=cookie("tok-cache-no"))
         await refused.wait_closed()
     calls = [h["cookie"] for h in directus.calls("/users/me") if "cookie" in h]
@@ -182,3 +183,19 @@ async def test_event_authorization_membership_and_revocation(
     directus.events["7"] = set()
     complete = await client.next("complete", timeout=15)
     assert (complete["id"], complete["reason"]) == ("e7", "REVOKED")
+
+
+@pytest_twisted.ensureDeferred
+async def test_expired_session_closes_4401(
+    proc: LiveProcessor, directus: DirectusStub, clients: list[Any]
+) -> None:
+    """A session Directus stops accepting is noticed at the next re-check
+    (--live-reauth 2 here): UNAUTHENTICATED, then close 4401."""
+    directus.users["tok-expiring"] = "u-exp"
+    client = await connect(proc.port, headers=cookie("tok-expiring"))
+    clients.append(client)
+    assert (await client.next("hello"))["user"] == "u-exp"
+    directus.users["tok-expiring"] = 401
+    error = await client.next("error", timeout=15)
+    assert error["error"]["code"] == "UNAUTHENTICATED" and "id" not in error
+    assert (await client.wait_closed())[0] == 4401
