@@ -5,6 +5,7 @@ Usage::
 
     python benchmarks/live.py                      # ~1.5 min
     python benchmarks/live.py --clients 200 --rate 1000 --seconds 5
+    python benchmarks/live.py --no-baseline --profile /tmp/live.stats   # cProfile the processor
 
 What runs (loopback only, bounded in time and count, stops by itself): a throwaway
 ``redis-server`` and PostgreSQL (tests/servers.py), the processor as a real
@@ -268,6 +269,10 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=2000)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--parse-every", type=int, default=10)
+    parser.add_argument(
+        "--profile", metavar="FILE", help="run the processor under cProfile, stats to FILE"
+    )
+    parser.add_argument("--no-baseline", action="store_true", help="skip the bare server")
     args = parser.parse_args()
 
     from tests.servers import PostgresServer, RedisServer
@@ -297,6 +302,11 @@ def main() -> None:
                 "-c",
                 "from twisted.scripts.twistd import run; run()",
                 "-n",
+                *(
+                    [f"--profile={args.profile}", "--profiler=cprofile", "--savestats"]
+                    if args.profile
+                    else []
+                ),
                 "--pidfile=",
                 f"--logfile={tmp / 'processor.log'}",
                 "teltonika-processor",
@@ -321,6 +331,8 @@ def main() -> None:
         ours = run_round("processor", port, processor.pid, redis_server.url, args)
         processor.terminate()
         processor.wait(60)
+        if args.no_baseline:
+            return
         redis_server.cli("FLUSHALL")
         bare_port = free_port()
         baseline_server = child("--bare-mode", str(bare_port), redis_server.url)
