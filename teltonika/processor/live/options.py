@@ -39,11 +39,16 @@ _positive_int.coerceDoc = "A whole number, at least 1."  # type: ignore[attr-def
 _positive_float.coerceDoc = "Seconds, above 0."  # type: ignore[attr-defined]
 
 
+LISTEN_BACKLOG: Final = 1024
+"""Pending connections the kernel queues for a bare ``--live`` port (Twisted's default is
+50): when an instance goes away its clients reconnect to the others all at once."""
+
+
 def live_endpoint(value: str) -> str:
-    """A bare port means loopback, like ``--metrics``."""
+    """A bare port means loopback, like ``--metrics`` (with a deeper listen backlog)."""
     value = value.strip()
     if value.isdigit():
-        return f"tcp:{value}:interface=127.0.0.1"
+        return f"tcp:{value}:interface=127.0.0.1:backlog={LISTEN_BACKLOG}"
     return value
 
 

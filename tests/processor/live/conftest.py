@@ -63,7 +63,7 @@ class LiveProcessor:
             "--block-ms",
             "100",
             "--live",
-            f"tcp:{self.port}:interface=127.0.0.1",
+            f"tcp:{self.port}:interface=127.0.0.1:backlog=1024",
             *extra,
         ]
         self.process = subprocess.Popen(command, cwd=REPO, env=checkout_env())

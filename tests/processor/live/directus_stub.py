@@ -72,7 +72,7 @@ class DirectusStub(Resource):
         if path == "/users/me":
             if user == "slow":
                 d: Deferred[None] = Deferred()
-                reactor.callLater(5.5, d.callback, None)
+                reactor.callLater(4.0, d.callback, None)
 
                 def late(_: Any) -> None:
                     if not request._disconnected:

@@ -55,7 +55,7 @@ def test_live_options() -> None:
     options = parse(
         "--live", "8090", "--live-tiles", "none", "--live-allowed-origin", "https://a.b"
     )
-    assert options["live"] == ["tcp:8090:interface=127.0.0.1"]
+    assert options["live"] == ["tcp:8090:interface=127.0.0.1:backlog=1024"]
     assert options["live-tiles"] is None and options["live-tick"] == 25.0
     assert options["live-origins"] == frozenset({("https", "a.b", 443)})
     for argv, message in (
