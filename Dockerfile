@@ -23,7 +23,7 @@ RUN useradd --system --uid 10001 --home-dir /data --create-home teltonika
 USER teltonika
 WORKDIR /data
 
-EXPOSE 5027 9105
+EXPOSE 5027 9105 9106 8090
 # --pidfile= : a twistd.pid left by a crashed container would block the restart.
 # --metrics on all interfaces inside the container; publish the port only to the
 # monitoring network.
