@@ -19,7 +19,7 @@ an IO value *means* (scale, sign, unit) is the catalogue's business, never the d
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, NamedTuple
 
 import attrs
 
@@ -53,8 +53,7 @@ MESSAGE_TYPE_RESPONSE: Final = 0x06
 MESSAGE_TYPE_NACK: Final = 0x11
 
 
-@attrs.frozen(slots=True)
-class AVLRecord:
+class AVLRecord(NamedTuple):
     """One AVL record: a position fix and the IO elements sampled with it.
 
     :ivar timestamp_ms: device time, milliseconds since the Unix epoch, UTC.
@@ -86,10 +85,23 @@ class AVLRecord:
         """The IO elements as ``{io_id: value}`` (a later duplicate id wins)."""
         return {io_id: value for io_id, _width, value in self.io}
 
+    def __eq__(self, other: object) -> bool:
+        """Equal to another record with equal fields, never to a plain tuple."""
+        return type(other) is type(self) and tuple.__eq__(self, other)
 
-@attrs.frozen(slots=True)
-class AVLPacket:
-    """The decoded body of an AVL data frame (codec 8, 8 Extended or 16)."""
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    def __hash__(self) -> int:
+        return tuple.__hash__(self)
+
+
+class AVLPacket(NamedTuple):
+    """The decoded body of an AVL data frame (codec 8, 8 Extended or 16).
+
+    A tuple like :class:`AVLRecord`, for the same reason: one per frame, and a
+    one-record frame is the most common kind.
+    """
 
     codec_id: int
     records: tuple[AVLRecord, ...]
@@ -97,6 +109,16 @@ class AVLPacket:
     @property
     def codec_name(self) -> str:
         return CODEC_NAMES.get(self.codec_id, f"0x{self.codec_id:02X}")
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to another packet with equal fields, never to a plain tuple."""
+        return type(other) is type(self) and tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    def __hash__(self) -> int:
+        return tuple.__hash__(self)
 
 
 @attrs.frozen(slots=True)
