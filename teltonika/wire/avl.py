@@ -12,10 +12,15 @@ codec     IO ids     IO counts    generation type   NX group
 16        2 bytes    1 byte       yes (1 byte)      no
 ========  =========  ===========  ================  =============
 
-Speed: a record's fixed part is read with one precompiled ``struct.Struct`` call and each
-fixed-width IO group with one ``iter_unpack`` of a per-codec pair struct (measured in
-``benchmarks/decode.py``). No struct is built from input-dependent sizes: an earlier
-cache keyed by group size let a hostile peer pin megabytes with frames of ever new sizes.
+Speed (``benchmarks/decode.py``): a record's fixed part is read with one precompiled
+``struct.Struct`` call, and its four fixed-width IO groups with one more: the group counts
+are read first, and the struct for that combination of counts (a :class:`_Shape`) comes
+from a cache, compiled on a miss. The cache is bounded by the IO elements its shapes
+describe (:data:`SHAPE_BUDGET`, oldest dropped first, at most about half a megabyte per
+codec), so frames with ever new group sizes only cost compile time, never memory; records
+with more than :data:`SHAPE_MAX_ELEMENTS` fixed-width elements are read group by group.
+Records are built with ``tuple.__new__``; nothing runs per IO element in Python except
+for NX elements.
 
 Safety: every read is bounds-checked against the body's end (not the buffer's, which
 also holds the CRC), and counts are checked against the bytes that remain *before* any
@@ -54,8 +59,8 @@ _WIDTHS: Final = (1, 2, 4, 8)
 _SCALE: Final = 10_000_000
 
 SHAPE_BUDGET: Final = 4096
-"""IO elements the compiled shapes of one codec may describe together (a few hundred
-kilobytes): the oldest shapes are dropped beyond it, so no input grows the cache."""
+"""IO elements the compiled shapes of one codec may describe together (measured at most
+about 0.5 MB): the oldest shapes are dropped beyond it, so no input grows the cache."""
 
 SHAPE_MAX_ELEMENTS: Final = 255
 """Records with more fixed-width IO elements than this are read group by group instead."""

@@ -1,16 +1,19 @@
 """Immutable values the wire layer produces and consumes.
 
-Records are frozen, slotted attrs classes (treq's ``RequestRecord`` shape). IO elements
-are plain tuples ``(io_id, width, value)`` rather than attrs instances: a realistic 8E
-record carries 20-40 of them, and a tuple costs about a tenth of a frozen attrs instance
-to build (measured in ``benchmarks/decode.py``); tuples are just as immutable.
+Messages, frames and datagrams are frozen, slotted attrs classes (treq's
+``RequestRecord`` shape). IO elements are plain tuples ``(io_id, width, value)`` rather
+than attrs instances: a realistic 8E record carries 20-40 of them, and a tuple costs about
+a tenth of a frozen attrs instance to build; tuples are just as immutable.
 
-Frozen attrs is kept for the records themselves by measurement (``benchmarks/decode.py``,
-part 3): building an :class:`AVLRecord` costs about 0.7 us against 0.25 us for a
-``NamedTuple``, some 10% of decoding a realistic 8E record and 5% of decode plus stream
-entry, with the issue's speed targets met by a wide margin either way. A NamedTuple would
-also compare equal to any tuple and serialize as a JSON array, traps a record type should
-not set.
+:class:`AVLRecord` and :class:`AVLPacket`, of which the server builds one per record and
+per frame, are typed ``NamedTuple`` classes instead, by measurement
+(``benchmarks/decode.py``, part 3): the decoder builds a record with ``tuple.__new__`` in
+about 0.2 us where the frozen attrs class took about 1.1 us, a fifth of decoding a
+realistic 8E record, which kept the decoder below a plain ``struct`` decoder. They stay
+immutable, typed and keyword-constructible; the traps of a tuple are closed where they
+matter: a record equals only a record of the same class (never a plain tuple with the
+same fields), and orjson refuses to serialize one. ``_replace`` stands in for
+``attrs.evolve``.
 
 Values are kept exactly as sent: IO values are unsigned big-endian integers of their
 declared width, or raw bytes for the variable-length NX group of codec 8 Extended. What

@@ -10,6 +10,8 @@ must be rejected from the bytes actually present, before anything is allocated f
 
 from __future__ import annotations
 
+import gc
+import itertools
 import tracemalloc
 from collections.abc import Callable
 from typing import Any
@@ -256,3 +258,24 @@ def test_distinct_group_counts_do_not_grow_memory() -> None:
     finally:
         tracemalloc.stop()
     assert retained < 4 * 1024 * 1024
+
+
+def test_many_small_layouts_do_not_grow_memory() -> None:
+    """Every combination of small group sizes (the most compiled layouts the cache can be
+    made to hold): what stays allocated after decoding them all is bounded."""
+    width_of = (1, 2, 4, 8)
+    frames = []
+    for counts in itertools.product(range(8), repeat=4):
+        io = tuple((i, width_of[g], 0) for g, n in enumerate(counts) for i in range(n))
+        record = AVLRecord(1, 0, 0.0, 0.0, 0, 0, 0, 0, 0, io)
+        frames.append(encode_avl_frame(CODEC_16, [record]))
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for raw in frames:
+            REGISTRY.decode_frame(raw)
+        gc.collect()
+        retained, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert retained < 1024 * 1024
