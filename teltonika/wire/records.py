@@ -88,16 +88,6 @@ class AVLRecord(NamedTuple):
         """The IO elements as ``{io_id: value}`` (a later duplicate id wins)."""
         return {io_id: value for io_id, _width, value in self.io}
 
-    def __eq__(self, other: object) -> bool:
-        """Equal to another record with equal fields, never to a plain tuple."""
-        return type(other) is type(self) and tuple.__eq__(self, other)
-
-    def __ne__(self, other: object) -> bool:
-        return not self.__eq__(other)
-
-    def __hash__(self) -> int:
-        return tuple.__hash__(self)
-
 
 class AVLPacket(NamedTuple):
     """The decoded body of an AVL data frame (codec 8, 8 Extended or 16).
@@ -113,15 +103,21 @@ class AVLPacket(NamedTuple):
     def codec_name(self) -> str:
         return CODEC_NAMES.get(self.codec_id, f"0x{self.codec_id:02X}")
 
-    def __eq__(self, other: object) -> bool:
-        """Equal to another packet with equal fields, never to a plain tuple."""
-        return type(other) is type(self) and tuple.__eq__(self, other)
 
-    def __ne__(self, other: object) -> bool:
-        return not self.__eq__(other)
+def _same_class_eq(self: tuple[object, ...], other: object) -> bool:
+    """Equal to a value of the same class with equal fields, never to a plain tuple."""
+    return type(other) is type(self) and tuple.__eq__(self, other)
 
-    def __hash__(self) -> int:
-        return tuple.__hash__(self)
+
+def _same_class_ne(self: tuple[object, ...], other: object) -> bool:
+    return not _same_class_eq(self, other)
+
+
+# Set after the classes are made: a NamedTuple body takes no shared base class, and a
+# class body that defines __eq__ loses tuple's __hash__.
+for _value_class in (AVLRecord, AVLPacket):
+    _value_class.__eq__ = _same_class_eq  # type: ignore[method-assign]
+    _value_class.__ne__ = _same_class_ne  # type: ignore[method-assign, assignment]
 
 
 @attrs.frozen(slots=True)
