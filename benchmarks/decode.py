@@ -215,24 +215,26 @@ def baseline_entry(
         else:
             io[io_id] = value
     generation = record["generation_type"]
+    # fmt: off
     return [
-        *(b"v", b"1"),
-        *(b"imei", imei.encode("ascii")),
-        *(b"codec", codec_name.encode("ascii")),
-        *(b"timestamp_ms", b"%d" % record["timestamp_ms"]),
-        *(b"received_at_ms", b"%d" % received_at_ms),
-        *(b"latitude", baseline_degrees(record["latitude"])),
-        *(b"longitude", baseline_degrees(record["longitude"])),
-        *(b"altitude", b"%d" % record["altitude"]),
-        *(b"angle", b"%d" % record["angle"]),
-        *(b"speed", b"%d" % record["speed"]),
-        *(b"satellites", b"%d" % record["satellites"]),
-        *(b"priority", b"%d" % record["priority"]),
-        *(b"event_io_id", b"%d" % record["event_io_id"]),
-        *(b"generation_type", b"" if generation is None else b"%d" % generation),
-        *(b"instance_id", instance_id.encode("utf-8")),
-        *(b"io", orjson.dumps(io, option=orjson.OPT_NON_STR_KEYS)),
+        b"v", b"1",
+        b"imei", imei.encode("ascii"),
+        b"codec", codec_name.encode("ascii"),
+        b"timestamp_ms", b"%d" % record["timestamp_ms"],
+        b"received_at_ms", b"%d" % received_at_ms,
+        b"latitude", baseline_degrees(record["latitude"]),
+        b"longitude", baseline_degrees(record["longitude"]),
+        b"altitude", b"%d" % record["altitude"],
+        b"angle", b"%d" % record["angle"],
+        b"speed", b"%d" % record["speed"],
+        b"satellites", b"%d" % record["satellites"],
+        b"priority", b"%d" % record["priority"],
+        b"event_io_id", b"%d" % record["event_io_id"],
+        b"generation_type", b"" if generation is None else b"%d" % generation,
+        b"instance_id", instance_id.encode("utf-8"),
+        b"io", orjson.dumps(io, option=orjson.OPT_NON_STR_KEYS),
     ]
+    # fmt: on
 
 
 IMEI = "352093081452251"

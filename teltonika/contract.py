@@ -29,11 +29,11 @@ reads that exactly); a larger integer is ``{"__bigint": "<decimal>"}`` and an NX
 length, codec 8E) value is ``{"__buffer_b64": "<base64>"}``. IO values are unsigned, as
 sent; the catalogue (``teltonika.catalogue``) says how to scale or sign them.
 
-Serializer: ``orjson``, chosen by measurement (``benchmarks/decode.py``, part 2: decode
-plus the ``io`` JSON of realistic 8E records ran at about 77,000 records/s with
-``json.dumps`` and a sentinel pre-pass, 131,000 with orjson, 135,000 with msgspec and
-108,000 with hand-written bytes formatting). msgspec's lead is within the noise of a
-shared machine and not worth a second dependency.
+Serializer: ``orjson``, chosen by measurement (``benchmarks/decode.py``, part 2: the
+``io`` JSON of realistic 8E records alone runs at about 86,000 records/s with
+``json.dumps`` and a sentinel pre-pass, 236,000 with orjson and 148,000 with hand-written
+bytes formatting; msgspec measured within noise of orjson and would be a second
+dependency). :func:`entry_values` has orjson write the ten numbers too, in the same call.
 """
 
 from __future__ import annotations
