@@ -31,6 +31,7 @@ Only :class:`~teltonika.wire.errors.DecodeError` escapes.
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
@@ -116,6 +117,7 @@ class _Layout:
         "id_code",
         "id_size",
         "items",
+        "lock",
         "min_record",
         "nx",
         "pairs",
@@ -144,6 +146,7 @@ class _Layout:
         self.min_record = _GPS_SIZE + id_size + int(generation) + count_size * (1 + groups)
         self.shapes: dict[tuple[int, int, int, int], _Shape] = {}
         self.cached_elements = 0
+        self.lock = threading.Lock()
         item1, item2, item4, item8 = self.items
         self.hot = (
             self.head.unpack_from,
@@ -165,16 +168,19 @@ class _Layout:
         """Compile the shape for *counts* and cache it, dropping the oldest beyond budget.
 
         None for a record with more than :data:`SHAPE_MAX_ELEMENTS`: it is walked group
-        by group, as compiling it would cost more than it saves.
+        by group, as compiling it would cost more than it saves. Only this (a cache miss)
+        takes the lock: the decoder's lookups are single dict reads, safe in any thread.
         """
         if sum(counts) > SHAPE_MAX_ELEMENTS:
             return None
         shape = _Shape(self, counts)
-        self.shapes[counts] = shape
-        self.cached_elements += len(shape.widths)
-        while self.cached_elements > SHAPE_BUDGET:
-            oldest = next(iter(self.shapes))
-            self.cached_elements -= len(self.shapes.pop(oldest).widths)
+        with self.lock:
+            if counts not in self.shapes:
+                self.shapes[counts] = shape
+                self.cached_elements += len(shape.widths)
+            while self.cached_elements > SHAPE_BUDGET:
+                oldest = next(iter(self.shapes))
+                self.cached_elements -= len(self.shapes.pop(oldest).widths)
         return shape
 
 
