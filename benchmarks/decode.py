@@ -12,7 +12,7 @@ plus two NX elements for 8E. The baseline, printed first, is :func:`baseline_dec
 simplest correct decoder written with the standard tools at full strength, precompiled
 ``struct.Struct`` objects, one ``iter_unpack`` per IO group straight into the record's
 dict, and fastcrc for the CRC (the C CRC we use). A variant with one ``unpack_from`` per
-IO element measured about 10% slower, and a table-driven CRC in pure Python halves the
+IO element measured 10-20% slower, and a table-driven CRC in pure Python halves the
 rate: neither is the baseline. Its output is checked against ours before anything is
 timed.
 
