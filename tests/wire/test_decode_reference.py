@@ -65,21 +65,7 @@ def same_layout_batches(draw: st.DrawFn) -> tuple[int, list[AVLRecord]]:
         base = draw(avl_records(codec_id))
         io = [(draw(ids), width, draw(st.integers(0, 2 ** (8 * width) - 1))) for width in widths]
         io += [(draw(ids), NX, draw(st.binary(max_size=12))) for _ in range(nx_count)]
-        records.append(
-            AVLRecord(
-                base.timestamp_ms,
-                base.priority,
-                base.longitude,
-                base.latitude,
-                base.altitude,
-                base.angle,
-                base.satellites,
-                base.speed,
-                base.event_io_id,
-                tuple(io),
-                base.generation_type,
-            )
-        )
+        records.append(base._replace(io=tuple(io)))
     return codec_id, records
 
 
