@@ -29,15 +29,16 @@ reads that exactly); a larger integer is ``{"__bigint": "<decimal>"}`` and an NX
 length, codec 8E) value is ``{"__buffer_b64": "<base64>"}``. IO values are unsigned, as
 sent; the catalogue (``teltonika.catalogue``) says how to scale or sign them.
 
-Serializer: ``orjson``, chosen by measurement (``benchmarks/decode.py``, part 2: decode
-plus the ``io`` JSON of realistic 8E records ran at about 77,000 records/s with
-``json.dumps`` and a sentinel pre-pass, 131,000 with orjson, 135,000 with msgspec and
-108,000 with hand-written bytes formatting). msgspec's lead is within the noise of a
-shared machine and not worth a second dependency.
+Serializer: ``orjson``, chosen by measurement (``benchmarks/decode.py``, part 2: the
+``io`` JSON of realistic 8E records alone runs at about 86,000 records/s with
+``json.dumps`` and a sentinel pre-pass, 236,000 with orjson and 148,000 with hand-written
+bytes formatting; msgspec measured within noise of orjson and would be a second
+dependency). :func:`entry_values` has orjson write the ten numbers too, in the same call.
 """
 
 from __future__ import annotations
 
+import re
 from binascii import b2a_base64
 from typing import Final
 
@@ -84,6 +85,12 @@ def format_degrees(value: float) -> str:
     return f"{sign}{whole}.{fraction:07d}".rstrip("0")
 
 
+_SHORTEST_DEGREES: Final = re.compile(rb"-?[0-9]+\.[0-9]{0,6}[1-9]")
+"""orjson's shortest form of a float that is exactly some integer / 10^7 and not whole:
+then it is also :func:`format_degrees`' form. Anything else (``25.0``, ``1e-7``, more
+than seven decimals) goes through :func:`format_degrees`."""
+
+
 def io_bag(io: tuple[IOElement, ...]) -> dict[int, object]:
     """The IO elements as a JSON-ready dict, with the contract's sentinels."""
     bag: dict[int, object] = {}
@@ -108,25 +115,46 @@ def io_json(io: tuple[IOElement, ...]) -> bytes:
 def entry_values(
     imei: str, codec_name: str, record: AVLRecord, received_at_ms: int, instance_id: str
 ) -> tuple[bytes, ...]:
-    """The values of one version 1 entry, in :data:`FIELDS` order, as bytes."""
+    """The values of one version 1 entry, in :data:`FIELDS` order, as bytes.
+
+    The ten numbers and the ``io`` object are written by one orjson call and split at
+    the first ten commas: in CPython a single ``b"%d" % n`` costs about a third of
+    orjson writing all of them (``benchmarks/decode.py``, part 2).
+    """
     generation = record.generation_type
+    written = orjson.dumps(
+        (
+            record.timestamp_ms,
+            received_at_ms,
+            record.latitude,
+            record.longitude,
+            record.altitude,
+            record.angle,
+            record.speed,
+            record.satellites,
+            record.priority,
+            record.event_io_id,
+            io_bag(record.io),
+        ),
+        option=orjson.OPT_NON_STR_KEYS,
+    )
+    timestamp, received, latitude, longitude, *numbers, io = written[1:-1].split(b",", 10)
+    if not _SHORTEST_DEGREES.fullmatch(latitude):
+        latitude = format_degrees(record.latitude).encode("ascii")
+    if not _SHORTEST_DEGREES.fullmatch(longitude):
+        longitude = format_degrees(record.longitude).encode("ascii")
     return (
         b"1",
         imei.encode("ascii"),
         codec_name.encode("ascii"),
-        b"%d" % record.timestamp_ms,
-        b"%d" % received_at_ms,
-        format_degrees(record.latitude).encode("ascii"),
-        format_degrees(record.longitude).encode("ascii"),
-        b"%d" % record.altitude,
-        b"%d" % record.angle,
-        b"%d" % record.speed,
-        b"%d" % record.satellites,
-        b"%d" % record.priority,
-        b"%d" % record.event_io_id,
+        timestamp,
+        received,
+        latitude,
+        longitude,
+        *numbers,
         b"" if generation is None else b"%d" % generation,
         instance_id.encode("utf-8"),
-        io_json(record.io),
+        io,
     )
 
 

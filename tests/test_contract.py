@@ -209,3 +209,66 @@ def test_message_fields() -> None:
     binary = DeviceMessage(0x0C, 0x06, b"\x01\x03\x00")
     fields = message_fields(IMEI, binary, "12", 5, "ingest-1")
     assert (fields["text"], fields["timestamp_ms"], fields["payload_hex"]) == ("", "", "010300")
+
+
+def plain_entry_values(
+    imei: str, codec_name: str, record: AVLRecord, received_at_ms: int, instance_id: str
+) -> tuple[bytes, ...]:
+    """The contract written field by field: what :func:`entry_values` must equal."""
+    generation = record.generation_type
+    return (
+        b"1",
+        imei.encode(),
+        codec_name.encode(),
+        b"%d" % record.timestamp_ms,
+        b"%d" % received_at_ms,
+        format_degrees(record.latitude).encode(),
+        format_degrees(record.longitude).encode(),
+        b"%d" % record.altitude,
+        b"%d" % record.angle,
+        b"%d" % record.speed,
+        b"%d" % record.satellites,
+        b"%d" % record.priority,
+        b"%d" % record.event_io_id,
+        b"" if generation is None else b"%d" % generation,
+        instance_id.encode(),
+        io_json(record.io),
+    )
+
+
+# Degrees as decoded (an i32 / 10^7), near the forms orjson writes differently from the
+# contract (whole degrees, 1e-7), with eight or nine decimals (which the contract rounds
+# to seven), and any float a caller may build a record with.
+any_degrees = st.one_of(
+    st.integers(-(2**31), 2**31 - 1).map(lambda raw: raw / 10_000_000),
+    st.integers(-1000, 1000).map(lambda raw: raw / 10_000_000),
+    st.integers(-214, 214).map(float),
+    st.integers(-(2**31), 2**31 - 1).map(lambda raw: raw / 10 ** (8 + raw % 2)),
+    st.floats(-214.7483648, 214.7483647),
+)
+
+
+@given(
+    record=avl_records(0x8E),
+    latitude=any_degrees,
+    longitude=any_degrees,
+    received_at_ms=st.integers(0, 2**63 - 1),
+)
+def test_entry_values_equal_the_field_by_field_encoding(
+    record: AVLRecord, latitude: float, longitude: float, received_at_ms: int
+) -> None:
+    """The numbers written by one orjson call and split are exactly the field-by-field
+    strings, degrees included (whole, tiny and non-multiple-of-10^-7 values too)."""
+    record = record._replace(latitude=latitude, longitude=longitude)
+    assert entry_values(IMEI, "8E", record, received_at_ms, "i-1") == plain_entry_values(
+        IMEI, "8E", record, received_at_ms, "i-1"
+    )
+
+
+def test_entry_values_degrees_examples() -> None:
+    """The degree forms orjson writes differently from the contract."""
+    for degrees, text in ((25.0, b"25"), (-0.0, b"0"), (1e-7, b"0.0000001"), (0.1234, b"0.1234")):
+        record = RECORD._replace(latitude=degrees, longitude=-degrees)
+        values = dict(zip(FIELDS, entry_values(IMEI, "8E", record, 0, "i"), strict=True))
+        assert values["latitude"] == text
+        assert values["longitude"] == (text if text == b"0" else b"-" + text)

@@ -7,6 +7,7 @@ do the rest on the body it returns.
 
 from __future__ import annotations
 
+import struct
 from typing import Final
 
 from teltonika.wire.crc import crc16
@@ -16,6 +17,8 @@ BODY_OFFSET: Final = 8
 """Offset of the codec id, where the CRC-covered body starts."""
 
 _PREAMBLE: Final = b"\x00\x00\x00\x00"
+_ENVELOPE: Final = struct.Struct(">II")  # preamble, data length
+_CRC_FIELD: Final = struct.Struct(">I")
 
 
 def unwrap(frame: bytes) -> int:
@@ -30,15 +33,17 @@ def unwrap(frame: bytes) -> int:
     size = len(frame)
     if size < 12:
         raise TruncatedError(f"data frame of {size} bytes is shorter than its 12-byte envelope", 0)
-    if frame[:4] != _PREAMBLE:
+    preamble: int
+    length: int
+    preamble, length = _ENVELOPE.unpack_from(frame)
+    if preamble:
         raise PreambleError("data frame preamble is not 00000000", 0)
-    length = int.from_bytes(frame[4:8], "big")
     end = BODY_OFFSET + length
     if end + 4 != size:
         raise FrameLengthError(
             f"data length {length} does not match a {size}-byte frame (expected {length + 12})", 4
         )
-    field = int.from_bytes(frame[end:], "big")
+    (field,) = _CRC_FIELD.unpack_from(frame, end)
     if field >> 16:
         raise CRCError(f"CRC field 0x{field:08X} has non-zero high bytes", end)
     computed = crc16(frame[BODY_OFFSET:end])

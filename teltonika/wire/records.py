@@ -1,16 +1,19 @@
 """Immutable values the wire layer produces and consumes.
 
-Records are frozen, slotted attrs classes (treq's ``RequestRecord`` shape). IO elements
-are plain tuples ``(io_id, width, value)`` rather than attrs instances: a realistic 8E
-record carries 20-40 of them, and a tuple costs about a tenth of a frozen attrs instance
-to build (measured in ``benchmarks/decode.py``); tuples are just as immutable.
+Messages, frames and datagrams are frozen, slotted attrs classes (treq's
+``RequestRecord`` shape). IO elements are plain tuples ``(io_id, width, value)`` rather
+than attrs instances: a realistic 8E record carries 20-40 of them, and a tuple costs about
+a tenth of a frozen attrs instance to build; tuples are just as immutable.
 
-Frozen attrs is kept for the records themselves by measurement (``benchmarks/decode.py``,
-part 3): building an :class:`AVLRecord` costs about 0.7 us against 0.25 us for a
-``NamedTuple``, some 10% of decoding a realistic 8E record and 5% of decode plus stream
-entry, with the issue's speed targets met by a wide margin either way. A NamedTuple would
-also compare equal to any tuple and serialize as a JSON array, traps a record type should
-not set.
+:class:`AVLRecord` and :class:`AVLPacket`, of which the server builds one per record and
+per frame, are typed ``NamedTuple`` classes instead, by measurement
+(``benchmarks/decode.py``, part 3): the decoder builds a record with ``tuple.__new__`` in
+about 0.2 us where the frozen attrs class took about 1.1 us, a fifth of decoding a
+realistic 8E record, which kept the decoder below a plain ``struct`` decoder. They stay
+immutable, typed and keyword-constructible; the traps of a tuple are closed where they
+matter: a record equals only a record of the same class (never a plain tuple with the
+same fields), and orjson refuses to serialize one. ``_replace`` stands in for
+``attrs.evolve``.
 
 Values are kept exactly as sent: IO values are unsigned big-endian integers of their
 declared width, or raw bytes for the variable-length NX group of codec 8 Extended. What
@@ -19,7 +22,7 @@ an IO value *means* (scale, sign, unit) is the catalogue's business, never the d
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, NamedTuple
 
 import attrs
 
@@ -53,8 +56,7 @@ MESSAGE_TYPE_RESPONSE: Final = 0x06
 MESSAGE_TYPE_NACK: Final = 0x11
 
 
-@attrs.frozen(slots=True)
-class AVLRecord:
+class AVLRecord(NamedTuple):
     """One AVL record: a position fix and the IO elements sampled with it.
 
     :ivar timestamp_ms: device time, milliseconds since the Unix epoch, UTC.
@@ -87,9 +89,12 @@ class AVLRecord:
         return {io_id: value for io_id, _width, value in self.io}
 
 
-@attrs.frozen(slots=True)
-class AVLPacket:
-    """The decoded body of an AVL data frame (codec 8, 8 Extended or 16)."""
+class AVLPacket(NamedTuple):
+    """The decoded body of an AVL data frame (codec 8, 8 Extended or 16).
+
+    A tuple like :class:`AVLRecord`, for the same reason: one per frame, and a
+    one-record frame is the most common kind.
+    """
 
     codec_id: int
     records: tuple[AVLRecord, ...]
@@ -97,6 +102,22 @@ class AVLPacket:
     @property
     def codec_name(self) -> str:
         return CODEC_NAMES.get(self.codec_id, f"0x{self.codec_id:02X}")
+
+
+def _same_class_eq(self: tuple[object, ...], other: object) -> bool:
+    """Equal to a value of the same class with equal fields, never to a plain tuple."""
+    return type(other) is type(self) and tuple.__eq__(self, other)
+
+
+def _same_class_ne(self: tuple[object, ...], other: object) -> bool:
+    return not _same_class_eq(self, other)
+
+
+# Set after the classes are made: a NamedTuple body takes no shared base class, and a
+# class body that defines __eq__ loses tuple's __hash__.
+for _value_class in (AVLRecord, AVLPacket):
+    _value_class.__eq__ = _same_class_eq  # type: ignore[method-assign]
+    _value_class.__ne__ = _same_class_ne  # type: ignore[method-assign, assignment]
 
 
 @attrs.frozen(slots=True)

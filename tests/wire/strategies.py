@@ -148,3 +148,36 @@ def cut(draw: st.DrawFn, data: bytes) -> list[bytes]:
     points = sorted(draw(st.lists(st.integers(0, len(data)), max_size=12)))
     bounds = [0, *points, len(data)]
     return [data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+@st.composite
+def mutated(draw: st.DrawFn, data: bytes) -> bytes:
+    """*data* with one to three kinds of damage."""
+    buf = bytearray(data)
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(
+            st.sampled_from(["flip", "truncate", "insert", "delete", "byte", "length", "count"])
+        )
+        if not buf:
+            buf.extend(draw(st.binary(min_size=1, max_size=8)))
+            continue
+        at = draw(st.integers(0, len(buf) - 1))
+        if kind == "flip":
+            buf[at] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "truncate":
+            del buf[at:]
+        elif kind == "insert":
+            buf[at:at] = draw(st.binary(min_size=1, max_size=16))
+        elif kind == "delete":
+            del buf[at : at + draw(st.integers(1, 16))]
+        elif kind == "byte":
+            buf[at] = draw(st.integers(0, 255))
+        elif kind == "length" and len(buf) >= 8:
+            # the TCP data length (offset 4) or the UDP length (offset 0)
+            where = draw(st.sampled_from([0, 4]))
+            buf[where : where + 4] = draw(st.integers(0, 2**32 - 1)).to_bytes(4, "big")
+        elif kind == "count" and len(buf) >= 10:
+            # Number of Data 1 (offset 9 of a TCP frame) or Number of Data 2 (before the CRC)
+            where = draw(st.sampled_from([9, len(buf) - 5]))
+            buf[where] = draw(st.integers(0, 255))
+    return bytes(buf)

@@ -10,6 +10,8 @@ must be rejected from the bytes actually present, before anything is allocated f
 
 from __future__ import annotations
 
+import gc
+import itertools
 import tracemalloc
 from collections.abc import Callable
 from typing import Any
@@ -42,7 +44,7 @@ from teltonika.wire import (
     parse_imei,
     wrap,
 )
-from tests.wire.strategies import avl_batches, imeis, valid_data_frames
+from tests.wire.strategies import avl_batches, imeis, mutated, valid_data_frames
 from tests.wire.vectors import VECTORS
 
 REGISTRY = load_codecs()
@@ -87,39 +89,6 @@ def frame_all(data: bytes, chunk: int, max_frame: int = 2048) -> None:
             assert framer.buffered <= max_frame + len(piece)
     except DecodeError:
         assert framer.buffered == 0
-
-
-@st.composite
-def mutated(draw: st.DrawFn, data: bytes) -> bytes:
-    """*data* with one to three kinds of damage."""
-    buf = bytearray(data)
-    for _ in range(draw(st.integers(1, 3))):
-        kind = draw(
-            st.sampled_from(["flip", "truncate", "insert", "delete", "byte", "length", "count"])
-        )
-        if not buf:
-            buf.extend(draw(st.binary(min_size=1, max_size=8)))
-            continue
-        at = draw(st.integers(0, len(buf) - 1))
-        if kind == "flip":
-            buf[at] ^= 1 << draw(st.integers(0, 7))
-        elif kind == "truncate":
-            del buf[at:]
-        elif kind == "insert":
-            buf[at:at] = draw(st.binary(min_size=1, max_size=16))
-        elif kind == "delete":
-            del buf[at : at + draw(st.integers(1, 16))]
-        elif kind == "byte":
-            buf[at] = draw(st.integers(0, 255))
-        elif kind == "length" and len(buf) >= 8:
-            # the TCP data length (offset 4) or the UDP length (offset 0)
-            where = draw(st.sampled_from([0, 4]))
-            buf[where : where + 4] = draw(st.integers(0, 2**32 - 1)).to_bytes(4, "big")
-        elif kind == "count" and len(buf) >= 10:
-            # Number of Data 1 (offset 9 of a TCP frame) or Number of Data 2 (before the CRC)
-            where = draw(st.sampled_from([9, len(buf) - 5]))
-            buf[where] = draw(st.integers(0, 255))
-    return bytes(buf)
 
 
 @st.composite
@@ -293,3 +262,24 @@ def test_distinct_group_counts_do_not_grow_memory() -> None:
     finally:
         tracemalloc.stop()
     assert retained < 4 * 1024 * 1024
+
+
+def test_many_small_layouts_do_not_grow_memory() -> None:
+    """Every combination of small group sizes (the most compiled layouts the cache can be
+    made to hold): what stays allocated after decoding them all is bounded."""
+    width_of = (1, 2, 4, 8)
+    frames = []
+    for counts in itertools.product(range(8), repeat=4):
+        io = tuple((i, width_of[g], 0) for g, n in enumerate(counts) for i in range(n))
+        record = AVLRecord(1, 0, 0.0, 0.0, 0, 0, 0, 0, 0, io)
+        frames.append(encode_avl_frame(CODEC_16, [record]))
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for raw in frames:
+            REGISTRY.decode_frame(raw)
+        gc.collect()
+        retained, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert retained < 1024 * 1024
