@@ -51,10 +51,12 @@ for _ = 1, tonumber(ARGV[5]) do
   local id, reason, detail, count = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
   i = i + 4
   if #redis.call('XPENDING', stream, group, id, id, 1) > 0 then
-    local args = {dead, 'MAXLEN', '~', maxlen, '*', 'dead.id', id, 'dead.stream', stream,
-                  'dead.reason', reason, 'dead.detail', detail, 'dead.group', group,
-                  'dead.consumer', consumer, 'dead.at_ms', now}
+    local args = {dead, 'MAXLEN', '~', maxlen, '*'}
     for k = i, i + count - 1 do args[#args + 1] = ARGV[k] end
+    local meta = {'dead.id', id, 'dead.stream', stream, 'dead.reason', reason,
+                  'dead.detail', detail, 'dead.group', group, 'dead.consumer', consumer,
+                  'dead.at_ms', now}
+    for _, value in ipairs(meta) do args[#args + 1] = value end
     redis.call('XADD', unpack(args))
     redis.call('XACK', stream, group, id)
     written = written + 1
@@ -264,9 +266,10 @@ class Streams:
     ) -> int:
         """Dead-letter *letters* and acknowledge them with the rest of *ack_ids*, in one
         idempotent script (:data:`DEAD_LETTER_SCRIPT`); return how many letters were
-        written (fewer on a retry). A letter holds the ``dead.*`` metadata, then the
-        original fields verbatim (so a replay is "drop the dead.* fields and XADD the
-        rest")."""
+        written (fewer on a retry). A letter holds the original fields verbatim, then
+        the ``dead.*`` metadata (so a replay is "drop the dead.* fields and XADD the
+        rest"; last, so a reader that builds a map gets the real metadata even from an
+        entry that carried dead.* fields of its own)."""
         args: list[Any] = [self.group, self.consumer, self.dead_maxlen, now_ms, len(letters)]
         lettered = set()
         for letter in letters:

@@ -259,7 +259,7 @@ def test_canonical_degrees(text, canonical):
     assert canonical_degrees(text) == canonical
 
 
-_NAMES = st.sampled_from([*FIELDS, "x", "", "dead.id"])
+field_names = st.sampled_from([*FIELDS, "x", "", "dead.id"])
 _DIGITS = st.integers(1, 6000).map(lambda n: "9" * n)
 _JSONISH = st.sampled_from(
     [
@@ -271,7 +271,7 @@ _JSONISH = st.sampled_from(
         "%s",
     ]
 )
-_VALUES = st.one_of(
+field_values = st.one_of(
     st.text(max_size=30),
     st.binary(max_size=30),
     _DIGITS,
@@ -282,8 +282,8 @@ _VALUES = st.one_of(
 
 @given(
     base=st.booleans(),
-    changes=st.dictionaries(_NAMES, _VALUES, max_size=6),
-    drop=st.lists(_NAMES, max_size=3),
+    changes=st.dictionaries(field_names, field_values, max_size=6),
+    drop=st.lists(field_names, max_size=3),
 )
 def test_any_field_map_parses_or_raises_contract_error(base, changes, drop):
     """Whatever names and values an entry holds (arbitrary bytes and text, thousands of

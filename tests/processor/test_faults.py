@@ -7,34 +7,26 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet.threads import deferToThread
 
 from teltonika.contract import TELEMETRY_STREAM
-from tests.processor.conftest import entry, eventually, imei, query, record, xadd
+from tests.processor.conftest import (
+    entry,
+    eventually,
+    http_status,
+    imei,
+    query,
+    record,
+    xadd,
+)
 from tests.processor.test_pipeline import count, pending, sample
 from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-async def http_status(port: int, path: str) -> int:
-    """GET on the ops endpoint (in a thread: the server side runs on this reactor)."""
-
-    def get() -> int:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
-                return int(reply.status)
-        except urllib.error.HTTPError as e:
-            return int(e.code)
-
-    return await deferToThread(get)
 
 
 @pytest_twisted.ensureDeferred
