@@ -33,8 +33,10 @@ for i = 3, #ARGV do
   end
 end
 for i = 1, #mine, 1000 do
-  redis.call('XCLAIM', stream, group, consumer, 0,
-             unpack(mine, i, math.min(i + 999, #mine)), 'JUSTID')
+  local args = {stream, group, consumer, 0}
+  for k = i, math.min(i + 999, #mine) do args[#args + 1] = mine[k] end
+  args[#args + 1] = 'JUSTID'
+  redis.call('XCLAIM', unpack(args))
 end
 return lost
 """
