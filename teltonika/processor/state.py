@@ -230,7 +230,14 @@ class DeviceState:
         """Apply one committed record; True when the latest position moved forward."""
         device_id = position.device_id
         current = self._devices.get(device_id)
-        if current is None or latest_key(position) > current.latest_key():
+        if (
+            current is None
+            or position.timestamp_ms > current.timestamp_ms
+            or (
+                position.timestamp_ms == current.timestamp_ms
+                and latest_key(position) > current.latest_key()
+            )
+        ):
             snapshot = _from_position(position)
             if current is not None and current.last_seen_ms > snapshot.last_seen_ms:
                 snapshot = attrs.evolve(snapshot, last_seen_ms=current.last_seen_ms)
