@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from teltonika.redis.connect import RedisAddress, RedisURLError, parse_redis_url, redact_url
+from teltonika.redis.connect import RedisAddress, RedisURLError, parse_redis_url
 
 
 def test_password_is_parsed_but_never_shown():
@@ -39,6 +39,8 @@ def test_errors_do_not_carry_the_password(url):
 
 
 def test_redact_url_leaves_urls_without_a_password_alone():
+    from teltonika.redis.connect import redact_url
+
     assert redact_url("redis://host:6379/0") == "redis://host:6379/0"
     assert redact_url("redis://user@host/0") == "redis://user@host/0"
     assert redact_url("nonsense") == "nonsense"

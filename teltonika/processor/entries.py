@@ -376,39 +376,16 @@ def parse_entry(entry_id: str, fields: Mapping[str, object]) -> Position:
         imei, ts, received, lat, lon, alt, angle, speed, sats, prio, event = cast(
             "list[str]", values
         )
-        timestamp_ms = int(ts)
-        generation_type = generation or None
-        bag = reverse_io(io)
-        return Position(
+        return _position(
             entry_id,
             imei,
-            timestamp_ms,
+            ts,
             int(received),
-            lat,
-            lon,
-            alt,
-            angle,
-            speed,
-            sats,
-            prio,
-            event,
-            generation_type,
+            (lat, lon, alt, angle, speed, sats, prio, event),
+            generation or None,
             codec,
             instance,
-            bag,
-            record_hash(
-                ts,
-                lat,
-                lon,
-                alt,
-                angle,
-                speed,
-                sats,
-                prio,
-                event,
-                generation_type,
-                bag,
-            ),
+            reverse_io(io),
         )
     return _parse_general(entry_id, fields)
 
@@ -427,47 +404,63 @@ def _parse_general(entry_id: str, fields: Mapping[str, object]) -> Position:
     codec = _text(fields, "codec")
     if codec not in _CODECS:
         raise ContractError("bad_field", f"unknown codec {codec[:20]!r}")
-    timestamp_ms = int(_matching(fields, "timestamp_ms", _SIGNED))
-    latitude = canonical_degrees(_matching(fields, "latitude", _DEGREES))
-    longitude = canonical_degrees(_matching(fields, "longitude", _DEGREES))
-    altitude = _integer(fields, "altitude", _SIGNED)
-    angle = _integer(fields, "angle", _UNSIGNED)
-    speed = _integer(fields, "speed", _UNSIGNED)
-    satellites = _integer(fields, "satellites", _UNSIGNED)
-    priority = _integer(fields, "priority", _UNSIGNED)
-    event_io_id = _integer(fields, "event_io_id", _UNSIGNED)
-    generation_type = str(int(generation)) if generation else None
-    bag = reverse_io(_text(fields, "io"))
-    return Position(
-        entry_id=entry_id,
-        device_id=_matching(fields, "imei", _IMEI),
-        timestamp_ms=timestamp_ms,
-        received_at_ms=int(_matching(fields, "received_at_ms", _SIGNED)),
-        latitude=latitude,
-        longitude=longitude,
-        altitude=altitude,
-        angle=angle,
-        speed=speed,
-        satellites=satellites,
-        priority=priority,
-        event_io_id=event_io_id,
-        generation_type=generation_type,
-        codec=codec,
-        instance_id=_free_text(fields, "instance_id"),
-        io=bag,
-        record_hash=record_hash(
-            str(timestamp_ms),
-            latitude,
-            longitude,
-            altitude,
-            angle,
-            speed,
-            satellites,
-            priority,
-            event_io_id,
-            generation_type,
-            bag,
+    return _position(
+        entry_id,
+        _matching(fields, "imei", _IMEI),
+        _integer(fields, "timestamp_ms", _SIGNED),
+        int(_matching(fields, "received_at_ms", _SIGNED)),
+        (
+            canonical_degrees(_matching(fields, "latitude", _DEGREES)),
+            canonical_degrees(_matching(fields, "longitude", _DEGREES)),
+            _integer(fields, "altitude", _SIGNED),
+            _integer(fields, "angle", _UNSIGNED),
+            _integer(fields, "speed", _UNSIGNED),
+            _integer(fields, "satellites", _UNSIGNED),
+            _integer(fields, "priority", _UNSIGNED),
+            _integer(fields, "event_io_id", _UNSIGNED),
         ),
+        str(int(generation)) if generation else None,
+        codec,
+        _free_text(fields, "instance_id"),
+        reverse_io(_text(fields, "io")),
+    )
+
+
+def _position(
+    entry_id: str,
+    device_id: str,
+    timestamp_ms: str,
+    received_at_ms: int,
+    content: tuple[str, str, str, str, str, str, str, str],
+    generation_type: str | None,
+    codec: str,
+    instance_id: str,
+    io: str,
+) -> Position:
+    """A Position from checked canonical values, with its record hash.
+
+    :param content: latitude, longitude, altitude, angle, speed, satellites, priority,
+        event_io_id (in the order the hash takes them).
+    """
+    lat, lon, alt, angle, speed, sats, prio, event = content
+    return Position(
+        entry_id,
+        device_id,
+        int(timestamp_ms),
+        received_at_ms,
+        lat,
+        lon,
+        alt,
+        angle,
+        speed,
+        sats,
+        prio,
+        event,
+        generation_type,
+        codec,
+        instance_id,
+        io,
+        record_hash(timestamp_ms, *content, generation_type, io),
     )
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import psycopg
 import pytest_twisted
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
@@ -22,33 +22,28 @@ from teltonika.processor.metrics import ProcessorMetrics
 from teltonika.processor.state import DeviceState
 from teltonika.processor.streams import Entry
 from tests.processor.conftest import eventually, record
-from tests.processor.test_entries import field_names, field_values
+from tests.processor.test_entries import field_values, hostile_fields, huge_bigint_entry
 from tests.processor.test_pipeline import DEAD, pending, sample
 
 IMEIS = st.sampled_from(["356307042441013", "356307042441014"])
 
 
 @st.composite
-def field_maps(draw: Any) -> list[Any]:
-    """A flat field list: a valid entry changed in up to 5 fields, or arbitrary names and
-    values (text or bytes), never empty (Redis refuses an empty entry)."""
+def field_maps(draw: st.DrawFn) -> list[Any]:
+    """A flat field list: a valid entry of one of two devices (a few seconds apart, so that
+    some are duplicates), hostile in up to three fields, or arbitrary names and values
+    (text or bytes); never empty (Redis refuses an empty entry)."""
+    fields: dict[Any, Any] = dict(draw(hostile_fields()))
     if draw(st.booleans()):
         rec = record(draw(st.integers(0, 5)) * 1000, speed=draw(st.integers(0, 2)))
-        flat: list[Any] = entry_fields(draw(IMEIS), "8E", rec, rec.timestamp_ms + 1, "i")
-        fields = dict(zip(flat[::2], flat[1::2], strict=True))
-        changes = draw(st.dictionaries(field_names, field_values, max_size=5))
-        for name, value in changes.items():
-            fields[name.encode()] = value
-        for name in draw(st.lists(field_names, max_size=2)):
-            fields.pop(name.encode(), None)
-    else:
-        fields = draw(
-            st.dictionaries(
-                st.one_of(field_names, st.binary(max_size=8)), field_values, max_size=18
-            )
-        )
+        flat = entry_fields(draw(IMEIS), "8E", rec, rec.timestamp_ms + 1, "i")
+        valid = fields_dict([v.decode() for v in flat])
+        changed = {k: v for k, v in fields.items() if draw(st.integers(0, 3)) == 0}
+        fields = {**valid, **changed}
+    if draw(st.booleans()):
+        fields.update(draw(st.dictionaries(st.binary(max_size=8), field_values, max_size=3)))
     if not fields:
-        fields = {b"v": b"1"}
+        fields = {"v": "1"}
     return [part for pair in fields.items() for part in pair]
 
 
@@ -80,6 +75,14 @@ def successful(d: Deferred[Any]) -> Any:
     return result
 
 
+def with_a_huge_bigint() -> list[list[Any]]:
+    """A valid entry, the entry that used to kill the consumer, another valid entry."""
+    valid = entry_fields("356307042441013", "8E", record(0), 1, "i")
+    bad = [part for pair in huge_bigint_entry().items() for part in pair]
+    return [valid, bad, entry_fields("356307042441013", "8E", record(1), 1, "i")]
+
+
+@example(batch=with_a_huge_bigint())
 @given(batch=st.lists(field_maps(), min_size=1, max_size=20))
 def test_prepare_puts_every_entry_in_one_place(batch):
     """prepare() sorts every entry of a batch into exactly one of positions or dead letters
@@ -106,6 +109,7 @@ def test_prepare_puts_every_entry_in_one_place(batch):
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+@example(batch=with_a_huge_bigint())
 @given(batch=st.lists(field_maps(), min_size=1, max_size=15))
 @pytest_twisted.ensureDeferred
 async def test_every_entry_ends_as_one_row_or_one_dead_letter(

@@ -13,7 +13,6 @@ import attrs
 import psycopg
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
 from teltonika.contract import TELEMETRY_STREAM
@@ -277,20 +276,21 @@ async def test_stop_wakes_every_sleeping_retry(
     """Two committed batches wait for XACKs that Redis refuses, each sleeping before its
     next attempt (100 s here): stopping wakes both, and the shutdown ends at once."""
     rds.execute_command("ACL", "SETUSER", "noack", "on", ">pw", "~*", "&*", "+@all", "-xack")
+    for i in range(10):
+        xadd(rds, entry(imei=imei(i), rec=record(i)))
+    url = f"redis://noack:pw@127.0.0.1:{redis_server.port}/0"
+    service = processors.start("--redis", url, "--batch-size", "3")
+    consumer = service.processor.consumer
     try:
-        for i in range(10):
-            xadd(rds, entry(imei=imei(i), rec=record(i)))
-        url = f"redis://noack:pw@127.0.0.1:{redis_server.port}/0"
-        service = processors.start("--redis", url, "--batch-size", "3")
-        consumer = service.processor.consumer
         consumer.config = attrs.evolve(consumer.config, retry_initial=100.0, retry_max=100.0)
         await eventually(lambda: count(pg_dsn) == 6)
         await eventually(lambda: sample(service, "teltonika_processor_redis_errors_total") >= 2)
         stopped = Deferred.fromCoroutine(processors.stop(service))
-        stopped.addTimeout(10, reactor)
-        await stopped  # a TimeoutError here means a retry kept sleeping
+        await eventually(lambda: stopped.called, timeout=10)  # else a retry kept sleeping
+        await stopped
     finally:
         rds.execute_command("ACL", "DELUSER", "noack")
+        consumer.database.stop()  # its thread, if the shutdown hung
     logged_errors.flush()
 
 

@@ -14,12 +14,7 @@ from hypothesis import strategies as st
 from teltonika.contract import entry_fields
 from teltonika.processor import migrations
 from teltonika.processor.entries import fields_dict, parse_entry
-from teltonika.processor.migrations import (
-    SchemaError,
-    apply_migrations,
-    load_migrations,
-    schema_problems,
-)
+from teltonika.processor.migrations import apply_migrations, load_migrations
 from teltonika.processor.writer import write_batch
 from teltonika.wire.records import NX, AVLRecord
 
@@ -143,7 +138,7 @@ def test_upgrade_in_place_from_the_first_schema(pg_dsn):
             ).fetchall()
         )
         assert stored == {p.device_id + str(p.timestamp_ms): p.record_hash for p in old}
-        assert schema_problems(conn) == []
+        assert migrations.schema_problems(conn) == []
         constraints = {
             name
             for (name,) in conn.execute(
@@ -239,7 +234,8 @@ def test_a_schema_the_processor_cannot_write_is_refused(pg_dsn, breakage):
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         apply_migrations(conn)
         conn.execute(change)
-        with pytest.raises(SchemaError, match="positions does not have the schema") as info:
+        error = migrations.SchemaError
+        with pytest.raises(error, match="positions does not have the schema") as info:
             apply_migrations(conn)
         assert problem in str(info.value)
 
@@ -249,7 +245,7 @@ def test_a_foreign_table_fails_its_migration_with_a_clear_message(pg_dsn):
     ours, 003 cannot upgrade it; the error names the migration and what is missing."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE positions (id integer PRIMARY KEY, lat float)")
-        with pytest.raises(SchemaError) as info:
+        with pytest.raises(migrations.SchemaError) as info:
             apply_migrations(conn)
         message = str(info.value)
         assert "migration 003_record_hash.sql failed" in message
