@@ -74,13 +74,16 @@ async def test_postgres_stopped_mid_run(processors, rds, pg_dsn, postgres_server
     assert logged_errors.flush()  # the outage was logged at error level
 
 
-def twistd(tmp_path: Path, redis_url: str, dsn: str, consumer: str, *extra: str):
-    """``twistd -n teltonika-processor`` as a child process (DSN from the environment)."""
+def twistd(
+    tmp_path: Path, redis_url: str, dsn: str, consumer: str, *extra: str, preamble: str = ""
+):
+    """``twistd -n teltonika-processor`` as a child process (DSN from the environment);
+    *preamble* is Python run first (to plant a fault)."""
     log = tmp_path / f"processor-{consumer}.log"
     args = [
         sys.executable,
         "-c",
-        "from twisted.scripts.twistd import run; run()",
+        preamble + "from twisted.scripts.twistd import run; run()",
         "-n",
         "--pidfile=",
         f"--logfile={log}",
@@ -356,3 +359,30 @@ def test_refused_start_exits_nonzero(redis_url, pg_dsn, tmp_path):
     assert child.returncode == 70
     text = log.read_text()
     assert "Refusing to start" in text and "column device_id is missing" in text
+
+
+PLANTED_BUG = (
+    "import teltonika.processor.consumer as consumer\n"
+    "def planted_bug(*args):\n"
+    "    raise RuntimeError('planted')\n"
+    "consumer.Consumer._update_state = planted_bug\n"
+)
+
+
+def test_a_crashed_loop_exits_nonzero(rds, redis_url, pg_dsn, tmp_path):
+    """twistd teltonika-processor whose loop crashes (a bug planted in the state update)
+    logs the crash, shuts down in order and exits with status 70; the entry it was writing
+    stays pending (committed, so its redelivery after the restart is a duplicate)."""
+    xadd(rds, entry(rec=record(0)))
+    child, log = twistd(tmp_path, redis_url, pg_dsn, "c1", preamble=PLANTED_BUG)
+    try:
+        child.wait(60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+    assert child.returncode == 70
+    text = log.read_text()
+    assert "The processor loop crashed" in text and "RuntimeError: planted" in text
+    assert "Processor stopped" in text
+    assert pending(rds) == 1

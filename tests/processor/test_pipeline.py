@@ -446,3 +446,26 @@ async def test_a_crash_leaves_no_ready_zombie(processors, rds, pg_dsn, logged_er
     assert consumer.crashed.check(RuntimeError) and not consumer.ready()
     crash = [e for e in logged_errors.flush() if e.get("log_failure") is not None]
     assert "The processor loop crashed" in crash[0]["log_format"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bug_while_processing_claimed_entries_is_a_crash(
+    processors, rds, pg_dsn, logged_errors
+):
+    """A bug met while writing entries claimed from a dead consumer is a crash (critical,
+    non-zero exit), not reported as "Redis unreachable" and retried for ever."""
+    rds.xgroup_create(TELEMETRY_STREAM, "processor", "0", mkstream=True)
+    xadd(rds, entry(rec=record(0)))
+    rds.xreadgroup("processor", "dead", {TELEMETRY_STREAM: ">"})
+    service = processors.start("--claim-idle", "0.3", "--claim-interval", "0.2")
+    consumer = service.processor.consumer
+
+    def planted_bug(*args):
+        raise RuntimeError("planted")
+
+    consumer._update_state = planted_bug
+    await eventually(lambda: processors.exits == [service])
+    assert sample(service, "teltonika_processor_redis_errors_total") == 0
+    formats = [e.get("log_format", "") for e in logged_errors.flush()]
+    assert any("The processor loop crashed" in f for f in formats)
+    assert not any("Redis unreachable" in f for f in formats)
