@@ -156,19 +156,20 @@ class IDeviceState(Interface):
 
 
 def _from_position(position: Position) -> DeviceSnapshot:
+    # positional: this runs for every record that moves a device forward
     return DeviceSnapshot(
-        device_id=position.device_id,
-        timestamp_ms=position.timestamp_ms,
-        last_seen_ms=position.received_at_ms,
-        latitude=position.latitude,
-        longitude=position.longitude,
-        altitude=int(position.altitude),
-        angle=int(position.angle),
-        speed=int(position.speed),
-        satellites=int(position.satellites),
-        priority=int(position.priority),
-        event_io_id=int(position.event_io_id),
-        record_hash=position.record_hash,
+        position.device_id,
+        position.timestamp_ms,
+        position.received_at_ms,
+        position.latitude,
+        position.longitude,
+        int(position.altitude),
+        int(position.angle),
+        int(position.speed),
+        int(position.satellites),
+        int(position.priority),
+        int(position.event_io_id),
+        position.record_hash,
     )
 
 
