@@ -245,19 +245,20 @@ def export(ref: str) -> Path:
 
 def drain_rate(
     client: redis.Redis, pg: PostgresServer, name: str, total: int, root: Path | None = None
-) -> float:
+) -> tuple[float, float]:
     """rows/s of one processor (this checkout, or the tree at *root*) draining the whole
-    stream as a new group into a fresh database."""
+    stream as a new group into a fresh database, and its batches' database part p50 (s)."""
     dsn = fresh_db(pg, f"bench_{name}")
     processor = Processor(client_url(client), dsn, name, root=root)
     try:
         seconds = drain(client, processor, name, total)
+        db_p50 = pct(processor.db_latencies(), 0.5)
     finally:
         processor.stop()
     with psycopg.connect(dsn) as conn:
         (stored,) = conn.execute("select count(*) from positions").fetchone() or (0,)
     assert stored == total, stored
-    return total / seconds
+    return total / seconds, db_p50
 
 
 def client_url(client: redis.Redis) -> str:
@@ -296,6 +297,9 @@ def main() -> int:
         "--against",
         metavar="REF",
         help="also run the processor of git commit REF on the same entries, alternating",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="runs of each processor with --against"
     )
     args = parser.parse_args()
     against = export(args.against) if args.against else None
@@ -343,18 +347,22 @@ def main() -> int:
         )
 
         if against is not None:
-            ours = [rate]
+            ours = [(rate, pct(db_lat, 0.5))]
             theirs = []
-            for run in range(2):
+            for run in range(args.rounds):
                 theirs.append(drain_rate(client, pg, f"ref{run}", args.entries, root=against))
-                if run == 0:
+                if run < args.rounds - 1:
                     ours.append(drain_rate(client, pg, f"ours{run}", args.entries))
-            mine, ref = sum(ours) / len(ours), sum(theirs) / len(theirs)
+            mine = sum(r for r, _ in ours) / len(ours)
+            ref = sum(r for r, _ in theirs) / len(theirs)
+
+            def runs(results: list[tuple[float, float]]) -> str:
+                return ", ".join(f"{r:,.0f} ({db * 1000:.1f} ms)" for r, db in results)
+
             print(
-                f"2b. processor of {args.against}: {', '.join(f'{r:,.0f}' for r in theirs)} "
-                f"rows/s; this checkout {', '.join(f'{r:,.0f}' for r in ours)} rows/s "
-                f"(alternated); means {ref:,.0f} vs {mine:,.0f}: this checkout at "
-                f"{mine / ref:.0%} of {args.against}"
+                f"2b. rows/s (database part p50 per batch) of {args.against}: {runs(theirs)}; "
+                f"this checkout: {runs(ours)} (alternated); means {ref:,.0f} vs {mine:,.0f}: "
+                f"this checkout at {mine / ref:.0%} of {args.against}"
             )
 
         processor = Processor(redis_server.url, dsn, "replay")

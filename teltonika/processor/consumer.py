@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from teltonika.processor.database import Database, error_kind
-from teltonika.processor.entries import ContractError, Position, fields_dict, parse_entry
+from teltonika.processor.entries import ContractError, Position, fields_dict, parse_fields
 from teltonika.processor.metrics import ProcessorMetrics
 from teltonika.processor.migrations import SchemaError
 from teltonika.processor.state import DeviceState
@@ -408,7 +408,7 @@ class Consumer:
         for entry in live:
             fields = entry.fields or []
             try:
-                position = parse_entry(entry.entry_id, fields_dict(fields))
+                position = parse_fields(entry.entry_id, fields)
                 line = position.copy_line()
             except ContractError as e:
                 batch.dead.append(DeadLetter(entry.entry_id, fields, e.reason, e.detail))

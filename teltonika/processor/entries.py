@@ -33,7 +33,7 @@ import re
 from base64 import b64decode
 from binascii import Error as BinasciiError
 from collections.abc import Mapping
-from typing import Final, NamedTuple, cast
+from typing import Any, Final, NamedTuple
 
 import orjson
 
@@ -329,9 +329,27 @@ _CHECKED: Final = (
     ("priority", _C_UNSIGNED),
     ("event_io_id", _C_UNSIGNED),
 )
-_CHECKED_NAMES: Final = tuple(name for name, _ in _CHECKED)
 # All checked fields joined by NUL and matched at once (no pattern admits a NUL).
 _ALL_CHECKED = re.compile("\x00".join(pattern for _, pattern in _CHECKED))
+
+
+_WRITER_ORDER: Final = list(FIELDS)
+"""Field names in the order the contract's writer puts them (every entry the ingestion
+server writes): such an entry is checked from its list of values, without a dict."""
+
+
+def parse_fields(entry_id: str, flat: list[Any]) -> Position:
+    """:func:`parse_entry` for a Redis ``field value field value ...`` reply, which is how
+    the consumer reads entries. Checking an entry in the writer's field order from its
+    values alone saves building a dict and 16 lookups per record.
+
+    :raise ContractError: with the reason the entry goes to the dead-letter stream.
+    """
+    if len(flat) == 2 * len(_WRITER_ORDER) and flat[0::2] == _WRITER_ORDER:
+        position = _fast_path(entry_id, *flat[1::2])
+        if position is not None:
+            return position
+    return parse_entry(entry_id, fields_dict(flat))
 
 
 def parse_entry(entry_id: str, fields: Mapping[str, object]) -> Position:
@@ -340,21 +358,44 @@ def parse_entry(entry_id: str, fields: Mapping[str, object]) -> Position:
     :raise ContractError: with the reason the entry goes to the dead-letter stream.
     """
     get = fields.get
-    values = [get(name) for name in _CHECKED_NAMES]
-    generation = get("generation_type")
-    codec = get("codec")
-    instance = get("instance_id")
-    io = get("io")
+    position = _fast_path(entry_id, *[get(name) for name in FIELDS])
+    if position is not None:
+        return position
+    return _parse_general(entry_id, fields)
+
+
+def _fast_path(
+    entry_id: str,
+    version: Any,
+    imei: Any,
+    codec: Any,
+    ts: Any,
+    received: Any,
+    lat: Any,
+    lon: Any,
+    alt: Any,
+    angle: Any,
+    speed: Any,
+    sats: Any,
+    prio: Any,
+    event: Any,
+    generation: Any,
+    instance: Any,
+    io: Any,
+) -> Position | None:
+    """The values (in :data:`~teltonika.contract.FIELDS` order) as a Position when every
+    one is already canonical, as the contract's writer produces them, checked with one
+    regular expression; None sends the entry to the general path, which also says exactly
+    what is wrong."""
     if (
-        get("v") == CONTRACT_VERSION
-        and all(type(value) is str for value in values)
-        and _ALL_CHECKED.fullmatch("\x00".join(cast("list[str]", values))) is not None
-        and codec in _CODECS
-        and type(instance) is str
-        and instance.isascii()
-        and "\x00" not in instance
-        and type(io) is str
-        and (
+        version != CONTRACT_VERSION
+        or type(codec) is not str
+        or codec not in _CODECS
+        or type(instance) is not str
+        or not instance.isascii()
+        or "\x00" in instance
+        or type(io) is not str
+        or not (
             generation == ""
             or (
                 type(generation) is str
@@ -365,32 +406,34 @@ def parse_entry(entry_id: str, fields: Mapping[str, object]) -> Position:
             )
         )
     ):
-        imei, ts, received, lat, lon, alt, angle, speed, sats, prio, event = cast(
-            "list[str]", values
-        )
-        # built here rather than through _position(): one call less per record
-        generation_type = generation or None
-        bag = reverse_io(io)
-        return Position(
-            entry_id,
-            imei,
-            int(ts),
-            int(received),
-            lat,
-            lon,
-            alt,
-            angle,
-            speed,
-            sats,
-            prio,
-            event,
-            generation_type,
-            codec,
-            instance,
-            bag,
-            record_hash(ts, lat, lon, alt, angle, speed, sats, prio, event, generation_type, bag),
-        )
-    return _parse_general(entry_id, fields)
+        return None
+    try:
+        checked = "\x00".join((imei, ts, received, lat, lon, alt, angle, speed, sats, prio, event))
+    except TypeError:  # a value that is not text
+        return None
+    if _ALL_CHECKED.fullmatch(checked) is None:
+        return None
+    generation_type = generation or None
+    bag = reverse_io(io)
+    return Position(
+        entry_id,
+        imei,
+        int(ts),
+        int(received),
+        lat,
+        lon,
+        alt,
+        angle,
+        speed,
+        sats,
+        prio,
+        event,
+        generation_type,
+        codec,
+        instance,
+        bag,
+        record_hash(ts, lat, lon, alt, angle, speed, sats, prio, event, generation_type, bag),
+    )
 
 
 def _parse_general(entry_id: str, fields: Mapping[str, object]) -> Position:
@@ -474,5 +517,6 @@ __all__ = [
     "Position",
     "fields_dict",
     "parse_entry",
+    "parse_fields",
     "reverse_io",
 ]

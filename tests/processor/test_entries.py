@@ -13,6 +13,7 @@ from teltonika.processor.entries import (
     ContractError,
     fields_dict,
     parse_entry,
+    parse_fields,
     reverse_io,
 )
 from teltonika.wire.records import NX, AVLRecord
@@ -330,3 +331,20 @@ def test_any_field_map_parses_or_raises_contract_error(fields):
         assert e.reason in REASONS and e.reason not in ("check_failed", "max_deliveries")
         return
     position.copy_line().encode("utf-8")  # what goes to COPY can always be encoded
+
+
+def outcome(parse, *args):
+    try:
+        return parse(*args)
+    except ContractError as e:
+        return e.reason
+
+
+@example(fields=huge_bigint_entry())
+@example(fields=fields_of(entry_fields("356307042441013", "16", RECORD, 5, "i1")))
+@given(fields=hostile_fields())
+def test_the_field_list_path_agrees_with_the_mapping_path(fields):
+    """parse_fields (the consumer's: straight from the reply's list when the names are in
+    the writer's order) gives the same Position, or the same reason, as parse_entry."""
+    flat = [part for pair in fields.items() for part in pair]
+    assert outcome(parse_fields, "1-0", flat) == outcome(parse_entry, "1-0", fields)
