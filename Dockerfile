@@ -12,7 +12,7 @@ WORKDIR /src
 COPY setup.py setup.cfg README.rst ./
 COPY teltonika ./teltonika
 COPY twisted ./twisted
-RUN pip install '.[processor]' \
+RUN pip install '.[processor,tls]' \
     # Regenerate Twisted's plugin cache now: at run time the non-root user cannot write
     # site-packages, and Twisted would rescan every plugin on every start.
     && python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
@@ -23,7 +23,7 @@ RUN useradd --system --uid 10001 --home-dir /data --create-home teltonika
 USER teltonika
 WORKDIR /data
 
-EXPOSE 5027 9105
+EXPOSE 5027 9105 9106 8090
 # --pidfile= : a twistd.pid left by a crashed container would block the restart.
 # --metrics on all interfaces inside the container; publish the port only to the
 # monitoring network.

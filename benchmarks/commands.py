@@ -2,8 +2,8 @@
 
 Usage::
 
-    python benchmarks/commands.py                      # ~30 s: 1,000 devices
-    python benchmarks/commands.py --devices 200 --rtt 100 --commands 2000
+    python benchmarks/commands.py                      # ~60 s: 1,000 idle + 200 streaming
+    python benchmarks/commands.py --devices 200 --rtt 100 --commands 2000 --streaming 50
 
 What runs: a throwaway ``redis-server`` on a free port, the server as a
 ``twistd -n teltonika --redis ...`` subprocess (one instance), and in this process a fleet
@@ -13,13 +13,21 @@ instance's stream) and one reader on ``commands:responses``.
 
 Figures:
 
-1. RTT, one command at a time to a random device: p50 / p99 from the sender's XADD to
-   the ``responded`` status arriving at the sender (the path: HGET registry, XADD,
-   XREADGROUP by the instance, CommandQueue write, device reply, Lua settle + XADD status,
-   XREAD by the sender).
+1. RTT to idle devices, one command at a time to a random device: p50 / p99 from the
+   sender's XADD to the ``responded`` status arriving at the sender (the path: HGET
+   registry, XADD, XREADGROUP by the instance, CommandQueue write, device reply, Lua
+   settle + XADD status, XREAD by the sender). An idle device has been quiet for longer
+   than ``--command-quiet``, so its command is written at once.
 2. Throughput: commands/s through the one instance with ``--concurrency`` commands in
-   flight (each to a different device: one outstanding command per socket).
-3. Baseline for context: a raw Redis round trip (XADD on one connection, blocking XREAD
+   flight (each to a different idle device: one outstanding command per socket). Each
+   device gets one command every ``devices / concurrency`` commands; after its reply it
+   has received bytes, so its next command waits ``--command-quiet`` (1 s): with 1,000
+   devices the figure cannot exceed about 1,000 commands/s, whatever the server's speed.
+3. RTT to devices streaming one frame a second (``teltonika simulate``'s device, strict
+   like the firmware): a command waits for the device's next ACK (it is never written
+   where the device awaits one), so about half a frame interval is added. The devices'
+   broken promises (a command where an ACK was awaited, ...) must be 0.
+4. Baseline for context: a raw Redis round trip (XADD on one connection, blocking XREAD
    on another) with the same client library. A command crosses Redis twice (command
    stream, status stream), so ~2x the baseline is the floor for figure 1.
 
@@ -50,6 +58,10 @@ from benchmarks.support import checkout_env, free_port, percentile, wait_port
 from teltonika.commands.client import send_command
 from teltonika.commands.messages import RESPONSES_STREAM, Command, pairs
 from teltonika.redis.connect import lazy_connection, parse_redis_url
+from teltonika.simulate.device import Device as StreamingDevice
+from teltonika.simulate.device import DeviceConfig
+from teltonika.simulate.fleet import DeviceFactory
+from teltonika.simulate.ledger import Ledger
 from teltonika.wire import decode_messages, encode_login, encode_message, unwrap, wrap
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,10 +179,12 @@ async def bench(reactor: Any, args: argparse.Namespace, redis_url: str, port: in
         end = await done
         return end - start
 
-    rng = random.Random(1)
-    for n in range(20):  # warm-up
-        await one(-1 - n, rng.choice(imeis))
-    rtts = [await one(n, rng.choice(imeis)) for n in range(args.rtt)]
+    # Each device at most once: a device that just answered has sent bytes, so its next
+    # command waits for an ACK or the quiet interval (that is the throughput figure's limit).
+    chosen = random.Random(1).sample(imeis, min(len(imeis), args.rtt + 20))
+    for n, imei in enumerate(chosen[:20]):  # warm-up
+        await one(-1 - n, imei)
+    rtts = [await one(n, imei) for n, imei in enumerate(chosen[20:])]
 
     count = 0
     start = time.perf_counter()
@@ -187,6 +201,25 @@ async def bench(reactor: Any, args: argparse.Namespace, redis_url: str, port: in
 
     await defer.gatherResults([defer.ensureDeferred(worker(w)) for w in range(args.concurrency)])
     elapsed = time.perf_counter() - start
+
+    streaming, ledger = await start_streaming(reactor, args, port, sender, len(imeis))
+    stream_rtts: list[float] = []
+    stream_failures: list[str] = []
+
+    async def streaming_worker(w: int) -> None:
+        mine = streaming[w :: args.streaming_concurrency]
+        for i in range(args.streaming_rtt // args.streaming_concurrency):
+            device = mine[i % len(mine)]
+            try:
+                stream_rtts.append(await one(2_000_000 + w * 10_000 + i, device.imei))
+            except RuntimeError as error:  # a failed status: counted and shown below
+                stream_failures.append(str(error))
+
+    await defer.gatherResults(
+        [defer.ensureDeferred(streaming_worker(w)) for w in range(args.streaming_concurrency)]
+    )
+    for device in streaming:
+        device.stop()
     statuses.running = False
     await loop
     raw = await baseline(redis_url, args.rtt)
@@ -198,18 +231,57 @@ async def bench(reactor: Any, args: argparse.Namespace, redis_url: str, port: in
 
     ms = 1000.0
     p50, p99 = percentile(rtts, 50) * ms, percentile(rtts, 99) * ms
+    s50, s99 = percentile(stream_rtts, 50) * ms, percentile(stream_rtts, 99) * ms
     b50, b99 = percentile(raw, 50) * ms, percentile(raw, 99) * ms
     print()
-    print(f"{'figure':<48}{'p50 ms':>10}{'p99 ms':>10}")
-    print(f"{'command RTT (send -> reply -> status)':<48}{p50:>10.2f}{p99:>10.2f}")
-    print(f"{'baseline: raw XADD -> XREAD round trip':<48}{b50:>10.2f}{b99:>10.2f}")
-    print(f"{'ratio (command / baseline)':<48}{p50 / b50:>10.1f}{p99 / b99:>10.1f}")
+    print(f"{'figure':<52}{'p50 ms':>10}{'p99 ms':>10}")
+    print(f"{'command RTT, idle devices (send -> reply -> status)':<52}{p50:>10.2f}{p99:>10.2f}")
+    label = f"command RTT, devices streaming 1 frame/{args.stream_interval:g} s"
+    print(f"{label:<52}{s50:>10.2f}{s99:>10.2f}")
+    print(f"{'baseline: raw XADD -> XREAD round trip':<52}{b50:>10.2f}{b99:>10.2f}")
+    print(f"{'ratio (idle command / baseline)':<52}{p50 / b50:>10.1f}{p99 / b99:>10.1f}")
     print()
     print(
         f"throughput: {count} commands in {elapsed:.1f} s = {count / elapsed:,.0f} commands/s "
-        f"through one instance ({args.concurrency} in flight, {len(devices)} devices)"
+        f"through one instance ({args.concurrency} in flight, {len(devices)} idle devices)"
     )
     print(f"  vs the baseline's sequential rate {1 / (sum(raw) / len(raw)):,.0f} round trips/s")
+    summary = ledger.summary()
+    print(
+        f"streaming devices: {len(streaming)}, {len(stream_rtts)} commands answered, "
+        f"{len(stream_failures)} failed {sorted(set(stream_failures))}, "
+        f"{summary['frames_acked']} frames ACKed, broken promises {summary['broken_promises']} "
+        f"(command in place of an ACK {summary['command_in_place_of_ack']})"
+    )
+    if summary["broken_promises"]:
+        print(f"  violations: {summary['violations']}")
+
+
+async def start_streaming(
+    reactor: Any, args: argparse.Namespace, port: int, sender: Any, idle: int
+) -> tuple[list[StreamingDevice], Ledger]:
+    """Connect ``--streaming`` simulated devices that log one record every
+    ``--stream-interval`` seconds; return once they are registered and streaming."""
+    ledger = Ledger(devices=args.streaming)
+    config = DeviceConfig(
+        records_per_frame=1, interval_s=args.stream_interval, keepalive_s=0, ack_timeout_s=30
+    )
+
+    def connect(device: StreamingDevice) -> None:
+        reactor.connectTCP("127.0.0.1", port, DeviceFactory(device))
+
+    devices = [
+        StreamingDevice(
+            f"36{i:013d}", config, reactor, random.Random(f"stream:{i}"), ledger, connect
+        )
+        for i in range(args.streaming)
+    ]
+    for device in devices:
+        device.start()
+    while int(await sender.hlen("connections:registry")) < idle + len(devices):
+        await task.deferLater(reactor, 0.05, lambda: None)
+    await task.deferLater(reactor, 2 * args.stream_interval, lambda: None)
+    return devices, ledger
 
 
 def main() -> int:
@@ -219,9 +291,13 @@ def main() -> int:
     parser.add_argument("--commands", type=int, default=5000, help="throughput commands")
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--max-seconds", type=float, default=20.0)
+    parser.add_argument("--streaming", type=int, default=200, help="devices streaming")
+    parser.add_argument("--stream-interval", type=float, default=1.0, help="their frame period")
+    parser.add_argument("--streaming-rtt", type=int, default=200, help="commands to them")
+    parser.add_argument("--streaming-concurrency", type=int, default=20)
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, max(soft, args.devices * 2 + 256))
+    want = min(hard, max(soft, (args.devices + args.streaming) * 2 + 256))
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-commands-"))

@@ -9,6 +9,12 @@
 
 A failing authority (unreadable file, Redis down) refuses the login: the device retries
 later, which is safer than letting unknown devices in.
+
+A Redis lookup is bounded twice, because a login (or, over UDP, every spoofable datagram)
+must not make the server wait or hold memory on Redis's behalf: each lookup fails after
+``timeout`` seconds, and beyond ``max_in_flight`` lookups at once a new one fails at once.
+While the sink reports Redis unavailable no lookup is sent at all: txredisapi would queue
+it until Redis is back.
 """
 
 from __future__ import annotations
@@ -18,16 +24,44 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from teltonika.interfaces import IDeviceAuthority
+from teltonika.metrics import ServerMetrics
 
 SECONDS: Final = 1.0
 DEFAULT_POLL_INTERVAL: Final = 5 * SECONDS
+DEFAULT_LOOKUP_TIMEOUT: Final = 5 * SECONDS
+"""A Redis lookup that takes longer refuses the login (well inside the 30 s login timeout,
+so the device hears ``00`` rather than silence)."""
+DEFAULT_MAX_LOOKUPS: Final = 1_000
+"""Redis lookups in flight at once; beyond it a login is refused at once."""
+
+
+class AuthorityError(Exception):
+    """A lookup that gave no answer: the login is refused (the device retries later).
+
+    :ivar reason: a stable label for the metric (``timeout``, ``busy``, ``unavailable``).
+    """
+
+    reason = "error"
+
+
+class AuthorityTimeoutError(AuthorityError):
+    reason = "timeout"
+
+
+class AuthorityBusyError(AuthorityError):
+    reason = "busy"
+
+
+class AuthorityUnavailableError(AuthorityError):
+    reason = "unavailable"
 
 
 class AuthoritySpecError(ValueError):
@@ -132,20 +166,70 @@ class FileAuthority:
 
 @implementer(IDeviceAuthority)
 class RedisSetAuthority:
-    """Members of a Redis set may log in.
+    """Members of a Redis set may log in; every lookup is bounded (module docstring).
 
     :param get_redis: returns the txredisapi connection; called per login, so the
         connection is made only when the server starts.
+    :param clock: times the lookups out.
+    :param metrics: counts lookups that gave no answer, by reason.
+    :param available: False while Redis is known to be unreachable (the sink's
+        readiness): lookups then fail at once instead of queueing in txredisapi.
     """
 
-    def __init__(self, get_redis: Callable[[], Any], key: str) -> None:
+    _log = Logger()
+
+    def __init__(
+        self,
+        get_redis: Callable[[], Any],
+        key: str,
+        clock: IReactorTime,
+        metrics: ServerMetrics,
+        *,
+        timeout: float = DEFAULT_LOOKUP_TIMEOUT,
+        max_in_flight: int = DEFAULT_MAX_LOOKUPS,
+        available: Callable[[], bool] | None = None,
+    ) -> None:
         self._get_redis = get_redis
         self.key = key
+        self.clock = clock
+        self.metrics = metrics
+        self.timeout = timeout
+        self.max_in_flight = max_in_flight
+        self._available = available
+        self.in_flight = 0
 
     def is_allowed(self, imei: str) -> Deferred[bool]:
         """IDeviceAuthority API"""
-        d: Deferred[object] = self._get_redis().execute_command("SISMEMBER", self.key, imei)
-        return d.addCallback(lambda reply: str(reply) == "1")
+        if self._available is not None and not self._available():
+            return self._refuse(AuthorityUnavailableError("Redis is unavailable"))
+        if self.in_flight >= self.max_in_flight:
+            return self._refuse(
+                AuthorityBusyError(f"{self.in_flight} device lookups already wait for Redis")
+            )
+        self.in_flight += 1
+        d: Deferred[object] = maybeDeferred(
+            self._get_redis().execute_command, "SISMEMBER", self.key, imei
+        )
+        d.addTimeout(self.timeout, self.clock)
+        d.addBoth(self._finished)
+        return d.addCallbacks(lambda reply: str(reply) == "1", self._failed)
+
+    def _finished(self, result: object) -> object:
+        self.in_flight -= 1
+        return result
+
+    def _failed(self, failure: Any) -> Deferred[bool]:
+        if failure.check(defer.TimeoutError):  # addTimeout's
+            error: AuthorityError = AuthorityTimeoutError(
+                f"Redis did not answer the device lookup within {self.timeout} s"
+            )
+        else:
+            error = AuthorityError(failure.getErrorMessage())
+        return self._refuse(error)
+
+    def _refuse(self, error: AuthorityError) -> Deferred[bool]:
+        self.metrics.authority_failures.labels(error.reason).inc()
+        return fail(error)
 
 
 def parse_authority_spec(spec: str) -> tuple[str, str]:

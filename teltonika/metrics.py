@@ -62,9 +62,17 @@ class ServerMetrics:
             ["result"],
             registry=r,
         )
+        self.authority_failures = Counter(
+            "teltonika_authority_failures",
+            "Device lookups that gave no answer (the login or datagram was refused), by "
+            "reason (timeout, busy, unavailable, error).",
+            ["reason"],
+            registry=r,
+        )
         self.timeouts = Counter(
             "teltonika_timeouts",
-            "Connections closed by a timer, by kind (login, idle).",
+            "Connections closed by a timer, by kind (login, idle; close: aborted after the "
+            "close grace because the peer did not read).",
             ["kind"],
             registry=r,
         )
@@ -120,6 +128,12 @@ class ServerMetrics:
         self.sink_ready = Gauge(
             "teltonika_sink_ready", "1 while the sink can store records, else 0.", registry=r
         )
+        self.sink_durability_lost = Counter(
+            "teltonika_sink_durability_lost",
+            "Times Redis stopped giving the durability --redis-durability fsync asked for "
+            "(the sink refused frames until a check passed again).",
+            registry=r,
+        )
         self.backlog_pauses = Counter(
             "teltonika_backlog_pauses",
             "Times a connection stopped reading because too many frames were pending.",
@@ -136,7 +150,8 @@ class ServerMetrics:
         )
         self.datagrams = Counter(
             "teltonika_udp_datagrams",
-            "UDP datagrams by result (acked, malformed, sink_failed, rejected).",
+            "UDP datagrams by result (acked, malformed, rejected, authority_failed, "
+            "sink_failed, ack_failed).",
             ["result"],
             registry=r,
         )

@@ -38,7 +38,13 @@ from teltonika.authority import (
 from teltonika.codecs import load_codecs
 from teltonika.commands.consumer import DEFAULT_MAX_ATTEMPTS
 from teltonika.commands.janitor import JANITOR_INTERVAL
-from teltonika.commands.queue import DEFAULT_COMMAND_TIMEOUT, DEFAULT_MAX_DEPTH, DEFAULT_WARN_DEPTH
+from teltonika.commands.queue import (
+    DEFAULT_COMMAND_QUIET,
+    DEFAULT_COMMAND_SETTLE,
+    DEFAULT_COMMAND_TIMEOUT,
+    DEFAULT_MAX_DEPTH,
+    DEFAULT_WARN_DEPTH,
+)
 from teltonika.commands.registry import HEARTBEAT_INTERVAL, HEARTBEAT_TTL
 from teltonika.interfaces import IDeviceAuthority
 from teltonika.metrics import ServerMetrics
@@ -61,9 +67,13 @@ from teltonika.services.ingestion import (
 )
 from teltonika.services.ops_http import DEFAULT_SERVER_METRICS, ops_service
 from teltonika.sinks.jsonl import DEFAULT_OUTPUT
+from teltonika.udp import DeviceDatagramProtocol
 from teltonika.wire.framer import DEFAULT_MAX_FRAME, FRAME_OVERHEAD, MIN_DATA_LENGTH
 
 DEFAULT_PORT: Final = "5027"
+MAX_COMMAND_QUIET: Final = 300.0
+"""Seconds; a longer quiet interval would starve commands to devices that ping often."""
+MAX_COMMAND_SETTLE: Final = 300.0
 OFF: Final = ("off", "none")
 
 
@@ -248,6 +258,23 @@ class Options(usage.Options):
             _seconds,
         ],
         [
+            "command-quiet",
+            None,
+            DEFAULT_COMMAND_QUIET,
+            "Seconds without a byte from a device after which a command may be written to "
+            "it, unless its next periodic frame is due; otherwise commands go out only right "
+            "after an ACK (a device reads the next 4 bytes after a frame as its ACK).",
+            _seconds,
+        ],
+        [
+            "command-settle",
+            None,
+            DEFAULT_COMMAND_SETTLE,
+            "Seconds after a command timed out before the next command is written to that "
+            "device (a late reply in that time is unsolicited, not the next one's); 0 = none.",
+            _seconds,
+        ],
+        [
             "command-queue-warn",
             None,
             DEFAULT_WARN_DEPTH,
@@ -339,10 +366,22 @@ class Options(usage.Options):
             raise usage.UsageError("--instance-id must be non-empty printable text")
         if self["command-queue-max"] < 1 or self["command-timeout"] <= 0:
             raise usage.UsageError("--command-queue-max and --command-timeout must be > 0")
+        if not 0 < self["command-quiet"] <= MAX_COMMAND_QUIET:
+            raise usage.UsageError(
+                f"--command-quiet must be more than 0 and at most {MAX_COMMAND_QUIET:g} "
+                "seconds (0 would write commands while a frame may be on its way)"
+            )
+        if self["command-settle"] > MAX_COMMAND_SETTLE:
+            raise usage.UsageError(
+                f"--command-settle must be at most {MAX_COMMAND_SETTLE:g} seconds"
+            )
         if self["offline-max-attempts"] < 1:
             raise usage.UsageError("--offline-max-attempts must be at least 1")
         if self["heartbeat-interval"] <= 0 or self["janitor-interval"] <= 0:
             raise usage.UsageError("--heartbeat-interval and --janitor-interval must be > 0")
+        for name in ("login-timeout", "sink-timeout", "shutdown-timeout"):
+            if self[name] <= 0:
+                raise usage.UsageError(f"--{name} must be more than 0 seconds")
         if self["heartbeat-ttl"] <= self["heartbeat-interval"]:
             raise usage.UsageError("--heartbeat-ttl must be longer than --heartbeat-interval")
 
@@ -418,7 +457,9 @@ def _build_sink(server: Server) -> ManagedSink:
     )
 
 
-def _build_authority(server: Server) -> tuple[IDeviceAuthority, FileAuthority | None]:
+def _build_authority(
+    server: Server, sink: ManagedSink
+) -> tuple[IDeviceAuthority, FileAuthority | None]:
     kind, argument = parse_authority_spec(server.options["devices"])
     if kind == "file":
         try:
@@ -427,7 +468,13 @@ def _build_authority(server: Server) -> tuple[IDeviceAuthority, FileAuthority | 
             raise usage.UsageError(f"--devices: cannot read {argument}: {error}") from None
         return authority, authority
     if kind == "redis":
-        return RedisSetAuthority(server.redis, argument), None
+        # While the sink finds Redis unreachable a lookup would only queue in txredisapi.
+        return (
+            RedisSetAuthority(
+                server.redis, argument, server.reactor, server.metrics, available=sink.ready
+            ),
+            None,
+        )
     return OpenAuthority(), None
 
 
@@ -458,9 +505,11 @@ def makeService(
         command_timeout=options["command-timeout"],
         command_queue_warn=options["command-queue-warn"],
         command_queue_max=options["command-queue-max"],
+        command_quiet=options["command-quiet"],
+        command_settle=options["command-settle"],
     )
     sink = _build_sink(server)
-    authority, file_authority = _build_authority(server)
+    authority, file_authority = _build_authority(server, sink)
     factory = DeviceFactory(
         load_codecs(),
         sink,  # type: ignore[arg-type]  # a ManagedSink provides ISink too
@@ -472,9 +521,8 @@ def makeService(
     server.factory = factory  # type: ignore[attr-defined]
     server.sink = sink  # type: ignore[attr-defined]
     listeners: list[IService] = [strports.service(options["port"], factory, reactor=reactor)]
+    udp: tuple[IService, DeviceDatagramProtocol] | None = None
     if options["udp-port"] is not None:
-        from teltonika.udp import DeviceDatagramProtocol
-
         interface, port = options["udp-port"]
         datagrams = DeviceDatagramProtocol(
             sink,  # type: ignore[arg-type]  # a ManagedSink provides ISink too
@@ -484,11 +532,12 @@ def makeService(
             luhn=bool(options["luhn"]),
             sink_timeout=options["sink-timeout"],
         )
-        listeners.append(internet.UDPServer(port, datagrams, interface=interface, reactor=reactor))
+        udp = (internet.UDPServer(port, datagrams, interface=interface, reactor=reactor), datagrams)
     ingestion = IngestionService(
         factory,
         sink,
         listeners,
+        udp=udp,
         clock=reactor,
         on_fatal=on_fatal if on_fatal is not None else exit_on_fatal(reactor),
         shutdown_timeout=options["shutdown-timeout"],
@@ -500,7 +549,7 @@ def makeService(
     ingestion.setName("ingestion")  # type: ignore[no-untyped-call]
     ingestion.setServiceParent(root)  # type: ignore[no-untyped-call]
     server.ingestion = ingestion  # type: ignore[attr-defined]
-    server.readiness["sink"] = sink.ready  # type: ignore[attr-defined]
+    server.readiness["sink"] = sink.ready
     if server.redis_address is not None:
         from teltonika.commands.service import add_command_plane
 

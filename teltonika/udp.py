@@ -1,23 +1,33 @@
 """The UDP listener (``--udp-port``): one AVL datagram in, one ACK out after the sink.
 
-TELTONIKA.md section 6: a datagram carries the IMEI and one AVL packet; the reply
-``0005 <packet id> 01 <AVL packet id> <count>`` goes to the datagram's source address,
-and only after the sink confirmed the records. Malformed datagrams are dropped and
+docs/protocol.rst, section 'UDP channel': a datagram carries the IMEI and one AVL packet;
+the reply ``0005 <packet id> 01 <AVL packet id> <count>`` goes to the datagram's source
+address, and only after the sink confirmed the records. Malformed datagrams are dropped and
 counted (UDP has no connection to close); a datagram from a device the authority refuses
-is dropped too, unacknowledged.
+is dropped too, unacknowledged, and so is one whose device lookup gives no answer.
+
+Every datagram ends in exactly one ``teltonika_udp_datagrams_total`` result. A source
+address is whatever the packet claims, so events a datagram can cause (a refused device,
+a failed lookup, an ACK the kernel will not send) are logged rate-limited.
+
+Shutdown drains like TCP: :meth:`DeviceDatagramProtocol.stop_reading` stops taking
+datagrams while the socket stays open, so the ACKs of datagrams already handed to the
+sink still go out (:meth:`DeviceDatagramProtocol.when_idle`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.error import MessageLengthError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from teltonika.interfaces import IDeviceAuthority, ISink
+from teltonika.logs import RateLimitedLog
 from teltonika.metrics import ServerMetrics
 from teltonika.protocol.server import DEFAULT_SINK_TIMEOUT, truncated_hex
 from teltonika.wire.errors import DecodeError, ImeiError
@@ -27,9 +37,16 @@ from teltonika.wire.udp import decode_udp, udp_ack
 
 Address = tuple[str, int]
 
+SECONDS: Final = 1.0
+LOG_INTERVAL: Final = 10 * SECONDS
+"""Seconds between two log events of one kind a datagram can cause."""
+
 
 class DeviceDatagramProtocol(DatagramProtocol):
-    """Decode, authorize, publish, then acknowledge each datagram."""
+    """Decode, authorize, publish, then acknowledge each datagram.
+
+    :ivar in_flight: datagrams handed on (to the authority or the sink) and not yet done.
+    """
 
     _log = Logger()
     noisy = False
@@ -50,6 +67,9 @@ class DeviceDatagramProtocol(DatagramProtocol):
         self.clock = clock
         self.luhn = luhn
         self.sink_timeout = sink_timeout
+        self.in_flight = 0
+        self._idle_waiters: list[Deferred[None]] = []
+        self._limited = RateLimitedLog(self._log, clock, LOG_INTERVAL)
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         self.metrics.bytes_in.labels("udp").inc(len(datagram))
@@ -68,19 +88,37 @@ class DeviceDatagramProtocol(DatagramProtocol):
                 event="rejected_frame",
             )
             return
+        self.in_flight += 1
         d: Deferred[bool] = maybeDeferred(self.authority.is_allowed, packet.imei)
         d.addBoth(self._authorized, packet, addr)
+        d.addBoth(self._done)
+
+    def _done(self, _: object) -> None:
+        self.in_flight -= 1
+        if not self.in_flight:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                if not waiter.called:  # a bounded wait may have cancelled it
+                    waiter.callback(None)
 
     def _authorized(self, allowed: bool | Failure, packet: UDPPacket, addr: Address) -> Any:
         if isinstance(allowed, Failure):
-            self._log.error(
-                "Device authority failed for {imei}; dropping its datagram: {error}",
+            self.metrics.datagrams.labels("authority_failed").inc()
+            self._limited.emit(
+                LogLevel.error,
+                "Device authority failed for {imei}; dropping its datagram: {error} "
+                "({suppressed} more left out)",
                 imei=packet.imei,
                 error=allowed.getErrorMessage(),
             )
+            return None
         if allowed is not True:
             self.metrics.datagrams.labels("rejected").inc()
-            self._log.info("Datagram from {imei} refused by the device authority", imei=packet.imei)
+            self._limited.emit(
+                LogLevel.info,
+                "Datagram from {imei} refused by the device authority ({suppressed} more left out)",
+                imei=packet.imei,
+            )
             return None
         avl = packet.packet
         codec = CODEC_NAMES.get(avl.codec_id, str(avl.codec_id))
@@ -102,22 +140,53 @@ class DeviceDatagramProtocol(DatagramProtocol):
     def _stored(self, _: object, packet: UDPPacket, addr: Address, started: float) -> None:
         self.metrics.sink_latency.labels(self.sink.name).observe(self.clock.seconds() - started)
         ack = udp_ack(packet.packet_id, packet.avl_packet_id, len(packet.packet.records))
-        if self.transport is not None:
+        try:
+            if self.transport is None:
+                raise OSError("the UDP port is closed")
             self.transport.write(ack, addr)
-            self.metrics.bytes_out.labels("udp").inc(len(ack))
-            self.metrics.acks.labels("udp").inc()
-            self.metrics.acked_records.inc(len(packet.packet.records))
-            self.metrics.datagrams.labels("acked").inc()
+        except (OSError, MessageLengthError) as error:
+            # EAGAIN/ENOBUFS (a full socket buffer), EACCES (a broadcast source address a
+            # spoofed datagram claimed) ...: the records are stored, the device resends.
+            self.metrics.datagrams.labels("ack_failed").inc()
+            self._limited.emit(
+                LogLevel.warn,
+                "Could not send the ACK to {peer} ({imei}): {error} ({suppressed} more left out)",
+                peer=_peer(addr),
+                imei=packet.imei,
+                error=str(error),
+            )
+            return
+        self.metrics.bytes_out.labels("udp").inc(len(ack))
+        self.metrics.acks.labels("udp").inc()
+        self.metrics.acked_records.inc(len(packet.packet.records))
+        self.metrics.datagrams.labels("acked").inc()
 
     def _failed(self, failure: Failure, packet: UDPPacket) -> None:
         self.metrics.datagrams.labels("sink_failed").inc()
         self.metrics.sink_failures.labels(self.sink.name).inc()
-        self._log.error(
-            "Sink {sink} did not store a datagram from {imei}; no ACK: {error}",
+        self._limited.emit(
+            LogLevel.error,
+            "Sink {sink} did not store a datagram from {imei}; no ACK: {error} "
+            "({suppressed} more left out)",
             sink=self.sink.name,
             imei=packet.imei,
             error=failure.getErrorMessage(),
         )
+
+    # -- shutdown support --------------------------------------------------------------
+
+    def stop_reading(self) -> None:
+        """Take no more datagrams; the socket stays open for the ACKs still to come."""
+        if self.transport is not None:
+            self.transport.stopReading()  # type: ignore[attr-defined]
+
+    def when_idle(self) -> Deferred[None]:
+        """Fire when no datagram is waiting for the authority or the sink."""
+        if not self.in_flight:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle_waiters.append(d)
+        return d
 
 
 def _peer(addr: Any) -> str:

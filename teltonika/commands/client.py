@@ -12,9 +12,10 @@ the device up second leaves no gap: a login that happens in between takes the co
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
+import attrs
 from twisted.internet.defer import maybeDeferred
 
 from teltonika.commands.messages import (
@@ -25,12 +26,14 @@ from teltonika.commands.messages import (
     RESPONSES_MAXLEN,
     RESPONSES_STREAM,
     Command,
+    InstanceSettings,
     flat,
     heartbeat_key,
     offline_command,
     offline_list,
     outbound_stream,
     pairs,
+    publish_status_args,
     status_fields,
 )
 from teltonika.commands.scripts import STORE_OFFLINE, run_script
@@ -39,6 +42,19 @@ SENDER: Final = "teltonika-send"
 """The ``instance_id`` of statuses a sender publishes itself (device_not_connected)."""
 
 TERMINAL: Final = frozenset({RESPONDED, FAILED})
+ROUTING_MARGIN: Final = 5.0
+"""Seconds for the way through Redis and the instance's consumer (both directions)."""
+STREAM_SCAN: Final = 10_000
+"""Most entries of an instance's stream read to find the commands ahead of ours."""
+
+
+@attrs.frozen
+class Route:
+    """Where a device's commands go: the live instance holding its socket, and what that
+    instance announced about its command timing."""
+
+    instance: str
+    settings: InstanceSettings
 
 
 def new_command_id() -> str:
@@ -56,41 +72,91 @@ async def last_response_id(redis: Any) -> str:
     return str(reply[0][0])
 
 
+async def route_of(redis: Any, imei: str) -> Route | None:
+    """The instance holding *imei*'s socket, or None when the device is not connected
+    anywhere, or only to an instance whose heartbeat is gone (a dead instance's entry,
+    not yet removed by a janitor)."""
+    instance = await maybeDeferred(redis.hget, REGISTRY_KEY, imei)
+    if not instance:
+        return None
+    heartbeat = await maybeDeferred(redis.get, heartbeat_key(instance))
+    if heartbeat is None:
+        return None
+    return Route(str(instance), InstanceSettings.from_heartbeat(heartbeat))
+
+
+async def unsettled_commands(redis: Any, instance: str) -> list[dict[str, str]]:
+    """The command entries in *instance*'s stream (not settled yet: being dispatched,
+    queued on a socket or awaiting a reply), oldest first, at most :data:`STREAM_SCAN`."""
+    reply = await maybeDeferred(
+        redis.execute_command,
+        "XRANGE",
+        outbound_stream(instance),
+        "-",
+        "+",
+        "COUNT",
+        str(STREAM_SCAN),
+    )
+    out = []
+    for _entry_id, values in reply or []:
+        fields = dict(zip(values[::2], values[1::2], strict=False))
+        if fields.get("kind", "command") != "flush":
+            out.append(fields)
+    return out
+
+
+def write_window(ahead: Sequence[float], settings: InstanceSettings) -> float:
+    """Seconds within which a command for a socket with commands *ahead* (their reply
+    timeouts) should be written, if the device is connected and nothing is wrong: each
+    one ahead may wait a quiet interval, run to its timeout and be followed by the settle
+    interval; then ours waits for an ACK or a quiet interval; plus the routing margin."""
+    quiet, settle = settings.command_quiet_s, settings.command_settle_s
+    return sum(quiet + timeout + settle for timeout in ahead) + quiet + ROUTING_MARGIN
+
+
+def timeout_of(fields: dict[str, str], default: float) -> float:
+    """The reply timeout of a command entry (``timeout_s``, else *default*)."""
+    try:
+        value = float(fields.get("timeout_s") or default)
+    except ValueError:
+        return default
+    return value if 0 < value <= 3600 else default
+
+
+async def publish_not_connected(redis: Any, command: Command, now_ms: int) -> None:
+    """The sender's own terminal status for a device connected nowhere."""
+    fields = status_fields(
+        command_id=command.id,
+        imei=command.imei,
+        codec=command.codec,
+        status=FAILED,
+        reason="device_not_connected",
+        instance_id=SENDER,
+        at_ms=now_ms,
+    )
+    await maybeDeferred(redis.execute_command, *publish_status_args(fields))
+
+
+async def publish_command(redis: Any, instance: str, command: Command) -> None:
+    """XADD *command* to *instance*'s stream."""
+    await maybeDeferred(
+        redis.execute_command, "XADD", outbound_stream(instance), "*", *flat(command.fields())
+    )
+
+
 async def send_command(redis: Any, command: Command, now_ms: int) -> str | None:
     """Route *command* to the instance holding its device.
 
     :return: the instance id it was published to, or None when the device is not
-        connected anywhere, or only to an instance whose heartbeat is gone (a
-        ``failed``/``device_not_connected`` status is published).
+        connected anywhere (see :func:`route_of`; a ``failed``/``device_not_connected``
+        status is published).
     """
-    instance = await maybeDeferred(redis.hget, REGISTRY_KEY, command.imei)
-    if instance and not await maybeDeferred(redis.exists, heartbeat_key(instance)):
-        instance = None  # a dead instance's entry, not yet removed by a janitor
-    if not instance:
-        fields = status_fields(
-            command_id=command.id,
-            imei=command.imei,
-            codec=command.codec,
-            status=FAILED,
-            reason="device_not_connected",
-            instance_id=SENDER,
-            at_ms=now_ms,
-        )
-        await maybeDeferred(
-            redis.execute_command,
-            "XADD",
-            RESPONSES_STREAM,
-            "MAXLEN",
-            "~",
-            str(RESPONSES_MAXLEN),
-            "*",
-            *flat(fields),
-        )
+    route = await route_of(redis, command.imei)
+    if route is None:
+        await publish_not_connected(redis, command, now_ms)
         return None
-    await maybeDeferred(
-        redis.execute_command, "XADD", outbound_stream(instance), "*", *flat(command.fields())
-    )
-    return str(instance)
+    await publish_command(redis, route.instance, command)
+    return route.instance
 
 
 async def store_offline(redis: Any, command: Command, now_ms: int) -> str | None:

@@ -2,8 +2,9 @@
 
 Codec 12 sends the payload as is; codec 14 puts the target IMEI in front of it, so the
 device itself checks that the command reached the intended tracker and answers with a
-type 0x11 nACK when it did not (TELTONIKA.md section 5.4). Neither codec's frames are
-ever acknowledged: devices log ``CODEC12 ERROR`` when they are (section 5.6).
+type 0x11 nACK when it did not (docs/protocol.rst, section 'Codec 14'). Neither codec's
+frames are ever acknowledged: devices log ``CODEC12 ERROR`` when they are (section
+'Commands on a live socket').
 """
 
 from __future__ import annotations

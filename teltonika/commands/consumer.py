@@ -15,6 +15,13 @@ Statuses, all on ``commands:responses`` (fields in :mod:`teltonika.commands.mess
   so an entry is either still pending (and re-read after a restart) or settled, never
   both. Settled entries are deleted, so the stream holds only unsettled commands, which
   is what the janitor fails with ``instance_gone`` if this instance dies.
+* A failed ``SETTLE`` call (Redis blipped, the connection dropped mid-call) is retried
+  with a bounded backoff until Redis takes it or the instance shuts down: dropping it
+  would leave the sender without a status and the entry pending, to be written to the
+  device again after a restart although the device answered. The script acts only on
+  a pending entry, so a retry after a first run whose reply was lost publishes nothing.
+* Any entry, whatever its fields or bytes, ends in exactly one terminal status: one
+  that cannot be parsed fails with ``invalid_command``, and the loop goes on.
 
 Across a crash of this instance in the middle of a command the command may be written
 to the device again after the restart (at-least-once); a command settled is never
@@ -48,8 +55,9 @@ from teltonika.commands.messages import (
     offline_command,
     offline_list,
     outbound_stream,
-    pairs,
+    publish_status_args,
     status_fields,
+    text_of,
 )
 from teltonika.commands.metrics import CommandMetrics
 from teltonika.commands.queue import CommandError, CommandQueue, InvalidCommandError
@@ -62,6 +70,9 @@ DEFAULT_BATCH: Final = 100
 DEFAULT_MAX_ATTEMPTS: Final = 10
 RETRY_DELAY: Final = 1 * SECONDS
 STOP_GRACE: Final = 2 * SECONDS
+UPDATE_RETRY_FIRST: Final = 0.1 * SECONDS
+UPDATE_RETRY_MAX: Final = 5 * SECONDS
+"""Backoff between attempts of a status that Redis did not take (doubling, capped)."""
 
 QueueLookup = Callable[[str], CommandQueue | None]
 """IMEI -> the CommandQueue of its live session on this instance, or None."""
@@ -107,7 +118,9 @@ class CommandConsumer(Service):
         self.stream = outbound_stream(instance_id)
         self._loop: Deferred[None] | None = None
         self._stopping = False
+        self._abandoned = False
         self._in_flight: set[Deferred[Any]] = set()
+        self._retry_waits: set[Deferred[None]] = set()
 
     def now_ms(self) -> int:
         return int(self._clock.seconds() * 1000)
@@ -174,7 +187,10 @@ class CommandConsumer(Service):
                     continue
                 cursor = entries[-1][0]
             for entry_id, fields in entries:
-                self.dispatch(entry_id, fields)
+                try:
+                    self.dispatch(entry_id, fields)
+                except Exception:  # dispatch settles its own errors; never stop the loop
+                    self._log.failure("Dispatching {entry_id} failed", entry_id=entry_id)
 
     async def _ensure_group(self) -> None:
         try:
@@ -191,7 +207,7 @@ class CommandConsumer(Service):
             if "BUSYGROUP" not in str(error):
                 raise
 
-    async def _read(self, start: str) -> list[tuple[str, dict[str, str]]]:
+    async def _read(self, start: str) -> list[tuple[str, dict[Any, Any]]]:
         args: list[Any] = ["XREADGROUP", "GROUP", CONSUMER_GROUP, self.instance_id]
         args += ["COUNT", str(self.batch)]
         if start == ">":
@@ -200,45 +216,36 @@ class CommandConsumer(Service):
         reply = await maybeDeferred(self._reader.execute_command, *args)
         if not reply:
             return []
-        out: list[tuple[str, dict[str, str]]] = []
+        out: list[tuple[str, dict[Any, Any]]] = []
         for _stream, items in reply:
             for entry_id, values in items:
                 if values is None:  # pending entry deleted meanwhile
                     self._ack_only(entry_id)
                     continue
-                out.append((entry_id, pairs(list(values))))
+                # Names and values may be bytes (not UTF-8): dispatch() refuses those.
+                out.append((entry_id, dict(zip(values[::2], values[1::2], strict=False))))
         return out
 
     # -- dispatch ----------------------------------------------------------------------
 
-    def dispatch(self, entry_id: str, fields: dict[str, str]) -> None:
-        """Hand one command entry to its device (never waits for the device)."""
+    def dispatch(self, entry_id: str, fields: dict[Any, Any]) -> None:
+        """Hand one command entry to its device (never waits for the device).
+
+        Every entry ends in exactly one terminal status, whatever its fields: one that
+        does not parse fails with ``invalid_command``; nothing here raises.
+        """
         try:
             command = Command.from_fields(fields)
         except InvalidCommandError as error:
-            self._log.warn(
-                "Invalid command entry {entry_id} in {stream}: {error}",
-                entry_id=entry_id,
-                stream=self.stream,
-                error=str(error),
-                reason="invalid_command",
-            )
-            self._settle(
-                entry_id,
-                fields.get("offline") == "1",
-                fields.get("id", ""),
-                fields.get("imei", ""),
-                fields.get("codec", ""),
-                FAILED,
-                reason=InvalidCommandError.reason,
-            )
+            self._invalid(entry_id, fields, str(error))
             return
         if command.kind == "flush":
             self._ack_only(entry_id)
             if self._lookup(command.imei) is not None:
                 self.take_offline(command.imei)
             return
-        if command.expires_at_ms is not None and command.expires_at_ms <= self.now_ms():
+        now_ms = self.now_ms()
+        if command.expires_at_ms is not None and command.expires_at_ms <= now_ms:
             self._fail(entry_id, command, "expired")
             return
         queue = self._lookup(command.imei)
@@ -256,8 +263,15 @@ class CommandConsumer(Service):
             )
             self._fail(entry_id, command, InvalidCommandError.reason)
             return
+        expires_in = (
+            None if command.expires_at_ms is None else (command.expires_at_ms - now_ms) / 1000
+        )
         handle = queue.submit(
-            frame, codec_id_of(command.codec), timeout=command.timeout_s, command_id=command.id
+            frame,
+            codec_id_of(command.codec),
+            timeout=command.timeout_s,
+            command_id=command.id,
+            expires_in=expires_in,
         )
         handle.written.addCallback(self._written, command)
         handle.reply.addCallbacks(
@@ -265,6 +279,30 @@ class CommandConsumer(Service):
             self._reply_failed,
             callbackArgs=(entry_id, command),
             errbackArgs=(entry_id, command),
+        )
+
+    def _invalid(self, entry_id: str, fields: dict[Any, Any], error: str) -> None:
+        """A malformed entry: one ``failed``/``invalid_command`` status with whatever id,
+        IMEI and codec it carries (as text); a malformed ``flush`` is only acknowledged
+        (it is no command, and its id may be a real offline command's)."""
+        self._log.warn(
+            "Invalid command entry {entry_id} in {stream}: {error}",
+            entry_id=entry_id,
+            stream=self.stream,
+            error=error,
+            reason="invalid_command",
+        )
+        if fields.get("kind") == "flush":
+            self._ack_only(entry_id)
+            return
+        self._settle(
+            entry_id,
+            fields.get("offline") == "1",
+            text_of(fields.get("id", "")),
+            text_of(fields.get("imei", "")),
+            text_of(fields.get("codec", "")),
+            FAILED,
+            reason=InvalidCommandError.reason,
         )
 
     def _written(self, ok: bool, command: Command) -> None:
@@ -279,16 +317,7 @@ class CommandConsumer(Service):
             at_ms=self.now_ms(),
             attempt=command.attempt,
         )
-        d = maybeDeferred(
-            self._redis.execute_command,
-            "XADD",
-            RESPONSES_STREAM,
-            "MAXLEN",
-            "~",
-            str(RESPONSES_MAXLEN),
-            "*",
-            *flat(fields),
-        )
+        d = maybeDeferred(self._redis.execute_command, *publish_status_args(fields))
         self._metrics.commands.labels(status=DELIVERED, reason="").inc()
         self._track(d.addErrback(self._publish_failed, command.id, DELIVERED))
 
@@ -366,12 +395,11 @@ class CommandConsumer(Service):
             str(RESPONSES_MAXLEN),
             *flat(fields),
         ]
-        d = maybeDeferred(run_script, self._redis, SETTLE, keys, args)
 
         def published(result: object) -> None:
             final, _, final_reason = str(result or "").partition("|")
             if not final:
-                return  # an offline command settled earlier: nothing published
+                return  # settled before (an earlier attempt, a janitor): nothing published
             self._metrics.commands.labels(status=final, reason=final_reason).inc()
             if final == FAILED:
                 self._log.info(
@@ -381,10 +409,84 @@ class CommandConsumer(Service):
                     reason=final_reason,
                 )
 
+        d = Deferred.fromCoroutine(
+            self._until_redis_takes(
+                lambda: run_script(self._redis, SETTLE, keys, args),
+                what="settle",
+                subject=command_id,
+            )
+        )
         d.addCallback(published)
         d.addErrback(self._publish_failed, command_id, status)
         self._track(d)
         return d
+
+    async def _until_redis_takes(
+        self,
+        call: Callable[[], Any],
+        *,
+        what: str,
+        subject: str,
+        wanted: Callable[[], bool] | None = None,
+    ) -> Any:
+        """Run *call* (an idempotent Redis update) until it succeeds, waiting a doubling
+        delay (:data:`UPDATE_RETRY_FIRST` to :data:`UPDATE_RETRY_MAX`) between attempts.
+
+        Gives up (returns None) when the instance shuts down (:meth:`abandon`) or when
+        *wanted* says the update is no longer needed. One error event on the first
+        failure, one info event when it finally went through.
+        """
+        delay = UPDATE_RETRY_FIRST
+        attempt = 1
+        while True:
+            try:
+                result = await maybeDeferred(call)
+            except Exception as error:
+                if self._abandoned:
+                    self._log.error(
+                        "Redis update ({what}) for {subject} abandoned at shutdown: {error}",
+                        what=what,
+                        subject=subject,
+                        error=str(error),
+                    )
+                    return None
+                self._metrics.update_retries.labels(update=what).inc()
+                if attempt == 1:
+                    self._log.error(
+                        "Redis update ({what}) for {subject} failed; retrying until Redis "
+                        "takes it: {error}",
+                        what=what,
+                        subject=subject,
+                        error=str(error),
+                    )
+            else:
+                if attempt > 1:
+                    self._log.info(
+                        "Redis update ({what}) for {subject} went through at attempt {attempt}",
+                        what=what,
+                        subject=subject,
+                        attempt=attempt,
+                    )
+                return result
+            if wanted is not None and not wanted():
+                return None
+            wait = deferLater(self._clock, delay, lambda: None)
+            self._retry_waits.add(wait)
+            try:
+                await wait
+            except CancelledError:
+                return None
+            finally:
+                self._retry_waits.discard(wait)
+            delay = min(delay * 2, UPDATE_RETRY_MAX)
+            attempt += 1
+
+    def abandon(self) -> None:
+        """Shutdown: stop retrying Redis updates (the waits end now; a call still running
+        ends with the connection). Entries not settled stay pending for the next start."""
+        self._abandoned = True
+        for wait in list(self._retry_waits):
+            wait.cancel()
 
     def _ack_only(self, entry_id: str) -> None:
         d = maybeDeferred(
@@ -394,17 +496,31 @@ class CommandConsumer(Service):
         self._track(d.addErrback(self._publish_failed, entry_id, "ack"))
 
     def take_offline(self, imei: str) -> Deferred[Any]:
-        """Move *imei*'s waiting offline commands into this instance's stream (at login)."""
-        d = maybeDeferred(
-            run_script,
-            self._redis,
-            TAKE_OFFLINE,
-            [offline_list(imei), self.stream, RESPONSES_STREAM, OFFLINE_EXPIRY_KEY],
-            [self.instance_id, str(self.now_ms()), str(self.max_attempts), str(RESPONSES_MAXLEN)],
+        """Move *imei*'s waiting offline commands into this instance's stream (at login,
+        or on a ``flush`` entry). Retried while the device is still connected here (the
+        script is idempotent: a second run finds the list empty)."""
+        keys = [offline_list(imei), self.stream, RESPONSES_STREAM, OFFLINE_EXPIRY_KEY]
+
+        def take() -> Any:
+            args = [
+                self.instance_id,
+                str(self.now_ms()),
+                str(self.max_attempts),
+                str(RESPONSES_MAXLEN),
+            ]
+            return run_script(self._redis, TAKE_OFFLINE, keys, args)
+
+        d = Deferred.fromCoroutine(
+            self._until_redis_takes(
+                take,
+                what="take_offline",
+                subject=imei,
+                wanted=lambda: self._lookup(imei) is not None,
+            )
         )
 
         def taken(count: object) -> None:
-            if int(str(count)) > 0:
+            if count is not None and int(str(count)) > 0:
                 self._log.info(
                     "Delivering {count} offline commands to {imei}", count=count, imei=imei
                 )

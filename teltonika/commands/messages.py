@@ -7,7 +7,8 @@ the servers and whoever sends commands (``teltonika send``, a back office). READ
 Keys::
 
     connections:registry                 hash  IMEI -> instance id holding its socket
-    instance:heartbeat:{instance_id}     string, SET EX 90 every 30 s: the instance is alive
+    instance:heartbeat:{instance_id}     string, SET EX 90 every 30 s: the instance is alive;
+                                         its value is JSON, :class:`InstanceSettings`
     commands:outbound:{instance_id}      stream of commands for that instance (group "teltonika")
     commands:responses                   stream of statuses, every command ends with one
                                          terminal status (responded or failed)
@@ -52,12 +53,20 @@ command gets exactly one terminal status.
 
 from __future__ import annotations
 
+import json
+import math
 import re
-from typing import Final
+from collections.abc import Mapping
+from typing import Any, Final
 
 import attrs
 
-from teltonika.commands.queue import InvalidCommandError
+from teltonika.commands.queue import (
+    DEFAULT_COMMAND_QUIET,
+    DEFAULT_COMMAND_SETTLE,
+    DEFAULT_COMMAND_TIMEOUT,
+    InvalidCommandError,
+)
 
 COMMANDS_VERSION: Final = "1"
 REGISTRY_KEY: Final = "connections:registry"
@@ -88,6 +97,12 @@ REASONS: Final = frozenset(
 )
 RETRYABLE: Final = frozenset({"device_not_connected", "timeout", "socket_closed", "queue_full"})
 """Reasons after which an offline command goes back to wait for the next login."""
+SESSION_GONE: Final = frozenset({"device_not_connected", "socket_closed"})
+"""Retryable reasons that mean the attempt's session is gone: if the device is logged in
+again by the time the command is back, it is delivered at once (a ``flush``)."""
+
+MAX_INTEGER: Final = 2**63
+"""Integer fields (milliseconds, attempts) stay below what Redis and Lua count with."""
 
 _IMEI = re.compile(r"\A[0-9]{15,16}\Z")
 
@@ -108,14 +123,27 @@ def offline_command(command_id: str) -> str:
     return f"commands:offline:command:{command_id}"
 
 
-def _optional_int(fields: dict[str, str], name: str) -> int | None:
+def text_of(value: object) -> str:
+    """*value* as text for a status or a log event: ``bytes`` that are not UTF-8 (what
+    txredisapi returns for them) with backslash escapes, anything else through ``str``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return str(value)
+
+
+def _optional_int(fields: Mapping[str, str], name: str) -> int | None:
     raw = fields.get(name, "")
     if raw == "":
         return None
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise InvalidCommandError(f"{name} must be an integer, not {raw!r}") from None
+    if not 0 <= value < MAX_INTEGER:
+        raise InvalidCommandError(f"{name} must be between 0 and 2^63, not {raw!r}")
+    return value
 
 
 @attrs.frozen
@@ -162,11 +190,17 @@ class Command:
         return out
 
     @classmethod
-    def from_fields(cls, fields: dict[str, str]) -> Command:
+    def from_fields(cls, fields: Mapping[Any, Any]) -> Command:
         """Parse an entry; the id and IMEI are kept verbatim even when invalid.
 
-        :raise InvalidCommandError: a field is missing or malformed.
+        Anything may come out of a stream: txredisapi returns a value that is not UTF-8
+        as ``bytes``, so every name and value is checked to be text first.
+
+        :raise InvalidCommandError: a field is missing, not text, or malformed.
         """
+        for name, value in fields.items():
+            if not isinstance(name, str) or not isinstance(value, str):
+                raise InvalidCommandError(f"field {text_of(name)!r} is not UTF-8 text")
         kind = fields.get("kind") or "command"
         if kind not in ("command", "flush"):
             raise InvalidCommandError(f"kind must be command or flush, not {kind!r}")
@@ -216,6 +250,43 @@ class Command:
         )
 
 
+@attrs.frozen
+class InstanceSettings:
+    """What an instance announces in its heartbeat value, so that a sender can tell how
+    long a command sent there may take: ``{"at_ms": ..., "command_timeout_s": ...,
+    "command_quiet_s": ..., "command_settle_s": ...}``.
+
+    :ivar command_timeout_s: the instance's ``--command-timeout`` (commands without
+        ``timeout_s``).
+    :ivar command_quiet_s: its ``--command-quiet``: an idle device gets a command after it.
+    :ivar command_settle_s: its ``--command-settle``: the pause after a timeout.
+    """
+
+    command_timeout_s: float = DEFAULT_COMMAND_TIMEOUT
+    command_quiet_s: float = DEFAULT_COMMAND_QUIET
+    command_settle_s: float = DEFAULT_COMMAND_SETTLE
+
+    def heartbeat_value(self, at_ms: int) -> str:
+        return json.dumps({"at_ms": at_ms, **attrs.asdict(self)}, separators=(",", ":"))
+
+    @classmethod
+    def from_heartbeat(cls, value: object) -> InstanceSettings:
+        """Read a heartbeat value; anything missing or malformed (an older instance wrote
+        only milliseconds) takes the default."""
+        try:
+            raw = json.loads(value) if isinstance(value, str | bytes) else None
+        except ValueError:
+            raw = None
+        if not isinstance(raw, dict):
+            return cls()
+        out: dict[str, float] = {}
+        for field in attrs.fields(cls):
+            number = raw.get(field.name)
+            if isinstance(number, int | float) and math.isfinite(number) and 0 <= number <= 3600:
+                out[field.name] = float(number)
+        return cls(**out)
+
+
 def status_fields(
     *,
     command_id: str,
@@ -243,6 +314,11 @@ def status_fields(
         "at_ms": str(at_ms),
         "attempt": str(attempt) if attempt else "",
     }
+
+
+def publish_status_args(fields: dict[str, str]) -> list[str]:
+    """The command that appends a status entry to the (capped) responses stream."""
+    return ["XADD", RESPONSES_STREAM, "MAXLEN", "~", str(RESPONSES_MAXLEN), "*", *flat(fields)]
 
 
 def flat(fields: dict[str, str]) -> list[str]:

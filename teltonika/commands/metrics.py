@@ -25,6 +25,9 @@ class CommandMetrics:
     :ivar janitor_failures: ``teltonika_janitor_failures_total``: janitor passes that failed.
     :ivar unsolicited: ``teltonika_command_unsolicited_replies_total{codec}``: codec 12/14
         replies that matched no outstanding command.
+    :ivar update_retries: ``teltonika_command_redis_retries_total{update}``: failed
+        attempts of a Redis update that is retried until Redis takes it (``settle``: a
+        terminal status; ``take_offline``: moving offline commands at login).
     """
 
     queue_depth: Gauge
@@ -33,6 +36,7 @@ class CommandMetrics:
     janitor_failures: Counter
     janitor_removed: Counter
     unsolicited: Counter
+    update_retries: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> CommandMetrics:
@@ -77,6 +81,12 @@ class CommandMetrics:
                 "teltonika_command_unsolicited_replies_total",
                 "Codec 12/14 replies that matched no outstanding command.",
                 ["codec"],
+                registry=registry,
+            ),
+            update_retries=Counter(
+                "teltonika_command_redis_retries_total",
+                "Failed attempts of command-plane Redis updates that are retried.",
+                ["update"],
                 registry=registry,
             ),
         )

@@ -1,10 +1,10 @@
 """The per-socket write queue: every byte to a device, and at most one command in flight.
 
-Teltonika's command codecs (TELTONIKA.md section 5.6) carry no correlation id, so a reply
-can only be matched to "the command this socket is waiting for": one outstanding command
-per socket is the only safe model (seed 001, invariant 3). And because the same socket
-carries AVL ACKs, every write goes through one ordered chain so that an ACK and a command
-frame can never interleave (seed 000).
+Teltonika's command codecs (docs/protocol.rst, section 'Commands on a live socket') carry
+no correlation id, so a reply can only be matched to "the command this socket is waiting
+for": one outstanding command per socket is the only safe model. And because the same
+socket carries AVL ACKs, every write goes through one ordered chain so that an ACK and a
+command frame can never interleave.
 
 The model is txtorcon's ``TorControlProtocol.queue_command``: callers queue work and each
 gets its *own* Deferred; ``_maybe_issue`` starts the next command only when nothing is in
@@ -12,14 +12,41 @@ flight; the reply handler fires the in-flight Deferred and issues the next; clos
 socket errbacks everything pending with a dedicated error. On top of that:
 
 * ACKs (:meth:`CommandQueue.write`) go through the same write chain as command frames and
-  are *not* held back by an outstanding command: a device keeps sending records while it
-  runs a command, and it must get their ACKs (seed 000, "Risks").
+  are *never* held back: a device keeps sending records while it runs a command, and it
+  must get their ACKs, or it resends them and may fail over to a backup server.
+* **A command frame never arrives where the device expects an ACK.** A tracker is
+  strictly sequential: after writing an AVL frame it reads the next four bytes as that
+  frame's ACK, and a command frame starts with four zero bytes, which it would read as
+  "ACK 0" (resend), and the rest as garbage. So a command is written only
+
+  a. right after an ACK, in the same reactor turn (:meth:`CommandQueue.ack_written`): the
+     device reads the command together with its ACK, before it sends its next frame; or
+  b. when nothing was received for ``quiet`` seconds (:meth:`CommandQueue.received`
+     marks each read), except while the device's next frame is due: a device that
+     reports periodically sends its next frame about one period (the last interval
+     between two of its frames, :meth:`CommandQueue.frame_received`) after its last one,
+     so from half a period to one and a half periods after its last frame only an ACK
+     lets a command out. Without that, a device whose period is close to ``quiet`` would
+     regularly get a command just as its frame is on the way.
+
+  and in both cases only while the connection is idle (the ``connection_idle`` predicate
+  the protocol supplies: no frame queued or being stored, no partial frame buffered; a
+  device that pipelined a second frame is awaiting that frame's ACK). "No frame being
+  stored" alone is not enough: a frame can be in the kernel's buffer, unread; the quiet
+  interval is what makes that unlikely, and nothing can make it impossible (README,
+  "Commands", limits). The login's ``01`` is not an opportunity: a device with a backlog
+  starts sending at once.
 * A reply resolves the outstanding command only when its codec matches (12 with 12, 14
   with 14) and its type is a reply (0x06, or 0x11 = codec 14 nACK, a failure). Anything
   else is unsolicited: :meth:`CommandQueue.reply_received` returns False and the caller
   publishes it to the device-messages stream.
 * Every command has a timeout on the injected clock (default 30 s); when it fires the
-  command fails with :class:`CommandTimeoutError` and the next one is issued.
+  command fails with :class:`CommandTimeoutError`. The next command then waits ``settle``
+  seconds more, so that a late reply to the first one arrives while nothing is
+  outstanding (it is unsolicited) instead of being taken for the second one's reply.
+* A command may carry an expiry: it is checked again at the moment the frame would be
+  written, and a timer fails a command still waiting when its expiry passes
+  (:class:`CommandExpiredError`). A command is never written after its expiry.
 * Depth (queued + outstanding) is bounded: a warning at ``warn_depth``, and
   :class:`WriteQueueFullError` at ``max_depth``.
 * A failed command never poisons the chain: each write step catches its own errors.
@@ -28,6 +55,7 @@ socket errbacks everything pending with a dedicated error. On top of that:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Final, Protocol
 
 import attrs
@@ -47,6 +75,12 @@ from teltonika.wire.records import (
 
 SECONDS: Final = 1.0
 DEFAULT_COMMAND_TIMEOUT: Final = 30 * SECONDS
+DEFAULT_COMMAND_QUIET: Final = 1 * SECONDS
+"""Seconds without a received byte after which an idle connection may get a command."""
+DEFAULT_COMMAND_SETTLE: Final = 2 * SECONDS
+"""Seconds after a command timed out before the next command may be written."""
+MIN_RECHECK: Final = 0.05 * SECONDS
+"""Shortest wait before looking again at a busy connection (with a quiet interval of 0)."""
 DEFAULT_WARN_DEPTH: Final = 5
 DEFAULT_MAX_DEPTH: Final = 20
 
@@ -79,6 +113,12 @@ class CommandNackError(CommandError):
     """The device answered a codec 14 command with type 0x11: the IMEI is not its own."""
 
     reason = "nack"
+
+
+class CommandExpiredError(CommandError):
+    """The command's expiry passed before its frame could be written; it never was."""
+
+    reason = "expired"
 
 
 class InvalidCommandError(CommandError):
@@ -115,8 +155,15 @@ class _Pending:
     timeout: float
     command_id: str
     handle: CommandHandle
+    expires_at: float | None = None
+    """Clock time after which the frame must not be written (None: never expires)."""
     timer: IDelayedCall | None = None
+    """While waiting: the expiry timer; once written: the reply timeout."""
     done: bool = False
+
+
+def _always_idle() -> bool:
+    return True
 
 
 class CommandQueue:
@@ -129,6 +176,11 @@ class CommandQueue:
     :param max_depth: refuse a command with :class:`WriteQueueFullError` at this depth.
     :param metrics: where the depth gauge lives (``None``: no metrics).
     :param imei: for log events; set :attr:`imei` after login.
+    :param quiet: seconds without a received byte after which an idle connection may get
+        a command (see the module docstring); 0 writes as soon as the connection is idle.
+    :param settle: seconds after a timeout before the next command may be written.
+    :param connection_idle: True when no frame of the connection is queued, being
+        stored or partly received (the protocol's state; default: always idle).
     """
 
     _log = Logger()
@@ -143,6 +195,9 @@ class CommandQueue:
         max_depth: int = DEFAULT_MAX_DEPTH,
         metrics: CommandMetrics | None = None,
         imei: str = "",
+        quiet: float = DEFAULT_COMMAND_QUIET,
+        settle: float = DEFAULT_COMMAND_SETTLE,
+        connection_idle: Callable[[], bool] = _always_idle,
     ) -> None:
         self._writer = writer
         self._clock = clock
@@ -151,10 +206,18 @@ class CommandQueue:
         self.max_depth = max_depth
         self._metrics = metrics
         self.imei = imei
+        self.quiet = quiet
+        self.settle = settle
+        self._connection_idle = connection_idle
         self._chain: Deferred[None] = succeed(None)
         self._waiting: deque[_Pending] = deque()
         self._outstanding: _Pending | None = None
         self._closed = False
+        self._last_received = clock.seconds()
+        self._last_frame: float | None = None
+        self._frame_gap: float | None = None
+        self._settle_until = 0.0
+        self._wake: IDelayedCall | None = None
 
     @property
     def depth(self) -> int:
@@ -202,21 +265,28 @@ class CommandQueue:
         *,
         timeout: float | None = None,
         command_id: str = "",
+        expires_in: float | None = None,
     ) -> CommandHandle:
-        """Queue a complete codec 12/14 command frame; it is written when nothing is in flight.
+        """Queue a complete codec 12/14 command frame; it is written when nothing is in
+        flight and the device cannot mistake it for an ACK (see the module docstring).
 
         :param frame: the wrapped frame (``teltonika.wire.encode_command_frame``).
         :param codec_id: 0x0C or 0x0E: only a reply in the same codec resolves it.
         :param timeout: seconds to wait for the reply once written (default: the queue's).
         :param command_id: for log events.
+        :param expires_in: seconds from now after which the frame must not be written
+            (None: no expiry); a command still waiting then fails with
+            :class:`CommandExpiredError`.
         """
         handle = CommandHandle(Deferred(), Deferred(self._cancel))
+        now = self._clock.seconds()
         pending = _Pending(
             frame,
             codec_id,
             self.default_timeout if timeout is None else timeout,
             command_id,
             handle,
+            None if expires_in is None else now + expires_in,
         )
         if self._closed:
             self._reject(pending, SocketClosedError("the device socket is closed"))
@@ -236,7 +306,12 @@ class CommandQueue:
                 pending, WriteQueueFullError(f"{depth} commands already queued for this device")
             )
             return handle
+        if expires_in is not None and expires_in <= 0:
+            self._reject(pending, CommandExpiredError("the command expired before it was queued"))
+            return handle
         self._waiting.append(pending)
+        if expires_in is not None:
+            pending.timer = self._clock.callLater(expires_in, self._expired, pending)
         if self._metrics is not None:
             self._metrics.queue_depth.inc()
         if depth + 1 >= self.warn_depth:
@@ -248,6 +323,34 @@ class CommandQueue:
             )
         self._maybe_issue()
         return handle
+
+    def received(self) -> None:
+        """The protocol read bytes from the device: the quiet interval starts again."""
+        self._last_received = self._clock.seconds()
+
+    def frame_received(self, at: float) -> None:
+        """The device sent an AVL frame (received at clock time *at*): the interval since
+        its previous one is its current period."""
+        if self._last_frame is not None:
+            self._frame_gap = at - self._last_frame
+        self._last_frame = at
+
+    def _quiet_from(self, now: float) -> float:
+        """The earliest time from *now* on when the quiet path may write a command: after
+        ``quiet`` seconds without a byte, and outside the window in which the device's
+        next periodic frame is due (half a period to one and a half after its last)."""
+        at = max(now, self._last_received + self.quiet)
+        gap, last = self._frame_gap, self._last_frame
+        if gap is None or last is None or at <= last + gap / 2:
+            return at
+        return max(at, last + 1.5 * gap)
+
+    def ack_written(self) -> None:
+        """The protocol just wrote an ACK and the connection is idle: the one moment a
+        command frame reaches the device together with its ACK, before its next frame.
+        Call it in the same reactor turn as the ACK write."""
+        if self._waiting and self._outstanding is None:
+            self._maybe_issue(after_ack=True)
 
     def reply_received(self, message: DeviceMessage) -> bool:
         """Offer a decoded codec 12/14 device message to the outstanding command.
@@ -295,6 +398,7 @@ class CommandQueue:
         if self._closed:
             return
         self._closed = True
+        self._disarm()
         pending = ([self._outstanding] if self._outstanding is not None else []) + list(
             self._waiting
         )
@@ -308,11 +412,72 @@ class CommandQueue:
 
     # -- internals -------------------------------------------------------------------
 
-    def _maybe_issue(self) -> None:
-        while self._outstanding is None and self._waiting and not self._closed:
+    def _maybe_issue(self, *, after_ack: bool = False) -> None:
+        """Write the next waiting command if this is a moment the device cannot misread
+        it: after an ACK (*after_ack*) or after the quiet interval, the connection idle,
+        no settle interval running. Otherwise make sure a timer looks again later."""
+        if self._outstanding is not None or not self._waiting or self._closed:
+            self._disarm()
+            return
+        now = self._clock.seconds()
+        if now < self._settle_until:
+            self._arm(self._settle_until - now)
+            return
+        quiet_at = self._quiet_from(now)
+        if not after_ack and now < quiet_at:
+            self._arm(quiet_at - now)
+            return
+        if not self._connection_idle():
+            if not after_ack:
+                # A frame is queued, being stored or partly received: its ACK (or more
+                # bytes) will come; look again after another quiet interval regardless.
+                self._arm(max(self.quiet, MIN_RECHECK))
+            return
+        while self._waiting:
             pending = self._waiting.popleft()
+            if pending.expires_at is not None and pending.expires_at <= now:
+                self._expired(pending, waiting=False)
+                continue
+            self._disarm()
+            if pending.timer is not None and pending.timer.active():
+                pending.timer.cancel()  # the expiry timer: from now on the reply timeout
+            pending.timer = None
             self._outstanding = pending
             self.write(pending.frame).addCallback(self._written, pending)
+            return
+        self._disarm()
+
+    def _arm(self, delay: float) -> None:
+        """(Re)schedule the look at the waiting commands *delay* seconds from now."""
+        wake = self._wake
+        if wake is not None and wake.active():
+            wake.reset(delay)
+            return
+        self._wake = self._clock.callLater(delay, self._woken)
+
+    def _disarm(self) -> None:
+        wake, self._wake = self._wake, None
+        if wake is not None and wake.active():
+            wake.cancel()
+
+    def _woken(self) -> None:
+        self._wake = None
+        self._maybe_issue()
+
+    def _expired(self, pending: _Pending, *, waiting: bool = True) -> None:
+        """*pending*'s expiry passed before its frame was written: fail it, never write it."""
+        if pending.done:
+            return
+        if waiting:
+            self._waiting.remove(pending)
+        self._log.info(
+            "Command {command_id} for {imei} expired before it could be written",
+            command_id=pending.command_id,
+            imei=self.imei,
+        )
+        self._settle(pending)
+        pending.handle.written.callback(False)
+        pending.handle.reply.errback(CommandExpiredError("the command expired before delivery"))
 
     def _written(self, ok: bool, pending: _Pending) -> None:
         if pending.done:
@@ -325,6 +490,9 @@ class CommandQueue:
 
     def _timed_out(self, pending: _Pending) -> None:
         pending.timer = None
+        # A late reply to this command must not resolve the next one: keep the socket
+        # free of commands for a while, so such a reply finds nothing outstanding.
+        self._settle_until = self._clock.seconds() + self.settle
         self._log.warn(
             "Device {imei} did not answer command {command_id} within {timeout} s",
             imei=self.imei,

@@ -33,7 +33,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from teltonika.commands.messages import REGISTRY_KEY, heartbeat_key
+from teltonika.commands.messages import REGISTRY_KEY, InstanceSettings, heartbeat_key
 from teltonika.commands.metrics import CommandMetrics
 from teltonika.commands.scripts import REASSERT, UNREGISTER, run_script
 
@@ -55,6 +55,7 @@ class ConnectionRegistry:
         it reconnects instead of failing them, so without a timeout a login during a
         Redis outage would never be counted as a failure).
     :param timeout: seconds one Redis operation may take before it counts as failed.
+    :param settings: what the heartbeat value announces to senders (command timing).
     """
 
     _log = Logger()
@@ -69,7 +70,9 @@ class ConnectionRegistry:
         heartbeat_ttl: float = HEARTBEAT_TTL,
         clock: IReactorTime | None = None,
         timeout: float = OPERATION_TIMEOUT,
+        settings: InstanceSettings | None = None,
     ) -> None:
+        self.settings = settings if settings is not None else InstanceSettings()
         if clock is None:
             from twisted.internet import reactor
 
@@ -140,7 +143,7 @@ class ConnectionRegistry:
             await self._call(
                 self._redis.set,
                 self._heartbeat_key,
-                str(self._now_ms()),
+                self.settings.heartbeat_value(self._now_ms()),
                 expire=max(1, round(self.heartbeat_ttl)),
             )
         except Exception:

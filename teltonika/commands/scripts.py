@@ -8,6 +8,16 @@ may act on the same keys at the same moment:
 * ``SETTLE``: publish a command's terminal status *and* acknowledge/delete its stream
   entry in one step, so a crash between the two cannot produce a second terminal status;
   offline commands that failed for a retryable reason go back to wait for the next login.
+  It acts only while the entry is still pending in the group (``XACK`` answers 1), so
+  running it again is harmless: the consumer retries it after a failed call whose first
+  run may have happened (the connection dropped before the reply).
+* After an offline command goes back to wait because the session of its attempt is gone
+  (``socket_closed``, ``device_not_connected``, a janitor's ``instance_gone``), the device
+  may already be logged in again (a reconnect on the same or another instance that
+  collected the waiting list before the command was back): if the registry names a live
+  instance, that instance gets a ``flush`` entry and delivers it now. After a ``timeout``
+  or ``queue_full`` the same session is still there, so the command waits for the next
+  login, as before.
 * ``JANITOR_REGISTRY`` / ``JANITOR_STREAM``: act on a dead instance's keys only while its
   heartbeat is still absent (an instance restarting with the same id wins).
 * ``TAKE_OFFLINE``, ``STORE_OFFLINE``, ``EXPIRE_OFFLINE``: offline delivery.
@@ -23,7 +33,14 @@ from typing import Any, Final
 
 from twisted.internet.defer import Deferred
 
-from teltonika.commands.messages import RETRYABLE
+from teltonika.commands.messages import (
+    COMMANDS_VERSION,
+    REGISTRY_KEY,
+    RETRYABLE,
+    SESSION_GONE,
+    heartbeat_key,
+    outbound_stream,
+)
 
 _STATUS_LUA: Final = """
 local function status(id, imei, codec, st, reason, inst, now, attempt)
@@ -39,6 +56,16 @@ local function tomap(flat)
   local m = {}
   for i = 1, #flat, 2 do m[flat[i]] = flat[i + 1] end
   return m
+end
+"""
+
+_FLUSH_LUA: Final = f"""
+local function flush_if_online(id, imei)
+  local inst = redis.call('HGET', '{REGISTRY_KEY}', imei)
+  if inst and redis.call('EXISTS', '{heartbeat_key("")}' .. inst) == 1 then
+    redis.call('XADD', '{outbound_stream("")}' .. inst, '*', 'v', '{COMMANDS_VERSION}',
+               'kind', 'flush', 'id', id, 'imei', imei)
+  end
 end
 """
 
@@ -78,16 +105,26 @@ return n
 
 _RETRYABLE_LUA: Final = (
     "local RETRYABLE = {" + ", ".join(f"['{r}'] = true" for r in sorted(RETRYABLE)) + "}\n"
+    "local SESSION_GONE = {" + ", ".join(f"['{r}'] = true" for r in sorted(SESSION_GONE)) + "}\n"
 )
 
 SETTLE: Final = (
     _STATUS_LUA
+    + _FLUSH_LUA
     + _RETRYABLE_LUA
     + """
 -- KEYS[1] outbound stream, KEYS[2] responses, KEYS[3] offline hash, KEYS[4] offline list,
 -- KEYS[5] offline expiry zset
--- ARGV[1] group, ARGV[2] entry id ('' = none), ARGV[3] offline '1'/'', ARGV[4] now ms,
+-- ARGV[1] group, ARGV[2] entry id, ARGV[3] offline '1'/'', ARGV[4] now ms,
 -- ARGV[5] max attempts, ARGV[6] maxlen, ARGV[7..] status fields (flat)
+-- Returns 'status|reason' of what was published, or '' when nothing was.
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  -- not pending (any more): settled by an earlier run of this script, or the stream
+  -- was failed by a janitor (instance_gone): one terminal status only
+  redis.call('XDEL', KEYS[1], ARGV[2])
+  return ''
+end
+redis.call('XDEL', KEYS[1], ARGV[2])
 local fields = {}
 for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
 local m = tomap(fields)
@@ -95,35 +132,29 @@ local function set(name, value)
   for i = 1, #fields, 2 do if fields[i] == name then fields[i + 1] = value end end
 end
 local result = m['status']
-local skip = false
 if ARGV[3] == '1' then
   if redis.call('EXISTS', KEYS[3]) == 0 then
-    skip = true  -- already settled (expired, or a duplicate delivery)
-  else
-    if m['status'] == 'failed' and RETRYABLE[m['reason']] then
-      local exp = tonumber(redis.call('HGET', KEYS[3], 'expires_at_ms'))
-      local attempts = tonumber(redis.call('HGET', KEYS[3], 'attempts') or '0') or 0
-      if exp == nil or exp <= tonumber(ARGV[4]) then
-        set('reason', 'expired')
-      elseif attempts >= tonumber(ARGV[5]) then
-        set('reason', 'attempts_exhausted')
-      else
-        set('status', 'requeued')
-        result = 'requeued'
-        redis.call('RPUSH', KEYS[4], m['id'])
-      end
-    end
-    if result ~= 'requeued' then
-      redis.call('DEL', KEYS[3])
-      redis.call('ZREM', KEYS[5], m['id'])
+    return ''  -- already settled (expired, or a duplicate delivery)
+  end
+  if m['status'] == 'failed' and RETRYABLE[m['reason']] then
+    local exp = tonumber(redis.call('HGET', KEYS[3], 'expires_at_ms'))
+    local attempts = tonumber(redis.call('HGET', KEYS[3], 'attempts') or '0') or 0
+    if exp == nil or exp <= tonumber(ARGV[4]) then
+      set('reason', 'expired')
+    elseif attempts >= tonumber(ARGV[5]) then
+      set('reason', 'attempts_exhausted')
+    else
+      set('status', 'requeued')
+      result = 'requeued'
+      redis.call('RPUSH', KEYS[4], m['id'])
+      if SESSION_GONE[m['reason']] then flush_if_online(m['id'], m['imei']) end
     end
   end
+  if result ~= 'requeued' then
+    redis.call('DEL', KEYS[3])
+    redis.call('ZREM', KEYS[5], m['id'])
+  end
 end
-if ARGV[2] ~= '' then
-  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-  redis.call('XDEL', KEYS[1], ARGV[2])
-end
-if skip then return '' end
 publish(KEYS[2], ARGV[6], fields)
 local final = tomap(fields)
 return final['status'] .. '|' .. final['reason']
@@ -222,6 +253,7 @@ return n
 
 JANITOR_STREAM: Final = (
     _STATUS_LUA
+    + _FLUSH_LUA
     + """
 -- KEYS[1] the dead instance's outbound stream, KEYS[2] its heartbeat, KEYS[3] responses
 -- ARGV[1] dead instance id, ARGV[2] now ms, ARGV[3] maxlen, ARGV[4] this instance's id
@@ -232,13 +264,14 @@ for _, entry in ipairs(entries) do
   local f = tomap(entry[2])
   if f['kind'] ~= 'flush' and f['id'] then
     local codec = f['codec'] or '12'
-    if f['offline'] == '1' then
+    if f['offline'] == '1' and f['imei'] then
       local hkey = 'commands:offline:command:' .. f['id']
       if redis.call('EXISTS', hkey) == 1 then
         redis.call('RPUSH', 'commands:offline:' .. f['imei'], f['id'])
         local st = status(f['id'], f['imei'], codec, 'requeued', 'instance_gone', ARGV[4],
                           ARGV[2], f['attempt'])
         publish(KEYS[3], ARGV[3], st)
+        flush_if_online(f['id'], f['imei'])
         n = n + 1
       end
     else

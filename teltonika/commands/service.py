@@ -25,6 +25,7 @@ from twisted.logger import Logger
 
 from teltonika.commands.consumer import CommandConsumer
 from teltonika.commands.janitor import Janitor
+from teltonika.commands.messages import InstanceSettings
 from teltonika.commands.metrics import CommandMetrics
 from teltonika.commands.queue import CommandQueue
 from teltonika.commands.registry import ConnectionRegistry
@@ -79,6 +80,11 @@ class CommandPlane(MultiService):
             if self.running:
                 await self.stopService()  # type: ignore[no-untyped-call]
             await self.consumer.when_settled(SETTLE_WAIT)
+        except Exception:
+            _log.failure("Command plane shutdown step failed")
+        # Statuses Redis has not taken by now stay pending (re-read at the next start).
+        self.consumer.abandon()
+        try:
             await self.registry.unregister_all()
             await self.registry.stop_heartbeat()
             await self._reader.close()
@@ -116,6 +122,11 @@ def add_command_plane(server: Any, root: MultiService, options: Any) -> CommandP
         now_ms=now_ms,
         heartbeat_ttl=options["heartbeat-ttl"],
         clock=reactor,
+        settings=InstanceSettings(
+            command_timeout_s=options["command-timeout"],
+            command_quiet_s=options["command-quiet"],
+            command_settle_s=options["command-settle"],
+        ),
     )
     consumer = CommandConsumer(
         reader,

@@ -17,6 +17,7 @@ from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
 from teltonika.contract import TELEMETRY_STREAM
+from teltonika.processor.live.options import LiveOptions
 from teltonika.redis.connect import RedisURLError, parse_redis_url
 from teltonika.services.ops_http import DEFAULT_PROCESSOR_METRICS
 
@@ -55,8 +56,9 @@ _positive_float.coerceDoc = "Seconds, above 0."  # type: ignore[attr-defined]
 _non_negative_float.coerceDoc = "Seconds, 0 or more."  # type: ignore[attr-defined]
 
 
-class Options(usage.Options):
-    """Command line of ``twistd teltonika-processor``."""
+class Options(LiveOptions):
+    """Command line of ``twistd teltonika-processor`` (the ``--live*`` options come from
+    :class:`~teltonika.processor.live.options.LiveOptions`)."""
 
     synopsis = "[options]"
     longdesc = (
@@ -246,6 +248,7 @@ class Options(usage.Options):
                 f"({claim_idle:g} s), so that a consumer is retired only after its entries "
                 "could be claimed"
             )
+        self.check_live()
 
 
 def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IService:
@@ -343,4 +346,16 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
     )
     processor.setServiceParent(top)  # type: ignore[no-untyped-call]
     top.processor = processor  # type: ignore[attr-defined]
+    if options.get("live"):
+        from teltonika.processor.live.service import live_service
+
+        live_service(  # type: ignore[no-untyped-call]
+            options,
+            registry,
+            reactor,
+            connect_redis=lambda: reader_connection(address, reply_timeout=timeout),
+            stream=options["stream"],
+            instance=options["consumer"],
+            state_size=int(options["state-size"]),
+        ).setServiceParent(top)
     return top

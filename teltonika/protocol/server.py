@@ -1,6 +1,7 @@
 """The device connection: login, frames in order, ACK only after the sink confirmed.
 
-The exchange (TELTONIKA.md sections 2, 3 and 9)::
+The exchange (docs/protocol.rst, sections 'The TCP session', 'AVL data frame' and 'Reply
+summary')::
 
     device                                  server
       | -- 000F + 15 ASCII digits (login) --> |  validate, ask the device authority
@@ -23,6 +24,9 @@ Invariants:
   command queue hooks in there).
 * Invalid input is never ACKed: one warn event (hex truncated), one count by ``reason``,
   and the connection is closed (there is no resynchronisation marker in the stream).
+  A data frame before the IMEI packet is refused at its header, before its body is read.
+* A closed connection gives up its socket: after ``close_grace`` seconds a peer that does
+  not read what is left to send (so the close cannot finish) is aborted.
 
 The Protocol holds only per-connection state; decoding is the codec registry's job,
 cutting the stream the pure :class:`~teltonika.wire.framer.Framer`'s, storing the sink's.
@@ -42,6 +46,8 @@ from twisted.python.failure import Failure
 
 from teltonika.commands.metrics import CommandMetrics
 from teltonika.commands.queue import (
+    DEFAULT_COMMAND_QUIET,
+    DEFAULT_COMMAND_SETTLE,
     DEFAULT_COMMAND_TIMEOUT,
     DEFAULT_MAX_DEPTH,
     DEFAULT_WARN_DEPTH,
@@ -72,9 +78,14 @@ MINUTE: Final = 60 * SECONDS
 DEFAULT_LOGIN_TIMEOUT: Final = 30 * SECONDS
 DEFAULT_IDLE_TIMEOUT: Final = 20 * MINUTE
 DEFAULT_SINK_TIMEOUT: Final = 15 * SECONDS
-"""Well inside the device's default 30 s response timeout (TELTONIKA.md 2.6)."""
+"""Well inside the device's default 30 s response timeout (docs/protocol.rst, section
+'Device timers')."""
 DEFAULT_MAX_CONNECTIONS: Final = 20_000
 DEFAULT_MAX_PENDING_FRAMES: Final = 8
+DEFAULT_CLOSE_GRACE: Final = 5 * SECONDS
+"""How long a closing connection may take to flush what is left to write (a last ACK, a
+``00``) before it is aborted: a peer that stops reading would otherwise keep its socket
+and its ``--max-connections`` slot for ever."""
 HEX_LOG_BYTES: Final = 64
 """Bytes of a rejected frame shown (as hex) in its log event."""
 
@@ -94,6 +105,10 @@ class ServerSettings:
     :ivar command_timeout: seconds a command waits for the device's reply by default.
     :ivar command_queue_warn: queued commands on one socket that log a warning.
     :ivar command_queue_max: queued commands on one socket beyond which commands are refused.
+    :ivar command_quiet: seconds without a received byte after which an idle connection
+        may get a command (otherwise only right after an ACK).
+    :ivar command_settle: seconds after a command timed out before the next is written.
+    :ivar close_grace: seconds a closing connection may take before it is aborted.
     """
 
     instance_id: str = "teltonika"
@@ -107,6 +122,9 @@ class ServerSettings:
     command_timeout: float = DEFAULT_COMMAND_TIMEOUT
     command_queue_warn: int = DEFAULT_WARN_DEPTH
     command_queue_max: int = DEFAULT_MAX_DEPTH
+    command_quiet: float = DEFAULT_COMMAND_QUIET
+    command_settle: float = DEFAULT_COMMAND_SETTLE
+    close_grace: float = DEFAULT_CLOSE_GRACE
 
 
 def truncated_hex(data: bytes, limit: int = HEX_LOG_BYTES) -> str:
@@ -128,7 +146,8 @@ class DeviceProtocol(Protocol):
         self.factory = factory
         self.imei: str | None = None
         self.peer = ""
-        self._framer = Framer(factory.settings.max_frame)
+        self._peer_final = False
+        self._framer = Framer(factory.settings.max_frame, login_first=True)
         self._queue: deque[Frame] = deque()
         self._busy = False
         self._pumping = False
@@ -137,9 +156,11 @@ class DeviceProtocol(Protocol):
         self._closing = False
         self._login_timer: IDelayedCall | None = None
         self._idle_timer: IDelayedCall | None = None
+        self._abort_timer: IDelayedCall | None = None
         self._idle_waiters: list[Deferred[None]] = []
         self._lost_waiters: list[Deferred[None]] = []
         self._lost = False
+        self._acked_in_turn = False
         settings = factory.settings
         self.commands = CommandQueue(
             _SocketWriter(self),
@@ -148,6 +169,9 @@ class DeviceProtocol(Protocol):
             warn_depth=settings.command_queue_warn,
             max_depth=settings.command_queue_max,
             metrics=factory.command_metrics,
+            quiet=settings.command_quiet,
+            settle=settings.command_settle,
+            connection_idle=self._idle_for_commands,
         )
         """Every write to the device, and the one outstanding command (seed 000)."""
 
@@ -170,6 +194,14 @@ class DeviceProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
+        if not self._peer_final:
+            # Behind a PROXY-protocol endpoint (haproxy:tcp:...) the transport knows the
+            # device's address only once the header is parsed, which is before the first
+            # byte reaches us; in connectionMade it still gives the balancer's.
+            self._peer_final = True
+            assert self.transport is not None
+            self.peer = _describe(self.transport.getPeer())
+        self.commands.received()
         self.factory.metrics.bytes_in.labels("tcp").inc(len(data))
         timer = self._idle_timer
         if timer is not None and timer.active():
@@ -199,10 +231,10 @@ class DeviceProtocol(Protocol):
         self._closing = True
         self._lost = True
         self._queue.clear()
-        for timer in (self._login_timer, self._idle_timer):
+        for timer in (self._login_timer, self._idle_timer, self._abort_timer):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._login_timer = self._idle_timer = None
+        self._login_timer = self._idle_timer = self._abort_timer = None
         self.commands.close()
         if self.imei is not None:
             self._log.info(
@@ -235,13 +267,18 @@ class DeviceProtocol(Protocol):
         transport.write(data)
 
     def close(self) -> None:
-        """Close after what was written is flushed; drop frames not yet handled."""
+        """Close after what was written is flushed; drop frames not yet handled. A peer
+        that does not read the rest within ``close_grace`` seconds is aborted."""
         if self._lost:
             return
         self._closing = True
         self._queue.clear()
         if self.transport is not None:
             self.transport.loseConnection()
+            if self._abort_timer is None:
+                self._abort_timer = self.factory.clock.callLater(
+                    self.factory.settings.close_grace, self._close_timed_out
+                )
 
     # -- frame queue -------------------------------------------------------------------
 
@@ -254,6 +291,7 @@ class DeviceProtocol(Protocol):
         try:
             queue = self._queue
             while not self._busy and queue and not self._closing:
+                self._acked_in_turn = False  # this frame is now the one awaiting an ACK
                 d = self._handle(queue.popleft())
                 if d is not None:
                     self._busy = True
@@ -271,6 +309,22 @@ class DeviceProtocol(Protocol):
             self.transport.resumeProducing()  # type: ignore[attr-defined]
         if not self._busy and not self._queue:
             self._fire_idle()
+            if self._acked_in_turn:
+                # The ACK just written is the one moment a command cannot be misread.
+                self._acked_in_turn = False
+                self.commands.ack_written()
+
+    def _idle_for_commands(self) -> bool:
+        """Whether a command frame may follow: logged in, no frame queued or being
+        handled, and no partial frame buffered (a device that sent one more frame is
+        awaiting that frame's ACK)."""
+        return (
+            self.imei is not None
+            and not self._closing
+            and not self._busy
+            and not self._queue
+            and self._framer.buffered == 0
+        )
 
     def _frame_done(self, result: object) -> None:
         self._busy = False
@@ -383,6 +437,7 @@ class DeviceProtocol(Protocol):
         metrics.frames.labels(codec.name).inc()
         metrics.records.labels(codec.name).inc(count)
         started = clock.seconds()
+        self.commands.frame_received(started)
         assert self.imei is not None
         d: Deferred[None] = maybeDeferred(
             factory.sink.publish, self.imei, codec.name, packet.records, int(started * 1000)
@@ -404,6 +459,7 @@ class DeviceProtocol(Protocol):
         if ack is None or self._lost:
             return
         self.write_to_device(ack)
+        self._acked_in_turn = True
         factory.metrics.acks.labels("tcp").inc()
         factory.metrics.acked_records.inc(count)
 
@@ -490,6 +546,18 @@ class DeviceProtocol(Protocol):
             self._log.info("No login from {peer} in time; closing", peer=self.peer)
             self.close()
 
+    def _close_timed_out(self) -> None:
+        self._abort_timer = None
+        if self._lost or self.transport is None:
+            return
+        self.factory.metrics.timeouts.labels("close").inc()
+        self._log.info(
+            "Connection from {imei} ({peer}) did not close in time (peer not reading); aborting",
+            imei=self.imei,
+            peer=self.peer,
+        )
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
     def _idle_timed_out(self) -> None:
         self._idle_timer = None
         if not self._closing:
@@ -546,6 +614,8 @@ def _describe(address: IAddress | None) -> str:
     port = getattr(address, "port", None)
     if host is None:
         return str(address)
+    if ":" in host:  # IPv6: brackets keep the port apart
+        return f"[{host}]:{port}"
     return f"{host}:{port}"
 
 

@@ -15,8 +15,10 @@ from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
 import attrs
+from twisted.logger import Logger
 
 DEFAULT_REPLY_TIMEOUT: Final = 10.0
+_log = Logger()
 
 
 class RedisURLError(ValueError):
@@ -105,7 +107,7 @@ def lazy_connection(
     """
     import txredisapi
 
-    return txredisapi.makeConnection(
+    connection = txredisapi.makeConnection(
         address.host,
         address.port,
         address.db,
@@ -120,3 +122,15 @@ def lazy_connection(
         False,  # convertNumbers
         address.username,
     )
+    # txredisapi fails its factory's "connected" Deferred when a connection is lost in the
+    # middle of AUTH or SELECT (a Redis that accepts but never answers). A lazy connection
+    # has nobody waiting on it, so the failure would only surface as "Unhandled error in
+    # Deferred"; the commands sent meanwhile fail on their own and their callers say so.
+    connected = getattr(getattr(connection, "_factory", None), "deferred", None)
+    if connected is not None:
+        connected.addErrback(_connection_setup_failed)
+    return connection
+
+
+def _connection_setup_failed(failure: Any) -> None:
+    _log.info("Redis connection set-up failed: {error}", error=failure.getErrorMessage())

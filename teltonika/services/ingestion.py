@@ -4,10 +4,10 @@
 them, but a safe shutdown is a sequence, so :class:`IngestionService` runs it in its own
 ``stopService`` and returns one Deferred that twistd waits for:
 
-1. stop listening (TCP and UDP): no new devices;
+1. stop listening on TCP and stop reading UDP datagrams: no new devices or data;
 2. stop reading on every connection and let the frames already received finish and be
-   ACKed (bounded by ``shutdown_timeout``);
-3. close every connection (ACKs already written are flushed first);
+   ACKed, the datagrams already received too (bounded by ``shutdown_timeout``);
+3. close every connection (ACKs already written are flushed first), then the UDP port;
 4. flush and close the sink (a last group commit / pipeline), then stop the authority.
 
 Start-up: the listeners bind in ``privilegedStartService`` (so a taken port makes twistd
@@ -33,6 +33,7 @@ from twisted.logger import Logger
 
 from teltonika.authority import FileAuthority
 from teltonika.protocol.server import DeviceFactory
+from teltonika.udp import DeviceDatagramProtocol
 
 SECONDS: Final = 1.0
 DEFAULT_SHUTDOWN_TIMEOUT: Final = 10 * SECONDS
@@ -49,6 +50,8 @@ class ManagedSink(Protocol):
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
+
+    def ready(self) -> bool: ...
 
 
 FatalHandler = Callable[[str], None]
@@ -82,7 +85,9 @@ def exit_on_fatal(reactor: IReactorCore) -> FatalHandler:
 class IngestionService(Service):
     """Owns the device listeners, the sink lifecycle and the ordered shutdown.
 
-    :param listeners: services that bind device ports (TCP strports service, UDP server).
+    :param listeners: services that bind TCP device ports (strports services).
+    :param udp: the UDP listener service and its protocol, when ``--udp-port`` is given;
+        the port stays open until the datagrams already received are answered.
     :param on_fatal: called when the sink cannot start.
     """
 
@@ -94,6 +99,7 @@ class IngestionService(Service):
         sink: ManagedSink,
         listeners: Sequence[IService],
         *,
+        udp: tuple[IService, DeviceDatagramProtocol] | None = None,
         clock: IReactorTime,
         on_fatal: FatalHandler,
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
@@ -105,6 +111,7 @@ class IngestionService(Service):
         self.factory = factory
         self.sink = sink
         self.listeners = list(listeners)
+        self.udp = udp
         self.clock = clock
         self.on_fatal = on_fatal
         self.shutdown_timeout = shutdown_timeout
@@ -115,9 +122,12 @@ class IngestionService(Service):
         self.started: Deferred[None] | None = None
         self._old_sighup: Any = None
 
+    def _all_listeners(self) -> list[IService]:
+        return self.listeners + ([self.udp[0]] if self.udp is not None else [])
+
     def privilegedStartService(self) -> None:
         Service.privilegedStartService(self)
-        for listener in self.listeners:
+        for listener in self._all_listeners():
             try:
                 listener.privilegedStartService()
             except CannotListenError as error:
@@ -127,7 +137,7 @@ class IngestionService(Service):
 
     def startService(self) -> None:
         Service.startService(self)
-        for listener in self.listeners:
+        for listener in self._all_listeners():
             listener.startService()
         if self.file_authority is not None:
             self.file_authority.start()
@@ -172,9 +182,15 @@ class IngestionService(Service):
         for listener in reversed(self.listeners):
             if listener.running:
                 await _maybe(listener.stopService())
+        if self.udp is not None:
+            self.udp[1].stop_reading()
         factory.stop_accepting()
+        udp_drained = ensureDeferred(self._drain_datagrams())
         await factory.drain(self.shutdown_timeout)
+        await udp_drained
         await factory.close_all(self.shutdown_timeout)
+        if self.udp is not None and self.udp[0].running:
+            await _maybe(self.udp[0].stopService())
         try:
             await _within(self.sink.close(), self.shutdown_timeout, self.clock)
         except Exception as error:
@@ -191,6 +207,21 @@ class IngestionService(Service):
             except Exception as error:
                 self._log.warn("A shutdown step failed: {error}", error=str(error))
         self._log.info("Shutdown complete")
+
+    async def _drain_datagrams(self) -> None:
+        """Wait (at most ``shutdown_timeout``) until every datagram already received is
+        answered; those left are never ACKed and their devices send them again."""
+        if self.udp is None:
+            return
+        datagrams = self.udp[1]
+        try:
+            await _within(datagrams.when_idle(), self.shutdown_timeout, self.clock)
+        except Exception:
+            self._log.warn(
+                "{count} datagrams still waited for the sink at shutdown; not ACKed, their "
+                "devices resend them",
+                count=datagrams.in_flight,
+            )
 
 
 async def _within(result: Any, timeout: float, clock: IReactorTime) -> Any:

@@ -7,6 +7,9 @@ invariant 1), so the default endpoint listens on loopback.
 * ``/healthz`` — 200 while the process runs (liveness);
 * ``/readyz`` — 200 when every readiness check passes, else 503 with the failing checks
   (for example "sink: redis unreachable"), so a load balancer stops sending devices.
+
+A port that is taken (a second instance on one host) stops the start with one line that
+names the endpoint and the option to change, as a taken device port does.
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.twisted import MetricsResource
-from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorCore
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -84,12 +90,51 @@ def ops_site(registry: CollectorRegistry, checks: Mapping[str, ReadinessCheck]) 
     return site
 
 
+class OpsListener(StreamServerEndpointService):
+    """The ops endpoint's listener: binds in ``privilegedStartService`` (as
+    ``strports.service`` does), and when the port is taken logs one critical line naming
+    the endpoint and *option*, then exits with status 1 instead of a traceback.
+
+    :param description: the strports description (named in the message).
+    :param option: the command-line option that sets it.
+    """
+
+    _log = Logger()
+    _raiseSynchronously = True  # noqa: N815 (Twisted name: raise a bind error at once)
+
+    def __init__(self, description: str, factory: Site, reactor: IReactorCore, option: str) -> None:
+        endpoint = serverFromString(reactor, description)
+        super().__init__(endpoint, factory)  # type: ignore[no-untyped-call]
+        self.description = description
+        self.option = option
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()  # type: ignore[no-untyped-call]
+        except CannotListenError as error:
+            self._log.critical(
+                "Cannot listen for /metrics on {endpoint}: {error}. Choose another port with "
+                "{option} (or {option} off)",
+                endpoint=self.description,
+                error=str(error),
+                option=self.option,
+            )
+            raise SystemExit(1) from None
+
+
 def ops_service(
     description: str,
     registry: CollectorRegistry,
     checks: Mapping[str, ReadinessCheck],
     reactor: IReactorCore | None = None,
+    option: str = "--metrics",
 ) -> IService:
-    """A service listening on *description* (a strports string) with :func:`ops_site`."""
-    service: IService = strports.service(description, ops_site(registry, checks), reactor=reactor)
-    return service
+    """A service listening on *description* (a strports string) with :func:`ops_site`.
+
+    :param option: the option that set *description*, named when the port is taken.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    return OpsListener(description, ops_site(registry, checks), reactor, option)

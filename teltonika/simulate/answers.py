@@ -1,8 +1,9 @@
 """What a simulated FMB tracker answers to SMS/GPRS commands (codec 12 and 14 payloads).
 
 The texts follow the shapes of the replies documented on the Teltonika wiki
-(TELTONIKA.md section 5.2 and 5.4): ``getinfo`` -> ``RTC:... Init:... UpTime:...``,
-``getver`` -> ``Ver:... GPS:... Hw:... IMEI:...``, ``getio`` -> ``DI1:... DO1:...``.
+(docs/protocol.rst, sections 'Codec 12' and 'Codec 14'): ``getinfo`` -> ``RTC:...
+Init:... UpTime:...``, ``getver`` -> ``Ver:... GPS:... Hw:... IMEI:...``, ``getio`` ->
+``DI1:... DO1:...``.
 ``setdigout`` changes the device's digital outputs, so a later ``getio`` or ``getstatus``
 shows the new state, as on a real device. An unknown command gets a short text reply
 rather than silence, so a server's command path is always exercised end to end.

@@ -377,7 +377,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"never acked (first): {s['never_acked_sample']}")
     lines.append(
         f"broken promises {s['broken_promises']}  (wrong ACK {s['wrong_ack']}, corrupt ACKed "
-        f"{s['corrupt_acked']}, unexpected bytes {s['unexpected_bytes']})"
+        f"{s['corrupt_acked']}, unexpected bytes {s['unexpected_bytes']}, command in place "
+        f"of an ACK {s['command_in_place_of_ack']})"
     )
     for violation in s["violations"]:
         lines.append(f"  ! {violation}")

@@ -1,6 +1,7 @@
 """One simulated tracker on TCP: a state machine behind a thin Protocol.
 
-The exchange a device runs (TELTONIKA.md sections 2, 3.3, 5.6)::
+The exchange a device runs (docs/protocol.rst, sections 'The TCP session', 'ACK and
+retransmission' and 'Commands on a live socket')::
 
     connect -> IMEI packet -> 01 -> [AVL frame -> u32 ACK]* ... FF keepalives when idle
                               00 -> close, come back after a backoff
@@ -16,9 +17,14 @@ What makes it a *device* rather than a load generator:
   intact frame is sent.
 
 The server's side of the stream is not self-delimiting: an ACK is four bare bytes and a
-command frame starts with four zero bytes. Like a device, we read four bytes as the ACK
-when one is awaited, unless they are followed by a plausible message-codec header (four
-lone zero bytes wait :data:`AMBIGUITY_S` for such a header before counting as ACK 0).
+command frame starts with four zero bytes. Like the firmware, the device is strictly
+sequential: while it awaits an ACK it reads the next four bytes as that ACK. A command
+frame there (four zero bytes followed by a message-codec header) is a broken promise,
+``command_in_place_of_ack``: a real tracker would read "ACK 0", resend, and take the
+rest for garbage. (Four lone zero bytes wait :data:`AMBIGUITY_S` for such a header
+before counting as ACK 0.) A command in the same read as the ACK, right behind it, is
+what a server may send: the device finishes reading what it received before it sends its
+next frame.
 """
 
 from __future__ import annotations
@@ -108,6 +114,8 @@ class InFlight:
     sent_at: float = 0.0
     attempts: int = 0
     last_corrupt: bool = False
+    awaiting_ack: bool = False
+    """Sent on this connection and not answered yet: the next 4 bytes are its ACK."""
 
 
 def corrupt_frame(frame: bytes) -> bytes:
@@ -152,6 +160,8 @@ class Device:
         self.generating = False
         self._rx = b""
         self._dropping = False
+        self._reading = False
+        self._after_read: list[Callable[[], None]] = []
         self._backoff = config.backoff_initial_s
         self._last_write = 0.0
         self._tick_call: IDelayedCall | None = None
@@ -251,6 +261,9 @@ class Device:
         """The link went down (either side): keep the records, reconnect after a backoff."""
         self.transport = None
         self._rx = b""
+        self._after_read.clear()
+        if self.inflight is not None:
+            self.inflight.awaiting_ack = False  # resent after the next login
         for name in ("_ack_call", "_keepalive_call", "_resend_call", "_ambiguous_call"):
             self._cancel(name)
         if self.state is State.STOPPED:
@@ -321,6 +334,7 @@ class Device:
         else:
             self._write(inflight.frame)
         inflight.sent_at = self.clock.seconds()
+        inflight.awaiting_ack = True
         self._arm_ack_timer()
 
     def _resend_later(self) -> None:
@@ -363,14 +377,34 @@ class Device:
     # -- receiving --------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        """Bytes from the server: login reply, ACKs and command frames, in any chunking."""
+        """Bytes from the server: login reply, ACKs and command frames, in any chunking.
+
+        Frames the device decides to send while reading go out once the whole read is
+        consumed (a command right behind its ACK is read before the next frame leaves).
+        """
         self._cancel("_ambiguous_call")
         if self._dropping:
             return
         self._rx += data
-        while self._rx and not self._dropping:
-            if not self._consume_one():
+        self._reading = True
+        try:
+            while self._rx and not self._dropping:
+                if not self._consume_one():
+                    break
+        finally:
+            self._reading = False
+        actions, self._after_read = self._after_read, []
+        for action in actions:
+            if self._dropping or self.state is not State.READY:
                 break
+            action()
+
+    def _soon(self, action: Callable[[], None]) -> None:
+        """Run *action* now, or after the read being consumed."""
+        if self._reading:
+            self._after_read.append(action)
+        else:
+            action()
 
     def _consume_one(self) -> bool:
         """Handle one item at the front of the receive buffer; False when more is needed."""
@@ -379,30 +413,41 @@ class Device:
             self._rx = buf[1:]
             self._login_reply(buf[0])
             return True
-        awaiting = self.inflight is not None and self.inflight.attempts > 0
-        if not awaiting and buf[0] != 0:
-            self._unexpected(buf[:16], "bytes while no ACK was awaited")
-            return False
-        if len(buf) < 4:
-            return False
-        if buf[:4] == _PREAMBLE:
-            command = self._looks_like_command(buf, awaiting)
-            if command is None:
-                if awaiting and self._ambiguous_call is None:
-                    self._ambiguous_call = self.clock.callLater(AMBIGUITY_S, self._ack_zero)
+        awaiting = self._awaiting_ack()
+        if awaiting:
+            if len(buf) < 4:
                 return False
-            if command:
-                total = int.from_bytes(buf[4:8], "big") + 12
-                if len(buf) < total:
+            if buf[:4] == _PREAMBLE:
+                command = self._looks_like_command(buf, awaiting)
+                if command is None:
+                    if self._ambiguous_call is None:
+                        self._ambiguous_call = self.clock.callLater(AMBIGUITY_S, self._ack_zero)
                     return False
-                self._rx = buf[total:]
-                self._command_frame(buf[:total])
-                return True
-        if not awaiting:
+                if command:
+                    self.ledger.violation(
+                        "command_in_place_of_ack",
+                        f"{self.imei}: server sent a command frame while the device awaited "
+                        f"an ACK: {buf[:16].hex()}",
+                    )
+                    self._drop()
+                    return False
+            self._rx = buf[4:]
+            self._ack(int.from_bytes(buf[:4], "big"))
+            return True
+        if buf[0] != 0 or (len(buf) >= 4 and buf[:4] != _PREAMBLE):
             self._unexpected(buf[:16], "bytes while no ACK was awaited")
             return False
-        self._rx = buf[4:]
-        self._ack(int.from_bytes(buf[:4], "big"))
+        command = self._looks_like_command(buf, awaiting)
+        if command is None:
+            return False
+        if not command:
+            self._unexpected(buf[:16], "bytes while no ACK was awaited")
+            return False
+        total = int.from_bytes(buf[4:8], "big") + 12
+        if len(buf) < total:
+            return False
+        self._rx = buf[total:]
+        self._command_frame(buf[:total])
         return True
 
     def _looks_like_command(self, buf: bytes, awaiting: bool) -> bool | None:
@@ -422,12 +467,15 @@ class Device:
     def _ack_zero(self) -> None:
         """Nothing followed four zero bytes while an ACK was awaited: it was an ACK of 0."""
         self._ambiguous_call = None
-        awaiting = self.inflight is not None and self.inflight.attempts > 0
+        awaiting = self._awaiting_ack()
         if self._dropping or not awaiting or self._rx[:4] != _PREAMBLE:
             return
         self._rx = self._rx[4:]
         self._ack(0)
         self.data_received(b"")
+
+    def _awaiting_ack(self) -> bool:
+        return self.inflight is not None and self.inflight.awaiting_ack
 
     def _unexpected(self, data: bytes, what: str) -> None:
         self.ledger.violation("unexpected_bytes", f"{self.imei}: server sent {what}: {data.hex()}")
@@ -441,25 +489,26 @@ class Device:
             self.state = State.READY
             self._arm_keepalive()
             if self.inflight is not None:
-                self._send_inflight()
+                self._soon(self._send_inflight)
             else:
-                self._maybe_send()
+                self._soon(self._maybe_send)
         else:
             self.ledger.count("logins_rejected")
             self._drop()  # stays out of READY; connection_lost reconnects
 
     def _ack(self, count: int) -> None:
         inflight = self.inflight
-        if inflight is None or not inflight.attempts:
+        if inflight is None or not inflight.awaiting_ack:
             self._unexpected(count.to_bytes(4, "big"), "an ACK while none was awaited")
             return
+        inflight.awaiting_ack = False
         self._cancel("_ack_call")
         sent = len(inflight.records)
         if inflight.corrupt:
             if count == 0:
                 self.ledger.count("corrupt_rejected")
                 inflight.corrupt = False
-                self._send_inflight()
+                self._soon(self._send_inflight)
                 return
             self.ledger.violation(
                 "corrupt_acked",
@@ -476,9 +525,9 @@ class Device:
             self.inflight = None
             self._backoff = self.config.backoff_initial_s
             if self.generating and self.config.interval_s == 0 and not self.buffer:
-                self._tick()  # closed loop: log the next frame now (it sends itself)
+                self._soon(self._tick)  # closed loop: log the next frame now (it sends itself)
                 return
-            self._maybe_send()
+            self._soon(self._maybe_send)
             return
         if count == 0:
             self.ledger.count("rejected")

@@ -10,6 +10,8 @@ Promises the server can break (each is a *violation*, and makes the run exit non
 * ``wrong_ack``: an ACK count that is neither the number of records sent nor 0;
 * ``corrupt_acked``: a non-zero ACK for a frame sent corrupt on purpose (``--corrupt-rate``);
 * ``unexpected_bytes``: bytes that are neither an ACK we wait for nor a command frame;
+* ``command_in_place_of_ack``: a command frame where the device awaited an ACK (a tracker
+  reads its first four bytes as "ACK 0" and the rest as garbage);
 * ``acked_missing``: (from the verify step) an ACKed record absent from the sink.
 """
 
@@ -50,10 +52,11 @@ COUNTERS: Final = (
     "wrong_ack",
     "corrupt_acked",
     "unexpected_bytes",
+    "command_in_place_of_ack",
 )
 """Counter names; each is a key of the summary."""
 
-VIOLATIONS: Final = ("wrong_ack", "corrupt_acked", "unexpected_bytes")
+VIOLATIONS: Final = ("wrong_ack", "corrupt_acked", "unexpected_bytes", "command_in_place_of_ack")
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:

@@ -2,9 +2,10 @@
 
 Each simulated device drives: trips with the ignition on (speed varying, heading drifting,
 odometer growing) alternate with parked periods (ignition off, speed 0, external voltage
-lower, no movement). Records carry the IO elements real fleets send most (TELTONIKA.md
-section 4, the catalogue): 239 ignition, 240 movement, 21 GSM signal, 66 external voltage
-(mV), 67 battery voltage (mV), 16 total odometer (m), 199 trip odometer (m), 24 speed (km/h);
+lower, no movement). Records carry the IO elements real fleets send most
+(docs/protocol.rst, section 'AVL record', and the catalogue): 239 ignition, 240 movement,
+21 GSM signal, 66 external voltage (mV), 67 battery voltage (mV), 16 total odometer (m),
+199 trip odometer (m), 24 speed (km/h);
 codec 8 Extended adds an NX element (id 385, beacon data) and an id above 255. A change of
 ignition produces an eventual record (event IO 239, priority 1) as a device does.
 

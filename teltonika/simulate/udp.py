@@ -1,4 +1,4 @@
-"""One simulated tracker on the UDP channel (TELTONIKA.md section 6).
+"""One simulated tracker on the UDP channel (docs/protocol.rst, section 'UDP channel').
 
 Each datagram carries the IMEI, a packet id and an AVL packet id; the server answers
 ``0005 <packet id> 01 <AVL packet id> <accepted>``. As on TCP, records stay buffered until

@@ -10,21 +10,39 @@ are joined into one ``write`` + ``fsync``, so a thousand connections share one f
 The blocking calls run on one dedicated thread (never the reactor thread, and never
 Twisted's shared pool, where they would queue behind unrelated work); one thread is
 enough because batches are written strictly one after the other.
+
+What the files promise, and where it is re-checked:
+
+* Opening a file repairs a torn tail: a crash in the middle of ``write`` leaves half a
+  line, and the first line appended after the restart would be glued onto it (so the
+  first record ACKed after the restart would sit inside an unreadable line). A non-empty
+  file whose last byte is not a newline gets one; the fragment itself stays, readers skip
+  it. A file the sink creates has its directory fsynced, or the new file's name itself
+  might not survive a power loss.
+* After a failed write (``ENOSPC``, ``EIO``) the sink is not ready: frames are refused at
+  once and ``/readyz`` answers 503. Every ``probe_interval`` a probe writes and fsyncs one
+  newline into each file whose last write failed (that also ends its torn line); when it
+  succeeds the sink is ready again.
+* The writer thread is a daemon thread: a write stuck in a stalled disk cannot keep the
+  process alive once the reactor stopped, so shutdown keeps its bound whatever the disk does.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import orjson
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from teltonika.contract import json_line
@@ -34,12 +52,14 @@ from teltonika.sinks import SinkUnavailableError
 from teltonika.sinks.batch import Batcher
 from teltonika.wire.records import AVLRecord
 
-R = TypeVar("R")
 RunInThread = Callable[..., "Deferred[Any]"]
 """``run(f, *args) -> Deferred``: run a blocking call off the reactor thread."""
 
+SECONDS: Final = 1.0
 DEFAULT_OUTPUT: Final = "teltonika-records.jsonl"
 DEFAULT_MAX_PENDING_RECORDS: Final = 100_000
+DEFAULT_PROBE_INTERVAL: Final = 1 * SECONDS
+_TAIL_CHUNK: Final = 64 * 1024
 
 
 def messages_path(path: Path) -> Path:
@@ -47,19 +67,71 @@ def messages_path(path: Path) -> Path:
     return path.with_name(path.stem + ".messages.jsonl")
 
 
+def fsync_directory(path: Path) -> None:
+    """fsync the directory *path*, making the names of files created in it durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class _AppendFile:
-    """A file opened for appending whose writes are fsynced (used from one thread only)."""
+    """A file opened for appending whose writes are fsynced (used from one thread only).
+
+    Opening it creates it (and fsyncs its directory) or repairs a torn tail.
+
+    :ivar torn_fragment: length of the unterminated last line found at open (0: none).
+    :ivar torn: the last write failed, so the file may end in half a line.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         self.torn = False
+        self.torn_fragment = 0
+        created = not path.exists()  # one process opens it, at start: no race to fear
+        self.fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            if created:
+                # where the new name lives (the target's directory, if *path* is a symlink)
+                fsync_directory(Path(os.path.realpath(path)).parent)
+            else:
+                self.torn_fragment = self._repair_tail()
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _repair_tail(self) -> int:
+        """End a torn last line with a newline; return the fragment's length (0: none)."""
+        info = os.fstat(self.fd)
+        size = info.st_size
+        if not stat.S_ISREG(info.st_mode) or size == 0:
+            return 0
+        if os.pread(self.fd, 1, size - 1) == b"\n":
+            return 0
+        fragment = size
+        end = size
+        while end > 0:
+            start = max(0, end - _TAIL_CHUNK)
+            newline = os.pread(self.fd, end - start, start).rfind(b"\n")
+            if newline >= 0:
+                fragment = size - (start + newline + 1)
+                break
+            end = start
+        self._write_and_sync(b"\n")
+        return fragment
 
     def append(self, data: bytes) -> None:
         """Write all of *data* and fsync. After a failed write the next one starts on a new
         line, so a torn line never glues onto a good one."""
-        if self.torn:
-            data = b"\n" + data
+        self._write_and_sync(b"\n" + data if self.torn else data)
+
+    def probe(self) -> None:
+        """Write and fsync one newline: it ends a torn line, and proves that the file
+        takes writes again."""
+        self._write_and_sync(b"\n")
+
+    def _write_and_sync(self, data: bytes) -> None:
         try:
             view = memoryview(data)
             while view:
@@ -75,13 +147,55 @@ class _AppendFile:
         os.close(self.fd)
 
 
+class WriterThread:
+    """One daemon thread that runs blocking calls in order and reports to the reactor.
+
+    Why not Twisted's ``ThreadPool`` or ``concurrent.futures``: both use non-daemon
+    threads and join them on stop or at interpreter exit, so one ``fsync`` stuck in a
+    stalled disk would keep the process alive after the reactor stopped, past every
+    shutdown bound. Stopping this one joins nothing.
+
+    :param reactor: where results are delivered (``callFromThread``).
+    """
+
+    def __init__(self, reactor: IReactorFromThreads, name: str) -> None:
+        self._reactor = reactor
+        self._jobs: queue.SimpleQueue[
+            tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]] | None
+        ] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """Run ``f(*args)`` on the thread after the calls before it; the Deferred fires
+        (in the reactor thread) with its result or failure."""
+        d: Deferred[Any] = Deferred()
+        self._jobs.put((f, args, d))
+        return d
+
+    def stop(self) -> None:
+        """Let the thread end after the calls already queued (it is not waited for)."""
+        self._jobs.put(None)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            f, args, d = job
+            try:
+                result = f(*args)
+            except BaseException:
+                self._reactor.callFromThread(d.errback, Failure())
+            else:
+                self._reactor.callFromThread(d.callback, result)
+
+
 @implementer(ISink)
 class JsonLinesSink:
     """Append records as JSON lines and fsync them in groups.
 
     :param path: the records file (created if missing, always appended to).
-    :param run_in_thread: runs the blocking write+fsync; default a dedicated thread
-        started by :meth:`start`. Tests pass a synchronous runner.
+    :param run_in_thread: runs the blocking write+fsync; default a dedicated
+        :class:`WriterThread` started by :meth:`start`. Tests pass a synchronous runner.
+    :param probe_interval: seconds between probe writes while the sink is down.
     """
 
     name = "file"
@@ -97,58 +211,78 @@ class JsonLinesSink:
         run_in_thread: RunInThread | None = None,
         reactor: IReactorFromThreads | None = None,
         max_pending_records: int = DEFAULT_MAX_PENDING_RECORDS,
+        probe_interval: float = DEFAULT_PROBE_INTERVAL,
     ) -> None:
         self.path = Path(path)
         self.clock = clock
         self.metrics = metrics
         self.instance_id = instance_id
+        self.probe_interval = probe_interval
         self._reactor = reactor
-        self._pool: ThreadPool | None = None
+        self._thread: WriterThread | None = None
         self._run = run_in_thread
         self._records: _AppendFile | None = None
         self._messages: _AppendFile | None = None
         self._ready = False
+        self._closed = False
+        self._probe: LoopingCall | None = None
         self._batcher: Batcher[tuple[bytes, bytes]] = Batcher(
             clock, self._write, max_pending_records
         )
 
     async def start(self) -> None:
-        """Open (create) the files and start the writer thread.
+        """Open (create, or repair) the files and start the writer thread.
 
         :raise OSError: the file cannot be opened for appending.
         """
-        self._records = _AppendFile(self.path)
-        self._messages = _AppendFile(messages_path(self.path))
+        self._records = self._open(self.path)
+        self._messages = self._open(messages_path(self.path))
         if self._run is None:
             if self._reactor is None:
                 from twisted.internet import reactor as global_reactor
 
                 self._reactor = global_reactor  # type: ignore[assignment]
-            pool = ThreadPool(minthreads=1, maxthreads=1, name="teltonika-fsync")
-            pool.start()
-            self._pool = pool
-            reactor = self._reactor
-
-            def run(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-                return deferToThreadPool(reactor, pool, f, *args)  # type: ignore[arg-type]
-
-            self._run = run
+            assert self._reactor is not None
+            self._thread = WriterThread(self._reactor, "teltonika-fsync")
+            self._run = self._thread.run
         self._ready = True
         self.metrics.sink_ready.set(1)
+        self._probe = LoopingCall(self._probe_files)
+        self._probe.clock = self.clock
+        self._probe.start(self.probe_interval, now=False)
         self._log.info("File sink ready: appending records to {path}", path=str(self.path))
 
+    def _open(self, path: Path) -> _AppendFile:
+        handle = _AppendFile(path)
+        if handle.torn_fragment:
+            self._log.warn(
+                "{path} ended in a torn line of {length} bytes (a crash in the middle of a "
+                "write, never ACKed); appending from a new line",
+                path=str(path),
+                length=handle.torn_fragment,
+                event="torn_tail",
+            )
+        return handle
+
     async def close(self) -> None:
-        """Write and fsync what is queued, then close the files and stop the thread."""
+        """Write and fsync what is queued, then close the files and stop the thread.
+
+        The caller bounds this (``--shutdown-timeout``); if a write is stuck in the disk,
+        the wait is cancelled and the daemon writer thread is left behind.
+        """
+        if self._probe is not None and self._probe.running:
+            self._probe.stop()
         await self._batcher.when_idle()
         self._batcher.close()
         self._ready = False
+        self._closed = True
         for handle in (self._records, self._messages):
             if handle is not None:
                 handle.close()
         self._records = self._messages = None
-        if self._pool is not None:
-            self._pool.stop()
-            self._pool = None
+        if self._thread is not None:
+            self._thread.stop()
+            self._thread = None
 
     def ready(self) -> bool:
         """ISink API"""
@@ -159,7 +293,7 @@ class JsonLinesSink:
     ) -> Deferred[None]:
         """ISink API: the lines join the next group commit."""
         if not self._ready:
-            return fail(SinkUnavailableError(f"{self.path} is not open"))
+            return fail(SinkUnavailableError(f"{self.path} is not writable"))
         instance_id = self.instance_id
         data = b"".join(
             json_line(imei, codec_name, record, received_at_ms, instance_id) for record in records
@@ -169,7 +303,7 @@ class JsonLinesSink:
     def publish_message(self, imei: str, message: dict[str, str]) -> Deferred[None]:
         """ISink API: one line in the messages file, fsynced with the next group."""
         if not self._ready:
-            return fail(SinkUnavailableError(f"{self.path} is not open"))
+            return fail(SinkUnavailableError(f"{self.path} is not writable"))
         line = orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE)
         return self._batcher.submit((b"", line))
 
@@ -193,9 +327,50 @@ class JsonLinesSink:
 
     def _written(self, _: object) -> None:
         self.metrics.sink_batches.labels(self.name).inc()
+        self._set_ready(True, None)
 
-    def _failed(self, failure: Any) -> Any:
-        self._log.error(
-            "Writing {path} failed: {error}", path=str(self.path), error=failure.getErrorMessage()
-        )
+    def _failed(self, failure: Failure) -> Failure:
+        self._set_ready(False, failure.getErrorMessage())
         return failure
+
+    # -- readiness -----------------------------------------------------------------------
+
+    def _set_ready(self, ready: bool, why: str | None) -> None:
+        """Record a change of readiness: one log event per transition, never per frame."""
+        if ready == self._ready or self._closed:
+            return
+        self._ready = ready
+        self.metrics.sink_ready.set(1 if ready else 0)
+        if ready:
+            self._log.info("File sink is up again: {path} takes writes", path=str(self.path))
+        else:
+            self._log.error(
+                "File sink is down: writing {path} failed: {error}; refusing frames until a "
+                "probe write succeeds",
+                path=str(self.path),
+                error=why,
+            )
+
+    def _probe_files(self) -> Deferred[None] | None:
+        """Runs every ``probe_interval``, and writes only while the sink is down; never
+        fails (a failing LoopingCall would stop for good)."""
+        if self._ready or self._closed:
+            return None
+        assert self._run is not None
+        d: Deferred[None] = self._run(self._probe_write)
+
+        def ok(_: object) -> None:
+            self._set_ready(True, None)
+
+        def still_down(failure: Failure) -> None:
+            self._log.debug("File sink probe failed: {error}", error=failure.getErrorMessage())
+
+        return d.addCallbacks(ok, still_down)
+
+    def _probe_write(self) -> None:
+        """Runs on the writer thread: a newline into each file whose last write failed."""
+        if self._records is None or self._messages is None:
+            raise SinkUnavailableError("the sink is closed")
+        for handle in (self._messages, self._records):
+            if handle.torn:
+                handle.probe()

@@ -13,14 +13,21 @@ deduplicates by IMEI + timestamp).
 While Redis is unreachable the sink is not ready: :meth:`RedisStreamSink.publish` fails
 at once (nothing is queued in memory), ``/readyz`` answers 503, and a probe (``PING``
 every ``probe_interval``) notices when Redis is back; txredisapi reconnects with backoff.
+
+With ``--redis-durability fsync`` the sink is also not ready while Redis does not give
+fsync (:mod:`teltonika.redis.durability`): the settings are checked at start (a refusal
+stops the server), then every ``durability_interval`` on a timer (never per batch) and
+after every reconnect. A failed check logs one error, counts
+``teltonika_sink_durability_lost_total`` and refuses frames until a check passes again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from enum import Enum
 from typing import Any, Final
 
-from twisted.internet.defer import Deferred, ensureDeferred, fail
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -29,15 +36,18 @@ from zope.interface import implementer
 from teltonika.contract import FIELDS, MESSAGES_STREAM, TELEMETRY_STREAM, entry_values
 from teltonika.interfaces import ISink
 from teltonika.metrics import ServerMetrics
+from teltonika.redis.durability import (
+    ConnectionChangedError,
+    Durability,
+    DurabilityCheck,
+    DurabilityError,
+)
 from teltonika.redis.streams import (
     SEPARATOR,
-    Durability,
     StreamWriteError,
-    check_durability,
     entry_id_ok,
     pipeline_commands,
     script_count_ok,
-    waitaof_ok,
     xadd_command,
     xadd_script_command,
 )
@@ -56,11 +66,25 @@ DEFAULT_MAX_IN_FLIGHT: Final = 4
 """Batches sent to Redis before the first answered: Redis works on one while the server
 ACKs the one before and collects the next (see :mod:`teltonika.sinks.batch`)."""
 
-_WAITAOF: Final = (b"WAITAOF", b"1", b"0", b"0")
+DEFAULT_DURABILITY_INTERVAL: Final = 5 * SECONDS
+"""How often ``--redis-durability fsync`` settings are verified again (and after every
+reconnect): a ``CONFIG SET`` that takes fsync away is noticed within this time."""
+
 _NAMES: Final = tuple(name.encode() for name in FIELDS)
 
 Item = tuple[list[bytes], list[bytes] | None]
 """What a batch item holds: packed records, or one device message's XADD fields."""
+
+
+class Verification(Enum):
+    """What the sink knows of the durability Redis gives (always VERIFIED in memory mode)."""
+
+    VERIFIED = "verified"
+    """The last check passed, on the connection batches use."""
+    UNVERIFIED = "unverified"
+    """Not known: a new connection, or a check that could not reach Redis."""
+    REFUSED = "refused"
+    """The last check found settings that do not give what was asked."""
 
 
 @implementer(ISink)
@@ -71,7 +95,8 @@ class RedisStreamSink:
         :func:`teltonika.redis.connect.lazy_connection`); called by :meth:`start`, so
         building the sink connects nothing.
     :param clock: schedules batches and the readiness probe.
-    :param durability: ``"memory"`` or ``"fsync"`` (checked by :meth:`start`).
+    :param durability: ``"memory"`` or ``"fsync"`` (checked by :meth:`start`, and with
+        ``fsync`` again every *durability_interval* seconds and after every reconnect).
     :param maxlen: ``MAXLEN ~ N`` on every XADD, or None (default) for no trimming: a
         blind trim can drop entries the processor has not read yet.
     """
@@ -94,6 +119,7 @@ class RedisStreamSink:
         probe_interval: float = 1 * SECONDS,
         probe_timeout: float = 2 * SECONDS,
         write_timeout: float = 10 * SECONDS,
+        durability_interval: float = DEFAULT_DURABILITY_INTERVAL,
     ) -> None:
         self._get_redis = get_redis
         self.redis: Any = None
@@ -101,7 +127,9 @@ class RedisStreamSink:
         self.metrics = metrics
         self.instance_id = instance_id
         self.wanted_durability = durability
+        self.durability_check = DurabilityCheck(durability)
         self.durability: Durability | None = None
+        self.durability_interval = durability_interval
         self.stream = stream.encode()
         self.messages_stream = messages_stream.encode()
         self.maxlen = maxlen
@@ -109,8 +137,12 @@ class RedisStreamSink:
         self.probe_timeout = probe_timeout
         self.write_timeout = write_timeout
         self._ready = False
+        self._reachable = False
+        self._verification = Verification.UNVERIFIED
         self._closed = False
         self._probe: LoopingCall | None = None
+        self._recheck_timer: LoopingCall | None = None
+        self._checking: Deferred[None] | None = None
         if "\0" in instance_id:
             raise ValueError("the instance id must not contain a NUL character")
         self._batcher: Batcher[Item] = Batcher(
@@ -124,13 +156,16 @@ class RedisStreamSink:
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Check the durability Redis offers, then start the readiness probe.
+        """Check the durability Redis offers, then start the readiness probe (and, with
+        ``fsync``, the periodic durability check).
 
-        :raise teltonika.redis.streams.DurabilityError: Redis cannot give what was asked.
+        :raise teltonika.redis.durability.DurabilityError: Redis cannot give what was asked.
         """
         self.redis = self._get_redis()
-        self.durability = await check_durability(self.redis, self.wanted_durability)
-        self._set_ready(True, None)
+        self.durability = await self.durability_check.verify(self.redis)
+        self._reachable = True
+        self._verification = Verification.VERIFIED
+        self._update_ready()
         self._log.info(
             "Redis sink ready: stream {stream}, durability {durability}",
             stream=self.stream.decode(),
@@ -139,37 +174,104 @@ class RedisStreamSink:
         self._probe = LoopingCall(self._check)
         self._probe.clock = self.clock
         self._probe.start(self.probe_interval, now=False)
+        if self.durability_check.rechecked:
+            self._recheck_timer = LoopingCall(self._recheck)
+            self._recheck_timer.clock = self.clock
+            self._recheck_timer.start(self.durability_interval, now=False)
 
     async def close(self) -> None:
         """Write what is queued, then stop probing (the caller disconnects Redis)."""
         await self._batcher.when_idle()
         self._batcher.close()
         self._closed = True  # a probe still in flight must not report on a closed sink
-        if self._probe is not None and self._probe.running:
-            self._probe.stop()
+        for loop in (self._probe, self._recheck_timer):
+            if loop is not None and loop.running:
+                loop.stop()
 
     def _check(self) -> Deferred[None]:
-        """Probe Redis; never raises (a failing LoopingCall would stop for good)."""
+        """Probe Redis; never raises (a failing LoopingCall would stop for good). While
+        Redis is reachable but its durability is not verified, the probe is a durability
+        check, so the sink recovers within a probe interval of the settings' return."""
+        if self._reachable and self._verification is not Verification.VERIFIED:
+            return self._recheck()
         d: Deferred[object] = self.redis.execute_command("PING")
         d.addTimeout(self.probe_timeout, self.clock)
 
         def ok(_: object) -> None:
-            self._set_ready(True, None)
+            self._set_reachable(True, None)
 
         def down(failure: Any) -> None:
-            self._set_ready(False, failure.getErrorMessage())
+            self._set_reachable(False, failure.getErrorMessage())
 
         return d.addCallbacks(ok, down)
 
-    def _set_ready(self, ready: bool, why: str | None) -> None:
+    def _set_reachable(self, reachable: bool, why: str | None) -> None:
+        if reachable == self._reachable or self._closed:
+            return
+        self._reachable = reachable
+        if reachable:
+            self._log.info("Redis sink is up")
+            if self.durability_check.rechecked:
+                # txredisapi reconnected, perhaps to a server configured otherwise: no
+                # frame is taken until the new connection is verified.
+                if self._verification is Verification.VERIFIED:
+                    self._verification = Verification.UNVERIFIED
+                self._recheck()
+        else:
+            self._log.error("Redis sink is down: {why}", why=why)
+        self._update_ready()
+
+    def _recheck(self) -> Deferred[None]:
+        """Verify the durability settings again (on the timer, after a reconnect, after a
+        batch over an unverified connection); never raises, never runs twice at once."""
+        if self._checking is not None or self._closed:
+            return succeed(None)
+        verifying = ensureDeferred(self.durability_check.verify(self.redis))
+        verifying.addTimeout(self.probe_timeout, self.clock)
+        d = verifying.addCallbacks(self._verified, self._not_verified)
+        self._checking = d
+        d.addBoth(self._check_done)
+        return d
+
+    def _check_done(self, _: object) -> None:
+        self._checking = None
+
+    def _verified(self, durability: Durability) -> None:
+        if self._closed:
+            return
+        if self._verification is Verification.REFUSED:
+            self._log.info(
+                "Redis gives the durability asked for again ({durability}); taking frames",
+                durability=durability.value,
+            )
+        self.durability = durability
+        self._verification = Verification.VERIFIED
+        self._update_ready()
+
+    def _not_verified(self, failure: Any) -> None:
+        if self._closed:
+            return
+        why = failure.getErrorMessage()
+        if not failure.check(DurabilityError):
+            if self._verification is Verification.VERIFIED:
+                self._verification = Verification.UNVERIFIED
+            self._set_reachable(False, f"the durability check failed: {why}")
+        elif self._verification is not Verification.REFUSED:
+            self._verification = Verification.REFUSED
+            self.metrics.sink_durability_lost.inc()
+            self._log.error(
+                "Redis no longer gives the durability asked for; refusing frames until it "
+                "does: {why}",
+                why=why,
+            )
+        self._update_ready()
+
+    def _update_ready(self) -> None:
+        ready = self._reachable and self._verification is Verification.VERIFIED
         if ready == self._ready or self._closed:
             return
         self._ready = ready
         self.metrics.sink_ready.set(1 if ready else 0)
-        if ready:
-            self._log.info("Redis sink is up")
-        else:
-            self._log.error("Redis sink is down: {why}", why=why)
 
     # -- ISink -----------------------------------------------------------------------
 
@@ -212,7 +314,17 @@ class RedisStreamSink:
         return d
 
     def _write_failed(self, failure: Any) -> Any:
-        self._set_ready(False, failure.getErrorMessage())
+        if failure.check(ConnectionChangedError):
+            if self._verification is Verification.VERIFIED:
+                self._verification = Verification.UNVERIFIED
+                self._log.warn(
+                    "Redis reconnected since the durability check; checking again: {why}",
+                    why=failure.getErrorMessage(),
+                )
+                self._update_ready()
+            self._recheck()
+        else:
+            self._set_reachable(False, failure.getErrorMessage())
         return failure
 
     async def _write_async(self, items: Sequence[Item]) -> None:
@@ -223,8 +335,10 @@ class RedisStreamSink:
         messages = [fields for _, fields in items if fields is not None]
         for fields in messages:
             commands.append(xadd_command(self.messages_stream, fields, self.maxlen))
-        if self.durability is Durability.WAITAOF:
-            commands.append(_WAITAOF)
+        durability = self.durability
+        assert durability is not None
+        confirmations = self.durability_check.batch_commands(durability)
+        commands.extend(confirmations)
         replies = await pipeline_commands(self.redis, commands)
         self.metrics.sink_batches.labels(self.name).inc()
         if len(replies) != len(commands):
@@ -239,5 +353,7 @@ class RedisStreamSink:
         for reply in replies[index : index + len(messages)]:
             if not entry_id_ok(reply):
                 raise StreamWriteError(f"unexpected XADD reply {reply!r}")
-        if self.durability is Durability.WAITAOF and not waitaof_ok(replies[-1]):
-            raise StreamWriteError(f"WAITAOF did not confirm the local fsync: {replies[-1]!r}")
+        self.durability_check.confirm(durability, replies[len(replies) - len(confirmations) :])
+        if self._verification is not Verification.VERIFIED:
+            # a check that failed while this batch was in flight
+            raise StreamWriteError("Redis durability is not verified")

@@ -2,7 +2,7 @@
 
 Nothing here imports the reactor, Redis, logging or metrics, so every function can be
 driven by hypothesis and reused by any Twisted (or non-Twisted) program. The protocol
-facts are in TELTONIKA.md; the invariants are:
+facts are in docs/protocol.rst; the invariants are:
 
 * decoders raise only :class:`DecodeError` and its subclasses, whatever the bytes;
 * the framer never buffers more than one maximum-size frame;
@@ -13,6 +13,7 @@ from teltonika.wire.avl import decode_avl, encode_avl
 from teltonika.wire.crc import crc16
 from teltonika.wire.errors import (
     CRCError,
+    DataBeforeLoginError,
     DecodeError,
     FieldValueError,
     FrameLengthError,
@@ -85,6 +86,7 @@ __all__ = [
     "AVLPacket",
     "AVLRecord",
     "CRCError",
+    "DataBeforeLoginError",
     "DataFrame",
     "DecodeError",
     "DeviceMessage",

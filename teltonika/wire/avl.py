@@ -2,7 +2,7 @@
 
 The three codecs share the record's first 24 bytes (timestamp, priority, longitude,
 latitude, altitude, angle, satellites, speed) and differ in the IO element
-(TELTONIKA.md sections 4.2-4.4):
+(docs/protocol.rst, section 'AVL record'):
 
 ========  =========  ===========  ================  =============
 codec     IO ids     IO counts    generation type   NX group

@@ -99,7 +99,7 @@ class MessageCodec:
         )
 
     def acknowledgement(self, packet: Packet) -> bytes | None:
-        """ICodec API: never (TELTONIKA.md section 5.6)."""
+        """ICodec API: never (docs/protocol.rst, section 'Commands on a live socket')."""
         return None
 
 

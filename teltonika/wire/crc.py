@@ -2,7 +2,7 @@
 
 Polynomial 0x8005 reflected (0xA001), initial value 0, no final XOR; check value
 ``crc16(b"123456789") == 0xBB3D``. It covers the bytes from the codec id through
-Number of Data 2 of every TCP data frame (TELTONIKA.md section 3.2).
+Number of Data 2 of every TCP data frame (docs/protocol.rst, section 'CRC-16/IBM').
 
 We use ``fastcrc`` (a maintained Rust extension): measured here it is about 20x faster
 than ``crcmod`` and 3x faster than ``anycrc`` on a 1 KiB frame, and the CRC runs on every

@@ -40,6 +40,12 @@ class FrameLengthError(FramingError):
     reason = "length"
 
 
+class DataBeforeLoginError(FramingError):
+    """A data frame started before the IMEI packet (a login must come first)."""
+
+    reason = "before_login"
+
+
 class PreambleError(FramingError):
     """The four preamble bytes of a data frame are not zero."""
 

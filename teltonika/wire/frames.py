@@ -1,8 +1,8 @@
 """The TCP data frame envelope: preamble, data length, body, CRC-16/IBM field.
 
-Validation order follows TELTONIKA.md section 10: lengths, then CRC, then the codec's own
-structure (count, record walk). :func:`unwrap` does the first two; codecs do the rest on
-the body it returns.
+Validation order (docs/protocol.rst, section 'Validation order'): lengths, then CRC, then
+the codec's own structure (count, record walk). :func:`unwrap` does the first two; codecs
+do the rest on the body it returns.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""The IMEI login packet and its one-byte reply (TELTONIKA.md sections 2.2-2.3)."""
+"""The IMEI login packet and its one-byte reply.
+
+docs/protocol.rst, sections 'Login' and 'Accept and reject'.
+"""
 
 from __future__ import annotations
 

@@ -1,11 +1,18 @@
 """Decode and encode the message codecs: 12 (commands), 13 (timestamped), 14 (IMEI-addressed).
 
-Layout of the body (TELTONIKA.md section 5.1), after the envelope::
+Layout of the body (docs/protocol.rst, section 'Common message frame'), after the envelope::
 
     codec id | quantity 1 | (type | size S u32 | S bytes)* | quantity 2
 
 Codec 13 prefixes the S bytes with a timestamp, codec 14 with the IMEI as 8 BCD bytes.
-None of these frames is ever acknowledged (section 5.6): devices log errors when they are.
+None of these frames is ever acknowledged (docs/protocol.rst, section 'Commands on a live
+socket'): devices log errors when they are.
+
+The two quantities are not trusted. Teltonika's codec description says "Command Quantity 1
+is ignored when parsing" and does not parse Quantity 2 either; frames in the field carry
+two messages under quantity 1 = 1, or quantity 2 different from quantity 1. So the
+decoder reads messages one after another until the end of the data (the byte before
+quantity 2, found from the outer data length), and every message must end exactly there.
 """
 
 from __future__ import annotations
@@ -16,7 +23,6 @@ from teltonika.wire.errors import (
     DecodeError,
     FieldValueError,
     RecordCountError,
-    TrailingBytesError,
     TruncatedError,
 )
 from teltonika.wire.records import (
@@ -30,6 +36,9 @@ from teltonika.wire.records import (
 )
 
 IMEI_BCD_SIZE: Final = 8
+MAX_MESSAGES: Final = 255
+"""Most messages one frame may hold: what the quantity byte can count. Devices send one;
+the cap keeps a hostile frame from turning into thousands of published messages."""
 _SECONDS_THRESHOLD: Final = 0x10000000
 _MILLIS_LIMIT: Final = (1 << 32) * 1000
 
@@ -59,17 +68,17 @@ def decode_messages(data: bytes, start: int, end: int) -> MessagePacket:
     codec_id = data[start]
     if codec_id not in MESSAGE_CODEC_IDS:
         raise FieldValueError(f"codec id 0x{codec_id:02X} is not a message codec", start)
-    count = data[start + 1]
-    last = end - 1
-    if count == 0:
-        raise RecordCountError("message quantity 1 is zero", start + 1)
-    if data[last] != count:
-        raise RecordCountError(f"quantity 1 ({count}) differs from quantity 2 ({data[last]})", last)
+    last = end - 1  # quantity 2: not parsed, like quantity 1
     offset = start + 2
-    messages = []
-    for _ in range(count):
+    messages: list[DeviceMessage] = []
+    while offset < last:
+        if len(messages) == MAX_MESSAGES:
+            raise RecordCountError(f"more than {MAX_MESSAGES} messages in one frame", offset)
         if offset + 5 > last:
-            raise TruncatedError("message header is truncated", offset)
+            raise TruncatedError(
+                f"{last - offset} bytes before quantity 2 are too few for a message header",
+                offset,
+            )
         message_type = data[offset]
         size = int.from_bytes(data[offset + 1 : offset + 5], "big")
         offset += 5
@@ -81,8 +90,6 @@ def decode_messages(data: bytes, start: int, end: int) -> MessagePacket:
         body = data[offset : offset + size]
         messages.append(_decode_message(codec_id, message_type, body, offset))
         offset += size
-    if offset != last:
-        raise TrailingBytesError(f"{last - offset} bytes left before quantity 2", offset)
     return MessagePacket(codec_id, tuple(messages))
 
 
@@ -95,10 +102,11 @@ def _decode_message(codec_id: int, message_type: int, body: bytes, offset: int) 
     if codec_id == CODEC_13:
         if len(body) < 4:
             raise TruncatedError("codec 13 message is shorter than its timestamp", offset)
-        # Section 5.3: 4-byte seconds in real captures, 8-byte milliseconds in the wiki.
-        # An implausibly early seconds value is re-read as milliseconds, but only when
-        # that reading is itself plausible (before 2106, the end of u32 seconds);
-        # otherwise the seconds reading stands (vector c13_alim_four_byte_timestamp).
+        # docs/protocol.rst, section 'Codec 13': 4-byte seconds in real captures, 8-byte
+        # milliseconds in the wiki. An implausibly early seconds value is re-read as
+        # milliseconds, but only when that reading is itself plausible (before 2106, the
+        # end of u32 seconds); otherwise the seconds reading stands (vector
+        # c13_alim_four_byte_timestamp).
         seconds = int.from_bytes(body[:4], "big")
         if seconds < _SECONDS_THRESHOLD and len(body) >= 8:
             millis = int.from_bytes(body[:8], "big")

@@ -145,7 +145,9 @@ Packet = AVLPacket | MessagePacket
 
 @attrs.frozen(slots=True)
 class UDPPacket:
-    """One UDP AVL datagram (TELTONIKA.md section 6.1): an envelope around an AVL body.
+    """One UDP AVL datagram: an envelope around an AVL body.
+
+    The layout is in docs/protocol.rst, section 'Datagram layout'.
 
     :ivar packet_id: channel packet id, echoed in the ACK.
     :ivar packet_type: byte 4 ("not usable byte"; 0x01 in every verified datagram).

@@ -1,4 +1,4 @@
-"""The UDP AVL datagram envelope and its ACK (TELTONIKA.md section 6).
+"""The UDP AVL datagram envelope and its ACK (docs/protocol.rst, section 'UDP channel').
 
 A datagram has no preamble, no data length and no CRC::
 

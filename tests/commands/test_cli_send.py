@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,9 +16,14 @@ from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.utils import getProcessOutputAndValue
 
+from teltonika import cli_send
 from teltonika.cli import main
+from teltonika.commands import client
+from teltonika.commands.client import store_offline
+from teltonika.commands.messages import Command, pairs
+from teltonika.redis.connect import parse_redis_url
 from tests.commands.device import ScriptedDevice, connect_device, echo
-from tests.commands.helpers import eventually, statuses
+from tests.commands.helpers import eventually, publish, statuses
 from tests.commands.instances import Instance
 
 pytestmark = pytest.mark.slow
@@ -105,3 +112,151 @@ def test_send_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
 
 async def _registered(redis: Any) -> bool:
     return bool(await redis.hget("connections:registry", IMEI) == "a")
+
+
+def parse_send(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli_send.add_arguments(parser)
+    return parser.parse_args(["--redis", "redis://unused", IMEI, *argv])
+
+
+def make_command(args: argparse.Namespace) -> Command:
+    return Command(
+        id=args.id or "cli-x", imei=IMEI, payload=args.command.encode(), timeout_s=args.timeout
+    )
+
+
+async def run_send(redis_url: str, *argv: str) -> int:
+    """``teltonika send`` in this process (its coroutine on the test's reactor)."""
+    args = parse_send(*argv)
+    assert not cli_send._expiry_problem(args)
+    outcome: dict[str, Any] = {}
+    await cli_send._send(reactor, parse_redis_url(redis_url), make_command(args), args, outcome)
+    status: int = outcome["status"]
+    return status
+
+
+SETTINGS = '{"at_ms":1,"command_timeout_s":45,"command_quiet_s":0.1,"command_settle_s":0.1}'
+
+
+async def fake_instance(redis: Any) -> None:
+    """A live instance "z" holding IMEI (registry + heartbeat), with no server behind."""
+    await redis.hset("connections:registry", IMEI, "z")
+    await redis.set("instance:heartbeat:z", SETTINGS)
+
+
+async def entries_of(redis: Any, stream: str) -> list[dict[str, str]]:
+    return [pairs(list(v)) for _id, v in await redis.execute_command("XRANGE", stream, "-", "+")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unreachable_redis_is_a_plain_sentence(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Redis that accepts the connection but never answers: exit 3 and a sentence, not
+    ``Redis error: TimeoutError(5.0, 'Deferred')``."""
+    monkeypatch.setattr(cli_send, "CONNECT_TIMEOUT", 0.3)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        code = await run_send(f"redis://127.0.0.1:{port}/0", "getinfo")
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "did not answer within 0.3 s" in err and "Deferred" not in err
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_duplicate_id_says_so(
+    redis_url: str, redis: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An id already used by a stored offline command, or by a command still unsettled
+    on the instance, is refused with exit 3 and a sentence saying so."""
+    stored = Command(id="dup", imei=IMEI, payload=b"x", offline=True, expires_at_ms=2**50)
+    await store_offline(redis, stored, 1)
+    assert await run_send(redis_url, "getinfo", "--id", "dup", "--wait-for-device", "5") == 3
+    assert "command id dup is already in use" in capsys.readouterr().err
+    assert await run_send(redis_url, "getinfo", "--id", "dup") == 3
+    assert "command id dup is already in use" in capsys.readouterr().err
+    await fake_instance(redis)
+    await publish(redis, "z", IMEI, "getver", id="busy")
+    assert await run_send(redis_url, "getinfo", "--id", "busy") == 3
+    assert "already in use (a command with this id is on z)" in capsys.readouterr().err
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_default_expiry_and_wait_follow_the_queue_ahead(
+    redis_url: str, redis: Any
+) -> None:
+    """The command gets an expiry: by when it should have been written, i.e. after the
+    command queued ahead of it (timeout_s 100) and one without a timeout (the instance's
+    announced 45 s), each with the announced quiet and settle intervals, plus margins.
+    send waits until then plus its own timeout."""
+    await fake_instance(redis)
+    await publish(redis, "z", IMEI, "getver", timeout_s=100)
+    await publish(redis, "z", IMEI, "getio")
+    await publish(redis, "z", "490154203237518", "getinfo")  # another device's: not ahead
+    started = reactor.seconds()
+    sending = ensureDeferred(run_send(redis_url, "setdigout 1", "--id", "mine", "--timeout", "7"))
+    stream = "commands:outbound:z"
+    [entry] = await eventually(
+        lambda: _matching(entries_of(redis, stream), lambda e: e.get("id") == "mine")
+    )
+    window = (0.1 + 100 + 0.1) + (0.1 + 45 + 0.1) + 0.1 + 5.0
+    expires_s = int(entry["expires_at_ms"]) / 1000
+    assert started + window - 0.5 <= expires_s <= reactor.seconds() + window
+    assert entry["timeout_s"] == "7"
+    await redis.execute_command(
+        "XADD", "commands:responses", "*", "id", "mine", "status", "responded", "response", "ok"
+    )
+    assert await sending == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "delivered", "says"),
+    [
+        (["--expires", "0.2"], False, "it was not delivered and will not be"),
+        (["--no-expiry"], False, "may still be delivered later (it has no expiry)"),
+        (["--expires", "0", "--no-expiry"], True, "delivered to the device, which may have"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_exit_2_says_whether_the_command_can_still_run(
+    redis_url: str,
+    redis: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    delivered: bool,
+    says: str,
+) -> None:
+    monkeypatch.setattr(cli_send, "MARGIN", 0.2)
+    monkeypatch.setattr(client, "ROUTING_MARGIN", 0.2)
+    await fake_instance(redis)
+    sending = ensureDeferred(
+        run_send(redis_url, "getinfo", "--id", "late", "--timeout", "0.2", *argv)
+    )
+    if delivered:
+        await eventually(lambda: redis.exists("commands:outbound:z"))
+        await redis.execute_command(
+            "XADD", "commands:responses", "*", "id", "late", "status", "delivered"
+        )
+    assert await sending == 2
+    assert says in capsys.readouterr().err
+
+
+def test_expiry_options_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    """--expires 0 needs --no-expiry; --expires S with --no-expiry, or with
+    --wait-for-device, is refused."""
+    for argv, words in [
+        (["--expires", "0"], "add --no-expiry"),
+        (["--expires", "5", "--no-expiry"], "contradict"),
+        (["--expires", "5", "--wait-for-device", "9"], "--wait-for-device S is the expiry"),
+        (["--expires", "-1"], "between 0 and"),
+    ]:
+        assert main(["send", "--redis", "redis://127.0.0.1:1/0", IMEI, "getinfo", *argv]) == 3
+        assert words in capsys.readouterr().err
+
+
+async def _matching(entries: Any, predicate: Any) -> list[dict[str, str]]:
+    return [e for e in await entries if predicate(e)]

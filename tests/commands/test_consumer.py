@@ -5,13 +5,19 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import pytest
 import pytest_twisted
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from teltonika.commands.client import store_offline
 from teltonika.commands.codec import encode_command
 from teltonika.commands.consumer import CommandConsumer
+from teltonika.commands.messages import Command
 from teltonika.commands.queue import CommandQueue
 from teltonika.wire.records import CODEC_12, CODEC_14, DeviceMessage
 from tests.commands.conftest import fresh_metrics
@@ -29,7 +35,11 @@ class Devices:
         self.sockets: dict[str, tuple[StringTransport, CommandQueue]] = {}
 
     def connect(self, imei: str, **kwargs: Any) -> tuple[StringTransport, CommandQueue]:
+        """A device socket whose queue writes at once (no quiet or settle interval)
+        unless *kwargs* say otherwise."""
         transport = StringTransport()
+        kwargs.setdefault("quiet", 0)
+        kwargs.setdefault("settle", 0)
         queue = CommandQueue(transport, self.clock, imei=imei, **kwargs)
         self.sockets[imei] = (transport, queue)
         return transport, queue
@@ -60,6 +70,13 @@ async def rig(
         if consumer.running:
             await consumer.stopService()
         await consumer.when_settled()
+
+
+@pytest_twisted.async_yield_fixture
+async def running(rig: Any) -> AsyncIterator[CommandConsumer]:
+    """One consumer of instance a, started once for all examples of a hypothesis test."""
+    _devices, start = rig
+    yield start()
 
 
 @pytest_twisted.ensureDeferred
@@ -162,3 +179,224 @@ async def test_each_instance_reads_only_its_own_stream(redis: Any, rig: Any) -> 
     await terminal(redis, mine)
     assert transport.value() == b""
     assert int(await redis.execute_command("XLEN", "commands:outbound:b")) == 1
+
+
+async def _stream_settled(redis: Any, stream: str = "commands:outbound:a") -> bool:
+    """The stream holds no entry and the group has nothing pending."""
+    if int(await redis.execute_command("XLEN", stream)):
+        return False
+    pending = await redis.execute_command("XPENDING", stream, "teltonika")
+    return int(pending[0]) == 0
+
+
+async def _terminal_count(redis: Any) -> int:
+    return len([s for s in await statuses(redis) if s["status"] in ("responded", "failed")])
+
+
+ENTRY_NAMES = (
+    st.sampled_from(
+        ["v", "kind", "id", "imei", "codec", "payload", "payload_hex", "timeout_s",
+         "created_at_ms", "expires_at_ms", "offline", "attempt"]
+    )
+    | st.text(max_size=6)
+    | st.binary(min_size=1, max_size=6)
+)  # fmt: skip
+ENTRY_VALUES = (
+    st.sampled_from(["", "1", "12", "14", "command", "flush", OTHER, "getinfo", "-5", "nan"])
+    | st.text(max_size=16)
+    | st.binary(max_size=16)
+)
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(entry=st.dictionaries(ENTRY_NAMES, ENTRY_VALUES, min_size=1, max_size=12))
+@pytest_twisted.ensureDeferred
+async def test_any_entry_ends_in_one_terminal_status_and_the_loop_goes_on(
+    redis: Any, running: CommandConsumer, entry: dict[Any, Any]
+) -> None:
+    """Whatever names and bytes an entry holds (non-UTF-8 values come back from
+    txredisapi as bytes), it is settled: acknowledged and deleted, with exactly one
+    terminal status (none for a flush or an offline entry with nothing stored), and the
+    consumer keeps reading. No device is connected, so a valid command fails with
+    device_not_connected."""
+    before = await _terminal_count(redis)
+    await redis.execute_command(
+        "XADD", "commands:outbound:a", "*", *[part for pair in entry.items() for part in pair]
+    )
+    silent = entry.get("kind") == "flush" or entry.get("offline") == "1"
+    await eventually(lambda: _stream_settled(redis), timeout=5)
+    await eventually(lambda: _count_is(redis, before + (0 if silent else 1)), timeout=5)
+    assert running.running
+
+
+async def _count_is(redis: Any, expected: int) -> bool:
+    count = await _terminal_count(redis)
+    assert count <= expected, "more than one terminal status"
+    return count == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_valid_command_is_answered_after_malformed_entries(
+    redis: Any, rig: Any, logged_errors: Any
+) -> None:
+    """Malformed entries before it (bytes, missing fields) fail with invalid_command and
+    a valid command behind them is still delivered and answered."""
+    devices, start = rig
+    transport, queue = devices.connect(IMEI)
+    start()
+    stream = "commands:outbound:a"
+    await redis.execute_command("XADD", stream, "*", "id", b"\xff\xfe", "imei", b"\x80")
+    await redis.execute_command("XADD", stream, "*", b"\xc3", b"\x00\xff", "id", "bad2")
+    await redis.execute_command("XADD", stream, "*", "id", "bad3", "imei", IMEI, "payload", "é")
+    good = await publish(redis, "a", IMEI, "getinfo")
+    await eventually(transport.value)
+    assert queue.reply_received(DeviceMessage(CODEC_12, 6, b"INI:ok"))
+    assert (await terminal(redis, good))["response"] == "INI:ok"
+    reasons = [(s["id"], s["reason"]) for s in await statuses(redis) if s["status"] == "failed"]
+    assert reasons == [
+        ("\\xff\\xfe", "invalid_command"),
+        ("bad2", "invalid_command"),
+        ("bad3", "invalid_command"),
+    ]
+    assert await _stream_settled(redis)
+
+
+class FlakyRedis:
+    """A txredisapi connection whose first EVAL fails: before Redis ran it (*ran* False:
+    the connection was down), or after (*ran* True: the reply was lost)."""
+
+    def __init__(self, redis: Any, ran: bool) -> None:
+        self._redis = redis
+        self.ran = ran
+        self.evals = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._redis, name)
+
+    async def _eval(self, *args: Any) -> Any:
+        self.evals += 1
+        if self.evals == 1:
+            if self.ran:
+                await self._redis.eval(*args)
+            raise ConnectionError("connection lost mid-call")
+        return await self._redis.eval(*args)
+
+    def eval(self, *args: Any) -> Deferred[Any]:
+        return Deferred.fromCoroutine(self._eval(*args))
+
+
+@pytest.mark.parametrize("ran", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_a_failed_settle_is_retried_until_redis_takes_it(
+    redis: Any, connect: Callable[[], Any], logged_errors: Any, ran: bool
+) -> None:
+    """The status-and-XACK script fails once (connection dropped before or after Redis
+    ran it): it is retried, the sender gets exactly one terminal status and the entry
+    is settled (so it is not written again after a restart)."""
+    devices = Devices()
+    transport, queue = devices.connect(IMEI)
+    flaky = FlakyRedis(redis, ran)
+    metrics, registry = fresh_metrics()
+    consumer = CommandConsumer(connect(), flaky, "a", devices.lookup, reactor, metrics, block=0.2)
+    consumer.startService()
+    try:
+        command_id = await publish(redis, "a", IMEI, "getinfo")
+        await eventually(transport.value)
+        assert queue.reply_received(DeviceMessage(CODEC_12, 6, b"INI:ok"))
+        final = await terminal(redis, command_id)
+        assert final["status"] == "responded"
+        await eventually(lambda: flaky.evals >= 2)
+        await consumer.when_settled()
+        finals = [s for s in await statuses(redis, command_id) if s["status"] == "responded"]
+        assert len(finals) == 1
+        assert await _stream_settled(redis)
+        assert (
+            registry.get_sample_value("teltonika_command_redis_retries_total", {"update": "settle"})
+            == 1
+        )
+    finally:
+        await consumer.stopService()
+    assert len(logged_errors.flush()) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_abandon_ends_the_retries(
+    redis: Any, connect: Callable[[], Any], logged_errors: Any
+) -> None:
+    """At shutdown the retries stop: nothing keeps running against a closed connection."""
+
+    class Down:
+        def eval(self, *args: Any) -> Deferred[Any]:
+            return fail(ConnectionError("down"))
+
+    devices = Devices()
+    metrics, _ = fresh_metrics()
+    consumer = CommandConsumer(connect(), Down(), "a", devices.lookup, reactor, metrics)
+    settling = consumer._settle("1-1", False, "c", IMEI, "12", "failed", reason="timeout")
+    await eventually(lambda: consumer._retry_waits)
+    consumer.abandon()
+    assert await settling is None
+    assert not consumer._retry_waits
+    logged_errors.flush()
+
+
+async def behind_a_slow_command(redis: Any, rig: Any) -> tuple[Any, ...]:
+    """A device socket whose one command (getver) is outstanding; returns the rig's
+    devices, the socket's transport (cleared) and queue, the consumer, the command id."""
+    devices, start = rig
+    transport, queue = devices.connect(IMEI)
+    consumer = start()
+    slow = await publish(redis, "a", IMEI, "getver")
+    await eventually(transport.value)
+    transport.clear()
+    return devices, transport, queue, consumer, slow
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_command_expiring_behind_a_slow_one_is_failed_not_written(
+    redis: Any, rig: Any
+) -> None:
+    """An online command with a 1 s expiry waits behind a slow command: when the expiry
+    passes it fails with expired and is never written (today's delivered-late bug)."""
+    devices, transport, queue, consumer, slow = await behind_a_slow_command(redis, rig)
+    late = await publish(redis, "a", IMEI, "setdigout 1", expires_at_ms=consumer.now_ms() + 1000)
+    await eventually(lambda: queue.depth == 2)
+    devices.clock.advance(1)
+    final = await terminal(redis, late)
+    assert (final["status"], final["reason"]) == ("failed", "expired")
+    assert queue.reply_received(DeviceMessage(CODEC_12, 6, b"Ver:1"))
+    await terminal(redis, slow)
+    devices.clock.advance(60)
+    assert transport.value() == b""
+    assert [s["status"] for s in await statuses(redis, late)] == ["failed"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_offline_command_in_flight_expires_instead_of_being_written_late(
+    redis: Any, rig: Any
+) -> None:
+    """An offline command taken at login waits behind a slow command; its expiry passes
+    before its turn: failed/expired, never written, and its stored copy is gone."""
+    devices, transport, queue, consumer, slow = await behind_a_slow_command(redis, rig)
+    command = Command(
+        id="off-late",
+        imei=IMEI,
+        payload=b"setdigout 1",
+        offline=True,
+        expires_at_ms=consumer.now_ms() + 1000,
+    )
+    await store_offline(redis, command, consumer.now_ms())
+    await consumer.take_offline(IMEI)
+    await eventually(lambda: queue.depth == 2)
+    devices.clock.advance(1)
+    final = await terminal(redis, "off-late")
+    assert (final["status"], final["reason"]) == ("failed", "expired")
+    assert not await redis.exists("commands:offline:command:off-late")
+    assert await redis.zcard("commands:offline:expiry") == 0
+    assert queue.reply_received(DeviceMessage(CODEC_12, 6, b"Ver:1"))
+    await terminal(redis, slow)
+    assert transport.value() == b""

@@ -13,7 +13,9 @@ from twisted.internet.task import Clock
 
 from teltonika.commands.client import send_command, store_offline
 from teltonika.commands.janitor import Janitor
+from teltonika.commands.messages import OFFLINE_EXPIRY_KEY as EXPIRY
 from teltonika.commands.messages import Command
+from teltonika.commands.scripts import TAKE_OFFLINE, run_script
 from teltonika.wire import encode_avl_frame
 from teltonika.wire.records import CODEC_8E, CODEC_12, CODEC_14, AVLRecord
 from tests.commands.conftest import fresh_metrics
@@ -26,6 +28,8 @@ pytestmark = pytest.mark.slow
 IMEI_A = "352093081452251"
 IMEI_B = "490154203237518"
 RACER = "356307042441013"
+QUIET = ("--command-quiet", "0.1")
+QUIET_SETTLE = (*QUIET, "--command-settle", "3")
 
 
 @pytest_twisted.async_yield_fixture
@@ -319,3 +323,87 @@ async def test_shutdown_completes_with_redis_down(
     assert reactor.seconds() - started < 30
     assert not a.service.running
     logged_errors.flush()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_requeued_offline_command_reaches_a_device_that_already_logged_in_again(
+    redis: Any, cluster: Any
+) -> None:
+    """The device reconnects on the same instance while an offline command is in flight
+    on its old socket: the new login collects an empty waiting list, then the old
+    socket's socket_closed puts the command back. The device is online, so its instance
+    is asked to flush and the command reaches the new connection now."""
+    a = await cluster("a", *QUIET)
+    old = await cluster.device(a, IMEI_A)  # silent: the command stays outstanding
+    await eventually(lambda: _has(redis, {IMEI_A: "a"}))
+    command = Command(
+        id="off-again", imei=IMEI_A, payload=b"getinfo", offline=True, expires_at_ms=2**50
+    )
+    assert await store_offline(redis, command, 1) == "a"
+    await eventually(lambda: old.commands)
+    new = await cluster.device(a, IMEI_A, echo("new"))  # replaces the old connection
+    final = await terminal(redis, "off-again")
+    assert (final["status"], final["response"], final["attempt"]) == (
+        "responded",
+        "new:getinfo",
+        "2",
+    )
+    progress = [(s["status"], s["reason"]) for s in await statuses(redis, "off-again")]
+    assert ("requeued", "socket_closed") in progress
+    assert [m.payload for m in new.commands] == [b"getinfo"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_late_reply_is_not_credited_to_the_next_command(redis: Any, cluster: Any) -> None:
+    """getver times out; the device's late reply arrives during the settle interval and
+    goes to the device-messages stream; setdigout 1, queued behind, gets its own reply."""
+    a = await cluster("a", *QUIET_SETTLE)
+    dev = await cluster.device(a, IMEI_A)
+    await eventually(lambda: _has(redis, {IMEI_A: "a"}))
+    await publish(redis, "a", IMEI_A, "getver", id="slow", timeout_s=0.3)
+    await publish(redis, "a", IMEI_A, "setdigout 1", id="next")
+    await eventually(lambda: dev.commands)
+    assert (await terminal(redis, "slow"))["reason"] == "timeout"
+    dev.send(reply_frame(CODEC_12, b"Ver:03.18"))  # the late reply
+    await eventually(lambda: len(dev.commands) == 2)
+    dev.send(reply_frame(CODEC_12, b"DOUT1:1"))
+    assert (await terminal(redis, "next"))["response"] == "DOUT1:1"
+
+    async def texts() -> list[str]:
+        entries = await redis.execute_command("XRANGE", "telemetry:teltonika:messages", "-", "+")
+        return [dict(zip(v[::2], v[1::2], strict=True))["text"] for _, v in entries]
+
+    assert await eventually(lambda: _equal(texts(), ["Ver:03.18"]))
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_offline_command_of_a_dead_instance_reaches_the_device_where_it_is_now(
+    redis: Any, cluster: Any
+) -> None:
+    """Instance b died with an offline command in flight (taken into its stream); the
+    device is logged in on a by now. a's janitor puts the command back to wait and, since
+    the registry shows the device online on a, asks a to flush: a delivers it without
+    waiting for another login."""
+    a = await cluster("a", *QUIET)
+    command = Command(
+        id="off-dead", imei=IMEI_B, payload=b"getinfo", offline=True, expires_at_ms=2**50
+    )
+    await store_offline(redis, command, 1)
+    taken = await run_script(  # what b did at the device's login, before it died
+        redis,
+        TAKE_OFFLINE,
+        [f"commands:offline:{IMEI_B}", "commands:outbound:b", "commands:responses", EXPIRY],
+        ["b", "1", "10", "1000"],
+    )
+    assert int(taken) == 1
+    await cluster.device(a, IMEI_B, echo("A"))
+    await eventually(lambda: _has(redis, {IMEI_B: "a"}))
+    metrics, _ = fresh_metrics()
+    janitor = Janitor(redis, "a", metrics, lambda: 1000)
+    assert (await janitor.run_once())["failed"] == 1
+    final = await terminal(redis, "off-dead")
+    assert (final["status"], final["response"], final["attempt"]) == (
+        "responded",
+        "A:getinfo",
+        "2",
+    )

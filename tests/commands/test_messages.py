@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -67,6 +68,31 @@ def test_fields_round_trip(
 @given(st.dictionaries(st.sampled_from(NAMES), st.text(max_size=20)))
 def test_arbitrary_fields_raise_only_invalid_command(fields: dict[str, str]) -> None:
     with contextlib.suppress(InvalidCommandError):
+        Command.from_fields(fields)
+
+
+ANY_NAME = st.sampled_from(NAMES) | st.text(max_size=8) | st.binary(max_size=8)
+ANY_VALUE = (
+    st.sampled_from(["", "1", "12", "14", "flush", "352093081452251", "1e400", "nan", "-1"])
+    | st.text(max_size=24)
+    | st.binary(max_size=24)
+    | st.integers()
+    | st.none()
+)
+
+
+@given(st.dictionaries(ANY_NAME, ANY_VALUE))
+def test_any_names_and_values_raise_only_invalid_command(fields: dict[object, object]) -> None:
+    """What txredisapi may hand over (bytes for values that are not UTF-8, and whatever
+    else): only InvalidCommandError, never TypeError or AttributeError."""
+    with contextlib.suppress(InvalidCommandError):
+        Command.from_fields(fields)
+
+
+def test_huge_integers_are_invalid() -> None:
+    fields = Command(id="c", imei="352093081452251", payload=b"x").fields()
+    fields["expires_at_ms"] = str(10**400)
+    with pytest.raises(InvalidCommandError):
         Command.from_fields(fields)
 
 

@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from teltonika.commands.codec import encode_command, reply_text
 from teltonika.commands.metrics import CommandMetrics
 from teltonika.commands.queue import (
+    CommandExpiredError,
     CommandNackError,
     CommandQueue,
     CommandTimeoutError,
@@ -43,13 +44,25 @@ def reply(text: str, codec: int = CODEC_12, message_type: int = 0x06) -> DeviceM
 
 
 class Rig:
+    """A queue on a StringTransport and a Clock. Unless a test asks for them, no quiet
+    interval and no settle interval: the order and reply tests see writes at once (the
+    write gate has tests of its own)."""
+
     def __init__(self, **kwargs: Any) -> None:
         self.transport = StringTransport()
         self.clock = Clock()
         self.registry = CollectorRegistry()
         self.metrics = CommandMetrics.create(self.registry)
+        self.idle = True
+        kwargs.setdefault("quiet", 0)
+        kwargs.setdefault("settle", 0)
         self.queue = CommandQueue(
-            self.transport, self.clock, metrics=self.metrics, imei=IMEI, **kwargs
+            self.transport,
+            self.clock,
+            metrics=self.metrics,
+            imei=IMEI,
+            connection_idle=lambda: self.idle,
+            **kwargs,
         )
 
     def take(self) -> bytes:
@@ -218,7 +231,7 @@ def test_a_failed_command_does_not_poison_the_chain(logged_errors: Any) -> None:
             super().write(data)
 
     transport = Flaky()
-    queue = CommandQueue(transport, Clock())
+    queue = CommandQueue(transport, Clock(), quiet=0)
     bad = queue.submit(frame("a"), CODEC_12)
     failure(bad.reply).trap(SocketClosedError)
     assert len(logged_errors.flush("Write to device {imei} failed")) == 1
@@ -305,3 +318,171 @@ def test_encoded_frames_match_the_reference_vectors() -> None:
 def test_invalid_commands(codec: int, payload: bytes, imei: str) -> None:
     with pytest.raises(InvalidCommandError):
         encode_command(codec, payload, imei)
+
+
+ACK_1 = b"\x00\x00\x00\x01"
+
+
+def test_command_waits_for_the_quiet_interval() -> None:
+    """With nothing from the device for `quiet` seconds the command is written; every
+    read starts the interval again."""
+    rig = Rig(quiet=1)
+    handle = rig.queue.submit(frame("getinfo"), CODEC_12)
+    rig.clock.advance(0.6)
+    rig.queue.received()
+    rig.clock.advance(0.9)
+    assert rig.take() == b""
+    no_result(handle.written)
+    rig.clock.advance(0.1)
+    assert rig.take() == frame("getinfo")
+    assert success(handle.written) is True
+
+
+def test_command_goes_out_right_after_an_ack() -> None:
+    """An ACK is the other moment a device reads a command correctly: ACK, then the
+    command, written in the same turn, without waiting for the quiet interval."""
+    rig = Rig(quiet=1)
+    rig.queue.submit(frame("getinfo"), CODEC_12)
+    rig.queue.received()
+    rig.queue.write(ACK_1)
+    rig.queue.ack_written()
+    assert rig.take() == ACK_1 + frame("getinfo")
+
+
+def test_a_busy_connection_gets_no_command() -> None:
+    """While a frame is queued, being stored or partly received, neither an ACK nor the
+    quiet interval lets a command out; once the connection is idle again it goes."""
+    rig = Rig(quiet=1)
+    rig.idle = False
+    rig.queue.submit(frame("getinfo"), CODEC_12)
+    rig.queue.write(ACK_1)
+    rig.queue.ack_written()
+    rig.clock.advance(5)
+    assert rig.take() == ACK_1
+    rig.idle = True
+    rig.clock.advance(1)
+    assert rig.take() == frame("getinfo")
+
+
+def test_acks_are_never_held_back_by_waiting_commands() -> None:
+    """ACKs go out at once whatever the commands are waiting for."""
+    rig = Rig(quiet=10, settle=10)
+    rig.queue.submit(frame("a"), CODEC_12)
+    assert success(rig.queue.write(ACK_1)) is True
+    assert rig.take() == ACK_1
+
+
+def test_after_a_timeout_the_next_command_waits_the_settle_interval() -> None:
+    """A late reply to a timed-out command arrives while nothing is outstanding (it is
+    unsolicited) instead of resolving the next command."""
+    rig = Rig(settle=2)
+    first = rig.queue.submit(frame("getver"), CODEC_12, timeout=5)
+    second = rig.queue.submit(frame("setdigout 1"), CODEC_12)
+    assert rig.take() == frame("getver")
+    with capturedLogs():
+        rig.clock.advance(5)
+        failure(first.reply).trap(CommandTimeoutError)
+        assert rig.take() == b""
+        rig.clock.advance(1)
+        assert rig.queue.reply_received(reply("Ver:03.18")) is False
+        rig.queue.write(ACK_1)
+        rig.queue.ack_written()
+        assert rig.take() == ACK_1
+        rig.clock.advance(1)
+    assert rig.take() == frame("setdigout 1")
+    no_result(second.reply)
+    assert rig.queue.reply_received(reply("DOUT1:1"))
+    assert success(second.reply).payload == b"DOUT1:1"
+
+
+def test_a_command_that_expires_while_waiting_is_never_written() -> None:
+    """A command stuck behind a slow one fails with expired when its expiry passes; it is
+    not written when its turn comes."""
+    rig = Rig()
+    slow = rig.queue.submit(frame("getver"), CODEC_12, timeout=30)
+    stuck = rig.queue.submit(frame("setdigout 1"), CODEC_12, expires_in=1)
+    rig.take()
+    with capturedLogs() as events:
+        rig.clock.advance(1)
+    err = failure(stuck.reply)
+    err.trap(CommandExpiredError)
+    assert err.value.reason == "expired"
+    assert success(stuck.written) is False
+    assert [e for e in events if "expired before" in e["log_format"]]
+    assert rig.queue.reply_received(reply("Ver:1"))
+    success(slow.reply)
+    rig.clock.advance(60)
+    assert rig.take() == b""
+    assert rig.queue.depth == 0 and rig.gauge() == 0
+
+
+def test_expiry_is_checked_at_the_moment_of_writing() -> None:
+    """Even when the expiry timer has not run yet (the ACK comes first in the same
+    reactor iteration), a command past its expiry is failed instead of written."""
+    rig = Rig(quiet=10)
+    handle = rig.queue.submit(frame("setdigout 1"), CODEC_12, expires_in=1)
+    rig.clock.rightNow += 1.0  # time passed; the timer has not been run yet
+    with capturedLogs():
+        rig.queue.write(ACK_1)
+        rig.queue.ack_written()
+    assert rig.take() == ACK_1
+    failure(handle.reply).trap(CommandExpiredError)
+    assert rig.clock.getDelayedCalls() == []
+
+
+def test_an_already_expired_command_is_refused() -> None:
+    rig = Rig()
+    handle = rig.queue.submit(frame("a"), CODEC_12, expires_in=0)
+    failure(handle.reply).trap(CommandExpiredError)
+    assert rig.take() == b"" and rig.queue.depth == 0
+
+
+def test_closing_cancels_every_timer() -> None:
+    """Waiting commands with expiries and the quiet timer leave nothing scheduled."""
+    rig = Rig(quiet=5)
+    handles = [rig.queue.submit(frame(f"c{i}"), CODEC_12, expires_in=10) for i in range(3)]
+    rig.queue.close()
+    for handle in handles:
+        failure(handle.reply).trap(SocketClosedError)
+    assert rig.clock.getDelayedCalls() == []
+
+
+def frames_every(rig: Rig, period: float, count: int) -> None:
+    """The device sends *count* frames *period* seconds apart (the last one now)."""
+    for index in range(count):
+        if index:
+            rig.clock.advance(period)
+        rig.queue.received()
+        rig.queue.frame_received(rig.clock.seconds())
+
+
+def test_no_quiet_path_while_a_periodic_frame_is_due() -> None:
+    """A device reporting about once a second: one second after its last frame its next
+    one is due, so the quiet interval alone does not let a command out; its next ACK
+    does, or a silence of one and a half periods."""
+    rig = Rig(quiet=1)
+    frames_every(rig, 1.0, 3)
+    rig.queue.submit(frame("getinfo"), CODEC_12)
+    rig.clock.advance(1.0)
+    assert rig.take() == b""
+    frames_every(rig, 0.05, 2)  # the next frame (and one more: period now 0.05 s)
+    rig.queue.write(ACK_1)
+    rig.queue.ack_written()
+    assert rig.take() == ACK_1 + frame("getinfo")
+
+    silent = Rig(quiet=1)
+    frames_every(silent, 1.0, 3)
+    silent.queue.submit(frame("getinfo"), CODEC_12)
+    silent.clock.advance(1.49)
+    assert silent.take() == b""
+    silent.clock.advance(0.01)
+    assert silent.take() == frame("getinfo")
+
+
+def test_a_slow_reporter_gets_its_command_after_the_quiet_interval() -> None:
+    """Every 10 s: one second after a frame is mid-period, far from the next frame."""
+    rig = Rig(quiet=1)
+    frames_every(rig, 10.0, 2)
+    rig.queue.submit(frame("getinfo"), CODEC_12)
+    rig.clock.advance(1.0)
+    assert rig.take() == frame("getinfo")

@@ -37,8 +37,11 @@ def test_command_option_defaults() -> None:
         options["janitor-interval"],
         options["offline-max-attempts"],
     ) == (30.0, 5, 20, 30.0, 90.0, 30.0, 10)
+    assert (options["command-quiet"], options["command-settle"]) == (1.0, 2.0)
     options = parse("--command-timeout", "12.5", "--command-queue-max", "3")
     assert (options["command-timeout"], options["command-queue-max"]) == (12.5, 3)
+    options = parse("--command-quiet", "0.25", "--command-settle", "0")
+    assert (options["command-quiet"], options["command-settle"]) == (0.25, 0.0)
 
 
 @pytest.mark.parametrize(
@@ -49,6 +52,11 @@ def test_command_option_defaults() -> None:
         ["--heartbeat-interval", "100"],
         ["--janitor-interval", "0"],
         ["--offline-max-attempts", "0"],
+        ["--command-quiet", "0"],
+        ["--command-quiet", "-1"],
+        ["--command-quiet", "301"],
+        ["--command-settle", "-1"],
+        ["--command-settle", "301"],
     ],
 )
 def test_command_option_errors(argv: list[str]) -> None:
@@ -71,6 +79,14 @@ def test_command_plane_only_with_redis(tmp_path: Any) -> None:
     service = makeService(options, reactor, on_fatal=lambda message: None)
     with pytest.raises(KeyError):
         service.getServiceNamed("commands")  # type: ignore[no-untyped-call]
+
+
+ACK_1 = b"\x00\x00\x00\x01"
+
+
+def avl(n: int) -> bytes:
+    record = AVLRecord(1_700_000_000_000 + n * 1000, 0, 25.0, 54.0, 1, 2, 3, 4, 0, ())
+    return encode_avl_frame(CODEC_8E, [record])
 
 
 def login(factory: DeviceFactory) -> tuple[Any, StringTransport]:
@@ -97,16 +113,15 @@ def make_factory(**settings: Any) -> tuple[DeviceFactory, ControlledSink, Server
 
 
 def test_protocol_writes_go_through_the_queue_and_replies_resolve_commands() -> None:
-    """A command submitted to a session's queue is written; an AVL ACK queued behind it
-    follows it whole; the device's reply resolves the command and is not published as
-    a device message; an unsolicited reply is."""
+    """A command submitted to a session's queue is written right after the next ACK,
+    whole; the device's reply resolves the command and is not published as a device
+    message; an unsolicited reply is."""
     factory, sink, metrics = make_factory(command_timeout=7)
     protocol, transport = login(factory)
     handle = protocol.commands.submit(frame("getinfo"), CODEC_12)
     assert protocol.commands.default_timeout == 7
-    record = AVLRecord(1_700_000_000_000, 0, 25.0, 54.0, 1, 2, 3, 4, 0, ())
-    protocol.dataReceived(encode_avl_frame(CODEC_8E, [record]))
-    assert transport.value() == frame("getinfo") + b"\x00\x00\x00\x01"
+    protocol.dataReceived(avl(0))
+    assert transport.value() == ACK_1 + frame("getinfo")
     protocol.dataReceived(wrap(encode_message(CODEC_12, b"INI:ok", 0x06)))
     assert success(handle.reply).payload == b"INI:ok"
     assert sink.messages == []
@@ -136,3 +151,102 @@ def test_socket_close_fails_pending_and_the_gauge_sums_sockets() -> None:
     failure(handles[1].reply).trap(SocketClosedError)
     failure(handles[2].reply).trap(SocketClosedError)
     assert metrics.registry.get_sample_value("teltonika_command_queue_depth_total") == 1
+
+
+def test_a_command_never_goes_out_in_place_of_an_ack() -> None:
+    """The reproduction: log in, feed one AVL frame with the sink held, submit getinfo.
+    The command waits; the ACK goes first when the frame is stored, and the command
+    follows it in the same write turn (the device reads its ACK, then the command)."""
+    factory, sink, _ = make_factory()
+    sink.auto = False
+    protocol, transport = login(factory)
+    protocol.dataReceived(avl(0))
+    handle = protocol.commands.submit(frame("getinfo"), CODEC_12)
+    factory.clock.advance(5)  # a slow sink: the quiet interval passes, the frame waits
+    assert transport.value() == b""
+    sink.calls[0][-1].callback(None)
+    assert transport.value() == ACK_1 + frame("getinfo")
+    assert success(handle.written) is True
+
+
+def test_a_pipelined_frame_keeps_the_command_back_until_its_own_ack() -> None:
+    """Two frames in one read: after the first ACK the device is awaiting the second
+    frame's ACK, so the command goes only after that one."""
+    factory, sink, _ = make_factory()
+    sink.auto = False
+    protocol, transport = login(factory)
+    protocol.commands.submit(frame("getinfo"), CODEC_12)
+    protocol.dataReceived(avl(0) + avl(1))
+    sink.calls[0][-1].callback(None)
+    assert transport.value() == ACK_1
+    sink.calls[1][-1].callback(None)
+    assert transport.value() == ACK_1 + ACK_1 + frame("getinfo")
+
+
+def test_a_partial_frame_keeps_the_command_back() -> None:
+    """Half a frame buffered means the device is in the middle of sending one and will
+    await its ACK: no command after the previous ACK nor after any quiet time."""
+    factory, _, _ = make_factory()
+    protocol, transport = login(factory)
+    protocol.commands.submit(frame("getinfo"), CODEC_12)
+    second = avl(1)
+    protocol.dataReceived(avl(0) + second[:10])
+    assert transport.value() == ACK_1
+    factory.clock.advance(10)
+    assert transport.value() == ACK_1
+    protocol.dataReceived(second[10:])
+    assert transport.value() == ACK_1 + ACK_1 + frame("getinfo")
+
+
+def test_after_login_a_command_waits_for_an_ack_or_the_quiet_interval() -> None:
+    """The login's 01 is no opportunity (a device with a backlog sends at once): a command
+    queued at login goes after the quiet interval of a silent device, or right after the
+    first ACK of a device that starts sending."""
+    factory, _, _ = make_factory(command_quiet=1.5)
+    quiet_one, quiet_transport = login(factory)
+    quiet_one.commands.submit(frame("getinfo"), CODEC_12)
+    factory.clock.advance(1.0)
+    quiet_one.dataReceived(b"\xff")  # a keepalive is a byte received too
+    factory.clock.advance(1.4)
+    assert quiet_transport.value() == b""
+    factory.clock.advance(0.1)
+    assert quiet_transport.value() == frame("getinfo")
+
+    busy, busy_transport = login(factory)
+    busy.commands.submit(frame("getver"), CODEC_12)
+    busy.dataReceived(avl(0))
+    assert busy_transport.value() == ACK_1 + frame("getver")
+
+
+def test_a_reply_is_no_opportunity_for_the_next_command() -> None:
+    """After a reply the next command waits for an ACK or the quiet interval too: the
+    device may have sent a frame right behind its reply."""
+    factory, _, _ = make_factory()
+    protocol, transport = login(factory)
+    first = protocol.commands.submit(frame("getinfo"), CODEC_12)
+    protocol.commands.submit(frame("getver"), CODEC_12)
+    factory.clock.advance(1)
+    assert transport.value() == frame("getinfo")
+    transport.clear()
+    protocol.dataReceived(wrap(encode_message(CODEC_12, b"INI:ok", 0x06)))
+    assert success(first.reply).payload == b"INI:ok"
+    assert transport.value() == b""
+    factory.clock.advance(1)
+    assert transport.value() == frame("getver")
+
+
+def test_a_device_reporting_every_second_gets_its_command_after_an_ack() -> None:
+    """The protocol tells the queue when AVL frames arrive: for a device reporting once
+    a second, the quiet interval alone never lets a command out when its next frame is
+    due; the next ACK does."""
+    factory, _, _ = make_factory()
+    protocol, transport = login(factory)
+    for n in range(3):
+        factory.clock.advance(1.0)
+        protocol.dataReceived(avl(n))
+    transport.clear()
+    protocol.commands.submit(frame("getinfo"), CODEC_12)
+    factory.clock.advance(1.0)
+    assert transport.value() == b""
+    protocol.dataReceived(avl(3))
+    assert transport.value() == ACK_1 + frame("getinfo")

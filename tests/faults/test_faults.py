@@ -19,6 +19,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,18 +58,35 @@ def servers(tmp_path: Path) -> Iterator[list[ServerProcess]]:
             server.stop()
 
 
+def _fsync_server_and_fleet(
+    directory: Path, redis: RedisServer, servers: list[ServerProcess], devices: int, seconds: float
+) -> tuple[ServerProcess, Simulation]:
+    """A server on --redis-durability fsync and a fleet it has ACKed 200 records of."""
+    server = ServerProcess(directory, ["--redis", redis.url, "--redis-durability", "fsync"])
+    servers.append(server.start())
+    sim = Simulation(directory, server.port, fleet_options(devices, duration=seconds))
+    wait_until(lambda: server.metric("teltonika_acked_records_total") > 200, 20, "fleet ACKed")
+    return server, sim
+
+
+def _recovered(server: ServerProcess, sim: Simulation, redis: RedisServer) -> dict[str, Any]:
+    """Wait for the server to be ready again and the fleet to finish; check that nothing
+    it saw ACKed is missing from the stream. Returns the fleet's summary."""
+    wait_until(lambda: server.http("/readyz")[0] == 200, 20, "server ready again")
+    code, summary = sim.result(timeout=60)
+    _code, check = verify(sim.ledger_path, "--redis", redis.url)
+    assert_nothing_lost(summary, check)
+    assert code == 0
+    return summary
+
+
 def test_redis_sigkill_and_restart_during_load(
     tmp_path: Path, durable_redis: RedisServer, servers: list[ServerProcess]
 ) -> None:
     """Redis (appendonly, fsync always) is SIGKILLed under load and restarted 3 s later:
     no ACK while it is down, /readyz says not ready, the server reconnects by itself and
     every ACKed record survives the crash."""
-    server = ServerProcess(
-        tmp_path, ["--redis", durable_redis.url, "--redis-durability", "fsync"]
-    ).start()
-    servers.append(server)
-    sim = Simulation(tmp_path, server.port, fleet_options(30, duration=9))
-    wait_until(lambda: server.metric("teltonika_acked_records_total") > 200, 20, "fleet ACKed")
+    server, sim = _fsync_server_and_fleet(tmp_path, durable_redis, servers, 30, 9)
     durable_redis.kill()
     wait_until(lambda: server.http("/readyz")[0] == 503, 10, "/readyz reports Redis down")
     time.sleep(0.5)  # frames whose XADD was confirmed before the kill may still be ACKed
@@ -77,13 +95,29 @@ def test_redis_sigkill_and_restart_during_load(
     assert server.metric_sum("teltonika_acks_total") == acks_at_outage, "ACKs while Redis was down"
     assert server.metric_sum("teltonika_sink_failures_total") > 0
     durable_redis.start()
-    wait_until(lambda: server.http("/readyz")[0] == 200, 20, "server ready again")
-    code, summary = sim.result(timeout=60)
-    _code, check = verify(sim.ledger_path, "--redis", durable_redis.url)
-    assert_nothing_lost(summary, check)
-    assert code == 0
+    summary = _recovered(server, sim, durable_redis)
     assert server.metric_sum("teltonika_acks_total") > acks_at_outage
     assert summary["disconnects"] > 0 or summary["ack_timeouts"] > 0
+
+
+def test_fsync_taken_away_at_runtime_refuses_frames_until_restored(
+    tmp_path: Path, durable_redis: RedisServer, servers: list[ServerProcess]
+) -> None:
+    """--redis-durability fsync, and someone runs CONFIG SET appendfsync everysec under
+    load: within the periodic check the server turns not ready (/readyz 503) and ACKs
+    nothing more, logs one error and counts it; once appendfsync always is back it takes
+    frames again by itself, and every ACKed record is in the stream."""
+    server, sim = _fsync_server_and_fleet(tmp_path, durable_redis, servers, 20, 10)
+    durable_redis.cli("CONFIG", "SET", "appendfsync", "everysec")
+    wait_until(lambda: server.http("/readyz")[0] == 503, 10, "/readyz reports no fsync")
+    acks_when_refused = server.metric_sum("teltonika_acks_total")
+    time.sleep(2.0)
+    assert server.metric_sum("teltonika_acks_total") == acks_when_refused, "ACKs without fsync"
+    assert server.metric("teltonika_sink_durability_lost_total") == 1
+    durable_redis.cli("CONFIG", "SET", "appendfsync", "always")
+    _recovered(server, sim, durable_redis)
+    assert server.metric_sum("teltonika_acks_total") > acks_when_refused
+    assert server.log_tail(10_000).count("no longer gives the durability") == 1
 
 
 @pytest.mark.parametrize("sink", ["redis", "jsonl"])
@@ -91,7 +125,11 @@ def test_server_sigkill_and_restart_during_load(
     sink: str, tmp_path: Path, redis_url: str, servers: list[ServerProcess]
 ) -> None:
     """The server is SIGKILLed under load and restarted: devices reconnect, resend what was
-    not ACKed, and every record they saw ACKed is in the sink (Redis, or the fsynced file)."""
+    not ACKed, and every record they saw ACKed is in the sink (Redis, or the fsynced file).
+
+    For the file, the kill is made to land in the middle of a write: a SIGKILL cannot be
+    aimed inside os.write, so half of a line is appended to the file after the kill. The
+    restarted server must start a new line, or the first records it ACKs are unreadable."""
     output = tmp_path / "records.jsonl"
     options = ["--redis", redis_url] if sink == "redis" else ["--output", str(output)]
     server = ServerProcess(tmp_path, options).start()
@@ -99,6 +137,12 @@ def test_server_sigkill_and_restart_during_load(
     sim = Simulation(tmp_path, server.port, fleet_options(30, duration=7))
     wait_until(lambda: server.metric("teltonika_acked_records_total") > 200, 20, "fleet ACKed")
     server.kill()
+    torn_end = 0
+    if sink == "jsonl":
+        last_line = output.read_bytes().splitlines()[-1]
+        with output.open("ab") as torn:
+            torn.write(last_line[: len(last_line) // 2])
+        torn_end = output.stat().st_size
     time.sleep(1.0)
     server.start()
     code, summary = sim.result(timeout=60)
@@ -107,6 +151,10 @@ def test_server_sigkill_and_restart_during_load(
     assert_nothing_lost(summary, check)
     assert code == 0
     assert summary["disconnects"] >= 30
+    if sink == "jsonl":
+        # the half line stays as it was; what the restarted server wrote starts after it
+        assert output.read_bytes()[torn_end : torn_end + 2] == b"\n{"
+        assert check["unreadable"] == 1
 
 
 def test_sigterm_during_load_is_graceful_and_loses_nothing(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -16,10 +17,25 @@ TWISTD = "from twisted.scripts.twistd import run; run()"
 
 
 class ServerProcess:
-    """``twistd -n --pidfile= teltonika --port tcp:N:interface=127.0.0.1 ...`` in *cwd*."""
+    """``twistd -n --pidfile= teltonika --port tcp:N:interface=127.0.0.1 ...`` in *cwd*.
 
-    def __init__(self, cwd: Path, *args: str, port: int | None = None) -> None:
+    :param endpoint: the ``--port`` value, with ``{port}`` standing for the free port
+        (``tcp6:{port}:interface=\\:\\:1``, ``ssl:{port}:...``); *host* is where it listens.
+    :param prelude: Python code the child runs before twistd (a fault test's stand-in for
+        a broken part of the machine, such as a disk that stops answering).
+    """
+
+    def __init__(
+        self,
+        cwd: Path,
+        *args: str,
+        port: int | None = None,
+        endpoint: str = "tcp:{port}:interface=127.0.0.1",
+        host: str = "127.0.0.1",
+        prelude: str = "",
+    ) -> None:
         self.port = port or free_port()
+        self.host = host
         self.cwd = cwd
         env = checkout_env()
         self.log = cwd / "twistd.out"
@@ -28,12 +44,12 @@ class ServerProcess:
             [
                 sys.executable,
                 "-c",
-                TWISTD,
+                prelude + "\n" + TWISTD,
                 "-n",
                 "--pidfile=",
                 "teltonika",
                 "--port",
-                f"tcp:{self.port}:interface=127.0.0.1",
+                endpoint.format(port=self.port),
                 *args,
             ],
             cwd=cwd,
@@ -48,7 +64,7 @@ class ServerProcess:
             if self.process.poll() is not None:
                 raise AssertionError(f"twistd exited early:\n{self.output()}")
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                socket.create_connection((self.host, self.port), timeout=0.2).close()
                 return
             except OSError:
                 time.sleep(0.05)
@@ -81,10 +97,13 @@ class ServerProcess:
 
 
 class Device:
-    """A blocking TCP client speaking the device side."""
+    """A blocking TCP client speaking the device side (over TLS when given a context)."""
 
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    def __init__(
+        self, port: int, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None
+    ) -> None:
+        sock = socket.create_connection((host, port), timeout=10)
+        self.sock = tls.wrap_socket(sock, server_hostname="localhost") if tls else sock
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)

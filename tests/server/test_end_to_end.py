@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import signal
 import socket
+import subprocess
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,8 +33,8 @@ def servers(tmp_path: Path) -> Iterator[list[ServerProcess]]:
         server.close()
 
 
-def start(servers: list[ServerProcess], cwd: Path, *args: str) -> ServerProcess:
-    server = ServerProcess(cwd, *args)
+def start(servers: list[ServerProcess], cwd: Path, *args: str, **kwargs: Any) -> ServerProcess:
+    server = ServerProcess(cwd, *args, **kwargs)
     servers.append(server)
     server.wait_listening()
     return server
@@ -172,6 +174,27 @@ def test_taken_port_exits_with_clear_message(servers: list[ServerProcess], tmp_p
         blocker.close()
 
 
+def test_taken_metrics_port_exits_with_clear_message(
+    servers: list[ServerProcess], tmp_path: Path
+) -> None:
+    """A second instance on one host: the metrics port is taken, and twistd exits with
+    status 1 and one line naming the endpoint and --metrics, without a traceback."""
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    metrics_port = blocker.getsockname()[1]
+    try:
+        server = ServerProcess(tmp_path, "--metrics", str(metrics_port))
+        servers.append(server)
+        assert server.process.wait(30) == 1
+        output = server.output()
+        assert f"Cannot listen for /metrics on tcp:{metrics_port}:interface=127.0.0.1" in output
+        assert "Choose another port with --metrics" in output
+        assert "Traceback" not in output
+    finally:
+        blocker.close()
+
+
 def _stream_until_killed(server: ServerProcess, window: int = 4) -> list[int]:
     """Send frames with up to *window* unACKed; SIGKILL the server mid-stream. Return the
     timestamps of every record whose frame the device saw ACKed."""
@@ -251,3 +274,81 @@ def test_devices_file_reloaded_on_sighup(servers: list[ServerProcess], tmp_path:
     device.send(encode_login(IMEI))
     assert device.recv_exactly(1) == b"\x01"
     device.close()
+
+
+STALLING_DISK = """
+import os, threading
+_real_fsync = os.fsync
+def _fsync(fd):
+    # A disk that stops answering: once the test creates the marker, fsync never returns.
+    if os.path.exists(os.environ["TELTONIKA_TEST_STALL"]):
+        threading.Event().wait()
+    return _real_fsync(fd)
+os.fsync = _fsync
+"""
+
+
+def test_shutdown_with_a_stalled_disk_keeps_its_bound(
+    servers: list[ServerProcess], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk stops answering in the middle of a write+fsync: no ACK for that frame, and
+    SIGTERM still ends the process within its bound (drain, close and the sink's close,
+    each bounded by --shutdown-timeout): the writer thread stuck in fsync does not keep the
+    process alive."""
+    marker = tmp_path / "stall"
+    monkeypatch.setenv("TELTONIKA_TEST_STALL", str(marker))
+    shutdown_timeout = 1.0
+    server = start(
+        servers,
+        tmp_path,
+        "--metrics",
+        "off",
+        "--shutdown-timeout",
+        str(shutdown_timeout),
+        prelude=STALLING_DISK,
+    )
+    server.wait_for_log("File sink ready")
+    device = Device(server.port)
+    device.send(encode_login(IMEI))
+    assert device.recv_exactly(1) == b"\x01"
+    [first, second] = frames(2)
+    device.send(first)
+    assert device.recv_exactly(4) == tcp_ack(2)
+    marker.touch()
+    device.send(second)
+    device.sock.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        device.recv_exactly(4)  # stuck in fsync: never ACKed
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    bound = 3 * shutdown_timeout + 5  # three bounded steps, plus interpreter exit
+    try:
+        server.process.wait(bound)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still running {bound} s after SIGTERM:\n{server.output()}") from None
+    assert time.monotonic() - started < bound
+    assert "Shutdown complete" in server.output()
+    device.close()
+
+
+def test_torn_tail_from_a_crash_is_repaired_at_restart(
+    servers: list[ServerProcess], tmp_path: Path
+) -> None:
+    """A crash in the middle of a write leaves half a line in the file (made certain here
+    by writing one: a SIGKILL cannot be aimed inside os.write). The restarted server logs
+    the repair, and the first record it ACKs is on a line of its own that parses."""
+    output = tmp_path / "teltonika-records.jsonl"
+    fragment = b'{"v":"1","imei":"' + IMEI.encode() + b'","timestamp_ms":"17'
+    output.write_bytes(fragment)
+    server = start(servers, tmp_path, "--metrics", "off")
+    server.wait_for_log("File sink ready")
+    assert f"torn line of {len(fragment)} bytes" in server.output()
+    device = Device(server.port)
+    device.send(encode_login(IMEI))
+    assert device.recv_exactly(1) == b"\x01"
+    device.send(encode_avl_frame(CODEC_8E, [record(0)]))
+    assert device.recv_exactly(4) == tcp_ack(1)
+    device.close()
+    torn, first, end = output.read_bytes().split(b"\n")
+    assert torn == fragment and end == b""
+    assert int(orjson.loads(first)["timestamp_ms"]) == record(0).timestamp_ms

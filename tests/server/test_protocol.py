@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
+from twisted.protocols.haproxy import proxyEndpoint
 from zope.interface import implementer
 
 from teltonika.interfaces import ISessionListener
@@ -440,3 +446,81 @@ def test_drain_is_bounded() -> None:
     h.clock.advance(3.0)
     assert drained.called
     assert transport.value() == b""
+
+
+def test_data_frame_header_before_login_refused_at_once() -> None:
+    """Before any IMEI packet, the header of a data frame (eight bytes announcing a large
+    body) is enough to close: the body is never awaited or held."""
+    h = Harness()
+    proto, transport = h.connect()
+    proto.dataReceived(b"\x00\x00\x00\x00" + (60_000).to_bytes(4, "big"))
+    assert transport.disconnecting
+    assert transport.value() == b""
+    assert proto._framer.buffered == 0
+    assert h.sample("teltonika_decode_errors_total", reason="before_login") == 1
+
+
+def test_close_aborts_a_peer_that_does_not_read_after_the_grace() -> None:
+    """close() waits for the write buffer to drain; a peer that never reads cannot keep the
+    socket: after close_grace the connection is aborted and counted."""
+    h = Harness(close_grace=3.0)
+    proto, transport = h.login()
+    proto.close()
+    assert transport.disconnecting and not transport.disconnected
+    h.clock.advance(2.9)
+    assert not transport.disconnected
+    h.clock.advance(0.2)
+    assert transport.disconnected  # StringTransport: abortConnection() was called
+    assert h.sample("teltonika_timeouts_total", kind="close") == 1
+
+
+def test_close_that_finishes_leaves_no_abort_timer() -> None:
+    """A close that completes in time cancels the abort: nothing is counted."""
+    h = Harness(close_grace=3.0)
+    proto, _transport = h.login()
+    proto.close()
+    proto.connectionLost()
+    assert h.clock.getDelayedCalls() == []
+    assert h.sample("teltonika_timeouts_total", kind="close") == 0
+
+
+@implementer(IStreamServerEndpoint)
+class _ListeningEndpoint:
+    """Keeps the factory it is asked to listen with (the PROXY-protocol wrapping one)."""
+
+    def __init__(self) -> None:
+        self.factory: Any = None
+
+    def listen(self, factory: Any) -> Deferred[None]:
+        self.factory = factory
+        return succeed(None)
+
+
+PROXY_V1 = b"PROXY TCP4 203.0.113.7 10.0.0.2 56324 5027\r\n"
+PROXY_V2 = (
+    b"\r\n\r\n\x00\r\nQUIT\n"  # signature
+    + b"\x21\x11"  # v2, PROXY; TCP over IPv4
+    + (12).to_bytes(2, "big")
+    + bytes([203, 0, 113, 7])
+    + bytes([10, 0, 0, 2])
+    + (56324).to_bytes(2, "big")
+    + (5027).to_bytes(2, "big")
+)
+
+
+@pytest.mark.parametrize("header", [PROXY_V1, PROXY_V2], ids=["v1", "v2"])
+def test_peer_is_the_device_behind_a_proxy_protocol_balancer(header: bytes) -> None:
+    """Behind ``haproxy:tcp:...`` the login event names the device's address from the
+    PROXY header (v1 text or v2 binary), not the balancer's."""
+    h = Harness()
+    endpoint = _ListeningEndpoint()
+    proxyEndpoint(endpoint).listen(h.factory)  # the wrapping haproxy:tcp:... does
+    assert endpoint.factory is not None
+    wrapper = endpoint.factory.buildProtocol(None)
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 40000))
+    wrapper.makeConnection(transport)
+    with capturedLogs() as events:
+        wrapper.dataReceived(header + LOGIN)
+    assert transport.value() == b"\x01"
+    [login] = [e for e in events if e.get("event") == "login"]
+    assert login["peer"] == "203.0.113.7:56324"

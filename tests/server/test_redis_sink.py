@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -10,6 +10,7 @@ import pytest_twisted
 import redis as redis_py
 from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 
@@ -18,15 +19,15 @@ from teltonika.contract import FIELDS, MESSAGES_STREAM, TELEMETRY_STREAM, entry_
 from teltonika.metrics import ServerMetrics
 from teltonika.protocol.server import DeviceFactory, ServerSettings
 from teltonika.redis.connect import lazy_connection, parse_redis_url
-from teltonika.redis.streams import (
+from teltonika.redis.durability import (
+    ConnectionChangedError,
     Durability,
     DurabilityError,
     check_durability,
-    entry_id_ok,
     parse_version,
     waitaof_ok,
-    xadd_command,
 )
+from teltonika.redis.streams import entry_id_ok, xadd_command
 from teltonika.sinks import SinkUnavailableError
 from teltonika.sinks.redis_stream import RedisStreamSink
 from teltonika.wire import tcp_ack
@@ -220,9 +221,191 @@ async def test_durability_check(txredis: Any, redis_server: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_redis_set_authority(txredis: Any, redis_server: Any) -> None:
-    from teltonika.authority import RedisSetAuthority
+    """SISMEMBER decides; while Redis is down a lookup fails after its timeout instead of
+    waiting for Redis, and once Redis is back lookups get their own answers again (a
+    timed-out command does not shift the replies of the next ones)."""
+    from teltonika.authority import AuthorityError, AuthorityTimeoutError, RedisSetAuthority
 
     redis_server.cli("SADD", "devices", IMEI)
-    authority = RedisSetAuthority(lambda: txredis, "devices")
+    authority = RedisSetAuthority(lambda: txredis, "devices", reactor, ServerMetrics(), timeout=0.5)
     assert await authority.is_allowed(IMEI) is True
     assert await authority.is_allowed(OTHER_IMEI) is False
+    redis_server.kill()
+    try:
+        with pytest.raises(AuthorityError):  # the connection is lost under it, or a timeout
+            await authority.is_allowed(IMEI)
+        with pytest.raises(AuthorityTimeoutError):  # txredisapi queues it until Redis is back
+            await authority.is_allowed(IMEI)
+    finally:
+        redis_server.start()
+    redis_server.cli("SADD", "devices", IMEI)
+    await _wait_until(lambda: authority.in_flight == 0)
+    answers = []
+    for _ in range(20):
+        try:
+            answers.append(
+                (await authority.is_allowed(IMEI), await authority.is_allowed(OTHER_IMEI))
+            )
+        except AuthorityTimeoutError:
+            await deferLater(reactor, 0.2, lambda: None)  # still reconnecting
+    assert answers and set(answers) == {(True, False)}
+
+
+@pytest.fixture
+def fsync_redis(redis_server: Any) -> Iterator[Any]:
+    """The session's Redis with appendonly yes + appendfsync always, restored afterwards."""
+    redis_server.cli("CONFIG", "SET", "appendonly", "yes")
+    redis_server.cli("CONFIG", "SET", "appendfsync", "always")
+    try:
+        yield redis_server
+    finally:
+        if redis_server.process is None:
+            redis_server.start()
+        for name, value in (
+            ("no-appendfsync-on-rewrite", "no"),
+            ("appendfsync", "everysec"),
+            ("appendonly", "no"),
+        ):
+            redis_server.cli("CONFIG", "SET", name, value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_appendfsync_on_rewrite_refused_at_start(txredis: Any, fsync_redis: Any) -> None:
+    """fsync mode refuses no-appendfsync-on-rewrite yes (Redis then skips the fsync while
+    it rewrites the AOF, even with appendfsync always), saying which setting to change."""
+    fsync_redis.cli("CONFIG", "SET", "no-appendfsync-on-rewrite", "yes")
+    with pytest.raises(DurabilityError, match="configure 'no-appendfsync-on-rewrite no'"):
+        await check_durability(txredis, "fsync")
+    assert await check_durability(txredis, "memory") is Durability.MEMORY
+
+
+@pytest_twisted.ensureDeferred
+async def test_fsync_settings_changed_at_runtime_refuse_frames_until_restored(
+    txredis: Any, fsync_redis: Any, logged_errors: Any
+) -> None:
+    """CONFIG SET takes fsync away while the server runs (appendfsync everysec, then
+    no-appendfsync-on-rewrite yes): the periodic check notices, the sink turns not ready
+    (frames refused, never ACKed), one error is logged and counted per loss however many
+    checks fail; restoring the setting makes the sink ready again by itself."""
+    sink = _sink(txredis, durability="fsync", durability_interval=0.1)
+    await sink.start()
+    assert sink.durability is Durability.AOF_ALWAYS
+    await sink.publish(IMEI, "8", (record(1),), 1)
+
+    def lost() -> float:
+        value = sink.metrics.registry.get_sample_value("teltonika_sink_durability_lost_total")
+        return value or 0.0
+
+    for setting, bad, good in (
+        ("appendfsync", "everysec", "always"),
+        ("no-appendfsync-on-rewrite", "yes", "no"),
+    ):
+        fsync_redis.cli("CONFIG", "SET", setting, bad)
+        await _wait_until(lambda: not sink.ready())
+        with pytest.raises(SinkUnavailableError):
+            await sink.publish(IMEI, "8", (record(2),), 2)
+        assert sink.metrics.registry.get_sample_value("teltonika_sink_ready") == 0
+        await deferLater(reactor, 0.5, lambda: None)  # several more checks fail
+        [event] = logged_errors.flush()
+        assert "no longer gives the durability" in event["log_format"]
+        assert setting in event["why"]
+        fsync_redis.cli("CONFIG", "SET", setting, good)
+        await _wait_until(sink.ready)
+        await sink.publish(IMEI, "8", (record(3),), 3)
+    assert lost() == 2
+    await sink.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_restarted_with_other_settings_is_checked_after_the_reconnect(
+    txredis: Any, fsync_redis: Any, logged_errors: Any
+) -> None:
+    """Redis restarts without appendonly: after txredisapi reconnects, the sink checks the
+    new server before taking a frame, and stays not ready until fsync is configured."""
+    sink = _sink(txredis, durability="fsync", durability_interval=60.0)  # the timer: too late
+    await sink.start()
+    await sink.publish(IMEI, "8", (record(1),), 1)
+    fsync_redis.kill()
+    fsync_redis.start()  # the command line's --appendonly no
+    await _wait_until(lambda: not sink.ready())
+    await deferLater(reactor, 3.0, lambda: None)  # reconnected (txredisapi backs off 1 s)
+    assert not sink.ready()
+    with pytest.raises(SinkUnavailableError):
+        await sink.publish(IMEI, "8", (record(2),), 2)
+    fsync_redis.cli("CONFIG", "SET", "appendonly", "yes")
+    fsync_redis.cli("CONFIG", "SET", "appendfsync", "always")
+    await _wait_until(sink.ready)
+    await sink.publish(IMEI, "8", (record(3),), 3)
+    formats = {e["log_format"] for e in logged_errors.flush()}
+    assert any("no longer gives the durability" in f for f in formats)
+    await sink.close()
+
+
+class _ScriptedRedis:
+    """A stand-in connection answering at once like a Redis with appendonly yes and
+    appendfsync always; :meth:`reconnect` drops the connection's name, as a new one has."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.setnames = 0
+        self.config = {
+            "appendonly": "yes",
+            "appendfsync": "always",
+            "no-appendfsync-on-rewrite": "no",
+        }
+
+    def reconnect(self) -> None:
+        self.name = None
+
+    def execute_command(self, *args: Any) -> Any:
+        from twisted.internet.defer import succeed
+
+        command = [a.decode() if isinstance(a, bytes) else a for a in args]
+        if command[:2] == ["CLIENT", "SETNAME"]:
+            self.name = command[2]
+            self.setnames += 1
+            return succeed("OK")
+        if command[:2] == ["CLIENT", "GETNAME"]:
+            return succeed(self.name)
+        if command[:2] == ["CONFIG", "GET"]:
+            return succeed([command[2], self.config[command[2]]])
+        if command[0] == "INFO":
+            return succeed("# Server\r\nredis_version:7.0.15\r\n")
+        if command[0] == "EVAL":
+            return succeed(len(command) - 6 - int(command[5]))
+        return succeed("PONG")
+
+
+def test_batch_over_a_new_connection_is_not_acked_and_the_new_one_is_checked(
+    logged_errors: Any,
+) -> None:
+    """A reconnect between two checks (no command failed, so nothing else noticed it): the
+    next batch goes over a connection whose settings were never verified, so it fails (no
+    ACK; the devices resend) and the sink verifies the new connection at once."""
+    from twisted.internet.task import Clock
+
+    from tests.server.helpers import failureResultOf, successResultOf
+
+    clock, redis = Clock(), _ScriptedRedis()
+    sink = RedisStreamSink(
+        lambda: redis,
+        clock,
+        ServerMetrics(CollectorRegistry()),
+        instance_id="i",
+        durability="fsync",
+    )
+    successResultOf(Deferred.fromCoroutine(sink.start()))
+    assert redis.setnames == 1
+    d = sink.publish(IMEI, "8", (record(1),), 1)
+    clock.advance(0)
+    successResultOf(d)
+    redis.reconnect()
+    d = sink.publish(IMEI, "8", (record(2),), 2)
+    clock.advance(0)
+    failureResultOf(d, ConnectionChangedError)
+    assert redis.setnames == 2 and sink.ready()  # checked again, and it passed
+    d = sink.publish(IMEI, "8", (record(3),), 3)
+    clock.advance(0)
+    successResultOf(d)
+    assert logged_errors.events == []
+    successResultOf(Deferred.fromCoroutine(sink.close()))

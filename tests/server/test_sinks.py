@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
+import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import pytest_twisted
 from prometheus_client import CollectorRegistry
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 
 from teltonika.contract import json_line
 from teltonika.metrics import ServerMetrics
@@ -223,24 +228,98 @@ def test_jsonl_appends_to_existing_file(tmp_path: Path) -> None:
     assert path.read_bytes().startswith(b'{"old":1}\n{"v":"1"')
 
 
-def test_jsonl_write_failure_fails_publish(tmp_path: Path, logged_errors: Any) -> None:
-    """When the write fails the publish fails (no ACK) and an error is logged; the next
-    successful write starts on a fresh line."""
+def test_jsonl_write_failure_fails_publish_and_makes_the_sink_not_ready(
+    tmp_path: Path, logged_errors: Any
+) -> None:
+    """A failed write (ENOSPC, EIO) fails its publish (no ACK), and the sink turns not
+    ready: publishes are refused at once, the gauge reads 0, one error is logged however
+    many frames are refused. A probe write every probe_interval brings it back by itself;
+    the probe's newline ends the torn line, so the next record starts on a line of its own."""
     path = tmp_path / "records.jsonl"
-    sink, clock, _, _ = _sync_sink(path)
+    sink, clock, metrics, _ = _sync_sink(path)
     assert sink._records is not None
     real_fd = sink._records.fd
     sink._records.fd = os.open(tmp_path, os.O_RDONLY)  # writing a directory fd fails
     d = sink.publish(IMEI, "8", (record(),), 1)
     clock.advance(0)
     failureResultOf(d, OSError)
-    assert len(logged_errors.flush()) == 1
+    assert not sink.ready()
+    assert metrics.registry.get_sample_value("teltonika_sink_ready") == 0
+    for _ in range(3):
+        failureResultOf(sink.publish(IMEI, "8", (record(),), 1), SinkUnavailableError)
+    failureResultOf(sink.publish_message(IMEI, {"v": "1"}), SinkUnavailableError)
+    clock.advance(sink.probe_interval)  # the probe fails too: still down, nothing logged
+    assert not sink.ready()
+    [event] = logged_errors.flush()
+    assert "File sink is down" in event["log_format"]
     os.close(sink._records.fd)
     sink._records.fd = real_fd
+    clock.advance(sink.probe_interval)
+    assert sink.ready()
+    assert metrics.registry.get_sample_value("teltonika_sink_ready") == 1
     d = sink.publish(IMEI, "8", (record(),), 1)
     clock.advance(0)
     successResultOf(d)
     assert path.read_bytes().startswith(b"\n{")
+    assert messages_path(path).read_bytes() == b""  # its writes never failed: no probe
+    successResultOf(Deferred.fromCoroutine(sink.close()))
+
+
+@pytest.mark.parametrize("which", ["records", "messages"])
+def test_jsonl_torn_tail_is_repaired_at_open(tmp_path: Path, which: str) -> None:
+    """A file that ends in half a line (a crash in the middle of a write) gets a newline at
+    open, logged with the file and the fragment's length; the fragment stays as it is and
+    the first line written after the restart parses."""
+    path = tmp_path / "records.jsonl"
+    target = path if which == "records" else messages_path(path)
+    target.write_bytes(b'{"old":1}\n{"v":"1","imei":"35630')
+    with capturedLogs() as events:
+        sink, clock, _, _ = _sync_sink(path)
+    [event] = [e for e in events if e.get("event") == "torn_tail"]
+    assert event["path"] == str(target) and event["length"] == 22
+    if which == "records":
+        d = sink.publish(IMEI, "8", (record(),), 1)
+    else:
+        d = sink.publish_message(IMEI, {"v": "1", "imei": IMEI})
+    clock.advance(0)
+    successResultOf(d)
+    lines = target.read_bytes().split(b"\n")
+    assert lines[:2] == [b'{"old":1}', b'{"v":"1","imei":"35630']
+    assert orjson.loads(lines[2])["imei"] == IMEI
+    assert lines[3:] == [b""]
+
+
+def test_jsonl_whole_lines_and_empty_files_are_left_alone(tmp_path: Path) -> None:
+    """No repair (and no log) for a file ending in a newline or an empty one."""
+    path = tmp_path / "records.jsonl"
+    path.write_bytes(b'{"old":1}\n')
+    messages_path(path).write_bytes(b"")
+    with capturedLogs() as events:
+        _sync_sink(path)
+    assert [e for e in events if e.get("event") == "torn_tail"] == []
+    assert path.read_bytes() == b'{"old":1}\n'
+    assert messages_path(path).read_bytes() == b""
+
+
+def test_jsonl_created_files_have_their_directory_fsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Creating the records and messages files fsyncs their directory: without it a power
+    loss can lose the new file's name, and with it every record ACKed into the file."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    _sync_sink(tmp_path / "records.jsonl")
+    assert synced == [str(tmp_path), str(tmp_path)]
+    synced.clear()
+    _sync_sink(tmp_path / "records.jsonl")  # both exist now: nothing created
+    assert synced == []
 
 
 def test_jsonl_not_ready_before_start(tmp_path: Path) -> None:
@@ -297,3 +376,68 @@ def test_redis_sink_probe_in_flight_at_close_reports_nothing(logged_errors: Any)
     redis.calls[1][1].errback(ConnectionError("Lost connection"))
     assert logged_errors.events == []
     assert metrics.registry.get_sample_value("teltonika_sink_ready") == 1
+
+
+EMBEDDED_SHUTDOWN_WITH_STALLED_DISK = """
+import os, sys, threading
+_real_fsync = os.fsync
+def _fsync(fd):
+    if os.path.exists(sys.argv[2]):  # the disk stops answering: fsync never returns
+        threading.Event().wait()
+    return _real_fsync(fd)
+os.fsync = _fsync
+
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
+from teltonika.tap import Options, makeService
+from tests.server.helpers import IMEI, record
+
+options = Options()
+options.parseOptions(["--output", sys.argv[1], "--metrics", "off", "--shutdown-timeout", "0.2",
+                      "--port", "tcp:0:interface=127.0.0.1"])
+service = makeService(options, reactor)
+
+async def scenario():
+    sink = service.server.sink
+    await sink.publish(IMEI, "8", (record(1),), 1)
+    open(sys.argv[2], "w").close()
+    sink.publish(IMEI, "8", (record(2),), 2).addErrback(lambda _: None)
+    await service.stopService()  # the sink's close is cancelled after --shutdown-timeout
+    print("stopped", flush=True)
+    reactor.stop()
+
+service.privilegedStartService()
+service.startService()
+reactor.callWhenRunning(lambda: ensureDeferred(scenario()))
+reactor.run()
+"""
+
+
+def test_a_write_stuck_in_a_stalled_disk_does_not_keep_the_process_alive(tmp_path: Path) -> None:
+    """An fsync that never returns, then a shutdown that does not end in a signal (a
+    program embedding the service stops its reactor): the process still exits once the
+    reactor stopped. The writer thread stuck in fsync is a daemon thread, so the
+    interpreter does not wait for it."""
+    from tests.servers import REPO, checkout_env
+
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            EMBEDDED_SHUTDOWN_WITH_STALLED_DISK,
+            str(tmp_path / "records.jsonl"),
+            str(tmp_path / "stall"),
+        ],
+        cwd=REPO,
+        env=checkout_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        out, _ = child.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        out, _ = child.communicate()
+        raise AssertionError(f"the process outlived its reactor:\n{out.decode()}") from None
+    assert child.returncode == 0, out.decode()
+    assert b"stopped" in out

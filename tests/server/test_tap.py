@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
 from teltonika.services.ingestion import IngestionService
+from teltonika.services.ops_http import ops_service
 from teltonika.sinks.jsonl import JsonLinesSink
 from teltonika.tap import Options, TeltonikaService, makeService
 from tests.server.helpers import successResultOf
@@ -95,6 +98,10 @@ def test_parsing() -> None:
         (["--udp-port", "x:y"], "--udp-port must be PORT or INTERFACE:PORT"),
         (["--instance-id", ""], "--instance-id must be non-empty printable text"),
         (["--instance-id", "a\x00b"], "--instance-id must be non-empty printable text"),
+        (["--sink-timeout", "0"], "--sink-timeout must be more than 0 seconds"),
+        (["--login-timeout", "0"], "--login-timeout must be more than 0 seconds"),
+        (["--shutdown-timeout", "0"], "--shutdown-timeout must be more than 0 seconds"),
+        (["--sink-timeout", "-1"], "Parameter type enforcement failed"),
     ],
 )
 def test_usage_errors(argv: list[str], message: str) -> None:
@@ -163,7 +170,8 @@ def test_make_service_udp_listener(tmp_path: Path) -> None:
     service = makeService(options, MemoryReactorClock(), on_fatal=lambda m: None)
     assert [s.name for s in service] == ["ingestion"]
     ingestion: Any = service.getServiceNamed("ingestion")
-    [_tcp, udp] = ingestion.listeners
+    [_tcp] = ingestion.listeners
+    udp, _datagrams = ingestion.udp
     assert isinstance(udp, UDPServer)
     assert udp.args[0] == 6001 and udp.kwargs["interface"] == "127.0.0.1"
 
@@ -205,3 +213,25 @@ def test_redis_connection_is_lazy() -> None:
     assert service.server._redis is None
     assert service.server.redis_address is not None
     assert service.server.redis_address.port == 1
+
+
+def test_taken_metrics_port_exits_with_one_line(logged_errors: Any) -> None:
+    """A metrics port that is taken (a second instance on one host) stops the start with
+    one critical line naming the endpoint and the option to change, and exit status 1."""
+    from twisted.internet import reactor
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    try:
+        ops = ops_service(f"tcp:{port}:interface=127.0.0.1", CollectorRegistry(), {}, reactor)
+        with pytest.raises(SystemExit) as exited:
+            ops.privilegedStartService()
+        assert exited.value.code == 1
+    finally:
+        blocker.close()
+    [event] = logged_errors.flush()
+    assert event["endpoint"] == f"tcp:{port}:interface=127.0.0.1"
+    assert event["option"] == "--metrics"
+    assert "Address already in use" in event["error"]

@@ -1,7 +1,10 @@
-"""The UDP listener over real loopback UDP: ACK after the sink, malformed dropped."""
+"""The UDP listener: ACK after the sink, malformed dropped, failures counted, drained at
+shutdown (real loopback UDP where the socket matters)."""
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
 from typing import Any
 
 import pytest_twisted
@@ -9,11 +12,14 @@ from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
+from twisted.logger import capturedLogs
 
+from teltonika.codecs import CodecRegistry
 from teltonika.metrics import ServerMetrics
-from teltonika.udp import DeviceDatagramProtocol
+from teltonika.udp import LOG_INTERVAL, DeviceDatagramProtocol
 from teltonika.wire import CODEC_8, encode_udp, udp_ack
+from teltonika.wire.codecs import BUILTIN_CODECS
 from tests.server.helpers import IMEI, ControlledSink, SetAuthority, record
 
 
@@ -73,3 +79,119 @@ async def test_udp_ack_after_sink_and_malformed_dropped(logged_errors: Any) -> N
     finally:
         await server_port.stopListening()
         await client_port.stopListening()
+
+
+class _RefusingPort:
+    """A UDP port whose sendto fails as the kernel's does for a broadcast source address
+    (EACCES) that a spoofed datagram claimed."""
+
+    def __init__(self) -> None:
+        self.reading = True
+
+    def write(self, datagram: bytes, addr: Any) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+
+def _protocol(sink: Any = None, authority: Any = None) -> tuple[DeviceDatagramProtocol, Clock]:
+    clock = Clock()
+    protocol = DeviceDatagramProtocol(
+        sink if sink is not None else ControlledSink(),
+        authority if authority is not None else SetAuthority(),
+        ServerMetrics(CollectorRegistry()),
+        clock,
+    )
+    protocol.makeConnection(_RefusingPort())  # type: ignore[arg-type]
+    return protocol, clock
+
+
+def _results(protocol: DeviceDatagramProtocol, result: str) -> float:
+    value = protocol.metrics.registry.get_sample_value(
+        "teltonika_udp_datagrams_total", {"result": result}
+    )
+    return value or 0.0
+
+
+def test_sendto_error_is_caught_counted_and_logged_rate_limited() -> None:
+    """An ACK the kernel refuses to send does not escape as an unhandled error: each is
+    counted (result ack_failed), and a burst logs one event; the next one after the
+    interval says how many were left out."""
+    protocol, clock = _protocol()
+    datagram = encode_udp(IMEI, CODEC_8, [record(1)])
+    with capturedLogs() as events:
+        for _ in range(5):
+            protocol.datagramReceived(datagram, ("255.255.255.255", 5027))
+        clock.advance(LOG_INTERVAL)
+        protocol.datagramReceived(datagram, ("255.255.255.255", 5027))
+    assert _results(protocol, "ack_failed") == 6
+    assert _results(protocol, "acked") == 0
+    sent = [e for e in events if "Could not send the ACK" in e["log_format"]]
+    assert [e["suppressed"] for e in sent] == [0, 4]
+    assert "Permission denied" in sent[0]["error"]
+    assert protocol.in_flight == 0
+
+
+def test_authority_failure_drops_and_counts_the_datagram(logged_errors: Any) -> None:
+    """A device lookup that gives no answer drops the datagram unACKed and counts it
+    (result authority_failed); a flood of them logs one error per interval."""
+    protocol, _clock = _protocol(authority=SetAuthority(error=RuntimeError("Redis down")))
+    for _ in range(3):
+        protocol.datagramReceived(encode_udp(IMEI, CODEC_8, [record(1)]), ("10.0.0.9", 1))
+    assert _results(protocol, "authority_failed") == 3
+    assert len(logged_errors.flush()) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_shutdown_drains_datagrams_before_closing_the_port(tmp_path: Path) -> None:
+    """A datagram whose records are still on their way to the sink when the shutdown
+    starts is ACKed: the port stops reading but stays open until the sink answered."""
+    from twisted.application.internet import UDPServer
+
+    from teltonika.protocol.server import DeviceFactory
+    from teltonika.services.ingestion import IngestionService
+
+    sink = ControlledSink(auto=False)
+    metrics = ServerMetrics(CollectorRegistry())
+    datagrams = DeviceDatagramProtocol(sink, SetAuthority(), metrics, reactor)
+    factory = DeviceFactory(CodecRegistry(BUILTIN_CODECS), sink, SetAuthority(), metrics, reactor)
+    ingestion = IngestionService(
+        factory,
+        _StartedSink(),
+        [],
+        udp=(UDPServer(0, datagrams, interface="127.0.0.1", reactor=reactor), datagrams),
+        clock=reactor,
+        on_fatal=lambda message: None,
+        shutdown_timeout=5.0,
+    )
+    ingestion.privilegedStartService()
+    ingestion.startService()
+    client = Client()
+    client_port = reactor.listenUDP(0, client, interface="127.0.0.1")
+    try:
+        assert datagrams.transport is not None
+        address = ("127.0.0.1", datagrams.transport.getHost().port)
+        client.transport.write(encode_udp(IMEI, CODEC_8, [record(1)], packet_id=3), address)
+        while not sink.calls:
+            await deferLater(reactor, 0.01, lambda: None)
+        stopping = ingestion.stopService()
+        await deferLater(reactor, 0.05, lambda: None)
+        assert not stopping.called  # waits for the datagram in flight
+        client.waiting = Deferred()
+        sink.calls[0][4].callback(None)
+        assert await client.waiting == udp_ack(3, 0, 1)
+        await stopping
+        assert datagrams.transport is None  # and then the port closed
+    finally:
+        await client_port.stopListening()
+
+
+class _StartedSink(ControlledSink):
+    """A ManagedSink with nothing to start or close."""
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None

@@ -324,21 +324,59 @@ def test_setdigout_changes_outputs_seen_by_getio() -> None:
     assert text is not None and "DO1:1 DO2:0" in text
 
 
-@pytest.mark.parametrize("ack_first", [True, False])
-def test_command_and_ack_in_one_read_any_order_any_chunking(ack_first: bool) -> None:
-    """An ACK and a command frame in one stream, split byte by byte, are both understood."""
+def test_ack_then_command_in_any_chunking_is_understood() -> None:
+    """An ACK followed by a command frame, split byte by byte, are both understood."""
     h = Harness()
     h.device.start()
     transport = h.login()
     h.next_frame()
-    command = encode_command_frame(CODEC_12, b"getstatus")
-    stream = tcp_ack(2) + command if ack_first else command + tcp_ack(2)
+    stream = tcp_ack(2) + encode_command_frame(CODEC_12, b"getstatus")
     for index in range(len(stream)):
         h.send(stream[index : index + 1])
     assert h.ledger.counts["records_acked"] == 2
     assert h.ledger.counts["commands_answered"] == 1
     assert reply_of(transport.value()).messages[0].text.startswith("Data Link")  # type: ignore[union-attr]
     assert h.ledger.broken_promises == 0
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1000])
+def test_a_command_where_an_ack_is_awaited_is_a_broken_promise(chunk: int) -> None:
+    """Strict like the firmware: while a frame awaits its ACK, a command frame (four zero
+    bytes and a message header) counts command_in_place_of_ack and the link drops; the
+    frame is sent again on the next connection."""
+    h = Harness()
+    h.device.start()
+    transport = h.login()
+    frame = h.next_frame()
+    stream = encode_command_frame(CODEC_12, b"getinfo") + tcp_ack(2)
+    for index in range(0, len(stream), chunk):
+        h.send(stream[index : index + chunk])
+    assert h.ledger.counts["command_in_place_of_ack"] == 1
+    assert h.ledger.broken_promises == 1
+    assert h.ledger.counts["commands_answered"] == 0
+    assert transport.disconnecting
+    assert "awaited an ACK" in h.ledger.violations[0]
+    h.lose()
+    h.clock.advance(1.0)
+    assert h.login().value() == frame
+
+
+def test_closed_loop_takes_the_command_behind_its_ack_before_the_next_frame() -> None:
+    """A device streaming in a closed loop reads a command written right behind its ACK
+    (same read) before it sends its next frame; the next frame follows the reply."""
+    h = Harness(interval_s=0.0)
+    h.device.start()
+    h.clock.advance(0)
+    transport = h.login()
+    transport.clear()
+    h.send(tcp_ack(2) + encode_command_frame(CODEC_12, b"getver"))
+    reply, next_frame = frames_in(transport.value())
+    assert reply_of(reply).messages[0].message_type == MESSAGE_TYPE_RESPONSE
+    records_of(next_frame)
+    assert h.ledger.broken_promises == 0
+    transport.clear()
+    h.send(encode_command_frame(CODEC_12, b"getinfo"))  # now it awaits that frame's ACK
+    assert h.ledger.counts["command_in_place_of_ack"] == 1
 
 
 def test_ack_zero_followed_by_command_in_one_read() -> None:

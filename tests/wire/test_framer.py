@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 
 from teltonika.wire import (
@@ -9,6 +11,7 @@ from teltonika.wire import (
     DEFAULT_MAX_FRAME,
     KEEPALIVE,
     AVLRecord,
+    DataBeforeLoginError,
     DataFrame,
     Frame,
     FrameLengthError,
@@ -188,3 +191,59 @@ def test_partial_frame_is_held_once() -> None:
         assert framer.buffered <= 4096
     assert feed_all(framer, raw[4095:] + LOGIN) == [DataFrame(raw), ImeiFrame(IMEI.encode())]
     assert framer.buffered == 0
+
+
+def test_login_first_refuses_a_data_frame_at_its_header() -> None:
+    """With login_first, the two zero bytes that start a data frame before any IMEI packet
+    are enough to refuse it: nothing of its body is awaited or held."""
+    framer = Framer(login_first=True)
+    with pytest.raises(DataBeforeLoginError) as caught:
+        feed_all(framer, b"\xff\x00\x00")
+    assert caught.value.reason == "before_login"
+    assert caught.value.offset == 1
+    assert framer.buffered == 0
+
+
+def test_login_first_lets_data_follow_the_imei_packet_in_one_read() -> None:
+    """A device may send its first frames right behind its IMEI (a real capture holds the
+    IMEI and four frames in one read): after the IMEI packet, data frames are cut."""
+    framer = Framer(login_first=True)
+    assert feed_all(framer, b"\xff" + LOGIN + DATA, DATA) == [
+        KEEPALIVE,
+        ImeiFrame(IMEI.encode()),
+        DataFrame(DATA),
+        DataFrame(DATA),
+    ]
+
+
+def _bytes_allocated_while_feeding(framer: Framer, stream: bytes) -> int:
+    """Sum over reads of the memory each one-byte read allocated at its peak."""
+    total = 0
+    tracemalloc.start()
+    try:
+        for index in range(len(stream)):
+            before, _ = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            feed_all(framer, stream[index : index + 1])
+            _, peak = tracemalloc.get_traced_memory()
+            total += peak - before
+    finally:
+        tracemalloc.stop()
+    return total
+
+
+def _one_frame_byte_by_byte(size: int) -> int:
+    raw = b"\x00\x00\x00\x00" + (size - 12).to_bytes(4, "big") + bytes(size - 8)
+    framer = Framer()
+    allocated = _bytes_allocated_while_feeding(framer, raw)
+    assert framer.buffered == 0
+    return allocated
+
+
+def test_a_frame_arriving_a_byte_at_a_time_costs_linear_memory_traffic() -> None:
+    """A partial frame is not copied again on every read: the memory allocated while a
+    frame arrives one byte per read grows linearly with the frame's size. Four times the
+    size costs about four times as much (a copy per read would cost sixteen times)."""
+    small = _one_frame_byte_by_byte(4 * 1024)
+    large = _one_frame_byte_by_byte(16 * 1024)
+    assert large < 8 * small, (small, large)

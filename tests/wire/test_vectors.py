@@ -1,10 +1,11 @@
 """Every frame of the protocol vectors decodes as documented, or fails as documented.
 
-The vectors (``vectors.json``, copied from ``shared/protocol``) are real captures and
-documentation examples. Valid ones must decode to exactly the ``expected`` values (IO
-values compared as big-endian hex of their declared width, NX values as hex); the ones
-marked ``crc_ok: false`` or ``structure_ok: false`` must raise the precise
-:class:`DecodeError` subclass; the ``response`` bytes are what our encoders produce.
+The vectors (``vectors.json``, described in docs/protocol.rst, section 'Test vectors') are
+real captures and documentation examples. Valid ones must decode to exactly the
+``expected`` values (IO values compared as big-endian hex of their declared width, NX
+values as hex); the ones marked ``crc_ok: false`` or ``structure_ok: false`` must raise
+the precise :class:`DecodeError` subclass; the ``response`` bytes are what our encoders
+produce.
 """
 
 from __future__ import annotations
@@ -171,8 +172,9 @@ def test_message_vector(name: str) -> None:
     for message, want in zip(packet.messages, expected["messages"], strict=True):
         assert message.message_type == want["type"]
         if name == "c13_wiki_current_example":
-            # TELTONIKA.md 5.3: an implausible 4-byte seconds value (364) with 8 bytes
-            # available is read as the wiki's 8-byte millisecond timestamp.
+            # docs/protocol.rst, section 'Codec 13': an implausible 4-byte seconds value
+            # (364) with 8 bytes available is read as the wiki's 8-byte millisecond
+            # timestamp.
             alternative = expected["alternative_8_byte_timestamp_reading"]
             assert message.timestamp_ms == alternative["timestamp_ms"]
             assert message.payload == alternative["payload_ascii"].encode()
@@ -195,6 +197,43 @@ def test_message_vector(name: str) -> None:
         else:
             assert message.timestamp_ms is None
         assert prefix + len(message.payload) == want["size_field"]
+
+
+QUANTITIES_IGNORED = [
+    # Two messages under quantity 1 = 2 and quantity 2 = 1: an unknown type 0x7F with
+    # payload ff0080, then a type 0x7F "getinfo".
+    (
+        "00000000000000170c027f00000003ff00807f00000007676574696e666f010000f9bb",
+        [(0x7F, bytes.fromhex("ff0080")), (0x7F, b"getinfo")],
+    ),
+    # Two type 5 messages, "one" and "two", under quantity 1 = quantity 2 = 1.
+    (
+        "00000000000000130c0105000000036f6e65050000000374776f0100006625",
+        [(0x05, b"one"), (0x05, b"two")],
+    ),
+]
+
+
+@pytest.mark.parametrize(("hex_frame", "messages"), QUANTITIES_IGNORED)
+def test_message_quantities_are_ignored(hex_frame: str, messages: list[tuple[int, bytes]]) -> None:
+    """Codec 12 decoding ignores quantity 1 and quantity 2 (Teltonika's description says
+    quantity 1 "is ignored when parsing") and reads messages to the end of the data."""
+    _codec, packet = REGISTRY.decode_frame(bytes.fromhex(hex_frame))
+    assert isinstance(packet, MessagePacket)
+    assert [(m.message_type, m.payload) for m in packet.messages] == messages
+
+
+def test_message_count_is_capped() -> None:
+    """More messages than a quantity byte can count is refused (a hostile frame must not
+    turn into thousands of published messages)."""
+    from teltonika.wire import RecordCountError, wrap
+
+    one = bytes((0x06,)) + (0).to_bytes(4, "big")
+    body = bytes((0x0C, 1)) + one * 256 + b"\x01"
+    with pytest.raises(RecordCountError):
+        REGISTRY.decode_frame(wrap(body))
+    _codec, packet = REGISTRY.decode_frame(wrap(bytes((0x0C, 1)) + one * 255 + b"\x01"))
+    assert isinstance(packet, MessagePacket) and len(packet.messages) == 255
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,9 @@
 """The protocol test vectors, shipped with the tests.
 
-``vectors.json`` beside this module is a verbatim copy of ``shared/protocol/vectors.json``
-(the reference frames collected with TELTONIKA.md; each entry names its source). It is
-copied into the repository so the suite does not depend on a sibling directory; set
-``TELTONIKA_VECTORS`` to run the suite against another copy.
+``vectors.json`` beside this module holds the reference frames (documentation examples and
+real-device captures; each entry names its source); docs/protocol.rst, section 'Test
+vectors', describes what they cover and the format of an entry. Set ``TELTONIKA_VECTORS``
+to run the suite against another copy.
 """
 
 from __future__ import annotations

@@ -1,0 +1,253 @@
+"""The ``--live*`` options of ``twistd teltonika-processor``, as a base class of its Options.
+
+Twisted's ``usage.Options`` gathers ``optParameters`` from every class of the hierarchy,
+so the processor's Options only derive from :class:`LiveOptions` and call
+:meth:`LiveOptions.check_live` from ``postOptions``. Every value is validated here,
+with a plain-sentence ``UsageError``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final
+
+from twisted.python import usage
+
+from teltonika.processor.live.handshake import OriginError, parse_allowed
+from teltonika.processor.live.tiles import OSM_ATTRIBUTION, OSM_TILES
+
+AUTH_FORMS: Final = "directus:URL, token-file:PATH or none"
+_INTERFACE = re.compile(r"interface=((?:\\.|[^:])*)")
+_LOOPBACK = re.compile(r"(127\.\d{1,3}\.\d{1,3}\.\d{1,3}|::1|localhost)")
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise ValueError("must be above 0")
+    return number
+
+
+_positive_int.coerceDoc = "A whole number, at least 1."  # type: ignore[attr-defined]
+_positive_float.coerceDoc = "Seconds, above 0."  # type: ignore[attr-defined]
+
+
+LISTEN_BACKLOG: Final = 1024
+"""Pending connections the kernel queues for a bare ``--live`` port (Twisted's default is
+50): when an instance goes away its clients reconnect to the others all at once."""
+
+
+def live_endpoint(value: str) -> str:
+    """A bare port means loopback, like ``--metrics`` (with a deeper listen backlog)."""
+    value = value.strip()
+    if value.isdigit():
+        return f"tcp:{value}:interface=127.0.0.1:backlog={LISTEN_BACKLOG}"
+    return value
+
+
+def is_loopback(endpoint: str) -> bool:
+    """Whether a server endpoint description only listens on loopback (or a UNIX socket)."""
+    kind = endpoint.split(":", 1)[0].lower()
+    if kind == "unix":
+        return True
+    match = _INTERFACE.search(endpoint)
+    if match is None:
+        return False
+    interface = match.group(1).replace("\\:", ":").strip("[]")
+    return _LOOPBACK.fullmatch(interface) is not None
+
+
+class LiveOptions(usage.Options):
+    """``--live`` and its companions (README.rst, "Live positions"); the processor's
+    Options derive from this class."""
+
+    optParameters: list[list[Any]] = [  # noqa: N815
+        [
+            "live-auth",
+            None,
+            "none",
+            f"Who may connect to --live: {AUTH_FORMS} (none only on loopback).",
+        ],
+        [
+            "live-events",
+            None,
+            None,
+            "Events and their devices: file:PATH (JSON), or directus (the default with "
+            "--live-auth directus:URL).",
+        ],
+        [
+            "live-session-cookie",
+            None,
+            "directus_session_token",
+            "The Directus session cookie forwarded to /users/me.",
+        ],
+        [
+            "live-directus-token-file",
+            None,
+            None,
+            "File holding the processor's own Directus token (reads event entries).",
+        ],
+        ["live-directus-timeout", None, 3.0, "Seconds a Directus call may take.", _positive_float],
+        ["live-event-collection", None, "events", "Directus collection of events."],
+        ["live-entry-collection", None, "entries", "Directus collection of event entries."],
+        ["live-entry-event-field", None, "event", "Entry field holding the event id."],
+        ["live-entry-imei-field", None, "imei", "Entry field (dotted path) holding the IMEI."],
+        ["live-entry-label-field", None, "label", "Entry field (dotted path) holding the label."],
+        ["live-device-collection", None, "devices", "Directus collection of devices (imei)."],
+        [
+            "live-max-connections",
+            None,
+            10_000,
+            "Most live connections at once.",
+            _positive_int,
+        ],
+        ["live-max-per-user", None, 20, "Most live connections of one user.", _positive_int],
+        [
+            "live-max-subscriptions",
+            None,
+            8,
+            "Most subscriptions on one connection.",
+            _positive_int,
+        ],
+        ["live-max-devices", None, 2000, "Most devices in one subscription.", _positive_int],
+        [
+            "live-max-message",
+            None,
+            65536,
+            "Largest inbound message (bytes).",
+            _positive_int,
+        ],
+        [
+            "live-max-rate",
+            None,
+            20.0,
+            "Inbound messages a second per connection.",
+            _positive_float,
+        ],
+        [
+            "live-reauth",
+            None,
+            600.0,
+            "Seconds between re-checks of a connection's rights.",
+            _positive_float,
+        ],
+        [
+            "live-resolve-interval",
+            None,
+            60.0,
+            "Seconds between re-reads of a watched event's devices.",
+            _positive_float,
+        ],
+        [
+            "live-max-future",
+            None,
+            300.0,
+            "Seconds ahead of the server clock beyond which a position is ignored.",
+            _positive_float,
+        ],
+        [
+            "live-slow-timeout",
+            None,
+            30.0,
+            "Seconds a client may stop reading before it is evicted.",
+            _positive_float,
+        ],
+        [
+            "live-drain",
+            None,
+            10.0,
+            "Seconds over which live sockets are closed at shutdown.",
+            _positive_float,
+        ],
+        [
+            "live-tick",
+            None,
+            25.0,
+            "Seconds of silence after which a tick is sent.",
+            _positive_float,
+        ],
+        ["live-ping-interval", None, 25.0, "Seconds between WebSocket pings.", _positive_float],
+        [
+            "live-ping-timeout",
+            None,
+            20.0,
+            "Seconds a pong may take before the connection is dropped.",
+            _positive_float,
+        ],
+        [
+            "live-seen-interval",
+            None,
+            15.0,
+            "Seconds between seen messages at most.",
+            _positive_float,
+        ],
+        [
+            "live-flush-interval",
+            None,
+            0.1,
+            "Longest wait of a position before it is sent (batching).",
+            _positive_float,
+        ],
+        ["live-tiles", None, OSM_TILES, "Map tile URL template for the page, or none (grid)."],
+        ["live-tiles-attribution", None, OSM_ATTRIBUTION, "Attribution shown under the tiles."],
+        ["live-trail-minutes", None, 10.0, "Minutes of trail drawn per device.", _positive_float],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self["live"] = []
+        self["live-allowed-origin"] = []
+
+    def opt_live(self, endpoint: str) -> None:
+        """Serve the live broadcast and the operator page on this endpoint (a port number
+        means loopback; repeatable; off unless given)."""
+        self["live"].append(live_endpoint(endpoint))
+
+    def opt_live_allowed_origin(self, origin: str) -> None:
+        """An origin (scheme://host[:port]) besides the page's own whose pages may
+        connect (repeatable)."""
+        self["live-allowed-origin"].append(origin)
+
+    def check_live(self) -> None:
+        """Validate the live options (called from ``postOptions``)."""
+        if self["live"]:
+            try:
+                import autobahn.twisted  # noqa: F401
+                import treq  # noqa: F401
+            except ImportError as e:
+                raise usage.UsageError(
+                    "--live needs autobahn and treq: pip install 'teltonika[processor]' "
+                    f"(or '.[processor]' from a checkout) ({e})"
+                ) from None
+        try:
+            self["live-origins"] = parse_allowed(self["live-allowed-origin"])
+        except OriginError as e:
+            raise usage.UsageError(f"--live-allowed-origin: {e}") from None
+        auth = str(self["live-auth"]).strip()
+        kind, _, argument = auth.partition(":")
+        if kind not in ("directus", "token-file", "none") or (kind != "none") != bool(argument):
+            raise usage.UsageError(f"--live-auth must be {AUTH_FORMS}, not {auth!r}")
+        if kind == "directus" and not argument.startswith(("http://", "https://")):
+            raise usage.UsageError("--live-auth directus:URL needs an http:// or https:// URL")
+        if kind == "none":
+            exposed = [e for e in self["live"] if not is_loopback(e)]
+            if exposed:
+                raise usage.UsageError(
+                    "--live-auth none is only allowed when every --live endpoint listens on "
+                    f"loopback; {exposed[0]} does not (give --live-auth directus:URL or "
+                    "token-file:PATH)"
+                )
+        events = self["live-events"]
+        if events is not None and events != "directus" and not events.startswith("file:"):
+            raise usage.UsageError("--live-events must be file:PATH or directus")
+        if events == "directus" and kind != "directus":
+            raise usage.UsageError("--live-events directus needs --live-auth directus:URL")
+        tiles = str(self["live-tiles"]).strip()
+        self["live-tiles"] = None if tiles.lower() in ("none", "off", "") else tiles

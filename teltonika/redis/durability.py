@@ -1,0 +1,227 @@
+"""Whether Redis gives the durability ``--redis-durability`` asked for, and keeps giving it.
+
+Durability, stated plainly: an XADD reply means the entry is in Redis's *memory*. A Redis
+crash then loses nothing acknowledged only when Redis runs with ``appendonly yes`` and
+``appendfsync always`` (every write is fsynced before the reply), or when we wait for
+``WAITAOF 1 0 0`` after the writes (Redis 7.2 and later; Debian 12 ships 7.0, so the
+version is detected). Either way ``no-appendfsync-on-rewrite`` must be ``no``: with
+``yes`` Redis skips the fsync while a rewrite child runs, even under ``appendfsync
+always``.
+
+Those are settings of a running server, and they can change under us: ``CONFIG SET``, a
+Redis restarted with another configuration, a failover to a differently configured
+server. So :class:`DurabilityCheck` is not only run at start: the Redis sink runs it
+again on a timer and after every reconnect, and refuses frames while it fails.
+
+A reconnect must be noticed *before* a batch written over the new connection is ACKed.
+The check names the connection it verified (``CLIENT SETNAME``); a new connection has
+no name, and every batch in an fsync mode ends with ``CLIENT GETNAME``. A batch whose
+connection is not the verified one fails (no ACK, the devices resend) with
+:class:`ConnectionChangedError`, and the sink checks again.
+
+A new mode (say, replicas acknowledging with ``WAIT``) extends :class:`DurabilityCheck`:
+what to verify (:meth:`DurabilityCheck.verify`), what each batch carries
+(:meth:`DurabilityCheck.batch_commands`) and how its replies confirm it
+(:meth:`DurabilityCheck.confirm`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import Enum
+from typing import Any, Final
+
+from teltonika.redis.streams import StreamWriteError, pipeline_commands
+
+WAITAOF_MIN_VERSION: Final = (7, 2)
+
+CONNECTION_NAME: Final = "teltonika-durability-checked"
+"""The name a verified connection carries (``CLIENT LIST`` shows it too)."""
+
+_WAITAOF: Final = (b"WAITAOF", b"1", b"0", b"0")
+_GETNAME: Final = (b"CLIENT", b"GETNAME")
+
+
+class Durability(Enum):
+    """How a batch is confirmed before the server ACKs the devices."""
+
+    MEMORY = "memory"
+    """The XADD replies: entries are in Redis memory (lost if Redis crashes before its
+    next AOF/RDB write)."""
+    AOF_ALWAYS = "aof-always"
+    """Redis fsyncs its AOF before every reply (``appendfsync always``)."""
+    WAITAOF = "waitaof"
+    """Each batch ends with ``WAITAOF 1 0 0``: the reply comes after the local fsync."""
+
+
+class DurabilityError(Exception):
+    """Redis is not configured for the durability asked for; the message says what to do."""
+
+
+class ConnectionChangedError(StreamWriteError):
+    """A batch went over a connection the durability check has not verified (a reconnect,
+    perhaps to another server): nothing in it may be ACKed."""
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """``"7.0.15"`` -> ``(7, 0, 15)`` (non-numeric parts end the tuple)."""
+    parts: list[int] = []
+    for part in text.strip().split("."):
+        if not part.isdigit():
+            break
+        parts.append(int(part))
+    return tuple(parts)
+
+
+def waitaof_ok(reply: object) -> bool:
+    """True when a WAITAOF reply says the local AOF holds the writes (``[>=1, n]``)."""
+    if not isinstance(reply, list | tuple) or len(reply) != 2:
+        return False
+    try:
+        return int(reply[0]) >= 1
+    except (TypeError, ValueError):
+        return False
+
+
+def _config_value(reply: object, name: str) -> str:
+    """The value from a ``CONFIG GET name`` reply (a flat list, or a dict on RESP3)."""
+    if isinstance(reply, dict):
+        value = reply.get(name)
+    elif isinstance(reply, list | tuple) and len(reply) >= 2:
+        value = reply[1]
+    else:
+        value = None
+    if isinstance(value, bytes):
+        value = value.decode()
+    if not isinstance(value, str):
+        raise DurabilityError(f"Redis gave no value for CONFIG GET {name} (got {reply!r})")
+    return value
+
+
+def _info_field(info: object, name: str) -> str:
+    if isinstance(info, bytes):
+        info = info.decode()
+    if isinstance(info, str):
+        for line in info.splitlines():
+            key, _, value = line.partition(":")
+            if key == name:
+                return value.strip()
+    return ""
+
+
+def _text(reply: object) -> str | None:
+    if isinstance(reply, bytes):
+        return reply.decode("utf-8", "replace")
+    return reply if isinstance(reply, str) else None
+
+
+class DurabilityCheck:
+    """Verifies that Redis gives the durability *wanted*, and confirms each batch.
+
+    :param wanted: ``"memory"`` or ``"fsync"`` (``--redis-durability``).
+    """
+
+    def __init__(self, wanted: str) -> None:
+        if wanted not in ("memory", "fsync"):
+            raise DurabilityError(f"unknown durability {wanted!r}: use memory or fsync")
+        self.wanted = wanted
+
+    @property
+    def rechecked(self) -> bool:
+        """True when the settings can drift and must be verified again and again."""
+        return self.wanted != "memory"
+
+    async def verify(self, redis: Any) -> Durability:
+        """Ask Redis for its settings (one round trip) and name the connection verified.
+
+        :return: how batches are to be confirmed.
+        :raise DurabilityError: the settings do not give what was asked; the message
+            names the settings to change.
+        :raise Exception: Redis could not be asked (a lost connection, a timeout).
+        """
+        if not self.rechecked:
+            await redis.execute_command("PING")
+            return Durability.MEMORY
+        commands = [
+            (b"CLIENT", b"SETNAME", CONNECTION_NAME.encode()),
+            (b"CONFIG", b"GET", b"appendonly"),
+            (b"CONFIG", b"GET", b"appendfsync"),
+            (b"CONFIG", b"GET", b"no-appendfsync-on-rewrite"),
+            (b"INFO", b"server"),
+        ]
+        from txredisapi import ResponseError
+
+        try:
+            _named, appendonly, appendfsync, on_rewrite, info = await pipeline_commands(
+                redis, commands
+            )
+        except ResponseError as error:
+            raise DurabilityError(
+                "--redis-durability fsync needs CONFIG GET and CLIENT SETNAME to verify the "
+                f"Redis settings, and Redis refused: {error}"
+            ) from None
+        return self._judge(
+            _config_value(appendonly, "appendonly"),
+            _config_value(appendfsync, "appendfsync"),
+            _config_value(on_rewrite, "no-appendfsync-on-rewrite"),
+            _info_field(info, "redis_version"),
+        )
+
+    @staticmethod
+    def _judge(appendonly: str, appendfsync: str, on_rewrite: str, version_text: str) -> Durability:
+        version = parse_version(version_text)
+        described = (
+            f"Redis {version_text or '(unknown version)'} runs with appendonly={appendonly} "
+            f"appendfsync={appendfsync} no-appendfsync-on-rewrite={on_rewrite}"
+        )
+        if appendonly == "yes" and on_rewrite == "yes":
+            raise DurabilityError(
+                f"--redis-durability fsync: {described}. With no-appendfsync-on-rewrite yes "
+                "Redis skips the fsync while it rewrites the AOF (even with appendfsync "
+                "always), so an ACKed frame could be lost: configure "
+                "'no-appendfsync-on-rewrite no', or start with --redis-durability memory."
+            )
+        if appendonly == "yes" and appendfsync == "always":
+            return Durability.AOF_ALWAYS
+        if appendonly == "yes" and version >= WAITAOF_MIN_VERSION:
+            return Durability.WAITAOF
+        raise DurabilityError(
+            f"--redis-durability fsync: {described}. Configure 'appendonly yes' and "
+            "'appendfsync always' (or 'appendonly yes' on Redis 7.2+ for WAITAOF), or start "
+            "with --redis-durability memory."
+        )
+
+    @staticmethod
+    def batch_commands(durability: Durability) -> list[Sequence[bytes]]:
+        """Commands that end every batch written under *durability*."""
+        if durability is Durability.MEMORY:
+            return []
+        if durability is Durability.WAITAOF:
+            return [_WAITAOF, _GETNAME]
+        return [_GETNAME]
+
+    @staticmethod
+    def confirm(durability: Durability, replies: Sequence[object]) -> None:
+        """Check the replies to :meth:`batch_commands` (in order).
+
+        :raise ConnectionChangedError: the batch went over a connection not verified.
+        :raise StreamWriteError: Redis did not confirm the fsync.
+        """
+        if durability is Durability.MEMORY:
+            return
+        if durability is Durability.WAITAOF and not waitaof_ok(replies[0]):
+            raise StreamWriteError(f"WAITAOF did not confirm the local fsync: {replies[0]!r}")
+        name = _text(replies[-1])
+        if name != CONNECTION_NAME:
+            raise ConnectionChangedError(
+                f"the batch went over a Redis connection whose durability was not checked "
+                f"(client name {name!r}): a reconnect"
+            )
+
+
+async def check_durability(redis: Any, wanted: str) -> Durability:
+    """Check once that Redis can give the durability *wanted* (``memory`` or ``fsync``).
+
+    :raise DurabilityError: with a message naming the Redis settings to change.
+    """
+    return await DurabilityCheck(wanted).verify(redis)

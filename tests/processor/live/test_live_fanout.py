@@ -1,0 +1,68 @@
+"""The fan-out reader against a real redis-server: it starts at the end of the stream,
+reads every later entry in order, skips unusable ones, and keeps reading (from its
+cursor) after Redis went away and came back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest_twisted
+import redis
+from prometheus_client import CollectorRegistry
+from twisted.internet import reactor
+
+from teltonika.contract import TELEMETRY_STREAM
+from teltonika.processor.fastreader import reader_connection
+from teltonika.processor.live.fanout import FanoutReader
+from teltonika.processor.live.hub import Hub
+from teltonika.processor.live.latest import LatestMap
+from teltonika.processor.live.metrics import LiveMetrics
+from teltonika.redis.connect import parse_redis_url
+from tests.processor.live.conftest import entry, eventually, imei, now_ms
+from tests.servers import RedisServer
+
+
+@pytest_twisted.ensureDeferred
+async def test_reader_follows_the_stream_across_a_redis_restart() -> None:
+    server = RedisServer().start()
+    client = redis.Redis.from_url(server.url)
+    client.xadd(TELEMETRY_STREAM, entry(imei(1), now_ms()))  # before the start: not read
+    metrics = LiveMetrics(CollectorRegistry())
+    latest = LatestMap(100, 300_000)
+    hub = Hub(latest, reactor, metrics, now_ms)
+    address = parse_redis_url(server.url)
+    reader = FanoutReader(
+        lambda: reader_connection(address, reply_timeout=5),
+        TELEMETRY_STREAM,
+        hub,
+        reactor,
+        now_ms,
+        metrics,
+        block_ms=100,
+        timeout=2,
+    )
+    reader.start()
+    try:
+        await eventually(lambda: reader.cursor is not None)
+        base = now_ms()
+        client.xadd(TELEMETRY_STREAM, {"imei": "garbage"})
+        for k in range(3):
+            client.xadd(TELEMETRY_STREAM, entry(imei(2), base + k))  # type: ignore[arg-type]
+
+        def newest(device: str) -> Any:
+            found = latest.get(device)
+            return found is not None and found.position is not None and found.position.ts
+
+        await eventually(lambda: newest(imei(2)) == base + 2)
+        assert imei(1) not in latest
+        assert metrics.fanout_skipped._value.get() == 1
+        server.kill()
+        await eventually(lambda: metrics.fanout_errors._value.get() > 0)
+        server.start()
+        client = redis.Redis.from_url(server.url)
+        client.xadd(TELEMETRY_STREAM, entry(imei(3), now_ms()))  # type: ignore[arg-type]
+        await eventually(lambda: newest(imei(3)))
+    finally:
+        await reader.stop()
+        client.close()
+        server.cleanup()
