@@ -413,12 +413,10 @@ def _fast_path(
         return None
     if _ALL_CHECKED.fullmatch(checked) is None:
         return None
-    generation_type = generation or None
-    bag = reverse_io(io)
-    return Position(
+    return _position(
         entry_id,
         imei,
-        int(ts),
+        ts,
         int(received),
         lat,
         lon,
@@ -428,11 +426,10 @@ def _fast_path(
         sats,
         prio,
         event,
-        generation_type,
+        generation or None,
         codec,
         instance,
-        bag,
-        record_hash(ts, lat, lon, alt, angle, speed, sats, prio, event, generation_type, bag),
+        reverse_io(io),
     )
 
 
@@ -455,16 +452,14 @@ def _parse_general(entry_id: str, fields: Mapping[str, object]) -> Position:
         _matching(fields, "imei", _IMEI),
         _integer(fields, "timestamp_ms", _SIGNED),
         int(_matching(fields, "received_at_ms", _SIGNED)),
-        (
-            canonical_degrees(_matching(fields, "latitude", _DEGREES)),
-            canonical_degrees(_matching(fields, "longitude", _DEGREES)),
-            _integer(fields, "altitude", _SIGNED),
-            _integer(fields, "angle", _UNSIGNED),
-            _integer(fields, "speed", _UNSIGNED),
-            _integer(fields, "satellites", _UNSIGNED),
-            _integer(fields, "priority", _UNSIGNED),
-            _integer(fields, "event_io_id", _UNSIGNED),
-        ),
+        canonical_degrees(_matching(fields, "latitude", _DEGREES)),
+        canonical_degrees(_matching(fields, "longitude", _DEGREES)),
+        _integer(fields, "altitude", _SIGNED),
+        _integer(fields, "angle", _UNSIGNED),
+        _integer(fields, "speed", _UNSIGNED),
+        _integer(fields, "satellites", _UNSIGNED),
+        _integer(fields, "priority", _UNSIGNED),
+        _integer(fields, "event_io_id", _UNSIGNED),
         str(int(generation)) if generation else None,
         codec,
         _free_text(fields, "instance_id"),
@@ -477,18 +472,20 @@ def _position(
     device_id: str,
     timestamp_ms: str,
     received_at_ms: int,
-    content: tuple[str, str, str, str, str, str, str, str],
+    lat: str,
+    lon: str,
+    alt: str,
+    angle: str,
+    speed: str,
+    sats: str,
+    prio: str,
+    event: str,
     generation_type: str | None,
     codec: str,
     instance_id: str,
     io: str,
 ) -> Position:
-    """A Position from checked canonical values, with its record hash.
-
-    :param content: latitude, longitude, altitude, angle, speed, satellites, priority,
-        event_io_id (in the order the hash takes them).
-    """
-    lat, lon, alt, angle, speed, sats, prio, event = content
+    """A Position from checked canonical values (both paths end here), with its hash."""
     return Position(
         entry_id,
         device_id,
@@ -506,7 +503,9 @@ def _position(
         codec,
         instance_id,
         io,
-        record_hash(timestamp_ms, *content, generation_type, io),
+        record_hash(
+            timestamp_ms, lat, lon, alt, angle, speed, sats, prio, event, generation_type, io
+        ),
     )
 
 

@@ -345,18 +345,22 @@ async def test_statement_and_lock_timeouts_count_as_unavailable(
     logged_errors.flush()
 
 
+def exit_status(child: subprocess.Popen[bytes]) -> int:
+    """The child's exit status once it has exited by itself (killed after 60 s)."""
+    try:
+        return child.wait(60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+
+
 def test_refused_start_exits_nonzero(redis_url, pg_dsn, tmp_path):
     """twistd teltonika-processor against a positions table of another schema exits with
     status 70 (so a supervisor restarts it, and shows why) after logging the reason."""
     execute(pg_dsn, "CREATE TABLE positions (id integer PRIMARY KEY, lat float)")
     child, log = twistd(tmp_path, redis_url, pg_dsn, "c1")
-    try:
-        child.wait(60)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait(10)
-    assert child.returncode == 70
+    assert exit_status(child) == 70
     text = log.read_text()
     assert "Refusing to start" in text and "column device_id is missing" in text
 
@@ -375,13 +379,7 @@ def test_a_crashed_loop_exits_nonzero(rds, redis_url, pg_dsn, tmp_path):
     stays pending (committed, so its redelivery after the restart is a duplicate)."""
     xadd(rds, entry(rec=record(0)))
     child, log = twistd(tmp_path, redis_url, pg_dsn, "c1", preamble=PLANTED_BUG)
-    try:
-        child.wait(60)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait(10)
-    assert child.returncode == 70
+    assert exit_status(child) == 70
     text = log.read_text()
     assert "The processor loop crashed" in text and "RuntimeError: planted" in text
     assert "Processor stopped" in text
