@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/processor.py                  # ~1-2 min: 100,000 entries
     python benchmarks/processor.py --entries 20000 --devices 500
+    python benchmarks/processor.py --against main   # + the processor of another commit
 
 What runs: a throwaway ``redis-server`` and a throwaway PostgreSQL cluster (tests/servers.py),
 and the processor as a real ``twistd -n teltonika-processor`` subprocess (batch 500).
@@ -20,6 +21,9 @@ Figures:
    after figure 2, ratios use the mean;
 2. processor: rows/s from "ready" to "every entry acknowledged", batch latency p50/p99
    (read -> XACK, from the processor's debug log), RSS after the drain; ratio to 1;
+   with ``--against REF``, the processor of git commit REF (exported with ``git archive``)
+   drains the same entries into its own fresh database, alternating with this checkout's
+   (two runs each), and the ratio of the means is printed;
 3. replay: a second consumer group re-reads every entry (all duplicates); ratio to 2;
 4. state: a stream of ``--state-devices`` distinct devices with ``--state-size`` equal to
    it: RSS growth per device held, and the Python heap per DeviceSnapshot (tracemalloc).
@@ -30,6 +34,7 @@ Loopback only, 2 shared cores: compare the ratios printed in one run.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import re
 import signal
@@ -143,14 +148,17 @@ def baseline(dsn: str, entries: list[list[bytes]], batch: int = 500) -> tuple[fl
                 latencies.append(time.perf_counter() - t)
         elapsed = time.perf_counter() - started
         (stored,) = conn.execute("select count(*) from positions").fetchone() or (0,)
-    assert stored == len({(r[0], r[1]) for r in rows}), stored
+    assert stored == len({(r[0], r[1], r[-1]) for r in rows}), stored
     return len(rows) / elapsed, latencies
 
 
 class Processor:
-    """``twistd -n teltonika-processor`` as a child process."""
+    """``twistd -n teltonika-processor`` as a child process (of this checkout, or of the
+    tree at *root*)."""
 
-    def __init__(self, redis_url: str, dsn: str, group: str, *extra: str) -> None:
+    def __init__(
+        self, redis_url: str, dsn: str, group: str, *extra: str, root: Path | None = None
+    ) -> None:
         self.metrics_port = free_port()
         self.log = Path(tempfile.mkdtemp(prefix="bench-processor-")) / "processor.log"
         args = [
@@ -174,7 +182,9 @@ class Processor:
             *extra,
         ]
         env = checkout_env(TELTONIKA_POSTGRES_DSN=dsn)
-        self.process = subprocess.Popen(args, cwd=REPO, env=env)
+        if root is not None:  # that tree's code and plugins first on the path
+            env["PYTHONPATH"] = os.pathsep.join([str(root), env["PYTHONPATH"]])
+        self.process = subprocess.Popen(args, cwd=root or REPO, env=env)
 
     def ready(self) -> bool:
         try:
@@ -223,6 +233,39 @@ def drain(client: redis.Redis, processor: Processor, group: str, total: int) -> 
         time.sleep(0.02)
 
 
+def export(ref: str) -> Path:
+    """The tree of git commit *ref* of this repository, in a temporary directory."""
+    root = Path(tempfile.mkdtemp(prefix="bench-processor-ref-"))
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", ref], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    return root
+
+
+def drain_rate(
+    client: redis.Redis, pg: PostgresServer, name: str, total: int, root: Path | None = None
+) -> tuple[float, float]:
+    """rows/s of one processor (this checkout, or the tree at *root*) draining the whole
+    stream as a new group into a fresh database, and its batches' database part p50 (s)."""
+    dsn = fresh_db(pg, f"bench_{name}")
+    processor = Processor(client_url(client), dsn, name, root=root)
+    try:
+        seconds = drain(client, processor, name, total)
+        db_p50 = pct(processor.db_latencies(), 0.5)
+    finally:
+        processor.stop()
+    with psycopg.connect(dsn) as conn:
+        (stored,) = conn.execute("select count(*) from positions").fetchone() or (0,)
+    assert stored == total, stored
+    return total / seconds, db_p50
+
+
+def client_url(client: redis.Redis) -> str:
+    kwargs = client.connection_pool.connection_kwargs
+    return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -250,7 +293,16 @@ def main() -> int:
     parser.add_argument("--entries", type=int, default=100_000)
     parser.add_argument("--devices", type=int, default=1_000)
     parser.add_argument("--state-devices", type=int, default=100_000)
+    parser.add_argument(
+        "--against",
+        metavar="REF",
+        help="also run the processor of git commit REF on the same entries, alternating",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="runs of each processor with --against"
+    )
     args = parser.parse_args()
+    against = export(args.against) if args.against else None
 
     redis_server = RedisServer().start()
     pg = PostgresServer().start()
@@ -293,6 +345,25 @@ def main() -> int:
             f"RSS {rss / 1024:.0f} MiB (peak {hwm / 1024:.0f} MiB); "
             f"{rate / base_rate:.0%} of the mean baseline"
         )
+
+        if against is not None:
+            ours = [(rate, pct(db_lat, 0.5))]
+            theirs = []
+            for run in range(args.rounds):
+                theirs.append(drain_rate(client, pg, f"ref{run}", args.entries, root=against))
+                if run < args.rounds - 1:
+                    ours.append(drain_rate(client, pg, f"ours{run}", args.entries))
+            mine = sum(r for r, _ in ours) / len(ours)
+            ref = sum(r for r, _ in theirs) / len(theirs)
+
+            def runs(results: list[tuple[float, float]]) -> str:
+                return ", ".join(f"{r:,.0f} ({db * 1000:.1f} ms)" for r, db in results)
+
+            print(
+                f"2b. rows/s (database part p50 per batch) of {args.against}: {runs(theirs)}; "
+                f"this checkout: {runs(ours)} (alternated); means {ref:,.0f} vs {mine:,.0f}: "
+                f"this checkout at {mine / ref:.0%} of {args.against}"
+            )
 
         processor = Processor(redis_server.url, dsn, "replay")
         try:

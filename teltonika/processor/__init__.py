@@ -3,10 +3,12 @@
 The ingestion server never imports this package. Its pieces, one job each:
 
 * :mod:`.entries` — the record contract check and sentinel reversal (pure);
+* :mod:`.identity` — a record's canonical content and the hash that keys its row (pure);
 * :mod:`.database` — one psycopg connection on its own thread, off the reactor;
-* :mod:`.migrations` — versioned SQL applied under an advisory lock;
+* :mod:`.migrations` — versioned SQL applied under an advisory lock, and the schema check;
 * :mod:`.writer` — COPY + ``INSERT ... ON CONFLICT DO NOTHING``, bisection of bad rows;
-* :mod:`.state` — bounded per-device latest position (the live broadcast's snapshot);
+* :mod:`.state` — bounded per-device latest position, and the one rule (Python and SQL)
+  for which record is a device's latest;
 * :mod:`.streams` — the Redis commands the consumer uses, parsed into plain values;
 * :mod:`.consumer` — the read / write / acknowledge loop;
 * :mod:`.trim` — safe ``XTRIM MINID`` over every consumer group;

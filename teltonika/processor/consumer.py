@@ -1,25 +1,31 @@
 """The read / write / acknowledge loop: stream entries into ``positions``, exactly once.
 
-Invariants (seed 003, seed 004 rules 4, 5 and 7):
+Invariants (README.rst, "Exactly once, and what that means"):
 
 * an entry is XACKed only after the transaction holding its row committed (or after it
   went to the dead-letter stream); a batch that fails stays pending;
 * at most three batches are in memory (one read ahead, one being written, one being
   acknowledged): while PostgreSQL is down the same batch is retried with backoff and
-  nothing more is read (memory stays flat); its entries are kept
-  "fresh" with ``XCLAIM ... JUSTID`` so another processor does not claim them meanwhile;
+  nothing more is read (memory stays flat); every entry this consumer holds (the read-ahead
+  batch too) is kept "fresh" with ``XCLAIM ... JUSTID`` so another processor does not claim
+  it meanwhile, and an entry a peer already claimed is never taken back;
 * on start a consumer first re-reads its own pending entries (a crash between COMMIT and
   XACK then gives duplicates, which ``ON CONFLICT DO NOTHING`` absorbs), then new ones;
 * entries idle in another consumer longer than ``claim_idle`` are taken over with
   XAUTOCLAIM; a redelivered entry delivered more than ``max_deliveries`` times is
   dead-lettered (reason ``max_deliveries``) instead of being tried again;
-* an entry that fails the contract, or a row PostgreSQL rejects, is dead-lettered,
-  logged at error level and counted, then XACKed: never skipped silently.
+* every entry ends as one row or one dead letter: an entry that fails the contract, whose
+  check fails in any other way, or whose row PostgreSQL rejects, is dead-lettered, logged
+  at error level and counted, then XACKed (never skipped silently), and the rest of its
+  batch is written;
+* anything else that escapes the loop is a crash: logged as critical, the consumer is
+  never ready again, and :class:`teltonika.processor.service.ProcessorService` makes the
+  process exit non-zero so that its supervisor restarts it (no zombie that answers
+  ``/readyz`` 200 and reads nothing).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,13 +34,15 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from teltonika.processor.database import Database, is_connection_error
-from teltonika.processor.entries import ContractError, Position, fields_dict, parse_entry
+from teltonika.processor.database import Database, error_kind
+from teltonika.processor.entries import ContractError, Position, fields_dict, parse_fields
 from teltonika.processor.metrics import ProcessorMetrics
-from teltonika.processor.state import DeviceSnapshot, DeviceState
+from teltonika.processor.migrations import SchemaError
+from teltonika.processor.state import DeviceState
 from teltonika.processor.streams import DeadLetter, Entry, Streams
-from teltonika.processor.writer import WriteOutcome, copy_payload, write_batch
+from teltonika.processor.writer import WriteOutcome, write_batch
 
 
 @attrs.define
@@ -67,7 +75,9 @@ class ConsumerConfig:
 class Consumer:
     """One consumer of the group: see the module docstring.
 
-    :param migrate: run before reading (``fn(connection) -> list of applied names``), or None.
+    :param migrate: run before reading (``fn(connection) -> list of applied names``), or
+        None; a :class:`~teltonika.processor.migrations.SchemaError` from it refuses the
+        start (the process exits non-zero), any other failure is retried.
     """
 
     _log = Logger()
@@ -93,30 +103,36 @@ class Consumer:
         self.postgres_ok = False
         self.joined = False
         self.stopping = False
+        self.crashed: Failure | None = None
+        """Why the loop ended unexpectedly (or refused to start), once it has."""
         self.batches = 0
         self._done: Deferred[None] | None = None
-        self._sleeping: Deferred[None] | None = None
+        self._sleeping: set[Deferred[None]] = set()
+        self._held: set[str] = set()
+        """Ids of the entries read and not yet acknowledged or abandoned (every batch in
+        memory): what :meth:`_refresh_held` keeps from being claimed."""
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> Deferred[None]:
-        """Start the loop; the Deferred fires when it has ended (after :meth:`stop`)."""
+        """Start the loop; the Deferred fires when it has ended: after :meth:`stop`, or
+        after a crash (then :attr:`crashed` says why). It never fails."""
         self._done = Deferred.fromCoroutine(self._main())
-        self._done.addErrback(self._crashed)
         return self._done
 
-    def _crashed(self, failure: Any) -> None:
-        self._log.failure("The processor loop crashed", failure)
-
     def ready(self) -> bool:
-        """Joined the group, both stores reachable, and not shutting down."""
-        return self.joined and self.redis_ok and self.postgres_ok and not self.stopping
+        """Joined the group, both stores reachable, not shutting down, not crashed."""
+        return (
+            self.joined
+            and self.redis_ok
+            and self.postgres_ok
+            and not self.stopping
+            and self.crashed is None
+        )
 
     def stop(self) -> Deferred[None]:
         """Stop reading; the Deferred fires once the batch in flight is committed and
         acknowledged (or abandoned, still pending, when a store is down)."""
-        self.stopping = True
-        if self._sleeping is not None:
-            self._sleeping.cancel()
+        self._halt()
         if self._done is None or self._done.called:
             return succeed(None)
         d: Deferred[None] = Deferred()
@@ -128,32 +144,59 @@ class Consumer:
         self._done.addBoth(ended)
         return d
 
+    def _halt(self) -> None:
+        """Stop at the next step and wake every coroutine sleeping before a retry."""
+        self.stopping = True
+        for sleeping in list(self._sleeping):
+            sleeping.cancel()
+
+    def _crash(self, failure: Failure) -> None:
+        """An exception nothing expected ended the loop or a batch: never ready again,
+        stop; the service then makes the process exit non-zero."""
+        if self.crashed is None:
+            self.crashed = failure
+            self._log.failure(
+                "The processor loop crashed: not ready from now on; stopping so that the "
+                "process exits non-zero and its supervisor restarts it",
+                failure,
+            )
+        self._halt()
+
     async def _sleep(self, seconds: float) -> None:
         if self.stopping:
             return
-        self._sleeping = deferLater(self.clock, seconds, lambda: None)
+        sleeping = deferLater(self.clock, seconds, lambda: None)
+        self._sleeping.add(sleeping)
         try:
-            await self._sleeping
+            await sleeping
         except CancelledError:
             pass
         finally:
-            self._sleeping = None
+            self._sleeping.discard(sleeping)
 
     # -- start-up ----------------------------------------------------------------------
     async def _main(self) -> None:
-        if not await self._start_up():
+        try:
+            if not await self._start_up():
+                return
+            await self._loop()
+        except Exception:
+            self._crash(Failure())
             return
-        await self._loop()
-        self._log.info("Consumer {consumer} stopped reading", consumer=self.streams.consumer)
+        if self.crashed is None:
+            self._log.info("Consumer {consumer} stopped reading", consumer=self.streams.consumer)
 
     async def _retrying(self, what: str, step: Any) -> bool:
-        """Run ``await step()`` until it succeeds (True) or we are stopping (False)."""
+        """Run ``await step()`` until it succeeds (True) or we are stopping (False); a
+        :class:`SchemaError` is not retried (it propagates)."""
         delay = self.config.retry_initial
         failures = 0
         while not self.stopping:
             try:
                 await step()
                 return True
+            except SchemaError:
+                raise
             except Exception as e:
                 failures += 1
                 emit = self._log.error if failures == 1 else self._log.warn
@@ -197,7 +240,13 @@ class Consumer:
                 created=" (group created)" if created else "",
             )
 
-        if not await self._retrying("Connecting to PostgreSQL", postgres):
+        try:
+            if not await self._retrying("Connecting to PostgreSQL", postgres):
+                return False
+        except SchemaError as e:
+            self._log.critical("Refusing to start: {error}", error=str(e))
+            self.crashed = Failure()
+            self._halt()
             return False
         if not await self._retrying("Connecting to Redis", redis):
             return False
@@ -216,20 +265,22 @@ class Consumer:
         batch N+1 is read and checked while batch N is being written, and written while
         batch N is being acknowledged. At most three batches are held (one read ahead,
         one on the database, one waiting for its XACK), and only one is ever on the
-        database: while PostgreSQL is down, nothing new is written or read."""
+        database: while PostgreSQL is down, nothing new is written or read.
+
+        Only Redis calls are guarded here: anything else that raises is a crash."""
         config = self.config
         cursor = "0"
         next_claim = 0.0
         delay = config.retry_initial
         in_flight: list[tuple[Deferred[None], Deferred[bool]]] = []  # (written, done)
         while not self.stopping:
+            if cursor == ">" and self.clock.seconds() >= next_claim:
+                await self._drain(in_flight)
+                next_claim = self.clock.seconds() + config.claim_interval
+                await self._claim_idle()
+                continue
+            block = config.block_ms if cursor == ">" else None
             try:
-                if cursor == ">" and self.clock.seconds() >= next_claim:
-                    await self._drain(in_flight)
-                    next_claim = self.clock.seconds() + config.claim_interval
-                    await self._claim_idle()
-                    continue
-                block = config.block_ms if cursor == ">" else None
                 entries = await self.streams.read(cursor, config.batch_size, block)
             except Exception as e:
                 if "NOGROUP" in str(e) or "UNBLOCKED" in str(e):
@@ -258,7 +309,7 @@ class Consumer:
                     await in_flight.pop(0)[1]  # at most one batch waiting for its XACK
                 written: Deferred[None] = Deferred()
                 done = Deferred.fromCoroutine(self.commit(batch, written))
-                done.addErrback(self._crashed)
+                done.addErrback(self._crash)
                 in_flight.append((written, done))
         await self._drain(in_flight)
 
@@ -300,11 +351,15 @@ class Consumer:
         start = "0-0"
         min_idle_ms = int(self.config.claim_idle * 1000)
         while not self.stopping:
-            start, entries, deleted = await self.streams.autoclaim(
-                min_idle_ms, start, self.config.batch_size
-            )
+            try:
+                start, entries, deleted = await self.streams.autoclaim(
+                    min_idle_ms, start, self.config.batch_size
+                )
+            except Exception as e:
+                self._redis_failed("Claiming idle entries", e)
+                return  # tried again at the next claim interval
             if deleted:
-                self.metrics.entries_deleted.inc(len(deleted))
+                self._deleted(deleted)
             if entries:
                 self.metrics.entries_claimed.inc(len(entries))
                 self._log.info(
@@ -316,63 +371,118 @@ class Consumer:
             if start == "0-0":
                 return
 
+    def _deleted(self, ids: Sequence[str]) -> None:
+        """Pending entries whose content is gone: it was deleted or trimmed from the stream
+        before it was stored, which is a loss (``--stream-maxlen`` too small, a manual
+        XDEL or XTRIM). They are acknowledged; there is nothing left to store."""
+        self.metrics.entries_deleted.inc(len(ids))
+        self._log.error(
+            "{count} pending entries were deleted from the stream before they were stored "
+            "(trimmed or deleted upstream): {ids}",
+            count=len(ids),
+            ids=", ".join(ids[:20]) + (" ..." if len(ids) > 20 else ""),
+        )
+
     # -- one batch -------------------------------------------------------------------------
     async def process(self, entries: Sequence[Entry], redelivered: bool) -> bool:
         """Write one batch and acknowledge it; False when abandoned (stays pending)."""
         return await self.commit(await self.prepare(entries, redelivered))
 
     async def prepare(self, entries: Sequence[Entry], redelivered: bool) -> Batch:
-        """Check a batch against the contract (and the delivery limit); no database work."""
+        """Check a batch against the contract (and the delivery limit); no database work.
+
+        Every entry ends in :attr:`Batch.positions` or :attr:`Batch.dead`, whatever its
+        fields hold: one entry's failure never takes its neighbours with it."""
         metrics = self.metrics
         batch = Batch(entries=entries, redelivered=redelivered, started=self.clock.seconds())
         metrics.entries_read.inc(len(entries))
         metrics.batch_size.observe(len(entries))
+        self._held.update(entry.entry_id for entry in entries)
         live = [e for e in entries if e.fields is not None]
         if len(live) != len(entries):
-            metrics.entries_deleted.inc(len(entries) - len(live))
+            self._deleted([e.entry_id for e in entries if e.fields is None])
         if redelivered and live:
             live = await self._over_delivered(live, batch.dead)
         positions = batch.positions
+        lines = []
         for entry in live:
             fields = entry.fields or []
             try:
-                positions.append(parse_entry(entry.entry_id, fields_dict(fields)))
+                position = parse_fields(entry.entry_id, fields)
+                line = position.copy_line()
             except ContractError as e:
                 batch.dead.append(DeadLetter(entry.entry_id, fields, e.reason, e.detail))
+                continue
+            except Exception as e:
+                self._log.failure(
+                    "Checking entry {entry_id} failed unexpectedly; dead-lettering it",
+                    entry_id=entry.entry_id,
+                )
+                detail = f"{type(e).__name__}: {e}"[:500]
+                batch.dead.append(DeadLetter(entry.entry_id, fields, "check_failed", detail))
+                continue
+            positions.append(position)
+            lines.append(line)
         if positions:
-            batch.payload = copy_payload(positions)
+            batch.payload = self._payload(batch, lines)
         return batch
+
+    def _payload(self, batch: Batch, lines: list[str]) -> bytes:
+        """The COPY data of the batch's positions; a line that cannot be encoded (which the
+        checks should make impossible) is dead-lettered alone rather than failing all."""
+        try:
+            return ("\n".join(lines) + "\n").encode("utf-8")
+        except UnicodeEncodeError:
+            pass
+        kept: list[Position] = []
+        encoded: list[bytes] = []
+        fields_of = {e.entry_id: e.fields or [] for e in batch.entries}
+        for position, line in zip(batch.positions, lines, strict=True):
+            try:
+                encoded.append(line.encode("utf-8") + b"\n")
+            except UnicodeEncodeError as e:
+                fields = fields_of[position.entry_id]
+                batch.dead.append(DeadLetter(position.entry_id, fields, "bad_field", str(e)))
+                continue
+            kept.append(position)
+        batch.positions = kept
+        return b"".join(encoded)
 
     async def commit(self, batch: Batch, written: Deferred[None] | None = None) -> bool:
         """Rehydrate + write + dead-letter + XACK one prepared batch; False when abandoned.
 
-        :param written: fired once the database part is over (committed or abandoned), so
-            the next batch's write can start while this one is being acknowledged.
+        :param written: fired once the database part is over (committed and the device
+            state updated, or abandoned), so the next batch's write, which decides which
+            devices it must rehydrate, can start while this one is being acknowledged.
         """
         metrics = self.metrics
         positions = batch.positions
         dead = batch.dead
         ack_ids = [e.entry_id for e in batch.entries]
-        missing = self.state.missing([p.device_id for p in positions])
         try:
-            outcome = await self._write(positions, missing, ack_ids, batch.payload)
+            missing = self.state.missing([p.device_id for p in positions])
+            outcome = await self._write(positions, missing, batch.payload)
+            if outcome is not None:
+                if outcome.rejected:
+                    fields_of = {e.entry_id: e.fields or [] for e in batch.entries}
+                    for position, why in outcome.rejected:
+                        dead.append(
+                            DeadLetter(
+                                position.entry_id,
+                                fields_of[position.entry_id],
+                                "rejected_by_database",
+                                why,
+                            )
+                        )
+                if missing:
+                    metrics.rehydration_queries.inc()
+                self._update_state(positions, outcome)
         finally:
             if written is not None:
                 written.callback(None)
         if outcome is None:
+            self._held.difference_update(ack_ids)
             return False
-        rejected = {position.entry_id for position, _ in outcome.rejected}
-        if rejected:
-            fields_of = {e.entry_id: e.fields or [] for e in batch.entries}
-            for position, why in outcome.rejected:
-                dead.append(
-                    DeadLetter(
-                        position.entry_id, fields_of[position.entry_id], "rejected_by_database", why
-                    )
-                )
-        if missing:
-            metrics.rehydration_queries.inc()
-        self._update_state(positions, rejected, outcome)
         metrics.rows_inserted.inc(outcome.inserted)
         metrics.duplicates.inc(outcome.duplicates)
         for letter in dead:
@@ -384,7 +494,9 @@ class Consumer:
                 detail=letter.detail,
                 imei=fields_dict(letter.fields).get("imei"),
             )
-        if not await self._acknowledge(dead, ack_ids):
+        acknowledged = await self._acknowledge(dead, ack_ids)
+        self._held.difference_update(ack_ids)
+        if not acknowledged:
             return False
         self.batches += 1
         metrics.acked.inc(len(ack_ids))
@@ -431,13 +543,12 @@ class Consumer:
         return keep
 
     async def _write(
-        self,
-        positions: list[Position],
-        missing: list[str],
-        ids: list[str],
-        payload: bytes | None = None,
+        self, positions: list[Position], missing: list[str], payload: bytes | None = None
     ) -> WriteOutcome | None:
-        """Write until it works; None when stopping with PostgreSQL still failing."""
+        """Write until it works; None when stopping with PostgreSQL still failing.
+
+        A statement or lock timeout counts as PostgreSQL being unavailable: a database that
+        stalls must not look ready while our entries go idle."""
         delay = self.config.retry_initial
         attempt = 0
         while True:
@@ -445,14 +556,14 @@ class Consumer:
             try:
                 outcome = await self.database.run(write_batch, positions, missing, payload)
             except Exception as e:
-                kind = "connection" if is_connection_error(e) else type(e).__name__
+                kind = error_kind(e)
                 self.metrics.postgres_errors.labels(kind=kind).inc()
                 if self.postgres_ok:
                     self._log.error(
                         "PostgreSQL write failed ({kind}); holding {count} entries "
                         "unacknowledged and retrying: {error}",
                         kind=kind,
-                        count=len(ids),
+                        count=len(self._held),
                         error=str(e).strip(),
                     )
                 else:
@@ -465,12 +576,10 @@ class Consumer:
                 if self.stopping:
                     self._log.warn(
                         "Stopping with PostgreSQL unavailable: {count} entries stay pending",
-                        count=len(ids),
+                        count=len(self._held),
                     )
                     return None
-                with contextlib.suppress(Exception):
-                    # Redis down too: the claim-idle clock keeps running, that's all
-                    await self.streams.touch(ids)
+                await self._refresh_held()
                 await self._sleep(delay)
                 delay = min(delay * 2, self.config.retry_max)
                 continue
@@ -479,27 +588,50 @@ class Consumer:
             self.postgres_ok = True
             return outcome
 
-    def _update_state(
-        self, positions: list[Position], rejected: set[str], outcome: WriteOutcome
-    ) -> None:
+    async def _refresh_held(self) -> None:
+        """Reset the idle time of every entry this consumer holds (each batch in memory),
+        so no peer claims them while PostgreSQL is failing; stop holding those a peer has
+        already claimed (they are written by both: a duplicate, not a loss)."""
+        held = sorted(self._held)
+        if not held:
+            return
+        try:
+            lost = await self.streams.touch(held)
+        except Exception as e:
+            # Redis down too: the claim-idle clock keeps running, that's all
+            self._redis_failed("Refreshing held entries", e)
+            return
+        self.redis_ok = True
+        if lost:
+            self._held.difference_update(lost)
+            self.metrics.entries_taken_over.inc(len(lost))
+            self._log.warn(
+                "{count} held entries are no longer pending for this consumer (another "
+                "claimed them while PostgreSQL was failing): not taken back",
+                count=len(lost),
+            )
+
+    def _update_state(self, positions: list[Position], outcome: WriteOutcome) -> None:
         state = self.state
         if outcome.latest:
             self.metrics.devices_rehydrated.inc(len(outcome.latest))
-            for row in outcome.latest:
-                state.hydrate(DeviceSnapshot(*row))
+            for snapshot in outcome.latest:
+                state.hydrate(snapshot)
+        rejected = {position.entry_id for position, _ in outcome.rejected}
         for position in positions:
             if position.entry_id not in rejected:
                 state.apply(position)
 
     async def _acknowledge(self, dead: list[DeadLetter], ids: list[str]) -> bool:
-        """Dead-letter, then XACK, retrying while Redis fails; False if stopped first."""
+        """Dead-letter and XACK (one idempotent script when there are letters), retrying
+        while Redis fails; False if stopped first."""
         delay = self.config.retry_initial
         while True:
             try:
                 if dead:
-                    await self.streams.dead_letter(dead, int(self.clock.seconds() * 1000))
-                    dead = []
-                await self.streams.ack(ids)
+                    await self.streams.dead_letter(dead, ids, int(self.clock.seconds() * 1000))
+                else:
+                    await self.streams.ack(ids)
                 self.redis_ok = True
                 return True
             except Exception as e:

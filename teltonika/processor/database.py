@@ -5,6 +5,11 @@ one-thread :class:`~twisted.python.threadpool.ThreadPool` serializes every datab
 the processor makes (rehydration, the batch transaction, migrations) without locks. The
 connection is opened lazily on that thread and dropped after any connection-level error,
 so the next call reconnects: PostgreSQL going away and coming back needs no restart.
+
+Every statement runs under ``statement_timeout`` and ``lock_timeout`` (set when the
+connection opens): a PostgreSQL that stalls (a lock wait, an overloaded server) then fails
+the call within a bound, and the caller treats that like a connection error, rather than
+waiting while ``/readyz`` says 200 and other processors claim the entries it holds.
 """
 
 from __future__ import annotations
@@ -56,10 +61,36 @@ def redact_dsn(dsn: str) -> str:
 
 
 def is_connection_error(error: BaseException) -> bool:
-    """True for errors that mean "the database is unreachable", not "this data is bad"."""
+    """True for errors that mean "the database is unavailable" (unreachable, or it did not
+    answer within ``statement_timeout`` / ``lock_timeout``), not "this data is bad"."""
     import psycopg
 
     return isinstance(error, psycopg.OperationalError | psycopg.InterfaceError)
+
+
+def is_timeout(error: BaseException) -> bool:
+    """True when ``statement_timeout`` or ``lock_timeout`` expired (the connection is fine)."""
+    import psycopg
+
+    return isinstance(error, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable)
+
+
+def error_kind(error: BaseException) -> str:
+    """The ``kind`` label of ``postgres_errors_total``: ``timeout``, ``connection`` or the
+    error's class name."""
+    if is_timeout(error):
+        return "timeout"
+    if is_connection_error(error):
+        return "connection"
+    return type(error).__name__
+
+
+def session_options(statement_timeout: float, lock_timeout: float) -> str:
+    """libpq ``options`` that set both timeouts (seconds; 0 = none) for a whole session."""
+    return (
+        f"-c statement_timeout={round(statement_timeout * 1000)} "
+        f"-c lock_timeout={round(lock_timeout * 1000)}"
+    )
 
 
 class Database:
@@ -69,6 +100,8 @@ class Database:
     :param reactor: where results are delivered.
     :param connect_timeout: seconds libpq waits for a connection.
     :param application_name: shown in ``pg_stat_activity``.
+    :param statement_timeout: seconds any statement may run (0: no limit).
+    :param lock_timeout: seconds any statement may wait for a lock (0: no limit).
     """
 
     _log = Logger()
@@ -79,8 +112,12 @@ class Database:
         reactor: IReactorFromThreads,
         connect_timeout: float = 5.0,
         application_name: str = "teltonika-processor",
+        statement_timeout: float = 15.0,
+        lock_timeout: float = 5.0,
     ) -> None:
         self.dsn = dsn
+        self.statement_timeout = statement_timeout
+        self.lock_timeout = lock_timeout
         self.reactor = reactor
         self.connect_timeout = connect_timeout
         self.application_name = application_name
@@ -109,7 +146,7 @@ class Database:
         try:
             return fn(connection, *args)
         except BaseException as e:
-            if is_connection_error(e) or connection.closed:
+            if connection.closed or (is_connection_error(e) and not is_timeout(e)):
                 self._close()
             raise
 
@@ -122,6 +159,7 @@ class Database:
                 autocommit=True,
                 connect_timeout=max(1, int(self.connect_timeout)),
                 application_name=self.application_name,
+                options=self._options(),
                 keepalives=1,
                 keepalives_idle=10,
                 keepalives_interval=5,
@@ -129,6 +167,14 @@ class Database:
             )
             self.connects += 1
         return self._connection
+
+    def _options(self) -> str:
+        """The DSN's own ``options`` (if any) followed by our two timeouts."""
+        from psycopg.conninfo import conninfo_to_dict
+
+        own = str(conninfo_to_dict(self.dsn).get("options") or "")
+        ours = session_options(self.statement_timeout, self.lock_timeout)
+        return f"{own} {ours}" if own else ours
 
     def _close(self) -> None:
         connection, self._connection = self._connection, None

@@ -33,6 +33,17 @@ class ProcessorMetrics:
             "Pending entries whose content was trimmed away before processing (acknowledged)",
             registry=registry,
         )
+        self.entries_taken_over = Counter(
+            _PREFIX + "entries_taken_over",
+            "Held entries another consumer claimed while this one retried PostgreSQL "
+            "(not taken back; both write them)",
+            registry=registry,
+        )
+        self.consumers_retired = Counter(
+            _PREFIX + "consumers_retired",
+            "Idle consumers with nothing pending deleted from the group (--retire-idle-consumers)",
+            registry=registry,
+        )
         self.rows_inserted = Counter(
             _PREFIX + "rows_inserted", "Rows inserted into positions", registry=registry
         )

@@ -4,18 +4,27 @@ Shutdown order (seed 003): stop reading, finish the batch in flight (commit and 
 close Redis, close the database thread. A backstop (``--shutdown-timeout``, 15 s by
 default) forces the exit when something hangs, because a thread stuck in a database call
 would otherwise keep the process alive after the reactor stopped.
+
+A consumer that crashed (or refused to start: a schema it cannot write) must not leave a
+process that answers ``/readyz`` and reads nothing: the service stops the reactor and the
+process exits with :data:`EXIT_SOFTWARE`, so its supervisor restarts it. twistd itself
+only ever exits 0 after a clean reactor stop, hence the ``atexit`` hook
+(:func:`exit_after_shutdown`): the shutdown still runs in order, then the status is set.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Final
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.error import ReactorNotRunning
+from twisted.internet.interfaces import IDelayedCall, IReactorCore, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -26,10 +35,31 @@ SWITCH_INTERVAL = 0.0005
 """Seconds: the GIL switch interval the processor runs with (see startService)."""
 
 
+EXIT_SOFTWARE: Final = 70
+"""Exit status after a crash, a refused start or a forced shutdown (``EX_SOFTWARE``)."""
+
+
 def hard_exit() -> None:
     """The backstop's last resort: leave now, whatever threads are still running."""
+    _exit_now(EXIT_SOFTWARE)
+
+
+def _exit_now(status: int) -> None:
+    sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(70)
+    os._exit(status)
+
+
+def exit_after_shutdown(reactor: IReactorCore) -> Callable[[], None]:
+    """A function that stops *reactor* (running the ordered shutdown) and makes the process
+    exit with :data:`EXIT_SOFTWARE` once twistd is done (an ``atexit`` hook)."""
+
+    def exit_nonzero() -> None:
+        atexit.register(_exit_now, EXIT_SOFTWARE)
+        with contextlib.suppress(ReactorNotRunning):
+            reactor.stop()
+
+    return exit_nonzero
 
 
 class ProcessorService(Service):
@@ -40,7 +70,12 @@ class ProcessorService(Service):
         service must not touch the network): returns (commands, reader), which become
         the consumer's ``streams.redis`` and ``streams.reader``.
     :param trim: trim the stream every *trim_interval* seconds (``--trim``).
+    :param retire_idle: every *stats_interval*, delete the group's consumers with nothing
+        pending that have been idle longer than this many seconds (0: never;
+        ``--retire-idle-consumers``).
     :param force_exit: called when shutdown exceeds *shutdown_timeout* seconds.
+    :param crash_exit: called once the consumer crashed or refused to start
+        (:func:`exit_after_shutdown` in production; None only stops reading).
     """
 
     _log = Logger()
@@ -56,7 +91,9 @@ class ProcessorService(Service):
         trim_interval: float = 60.0,
         stats_interval: float = 5.0,
         shutdown_timeout: float = 15.0,
+        retire_idle: float = 0.0,
         force_exit: Callable[[], None] = hard_exit,
+        crash_exit: Callable[[], None] | None = None,
         description: str = "",
     ) -> None:
         self.consumer = consumer
@@ -67,8 +104,11 @@ class ProcessorService(Service):
         self.trim_interval = trim_interval
         self.stats_interval = stats_interval
         self.shutdown_timeout = shutdown_timeout
+        self.retire_idle = retire_idle
         self.force_exit = force_exit
+        self.crash_exit = crash_exit
         self.description = description
+        self._switch_interval: float | None = None
         self._next_trim = 0.0
         self._timer: LoopingCall | None = None
         self._backstop: IDelayedCall | None = None
@@ -79,8 +119,9 @@ class ProcessorService(Service):
         # and needs the GIL back after each; with the default 5 ms switch interval it
         # waits up to 5 ms each time while the reactor thread decodes the next batch.
         # A shorter interval cut that convoy (benchmarks/processor.py); this process is
-        # ours, so the interpreter-wide setting is acceptable.
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
+        # ours, so the interpreter-wide setting is acceptable (restored in stopService).
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL))
         self._log.info("Processor starting: {description}", description=self.description)
         if self.connect is not None:
             commands, reader = self.connect()
@@ -88,11 +129,22 @@ class ProcessorService(Service):
             self.consumer.streams.reader = reader
             self.redis = [reader, commands]
         self.consumer.database.start()
-        self.consumer.start()
+        self.consumer.start().addCallback(self._consumer_ended)
         self._next_trim = self.clock.seconds() + self.trim_interval
         self._timer = LoopingCall(self._tick)
         self._timer.clock = self.clock
         self._timer.start(self.stats_interval, now=False)
+
+    def _consumer_ended(self, _: object) -> None:
+        if self.consumer.crashed is None:
+            return
+        self._log.critical(
+            "The processor cannot go on: exiting with status {status} so that its "
+            "supervisor restarts it",
+            status=EXIT_SOFTWARE,
+        )
+        if self.crash_exit is not None:
+            self.crash_exit()
 
     async def _tick_async(self) -> None:
         consumer = self.consumer
@@ -106,6 +158,8 @@ class ProcessorService(Service):
                 metrics.pending.set(group.pending)
                 if group.lag is not None:
                     metrics.lag.set(group.lag)
+        if self.retire_idle:
+            await self.retire_now()
         if self.trim and self.clock.seconds() >= self._next_trim:
             self._next_trim = self.clock.seconds() + self.trim_interval
             await self.trim_now()
@@ -119,6 +173,20 @@ class ProcessorService(Service):
                 "Trimmed {removed} entries below {min_id}", removed=removed, min_id=min_id
             )
         return removed
+
+    async def retire_now(self) -> list[tuple[str, int]]:
+        """Delete the group's idle consumers with nothing pending (never ours)."""
+        consumer = self.consumer
+        retired = await consumer.streams.retire_idle_consumers(round(self.retire_idle * 1000))
+        for name, idle_ms in retired:
+            consumer.metrics.consumers_retired.inc()
+            self._log.info(
+                "Retired consumer {name} from group {group}: idle {idle:.0f}s, nothing pending",
+                name=name,
+                group=consumer.streams.group,
+                idle=idle_ms / 1000,
+            )
+        return retired
 
     def _tick(self) -> Deferred[None]:
         """Never fails: a failing tick would stop the LoopingCall for good."""
@@ -157,3 +225,6 @@ class ProcessorService(Service):
         finally:
             if self._backstop is not None and self._backstop.active():
                 self._backstop.cancel()
+            if self._switch_interval is not None:
+                sys.setswitchinterval(self._switch_interval)
+                self._switch_interval = None

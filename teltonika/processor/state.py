@@ -1,32 +1,82 @@
-"""Per-device state in bounded memory: each device's latest position and last-seen time.
+"""Per-device state in bounded memory, and the one rule for "a device's latest position".
 
-This is the snapshot the live broadcast (a later issue) serves, so its read side is the
-small interface :class:`IDeviceState`: ``get``, ``snapshot``, ``__len__`` and listeners
-told whenever a device's latest position moves forward.
+This is the snapshot the live broadcast serves, so its read side is the small interface
+:class:`IDeviceState`: ``get``, ``snapshot``, ``__len__`` and listeners told whenever a
+device's latest position moves forward.
 
-Rules (seed 004, rules 3 and 6):
+**Which record is the latest** (:func:`latest_key`, and the same order in SQL,
+:data:`LATEST_ORDER`): the one with the newest device time; among records of the same
+instant (trackers stamp whole seconds, and an event record often shares its second with the
+periodic one) an event record (``event_io_id`` not 0) before a periodic one, because an
+event is produced by a change of state and so carries the state after it; then the higher
+priority (panic over high over low: what an operator must see); then the higher
+``record_hash``, which means nothing but makes the choice a function of the stored rows
+alone. Not arrival order: a row does not record its stream id, a resend keeps its first
+row, and with several processors the order batches commit in is not the order records
+arrived in, so only a content rule lets memory, rehydration and the live map agree.
+
+Rules of the state (seed 004, rules 3 and 6):
 
 * bounded: at most ``size`` devices; the least recently *seen* device is evicted;
 * a record older than the device's latest (a tracker sending its buffer after a
   reconnect) updates last-seen but never moves the latest position backwards;
 * a device not in memory is rehydrated from ``positions`` on its next record; the
   consumer asks :meth:`DeviceState.missing` for the whole batch and fetches them all in
-  one query (:func:`teltonika.processor.writer.fetch_latest`).
+  one query (:func:`fetch_latest`).
 
 State is updated only with rows PostgreSQL accepted (after commit), so a dead-lettered
 record never becomes anyone's latest position. Applying the same row twice is a no-op.
+Latitude and longitude are held in one text form (:func:`canonical_degrees`), whether they
+came from a record or from a stored row.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from teltonika.processor.entries import Position
+from teltonika.processor.identity import canonical_degrees
+
+if TYPE_CHECKING:
+    import psycopg
+
+__all__ = [
+    "LATEST_ORDER",
+    "LATEST_SQL",
+    "DeviceSnapshot",
+    "DeviceState",
+    "IDeviceState",
+    "canonical_degrees",
+    "fetch_latest",
+    "latest_key",
+]
+
+LatestKey = tuple[int, bool, int, int]
+"""(device time ms, is an event, priority, record_hash): larger is later."""
+
+LATEST_ORDER: Final = "ts DESC, (event_io_id <> 0) DESC, priority DESC, record_hash DESC"
+"""``ORDER BY`` of a device's rows, latest first: :func:`latest_key` in SQL."""
+
+LATEST_SQL: Final = f"""
+SELECT p.device_id, (extract(epoch FROM p.ts) * 1000)::bigint,
+       (extract(epoch FROM p.received_at) * 1000)::bigint,
+       p.latitude::text, p.longitude::text, p.altitude, p.angle, p.speed, p.satellites,
+       p.priority, p.event_io_id, p.record_hash
+FROM unnest(%s::text[]) AS d(id)
+CROSS JOIN LATERAL (
+    SELECT * FROM positions WHERE device_id = d.id ORDER BY {LATEST_ORDER} LIMIT 1
+) AS p
+"""
+"""The latest stored position of each device in the one parameter (a ``text[]`` of
+device ids), in one query; devices without rows are absent. Rows come back in
+:class:`DeviceSnapshot` field order (latitude and longitude not yet canonical: use
+:func:`fetch_latest`)."""
 
 
 @attrs.frozen(slots=True)
@@ -35,7 +85,9 @@ class DeviceSnapshot:
 
     :ivar timestamp_ms: device time of the latest position.
     :ivar last_seen_ms: the newest ``received_at`` of any record from this device.
-    :ivar latitude: exact decimal degrees as text (as stored).
+    :ivar latitude: exact decimal degrees as text, canonical (:func:`canonical_degrees`).
+    :ivar priority: of the latest record; with ``event_io_id`` and ``record_hash`` it
+        decides between records of the same instant (:func:`latest_key`).
     """
 
     device_id: str
@@ -47,6 +99,40 @@ class DeviceSnapshot:
     angle: int
     speed: int
     satellites: int
+    priority: int = 0
+    event_io_id: int = 0
+    record_hash: int = 0
+
+    def latest_key(self) -> LatestKey:
+        """Where this position stands in time (see :func:`latest_key`)."""
+        return (self.timestamp_ms, self.event_io_id != 0, self.priority, self.record_hash)
+
+
+def latest_key(position: Position) -> LatestKey:
+    """Where a record stands in time, for "which is a device's latest position": larger is
+    later. See the module docstring for the order and why; :data:`LATEST_ORDER` is the same
+    order in SQL."""
+    return (
+        position.timestamp_ms,
+        position.event_io_id != "0",
+        int(position.priority),
+        position.record_hash,
+    )
+
+
+def fetch_latest(
+    connection: psycopg.Connection[Any], device_ids: Sequence[str]
+) -> list[DeviceSnapshot]:
+    """The latest stored position of each of *device_ids* that has one, in ONE query
+    (:data:`LATEST_SQL`), with canonical latitude and longitude. Runs wherever the
+    connection lives (the processor's database thread)."""
+    if not device_ids:
+        return []
+    rows = connection.execute(LATEST_SQL, (list(device_ids),)).fetchall()
+    return [
+        DeviceSnapshot(device, ts, seen, canonical_degrees(lat), canonical_degrees(lon), *rest)
+        for device, ts, seen, lat, lon, *rest in rows
+    ]
 
 
 Listener = Callable[[DeviceSnapshot], None]
@@ -70,16 +156,20 @@ class IDeviceState(Interface):
 
 
 def _from_position(position: Position) -> DeviceSnapshot:
+    # positional: this runs for every record that moves a device forward
     return DeviceSnapshot(
-        device_id=position.device_id,
-        timestamp_ms=position.timestamp_ms,
-        last_seen_ms=position.received_at_ms,
-        latitude=position.latitude,
-        longitude=position.longitude,
-        altitude=int(position.altitude),
-        angle=int(position.angle),
-        speed=int(position.speed),
-        satellites=int(position.satellites),
+        position.device_id,
+        position.timestamp_ms,
+        position.received_at_ms,
+        position.latitude,
+        position.longitude,
+        int(position.altitude),
+        int(position.angle),
+        int(position.speed),
+        int(position.satellites),
+        int(position.priority),
+        int(position.event_io_id),
+        position.record_hash,
     )
 
 
@@ -134,14 +224,21 @@ class DeviceState:
     def hydrate(self, snapshot: DeviceSnapshot) -> None:
         """Load a device's latest stored position, unless memory already knows better."""
         current = self._devices.get(snapshot.device_id)
-        if current is None or snapshot.timestamp_ms > current.timestamp_ms:
+        if current is None or snapshot.latest_key() > current.latest_key():
             self._store(snapshot)
 
     def apply(self, position: Position) -> bool:
         """Apply one committed record; True when the latest position moved forward."""
         device_id = position.device_id
         current = self._devices.get(device_id)
-        if current is None or position.timestamp_ms > current.timestamp_ms:
+        if (
+            current is None
+            or position.timestamp_ms > current.timestamp_ms
+            or (
+                position.timestamp_ms == current.timestamp_ms
+                and latest_key(position) > current.latest_key()
+            )
+        ):
             snapshot = _from_position(position)
             if current is not None and current.last_seen_ms > snapshot.last_seen_ms:
                 snapshot = attrs.evolve(snapshot, last_seen_ms=current.last_seen_ms)

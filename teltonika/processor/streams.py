@@ -18,6 +18,82 @@ from twisted.internet.interfaces import IReactorTime
 
 DEAD_STREAM: Final = "telemetry:teltonika:dead"
 
+ARGS_PER_CALL: Final = 1000
+"""Most ids one command inside a script takes (Lua's ``unpack`` has a stack limit)."""
+
+TOUCH_SCRIPT: Final = """
+local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
+local mine, lost = {}, {}
+for i = 3, #ARGV do
+  local row = redis.call('XPENDING', stream, group, ARGV[i], ARGV[i], 1)
+  if row[1] ~= nil and row[1][2] == consumer then
+    mine[#mine + 1] = ARGV[i]
+  else
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+for i = 1, #mine, 1000 do
+  local args = {stream, group, consumer, 0}
+  for k = i, math.min(i + 999, #mine) do args[#args + 1] = mine[k] end
+  args[#args + 1] = 'JUSTID'
+  redis.call('XCLAIM', unpack(args))
+end
+return lost
+"""
+"""Reset the idle time of the entries still pending *for this consumer*; reply with the
+others (taken over by another consumer, or acknowledged). One script, so no peer can claim
+an entry between the ownership check and the XCLAIM: an entry a peer already took is
+never taken back."""
+
+DEAD_LETTER_SCRIPT: Final = """
+local stream, dead = KEYS[1], KEYS[2]
+local group, consumer, maxlen, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local i, written = 6, 0
+for _ = 1, tonumber(ARGV[5]) do
+  local id, reason, detail, count = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  i = i + 4
+  if #redis.call('XPENDING', stream, group, id, id, 1) > 0 then
+    local args = {dead, 'MAXLEN', '~', maxlen, '*'}
+    for k = i, i + count - 1 do args[#args + 1] = ARGV[k] end
+    local meta = {'dead.id', id, 'dead.stream', stream, 'dead.reason', reason,
+                  'dead.detail', detail, 'dead.group', group, 'dead.consumer', consumer,
+                  'dead.at_ms', now}
+    for _, value in ipairs(meta) do args[#args + 1] = value end
+    redis.call('XADD', unpack(args))
+    redis.call('XACK', stream, group, id)
+    written = written + 1
+  end
+  i = i + count
+end
+for k = i, #ARGV, 1000 do
+  redis.call('XACK', stream, group, unpack(ARGV, k, math.min(k + 999, #ARGV)))
+end
+return written
+"""
+"""XADD each dead letter whose entry is still pending in the group and XACK it at once,
+then XACK the rest of the batch. Idempotent: a letter is written only while its entry is
+pending and its entry is acknowledged right after, so a retry (a lost reply, an error
+half-way, another consumer dead-lettering the same entry) never writes a letter twice."""
+
+RETIRE_SCRIPT: Final = """
+local stream, group, keep, min_idle = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
+local retired = {}
+for _, row in ipairs(redis.call('XINFO', 'CONSUMERS', stream, group)) do
+  local info = {}
+  for k = 1, #row, 2 do info[row[k]] = row[k + 1] end
+  if info['name'] ~= keep and info['pending'] == 0 and info['idle'] > min_idle then
+    redis.call('XGROUP', 'DELCONSUMER', stream, group, info['name'])
+    retired[#retired + 1] = info['name']
+    retired[#retired + 1] = tostring(info['idle'])
+  end
+end
+return retired
+"""
+"""Delete the consumers of the group (other than ours) that have nothing pending and have
+been idle longer than ARGV[3] ms; reply ``name, idle ms, ...``. In one script because
+``XGROUP DELCONSUMER`` drops the consumer's pending entries from the group: checked and
+deleted atomically, a consumer that just read something is never deleted."""
+
 
 class RedisReplyError(Exception):
     """A reply that does not have the shape the command documents."""
@@ -171,44 +247,51 @@ class Streams:
         )
         return {_text(row[0]): int(row[3]) for row in reply or ()}
 
-    async def touch(self, ids: Sequence[str]) -> None:
-        """Reset the idle time of entries we still hold (XCLAIM JUSTID does not count as a
-        delivery), so no other processor claims them while we retry PostgreSQL."""
-        if ids:
-            await self.command("XCLAIM", self.stream, self.group, self.consumer, 0, *ids, "JUSTID")
+    async def touch(self, ids: Sequence[str]) -> list[str]:
+        """Reset the idle time of entries we still hold (``XCLAIM ... JUSTID`` does not
+        count as a delivery), so no other processor claims them while we retry
+        PostgreSQL; return those of *ids* no longer pending for us (:data:`TOUCH_SCRIPT`)."""
+        if not ids:
+            return []
+        reply = await self.command(
+            "EVAL", TOUCH_SCRIPT, 1, self.stream, self.group, self.consumer, *ids
+        )
+        return [_text(i) for i in reply or ()]
 
     async def ack(self, ids: Sequence[str]) -> int:
         if not ids:
             return 0
         return int(await self.command("XACK", self.stream, self.group, *ids))
 
-    async def dead_letter(self, letters: Iterable[DeadLetter], now_ms: int) -> None:
-        """XADD each letter: ``dead.*`` metadata, then the original fields verbatim (so a
-        replay is "drop the dead.* fields and XADD the rest")."""
+    async def dead_letter(
+        self, letters: Sequence[DeadLetter], ack_ids: Iterable[str], now_ms: int
+    ) -> int:
+        """Dead-letter *letters* and acknowledge them with the rest of *ack_ids*, in one
+        idempotent script (:data:`DEAD_LETTER_SCRIPT`); return how many letters were
+        written (fewer on a retry). A letter holds the original fields verbatim, then
+        the ``dead.*`` metadata (so a replay is "drop the dead.* fields and XADD the
+        rest"; last, so a reader that builds a map gets the real metadata even from an
+        entry that carried dead.* fields of its own)."""
+        args: list[Any] = [self.group, self.consumer, self.dead_maxlen, now_ms, len(letters)]
+        lettered = set()
         for letter in letters:
-            await self.command(
-                "XADD",
-                self.dead_stream,
-                "MAXLEN",
-                "~",
-                self.dead_maxlen,
-                "*",
-                "dead.id",
-                letter.entry_id,
-                "dead.stream",
-                self.stream,
-                "dead.reason",
-                letter.reason,
-                "dead.detail",
-                letter.detail,
-                "dead.group",
-                self.group,
-                "dead.consumer",
-                self.consumer,
-                "dead.at_ms",
-                now_ms,
-                *letter.fields,
-            )
+            lettered.add(letter.entry_id)
+            args += [letter.entry_id, letter.reason, letter.detail, len(letter.fields)]
+            args += letter.fields
+        args += [i for i in ack_ids if i not in lettered]
+        reply = await self.command(
+            "EVAL", DEAD_LETTER_SCRIPT, 2, self.stream, self.dead_stream, *args
+        )
+        return int(reply)
+
+    async def retire_idle_consumers(self, min_idle_ms: int) -> list[tuple[str, int]]:
+        """Delete the group's consumers idle longer than *min_idle_ms* with nothing pending
+        (never our own); return (name, idle ms) of each (:data:`RETIRE_SCRIPT`)."""
+        reply = await self.command(
+            "EVAL", RETIRE_SCRIPT, 1, self.stream, self.group, self.consumer, min_idle_ms
+        )
+        flat = list(reply or ())
+        return [(_text(name), int(idle)) for name, idle in zip(flat[::2], flat[1::2], strict=True)]
 
     async def groups(self) -> list[GroupInfo]:
         """``XINFO GROUPS`` of the stream (empty when the stream does not exist)."""

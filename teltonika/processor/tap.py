@@ -24,6 +24,10 @@ from teltonika.services.ops_http import DEFAULT_PROCESSOR_METRICS
 POSTGRES_ENV: Final = "TELTONIKA_POSTGRES_DSN"
 REDIS_ENV: Final = "TELTONIKA_REDIS_URL"
 DEFAULT_REDIS: Final = "redis://127.0.0.1:6379/0"
+STATEMENT_TIMEOUT: Final = 15.0
+"""Seconds: the default ``--statement-timeout`` (well under the default --claim-idle, 60)."""
+LOCK_TIMEOUT: Final = 5.0
+"""Seconds: the default ``--lock-timeout``."""
 
 
 def _positive_int(value: str) -> int:
@@ -40,8 +44,16 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
 _positive_int.coerceDoc = "A whole number, at least 1."  # type: ignore[attr-defined]
 _positive_float.coerceDoc = "Seconds, above 0."  # type: ignore[attr-defined]
+_non_negative_float.coerceDoc = "Seconds, 0 or more."  # type: ignore[attr-defined]
 
 
 class Options(LiveOptions):
@@ -100,7 +112,17 @@ class Options(LiveOptions):
             None,
             socket.gethostname(),
             "This instance's consumer name; must be unique in the group and stable across "
-            "restarts (it re-reads its own pending entries on start).",
+            "restarts (it re-reads its own pending entries on start). A name that is never "
+            "used again stays in the group: see --retire-idle-consumers.",
+        ],
+        [
+            "retire-idle-consumers",
+            None,
+            0.0,
+            "Delete other consumers of the group that have nothing pending and have been "
+            "idle longer than this (seconds; at least --claim-idle; 0 = never). For "
+            "deployments whose consumer names change (container host names).",
+            _non_negative_float,
         ],
         ["batch-size", None, 500, "Entries per XREADGROUP and per transaction.", _positive_int],
         [
@@ -161,6 +183,24 @@ class Options(LiveOptions):
             _positive_float,
         ],
         [
+            "statement-timeout",
+            None,
+            None,
+            "Longest a PostgreSQL statement may run before it fails and is retried "
+            f"(seconds; below --claim-idle; default {STATEMENT_TIMEOUT:g}, or a quarter of "
+            "--claim-idle when that is less).",
+            _positive_float,
+        ],
+        [
+            "lock-timeout",
+            None,
+            None,
+            "Longest a PostgreSQL statement may wait for a lock before it fails and is "
+            f"retried (seconds; below --claim-idle; default {LOCK_TIMEOUT:g}, or a twelfth "
+            "of --claim-idle when that is less).",
+            _positive_float,
+        ],
+        [
             "shutdown-timeout",
             None,
             15.0,
@@ -190,6 +230,24 @@ class Options(LiveOptions):
         self["metrics"] = None if metrics.lower() in ("off", "none", "") else metrics
         if not self["consumer"]:
             raise usage.UsageError("--consumer must not be empty")
+        claim_idle = self["claim-idle"]
+        if self["statement-timeout"] is None:
+            self["statement-timeout"] = min(STATEMENT_TIMEOUT, claim_idle / 4)
+        if self["lock-timeout"] is None:
+            self["lock-timeout"] = min(LOCK_TIMEOUT, claim_idle / 12)
+        for name in ("statement-timeout", "lock-timeout"):
+            if self[name] >= claim_idle:
+                raise usage.UsageError(
+                    f"--{name} ({self[name]:g} s) must be below --claim-idle ({claim_idle:g} s): "
+                    "a write stalled that long would let other processors claim its entries"
+                )
+        retire = self["retire-idle-consumers"]
+        if retire and retire < claim_idle:
+            raise usage.UsageError(
+                f"--retire-idle-consumers ({retire:g} s) must be at least --claim-idle "
+                f"({claim_idle:g} s), so that a consumer is retired only after its entries "
+                "could be claimed"
+            )
         self.check_live()
 
 
@@ -205,7 +263,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
     from teltonika.processor.fastreader import reader_connection
     from teltonika.processor.metrics import ProcessorMetrics
     from teltonika.processor.migrations import apply_migrations
-    from teltonika.processor.service import ProcessorService
+    from teltonika.processor.service import ProcessorService, exit_after_shutdown
     from teltonika.processor.state import DeviceState
     from teltonika.processor.streams import Streams
     from teltonika.redis.connect import lazy_connection
@@ -234,7 +292,12 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
         dead_maxlen=int(options["dead-maxlen"]),
         timeout=timeout,
     )
-    database = Database(options["postgres"], reactor)
+    database = Database(
+        options["postgres"],
+        reactor,
+        statement_timeout=float(options["statement-timeout"]),
+        lock_timeout=float(options["lock-timeout"]),
+    )
     consumer = Consumer(
         streams,
         database,
@@ -274,6 +337,8 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
         trim_interval=float(options["trim-interval"]),
         stats_interval=float(options["stats-interval"]),
         shutdown_timeout=float(options["shutdown-timeout"]),
+        retire_idle=float(options["retire-idle-consumers"]),
+        crash_exit=exit_after_shutdown(reactor),
         description=(
             f"stream {options['stream']} group {options['group']} consumer "
             f"{options['consumer']}, Redis {address}, PostgreSQL {redact_dsn(options['postgres'])}"

@@ -1,9 +1,10 @@
 """Write a batch of positions in one transaction, isolating rows PostgreSQL rejects.
 
 The fast path is one transaction: COPY the batch into a temporary staging table, then
-``INSERT INTO positions SELECT ... ON CONFLICT (device_id, ts) DO NOTHING``. The row count
-of the INSERT is the number of new rows; the rest of the batch were duplicates (already
-stored, or twice in this batch), which rule 5 of seed 004 makes harmless.
+``INSERT INTO positions SELECT ... ON CONFLICT (device_id, ts, record_hash) DO NOTHING``.
+The row count of the INSERT is the number of new rows; the rest of the batch were
+duplicates (already stored, or twice in this batch: the same record resent), which the key
+makes harmless (README.rst, "Exactly once, and what that means").
 
 When PostgreSQL rejects the batch because of its *data* (``DataError``, e.g. a timestamp
 out of range, or ``IntegrityError``, e.g. a CHECK an operator added), the batch is written
@@ -27,6 +28,7 @@ import psycopg
 from psycopg import sql
 
 from teltonika.processor.entries import Position
+from teltonika.processor.state import DeviceSnapshot, fetch_latest
 
 STAGING: Final = "teltonika_positions_in"
 
@@ -34,13 +36,14 @@ _STAGING_DDL: Final = f"""
 CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING} (
     device_id text, ts_ms bigint, received_ms bigint, latitude numeric, longitude numeric,
     altitude integer, angle integer, speed integer, satellites integer, priority smallint,
-    event_io_id integer, generation_type smallint, codec text, instance_id text, io jsonb
+    event_io_id integer, generation_type smallint, codec text, instance_id text, io jsonb,
+    record_hash bigint
 ) ON COMMIT DELETE ROWS
 """
 
 COPY_COLUMNS: Final = (
     "device_id, ts_ms, received_ms, latitude, longitude, altitude, angle, speed, "
-    "satellites, priority, event_io_id, generation_type, codec, instance_id, io"
+    "satellites, priority, event_io_id, generation_type, codec, instance_id, io, record_hash"
 )
 
 _COPY: Final = f"COPY {STAGING} ({COPY_COLUMNS}) FROM STDIN"
@@ -49,33 +52,21 @@ _COPY: Final = f"COPY {STAGING} ({COPY_COLUMNS}) FROM STDIN"
 # before the year 2255 (ts_ms * 1000 < 2**53); beyond that PostgreSQL may round.
 _INSERT: Final = f"""
 INSERT INTO positions (device_id, ts, received_at, latitude, longitude, altitude, angle,
-    speed, satellites, priority, event_io_id, generation_type, codec, instance_id, io)
+    speed, satellites, priority, event_io_id, generation_type, codec, instance_id, io,
+    record_hash)
 SELECT device_id,
        timestamptz 'epoch' + ts_ms * interval '1 millisecond',
        timestamptz 'epoch' + received_ms * interval '1 millisecond',
        latitude, longitude, altitude, angle, speed, satellites, priority, event_io_id,
-       generation_type, codec, instance_id, io
+       generation_type, codec, instance_id, io, record_hash
 FROM {STAGING}
-ON CONFLICT (device_id, ts) DO NOTHING
-"""
-
-_LATEST: Final = """
-SELECT p.device_id, (extract(epoch FROM p.ts) * 1000)::bigint,
-       (extract(epoch FROM p.received_at) * 1000)::bigint,
-       p.latitude::text, p.longitude::text, p.altitude, p.angle, p.speed, p.satellites
-FROM unnest(%s::text[]) AS d(id)
-CROSS JOIN LATERAL (
-    SELECT * FROM positions WHERE device_id = d.id ORDER BY ts DESC LIMIT 1
-) AS p
+ON CONFLICT (device_id, ts, record_hash) DO NOTHING
 """
 
 ROW_ERRORS: Final = (psycopg.errors.DataError, psycopg.errors.IntegrityError)
 """Errors caused by a row's values, which bisection can isolate."""
 
 _prepared: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
-
-LatestRow = tuple[str, int, int, str, str, int, int, int, int]
-"""device_id, ts ms, received_at ms, latitude, longitude, altitude, angle, speed, satellites."""
 
 
 @attrs.define
@@ -86,7 +77,7 @@ class WriteOutcome:
     inserted: int = 0
     duplicates: int = 0
     rejected: list[tuple[Position, str]] = attrs.field(factory=list)
-    latest: list[LatestRow] = attrs.field(factory=list)
+    latest: list[DeviceSnapshot] = attrs.field(factory=list)
     transactions: int = 0
     seconds: float = 0.0
     """Time spent on the database thread for this batch."""
@@ -115,14 +106,6 @@ def _copy_insert(
         copy.write(copy_payload(rows) if payload is None else payload)
     cursor.execute(_INSERT)
     return max(cursor.rowcount, 0)
-
-
-def fetch_latest(connection: psycopg.Connection[Any], device_ids: Sequence[str]) -> list[LatestRow]:
-    """The latest stored position of each device in *device_ids*, in ONE query."""
-    if not device_ids:
-        return []
-    rows: list[LatestRow] = connection.execute(_LATEST, (list(device_ids),)).fetchall()
-    return rows
 
 
 def write_batch(

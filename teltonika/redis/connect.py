@@ -22,18 +22,39 @@ _log = Logger()
 
 
 class RedisURLError(ValueError):
-    """The Redis URL cannot be used; the message says why, for a plain UsageError."""
+    """The Redis URL cannot be used; the message says why, for a plain UsageError. The
+    message never holds the URL's password (:func:`redact_url`)."""
+
+
+def redact_url(url: str) -> str:
+    """*url* with the password of its ``user:password@`` part replaced by ``***`` (for
+    error messages and logs; the way the processor's PostgreSQL DSN is redacted)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    credentials, at, host = authority.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}{slash}{path}"
+
+
+def _redacted(password: str | None) -> str:
+    return "None" if password is None else "'***'"
 
 
 @attrs.frozen
 class RedisAddress:
-    """Where Redis is: parsed from ``redis://[user:password@]host[:port][/db]`` (or rediss://)."""
+    """Where Redis is: parsed from ``redis://[user:password@]host[:port][/db]`` (or rediss://).
+
+    Neither ``str()`` nor ``repr()`` shows the password."""
 
     host: str = "127.0.0.1"
     port: int = 6379
     db: int = 0
     username: str | None = None
-    password: str | None = None
+    password: str | None = attrs.field(default=None, repr=_redacted)
     tls: bool = False
 
     def __str__(self) -> str:
@@ -48,11 +69,13 @@ def parse_redis_url(url: str) -> RedisAddress:
     """
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss"):
-        raise RedisURLError(f"Redis URL must start with redis:// or rediss://, not {url!r}")
+        raise RedisURLError(
+            f"Redis URL must start with redis:// or rediss://, not {redact_url(url)!r}"
+        )
     try:
         port = parts.port or 6379
     except ValueError:
-        raise RedisURLError(f"bad port in Redis URL {url!r}") from None
+        raise RedisURLError(f"bad port in Redis URL {redact_url(url)!r}") from None
     path = parts.path.lstrip("/")
     try:
         db = int(path) if path else 0

@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
@@ -19,6 +21,7 @@ import pytest_twisted
 import redis
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 
 from teltonika.contract import TELEMETRY_STREAM, entry_fields
 from teltonika.processor.tap import Options, makeService
@@ -124,6 +127,26 @@ async def eventually(
         waited += step
 
 
+async def http_status(port: int, path: str) -> int:
+    """GET on the ops endpoint (in a thread: the server side runs on this reactor)."""
+
+    def get() -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+                return int(reply.status)
+        except urllib.error.HTTPError as e:
+            return int(e.code)
+
+    status: int = await deferToThread(get)
+    return status
+
+
+def execute(dsn: str, sql: str, *params: Any) -> None:
+    """Run one statement that returns no rows (DDL, DML) in autocommit."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql, params or None)
+
+
 def query(dsn: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         return conn.execute(sql, params or None).fetchall()
@@ -160,10 +183,13 @@ class Processors:
         self.redis_url = redis_url
         self.dsn = dsn
         self.running: list[Any] = []
+        self.exits: list[Any] = []
+        """Services that asked for the process to exit non-zero (a crash, a refused start)."""
 
     def start(self, *extra: str) -> Any:
         service = makeService(processor_options(self.redis_url, self.dsn, *extra), reactor)
         service.processor.force_exit = lambda: None
+        service.processor.crash_exit = lambda: self.exits.append(service)
         service.startService()
         self.running.append(service)
         return service
@@ -187,7 +213,18 @@ async def processors(redis_url: str, pg_dsn: str) -> AsyncIterator[Processors]:
         await group.stop_all()
 
 
-__all__ = ["BASE_MS", "NX", "entry", "eventually", "imei", "query", "record", "xadd"]
+__all__ = [
+    "BASE_MS",
+    "NX",
+    "entry",
+    "eventually",
+    "execute",
+    "http_status",
+    "imei",
+    "query",
+    "record",
+    "xadd",
+]
 
 
 if os.environ.get("TELTONIKA_TEST_LOG"):

@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import attrs
 import pytest
 
 from teltonika.wire import ACCEPT, CODEC_8, CODEC_8E, encode_avl_frame, encode_login
@@ -59,10 +60,12 @@ def recv_exactly(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-def run_device(port: int, imei: str, frames: int, offset: int) -> set[tuple[str, int]]:
+def run_device(port: int, imei: str, frames: int, offset: int) -> set[tuple[str, int, int]]:
     """Log in, send *frames* AVL frames of 3 records (one frame twice, as a device does
-    after a lost ACK) and return the (imei, ts) of every record the server ACKed."""
-    acked: set[tuple[str, int]] = set()
+    after a lost ACK; every other frame with an ignition event stamped in the same
+    millisecond as its first, periodic, record) and return the (imei, ts, event IO id) of
+    every record the server ACKed."""
+    acked: set[tuple[str, int, int]] = set()
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(encode_login(imei))
         assert recv_exactly(sock, 1) == ACCEPT
@@ -72,11 +75,15 @@ def run_device(port: int, imei: str, frames: int, offset: int) -> set[tuple[str,
             if codec == CODEC_8E:
                 io += ((385, NX, bytes([n, offset, 255])),)
             records = [record(offset + n * 10_000 + k * 1000, io=io) for k in range(3)]
+            if n % 2 == 0:  # ignition off in the same millisecond as the periodic record
+                event_io = ((239, 1, 0), *io[1:])
+                event = record(offset + n * 10_000, io=event_io, speed=0)
+                records.insert(1, attrs.evolve(event, priority=1, event_io_id=239))
             frame = encode_avl_frame(codec, records)
-            for _ in range(2 if n == 1 else 1):  # frame 1 retransmitted: duplicates
+            for _ in range(2 if n in (1, 2) else 1):  # frames 1 and 2 retransmitted
                 sock.sendall(frame)
                 assert int.from_bytes(recv_exactly(sock, 4), "big") == len(records)
-                acked.update((imei, r.timestamp_ms) for r in records)
+                acked.update((imei, r.timestamp_ms, r.event_io_id) for r in records)
     return acked
 
 
@@ -94,8 +101,9 @@ def wait_ready(port: int, timeout: float = 30.0) -> None:
 
 
 def test_fleet_to_postgres_exactly_once(redis_url, pg_dsn, tmp_path):
-    """Six devices, codec 8 and 8E frames with a u64 and NX IO value, one frame sent
-    twice: the rows are exactly the records the devices saw ACKed, each once."""
+    """Six devices, codec 8 and 8E frames with a u64 and NX IO value, event records that
+    share their millisecond with a periodic record, two frames sent twice: the rows are
+    exactly the records the devices saw ACKed, each once."""
     port, ops = free_port(), free_port()
     server, server_log = start(
         tmp_path,
@@ -127,20 +135,21 @@ def test_fleet_to_postgres_exactly_once(redis_url, pg_dsn, tmp_path):
     try:
         wait_for_port(port, timeout=30)
         wait_ready(ops)
-        acked: set[tuple[str, int]] = set()
+        acked: set[tuple[str, int, int]] = set()
         for d in range(6):
             acked |= run_device(port, f"35730400000{d:04d}", frames=8, offset=d * 7)
-        assert len(acked) == 6 * 8 * 3
+        assert len(acked) == 6 * (8 * 3 + 4)
 
-        def rows() -> set[tuple[str, int]]:
+        def rows() -> set[tuple[str, int, int]]:
             try:
                 found = query(
                     pg_dsn,
-                    "select device_id, (extract(epoch from ts) * 1000)::bigint from positions",
+                    "select device_id, (extract(epoch from ts) * 1000)::bigint, event_io_id"
+                    " from positions",
                 )
             except Exception:
                 return set()
-            return {(device, int(ts)) for device, ts in found}
+            return {(device, int(ts), event) for device, ts, event in found}
 
         deadline = time.monotonic() + 60
         while rows() != acked and time.monotonic() < deadline:
@@ -150,7 +159,8 @@ def test_fleet_to_postgres_exactly_once(redis_url, pg_dsn, tmp_path):
         ((u64, nx, instance),) = query(
             pg_dsn,
             "select io->>'78', io->>'385', instance_id from positions"
-            " where device_id = '357304000000001' and ts = to_timestamp(%s / 1000.0)",
+            " where device_id = '357304000000001' and ts = to_timestamp(%s / 1000.0)"
+            " and event_io_id = 0",
             BASE_MS + 7 + 10_000,
         )
         assert u64 == str(2**63 + 1) and nx == bytes([1, 7, 255]).hex() and instance == "e2e"

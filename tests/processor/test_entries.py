@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
-from teltonika.contract import entry_fields
-from teltonika.processor.entries import ContractError, fields_dict, parse_entry, reverse_io
+from teltonika.contract import FIELDS, entry_fields
+from teltonika.processor.entries import (
+    REASONS,
+    ContractError,
+    fields_dict,
+    parse_entry,
+    parse_fields,
+    reverse_io,
+)
 from teltonika.wire.records import NX, AVLRecord
 
 
@@ -66,6 +73,17 @@ def test_parse_valid_entry():
         ("io", '{"1":{"__buffer_b64":"***"}}', "bad_sentinel"),
         ("io", '{"1":{"__buffer_b64":"AA==","x":1}}', "bad_sentinel"),
         ("io", '{"1":{"__other":"1"}}', "bad_sentinel"),
+        # numbers are bounded before they are converted (int() refuses 4,300+ digits)
+        ("io", '{"1":{"__bigint":"' + "9" * 5000 + '"}}', "bad_sentinel"),
+        ("io", '{"1":{"__bigint":"' + "0" * 21 + '"}}', "bad_sentinel"),
+        ("io", '{"' + "1" * 5000 + '":1}', "bad_io"),
+        ("io", '{"123456":1}', "bad_io"),
+        ("io", "[" * 5000, "bad_io"),
+        ("io", '{"1":' + "9" * 5000 + "}", "bad_io"),
+        ("timestamp_ms", "9" * 5000, "bad_field"),
+        ("generation_type", "9" * 5000, "bad_field"),
+        ("instance_id", "a\x00b", "bad_field"),
+        ("instance_id", "\udcff", "bad_field"),
     ],
 )
 def test_contract_violations(field, value, reason):
@@ -137,7 +155,7 @@ def test_any_encoded_record_parses_back(io, lat, lon, ts):
     ("text", "expected"),
     [
         ('{"1": 5, "2" :{"__bigint" : "18446744073709551615"}}', {"1": 5, "2": 2**64 - 1}),
-        ('{"007":1}', {"007": 1}),
+        ('{"007":1}', {"7": 1}),
         ('{"1":{"__buffer_b64":"AAE="}}', {"1": "0001"}),
         ('{"1":{"__bigint":"007"}}', {"1": 7}),
         ("{}", {}),
@@ -145,8 +163,10 @@ def test_any_encoded_record_parses_back(io, lat, lon, ts):
 )
 def test_io_general_and_fast_paths_agree(text, expected):
     """Bags the fast path does not recognise (spaces, leading zeros) are read by the
-    general path with the same result."""
-    assert orjson.loads(reverse_io(text)) == expected
+    general path with the same result, as compact JSON with canonical ids."""
+    out = reverse_io(text)
+    assert orjson.loads(out) == expected
+    assert out == orjson.dumps(expected).decode()
 
 
 def test_unusual_but_valid_fields_take_the_general_path():
@@ -157,9 +177,174 @@ def test_unusual_but_valid_fields_take_the_general_path():
 
 
 def test_copy_line_escapes_free_text():
-    """instance_id and io are the only free text; COPY's special characters are escaped."""
+    """instance_id is the only free text; COPY's special characters are escaped. The io
+    bag goes out as compact JSON, the record hash last."""
     fields = fields_of(entry_fields("356307042441013", "8", RECORD, 5, "a\tb\\c\nd"))
     fields["io"] = '{"1":\n2}'
-    line = parse_entry("1-0", fields).copy_line()
-    assert line.split("\t")[-2:] == ["a\\tb\\\\c\\nd", '{"1":\\n2}']
+    position = parse_entry("1-0", fields)
+    line = position.copy_line()
+    assert line.split("\t")[-3:] == ["a\\tb\\\\c\\nd", '{"1":2}', str(position.record_hash)]
     assert line.split("\t")[11] == "\\N"  # no generation type: NULL
+
+
+def test_numbers_are_canonical_whatever_their_spelling():
+    """Leading zeros, "-0" and trailing fractional zeros are rewritten canonically, so the
+    stored values and the record hash do not depend on how a writer spelled them."""
+    fields = fields_of(entry_fields("356307042441013", "16", RECORD, 5, "i1"))
+    canonical = parse_entry("1-0", fields)
+    spelled = dict(fields)
+    spelled.update(
+        latitude="-051.5072000",
+        longitude="-0.12750",
+        altitude="-012",
+        speed="088",
+        priority="01",
+        event_io_id="0239",
+        io='{"10": {"__buffer_b64": "AP8="}, "0011":{"__bigint":"09007199254740992"},'
+        ' "78": 18446744073709551615, "239": 1}',
+    )
+    other = parse_entry("2-0", spelled)
+    assert (other.latitude, other.longitude, other.altitude) == ("-51.5072", "-0.1275", "-12")
+    assert (other.speed, other.priority, other.event_io_id) == ("88", "1", "239")
+    assert other.record_hash == canonical.record_hash
+    assert orjson.loads(other.io) == orjson.loads(canonical.io)
+    zero = dict(fields, latitude="-0.0000", altitude="-0", generation_type="007")
+    parsed = parse_entry("3-0", zero)
+    assert (parsed.latitude, parsed.altitude, parsed.generation_type) == ("0", "0", "7")
+
+
+def test_record_hash_is_the_record_content():
+    """A resend (another received_at_ms and instance_id) has the same hash; a record that
+    differs in any content field, or in one IO value, has another."""
+    fields = fields_of(entry_fields("356307042441013", "8E", RECORD, 5, "i1"))
+    first = parse_entry("1-0", fields)
+    resend = parse_entry("9-0", dict(fields, received_at_ms="99", instance_id="i2"))
+    assert resend.record_hash == first.record_hash
+    assert parse_entry("1-0", dict(fields, codec="8")).record_hash == first.record_hash
+    changes = {
+        "timestamp_ms": "1700000000124",
+        "latitude": "-51.5073",
+        "longitude": "-0.1276",
+        "altitude": "-11",
+        "angle": "358",
+        "speed": "87",
+        "satellites": "10",
+        "priority": "2",
+        "event_io_id": "240",
+        "generation_type": "5",
+        "io": str(fields["io"]).replace('"239":1', '"239":0'),
+    }
+    hashes = {first.record_hash}
+    for name, value in changes.items():
+        hashes.add(parse_entry("1-0", dict(fields, **{name: value})).record_hash)
+    assert len(hashes) == len(changes) + 1
+
+
+@pytest.mark.parametrize(
+    ("text", "canonical"),
+    [
+        ("54.6872000", "54.6872"),
+        ("054.10", "54.1"),
+        ("-0.0", "0"),
+        ("-0", "0"),
+        ("0", "0"),
+        ("12.0000000", "12"),
+        ("-0.5", "-0.5"),
+        ("-180.0000001", "-180.0000001"),
+        ("100", "100"),
+    ],
+)
+def test_canonical_degrees(text, canonical):
+    """One text form for degrees, whatever the source (a record or a numeric(10,7) row)."""
+    from teltonika.processor.identity import canonical_degrees
+
+    assert canonical_degrees(text) == canonical
+
+
+field_names = st.one_of(
+    st.sampled_from(["io", "timestamp_ms", "latitude", "generation_type", "instance_id"]),
+    st.sampled_from([*FIELDS, "x", "", "dead.id"]),
+)
+"""Field names, the ones whose values are parsed or converted more often."""
+# digit strings around Python's int() limit (4,300 digits) as often as short ones
+_DIGITS = st.one_of(st.integers(1, 25), st.integers(4295, 4305), st.integers(4306, 6000)).map(
+    lambda n: "9" * n
+)
+_JSONISH = st.sampled_from(
+    [
+        '{"1":{"__bigint":"%s"}}',
+        '{"%s":1}',
+        '{"1":%s}',
+        '{"1":{"__buffer_b64":"%s"}}',
+        '{"1":[%s]}',
+        "%s",
+    ]
+)
+field_values = st.one_of(
+    st.text(max_size=30),
+    st.binary(max_size=30),
+    _DIGITS,
+    st.tuples(_JSONISH, st.one_of(_DIGITS, st.text(max_size=10))).map(lambda t: t[0] % t[1]),
+    st.sampled_from(["", "-", "-0", "0", ".", "1e5", "NaN", "\x00", "\udcff", "8E", "1"]),
+)
+"""Field values: arbitrary text and bytes, huge numbers, JSON-like bags, edge cases."""
+io_values = st.one_of(
+    _DIGITS.map(lambda digits: '{"1":{"__bigint":"' + digits + '"}}'),
+    _DIGITS.map(lambda digits: '{"' + digits + '":1}'),
+    field_values,
+)
+"""Values of the io field: bags whose numbers int() would refuse, and anything else."""
+
+
+@st.composite
+def hostile_fields(draw: st.DrawFn) -> dict[str, object]:
+    """A valid entry (most of the time) with up to three fields replaced or removed, or
+    arbitrary names and values."""
+    fields: dict[str, object] = {}
+    if draw(st.integers(0, 4)):
+        fields = fields_of(entry_fields("356307042441013", "8E", RECORD, 5, "i1"))
+    count = draw(st.sampled_from([1, 1, 1, 2, 3]))  # mostly one: the others may hide it
+    for name in draw(st.lists(field_names, min_size=count, max_size=count, unique=True)):
+        fields[name] = draw(io_values if name == "io" else field_values)
+    for name in draw(st.lists(field_names, max_size=2)):
+        if draw(st.integers(0, 3)) == 0:
+            fields.pop(name, None)
+    return fields
+
+
+def huge_bigint_entry() -> dict[str, object]:
+    """The entry that used to kill the consumer: a __bigint of 5,000 digits."""
+    fields = fields_of(entry_fields("356307042441013", "8E", RECORD, 5, "i1"))
+    fields["io"] = '{"1":{"__bigint":"' + "9" * 5000 + '"}}'
+    return fields
+
+
+@example(fields=huge_bigint_entry())
+@given(fields=hostile_fields())
+def test_any_field_map_parses_or_raises_contract_error(fields):
+    """Whatever names and values an entry holds (arbitrary bytes and text, thousands of
+    digits, malformed JSON and sentinels), parse_entry returns a Position or raises
+    ContractError with one of the contract reasons: never anything else."""
+    try:
+        position = parse_entry("1-0", fields)
+    except ContractError as e:
+        assert e.reason in REASONS and e.reason not in ("check_failed", "max_deliveries")
+        return
+    position.copy_line().encode("utf-8")  # what goes to COPY can always be encoded
+
+
+def outcome(parse, *args):
+    try:
+        return parse(*args)
+    except ContractError as e:
+        return e.reason
+
+
+@example(fields=huge_bigint_entry())
+@example(fields=fields_of(entry_fields("356307042441013", "16", RECORD, 5, "i1")))
+@given(fields=hostile_fields())
+def test_the_field_list_path_agrees_with_the_mapping_path(fields):
+    """parse_fields (the consumer's: straight from the reply's list when the names are in
+    the writer's order) gives the same Position, or the same reason, as parse_entry."""
+    flat = [part for pair in fields.items() for part in pair]
+    assert outcome(parse_fields, "1-0", flat) == outcome(parse_entry, "1-0", fields)

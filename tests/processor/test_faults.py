@@ -7,34 +7,30 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+import attrs
+import psycopg
 import pytest
 import pytest_twisted
-from twisted.internet.threads import deferToThread
+from twisted.internet.defer import Deferred
 
 from teltonika.contract import TELEMETRY_STREAM
-from tests.processor.conftest import entry, eventually, imei, query, record, xadd
+from tests.processor.conftest import (
+    entry,
+    eventually,
+    execute,
+    http_status,
+    imei,
+    query,
+    record,
+    xadd,
+)
 from tests.processor.test_pipeline import count, pending, sample
 from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-async def http_status(port: int, path: str) -> int:
-    """GET on the ops endpoint (in a thread: the server side runs on this reactor)."""
-
-    def get() -> int:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
-                return int(reply.status)
-        except urllib.error.HTTPError as e:
-            return int(e.code)
-
-    return await deferToThread(get)
 
 
 @pytest_twisted.ensureDeferred
@@ -78,13 +74,16 @@ async def test_postgres_stopped_mid_run(processors, rds, pg_dsn, postgres_server
     assert logged_errors.flush()  # the outage was logged at error level
 
 
-def twistd(tmp_path: Path, redis_url: str, dsn: str, consumer: str, *extra: str):
-    """``twistd -n teltonika-processor`` as a child process (DSN from the environment)."""
+def twistd(
+    tmp_path: Path, redis_url: str, dsn: str, consumer: str, *extra: str, preamble: str = ""
+):
+    """``twistd -n teltonika-processor`` as a child process (DSN from the environment);
+    *preamble* is Python run first (to plant a fault)."""
     log = tmp_path / f"processor-{consumer}.log"
     args = [
         sys.executable,
         "-c",
-        "from twisted.scripts.twistd import run; run()",
+        preamble + "from twisted.scripts.twistd import run; run()",
         "-n",
         "--pidfile=",
         f"--logfile={log}",
@@ -232,3 +231,156 @@ async def test_starts_before_postgres(processors, rds, pg_dsn, postgres_server, 
     await eventually(lambda: count(pg_dsn) == 1 and pending(rds) == 0, timeout=30)
     assert consumer.ready()
     logged_errors.flush()
+
+
+@pytest_twisted.ensureDeferred
+async def test_held_entries_are_refreshed_and_never_taken_back(
+    processors, rds, pg_dsn, postgres_server, logged_errors
+):
+    """While PostgreSQL is down the processor keeps every entry it holds fresh, the
+    read-ahead batch too, so a peer with a short --claim-idle finds nothing to claim; an
+    entry a peer claimed anyway is not taken back (and is still written once)."""
+    service = processors.start("--batch-size", "5")
+    await eventually(service.processor.consumer.ready)
+    postgres_server.stop("immediate")
+    added = rds.pipeline(transaction=True)  # all at once: full batches to read
+    for i in range(15):
+        xadd(added, entry(imei=imei(i), rec=record(i)))
+    added.execute()
+    errors = "teltonika_processor_postgres_errors_total"
+    # 5 being written, 5 read ahead; then at least 3 s of retries (every <= 0.5 s)
+    await eventually(lambda: pending(rds) == 10)
+    await eventually(lambda: sample(service, errors, kind="connection") >= 8, timeout=30)
+    claimable = rds.xautoclaim(TELEMETRY_STREAM, "processor", "peer", 2000, justid=True)
+    assert claimable == []
+
+    (taken,) = rds.xclaim(TELEMETRY_STREAM, "processor", "peer", 0, [ids(rds)[-1]], justid=True)
+    seen = sample(service, errors, kind="connection")
+    await eventually(lambda: sample(service, errors, kind="connection") >= seen + 2)
+    owner = rds.xpending_range(TELEMETRY_STREAM, "processor", taken, taken, 1)[0]["consumer"]
+    assert owner == "peer"
+    assert sample(service, "teltonika_processor_entries_taken_over_total") == 1
+
+    postgres_server.start()
+    await eventually(lambda: count(pg_dsn) == 15 and pending(rds) == 0, timeout=30)
+    logged_errors.flush()
+
+
+def ids(rds) -> list[str]:
+    """Ids of the entries pending in group processor, oldest first."""
+    rows = rds.xpending_range(TELEMETRY_STREAM, "processor", "-", "+", 100)
+    return [row["message_id"] for row in rows]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_wakes_every_sleeping_retry(
+    processors, rds, redis_server, pg_dsn, logged_errors
+):
+    """Two committed batches wait for XACKs that Redis refuses, each sleeping before its
+    next attempt (100 s here): stopping wakes both, and the shutdown ends at once."""
+    rds.execute_command("ACL", "SETUSER", "noack", "on", ">pw", "~*", "&*", "+@all", "-xack")
+    for i in range(10):
+        xadd(rds, entry(imei=imei(i), rec=record(i)))
+    url = f"redis://noack:pw@127.0.0.1:{redis_server.port}/0"
+    service = processors.start("--redis", url, "--batch-size", "3")
+    consumer = service.processor.consumer
+    try:
+        consumer.config = attrs.evolve(consumer.config, retry_initial=100.0, retry_max=100.0)
+        await eventually(lambda: count(pg_dsn) == 6)
+        await eventually(lambda: sample(service, "teltonika_processor_redis_errors_total") >= 2)
+        stopped = Deferred.fromCoroutine(processors.stop(service))
+        await eventually(lambda: stopped.called, timeout=10)  # else a retry kept sleeping
+        await stopped
+    finally:
+        rds.execute_command("ACL", "DELUSER", "noack")
+        consumer.database.stop()  # its thread, if the shutdown hung
+    logged_errors.flush()
+
+
+@pytest_twisted.ensureDeferred
+async def test_statement_and_lock_timeouts_count_as_unavailable(
+    processors, rds, pg_dsn, logged_errors
+):
+    """A PostgreSQL that stalls rather than fails: a write waiting on a table lock (then a
+    statement held up by a slow trigger) fails after --lock-timeout (--statement-timeout),
+    the processor turns not ready and retries, and writes everything once it is free."""
+    port = free_port()
+    service = processors.start(
+        "--lock-timeout",
+        "0.2",
+        "--statement-timeout",
+        "0.5",
+        "--metrics",
+        f"tcp:{port}:interface=127.0.0.1",
+    )
+    consumer = service.processor.consumer
+    await eventually(consumer.ready)
+    timeouts = "teltonika_processor_postgres_errors_total"
+    with psycopg.connect(pg_dsn) as lock:
+        lock.execute("LOCK TABLE positions IN ACCESS EXCLUSIVE MODE")
+        xadd(rds, entry(imei=imei(1), rec=record(1)))
+        await eventually(lambda: sample(service, timeouts, kind="timeout") >= 2)
+        assert not consumer.ready()
+        assert await http_status(port, "/readyz") == 503
+        lock.rollback()
+    await eventually(lambda: count(pg_dsn) == 1 and pending(rds) == 0)
+    await eventually(consumer.ready)
+
+    execute(
+        pg_dsn,
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$",
+    )
+    execute(
+        pg_dsn,
+        "CREATE TRIGGER slow BEFORE INSERT ON positions FOR EACH STATEMENT EXECUTE FUNCTION slow()",
+    )
+    seen = sample(service, timeouts, kind="timeout")
+    xadd(rds, entry(imei=imei(2), rec=record(2)))
+    await eventually(lambda: sample(service, timeouts, kind="timeout") >= seen + 2)
+    assert not consumer.ready()
+    execute(pg_dsn, "DROP TRIGGER slow ON positions")
+    await eventually(lambda: count(pg_dsn) == 2 and pending(rds) == 0)
+    await eventually(consumer.ready)
+    logged_errors.flush()
+
+
+def exit_status(child: subprocess.Popen[bytes]) -> int:
+    """The child's exit status once it has exited by itself (killed after 60 s)."""
+    try:
+        return child.wait(60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+
+
+def test_refused_start_exits_nonzero(redis_url, pg_dsn, tmp_path):
+    """twistd teltonika-processor against a positions table of another schema exits with
+    status 70 (so a supervisor restarts it, and shows why) after logging the reason."""
+    execute(pg_dsn, "CREATE TABLE positions (id integer PRIMARY KEY, lat float)")
+    child, log = twistd(tmp_path, redis_url, pg_dsn, "c1")
+    assert exit_status(child) == 70
+    text = log.read_text()
+    assert "Refusing to start" in text and "column device_id is missing" in text
+
+
+PLANTED_BUG = (
+    "import teltonika.processor.consumer as consumer\n"
+    "def planted_bug(*args):\n"
+    "    raise RuntimeError('planted')\n"
+    "consumer.Consumer._update_state = planted_bug\n"
+)
+
+
+def test_a_crashed_loop_exits_nonzero(rds, redis_url, pg_dsn, tmp_path):
+    """twistd teltonika-processor whose loop crashes (a bug planted in the state update)
+    logs the crash, shuts down in order and exits with status 70; the entry it was writing
+    stays pending (committed, so its redelivery after the restart is a duplicate)."""
+    xadd(rds, entry(rec=record(0)))
+    child, log = twistd(tmp_path, redis_url, pg_dsn, "c1", preamble=PLANTED_BUG)
+    assert exit_status(child) == 70
+    text = log.read_text()
+    assert "The processor loop crashed" in text and "RuntimeError: planted" in text
+    assert "Processor stopped" in text
+    assert pending(rds) == 1

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import attrs
 import orjson
 import psycopg
 import pytest_twisted
 import redis
+from twisted.internet import reactor
 
 from teltonika.contract import TELEMETRY_STREAM
-from tests.processor.conftest import BASE_MS, NX, entry, eventually, imei, query, record, xadd
+from tests.processor.conftest import (
+    BASE_MS,
+    NX,
+    entry,
+    eventually,
+    execute,
+    http_status,
+    imei,
+    query,
+    record,
+    xadd,
+)
+from tests.servers import free_port
 
 DEAD = "telemetry:teltonika:dead"
 DEAD_FORMAT = "Dead-lettered entry {entry_id}: {reason} ({detail})"
@@ -232,3 +246,226 @@ async def test_group_deleted_under_the_processor(processors, rds, pg_dsn):
     rds.delete(TELEMETRY_STREAM)
     xadd(rds, entry(rec=record(1)))
     await eventually(lambda: count(pg_dsn) == 2 and pending(rds) == 0)
+
+
+IMEI = "356307042441013"
+ACKED = "teltonika_processor_entries_acked_total"
+
+
+@pytest_twisted.ensureDeferred
+async def test_same_second_records_are_distinct_rows(processors, rds, pg_dsn):
+    """A periodic record (ignition on) and an ignition-off event stamped with the same
+    millisecond are two rows, and resending both (another receive time and instance) adds
+    none. The event is the device's latest position, in memory and as rehydrated by a
+    new processor, with latitude and longitude in the same text form either way."""
+    periodic = record(0, io=((239, 1, 1), (66, 2, 12480)))
+    event = attrs.evolve(
+        record(0, io=((239, 1, 0), (66, 2, 12480))), priority=1, event_io_id=239, speed=0
+    )
+    xadd(rds, entry(rec=periodic))
+    xadd(rds, entry(rec=event))
+    first = processors.start()
+    await eventually(lambda: count(pg_dsn) == 2 and pending(rds) == 0)
+    latest = first.processor.consumer.state.get(IMEI)
+    assert (latest.event_io_id, latest.speed, latest.priority) == (239, 0, 1)
+    assert (latest.latitude, latest.longitude) == ("54.6872", "25.2797")
+
+    for rec in (periodic, event):
+        resend = entry(rec=rec, received_at_ms=BASE_MS + 90_000)
+        xadd(rds, with_field(resend, "instance_id", "ingest-2"))
+    await eventually(lambda: sample(first, ACKED) == 4)
+    assert count(pg_dsn) == 2
+    assert sample(first, "teltonika_processor_duplicates_total") == 2
+    await processors.stop(first)
+
+    xadd(rds, entry(rec=record(-5_000)))  # older: makes a new processor rehydrate the device
+    second = processors.start()
+    await eventually(lambda: second.processor.consumer.batches == 1)
+    assert sample(second, "teltonika_processor_devices_rehydrated_total") == 1
+    rehydrated = second.processor.consumer.state.get(IMEI)
+    same = ("timestamp_ms", "latitude", "longitude", "speed", "event_io_id", "record_hash")
+    assert [getattr(rehydrated, f) for f in same] == [getattr(latest, f) for f in same]
+    from teltonika.processor.state import LATEST_SQL
+
+    ((row),) = query(pg_dsn, LATEST_SQL, [IMEI])
+    assert row[10] == 239  # the stored rule agrees: event_io_id of the latest row
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_entry_that_breaks_the_check_does_not_take_its_batch(
+    processors, rds, pg_dsn, logged_errors
+):
+    """A __bigint of 5,000 digits (int() refuses it) in the middle of a batch is
+    dead-lettered as bad_sentinel; the entries around it are written, the consumer stays
+    ready and keeps reading."""
+    for i in range(5):
+        xadd(rds, entry(imei=imei(i), rec=record(i)))
+    huge = '{"1":{"__bigint":"' + "9" * 5000 + '"}}'
+    bad = xadd(rds, with_field(entry(imei=imei(99), rec=record(99)), "io", huge))
+    for i in range(5, 10):
+        xadd(rds, entry(imei=imei(i), rec=record(i)))
+    service = processors.start()
+    await eventually(lambda: count(pg_dsn) == 10 and rds.xlen(DEAD) == 1 and pending(rds) == 0)
+    ((_, letter),) = rds.xrange(DEAD)
+    assert (letter["dead.id"], letter["dead.reason"]) == (bad, "bad_sentinel")
+    assert service.processor.consumer.ready()
+    xadd(rds, entry(imei=imei(11), rec=record(11)))
+    await eventually(lambda: count(pg_dsn) == 11)
+    assert processors.exits == []
+    assert len(logged_errors.flush(DEAD_FORMAT)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_new_device_is_rehydrated_once(processors, rds, pg_dsn):
+    """The next batch decides which devices it must rehydrate only after the previous one
+    updated the state: with batch 2 read while batch 1 waits on a table lock, three new
+    devices seen in both batches cost one rehydration query, not two."""
+    service = processors.start("--batch-size", "3")
+    await eventually(service.processor.consumer.ready)
+    with psycopg.connect(pg_dsn) as lock:
+        lock.execute("LOCK TABLE positions IN EXCLUSIVE MODE")  # SELECT passes, INSERT waits
+        added = rds.pipeline(transaction=True)  # all at once: two full batches to read
+        for n in range(2):
+            for i in range(3):
+                xadd(added, entry(imei=imei(i), rec=record(n * 1000 + i)))
+        added.execute()
+        await eventually(lambda: sample(service, "teltonika_processor_entries_read_total") == 6)
+        lock.rollback()
+    await eventually(lambda: count(pg_dsn) == 6 and pending(rds) == 0)
+    assert sample(service, "teltonika_processor_rehydration_queries_total") == 1
+
+
+DELETED_FORMAT = (
+    "{count} pending entries were deleted from the stream before they were stored "
+    "(trimmed or deleted upstream): {ids}"
+)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_entry_deleted_while_pending_is_an_error(processors, rds, pg_dsn, logged_errors):
+    """A pending entry whose content was deleted upstream before it was stored is data
+    lost: logged at error level (with its id), counted and acknowledged."""
+    rds.xgroup_create(TELEMETRY_STREAM, "processor", "0", mkstream=True)
+    xadd(rds, entry(rec=record(0)))
+    gone = xadd(rds, entry(rec=record(1)))
+    rds.xreadgroup("processor", "c1", {TELEMETRY_STREAM: ">"})
+    rds.xdel(TELEMETRY_STREAM, gone)
+    service = processors.start()  # consumer c1 re-reads its own pending entries first
+    await eventually(lambda: pending(rds) == 0 and count(pg_dsn) == 1)
+    (event,) = logged_errors.flush(DELETED_FORMAT)
+    assert event["ids"] == gone and event["count"] == 1
+    assert sample(service, "teltonika_processor_entries_deleted_total") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_dead_letters_are_written_once_across_a_failed_attempt(
+    processors, rds, pg_dsn, logged_errors
+):
+    """Dead-lettering a batch fails half-way: Redis refuses (and disconnects) the command
+    that carries the second letter, larger than its proto-max-bulk-len. Once that limit is
+    raised the retry succeeds, and each bad entry has exactly one letter."""
+    small = xadd(rds, with_field(entry(rec=record(0)), "v", "2"))
+    large = [*with_field(entry(rec=record(1)), "v", "2"), b"padding", b"x" * (2 << 20)]
+    big = xadd(rds, large)
+    rds.config_set("proto-max-bulk-len", 1 << 20)
+    try:
+        service = processors.start()
+        await eventually(lambda: sample(service, "teltonika_processor_redis_errors_total") >= 1)
+    finally:
+        rds.config_set("proto-max-bulk-len", 512 << 20)
+    await eventually(lambda: pending(rds) == 0, timeout=30)
+    letters = sorted(fields["dead.id"] for _, fields in rds.xrange(DEAD))
+    assert letters == sorted([small, big])
+    logged_errors.flush()
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_consumers_with_nothing_pending_are_retired(processors, rds, pg_dsn):
+    """--retire-idle-consumers deletes other consumers of the group that hold nothing and
+    have been idle that long; never one with pending entries, never itself."""
+    rds.xgroup_create(TELEMETRY_STREAM, "processor", "0", mkstream=True)
+    rds.xgroup_createconsumer(TELEMETRY_STREAM, "processor", "old-container")
+    service = processors.start(
+        "--claim-idle", "0.3", "--retire-idle-consumers", "0.3", "--stats-interval", "0.2"
+    )
+
+    def consumers(group="processor"):
+        return {c["name"] for c in rds.xinfo_consumers(TELEMETRY_STREAM, group)}
+
+    await eventually(lambda: consumers() == {"c1"})
+    assert sample(service, "teltonika_processor_consumers_retired_total") == 1
+    # the script's own rule, on a group of ours: one with an entry pending stays
+    rds.xgroup_create(TELEMETRY_STREAM, "other", "0")
+    xadd(rds, entry(rec=record(0)))
+    rds.xreadgroup("other", "busy", {TELEMETRY_STREAM: ">"})
+    rds.xgroup_createconsumer(TELEMETRY_STREAM, "other", "idle")
+    rds.xgroup_createconsumer(TELEMETRY_STREAM, "other", "me")
+    from teltonika.processor.streams import Streams
+
+    streams = service.processor.consumer.streams
+    other = Streams(streams.redis, reactor, TELEMETRY_STREAM, "other", "me")
+    retired = await other.retire_idle_consumers(-1)
+    assert [name for name, _ in retired] == ["idle"]
+    assert consumers("other") == {"busy", "me"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_refuses_to_start_on_a_schema_it_cannot_write(processors, rds, pg_dsn, logged_errors):
+    """A positions table of another schema: the processor says what is wrong at critical
+    level, never becomes ready, reads nothing and asks for the non-zero exit."""
+    execute(pg_dsn, "CREATE TABLE positions (id integer PRIMARY KEY, lat float)")
+    xadd(rds, entry(rec=record(0)))
+    service = processors.start()
+    await eventually(lambda: processors.exits == [service])
+    consumer = service.processor.consumer
+    assert consumer.crashed is not None and not consumer.ready()
+    (refusal,) = logged_errors.flush("Refusing to start: {error}")
+    assert "column device_id is missing" in refusal["error"]
+    assert pending(rds) is None  # never joined the group
+    logged_errors.flush()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_crash_leaves_no_ready_zombie(processors, rds, pg_dsn, logged_errors):
+    """An exception nothing expected (a bug planted in the state update) ends the loop: it
+    is logged as critical with its traceback, /readyz turns 503 and the service asks for
+    the non-zero exit so that a supervisor restarts the process."""
+    port = free_port()
+    service = processors.start("--metrics", f"tcp:{port}:interface=127.0.0.1")
+    consumer = service.processor.consumer
+    await eventually(consumer.ready)
+    assert await http_status(port, "/readyz") == 200
+
+    def planted_bug(*args):
+        raise RuntimeError("planted")
+
+    consumer._update_state = planted_bug
+    xadd(rds, entry(rec=record(0)))
+    await eventually(lambda: processors.exits == [service])
+    assert await http_status(port, "/readyz") == 503
+    assert consumer.crashed.check(RuntimeError) and not consumer.ready()
+    crash = [e for e in logged_errors.flush() if e.get("log_failure") is not None]
+    assert "The processor loop crashed" in crash[0]["log_format"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bug_while_processing_claimed_entries_is_a_crash(
+    processors, rds, pg_dsn, logged_errors
+):
+    """A bug met while writing entries claimed from a dead consumer is a crash (critical,
+    non-zero exit), not reported as "Redis unreachable" and retried for ever."""
+    rds.xgroup_create(TELEMETRY_STREAM, "processor", "0", mkstream=True)
+    xadd(rds, entry(rec=record(0)))
+    rds.xreadgroup("processor", "dead", {TELEMETRY_STREAM: ">"})
+    service = processors.start("--claim-idle", "0.3", "--claim-interval", "0.2")
+    consumer = service.processor.consumer
+
+    def planted_bug(*args):
+        raise RuntimeError("planted")
+
+    consumer._update_state = planted_bug
+    await eventually(lambda: processors.exits == [service])
+    assert sample(service, "teltonika_processor_redis_errors_total") == 0
+    formats = [e.get("log_format", "") for e in logged_errors.flush()]
+    assert any("The processor loop crashed" in f for f in formats)
+    assert not any("Redis unreachable" in f for f in formats)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
-from teltonika.processor.service import ProcessorService
+from teltonika.processor.service import SWITCH_INTERVAL, ProcessorService
 
 
 class FakeDatabase:
@@ -24,9 +27,11 @@ class FakeConsumer:
         self.database = FakeDatabase()
         self.stopping = stopping
         self.joined = False
+        self.crashed: Failure | None = None
+        self.ended: Deferred[None] = Deferred()
 
     def start(self) -> Deferred[None]:
-        return Deferred()
+        return self.ended
 
     def stop(self) -> Deferred[None]:
         return self.stopping
@@ -52,6 +57,7 @@ def make(stopping: Deferred[None]) -> tuple[ProcessorService, Clock, list[str], 
         stats_interval=1000,  # type: ignore[arg-type]
         shutdown_timeout=15,
         force_exit=lambda: exits.append("exit"),
+        crash_exit=lambda: exits.append("crash"),
     )
     service.startService()
     return service, clock, exits, redis
@@ -80,3 +86,35 @@ def test_backstop_forces_the_exit(logged_errors):
     clock.advance(0.2)
     assert exits == ["exit"]
     assert len(logged_errors.flush()) == 1
+
+
+def test_switch_interval_is_restored_at_stop():
+    """The process-wide GIL switch interval is shortened while the processor runs and put
+    back as it was once it stopped."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.004)
+    try:
+        finished: Deferred[None] = Deferred()
+        service, _, _, _ = make(finished)
+        assert sys.getswitchinterval() == SWITCH_INTERVAL
+        service.stopService()
+        finished.callback(None)
+        assert sys.getswitchinterval() == 0.004
+    finally:
+        sys.setswitchinterval(before)
+
+
+def test_a_crashed_consumer_makes_the_process_exit(logged_errors):
+    """When the consumer's loop ends because it crashed, the service logs it as critical and
+    asks for the non-zero exit; a loop that ended normally asks for nothing."""
+    service, _, exits, _ = make(Deferred())
+    consumer = service.consumer
+    consumer.crashed = Failure(RuntimeError("boom"))
+    consumer.ended.callback(None)
+    assert exits == ["crash"]
+    (event,) = logged_errors.flush()
+    assert "exiting with status {status}" in event["log_format"] and event["status"] == 70
+
+    service, _, exits, _ = make(Deferred())
+    service.consumer.ended.callback(None)
+    assert exits == []

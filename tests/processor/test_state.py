@@ -9,7 +9,7 @@ from teltonika.processor.entries import Position
 from teltonika.processor.state import DeviceSnapshot, DeviceState, IDeviceState
 
 
-def pos(device, ts, received=None, speed=1):
+def pos(device, ts, received=None, speed=1, priority=0, event=0, record_hash=0):
     return Position(
         entry_id="1-0",
         device_id=device,
@@ -21,12 +21,13 @@ def pos(device, ts, received=None, speed=1):
         angle="4",
         speed=str(speed),
         satellites="5",
-        priority="0",
-        event_io_id="0",
+        priority=str(priority),
+        event_io_id=str(event),
         generation_type=None,
         codec="8",
         instance_id="i",
         io="{}",
+        record_hash=record_hash,
     )
 
 
@@ -89,3 +90,35 @@ def test_a_failing_listener_does_not_stop_updates(logged_errors):
     assert state.apply(pos("a", 100))
     assert state.get("a").timestamp_ms == 100 and len(seen) == 1
     assert len(logged_errors.flush()) == 1
+
+
+def test_same_instant_event_then_priority_then_hash():
+    """Among records of the same instant the latest is the event record (whatever the
+    arrival order), then the higher priority, then the higher record hash; the periodic
+    record of that second never replaces the event."""
+    for order in (["periodic", "event"], ["event", "periodic"]):
+        state = DeviceState(10)
+        records = {
+            "periodic": pos("a", 100, speed=40, record_hash=9),
+            "event": pos("a", 100, speed=0, priority=1, event=239, record_hash=-5),
+        }
+        for name in order:
+            state.apply(records[name])
+        assert state.get("a").speed == 0 and state.get("a").event_io_id == 239
+    state = DeviceState(10)
+    state.apply(pos("a", 100, priority=1, event=1, record_hash=3))
+    assert state.apply(pos("a", 100, priority=2, event=2, record_hash=1))  # panic wins
+    assert not state.apply(pos("a", 100, priority=2, event=3, record_hash=0))
+    assert state.apply(pos("a", 100, priority=2, event=3, record_hash=7))
+    assert state.get("a").record_hash == 7
+    assert state.apply(pos("a", 101))  # a later instant always wins
+
+
+def test_hydrate_follows_the_same_rule():
+    """A stored row of the same instant replaces memory only when it sorts later."""
+    state = DeviceState(10)
+    state.apply(pos("a", 100, event=0, record_hash=1))
+    state.hydrate(DeviceSnapshot("a", 100, 100, "1", "2", 0, 0, 0, 0, 1, 239, -1))
+    assert state.get("a").event_io_id == 239
+    state.hydrate(DeviceSnapshot("a", 100, 100, "1", "2", 0, 0, 0, 0, 0, 0, 50))
+    assert state.get("a").event_io_id == 239

@@ -34,8 +34,42 @@ def test_defaults(monkeypatch):
         5,
     )
     assert (o["state-size"], o["trim"], o["shutdown-timeout"]) == (100_000, 0, 15.0)
+    assert (o["statement-timeout"], o["lock-timeout"], o["retire-idle-consumers"]) == (
+        15.0,
+        5.0,
+        0.0,
+    )
     assert o["metrics"] == "tcp:9106:interface=127.0.0.1"
     assert o["consumer"]
+
+
+def test_timeouts_and_retirement_accepted(monkeypatch):
+    """Timeouts below --claim-idle and a retirement age at least --claim-idle are taken."""
+    monkeypatch.delenv("TELTONIKA_POSTGRES_DSN", raising=False)
+    o = parse(
+        "--postgres",
+        "x",
+        "--claim-idle",
+        "30",
+        "--statement-timeout",
+        "29",
+        "--lock-timeout",
+        "0.5",
+        "--retire-idle-consumers",
+        "30",
+    )
+    assert (o["statement-timeout"], o["lock-timeout"], o["retire-idle-consumers"]) == (
+        29.0,
+        0.5,
+        30.0,
+    )
+
+
+def test_timeout_defaults_follow_a_short_claim_idle(monkeypatch):
+    """With a --claim-idle shorter than the timeouts' defaults, the defaults shrink."""
+    monkeypatch.delenv("TELTONIKA_POSTGRES_DSN", raising=False)
+    o = parse("--postgres", "x", "--claim-idle", "12")
+    assert (o["statement-timeout"], o["lock-timeout"]) == (3.0, 1.0)
 
 
 def test_overrides_and_metrics_forms(monkeypatch):
@@ -66,6 +100,12 @@ def test_overrides_and_metrics_forms(monkeypatch):
         ["--postgres", "x", "--batch-size", "0"],
         ["--postgres", "x", "--claim-idle", "-1"],
         ["--postgres", "x", "--consumer", ""],
+        ["--postgres", "x", "--statement-timeout", "60"],  # not below --claim-idle
+        ["--postgres", "x", "--statement-timeout", "5", "--claim-idle", "4"],
+        ["--postgres", "x", "--lock-timeout", "30", "--claim-idle", "20"],
+        ["--postgres", "x", "--lock-timeout", "0"],
+        ["--postgres", "x", "--retire-idle-consumers", "30"],  # below --claim-idle
+        ["--postgres", "x", "--retire-idle-consumers", "-1"],
     ],
 )
 def test_bad_options(argv, monkeypatch):
@@ -89,6 +129,9 @@ def test_help_documents_every_option_with_its_default():
         "--metrics",
         "--trim",
         "--shutdown-timeout",
+        "--statement-timeout",
+        "--lock-timeout",
+        "--retire-idle-consumers",
         "TELTONIKA_POSTGRES_DSN",
     ):
         assert name in text

@@ -17,11 +17,12 @@ from twisted.internet.defer import Deferred
 from teltonika.processor.live.latest import LatestMap
 from teltonika.processor.live.messages import make_position
 from teltonika.processor.live.metrics import LiveMetrics
+from teltonika.processor.state import LATEST_ORDER
 
 if TYPE_CHECKING:
     import psycopg
 
-LATEST_SQL: Final = """
+LATEST_SQL: Final = f"""
 SELECT DISTINCT ON (device_id)
        device_id,
        (extract(epoch from ts) * 1000)::bigint,
@@ -29,10 +30,12 @@ SELECT DISTINCT ON (device_id)
        latitude::float8, longitude::float8, altitude, speed, angle, satellites
   FROM positions
  WHERE device_id = ANY(%s) AND ts <= to_timestamp(%s::float8 / 1000)
- ORDER BY device_id, ts DESC
+ ORDER BY device_id, {LATEST_ORDER}
 """
 """Newest row per device no further ahead than the future bound (a row from a tracker
-with a bad clock must not pin the device here either)."""
+with a bad clock must not pin the device here either); among rows of the same instant,
+the one the processor's state and rehydration call the latest
+(:data:`teltonika.processor.state.LATEST_ORDER`)."""
 
 Row = tuple[str, int, int, float, float, int, int, int, int]
 Runner = Callable[..., Deferred[Any]]
@@ -46,8 +49,8 @@ def fetch_latest_rows(
 
     try:
         rows: list[Row] = connection.execute(LATEST_SQL, (list(devices), until_ms)).fetchall()
-    except psycopg.errors.UndefinedTable:
-        return []  # migrations have not run yet: nothing is stored
+    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn):
+        return []  # migrations have not run (or finished) yet: nothing to read
     return rows
 
 

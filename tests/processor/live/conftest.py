@@ -206,8 +206,13 @@ class Env:
             conn.execute(
                 "INSERT INTO positions (device_id, ts, received_at, latitude, longitude, "
                 "altitude, angle, speed, satellites, priority, event_io_id, codec, "
-                "instance_id, io) VALUES (%s, to_timestamp(%s / 1000.0), "
-                "to_timestamp(%s / 1000.0), %s, %s, 10, 45, 30, 7, 0, 0, '8', 'old', '{}')",
+                "instance_id, io, record_hash) SELECT *, teltonika_record_hash(ts, latitude,"
+                " longitude, altitude, angle, speed, satellites, priority, event_io_id, NULL,"
+                " io) FROM (VALUES (%s, to_timestamp(%s / 1000.0), to_timestamp(%s / 1000.0),"
+                " %s::numeric, %s::numeric, 10, 45, 30, 7, 0::smallint, 0, '8', 'old',"
+                " '{}'::jsonb)) AS row (device_id, ts, received_at, latitude, longitude,"
+                " altitude, angle, speed, satellites, priority, event_io_id, codec,"
+                " instance_id, io)",
                 (device, ts, ts + 1000, lat, lon),
             )
 

@@ -1,0 +1,47 @@
+"""Redis URLs: parsed into an address whose password never shows in text (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from teltonika.redis.connect import RedisAddress, RedisURLError, parse_redis_url
+
+
+def test_password_is_parsed_but_never_shown():
+    """The password reaches the connection, but neither str() nor repr() prints it."""
+    address = parse_redis_url("rediss://app:s3cr%40t@redis.example:6380/2")
+    assert (address.username, address.password, address.port, address.db, address.tls) == (
+        "app",
+        "s3cr@t",
+        6380,
+        2,
+        True,
+    )
+    for text in (str(address), repr(address), repr([address])):
+        assert "s3cr" not in text
+    assert "password='***'" in repr(address)
+    assert "password=None" in repr(RedisAddress())
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://user:s3cret@host:6379/0",
+        "redis://user:s3cret@host:port/0",
+        "redis://:s3cret@host:99999999/0",
+    ],
+)
+def test_errors_do_not_carry_the_password(url):
+    """A URL refused for its scheme or port is quoted in the error without its password."""
+    with pytest.raises(RedisURLError) as info:
+        parse_redis_url(url)
+    assert "s3cret" not in str(info.value) and "***" in str(info.value)
+
+
+def test_redact_url_leaves_urls_without_a_password_alone():
+    from teltonika.redis.connect import redact_url
+
+    assert redact_url("redis://host:6379/0") == "redis://host:6379/0"
+    assert redact_url("redis://user@host/0") == "redis://user@host/0"
+    assert redact_url("nonsense") == "nonsense"
+    assert redact_url("redis://u:p@ss@host/1") == "redis://u:***@host/1"
