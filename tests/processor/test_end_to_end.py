@@ -12,7 +12,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import attrs
 import pytest
 
 from teltonika.wire import ACCEPT, CODEC_8, CODEC_8E, encode_avl_frame, encode_login
@@ -78,7 +77,7 @@ def run_device(port: int, imei: str, frames: int, offset: int) -> set[tuple[str,
             if n % 2 == 0:  # ignition off in the same millisecond as the periodic record
                 event_io = ((239, 1, 0), *io[1:])
                 event = record(offset + n * 10_000, io=event_io, speed=0)
-                records.insert(1, attrs.evolve(event, priority=1, event_io_id=239))
+                records.insert(1, event._replace(priority=1, event_io_id=239))
             frame = encode_avl_frame(codec, records)
             for _ in range(2 if n in (1, 2) else 1):  # frames 1 and 2 retransmitted
                 sock.sendall(frame)

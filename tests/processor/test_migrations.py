@@ -114,9 +114,9 @@ def test_upgrade_in_place_from_the_first_schema(pg_dsn):
     first = load_migrations()[0]
     old = [
         position(RECORD),
-        position(attrs_evolve(RECORD, timestamp_ms=RECORD.timestamp_ms + 1000, latitude=-0.5)),
+        position(RECORD._replace(timestamp_ms=RECORD.timestamp_ms + 1000, latitude=-0.5)),
         position(
-            attrs_evolve(RECORD, timestamp_ms=RECORD.timestamp_ms + 2000, generation_type=5, io=()),
+            RECORD._replace(timestamp_ms=RECORD.timestamp_ms + 2000, generation_type=5, io=()),
             codec="16",
         ),
         position(RECORD, imei="356307042441014"),
@@ -148,16 +148,10 @@ def test_upgrade_in_place_from_the_first_schema(pg_dsn):
         assert constraints == {"positions_record"}
 
         resend = position(RECORD)  # the same record again (another receive time)
-        event = position(attrs_evolve(RECORD, priority=1, event_io_id=239, speed=0))
+        event = position(RECORD._replace(priority=1, event_io_id=239, speed=0))
         outcome = write_batch(conn, [resend, event])
         assert (outcome.inserted, outcome.duplicates) == (1, 1)
         assert conn.execute("select count(*) from positions").fetchone() == (5,)
-
-
-def attrs_evolve(record: AVLRecord, **changes) -> AVLRecord:
-    import attrs
-
-    return attrs.evolve(record, **changes)
 
 
 io_values = st.one_of(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import attrs
 import orjson
 import psycopg
 import pytest_twisted
@@ -259,8 +258,8 @@ async def test_same_second_records_are_distinct_rows(processors, rds, pg_dsn):
     none. The event is the device's latest position, in memory and as rehydrated by a
     new processor, with latitude and longitude in the same text form either way."""
     periodic = record(0, io=((239, 1, 1), (66, 2, 12480)))
-    event = attrs.evolve(
-        record(0, io=((239, 1, 0), (66, 2, 12480))), priority=1, event_io_id=239, speed=0
+    event = record(0, io=((239, 1, 0), (66, 2, 12480)))._replace(
+        priority=1, event_io_id=239, speed=0
     )
     xadd(rds, entry(rec=periodic))
     xadd(rds, entry(rec=event))
