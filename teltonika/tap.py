@@ -18,6 +18,7 @@ registry, and :meth:`Server.redis`, the one txredisapi connection of this proces
 
 from __future__ import annotations
 
+import math
 import socket
 from collections.abc import Callable
 from typing import Any, Final
@@ -86,13 +87,17 @@ def _positive_int(value: str) -> int:
 
 def _seconds(value: str) -> float:
     number = float(value)
+    if not math.isfinite(number):
+        # float() takes "nan" and "inf": a nan timer never fires (and Twisted's callLater
+        # asserts on it), an infinite one never ends; neither is a bound.
+        raise ValueError(f"{value} is not a finite number of seconds")
     if number < 0:
         raise ValueError(f"{value} is negative")
     return number
 
 
 _positive_int.coerceDoc = "A whole number >= 0."  # type: ignore[attr-defined]
-_seconds.coerceDoc = "Seconds (a decimal number >= 0)."  # type: ignore[attr-defined]
+_seconds.coerceDoc = "Seconds (a finite decimal number >= 0)."  # type: ignore[attr-defined]
 
 
 def normalize_endpoint(value: str, option: str, default_interface: str | None = None) -> str:

@@ -16,7 +16,7 @@ from twisted.python import usage
 from teltonika.services.ingestion import IngestionService
 from teltonika.services.ops_http import ops_service
 from teltonika.sinks.jsonl import JsonLinesSink
-from teltonika.tap import Options, TeltonikaService, makeService
+from teltonika.tap import Options, TeltonikaService, _seconds, makeService
 from tests.server.helpers import successResultOf
 
 
@@ -108,6 +108,26 @@ def test_usage_errors(argv: list[str], message: str) -> None:
     with pytest.raises(usage.UsageError) as info:
         parse(*argv)
     assert message in str(info.value)
+
+
+_SECONDS_OPTIONS = [str(option[0]) for option in Options.optParameters if option[4:] == [_seconds]]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "1e999"])
+@pytest.mark.parametrize("name", _SECONDS_OPTIONS)
+def test_every_seconds_option_refuses_non_finite_values(name: str, value: str) -> None:
+    """float() takes "nan" and "inf", and neither is a bound: a nan --sink-timeout made
+    every frame's timer raise (no ACK, ever), a nan --login-timeout did the same per
+    connection, a nan --shutdown-timeout skipped the sink's last flush. Every option in
+    seconds goes through one coercer, which refuses them with a plain sentence."""
+    with pytest.raises(usage.UsageError, match=f"{value} is not a finite number of seconds"):
+        parse(f"--{name}", value)
+
+
+def test_the_seconds_options_include_the_bounds() -> None:
+    assert {"login-timeout", "sink-timeout", "shutdown-timeout", "command-timeout"} <= set(
+        _SECONDS_OPTIONS
+    )
 
 
 def test_help_lists_every_option_with_default() -> None:
