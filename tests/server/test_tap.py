@@ -17,7 +17,7 @@ from teltonika.services.ingestion import IngestionService
 from teltonika.services.ops_http import ops_service
 from teltonika.sinks.jsonl import JsonLinesSink
 from teltonika.tap import Options, TeltonikaService, _seconds, makeService
-from tests.server.helpers import successResultOf
+from tests.server.helpers import ThreadedMemoryReactor, successResultOf
 
 
 def parse(*argv: str) -> Options:
@@ -152,7 +152,7 @@ def _start(service: IService) -> None:
 def test_make_service_listens_and_starts_file_sink(tmp_path: Path) -> None:
     """makeService builds ingestion + ops; starting binds the device and metrics ports;
     stopping closes the sink."""
-    reactor = MemoryReactorClock()
+    reactor = ThreadedMemoryReactor()
     output = tmp_path / "out.jsonl"
     fatal: list[str] = []
     options = parse(
@@ -167,7 +167,8 @@ def test_make_service_listens_and_starts_file_sink(tmp_path: Path) -> None:
     assert ports == [(5999, "127.0.0.1"), (9999, "127.0.0.1")]
     ingestion = service.getServiceNamed("ingestion")
     assert isinstance(ingestion, IngestionService)
-    assert ingestion.started is not None and ingestion.started.called
+    assert ingestion.started is not None
+    reactor.run_until(lambda: ingestion.started.called)
     sink = service.server.sink
     assert isinstance(sink, JsonLinesSink) and sink.ready()
     assert service.server.readiness["sink"]()
@@ -175,6 +176,7 @@ def test_make_service_listens_and_starts_file_sink(tmp_path: Path) -> None:
     assert fatal == []
     stopped = service.stopService()
     assert isinstance(stopped, Deferred)
+    reactor.run_until(lambda: stopped.called)
     successResultOf(stopped)
     assert not sink.ready()
 
@@ -198,13 +200,42 @@ def test_make_service_udp_listener(tmp_path: Path) -> None:
 
 def test_file_sink_failure_is_fatal(tmp_path: Path) -> None:
     """A sink that cannot start (unwritable output) calls on_fatal with a sentence."""
-    reactor = MemoryReactorClock()
+    reactor = ThreadedMemoryReactor()
     fatal: list[str] = []
     options = parse("--output", str(tmp_path / "missing" / "o.jsonl"), "--metrics", "off")
     service = makeService(options, reactor, on_fatal=fatal.append)
     _start(service)
+    reactor.run_until(lambda: fatal)
     assert len(fatal) == 1 and "the file sink cannot start" in fatal[0]
     successResultOf(service.stopService())
+
+
+def test_a_second_server_on_the_same_output_refuses_to_start(tmp_path: Path) -> None:
+    """Two servers appending to one file would glue one's ACKed line onto the other's
+    half-written one (each torn-line guard knows only its own writes). The file is locked:
+    the second server refuses to start, in one sentence naming --output; the first one
+    goes on."""
+    output = tmp_path / "records.jsonl"
+    reactors, services, fatal = [], [], []
+    for metrics_port in ("9991", "9992"):  # a second instance told to change --metrics
+        reactor = ThreadedMemoryReactor()
+        service = makeService(
+            parse("--output", str(output), "--metrics", metrics_port),
+            reactor,
+            on_fatal=fatal.append,
+        )
+        _start(service)
+        reactor.run_until(lambda s=service: s.server.ingestion.started.called)
+        reactors.append(reactor)
+        services.append(service)
+    first, second = (s.server.sink for s in services)
+    assert first.ready() and not second.ready()
+    [message] = fatal
+    assert "the file sink cannot start" in message and "--output" in message
+    assert str(output) in message and "\n" not in message
+    for reactor, service in zip(reactors, services, strict=True):
+        stopped = service.stopService()
+        reactor.run_until(lambda d=stopped: d.called)
 
 
 def test_devices_file_authority(tmp_path: Path) -> None:
