@@ -253,6 +253,37 @@ def test_devices_file_authority(tmp_path: Path) -> None:
         makeService(parse("--devices", f"file:{tmp_path / 'nope'}", "--metrics", "off"), reactor)
 
 
+def test_redis_device_lookups_budget_per_transport_and_need_only_reachability() -> None:
+    """--devices redis:KEY: TCP logins and UDP datagrams get a lookup budget each, so
+    spoofed datagrams naming real IMEIs cannot use up the lookups TCP logins need; and a
+    lookup is skipped only while Redis is unreachable, not while the sink refuses frames
+    over its durability settings (Redis still answers lookups then)."""
+    from teltonika.authority import RedisSetAuthority
+
+    options = parse(
+        "--redis",
+        "redis://127.0.0.1:1/0",
+        "--redis-durability",
+        "fsync",
+        "--devices",
+        "redis:allowed",
+        "--udp-port",
+        "127.0.0.1:0",
+        "--metrics",
+        "off",
+    )
+    service = makeService(options, MemoryReactorClock(), on_fatal=lambda m: None)
+    tcp = service.server.factory.authority
+    _udp_service, datagrams = service.server.ingestion.udp
+    udp = datagrams.authority
+    assert isinstance(tcp, RedisSetAuthority) and isinstance(udp, RedisSetAuthority)
+    assert tcp is not udp and tcp.max_in_flight == udp.max_in_flight
+    sink = service.server.sink
+    assert tcp._available == sink.reachable and udp._available == sink.reachable
+    sink._reachable = True  # Redis answers, the durability is refused: not ready
+    assert not sink.ready() and tcp._available()
+
+
 def test_redis_connection_is_lazy() -> None:
     """makeService with --redis connects nothing; Server.redis() is the shared handle."""
     reactor = MemoryReactorClock()
