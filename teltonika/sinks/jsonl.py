@@ -79,6 +79,16 @@ torn JSON line is a few hundred bytes, so a longer run without a newline is not 
 ours, and is not read whole."""
 
 
+_TORN_LINE: Final = (
+    "{path} ended in a torn line of {length} bytes (a crash in the middle of a write, never "
+    "ACKed); appending from a new line"
+)
+_LONG_FRAGMENT: Final = (
+    "{path} ended in more than {length} bytes without a newline (not a line this server "
+    "wrote?); appending from a new line"
+)
+
+
 class OutputInUseError(SinkError):
     """Another process (or another sink) already appends to the file."""
 
@@ -363,18 +373,9 @@ class JsonLinesSink:
                 path=path,
                 event="tail_unchecked",
             )
-        elif handle.fragment_capped:
-            self._log.warn(
-                "{path} ended in more than {length} bytes without a newline (not a line this "
-                "server wrote?); appending from a new line",
-                path=path,
-                length=handle.torn_fragment,
-                event="torn_tail",
-            )
         elif handle.torn_fragment:
             self._log.warn(
-                "{path} ended in a torn line of {length} bytes (a crash in the middle of a "
-                "write, never ACKed); appending from a new line",
+                _LONG_FRAGMENT if handle.fragment_capped else _TORN_LINE,
                 path=path,
                 length=handle.torn_fragment,
                 event="torn_tail",

@@ -324,11 +324,9 @@ def test_jsonl_whole_lines_and_empty_files_are_left_alone(tmp_path: Path) -> Non
     assert messages_path(path).read_bytes() == b""
 
 
-def test_jsonl_created_files_have_their_directory_fsynced(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Creating the records and messages files fsyncs their directory: without it a power
-    loss can lose the new file's name, and with it every record ACKed into the file."""
+@pytest.fixture
+def synced_directories(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The directories fsynced during the test, in order."""
     synced: list[str] = []
     real_fsync = os.fsync
 
@@ -338,6 +336,15 @@ def test_jsonl_created_files_have_their_directory_fsynced(
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def test_jsonl_created_files_have_their_directory_fsynced(
+    tmp_path: Path, synced_directories: list[str]
+) -> None:
+    """Creating the records and messages files fsyncs their directory: without it a power
+    loss can lose the new file's name, and with it every record ACKed into the file."""
+    synced = synced_directories
     sink = _sync_sink(tmp_path / "records.jsonl")[0]
     assert synced == [str(tmp_path)]  # both files live there: one fsync
     successResultOf(Deferred.fromCoroutine(sink.close()))
@@ -347,7 +354,7 @@ def test_jsonl_created_files_have_their_directory_fsynced(
 
 
 def test_jsonl_directory_is_fsynced_at_every_start(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, synced_directories: list[str]
 ) -> None:
     """A crash after the file was created but before its directory was fsynced leaves a
     file that exists at the next start while its name is still not durable: the directory
@@ -359,18 +366,9 @@ def test_jsonl_directory_is_fsynced_at_every_start(
     link_dir = tmp_path / "link"
     link_dir.mkdir()
     (link_dir / "records.jsonl").symlink_to(real_dir / "records.jsonl")
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
-            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
     _sync_sink(link_dir / "records.jsonl")
     # records: the symlink's target lives in real/; messages: created in link/
-    assert sorted(synced) == sorted([str(real_dir), str(link_dir)])
+    assert sorted(synced_directories) == sorted([str(real_dir), str(link_dir)])
 
 
 @pytest.mark.parametrize("second_output", ["records.jsonl", "records.messages.jsonl"])
