@@ -301,6 +301,7 @@ class JsonLinesSink:
         self._records: _AppendFile | None = None
         self._messages: _AppendFile | None = None
         self._ready = False
+        self._opened = False
         self._closed = False
         self._probe: LoopingCall | None = None
         self._batcher: Batcher[tuple[bytes, bytes]] = Batcher(
@@ -339,6 +340,7 @@ class JsonLinesSink:
         for handle in (self._records, self._messages):
             assert handle is not None
             self._log_open(handle)
+        self._opened = True
         self._ready = True
         self.metrics.sink_ready.set(1)
         self._probe = LoopingCall(self._probe_files)
@@ -419,12 +421,20 @@ class JsonLinesSink:
         """ISink API"""
         return self._ready
 
+    def _refused(self) -> Deferred[None]:
+        """A publish while not ready, failed with the reason (the log says why)."""
+        if not self._opened:
+            why = f"{self.path} is not open (yet)"
+        else:
+            why = f"{self.path} is not writable"
+        return fail(SinkUnavailableError(why))
+
     def publish(
         self, imei: str, codec_name: str, records: tuple[AVLRecord, ...], received_at_ms: int
     ) -> Deferred[None]:
         """ISink API: the lines join the next group commit."""
         if not self._ready:
-            return fail(SinkUnavailableError(f"{self.path} is not writable"))
+            return self._refused()
         instance_id = self.instance_id
         data = b"".join(
             json_line(imei, codec_name, record, received_at_ms, instance_id) for record in records
@@ -434,7 +444,7 @@ class JsonLinesSink:
     def publish_message(self, imei: str, message: dict[str, str]) -> Deferred[None]:
         """ISink API: one line in the messages file, fsynced with the next group."""
         if not self._ready:
-            return fail(SinkUnavailableError(f"{self.path} is not writable"))
+            return self._refused()
         line = orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE)
         return self._batcher.submit((b"", line))
 

@@ -409,6 +409,8 @@ def test_jsonl_files_open_on_the_writer_thread_within_a_bound(tmp_path: Path) ->
     started = Deferred.fromCoroutine(sink.start())
     assert not path.exists() and not started.called  # nothing touched the disk here
     assert len(runner.jobs) == 1
+    failure = failureResultOf(sink.publish(IMEI, "8", (record(),), 1), SinkUnavailableError)
+    assert "is not open" in str(failure.value)
     clock.advance(sink.open_timeout)
     failure = failureResultOf(started, OpenTimeoutError)
     assert f"took more than {sink.open_timeout:g} s" in str(failure.value)
