@@ -13,7 +13,7 @@ later, which is safer than letting unknown devices in.
 A Redis lookup is bounded twice, because a login (or, over UDP, every spoofable datagram)
 must not make the server wait or hold memory on Redis's behalf: each lookup fails after
 ``timeout`` seconds, and beyond ``max_in_flight`` lookups at once a new one fails at once.
-While the sink reports Redis unavailable no lookup is sent at all: txredisapi would queue
+While the sink finds Redis unreachable no lookup is sent at all: txredisapi would queue
 it until Redis is back.
 """
 
@@ -173,7 +173,9 @@ class RedisSetAuthority:
     :param clock: times the lookups out.
     :param metrics: counts lookups that gave no answer, by reason.
     :param available: False while Redis is known to be unreachable (the sink's
-        readiness): lookups then fail at once instead of queueing in txredisapi.
+        reachability, not its readiness: a sink refusing frames over its durability
+        settings still has a Redis that answers): lookups then fail at once instead of
+        queueing in txredisapi.
     """
 
     _log = Logger()

@@ -18,6 +18,7 @@ registry, and :meth:`Server.redis`, the one txredisapi connection of this proces
 
 from __future__ import annotations
 
+import math
 import socket
 from collections.abc import Callable
 from typing import Any, Final
@@ -86,13 +87,17 @@ def _positive_int(value: str) -> int:
 
 def _seconds(value: str) -> float:
     number = float(value)
+    if not math.isfinite(number):
+        # float() takes "nan" and "inf": a nan timer never fires (and Twisted's callLater
+        # asserts on it), an infinite one never ends; neither is a bound.
+        raise ValueError(f"{value} is not a finite number of seconds")
     if number < 0:
         raise ValueError(f"{value} is negative")
     return number
 
 
 _positive_int.coerceDoc = "A whole number >= 0."  # type: ignore[attr-defined]
-_seconds.coerceDoc = "Seconds (a decimal number >= 0)."  # type: ignore[attr-defined]
+_seconds.coerceDoc = "Seconds (a finite decimal number >= 0)."  # type: ignore[attr-defined]
 
 
 def normalize_endpoint(value: str, option: str, default_interface: str | None = None) -> str:
@@ -459,23 +464,37 @@ def _build_sink(server: Server) -> ManagedSink:
 
 def _build_authority(
     server: Server, sink: ManagedSink
-) -> tuple[IDeviceAuthority, FileAuthority | None]:
+) -> tuple[IDeviceAuthority, IDeviceAuthority, FileAuthority | None]:
+    """The device authority for TCP logins, the one for UDP datagrams, and the file
+    authority to reload (if any).
+
+    With ``redis:KEY`` TCP and UDP get one lookup budget each: a datagram costs nothing
+    to send and its source can be spoofed, so a flood of datagrams naming real IMEIs
+    while Redis is slow must not use up the lookups that real TCP logins need.
+    """
     kind, argument = parse_authority_spec(server.options["devices"])
     if kind == "file":
         try:
             authority = FileAuthority(argument, server.reactor)
         except OSError as error:
             raise usage.UsageError(f"--devices: cannot read {argument}: {error}") from None
-        return authority, authority
+        return authority, authority, authority
     if kind == "redis":
-        # While the sink finds Redis unreachable a lookup would only queue in txredisapi.
-        return (
-            RedisSetAuthority(
-                server.redis, argument, server.reactor, server.metrics, available=sink.ready
-            ),
-            None,
-        )
-    return OpenAuthority(), None
+        from teltonika.sinks.redis_stream import RedisStreamSink
+
+        # While Redis is unreachable a lookup would only queue in txredisapi. Reachable
+        # is enough: a sink refusing frames over its durability settings still has a
+        # Redis that answers lookups (and commands still reach logged-in devices).
+        available = sink.reachable if isinstance(sink, RedisStreamSink) else sink.ready
+
+        def lookups() -> RedisSetAuthority:
+            return RedisSetAuthority(
+                server.redis, argument, server.reactor, server.metrics, available=available
+            )
+
+        return lookups(), lookups(), None
+    open_authority = OpenAuthority()
+    return open_authority, open_authority, None
 
 
 def makeService(
@@ -509,7 +528,7 @@ def makeService(
         command_settle=options["command-settle"],
     )
     sink = _build_sink(server)
-    authority, file_authority = _build_authority(server, sink)
+    authority, udp_authority, file_authority = _build_authority(server, sink)
     factory = DeviceFactory(
         load_codecs(),
         sink,  # type: ignore[arg-type]  # a ManagedSink provides ISink too
@@ -526,7 +545,7 @@ def makeService(
         interface, port = options["udp-port"]
         datagrams = DeviceDatagramProtocol(
             sink,  # type: ignore[arg-type]  # a ManagedSink provides ISink too
-            authority,
+            udp_authority,
             server.metrics,
             reactor,
             luhn=bool(options["luhn"]),

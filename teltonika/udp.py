@@ -7,8 +7,9 @@ counted (UDP has no connection to close); a datagram from a device the authority
 is dropped too, unacknowledged, and so is one whose device lookup gives no answer.
 
 Every datagram ends in exactly one ``teltonika_udp_datagrams_total`` result. A source
-address is whatever the packet claims, so events a datagram can cause (a refused device,
-a failed lookup, an ACK the kernel will not send) are logged rate-limited.
+address is whatever the packet claims, so events a datagram can cause (a malformed
+datagram, a refused device, a failed lookup, an ACK the kernel will not send) are logged
+rate-limited.
 
 Shutdown drains like TCP: :meth:`DeviceDatagramProtocol.stop_reading` stops taking
 datagrams while the socket stays open, so the ACKs of datagrams already handed to the
@@ -79,8 +80,10 @@ class DeviceDatagramProtocol(DatagramProtocol):
         except (DecodeError, ImeiError) as error:
             self.metrics.datagrams.labels("malformed").inc()
             self.metrics.decode_errors.labels(error.reason).inc()
-            self._log.warn(
-                "Dropped malformed datagram from {peer}, reason {reason}: {error}. Bytes: {hex}",
+            self._limited.emit(
+                LogLevel.warn,
+                "Dropped malformed datagram from {peer}, reason {reason}: {error}. Bytes: {hex} "
+                "({suppressed} more left out)",
                 peer=_peer(addr),
                 reason=error.reason,
                 error=str(error),

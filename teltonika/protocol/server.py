@@ -41,7 +41,7 @@ import attrs
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from teltonika.commands.metrics import CommandMetrics
@@ -55,6 +55,7 @@ from teltonika.commands.queue import (
 )
 from teltonika.contract import message_fields
 from teltonika.interfaces import ICodec, IDeviceAuthority, ISessionListener, ISink
+from teltonika.logs import RateLimitedLog
 from teltonika.metrics import ServerMetrics
 from teltonika.wire.errors import DecodeError, FramingError, ImeiError
 from teltonika.wire.framer import DEFAULT_MAX_FRAME, Framer
@@ -145,14 +146,13 @@ class DeviceProtocol(Protocol):
     def __init__(self, factory: DeviceFactory) -> None:
         self.factory = factory
         self.imei: str | None = None
-        self.peer = ""
-        self._peer_final = False
         self._framer = Framer(factory.settings.max_frame, login_first=True)
         self._queue: deque[Frame] = deque()
         self._busy = False
         self._pumping = False
         self._paused = False
         self._draining = False
+        self._awaiting_login = False
         self._closing = False
         self._login_timer: IDelayedCall | None = None
         self._idle_timer: IDelayedCall | None = None
@@ -175,11 +175,18 @@ class DeviceProtocol(Protocol):
         )
         """Every write to the device, and the one outstanding command (seed 000)."""
 
+    @property
+    def peer(self) -> str:
+        """The device's address as log events show it, asked of the transport each time:
+        behind a PROXY-protocol endpoint (``haproxy:tcp:...``) the transport knows the
+        device's address only once the header is parsed, after ``connectionMade`` (and
+        before the first byte reaches us); until then it gives the balancer's."""
+        transport = self.transport
+        return _describe(transport.getPeer()) if transport is not None else ""
+
     # -- Twisted callbacks -------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        peer = self.transport.getPeer() if self.transport is not None else None
-        self.peer = _describe(peer)
         if not self.factory.connection_opened(self):
             self._closing = True
             assert self.transport is not None
@@ -194,13 +201,6 @@ class DeviceProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        if not self._peer_final:
-            # Behind a PROXY-protocol endpoint (haproxy:tcp:...) the transport knows the
-            # device's address only once the header is parsed, which is before the first
-            # byte reaches us; in connectionMade it still gives the balancer's.
-            self._peer_final = True
-            assert self.transport is not None
-            self.peer = _describe(self.transport.getPeer())
         self.commands.received()
         self.factory.metrics.bytes_in.labels("tcp").inc(len(data))
         timer = self._idle_timer
@@ -302,6 +302,7 @@ class DeviceProtocol(Protocol):
             self._paused
             and not self._closing
             and not self._draining
+            and not self._awaiting_login
             and len(self._queue) * 2 < max(self.factory.settings.max_pending_frames, 2)
         ):
             self._paused = False
@@ -390,17 +391,33 @@ class DeviceProtocol(Protocol):
             self.close()
             return None
         d: Deferred[bool] = maybeDeferred(self.factory.authority.is_allowed, imei)
+        if not d.called:
+            # The framer lets data frames through once the IMEI packet is cut, not once
+            # the login is accepted: while the authority decides (a Redis lookup), read no
+            # more, so a peer not yet admitted holds at most the rest of this one read.
+            # _pump resumes reading once the decision is in.
+            self._awaiting_login = True
+            if not self._paused:
+                self._paused = True
+                assert self.transport is not None
+                self.transport.pauseProducing()  # type: ignore[attr-defined]
         return d.addBoth(self._login_decided, imei)
 
     def _login_decided(self, allowed: bool | Failure, imei: str) -> None:
+        self._awaiting_login = False
         if self._closing:
             return
         metrics = self.factory.metrics
         if isinstance(allowed, Failure):
             metrics.logins.labels("error").inc()
-            self._log.error(
-                "Device authority failed for {imei}; refusing the login: {error}",
+            # Once per interval at most: a fleet reconnecting while Redis is down fails
+            # one lookup per login.
+            self.factory.limited_log.emit(
+                LogLevel.error,
+                "Device authority failed for {imei}; refusing the login: {error} "
+                "({suppressed} more left out)",
                 imei=imei,
+                peer=self.peer,
                 error=allowed.getErrorMessage(),
             )
             allowed = False
@@ -651,6 +668,8 @@ class DeviceFactory(Factory):
         self.sessions: dict[str, DeviceProtocol] = {}
         self.session_listeners: list[ISessionListener] = []
         self.command_metrics = CommandMetrics.create(metrics.registry)
+        self.limited_log = RateLimitedLog(DeviceProtocol._log, clock)
+        """For events every connection can repeat at once (a failing device lookup)."""
         self.accepting = True
 
     def buildProtocol(self, addr: IAddress | None) -> DeviceProtocol:

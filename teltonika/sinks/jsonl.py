@@ -13,12 +13,21 @@ enough because batches are written strictly one after the other.
 
 What the files promise, and where it is re-checked:
 
+* One writer per file: each file is locked (``flock``) while the sink has it open, and a
+  second server pointed at the same ``--output`` refuses to start. The torn-line guards
+  below know only their own process's writes; two processes appending to one file could
+  glue one's ACKed line onto the other's half-written one.
 * Opening a file repairs a torn tail: a crash in the middle of ``write`` leaves half a
   line, and the first line appended after the restart would be glued onto it (so the
   first record ACKed after the restart would sit inside an unreadable line). A non-empty
   file whose last byte is not a newline gets one; the fragment itself stays, readers skip
-  it. A file the sink creates has its directory fsynced, or the new file's name itself
-  might not survive a power loss.
+  it. Its directory is fsynced at every start, not only when this process created the
+  file: a crash between the create and that fsync leaves a file whose name might not
+  survive a power loss, and the next start finds it already there.
+* Opening happens on the writer thread, within ``open_timeout``: the repair and the
+  directory fsync wait on the disk, and a disk that stops answering at start must not
+  freeze the reactor (health checks, device connections). A start that takes longer
+  fails, and the server refuses to run.
 * After a failed write (``ENOSPC``, ``EIO``) the sink is not ready: frames are refused at
   once and ``/readyz`` answers 503. Every ``probe_interval`` a probe writes and fsyncs one
   newline into each file whose last write failed (that also ends its torn line); when it
@@ -29,6 +38,7 @@ What the files promise, and where it is re-checked:
 
 from __future__ import annotations
 
+import fcntl
 import os
 import queue
 import stat
@@ -38,6 +48,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import orjson
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
@@ -48,7 +59,7 @@ from zope.interface import implementer
 from teltonika.contract import json_line
 from teltonika.interfaces import ISink
 from teltonika.metrics import ServerMetrics
-from teltonika.sinks import SinkUnavailableError
+from teltonika.sinks import SinkError, SinkUnavailableError
 from teltonika.sinks.batch import Batcher
 from teltonika.wire.records import AVLRecord
 
@@ -59,7 +70,31 @@ SECONDS: Final = 1.0
 DEFAULT_OUTPUT: Final = "teltonika-records.jsonl"
 DEFAULT_MAX_PENDING_RECORDS: Final = 100_000
 DEFAULT_PROBE_INTERVAL: Final = 1 * SECONDS
+DEFAULT_OPEN_TIMEOUT: Final = 30 * SECONDS
+"""Opening both files (tail repair, directory fsync) takes longer: the sink cannot start."""
 _TAIL_CHUNK: Final = 64 * 1024
+TAIL_SCAN_LIMIT: Final = 1024 * 1024
+"""Bytes read back from the end of a file to measure a torn last line (for the log): a
+torn JSON line is a few hundred bytes, so a longer run without a newline is not one of
+ours, and is not read whole."""
+
+
+_TORN_LINE: Final = (
+    "{path} ended in a torn line of {length} bytes (a crash in the middle of a write, never "
+    "ACKed); appending from a new line"
+)
+_LONG_FRAGMENT: Final = (
+    "{path} ended in more than {length} bytes without a newline (not a line this server "
+    "wrote?); appending from a new line"
+)
+
+
+class OutputInUseError(SinkError):
+    """Another process (or another sink) already appends to the file."""
+
+
+class OpenTimeoutError(SinkError):
+    """Opening the files took longer than the sink's ``open_timeout``."""
 
 
 def messages_path(path: Path) -> Path:
@@ -79,47 +114,86 @@ def fsync_directory(path: Path) -> None:
 class _AppendFile:
     """A file opened for appending whose writes are fsynced (used from one thread only).
 
-    Opening it creates it (and fsyncs its directory) or repairs a torn tail.
+    Opening it locks it (one writer), then repairs a torn tail. The caller fsyncs
+    :attr:`directory`.
 
+    :ivar directory: where the file's name lives (the target's, if *path* is a symlink).
     :ivar torn_fragment: length of the unterminated last line found at open (0: none).
+    :ivar fragment_capped: the fragment is longer than :data:`TAIL_SCAN_LIMIT` (then
+        :attr:`torn_fragment` is that limit).
+    :ivar tail_unchecked: the service may write the file but not read it, so the tail of
+        a non-empty file could not be checked: a newline was written anyway (a blank line
+        if the tail was whole)
     :ivar torn: the last write failed, so the file may end in half a line.
+    :raise OutputInUseError: another open file description holds the lock.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.torn = False
         self.torn_fragment = 0
-        created = not path.exists()  # one process opens it, at start: no race to fear
-        self.fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self.fragment_capped = False
+        self.tail_unchecked = False
+        readable = True
+        flags = os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         try:
-            if created:
-                # where the new name lives (the target's directory, if *path* is a symlink)
-                fsync_directory(Path(os.path.realpath(path)).parent)
+            # read access only to look at the tail (pread)
+            self.fd = os.open(path, os.O_RDWR | flags, 0o644)
+        except PermissionError:
+            self.fd = os.open(path, os.O_WRONLY | flags, 0o644)
+            readable = False
+        try:
+            self._lock()
+            self.directory = Path(os.path.realpath(path)).parent
+            if readable:
+                self._repair_tail()
             else:
-                self.torn_fragment = self._repair_tail()
+                self.tail_unchecked = self._start_new_line()
         except BaseException:
             os.close(self.fd)
             raise
 
-    def _repair_tail(self) -> int:
-        """End a torn last line with a newline; return the fragment's length (0: none)."""
+    def _lock(self) -> None:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputInUseError(
+                f"{self.path} is already appended to by another process (another server "
+                "with the same --output?): give each server its own --output"
+            ) from None
+
+    def _start_new_line(self) -> bool:
+        """Without read access: end whatever the last line is (a whole one gets a blank
+        line after it, which readers skip); True when the file was not empty."""
+        info = os.fstat(self.fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
+            return False
+        self._write_and_sync(b"\n")
+        return True
+
+    def _repair_tail(self) -> None:
+        """End a torn last line with a newline and measure the fragment (at most
+        :data:`TAIL_SCAN_LIMIT` bytes are read back)."""
         info = os.fstat(self.fd)
         size = info.st_size
         if not stat.S_ISREG(info.st_mode) or size == 0:
-            return 0
+            return
         if os.pread(self.fd, 1, size - 1) == b"\n":
-            return 0
-        fragment = size
+            return
+        floor = max(0, size - TAIL_SCAN_LIMIT)
+        fragment = size - floor
         end = size
-        while end > 0:
-            start = max(0, end - _TAIL_CHUNK)
+        while end > floor:
+            start = max(floor, end - _TAIL_CHUNK)
             newline = os.pread(self.fd, end - start, start).rfind(b"\n")
             if newline >= 0:
                 fragment = size - (start + newline + 1)
                 break
             end = start
+        else:
+            self.fragment_capped = floor > 0
         self._write_and_sync(b"\n")
-        return fragment
+        self.torn_fragment = fragment
 
     def append(self, data: bytes) -> None:
         """Write all of *data* and fsync. After a failed write the next one starts on a new
@@ -196,6 +270,7 @@ class JsonLinesSink:
     :param run_in_thread: runs the blocking write+fsync; default a dedicated
         :class:`WriterThread` started by :meth:`start`. Tests pass a synchronous runner.
     :param probe_interval: seconds between probe writes while the sink is down.
+    :param open_timeout: seconds :meth:`start` may take to open the files.
     """
 
     name = "file"
@@ -212,18 +287,21 @@ class JsonLinesSink:
         reactor: IReactorFromThreads | None = None,
         max_pending_records: int = DEFAULT_MAX_PENDING_RECORDS,
         probe_interval: float = DEFAULT_PROBE_INTERVAL,
+        open_timeout: float = DEFAULT_OPEN_TIMEOUT,
     ) -> None:
         self.path = Path(path)
         self.clock = clock
         self.metrics = metrics
         self.instance_id = instance_id
         self.probe_interval = probe_interval
+        self.open_timeout = open_timeout
         self._reactor = reactor
         self._thread: WriterThread | None = None
         self._run = run_in_thread
         self._records: _AppendFile | None = None
         self._messages: _AppendFile | None = None
         self._ready = False
+        self._opened = False
         self._closed = False
         self._probe: LoopingCall | None = None
         self._batcher: Batcher[tuple[bytes, bytes]] = Batcher(
@@ -231,12 +309,13 @@ class JsonLinesSink:
         )
 
     async def start(self) -> None:
-        """Open (create, or repair) the files and start the writer thread.
+        """Start the writer thread, and on it open (lock, create or repair) the files.
 
-        :raise OSError: the file cannot be opened for appending.
+        :raise OutputInUseError: another process appends to a file already.
+        :raise OpenTimeoutError: opening took longer than ``open_timeout`` (a disk that
+            does not answer).
+        :raise OSError: a file cannot be opened for appending.
         """
-        self._records = self._open(self.path)
-        self._messages = self._open(messages_path(self.path))
         if self._run is None:
             if self._reactor is None:
                 from twisted.internet import reactor as global_reactor
@@ -245,6 +324,23 @@ class JsonLinesSink:
             assert self._reactor is not None
             self._thread = WriterThread(self._reactor, "teltonika-fsync")
             self._run = self._thread.run
+        opening: Deferred[None] = self._run(self._open_files)
+        opening.addTimeout(self.open_timeout, self.clock)
+        try:
+            await opening
+        except defer.TimeoutError:
+            self._stop_thread()
+            raise OpenTimeoutError(
+                f"opening {self.path} took more than {self.open_timeout:g} s (is the disk "
+                "answering?)"
+            ) from None
+        except BaseException:
+            self._stop_thread()
+            raise
+        for handle in (self._records, self._messages):
+            assert handle is not None
+            self._log_open(handle)
+        self._opened = True
         self._ready = True
         self.metrics.sink_ready.set(1)
         self._probe = LoopingCall(self._probe_files)
@@ -252,20 +348,47 @@ class JsonLinesSink:
         self._probe.start(self.probe_interval, now=False)
         self._log.info("File sink ready: appending records to {path}", path=str(self.path))
 
-    def _open(self, path: Path) -> _AppendFile:
-        handle = _AppendFile(path)
-        if handle.torn_fragment:
+    def _open_files(self) -> None:
+        """Runs on the writer thread: open both files, then fsync each directory once (the
+        files' names are durable from here on, whoever created them)."""
+        records = _AppendFile(self.path)
+        try:
+            messages = _AppendFile(messages_path(self.path))
+        except BaseException:
+            records.close()
+            raise
+        try:
+            for directory in dict.fromkeys((records.directory, messages.directory)):
+                fsync_directory(directory)
+        except BaseException:
+            records.close()
+            messages.close()
+            raise
+        self._records, self._messages = records, messages
+
+    def _log_open(self, handle: _AppendFile) -> None:
+        path = str(handle.path)
+        if handle.tail_unchecked:
             self._log.warn(
-                "{path} ended in a torn line of {length} bytes (a crash in the middle of a "
-                "write, never ACKed); appending from a new line",
-                path=str(path),
+                "{path} is writable but not readable, so its last line cannot be checked for "
+                "a torn write; appending from a new line",
+                path=path,
+                event="tail_unchecked",
+            )
+        elif handle.torn_fragment:
+            self._log.warn(
+                _LONG_FRAGMENT if handle.fragment_capped else _TORN_LINE,
+                path=path,
                 length=handle.torn_fragment,
                 event="torn_tail",
             )
-        return handle
 
     async def close(self) -> None:
         """Write and fsync what is queued, then close the files and stop the thread.
+
+        The files are closed by a job on the writer thread, after every job before it (a
+        probe write still running, say): closed from here, a descriptor could be reused
+        by another file while that write is still to come.
 
         The caller bounds this (``--shutdown-timeout``); if a write is stuck in the disk,
         the wait is cancelled and the daemon writer thread is left behind.
@@ -276,24 +399,42 @@ class JsonLinesSink:
         self._batcher.close()
         self._ready = False
         self._closed = True
+        if self._run is not None:
+            await self._run(self._close_files)
+        self._stop_thread()
+
+    def _close_files(self) -> None:
+        """Runs on the writer thread (releases the locks too)."""
         for handle in (self._records, self._messages):
             if handle is not None:
                 handle.close()
         self._records = self._messages = None
+
+    def _stop_thread(self) -> None:
+        """Let our writer thread end after its queued jobs; nothing runs on it after."""
         if self._thread is not None:
             self._thread.stop()
             self._thread = None
+            self._run = None
 
     def ready(self) -> bool:
         """ISink API"""
         return self._ready
+
+    def _refused(self) -> Deferred[None]:
+        """A publish while not ready, failed with the reason (the log says why)."""
+        if not self._opened:
+            why = f"{self.path} is not open (yet)"
+        else:
+            why = f"{self.path} is not writable"
+        return fail(SinkUnavailableError(why))
 
     def publish(
         self, imei: str, codec_name: str, records: tuple[AVLRecord, ...], received_at_ms: int
     ) -> Deferred[None]:
         """ISink API: the lines join the next group commit."""
         if not self._ready:
-            return fail(SinkUnavailableError(f"{self.path} is not writable"))
+            return self._refused()
         instance_id = self.instance_id
         data = b"".join(
             json_line(imei, codec_name, record, received_at_ms, instance_id) for record in records
@@ -303,7 +444,7 @@ class JsonLinesSink:
     def publish_message(self, imei: str, message: dict[str, str]) -> Deferred[None]:
         """ISink API: one line in the messages file, fsynced with the next group."""
         if not self._ready:
-            return fail(SinkUnavailableError(f"{self.path} is not writable"))
+            return self._refused()
         line = orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE)
         return self._batcher.submit((b"", line))
 

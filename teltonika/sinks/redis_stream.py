@@ -76,6 +76,12 @@ Item = tuple[list[bytes], list[bytes] | None]
 """What a batch item holds: packed records, or one device message's XADD fields."""
 
 
+class DurabilityChangedError(StreamWriteError):
+    """A durability check answered while the batch was in flight and changed what a batch
+    must carry (or refused the settings): the batch was built for the old state, so
+    nothing in it may be ACKed. The check already did what follows from it."""
+
+
 class Verification(Enum):
     """What the sink knows of the durability Redis gives (always VERIFIED in memory mode)."""
 
@@ -279,12 +285,27 @@ class RedisStreamSink:
         """ISink API"""
         return self._ready
 
+    def reachable(self) -> bool:
+        """Whether Redis answers, whatever its durability settings (device lookups need
+        only that; frames need :meth:`ready`)."""
+        return self._reachable
+
+    def _refused(self) -> Deferred[None]:
+        """A publish while not ready, failed with the reason (the log says why)."""
+        if not self._reachable:
+            why = "Redis is unreachable"
+        elif self._verification is Verification.REFUSED:
+            why = "Redis does not give the --redis-durability asked for"
+        else:
+            why = "Redis durability is being checked (a new connection)"
+        return fail(SinkUnavailableError(why))
+
     def publish(
         self, imei: str, codec_name: str, records: tuple[AVLRecord, ...], received_at_ms: int
     ) -> Deferred[None]:
         """ISink API: the records become entries of the next pipeline."""
         if not self._ready:
-            return fail(SinkUnavailableError("Redis is unreachable"))
+            return self._refused()
         instance_id = self.instance_id
         join = SEPARATOR.join
         packed = [
@@ -296,7 +317,7 @@ class RedisStreamSink:
     def publish_message(self, imei: str, message: dict[str, str]) -> Deferred[None]:
         """ISink API: one entry of the device messages stream, in the same batches."""
         if not self._ready:
-            return fail(SinkUnavailableError("Redis is unreachable"))
+            return self._refused()
         fields: list[bytes] = []
         for key, value in message.items():
             fields.append(key.encode())
@@ -314,6 +335,8 @@ class RedisStreamSink:
         return d
 
     def _write_failed(self, failure: Any) -> Any:
+        if failure.check(DurabilityChangedError):
+            return failure  # Redis answered; the check that changed things is handled
         if failure.check(ConnectionChangedError):
             if self._verification is Verification.VERIFIED:
                 self._verification = Verification.UNVERIFIED
@@ -356,4 +379,12 @@ class RedisStreamSink:
         self.durability_check.confirm(durability, replies[len(replies) - len(confirmations) :])
         if self._verification is not Verification.VERIFIED:
             # a check that failed while this batch was in flight
-            raise StreamWriteError("Redis durability is not verified")
+            raise DurabilityChangedError("Redis durability is not verified")
+        if self.durability is not durability:
+            # A check that answered while this batch was in flight found other settings
+            # (Redis 7.2+: appendfsync always became everysec, so batches now need
+            # WAITAOF); this one was built without what they now need.
+            raise DurabilityChangedError(
+                f"the batch was built for durability {durability.value}, and a check "
+                f"meanwhile found {self.durability.value if self.durability else None}"
+            )

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import queue
+import time
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -47,6 +50,27 @@ def avl_frame(count: int = 1, codec_id: int = CODEC_8E, start: int = 0) -> bytes
 
 
 LOGIN = encode_login(IMEI)
+
+
+class ThreadedMemoryReactor(MemoryReactorClock):
+    """A MemoryReactorClock that also takes ``callFromThread`` (the file sink's writer
+    thread reports through it): the calls wait in a queue until :meth:`run_until`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.from_threads: queue.SimpleQueue[tuple[Any, tuple[Any, ...], dict[str, Any]]] = (
+            queue.SimpleQueue()
+        )
+
+    def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:
+        self.from_threads.put((f, args, kwargs))
+
+    def run_until(self, done: Callable[[], object], timeout: float = 10.0) -> None:
+        """Run the threads' calls until *done()* is true (at most *timeout* seconds)."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            f, args, kwargs = self.from_threads.get(timeout=max(0.0, deadline - time.monotonic()))
+            f(*args, **kwargs)
 
 
 @implementer(ISink)

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ from teltonika.contract import FIELDS, TELEMETRY_STREAM
 from teltonika.wire import CODEC_8, CODEC_8E, encode_avl_frame, encode_login, encode_udp, tcp_ack
 from tests.server.helpers import IMEI, record
 from tests.server.process import Device, ServerProcess
-from tests.servers import free_port
+from tests.servers import free_port, wait_for_port
 
 pytestmark = pytest.mark.slow
 
@@ -328,6 +329,52 @@ def test_shutdown_with_a_stalled_disk_keeps_its_bound(
         raise AssertionError(f"still running {bound} s after SIGTERM:\n{server.output()}") from None
     assert time.monotonic() - started < bound
     assert "Shutdown complete" in server.output()
+    device.close()
+
+
+def _http_status(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_a_disk_stalled_at_start_does_not_freeze_the_server(
+    servers: list[ServerProcess], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk stops answering before the server starts, so opening the file (its
+    directory fsync) never ends. The open runs on the writer thread: the reactor still
+    answers /healthz at once, /readyz says not ready, a device is refused (no ACK), and
+    SIGTERM ends the process within its bound."""
+    marker = tmp_path / "stall"
+    marker.touch()
+    monkeypatch.setenv("TELTONIKA_TEST_STALL", str(marker))
+    metrics = free_port()
+    server = start(
+        servers,
+        tmp_path,
+        "--metrics",
+        str(metrics),
+        "--shutdown-timeout",
+        "1",
+        prelude=STALLING_DISK,
+    )
+    wait_for_port(metrics)
+    assert _http_status(metrics, "/healthz") == 200
+    assert _http_status(metrics, "/readyz") == 503
+    device = Device(server.port)
+    device.send(encode_login(IMEI) + frames(1)[0])
+    assert device.recv_exactly(1) == b"\x01"
+    assert device.recv_exactly(4) == b""  # refused (the sink is not ready) and closed
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    try:
+        server.process.wait(10)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still running 10 s after SIGTERM:\n{server.output()}") from None
+    assert time.monotonic() - started < 10
+    assert "File sink ready" not in server.output()
     device.close()
 
 

@@ -5,6 +5,7 @@ device's own address."""
 from __future__ import annotations
 
 import datetime
+import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,3 +120,29 @@ def test_proxy_protocol_endpoint(servers: list[ServerProcess], tmp_path: Path) -
     assert f"Device {IMEI} logged in from 203.0.113.7:56324" in output
     assert f"Device {OTHER_IMEI} logged in from 198.51.100.9:40001" in output
     assert "logged in from 127.0.0.1" not in output
+
+
+def test_proxy_header_before_tls_is_not_understood_by_haproxy_ssl(
+    servers: list[ServerProcess], tmp_path: Path
+) -> None:
+    """The limit README states: a balancer that passes TLS through sends the PROXY header
+    in the clear, then the device's handshake; ``haproxy:ssl:...`` expects the header
+    inside TLS, so that connection never logs in (terminate TLS at the balancer and use
+    ``haproxy:tcp:...`` instead)."""
+    key, cert = _self_signed(tmp_path)
+    server = _serve(
+        servers,
+        tmp_path,
+        f"haproxy:ssl:{{port}}:privateKey={key}:certKey={cert}:interface=127.0.0.1",
+        "127.0.0.1",
+    )
+    context = ssl.create_default_context(cafile=str(cert))
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    raw.sendall(PROXY_V1)
+    with pytest.raises((ssl.SSLError, OSError)):
+        device = context.wrap_socket(raw, server_hostname="localhost")
+        device.sendall(encode_login(IMEI))
+        if device.recv(1) == b"":
+            raise ConnectionResetError("closed without an answer")
+    raw.close()
+    assert "logged in" not in server.output()

@@ -92,6 +92,85 @@ def test_authority_failure_counts_as_refusal(logged_errors: Any) -> None:
     assert len(logged_errors.flush()) == 1
 
 
+def test_failing_lookups_are_logged_rate_limited(logged_errors: Any) -> None:
+    """Redis down while a fleet reconnects: every login's lookup fails, and each is
+    refused and counted, but one error event per interval is logged (with how many were
+    left out), not one per login."""
+    h = Harness(authority=SetAuthority(error=RuntimeError("redis down")))
+    for _ in range(50):
+        proto, transport = h.connect()
+        proto.dataReceived(LOGIN)
+        assert transport.value() == b"\x00"
+    assert h.sample("teltonika_logins_total", result="error") == 50
+    [first] = logged_errors.flush()
+    assert first["suppressed"] == 0 and first["error"] == "redis down"
+    h.clock.advance(h.factory.limited_log.interval)
+    proto, _ = h.connect()
+    proto.dataReceived(LOGIN)
+    [second] = logged_errors.flush()
+    assert second["suppressed"] == 49
+
+
+class _PendingAuthority:
+    """A device authority that decides when the test says (a slow Redis lookup)."""
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred[bool]] = []
+
+    def is_allowed(self, imei: str) -> Deferred[bool]:
+        d: Deferred[bool] = Deferred()
+        self.pending.append(d)
+        return d
+
+
+def test_no_more_reads_while_the_login_is_being_decided() -> None:
+    """The framer lets data frames through once the IMEI packet is cut, so while a slow
+    authority decides, a peer not yet admitted could make the server hold frames (8
+    queued, up to 64 KiB each, on each of up to 1,000 pending lookups). Reading pauses
+    until the decision: the frames that came in the login's own read are kept and
+    handled once the login is accepted; nothing more is read before."""
+    authority = _PendingAuthority()
+    h = Harness(authority=authority)
+    proto, transport = h.connect()
+    proto.dataReceived(LOGIN + avl_frame(1))
+    assert transport.producerState == "paused"
+    assert transport.value() == b""
+    assert h.sample("teltonika_backlog_pauses_total") == 0  # not a backlog
+    [lookup] = authority.pending
+    lookup.callback(True)
+    assert transport.producerState == "producing"
+    assert transport.value() == b"\x01" + tcp_ack(1)
+
+
+def test_a_refused_login_reads_nothing_more() -> None:
+    authority = _PendingAuthority()
+    h = Harness(authority=authority)
+    proto, transport = h.connect()
+    proto.dataReceived(LOGIN)
+    assert transport.producerState == "paused"
+    authority.pending[0].callback(False)
+    assert transport.value() == b"\x00" and transport.disconnecting
+    assert transport.producerState == "paused"
+
+
+def test_a_pending_login_and_a_backlog_both_keep_reading_paused() -> None:
+    """The login's pause and the backlog's pause do not undo each other: a backlog that
+    formed in the login's read keeps reading paused after the login is accepted, until
+    the queue drains."""
+    authority = _PendingAuthority()
+    sink = ControlledSink(auto=False)
+    h = Harness(sink=sink, authority=authority, max_pending_frames=2)
+    proto, transport = h.connect()
+    proto.dataReceived(LOGIN + b"".join(avl_frame(1, start=i) for i in range(4)))
+    assert transport.producerState == "paused"
+    authority.pending[0].callback(True)
+    assert transport.producerState == "paused"  # 3 frames still queued
+    for i in range(4):
+        sink.calls[i][-1].callback(None)
+    assert transport.producerState == "producing"
+    assert transport.value() == b"\x01" + tcp_ack(1) * 4
+
+
 def test_frames_split_byte_by_byte() -> None:
     """Login and frame delivered one byte per read give exactly one 01 and one ACK."""
     h = Harness()
@@ -524,3 +603,20 @@ def test_peer_is_the_device_behind_a_proxy_protocol_balancer(header: bytes) -> N
     assert transport.value() == b"\x01"
     [login] = [e for e in events if e.get("event") == "login"]
     assert login["peer"] == "203.0.113.7:56324"
+
+
+def test_login_timeout_behind_a_proxy_protocol_balancer_names_the_device() -> None:
+    """A connection that sends the PROXY header and then nothing: the login timeout's
+    event names the device's address, not the balancer's (the address is asked of the
+    transport at each event, not taken once at the first read)."""
+    h = Harness()
+    endpoint = _ListeningEndpoint()
+    proxyEndpoint(endpoint).listen(h.factory)
+    wrapper = endpoint.factory.buildProtocol(None)
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 40000))
+    wrapper.makeConnection(transport)
+    wrapper.dataReceived(PROXY_V1)  # the header alone
+    with capturedLogs() as events:
+        h.clock.advance(h.factory.settings.login_timeout)
+    [timeout] = [e for e in events if "No login" in e["log_format"]]
+    assert timeout["peer"] == "203.0.113.7:56324"

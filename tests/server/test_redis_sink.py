@@ -13,6 +13,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
 
 from teltonika.codecs import CodecRegistry
 from teltonika.contract import FIELDS, MESSAGES_STREAM, TELEMETRY_STREAM, entry_values
@@ -20,6 +21,7 @@ from teltonika.metrics import ServerMetrics
 from teltonika.protocol.server import DeviceFactory, ServerSettings
 from teltonika.redis.connect import lazy_connection, parse_redis_url
 from teltonika.redis.durability import (
+    CONNECTION_NAME,
     ConnectionChangedError,
     Durability,
     DurabilityError,
@@ -29,7 +31,7 @@ from teltonika.redis.durability import (
 )
 from teltonika.redis.streams import entry_id_ok, xadd_command
 from teltonika.sinks import SinkUnavailableError
-from teltonika.sinks.redis_stream import RedisStreamSink
+from teltonika.sinks.redis_stream import DurabilityChangedError, RedisStreamSink
 from teltonika.wire import tcp_ack
 from teltonika.wire.codecs import BUILTIN_CODECS
 from tests.server.helpers import IMEI, LOGIN, OTHER_IMEI, SetAuthority, avl_frame, record
@@ -45,15 +47,14 @@ async def txredis(redis_url: str) -> AsyncIterator[Any]:
 
 
 def _sink(connection: Any, **kwargs: Any) -> RedisStreamSink:
+    settings: dict[str, Any] = {"probe_interval": 0.1, "probe_timeout": 0.5, "write_timeout": 1.0}
+    settings.update(kwargs)
     return RedisStreamSink(
         lambda: connection,
         reactor,
         ServerMetrics(CollectorRegistry()),
         instance_id="inst-7",
-        probe_interval=0.1,
-        probe_timeout=0.5,
-        write_timeout=1.0,
-        **kwargs,
+        **settings,
     )
 
 
@@ -279,6 +280,25 @@ async def test_no_appendfsync_on_rewrite_refused_at_start(txredis: Any, fsync_re
     assert await check_durability(txredis, "memory") is Durability.MEMORY
 
 
+def _count_checks(sink: RedisStreamSink) -> list[int]:
+    """Counts the sink's finished durability checks (in a one-element list)."""
+    done = [0]
+    verify = sink.durability_check.verify
+
+    async def counted(*args: Any) -> Durability:
+        try:
+            return await verify(*args)
+        finally:
+            done[0] += 1
+
+    sink.durability_check.verify = counted  # type: ignore[method-assign]
+    return done
+
+
+def _durability_refused(logged_errors: Any) -> bool:
+    return any("no longer gives the durability" in e["log_format"] for e in logged_errors.events)
+
+
 @pytest_twisted.ensureDeferred
 async def test_fsync_settings_changed_at_runtime_refuse_frames_until_restored(
     txredis: Any, fsync_redis: Any, logged_errors: Any
@@ -291,6 +311,7 @@ async def test_fsync_settings_changed_at_runtime_refuse_frames_until_restored(
     await sink.start()
     assert sink.durability is Durability.AOF_ALWAYS
     await sink.publish(IMEI, "8", (record(1),), 1)
+    checks = _count_checks(sink)
 
     def lost() -> float:
         value = sink.metrics.registry.get_sample_value("teltonika_sink_durability_lost_total")
@@ -305,7 +326,8 @@ async def test_fsync_settings_changed_at_runtime_refuse_frames_until_restored(
         with pytest.raises(SinkUnavailableError):
             await sink.publish(IMEI, "8", (record(2),), 2)
         assert sink.metrics.registry.get_sample_value("teltonika_sink_ready") == 0
-        await deferLater(reactor, 0.5, lambda: None)  # several more checks fail
+        seen = checks[0]
+        await _wait_until(lambda seen=seen: checks[0] >= seen + 3)  # several more checks fail
         [event] = logged_errors.flush()
         assert "no longer gives the durability" in event["log_format"]
         assert setting in event["why"]
@@ -328,9 +350,9 @@ async def test_redis_restarted_with_other_settings_is_checked_after_the_reconnec
     fsync_redis.kill()
     fsync_redis.start()  # the command line's --appendonly no
     await _wait_until(lambda: not sink.ready())
-    await deferLater(reactor, 3.0, lambda: None)  # reconnected (txredisapi backs off 1 s)
-    assert not sink.ready()
-    with pytest.raises(SinkUnavailableError):
+    await _wait_until(lambda: _durability_refused(logged_errors))  # reconnected and checked
+    assert not sink.ready() and sink.reachable()
+    with pytest.raises(SinkUnavailableError, match="does not give the --redis-durability"):
         await sink.publish(IMEI, "8", (record(2),), 2)
     fsync_redis.cli("CONFIG", "SET", "appendonly", "yes")
     fsync_redis.cli("CONFIG", "SET", "appendfsync", "always")
@@ -341,71 +363,143 @@ async def test_redis_restarted_with_other_settings_is_checked_after_the_reconnec
     await sink.close()
 
 
-class _ScriptedRedis:
-    """A stand-in connection answering at once like a Redis with appendonly yes and
-    appendfsync always; :meth:`reconnect` drops the connection's name, as a new one has."""
+@pytest_twisted.ensureDeferred
+async def test_reconnect_between_checks_is_caught_by_the_next_batch(
+    txredis: Any, fsync_redis: Any
+) -> None:
+    """Redis drops the sink's connection and txredisapi reconnects between two checks,
+    with no command in flight, so nothing notices (the probe and the periodic check are
+    far off). The next batch goes over a connection whose settings were never verified:
+    it is not ACKed (the devices resend), and the sink verifies the new connection at once
+    and takes frames again."""
+    sink = _sink(txredis, durability="fsync", probe_interval=60.0, durability_interval=60.0)
+    await sink.start()
+    await sink.publish(IMEI, "8", (record(1),), 1)
+    observer = redis_py.Redis(port=fsync_redis.port)
+    observer.client_setname("test-observer")
+
+    def sink_connections() -> list[int]:
+        return [int(c["id"]) for c in observer.client_list() if c["name"] != "test-observer"]
+
+    [checked] = [c for c in observer.client_list() if c["name"] == CONNECTION_NAME]
+    observer.client_kill_filter(_id=checked["id"])
+    await _wait_until(lambda: sink_connections() not in ([], [int(checked["id"])]))
+    assert sink.ready()  # nothing noticed
+    with capturedLogs() as events, pytest.raises(ConnectionChangedError):
+        await sink.publish(IMEI, "8", (record(2),), 2)
+    assert any("reconnected since the durability check" in e["log_format"] for e in events)
+    await _wait_until(sink.ready)  # the new connection verified
+    await sink.publish(IMEI, "8", (record(3),), 3)
+    [renamed] = [c for c in observer.client_list() if c["name"] == CONNECTION_NAME]
+    assert renamed["id"] != checked["id"]
+    observer.close()
+    await sink.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_device_lookups_go_on_while_only_the_durability_is_refused(
+    txredis: Any, fsync_redis: Any, logged_errors: Any
+) -> None:
+    """fsync taken away at runtime: frames are refused with that reason (not "Redis is
+    unreachable"), while device lookups, which need only a Redis that answers, still get
+    their answers instead of failing as "unavailable"."""
+    from teltonika.authority import RedisSetAuthority
+
+    sink = _sink(txredis, durability="fsync", durability_interval=0.1)
+    await sink.start()
+    fsync_redis.cli("SADD", "devices", IMEI)
+    authority = RedisSetAuthority(
+        lambda: txredis, "devices", reactor, ServerMetrics(), available=sink.reachable
+    )
+    fsync_redis.cli("CONFIG", "SET", "appendfsync", "everysec")
+    await _wait_until(lambda: not sink.ready())
+    with pytest.raises(SinkUnavailableError, match="does not give the --redis-durability"):
+        await sink.publish(IMEI, "8", (record(1),), 1)
+    assert await authority.is_allowed(IMEI) is True
+    assert await authority.is_allowed(OTHER_IMEI) is False
+    logged_errors.flush()
+    await sink.close()
+
+
+class _HeldRedis:
+    """A stand-in connection for a Redis 7.2 (the suite's redis-server is 7.0, which has
+    no WAITAOF): commands take effect in the order sent and their replies wait until
+    :meth:`answer`, as on a real connection with a round trip in between."""
 
     def __init__(self) -> None:
         self.name: str | None = None
-        self.setnames = 0
         self.config = {
             "appendonly": "yes",
             "appendfsync": "always",
             "no-appendfsync-on-rewrite": "no",
         }
+        self.sent: list[tuple[list[str], Deferred[Any]]] = []
 
-    def reconnect(self) -> None:
-        self.name = None
+    def execute_command(self, *args: Any) -> Deferred[Any]:
+        command = [a.decode() if isinstance(a, bytes) else str(a) for a in args]
+        d: Deferred[Any] = Deferred()
+        self.sent.append((command, d))
+        d.reply = self._execute(command)  # type: ignore[attr-defined]
+        return d
 
-    def execute_command(self, *args: Any) -> Any:
-        from twisted.internet.defer import succeed
-
-        command = [a.decode() if isinstance(a, bytes) else a for a in args]
+    def _execute(self, command: list[str]) -> Any:
         if command[:2] == ["CLIENT", "SETNAME"]:
             self.name = command[2]
-            self.setnames += 1
-            return succeed("OK")
+            return "OK"
         if command[:2] == ["CLIENT", "GETNAME"]:
-            return succeed(self.name)
+            return self.name
         if command[:2] == ["CONFIG", "GET"]:
-            return succeed([command[2], self.config[command[2]]])
+            return [command[2], self.config[command[2]]]
         if command[0] == "INFO":
-            return succeed("# Server\r\nredis_version:7.0.15\r\n")
+            return "# Server\r\nredis_version:7.2.4\r\n"
         if command[0] == "EVAL":
-            return succeed(len(command) - 6 - int(command[5]))
-        return succeed("PONG")
+            return len(command) - 6 - int(command[5])
+        if command[0] == "WAITAOF":
+            return [1, 0]
+        return "PONG"
+
+    def answer(self) -> None:
+        sent, self.sent = self.sent, []
+        for _, d in sent:
+            d.callback(d.reply)  # type: ignore[attr-defined]
 
 
-def test_batch_over_a_new_connection_is_not_acked_and_the_new_one_is_checked(
-    logged_errors: Any,
-) -> None:
-    """A reconnect between two checks (no command failed, so nothing else noticed it): the
-    next batch goes over a connection whose settings were never verified, so it fails (no
-    ACK; the devices resend) and the sink verifies the new connection at once."""
+def test_a_batch_built_before_a_check_changed_the_mode_is_not_acked() -> None:
+    """Redis 7.2, appendfsync always: batches carry no WAITAOF. Then CONFIG SET
+    appendfsync everysec; a check goes out, and a batch right behind it is built for the
+    old mode. The check answers first (WAITAOF from now on); the batch, written under
+    everysec without WAITAOF, must not be ACKed. The next batch carries WAITAOF and is."""
     from twisted.internet.task import Clock
 
     from tests.server.helpers import failureResultOf, successResultOf
 
-    clock, redis = Clock(), _ScriptedRedis()
+    clock, redis = Clock(), _HeldRedis()
     sink = RedisStreamSink(
         lambda: redis,
         clock,
         ServerMetrics(CollectorRegistry()),
         instance_id="i",
         durability="fsync",
+        probe_interval=60.0,
+        durability_interval=5.0,
     )
-    successResultOf(Deferred.fromCoroutine(sink.start()))
-    assert redis.setnames == 1
+    started = Deferred.fromCoroutine(sink.start())
+    redis.answer()
+    successResultOf(started)
+    assert sink.durability is Durability.AOF_ALWAYS
+    redis.config["appendfsync"] = "everysec"
+    clock.advance(5.0)  # the periodic check is sent
     d = sink.publish(IMEI, "8", (record(1),), 1)
-    clock.advance(0)
-    successResultOf(d)
-    redis.reconnect()
+    clock.advance(0)  # the batch is sent behind it, without WAITAOF
+    assert not any(command[0] == "WAITAOF" for command, _ in redis.sent)
+    redis.answer()
+    assert sink.durability is Durability.WAITAOF
+    failureResultOf(d, DurabilityChangedError)
+    assert sink.ready()  # the check passed: the sink goes on, in the new mode
     d = sink.publish(IMEI, "8", (record(2),), 2)
     clock.advance(0)
-    failureResultOf(d, ConnectionChangedError)
-    assert redis.setnames == 2 and sink.ready()  # checked again, and it passed
-    d = sink.publish(IMEI, "8", (record(3),), 3)
-    clock.advance(0)
+    assert any(command[0] == "WAITAOF" for command, _ in redis.sent)
+    redis.answer()
     successResultOf(d)
-    assert logged_errors.events == []
-    successResultOf(Deferred.fromCoroutine(sink.close()))
+    closing = Deferred.fromCoroutine(sink.close())
+    successResultOf(closing)

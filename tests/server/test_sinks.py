@@ -21,7 +21,13 @@ from teltonika.contract import json_line
 from teltonika.metrics import ServerMetrics
 from teltonika.sinks import SinkClosedError, SinkOverloadedError, SinkUnavailableError
 from teltonika.sinks.batch import Batcher
-from teltonika.sinks.jsonl import JsonLinesSink, messages_path
+from teltonika.sinks.jsonl import (
+    TAIL_SCAN_LIMIT,
+    JsonLinesSink,
+    OpenTimeoutError,
+    OutputInUseError,
+    messages_path,
+)
 from tests.server.helpers import IMEI, failureResultOf, record, successResultOf
 
 
@@ -181,7 +187,24 @@ def _sync_sink(path: Path) -> tuple[JsonLinesSink, Clock, ServerMetrics, list[in
 
     sink = JsonLinesSink(path, clock, metrics, instance_id="test-1", run_in_thread=run)
     successResultOf(Deferred.fromCoroutine(sink.start()))
+    calls.clear()  # the open ran through the runner too
     return sink, clock, metrics, calls
+
+
+class QueuedRunner:
+    """A writer thread the test drives: jobs wait in order until :meth:`run_next`."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
+
+    def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.jobs.append((f, args, d))
+        return d
+
+    def run_next(self) -> None:
+        f, args, d = self.jobs.pop(0)
+        maybeDeferred(f, *args).chainDeferred(d)
 
 
 def test_jsonl_lines_match_contract_and_share_one_commit(tmp_path: Path) -> None:
@@ -301,11 +324,9 @@ def test_jsonl_whole_lines_and_empty_files_are_left_alone(tmp_path: Path) -> Non
     assert messages_path(path).read_bytes() == b""
 
 
-def test_jsonl_created_files_have_their_directory_fsynced(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Creating the records and messages files fsyncs their directory: without it a power
-    loss can lose the new file's name, and with it every record ACKed into the file."""
+@pytest.fixture
+def synced_directories(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The directories fsynced during the test, in order."""
     synced: list[str] = []
     real_fsync = os.fsync
 
@@ -315,11 +336,166 @@ def test_jsonl_created_files_have_their_directory_fsynced(
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    _sync_sink(tmp_path / "records.jsonl")
-    assert synced == [str(tmp_path), str(tmp_path)]
+    return synced
+
+
+def test_jsonl_created_files_have_their_directory_fsynced(
+    tmp_path: Path, synced_directories: list[str]
+) -> None:
+    """Creating the records and messages files fsyncs their directory: without it a power
+    loss can lose the new file's name, and with it every record ACKed into the file."""
+    synced = synced_directories
+    sink = _sync_sink(tmp_path / "records.jsonl")[0]
+    assert synced == [str(tmp_path)]  # both files live there: one fsync
+    successResultOf(Deferred.fromCoroutine(sink.close()))
     synced.clear()
-    _sync_sink(tmp_path / "records.jsonl")  # both exist now: nothing created
-    assert synced == []
+    _sync_sink(tmp_path / "records.jsonl")
+    assert synced == [str(tmp_path)]
+
+
+def test_jsonl_directory_is_fsynced_at_every_start(
+    tmp_path: Path, synced_directories: list[str]
+) -> None:
+    """A crash after the file was created but before its directory was fsynced leaves a
+    file that exists at the next start while its name is still not durable: the directory
+    is fsynced at every start, whoever created the file (the real directory, when
+    --output is a symlink)."""
+    real_dir = tmp_path / "real"
+    real_dir.mkdir()
+    (real_dir / "records.jsonl").write_bytes(b"")
+    link_dir = tmp_path / "link"
+    link_dir.mkdir()
+    (link_dir / "records.jsonl").symlink_to(real_dir / "records.jsonl")
+    _sync_sink(link_dir / "records.jsonl")
+    # records: the symlink's target lives in real/; messages: created in link/
+    assert sorted(synced_directories) == sorted([str(real_dir), str(link_dir)])
+
+
+@pytest.mark.parametrize("second_output", ["records.jsonl", "records.messages.jsonl"])
+def test_jsonl_a_second_writer_of_a_file_is_refused(tmp_path: Path, second_output: str) -> None:
+    """Each file is locked while a sink has it open, so a second sink (another server
+    given the same --output, or an --output that is the first one's messages file) fails
+    to start, with a sentence naming the file and --output; once the first one closed, the
+    file can be opened again."""
+    first, clock, _, _ = _sync_sink(tmp_path / "records.jsonl")
+    second = JsonLinesSink(
+        tmp_path / second_output,
+        Clock(),
+        ServerMetrics(CollectorRegistry()),
+        instance_id="test-2",
+        run_in_thread=maybeDeferred,
+    )
+    failure = failureResultOf(Deferred.fromCoroutine(second.start()), OutputInUseError)
+    assert "--output" in str(failure.value) and "another process" in str(failure.value)
+    assert not second.ready()
+    d = first.publish(IMEI, "8", (record(1),), 1)  # the first one is unaffected
+    clock.advance(0)
+    successResultOf(d)
+    successResultOf(Deferred.fromCoroutine(first.close()))
+    successResultOf(Deferred.fromCoroutine(second.start()))
+    assert second.ready()
+
+
+def test_jsonl_files_open_on_the_writer_thread_within_a_bound(tmp_path: Path) -> None:
+    """Opening (tail repair, directory fsync) waits on the disk, so it runs on the writer
+    thread, never on the caller's (the reactor's: a stalled disk at start would freeze
+    health checks and every connection); a start that takes longer than open_timeout
+    fails, so the server refuses to run instead of hanging."""
+    path = tmp_path / "records.jsonl"
+    clock, runner = Clock(), QueuedRunner()
+    sink = JsonLinesSink(
+        path, clock, ServerMetrics(CollectorRegistry()), instance_id="t", run_in_thread=runner
+    )
+    started = Deferred.fromCoroutine(sink.start())
+    assert not path.exists() and not started.called  # nothing touched the disk here
+    assert len(runner.jobs) == 1
+    failure = failureResultOf(sink.publish(IMEI, "8", (record(),), 1), SinkUnavailableError)
+    assert "is not open" in str(failure.value)
+    clock.advance(sink.open_timeout)
+    failure = failureResultOf(started, OpenTimeoutError)
+    assert f"took more than {sink.open_timeout:g} s" in str(failure.value)
+    assert not sink.ready()
+    runner.run_next()  # the disk answers at last: too late, nothing breaks
+
+
+def test_jsonl_close_waits_for_a_probe_still_running(tmp_path: Path, logged_errors: Any) -> None:
+    """close() while a probe write is still on the writer thread: the files are closed by
+    a job behind it, so the probe's newline lands in our file. (Closed from the reactor
+    thread, a descriptor could be reused by another file before the probe writes to it.)"""
+    path = tmp_path / "records.jsonl"
+    clock, runner = Clock(), QueuedRunner()
+    sink = JsonLinesSink(
+        path, clock, ServerMetrics(CollectorRegistry()), instance_id="t", run_in_thread=runner
+    )
+    started = Deferred.fromCoroutine(sink.start())
+    runner.run_next()
+    successResultOf(started)
+    assert sink._records is not None
+    real_fd = sink._records.fd
+    sink._records.fd = os.open(tmp_path, os.O_RDONLY)  # writing a directory fd fails
+    d = sink.publish(IMEI, "8", (record(),), 1)
+    clock.advance(0)
+    runner.run_next()
+    failureResultOf(d, OSError)
+    logged_errors.flush(
+        "File sink is down: writing {path} failed: {error}; refusing frames "
+        "until a probe write succeeds"
+    )
+    os.close(sink._records.fd)
+    sink._records.fd = real_fd
+    clock.advance(sink.probe_interval)  # the probe is queued on the writer thread
+    assert len(runner.jobs) == 1
+    closing = Deferred.fromCoroutine(sink.close())
+    assert not closing.called
+    os.fstat(real_fd)  # still open: the probe has yet to write to it
+    runner.run_next()  # the probe
+    runner.run_next()  # the close, behind it
+    successResultOf(closing)
+    assert path.read_bytes() == b"\n"
+    with pytest.raises(OSError):
+        os.fstat(real_fd)
+
+
+def test_jsonl_torn_tail_scan_is_bounded(tmp_path: Path) -> None:
+    """A file ending in more than TAIL_SCAN_LIMIT bytes without a newline (not a torn
+    line of ours) is repaired without being read whole; the log says "more than"."""
+    path = tmp_path / "records.jsonl"
+    path.write_bytes(b"x" * (TAIL_SCAN_LIMIT + 5))
+    with capturedLogs() as events:
+        sink = _sync_sink(path)[0]
+    [event] = [e for e in events if e.get("event") == "torn_tail"]
+    assert event["length"] == TAIL_SCAN_LIMIT and "more than" in event["log_format"]
+    successResultOf(Deferred.fromCoroutine(sink.close()))
+    assert path.read_bytes().endswith(b"x\n")
+
+
+def test_jsonl_file_writable_but_not_readable_starts_a_new_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tail check reads the file; a file the service may append to but not read (the
+    tests run as root, so the refusal is simulated) still opens: a newline goes in
+    blindly (a blank line if the tail was whole; readers skip it) and a warning says the
+    tail could not be checked."""
+    path = tmp_path / "records.jsonl"
+    path.write_bytes(b'{"old":1}\n{"torn')
+    real_open = os.open
+
+    def no_read(file: Any, flags: int, *args: Any) -> int:
+        if flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_read)
+    with capturedLogs() as events:
+        sink, clock, _, _ = _sync_sink(path)
+    assert [e["path"] for e in events if e.get("event") == "tail_unchecked"] == [str(path)]
+    d = sink.publish(IMEI, "8", (record(),), 1)
+    clock.advance(0)
+    successResultOf(d)
+    lines = path.read_bytes().split(b"\n")
+    assert lines[:2] == [b'{"old":1}', b'{"torn']
+    assert orjson.loads(lines[2])["imei"] == IMEI
+    assert messages_path(path).read_bytes() == b""  # empty: nothing to end
 
 
 def test_jsonl_not_ready_before_start(tmp_path: Path) -> None:
@@ -398,6 +574,7 @@ options.parseOptions(["--output", sys.argv[1], "--metrics", "off", "--shutdown-t
 service = makeService(options, reactor)
 
 async def scenario():
+    await service.server.ingestion.started  # the files open on the writer thread
     sink = service.server.sink
     await sink.publish(IMEI, "8", (record(1),), 1)
     open(sys.argv[2], "w").close()

@@ -16,8 +16,8 @@ from twisted.python import usage
 from teltonika.services.ingestion import IngestionService
 from teltonika.services.ops_http import ops_service
 from teltonika.sinks.jsonl import JsonLinesSink
-from teltonika.tap import Options, TeltonikaService, makeService
-from tests.server.helpers import successResultOf
+from teltonika.tap import Options, TeltonikaService, _seconds, makeService
+from tests.server.helpers import ThreadedMemoryReactor, successResultOf
 
 
 def parse(*argv: str) -> Options:
@@ -110,6 +110,26 @@ def test_usage_errors(argv: list[str], message: str) -> None:
     assert message in str(info.value)
 
 
+_SECONDS_OPTIONS = [str(option[0]) for option in Options.optParameters if option[4:] == [_seconds]]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "1e999"])
+@pytest.mark.parametrize("name", _SECONDS_OPTIONS)
+def test_every_seconds_option_refuses_non_finite_values(name: str, value: str) -> None:
+    """float() takes "nan" and "inf", and neither is a bound: a nan --sink-timeout made
+    every frame's timer raise (no ACK, ever), a nan --login-timeout did the same per
+    connection, a nan --shutdown-timeout skipped the sink's last flush. Every option in
+    seconds goes through one coercer, which refuses them with a plain sentence."""
+    with pytest.raises(usage.UsageError, match=f"{value} is not a finite number of seconds"):
+        parse(f"--{name}", value)
+
+
+def test_the_seconds_options_include_the_bounds() -> None:
+    assert {"login-timeout", "sink-timeout", "shutdown-timeout", "command-timeout"} <= set(
+        _SECONDS_OPTIONS
+    )
+
+
 def test_help_lists_every_option_with_default() -> None:
     """--help names every option and shows each default (or says when it is off)."""
     text = str(Options())
@@ -132,7 +152,7 @@ def _start(service: IService) -> None:
 def test_make_service_listens_and_starts_file_sink(tmp_path: Path) -> None:
     """makeService builds ingestion + ops; starting binds the device and metrics ports;
     stopping closes the sink."""
-    reactor = MemoryReactorClock()
+    reactor = ThreadedMemoryReactor()
     output = tmp_path / "out.jsonl"
     fatal: list[str] = []
     options = parse(
@@ -147,7 +167,8 @@ def test_make_service_listens_and_starts_file_sink(tmp_path: Path) -> None:
     assert ports == [(5999, "127.0.0.1"), (9999, "127.0.0.1")]
     ingestion = service.getServiceNamed("ingestion")
     assert isinstance(ingestion, IngestionService)
-    assert ingestion.started is not None and ingestion.started.called
+    assert ingestion.started is not None
+    reactor.run_until(lambda: ingestion.started.called)
     sink = service.server.sink
     assert isinstance(sink, JsonLinesSink) and sink.ready()
     assert service.server.readiness["sink"]()
@@ -155,6 +176,7 @@ def test_make_service_listens_and_starts_file_sink(tmp_path: Path) -> None:
     assert fatal == []
     stopped = service.stopService()
     assert isinstance(stopped, Deferred)
+    reactor.run_until(lambda: stopped.called)
     successResultOf(stopped)
     assert not sink.ready()
 
@@ -178,13 +200,42 @@ def test_make_service_udp_listener(tmp_path: Path) -> None:
 
 def test_file_sink_failure_is_fatal(tmp_path: Path) -> None:
     """A sink that cannot start (unwritable output) calls on_fatal with a sentence."""
-    reactor = MemoryReactorClock()
+    reactor = ThreadedMemoryReactor()
     fatal: list[str] = []
     options = parse("--output", str(tmp_path / "missing" / "o.jsonl"), "--metrics", "off")
     service = makeService(options, reactor, on_fatal=fatal.append)
     _start(service)
+    reactor.run_until(lambda: fatal)
     assert len(fatal) == 1 and "the file sink cannot start" in fatal[0]
     successResultOf(service.stopService())
+
+
+def test_a_second_server_on_the_same_output_refuses_to_start(tmp_path: Path) -> None:
+    """Two servers appending to one file would glue one's ACKed line onto the other's
+    half-written one (each torn-line guard knows only its own writes). The file is locked:
+    the second server refuses to start, in one sentence naming --output; the first one
+    goes on."""
+    output = tmp_path / "records.jsonl"
+    reactors, services, fatal = [], [], []
+    for metrics_port in ("9991", "9992"):  # a second instance told to change --metrics
+        reactor = ThreadedMemoryReactor()
+        service = makeService(
+            parse("--output", str(output), "--metrics", metrics_port),
+            reactor,
+            on_fatal=fatal.append,
+        )
+        _start(service)
+        reactor.run_until(lambda s=service: s.server.ingestion.started.called)
+        reactors.append(reactor)
+        services.append(service)
+    first, second = (s.server.sink for s in services)
+    assert first.ready() and not second.ready()
+    [message] = fatal
+    assert "the file sink cannot start" in message and "--output" in message
+    assert str(output) in message and "\n" not in message
+    for reactor, service in zip(reactors, services, strict=True):
+        stopped = service.stopService()
+        reactor.run_until(lambda d=stopped: d.called)
 
 
 def test_devices_file_authority(tmp_path: Path) -> None:
@@ -200,6 +251,37 @@ def test_devices_file_authority(tmp_path: Path) -> None:
     assert authority.allowed == {"356307042441013", "490154203237518"}
     with pytest.raises(usage.UsageError, match="cannot read"):
         makeService(parse("--devices", f"file:{tmp_path / 'nope'}", "--metrics", "off"), reactor)
+
+
+def test_redis_device_lookups_budget_per_transport_and_need_only_reachability() -> None:
+    """--devices redis:KEY: TCP logins and UDP datagrams get a lookup budget each, so
+    spoofed datagrams naming real IMEIs cannot use up the lookups TCP logins need; and a
+    lookup is skipped only while Redis is unreachable, not while the sink refuses frames
+    over its durability settings (Redis still answers lookups then)."""
+    from teltonika.authority import RedisSetAuthority
+
+    options = parse(
+        "--redis",
+        "redis://127.0.0.1:1/0",
+        "--redis-durability",
+        "fsync",
+        "--devices",
+        "redis:allowed",
+        "--udp-port",
+        "127.0.0.1:0",
+        "--metrics",
+        "off",
+    )
+    service = makeService(options, MemoryReactorClock(), on_fatal=lambda m: None)
+    tcp = service.server.factory.authority
+    _udp_service, datagrams = service.server.ingestion.udp
+    udp = datagrams.authority
+    assert isinstance(tcp, RedisSetAuthority) and isinstance(udp, RedisSetAuthority)
+    assert tcp is not udp and tcp.max_in_flight == udp.max_in_flight
+    sink = service.server.sink
+    assert tcp._available == sink.reachable and udp._available == sink.reachable
+    sink._reachable = True  # Redis answers, the durability is refused: not ready
+    assert not sink.ready() and tcp._available()
 
 
 def test_redis_connection_is_lazy() -> None:

@@ -3,10 +3,11 @@ shutdown (real loopback UDP where the socket matters)."""
 
 from __future__ import annotations
 
-import errno
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
@@ -81,30 +82,26 @@ async def test_udp_ack_after_sink_and_malformed_dropped(logged_errors: Any) -> N
         await client_port.stopListening()
 
 
-class _RefusingPort:
-    """A UDP port whose sendto fails as the kernel's does for a broadcast source address
-    (EACCES) that a spoofed datagram claimed."""
+@pytest.fixture
+def udp_protocol() -> Iterator[Callable[..., tuple[DeviceDatagramProtocol, Clock]]]:
+    """Makes a protocol listening on a real loopback UDP port (its own Clock for the
+    rate limits); the ports are closed afterwards."""
+    ports: list[Any] = []
 
-    def __init__(self) -> None:
-        self.reading = True
+    def make(sink: Any = None, authority: Any = None) -> tuple[DeviceDatagramProtocol, Clock]:
+        clock = Clock()
+        protocol = DeviceDatagramProtocol(
+            sink if sink is not None else ControlledSink(),
+            authority if authority is not None else SetAuthority(),
+            ServerMetrics(CollectorRegistry()),
+            clock,
+        )
+        ports.append(reactor.listenUDP(0, protocol, interface="127.0.0.1"))
+        return protocol, clock
 
-    def write(self, datagram: bytes, addr: Any) -> None:
-        raise PermissionError(errno.EACCES, "Permission denied")
-
-    def stopReading(self) -> None:
-        self.reading = False
-
-
-def _protocol(sink: Any = None, authority: Any = None) -> tuple[DeviceDatagramProtocol, Clock]:
-    clock = Clock()
-    protocol = DeviceDatagramProtocol(
-        sink if sink is not None else ControlledSink(),
-        authority if authority is not None else SetAuthority(),
-        ServerMetrics(CollectorRegistry()),
-        clock,
-    )
-    protocol.makeConnection(_RefusingPort())  # type: ignore[arg-type]
-    return protocol, clock
+    yield make
+    for port in ports:
+        port.stopListening()
 
 
 def _results(protocol: DeviceDatagramProtocol, result: str) -> float:
@@ -114,11 +111,12 @@ def _results(protocol: DeviceDatagramProtocol, result: str) -> float:
     return value or 0.0
 
 
-def test_sendto_error_is_caught_counted_and_logged_rate_limited() -> None:
-    """An ACK the kernel refuses to send does not escape as an unhandled error: each is
-    counted (result ack_failed), and a burst logs one event; the next one after the
-    interval says how many were left out."""
-    protocol, clock = _protocol()
+def test_sendto_error_is_caught_counted_and_logged_rate_limited(udp_protocol: Any) -> None:
+    """An ACK the kernel refuses to send (here a real EACCES: a datagram claiming the
+    broadcast address as its source, answered from a socket without SO_BROADCAST) does not
+    escape as an unhandled error: each is counted (result ack_failed), and a burst logs
+    one event; the next one after the interval says how many were left out."""
+    protocol, clock = udp_protocol()
     datagram = encode_udp(IMEI, CODEC_8, [record(1)])
     with capturedLogs() as events:
         for _ in range(5):
@@ -133,14 +131,31 @@ def test_sendto_error_is_caught_counted_and_logged_rate_limited() -> None:
     assert protocol.in_flight == 0
 
 
-def test_authority_failure_drops_and_counts_the_datagram(logged_errors: Any) -> None:
+def test_authority_failure_drops_and_counts_the_datagram(
+    udp_protocol: Any, logged_errors: Any
+) -> None:
     """A device lookup that gives no answer drops the datagram unACKed and counts it
     (result authority_failed); a flood of them logs one error per interval."""
-    protocol, _clock = _protocol(authority=SetAuthority(error=RuntimeError("Redis down")))
+    protocol, _clock = udp_protocol(authority=SetAuthority(error=RuntimeError("Redis down")))
     for _ in range(3):
         protocol.datagramReceived(encode_udp(IMEI, CODEC_8, [record(1)]), ("10.0.0.9", 1))
     assert _results(protocol, "authority_failed") == 3
     assert len(logged_errors.flush()) == 1
+
+
+def test_malformed_datagrams_are_logged_rate_limited(udp_protocol: Any) -> None:
+    """A malformed datagram costs a spoofer nothing to send: each is dropped and counted,
+    and a flood logs one warning per interval (the next says how many were left out)."""
+    protocol, clock = udp_protocol()
+    with capturedLogs() as events:
+        for _ in range(100):
+            protocol.datagramReceived(b"\x00\x01garbage", ("10.0.0.9", 1))
+        clock.advance(LOG_INTERVAL)
+        protocol.datagramReceived(b"\x00\x01garbage", ("10.0.0.9", 1))
+    assert _results(protocol, "malformed") == 101
+    dropped = [e for e in events if e.get("event") == "rejected_frame"]
+    assert [e["suppressed"] for e in dropped] == [0, 99]
+    assert dropped[0]["peer"] == "10.0.0.9:1" and dropped[0]["hex"] == "000167617262616765"
 
 
 @pytest_twisted.ensureDeferred

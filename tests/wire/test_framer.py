@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import tracemalloc
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from teltonika.wire import (
     CODEC_8,
@@ -23,6 +26,7 @@ from teltonika.wire import (
     encode_command_frame,
     encode_login,
 )
+from teltonika.wire.framer import MAX_IMEI_LENGTH
 
 IMEI = "356307042441013"
 LOGIN = encode_login(IMEI)
@@ -247,3 +251,56 @@ def test_a_frame_arriving_a_byte_at_a_time_costs_linear_memory_traffic() -> None
     small = _one_frame_byte_by_byte(4 * 1024)
     large = _one_frame_byte_by_byte(16 * 1024)
     assert large < 8 * small, (small, large)
+
+
+_PIECES = st.one_of(
+    st.binary(max_size=40),
+    st.just(LOGIN),
+    st.just(b"\xff"),
+    st.just(DATA),
+    st.builds(
+        lambda length, body: b"\x00\x00\x00\x00" + length.to_bytes(4, "big") + body,
+        st.integers(0, 300),
+        st.binary(max_size=300),
+    ),
+)
+
+
+def _cut_with_login_first(chunks: list[bytes], max_frame: int) -> tuple[list[Frame], Any]:
+    """Feed *chunks* to a login_first Framer, checking its bounds after every read;
+    return the frames and the (type, reason) of the error that ended the stream."""
+    framer = Framer(max_frame, login_first=True)
+    frames: list[Frame] = []
+    for chunk in chunks:
+        try:
+            frames.extend(framer.feed(chunk))
+        except FramingError as error:
+            with pytest.raises(type(error)):  # and for good
+                feed_all(framer, LOGIN)
+            return frames, (type(error), error.reason)
+        assert framer.buffered < max_frame  # never a whole frame's worth
+        if not any(isinstance(frame, ImeiFrame) for frame in frames):
+            # before any IMEI packet, at most a partial IMEI packet is held
+            assert framer.buffered <= 1 + MAX_IMEI_LENGTH
+    return frames, None
+
+
+@given(
+    parts=st.lists(_PIECES, max_size=12),
+    max_frame=st.integers(20, 400),
+    data=st.data(),
+)
+def test_login_first_framer_properties(parts: list[bytes], max_frame: int, data: Any) -> None:
+    """Whatever the bytes and however they are cut into reads: the same frames and the
+    same error (a FramingError, nothing else) as in one read; no data frame before the
+    first IMEI packet; nothing beyond a partial IMEI packet held before it, and less than
+    one frame held after."""
+    stream = b"".join(parts)
+    whole = _cut_with_login_first([stream], max_frame)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    assert _cut_with_login_first(chunks, max_frame) == whole
+    frames, _error = whole
+    first_data = next((i for i, f in enumerate(frames) if isinstance(f, DataFrame)), None)
+    if first_data is not None:
+        assert any(isinstance(f, ImeiFrame) for f in frames[:first_data])
