@@ -175,3 +175,24 @@ def test_restructuredtext_is_clean(name: str) -> None:
         settings_overrides={"report_level": 2, "halt_level": 5, "warning_stream": warnings},
     )
     assert warnings.getvalue() == ""
+
+
+def test_code_map_names_every_top_level_module() -> None:
+    """``teltonika/__init__.py``'s docstring is the code map: every module and subpackage
+    of the top-level package is in it, so a new or moved one cannot go unmapped."""
+    import teltonika
+
+    doc = teltonika.__doc__ or ""
+    package = ROOT / "teltonika"
+    names = [
+        f"``{path.stem}``"
+        for path in package.glob("*.py")
+        if path.stem not in ("__init__", "__main__")
+    ]
+    names += [
+        f"``{path.name}/``"
+        for path in package.iterdir()
+        if path.is_dir() and (path / "__init__.py").exists()
+    ]
+    missing = sorted(name for name in names if name not in doc)
+    assert not missing, f"not in the code map of teltonika/__init__.py: {missing}"
