@@ -22,7 +22,10 @@ socket errbacks everything pending with a dedicated error. On top of that:
   a. right after an ACK, in the same reactor turn (:meth:`CommandQueue.ack_written`): the
      device reads the command together with its ACK, before it sends its next frame; or
   b. when nothing was received for ``quiet`` seconds (:meth:`CommandQueue.received`
-     marks each read), except while the device's next frame is due: a device that
+     marks each read) *and* nothing but a command was written for ``quiet`` seconds
+     either: an ACK or the login's ``01`` is what makes a device send its next frame
+     (or its backlog), so each one starts the interval again. Except while the
+     device's next frame is due: a device that
      reports periodically sends its next frame about one period (the last interval
      between two of its frames, :meth:`CommandQueue.frame_received`) after its last one,
      so from half a period to one and a half periods after its last frame only an ACK
@@ -213,7 +216,8 @@ class CommandQueue:
         self._waiting: deque[_Pending] = deque()
         self._outstanding: _Pending | None = None
         self._closed = False
-        self._last_received = clock.seconds()
+        self._quiet_since = clock.seconds()
+        """The last byte received, or the last ACK / login reply written."""
         self._last_frame: float | None = None
         self._frame_gap: float | None = None
         self._settle_until = 0.0
@@ -234,11 +238,19 @@ class CommandQueue:
         return None if self._outstanding is None else self._outstanding.codec_id
 
     def write(self, data: bytes) -> Deferred[bool]:
-        """Write raw bytes (an ACK) after everything submitted before; never waits for a reply.
+        """Write raw bytes (an ACK, the login's reply) after everything submitted before;
+        never waits for a reply. The device answers such bytes with its next frame, so the
+        quiet interval starts again once they are written.
 
         :return: fires True once written, False when the socket was closed or the write
             raised (logged); it never errbacks, so callers may ignore it.
         """
+        return self._write(data, prompts_device=True)
+
+    def _write(self, data: bytes, *, prompts_device: bool) -> Deferred[bool]:
+        """Append *data* to the write chain. *prompts_device*: the bytes (an ACK, the
+        login's reply) make the device send its next frame, so the quiet interval starts
+        again when they are written."""
         done: Deferred[bool] = Deferred()
 
         def step(_: object) -> None:
@@ -252,6 +264,8 @@ class CommandQueue:
                 self._log.failure("Write to device {imei} failed", imei=self.imei)
                 done.callback(False)
                 return None
+            if prompts_device:
+                self._quiet_since = self._clock.seconds()
             done.callback(True)
             return None
 
@@ -326,7 +340,7 @@ class CommandQueue:
 
     def received(self) -> None:
         """The protocol read bytes from the device: the quiet interval starts again."""
-        self._last_received = self._clock.seconds()
+        self._quiet_since = self._clock.seconds()
 
     def frame_received(self, at: float) -> None:
         """The device sent an AVL frame (received at clock time *at*): the interval since
@@ -337,9 +351,9 @@ class CommandQueue:
 
     def _quiet_from(self, now: float) -> float:
         """The earliest time from *now* on when the quiet path may write a command: after
-        ``quiet`` seconds without a byte, and outside the window in which the device's
+        ``quiet`` seconds without a byte received or an ACK written, and outside the window in which the device's
         next periodic frame is due (half a period to one and a half after its last)."""
-        at = max(now, self._last_received + self.quiet)
+        at = max(now, self._quiet_since + self.quiet)
         gap, last = self._frame_gap, self._last_frame
         if gap is None or last is None or at <= last + gap / 2:
             return at
@@ -443,7 +457,7 @@ class CommandQueue:
                 pending.timer.cancel()  # the expiry timer: from now on the reply timeout
             pending.timer = None
             self._outstanding = pending
-            self.write(pending.frame).addCallback(self._written, pending)
+            self._write(pending.frame, prompts_device=False).addCallback(self._written, pending)
             return
         self._disarm()
 

@@ -349,6 +349,26 @@ def test_command_goes_out_right_after_an_ack() -> None:
     assert rig.take() == ACK_1 + frame("getinfo")
 
 
+def test_an_ack_written_starts_the_quiet_interval_again() -> None:
+    """The device answers an ACK with its next frame (or its backlog): a command that
+    arrives just after an ACK written on a slow store (more than `quiet` after the last
+    byte received) waits a whole quiet interval from the ACK, not from the last read."""
+    rig = Rig(quiet=1)
+    rig.queue.received()
+    rig.clock.advance(1.5)  # the frame took 1.5 s to store
+    rig.queue.write(ACK_1)
+    rig.queue.ack_written()  # nothing waiting yet
+    assert rig.take() == ACK_1
+    rig.clock.advance(0.1)
+    handle = rig.queue.submit(frame("getinfo"), CODEC_12)
+    assert rig.take() == b""
+    rig.clock.advance(0.89)
+    assert rig.take() == b""
+    no_result(handle.written)
+    rig.clock.advance(0.01)
+    assert rig.take() == frame("getinfo")
+
+
 def test_a_busy_connection_gets_no_command() -> None:
     """While a frame is queued, being stored or partly received, neither an ACK nor the
     quiet interval lets a command out; once the connection is idle again it goes."""
