@@ -38,7 +38,7 @@ socket errbacks everything pending with a dedicated error. On top of that:
   stored" alone is not enough: a frame can be in the kernel's buffer, unread; the quiet
   interval is what makes that unlikely, and nothing can make it impossible (README,
   "Commands", limits). The login's ``01`` is not an opportunity: a device with a backlog
-  starts sending at once.
+  starts sending at once (it starts the quiet interval, like an ACK).
 * A reply resolves the outstanding command only when its codec matches (12 with 12, 14
   with 14) and its type is a reply (0x06, or 0x11 = codec 14 nACK, a failure). Anything
   else is unsolicited: :meth:`CommandQueue.reply_received` returns False and the caller
@@ -351,8 +351,9 @@ class CommandQueue:
 
     def _quiet_from(self, now: float) -> float:
         """The earliest time from *now* on when the quiet path may write a command: after
-        ``quiet`` seconds without a byte received or an ACK written, and outside the window in which the device's
-        next periodic frame is due (half a period to one and a half after its last)."""
+        ``quiet`` seconds without a byte received or an ACK written, and outside the
+        window in which the device's next periodic frame is due (half a period to one and
+        a half after its last)."""
         at = max(now, self._quiet_since + self.quiet)
         gap, last = self._frame_gap, self._last_frame
         if gap is None or last is None or at <= last + gap / 2:
