@@ -65,6 +65,7 @@ from teltonika.commands.queue import (
     DEFAULT_COMMAND_QUIET,
     DEFAULT_COMMAND_SETTLE,
     DEFAULT_COMMAND_TIMEOUT,
+    FRAME_DUE_MARGIN,
     InvalidCommandError,
 )
 
@@ -254,17 +255,21 @@ class Command:
 class InstanceSettings:
     """What an instance announces in its heartbeat value, so that a sender can tell how
     long a command sent there may take: ``{"at_ms": ..., "command_timeout_s": ...,
-    "command_quiet_s": ..., "command_settle_s": ...}``.
+    "command_quiet_s": ..., "command_settle_s": ..., "command_due_margin_s": ...}``.
 
     :ivar command_timeout_s: the instance's ``--command-timeout`` (commands without
         ``timeout_s``).
     :ivar command_quiet_s: its ``--command-quiet``: an idle device gets a command after it.
     :ivar command_settle_s: its ``--command-settle``: the pause after a timeout.
+    :ivar command_due_margin_s: seconds either side of a periodic device's next frame in
+        which a command waits for an ACK rather than the quiet interval
+        (:data:`~teltonika.commands.queue.FRAME_DUE_MARGIN`).
     """
 
     command_timeout_s: float = DEFAULT_COMMAND_TIMEOUT
     command_quiet_s: float = DEFAULT_COMMAND_QUIET
     command_settle_s: float = DEFAULT_COMMAND_SETTLE
+    command_due_margin_s: float = FRAME_DUE_MARGIN
 
     def heartbeat_value(self, at_ms: int) -> str:
         return json.dumps({"at_ms": at_ms, **attrs.asdict(self)}, separators=(",", ":"))

@@ -28,9 +28,14 @@ socket errbacks everything pending with a dedicated error. On top of that:
      device's next frame is due: a device that
      reports periodically sends its next frame about one period (the last interval
      between two of its frames, :meth:`CommandQueue.frame_received`) after its last one,
-     so from half a period to one and a half periods after its last frame only an ACK
-     lets a command out. Without that, a device whose period is close to ``quiet`` would
-     regularly get a command just as its frame is on the way.
+     so within ``due_margin`` (at most half a period) of that moment only an ACK lets a
+     command out: from half a period to one and a half periods after the last frame of
+     a device reporting every 10 s or faster, from 5 s before to 5 s after its next
+     frame is due for a slower one. Without that, a device whose period is close to
+     ``quiet`` would regularly get a command just as its frame is on the way. The margin
+     is bounded so that the wait is too: a command waits at most ``quiet`` plus twice
+     ``due_margin`` for a write moment (plus a store in progress), which is what a
+     sender's default expiry allows for (:func:`teltonika.commands.client.write_window`).
 
   and in both cases only while the connection is idle (the ``connection_idle`` predicate
   the protocol supplies: no frame queued or being stored, no partial frame buffered; a
@@ -82,6 +87,9 @@ DEFAULT_COMMAND_QUIET: Final = 1 * SECONDS
 """Seconds without a received byte after which an idle connection may get a command."""
 DEFAULT_COMMAND_SETTLE: Final = 2 * SECONDS
 """Seconds after a command timed out before the next command may be written."""
+FRAME_DUE_MARGIN: Final = 5 * SECONDS
+"""Most seconds either side of a periodic device's next frame in which only an ACK lets
+a command out (half the period for a device reporting more often than every 10 s)."""
 MIN_RECHECK: Final = 0.05 * SECONDS
 """Shortest wait before looking again at a busy connection (with a quiet interval of 0)."""
 DEFAULT_WARN_DEPTH: Final = 5
@@ -182,6 +190,8 @@ class CommandQueue:
     :param quiet: seconds without a received byte after which an idle connection may get
         a command (see the module docstring); 0 writes as soon as the connection is idle.
     :param settle: seconds after a timeout before the next command may be written.
+    :param due_margin: seconds either side of a periodic device's next frame in which
+        the quiet path writes nothing (at most half the device's period).
     :param connection_idle: True when no frame of the connection is queued, being
         stored or partly received (the protocol's state; default: always idle).
     """
@@ -200,6 +210,7 @@ class CommandQueue:
         imei: str = "",
         quiet: float = DEFAULT_COMMAND_QUIET,
         settle: float = DEFAULT_COMMAND_SETTLE,
+        due_margin: float = FRAME_DUE_MARGIN,
         connection_idle: Callable[[], bool] = _always_idle,
     ) -> None:
         self._writer = writer
@@ -211,6 +222,7 @@ class CommandQueue:
         self.imei = imei
         self.quiet = quiet
         self.settle = settle
+        self.due_margin = due_margin
         self._connection_idle = connection_idle
         self._chain: Deferred[None] = succeed(None)
         self._waiting: deque[_Pending] = deque()
@@ -352,13 +364,17 @@ class CommandQueue:
     def _quiet_from(self, now: float) -> float:
         """The earliest time from *now* on when the quiet path may write a command: after
         ``quiet`` seconds without a byte received or an ACK written, and outside the
-        window in which the device's next periodic frame is due (half a period to one and
-        a half after its last)."""
+        window in which the device's next periodic frame is due (``due_margin``, at most
+        half a period, either side of one period after its last frame)."""
         at = max(now, self._quiet_since + self.quiet)
         gap, last = self._frame_gap, self._last_frame
-        if gap is None or last is None or at <= last + gap / 2:
+        if gap is None or last is None:
             return at
-        return max(at, last + 1.5 * gap)
+        margin = min(gap / 2, self.due_margin)
+        due = last + gap
+        if at <= due - margin or at >= due + margin:
+            return at
+        return due + margin
 
     def ack_written(self) -> None:
         """The protocol just wrote an ACK and the connection is idle: the one moment a

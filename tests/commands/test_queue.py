@@ -506,3 +506,22 @@ def test_a_slow_reporter_gets_its_command_after_the_quiet_interval() -> None:
     rig.queue.submit(frame("getinfo"), CODEC_12)
     rig.clock.advance(1.0)
     assert rig.take() == frame("getinfo")
+
+
+def test_the_window_around_a_slow_reporters_next_frame_is_bounded() -> None:
+    """A device reporting every 10 minutes: only 5 s either side of its next frame's due
+    time is kept for the ACK path, not half a period either side (which made a command
+    wait up to 15 minutes, far beyond any sender's expiry); a command in that window
+    goes at the window's end if the frame does not come, or right after its ACK."""
+    rig = Rig(quiet=1)
+    frames_every(rig, 600.0, 2)
+    rig.clock.advance(590)
+    rig.queue.submit(frame("early"), CODEC_12)
+    assert rig.take() == frame("early")
+    assert rig.queue.reply_received(reply("ok"))
+    rig.clock.advance(6)  # 596 s after the last frame: 4 s before the next is due
+    rig.queue.submit(frame("getinfo"), CODEC_12)
+    rig.clock.advance(8.99)
+    assert rig.take() == b""
+    rig.clock.advance(0.01)
+    assert rig.take() == frame("getinfo")
