@@ -9,7 +9,10 @@ it never touches) is never blocked by a slow tracker.
 
 Statuses, all on ``commands:responses`` (fields in :mod:`teltonika.commands.messages`):
 
-* ``delivered`` when the frame's bytes were handed to the socket (progress);
+* ``delivered`` when the frame's bytes were handed to the socket (progress), retried
+  like the terminal statuses below (a sender that gives up tells from it whether the
+  device may have run the command) but only while the entry is not settled, so it never
+  follows the terminal status and is published once per entry (script ``DELIVERED``);
 * then exactly one of ``responded`` (the reply text) or ``failed`` with a reason. The
   terminal status, the XACK and the XDEL of the entry are one Lua script (``SETTLE``),
   so an entry is either still pending (and re-read after a restart) or settled, never
@@ -51,16 +54,17 @@ from teltonika.commands.messages import (
     RESPONSES_MAXLEN,
     RESPONSES_STREAM,
     Command,
+    delivered_marks,
     flat,
     offline_command,
     offline_list,
     outbound_stream,
-    publish_status_args,
     status_fields,
     text_of,
 )
 from teltonika.commands.metrics import CommandMetrics
 from teltonika.commands.queue import CommandError, CommandQueue, InvalidCommandError
+from teltonika.commands.scripts import DELIVERED as DELIVERED_SCRIPT
 from teltonika.commands.scripts import SETTLE, TAKE_OFFLINE, run_script
 from teltonika.wire.records import DeviceMessage
 
@@ -273,7 +277,7 @@ class CommandConsumer(Service):
             command_id=command.id,
             expires_in=expires_in,
         )
-        handle.written.addCallback(self._written, command)
+        handle.written.addCallback(self._written, entry_id, command)
         handle.reply.addCallbacks(
             self._replied,
             self._reply_failed,
@@ -305,7 +309,10 @@ class CommandConsumer(Service):
             reason=InvalidCommandError.reason,
         )
 
-    def _written(self, ok: bool, command: Command) -> None:
+    def _written(self, ok: bool, entry_id: str, command: Command) -> None:
+        """The frame was handed to the socket: publish ``delivered``, retried until Redis
+        takes it, the entry is settled (then the terminal status says more) or the
+        instance shuts down."""
         if not ok:
             return
         fields = status_fields(
@@ -317,8 +324,21 @@ class CommandConsumer(Service):
             at_ms=self.now_ms(),
             attempt=command.attempt,
         )
-        d = maybeDeferred(self._redis.execute_command, *publish_status_args(fields))
-        self._metrics.commands.labels(status=DELIVERED, reason="").inc()
+        keys = [self.stream, RESPONSES_STREAM, delivered_marks(self.instance_id)]
+        args = [entry_id, str(RESPONSES_MAXLEN), *flat(fields)]
+
+        def published(result: object) -> None:
+            if result is not None and int(str(result)) == 1:
+                self._metrics.commands.labels(status=DELIVERED, reason="").inc()
+
+        d = Deferred.fromCoroutine(
+            self._until_redis_takes(
+                lambda: run_script(self._redis, DELIVERED_SCRIPT, keys, args),
+                what=DELIVERED,
+                subject=command.id,
+            )
+        )
+        d.addCallback(published)
         self._track(d.addErrback(self._publish_failed, command.id, DELIVERED))
 
     def _replied(self, message: DeviceMessage, entry_id: str, command: Command) -> None:
@@ -385,6 +405,7 @@ class CommandConsumer(Service):
             offline_command(command_id),
             offline_list(imei),
             OFFLINE_EXPIRY_KEY,
+            delivered_marks(self.instance_id),
         ]
         args = [
             CONSUMER_GROUP,

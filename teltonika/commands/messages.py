@@ -15,6 +15,8 @@ Keys::
     commands:offline:{imei}              list of command ids waiting for the device's login
     commands:offline:command:{id}        hash: one waiting command (its entry + attempts)
     commands:offline:expiry              sorted set: command id by expires_at_ms
+    commands:delivered:{instance_id}     hash: entry id -> "1" once ``delivered`` was
+                                         published for it (fields removed at settle)
 
 A command entry (``commands:outbound:*``), every value a string::
 
@@ -114,6 +116,10 @@ def heartbeat_key(instance_id: str) -> str:
 
 def outbound_stream(instance_id: str) -> str:
     return f"commands:outbound:{instance_id}"
+
+
+def delivered_marks(instance_id: str) -> str:
+    return f"commands:delivered:{instance_id}"
 
 
 def offline_list(imei: str) -> str:

@@ -18,6 +18,11 @@ may act on the same keys at the same moment:
   instance, that instance gets a ``flush`` entry and delivers it now. After a ``timeout``
   or ``queue_full`` the same session is still there, so the command waits for the next
   login, as before.
+* ``DELIVERED``: publish the ``delivered`` progress status once per entry, and only while
+  the entry is still in the stream (not settled): retried after a failed call (whose
+  first run may have happened), it is never published twice and never lands after the
+  command's terminal status. The mark lives in ``commands:delivered:{instance_id}`` until
+  ``SETTLE`` (or a janitor's ``JANITOR_STREAM``) removes it with the entry.
 * ``JANITOR_REGISTRY`` / ``JANITOR_STREAM``: act on a dead instance's keys only while its
   heartbeat is still absent (an instance restarting with the same id wins).
 * ``TAKE_OFFLINE``, ``STORE_OFFLINE``, ``EXPIRE_OFFLINE``: offline delivery.
@@ -114,10 +119,11 @@ SETTLE: Final = (
     + _RETRYABLE_LUA
     + """
 -- KEYS[1] outbound stream, KEYS[2] responses, KEYS[3] offline hash, KEYS[4] offline list,
--- KEYS[5] offline expiry zset
+-- KEYS[5] offline expiry zset, KEYS[6] delivered marks of the stream
 -- ARGV[1] group, ARGV[2] entry id, ARGV[3] offline '1'/'', ARGV[4] now ms,
 -- ARGV[5] max attempts, ARGV[6] maxlen, ARGV[7..] status fields (flat)
 -- Returns 'status|reason' of what was published, or '' when nothing was.
+redis.call('HDEL', KEYS[6], ARGV[2])
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
   -- not pending (any more): settled by an earlier run of this script, or the stream
   -- was failed by a janitor (instance_gone): one terminal status only
@@ -158,6 +164,21 @@ end
 publish(KEYS[2], ARGV[6], fields)
 local final = tomap(fields)
 return final['status'] .. '|' .. final['reason']
+"""
+)
+
+DELIVERED: Final = (
+    _STATUS_LUA
+    + """
+-- KEYS[1] outbound stream, KEYS[2] responses, KEYS[3] delivered marks of the stream;
+-- ARGV[1] entry id, ARGV[2] maxlen, ARGV[3..] status fields (flat).
+-- Returns 1 when published, 0 when the entry is settled or was reported delivered.
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end
+if redis.call('HSETNX', KEYS[3], ARGV[1], '1') == 0 then return 0 end
+local fields = {}
+for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
+publish(KEYS[2], ARGV[2], fields)
+return 1
 """
 )
 
@@ -255,7 +276,8 @@ JANITOR_STREAM: Final = (
     _STATUS_LUA
     + _FLUSH_LUA
     + """
--- KEYS[1] the dead instance's outbound stream, KEYS[2] its heartbeat, KEYS[3] responses
+-- KEYS[1] the dead instance's outbound stream, KEYS[2] its heartbeat, KEYS[3] responses,
+-- KEYS[4] its delivered marks
 -- ARGV[1] dead instance id, ARGV[2] now ms, ARGV[3] maxlen, ARGV[4] this instance's id
 if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
 local entries = redis.call('XRANGE', KEYS[1], '-', '+')
@@ -282,7 +304,7 @@ for _, entry in ipairs(entries) do
     end
   end
 end
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[4])
 return n
 """
 )
