@@ -50,6 +50,7 @@ from teltonika.commands.messages import (
     DELIVERED,
     FAILED,
     OFFLINE_EXPIRY_KEY,
+    REQUEUED,
     RESPONDED,
     RESPONSES_MAXLEN,
     RESPONSES_STREAM,
@@ -282,7 +283,7 @@ class CommandConsumer(Service):
             self._replied,
             self._reply_failed,
             callbackArgs=(entry_id, command),
-            errbackArgs=(entry_id, command),
+            errbackArgs=(entry_id, command, queue),
         )
 
     def _invalid(self, entry_id: str, fields: dict[Any, Any], error: str) -> None:
@@ -354,13 +355,33 @@ class CommandConsumer(Service):
             attempt=command.attempt,
         )
 
-    def _reply_failed(self, failure: Failure, entry_id: str, command: Command) -> None:
+    def _reply_failed(
+        self, failure: Failure, entry_id: str, command: Command, queue: CommandQueue
+    ) -> None:
         reason = failure.value.reason if isinstance(failure.value, CommandError) else "error"
         if reason == "error":
             self._log.failure("Command {command_id} failed", failure, command_id=command.id)
-        self._fail(entry_id, command, reason)
 
-    def _fail(self, entry_id: str, command: Command, reason: str) -> None:
+        def settled(final: str) -> None:
+            # An offline command back in the waiting list while the device is logged in
+            # here on a newer session than the attempt's (the old socket timed out
+            # half-open while the device logged in again, and that login collected the
+            # list before the command was back): take the list again, now. The settle
+            # script asks another instance to flush itself; this one is ours to do.
+            current = self._lookup(command.imei)
+            if final == REQUEUED and current is not None and current is not queue:
+                self.take_offline(command.imei)
+
+        self._fail(entry_id, command, reason, then=settled if command.offline else None)
+
+    def _fail(
+        self,
+        entry_id: str,
+        command: Command,
+        reason: str,
+        *,
+        then: Callable[[str], None] | None = None,
+    ) -> None:
         self._settle(
             entry_id,
             command.offline,
@@ -370,6 +391,7 @@ class CommandConsumer(Service):
             FAILED,
             reason=reason,
             attempt=command.attempt,
+            then=then,
         )
 
     def _settle(
@@ -385,8 +407,13 @@ class CommandConsumer(Service):
         response: str = "",
         response_hex: str = "",
         attempt: int = 0,
+        then: Callable[[str], None] | None = None,
     ) -> Deferred[Any]:
-        """Publish the terminal status, XACK and XDEL the entry: one Lua script."""
+        """Publish the terminal status, XACK and XDEL the entry: one Lua script.
+
+        :param then: called with the status the script published (``requeued`` for an
+            offline command put back to wait), not when it published nothing.
+        """
         fields = status_fields(
             command_id=command_id,
             imei=imei,
@@ -422,6 +449,8 @@ class CommandConsumer(Service):
             if not final:
                 return  # settled before (an earlier attempt, a janitor): nothing published
             self._metrics.commands.labels(status=final, reason=final_reason).inc()
+            if then is not None:
+                then(final)
             if final == FAILED:
                 self._log.info(
                     "Command {command_id} for {imei} failed: {reason}",

@@ -16,8 +16,10 @@ may act on the same keys at the same moment:
   may already be logged in again (a reconnect on the same or another instance that
   collected the waiting list before the command was back): if the registry names a live
   instance, that instance gets a ``flush`` entry and delivers it now. After a ``timeout``
-  or ``queue_full`` the same session is still there, so the command waits for the next
-  login, as before.
+  or ``queue_full`` the attempt's session may still be there, but the device may also
+  have logged in again (the old socket half-open): if the registry names another live
+  instance, that one gets the ``flush``; the consumer itself takes the list again when
+  the device's session on this instance is a newer one than the attempt's.
 * ``DELIVERED``: publish the ``delivered`` progress status once per entry, and only while
   the entry is still in the stream (not settled): retried after a failed call (whose
   first run may have happened), it is never published twice and never lands after the
@@ -65,9 +67,10 @@ end
 """
 
 _FLUSH_LUA: Final = f"""
-local function flush_if_online(id, imei)
+-- skip: an instance not to ask (nil: any)
+local function flush_if_online(id, imei, skip)
   local inst = redis.call('HGET', '{REGISTRY_KEY}', imei)
-  if inst and redis.call('EXISTS', '{heartbeat_key("")}' .. inst) == 1 then
+  if inst and inst ~= skip and redis.call('EXISTS', '{heartbeat_key("")}' .. inst) == 1 then
     redis.call('XADD', '{outbound_stream("")}' .. inst, '*', 'v', '{COMMANDS_VERSION}',
                'kind', 'flush', 'id', id, 'imei', imei)
   end
@@ -153,7 +156,13 @@ if ARGV[3] == '1' then
       set('status', 'requeued')
       result = 'requeued'
       redis.call('RPUSH', KEYS[4], m['id'])
-      if SESSION_GONE[m['reason']] then flush_if_online(m['id'], m['imei']) end
+      if SESSION_GONE[m['reason']] then
+        flush_if_online(m['id'], m['imei'], nil)
+      else
+        -- timeout, queue_full: the attempt's session may still be there, but the device
+        -- may have logged in again elsewhere (the old socket half-open)
+        flush_if_online(m['id'], m['imei'], m['instance_id'])
+      end
     end
   end
   if result ~= 'requeued' then
@@ -293,7 +302,7 @@ for _, entry in ipairs(entries) do
         local st = status(f['id'], f['imei'], codec, 'requeued', 'instance_gone', ARGV[4],
                           ARGV[2], f['attempt'])
         publish(KEYS[3], ARGV[3], st)
-        flush_if_online(f['id'], f['imei'])
+        flush_if_online(f['id'], f['imei'], nil)
         n = n + 1
       end
     else

@@ -441,3 +441,37 @@ async def test_an_offline_command_in_flight_expires_instead_of_being_written_lat
     assert queue.reply_received(DeviceMessage(CODEC_12, 6, b"Ver:1"))
     await terminal(redis, slow)
     assert transport.value() == b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_offline_command_timed_out_on_an_old_session_goes_to_the_new_one(
+    redis: Any, rig: Any
+) -> None:
+    """The device logged in again on this instance while an offline command was in
+    flight on its old session (which then timed out instead of closing): the new login
+    collected an empty list, so when the timeout puts the command back the consumer takes
+    the list again and the new session gets the command now."""
+    devices, start = rig
+    old_transport, _old_queue = devices.connect(IMEI)
+    consumer = start()
+    command = Command(
+        id="off-old",
+        imei=IMEI,
+        payload=b"getinfo",
+        offline=True,
+        expires_at_ms=consumer.now_ms() + 600_000,
+        timeout_s=5,
+    )
+    await store_offline(redis, command, consumer.now_ms())
+    await consumer.take_offline(IMEI)
+    await eventually(old_transport.value)
+    new_transport, new_queue = devices.connect(IMEI)  # the new session
+    await consumer.take_offline(IMEI)  # what its login does: the list is empty now
+    devices.clock.advance(5)
+    await eventually(new_transport.value)
+    assert new_transport.value() == encode_command(CODEC_12, b"getinfo", IMEI)
+    assert new_queue.reply_received(DeviceMessage(CODEC_12, 6, b"INI:ok"))
+    final = await terminal(redis, "off-old")
+    assert (final["status"], final["response"], final["attempt"]) == ("responded", "INI:ok", "2")
+    progress = [(s["status"], s["reason"]) for s in await statuses(redis, "off-old")]
+    assert progress[:3] == [("queued", ""), ("delivered", ""), ("requeued", "timeout")]
