@@ -98,6 +98,22 @@ REASONS: Final = frozenset(
         "attempts_exhausted",
     }
 )
+REASON_MEANINGS: Final = {
+    "device_not_connected": "the device is not connected to any server; it was not sent",
+    "timeout": "the device did not answer within the command's timeout",
+    "socket_closed": "the device's connection closed before it answered",
+    "queue_full": "too many commands are already queued for this device; it was not sent",
+    "nack": "the device refused it (codec 14: the IMEI is not its own); it did not run",
+    "invalid_command": "the server could not parse or encode it; it was not sent",
+    "instance_gone": "the server holding the device's connection died before it answered",
+    "expired": "its expiry passed before it could be written; it was not sent and will not be",
+    "attempts_exhausted": "offline delivery failed on every allowed attempt",
+}
+"""What each ``failed`` reason means, in words for people (``teltonika send``)."""
+NEVER_WRITTEN: Final = frozenset(
+    {"device_not_connected", "queue_full", "invalid_command", "expired"}
+)
+"""Reasons that say the command's frame was not written to the device (this attempt)."""
 RETRYABLE: Final = frozenset({"device_not_connected", "timeout", "socket_closed", "queue_full"})
 """Reasons after which an offline command goes back to wait for the next login."""
 SESSION_GONE: Final = frozenset({"device_not_connected", "socket_closed"})

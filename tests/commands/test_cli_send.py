@@ -233,8 +233,8 @@ async def test_the_default_expiry_and_wait_follow_the_queue_ahead(
 @pytest.mark.parametrize(
     ("argv", "delivered", "says"),
     [
-        (["--expires", "0.2"], False, "it was not delivered and will not be"),
-        (["--no-expiry"], False, "may still be delivered later (it has no expiry)"),
+        (["--expires", "0.2"], False, "no server reported delivering it, and none writes it"),
+        (["--no-expiry"], False, "it has no expiry: it may still be delivered and run later"),
         (["--expires", "0", "--no-expiry"], True, "delivered to the device, which may have"),
     ],
 )
@@ -278,3 +278,42 @@ def test_expiry_options_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
 
 async def _matching(entries: Any, predicate: Any) -> list[dict[str, str]]:
     return [e for e in await entries if predicate(e)]
+
+
+@pytest.mark.parametrize(
+    ("reason", "delivered", "says"),
+    [
+        ("timeout", True, "did not answer within the command's timeout; it was delivered, so "
+         "the device may have run it"),
+        ("instance_gone", False, "died before it answered; no delivered status was seen, so it "
+         "most likely did not run"),
+        ("expired", False, "its expiry passed before it could be written; it was not sent and "
+         "will not be"),
+        ("nack", True, "the device refused it (codec 14: the IMEI is not its own); it did not run"),
+        ("brand_new", False, "the server gave no known reason"),
+    ],
+)  # fmt: skip
+@pytest_twisted.ensureDeferred
+async def test_exit_1_names_the_reason_and_what_it_means(
+    redis_url: str,
+    redis: Any,
+    capsys: pytest.CaptureFixture[str],
+    reason: str,
+    delivered: bool,
+    says: str,
+) -> None:
+    """A failed status exits 1 with the reason, what it means, and whether the device may
+    have run the command (from the delivered status)."""
+    await fake_instance(redis)
+    sending = ensureDeferred(run_send(redis_url, "getinfo", "--id", "f", "-q"))
+    await eventually(lambda: redis.exists("commands:outbound:z"))
+    if delivered:
+        await redis.execute_command(
+            "XADD", "commands:responses", "*", "id", "f", "status", "delivered"
+        )
+    await redis.execute_command(
+        "XADD", "commands:responses", "*", "id", "f", "status", "failed", "reason", reason
+    )
+    assert await sending == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"failed: {reason} (command f): ") and says in err, err
