@@ -74,10 +74,12 @@ async def rig(
 
 
 @pytest_twisted.async_yield_fixture
-async def running(rig: Any) -> AsyncIterator[CommandConsumer]:
-    """One consumer of instance a, started once for all examples of a hypothesis test."""
-    _devices, start = rig
-    yield start()
+async def running(rig: Any) -> AsyncIterator[tuple[CommandConsumer, StringTransport, CommandQueue]]:
+    """One consumer of instance a, started once for all examples of a hypothesis test,
+    and the socket of a device (IMEI) connected to it."""
+    devices, start = rig
+    transport, queue = devices.connect(IMEI)
+    yield start(), transport, queue
 
 
 @pytest_twisted.ensureDeferred
@@ -217,13 +219,17 @@ ENTRY_VALUES = (
 @given(entry=st.dictionaries(ENTRY_NAMES, ENTRY_VALUES, min_size=1, max_size=12))
 @pytest_twisted.ensureDeferred
 async def test_any_entry_ends_in_one_terminal_status_and_the_loop_goes_on(
-    redis: Any, running: CommandConsumer, entry: dict[Any, Any]
+    redis: Any,
+    running: tuple[CommandConsumer, StringTransport, CommandQueue],
+    entry: dict[Any, Any],
 ) -> None:
     """Whatever names and bytes an entry holds (non-UTF-8 values come back from
     txredisapi as bytes), it is settled: acknowledged and deleted, with exactly one
-    terminal status (none for a flush or an offline entry with nothing stored), and the
-    consumer keeps reading. No device is connected, so a valid command fails with
-    device_not_connected."""
+    terminal status (none for a flush or an offline entry with nothing stored). Its
+    device (OTHER) is not connected, so a valid one fails with device_not_connected.
+    Then the consumer still delivers a valid command to a connected device and its
+    reply is published: the loop went on."""
+    _consumer, transport, queue = running
     before = await _terminal_count(redis)
     await redis.execute_command(
         "XADD", "commands:outbound:a", "*", *[part for pair in entry.items() for part in pair]
@@ -231,7 +237,13 @@ async def test_any_entry_ends_in_one_terminal_status_and_the_loop_goes_on(
     silent = entry.get("kind") == "flush" or entry.get("offline") == "1"
     await eventually(lambda: _stream_settled(redis), timeout=5)
     await eventually(lambda: _count_is(redis, before + (0 if silent else 1)), timeout=5)
-    assert running.running
+    transport.clear()
+    valid = await publish(redis, "a", IMEI, "getinfo")
+    await eventually(transport.value, timeout=5)
+    assert transport.value() == encode_command(CODEC_12, b"getinfo", IMEI)
+    assert queue.reply_received(DeviceMessage(CODEC_12, 6, b"INI:ok"))
+    final = await terminal(redis, valid)
+    assert (final["status"], final["response"]) == ("responded", "INI:ok")
 
 
 async def _count_is(redis: Any, expected: int) -> bool:
