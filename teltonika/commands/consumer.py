@@ -54,6 +54,7 @@ from teltonika.commands.messages import (
     RESPONDED,
     RESPONSES_MAXLEN,
     RESPONSES_STREAM,
+    SESSION_GONE,
     Command,
     delivered_marks,
     flat,
@@ -372,7 +373,8 @@ class CommandConsumer(Service):
             if final == REQUEUED and current is not None and current is not queue:
                 self.take_offline(command.imei)
 
-        self._fail(entry_id, command, reason, then=settled if command.offline else None)
+        retake = command.offline and reason not in SESSION_GONE  # those: the script flushes
+        self._fail(entry_id, command, reason, then=settled if retake else None)
 
     def _fail(
         self,
