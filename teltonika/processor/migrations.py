@@ -29,7 +29,7 @@ from typing import Any, Final
 import attrs
 import psycopg
 
-from teltonika.processor.database import is_connection_error
+from teltonika.processor.database import SET_TIMEOUTS, is_connection_error
 
 LOCK_KEY: Final = 0x74656C746F6E6B61  # "teltonka" as a bigint: the processor's advisory lock
 TABLE: Final = "teltonika_migrations"
@@ -103,8 +103,11 @@ def apply_migrations(connection: psycopg.Connection[Any]) -> list[str]:
     :raise SchemaError: a migration failed (other than by the database being
         unavailable), or the schema is not what the processor writes.
     """
-    connection.execute("SET statement_timeout = 0")
-    connection.execute("SET lock_timeout = 0")
+    row = connection.execute(
+        "SELECT current_setting('statement_timeout'), current_setting('lock_timeout')"
+    ).fetchone()
+    assert row is not None
+    connection.execute(SET_TIMEOUTS, ("0", "0"))
     try:
         connection.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
         try:
@@ -114,8 +117,7 @@ def apply_migrations(connection: psycopg.Connection[Any]) -> list[str]:
         verify_schema(connection)
         return done
     finally:
-        connection.execute("RESET statement_timeout")
-        connection.execute("RESET lock_timeout")
+        connection.execute(SET_TIMEOUTS, row)  # the session's own values, not the server's
 
 
 def _apply(connection: psycopg.Connection[Any]) -> list[str]:

@@ -9,6 +9,7 @@ import redis
 from twisted.internet import reactor
 
 from teltonika.contract import TELEMETRY_STREAM
+from teltonika.processor.migrations import apply_migrations
 from tests.processor.conftest import (
     BASE_MS,
     NX,
@@ -175,22 +176,45 @@ async def test_rehydration_one_query_per_batch(processors, rds, pg_dsn):
 
 @pytest_twisted.ensureDeferred
 async def test_claim_idle_and_max_deliveries(processors, rds, pg_dsn, logged_errors):
-    """Entries left pending by a dead consumer are claimed after --claim-idle; one already
-    delivered more than --max-deliveries times is dead-lettered with reason max_deliveries."""
+    """Entries left pending by a dead consumer are claimed after --claim-idle. Delivered
+    more than --max-deliveries times is not a reason by itself: a good entry redelivered
+    that often (restarts, claims while PostgreSQL was down) is written; only one that
+    cannot be written (a trigger refuses it with an error that is neither a data error nor
+    PostgreSQL being unavailable, retried for ever in a batch) is dead-lettered with reason
+    max_deliveries, once written alone, and its neighbours are written."""
     rds.xgroup_create(TELEMETRY_STREAM, "processor", "0", mkstream=True)
-    ids = [xadd(rds, entry(imei=imei(i), rec=record(i))) for i in range(3)]
+    ids = [
+        xadd(rds, entry(imei=imei(i), rec=record(i, speed=7 if i == 1 else 42))) for i in range(4)
+    ]
     rds.xreadgroup("processor", "dead", {TELEMETRY_STREAM: ">"})
     for _ in range(4):  # each XCLAIM counts as a delivery: 5 in all
-        rds.xclaim(TELEMETRY_STREAM, "processor", "dead", 0, [ids[0]])
+        rds.xclaim(TELEMETRY_STREAM, "processor", "dead", 0, [ids[0], ids[1]])
+    with psycopg.connect(pg_dsn, autocommit=True) as connection:
+        apply_migrations(connection)
+    execute(
+        pg_dsn,
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN IF NEW.speed = 7 THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$",
+    )
+    execute(
+        pg_dsn,
+        "CREATE TRIGGER refuse BEFORE INSERT ON positions FOR EACH ROW EXECUTE FUNCTION refuse()",
+    )
     service = processors.start("--claim-idle", "0.3", "--claim-interval", "0.2")
     await eventually(lambda: pending(rds) == 0)
-    assert count(pg_dsn) == 2
+    assert sorted(r[0] for r in query(pg_dsn, "select device_id from positions")) == [
+        imei(0),
+        imei(2),
+        imei(3),
+    ]
     ((_, letter),) = rds.xrange(DEAD)
-    assert letter["dead.id"] == ids[0]
+    assert letter["dead.id"] == ids[1]
     assert letter["dead.reason"] == "max_deliveries"
-    assert letter["dead.detail"] == "delivered 6 times (limit 5)"
-    assert sample(service, "teltonika_processor_entries_claimed_total") == 3
+    assert letter["dead.detail"].startswith("delivered 6 times (limit 5); written alone it failed")
+    assert "refused" in letter["dead.detail"]
+    assert sample(service, "teltonika_processor_entries_claimed_total") == 4
     assert len(logged_errors.flush(DEAD_FORMAT)) == 1
+    logged_errors.flush()
 
 
 @pytest_twisted.ensureDeferred
