@@ -38,7 +38,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from teltonika.processor.database import Database, error_kind, is_unavailable
-from teltonika.processor.entries import ContractError, Position, fields_dict, parse_fields
+from teltonika.processor.entries import (
+    MAX_FIELDS,
+    ContractError,
+    Position,
+    fields_dict,
+    parse_fields,
+)
 from teltonika.processor.metrics import ProcessorMetrics
 from teltonika.processor.migrations import SchemaError
 from teltonika.processor.state import DeviceState
@@ -509,7 +515,7 @@ class Consumer:
                 entry_id=letter.entry_id,
                 reason=letter.reason,
                 detail=letter.detail,
-                imei=fields_dict(letter.fields).get("imei"),
+                imei=fields_dict(letter.fields[: 2 * MAX_FIELDS]).get("imei"),
             )
         acknowledged = await self._acknowledge(dead, ack_ids)
         self._held.difference_update(ack_ids)

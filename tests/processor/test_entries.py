@@ -348,3 +348,34 @@ def test_the_field_list_path_agrees_with_the_mapping_path(fields):
     the writer's order) gives the same Position, or the same reason, as parse_entry."""
     flat = [part for pair in fields.items() for part in pair]
     assert outcome(parse_fields, "1-0", flat) == outcome(parse_entry, "1-0", fields)
+
+
+def test_oversized_entries_are_refused_before_they_are_read():
+    """More than MAX_FIELDS fields, or any name or value longer than MAX_VALUE_CHARS, is
+    ``oversized`` whichever path the entry takes (a fast-path io, an extra field)."""
+    from teltonika.processor.entries import MAX_FIELDS, MAX_VALUE_CHARS, parse_fields
+    from teltonika.processor.streams import LETTER_CHARS, LETTER_FIELDS, letter_fields
+
+    good = [f.decode() for f in entry_fields("356307042441013", "8E", RECORD, 1, "i")]
+    many = good + [x for i in range(MAX_FIELDS) for x in (f"x{i}", "1")]
+    with pytest.raises(ContractError) as raised:
+        parse_fields("1-1", many)
+    assert raised.value.reason == "oversized"
+    big_io = list(good)
+    big_io[big_io.index("io") + 1] = '{"1":' + "1" * MAX_VALUE_CHARS + "}"
+    extra = [*good, "note", "n" * (MAX_VALUE_CHARS + 1)]
+    for fields in (big_io, extra):
+        with pytest.raises(ContractError) as raised:
+            parse_fields("1-1", fields)
+        assert raised.value.reason == "oversized"
+        with pytest.raises(ContractError):
+            parse_entry("1-1", dict(zip(fields[0::2], fields[1::2], strict=True)))
+    assert parse_fields("1-1", [*good, "note", "n" * MAX_VALUE_CHARS]).device_id
+
+    assert letter_fields(good) == (good, None)
+    kept, note = letter_fields(many + ["x"] * 100_000)
+    assert len(kept) == 2 * LETTER_FIELDS and note.startswith(
+        f"{(len(many) + 100_000) // 2} fields"
+    )
+    kept, note = letter_fields(extra + extra)
+    assert sum(len(x) for x in kept) <= LETTER_CHARS and note

@@ -10,6 +10,7 @@ from twisted.internet import reactor
 
 from teltonika.contract import TELEMETRY_STREAM
 from teltonika.processor.migrations import apply_migrations
+from teltonika.processor.streams import LETTER_CHARS
 from tests.processor.conftest import (
     BASE_MS,
     NX,
@@ -492,3 +493,113 @@ async def test_a_bug_while_processing_claimed_entries_is_a_crash(
     formats = [e.get("log_format", "") for e in logged_errors.flush()]
     assert any("The processor loop crashed" in f for f in formats)
     assert not any("Redis unreachable" in f for f in formats)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bug_while_writing_is_a_crash_not_an_outage(
+    processors, rds, pg_dsn, logged_errors, monkeypatch
+):
+    """An exception that is not a PostgreSQL error while writing (a TypeError: a bug) ends
+    the loop as a crash (exit 70 asked for, not ready), instead of being retried for ever
+    as if the database were down."""
+    import teltonika.processor.consumer as consumer_module
+
+    service = processors.start()
+    consumer = service.processor.consumer
+    await eventually(consumer.ready)
+
+    def planted_bug(*args):
+        raise TypeError("planted")
+
+    monkeypatch.setattr(consumer_module, "write_batch", planted_bug)
+    xadd(rds, entry(rec=record(0)))
+    await eventually(lambda: processors.exits == [service])
+    assert consumer.crashed.check(TypeError) and not consumer.ready()
+    assert sample(service, "teltonika_processor_postgres_errors_total", kind="TypeError") == 0
+    assert pending(rds) == 1  # never acknowledged
+    formats = [e.get("log_format", "") for e in logged_errors.flush()]
+    assert any("The processor loop crashed" in f for f in formats)
+    assert not any("PostgreSQL write failed" in f for f in formats)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_database_error_is_retried_not_a_crash(processors, rds, pg_dsn, logged_errors):
+    """Conversely, a PostgreSQL error that is neither a connection loss nor bad data (the
+    table renamed away by an operator) is retried, not ready meanwhile, and everything is written
+    once it is granted again."""
+    service = processors.start()
+    consumer = service.processor.consumer
+    await eventually(consumer.ready)
+    execute(pg_dsn, "ALTER TABLE positions RENAME TO positions_away")
+    xadd(rds, entry(rec=record(0)))
+    errors = "teltonika_processor_postgres_errors_total"
+    await eventually(lambda: sample(service, errors, kind="UndefinedTable") >= 2)
+    assert not consumer.ready() and processors.exits == []
+    execute(pg_dsn, "ALTER TABLE positions_away RENAME TO positions")
+    await eventually(lambda: count(pg_dsn) == 1 and pending(rds) == 0)
+    await eventually(consumer.ready)
+    logged_errors.flush()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_too_slow_for_the_statement_timeout_is_split(
+    processors, rds, pg_dsn, logged_errors
+):
+    """A batch whose INSERT cannot finish within --statement-timeout (a row trigger takes
+    0.1 s per row: 16 rows need 1.6 s, the limit is 0.7 s) is written in smaller
+    transactions after each timeout instead of timing out for ever; every row once."""
+    with psycopg.connect(pg_dsn, autocommit=True) as connection:
+        apply_migrations(connection)
+    execute(
+        pg_dsn,
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN PERFORM pg_sleep(0.1); RETURN NEW; END $$",
+    )
+    execute(
+        pg_dsn,
+        "CREATE TRIGGER slow BEFORE INSERT ON positions FOR EACH ROW EXECUTE FUNCTION slow()",
+    )
+    added = rds.pipeline(transaction=True)
+    for i in range(16):
+        xadd(added, entry(imei=imei(i), rec=record(i)))
+    added.execute()
+    service = processors.start("--batch-size", "16", "--statement-timeout", "0.7")
+    await eventually(lambda: count(pg_dsn) == 16 and pending(rds) == 0, timeout=30)
+    errors = "teltonika_processor_postgres_errors_total"
+    assert sample(service, errors, kind="timeout") >= 1
+    assert service.processor.consumer.ready()
+    logged_errors.flush()
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_entries_end_as_one_bounded_dead_letter(
+    processors, rds, pg_dsn, logged_errors
+):
+    """An entry of 100,000 fields, one whose io is larger than any record (2 MiB) and one
+    with a 2 MiB field the contract does not know each end as one dead letter with reason
+    oversized, holding a bounded part of the entry (the Lua script that writes letters
+    takes at most a few thousand arguments), and the entries around them are written."""
+    good = [xadd(rds, entry(imei=imei(i), rec=record(i))) for i in range(2)]
+    many = entry(imei=imei(5), rec=record(5))
+    for i in range(100_000 - 16):
+        many += [f"x{i}".encode(), b"1"]
+    huge_io = with_field(entry(imei=imei(6), rec=record(6)), "io", '{"1":' + "1" * (2 << 20) + "}")
+    extra = [*entry(imei=imei(7), rec=record(7)), b"note", b"n" * (2 << 20)]
+    bad = [xadd(rds, fields) for fields in (many, huge_io, extra)]
+    good += [xadd(rds, entry(imei=imei(i), rec=record(i))) for i in range(2, 4)]
+    service = processors.start()
+    await eventually(lambda: rds.xlen(DEAD) == 3 and pending(rds) == 0, timeout=30)
+    assert count(pg_dsn) == 4
+    letters = {letter["dead.id"]: letter for _, letter in rds.xrange(DEAD)}
+    assert set(letters) == set(bad)
+    for letter in letters.values():
+        assert letter["dead.reason"] == "oversized"
+        assert len(letter) <= 2 * 64 + 8
+        assert sum(len(k) + len(v) for k, v in letter.items()) <= LETTER_CHARS + 1000
+        assert letter["dead.truncated"]
+    assert "100000 fields" in letters[bad[0]]["dead.detail"]
+    assert letters[bad[0]]["imei"] == imei(5)
+    reason = {"reason": "oversized"}
+    assert sample(service, "teltonika_processor_dead_lettered_total", **reason) == 3
+    assert len(logged_errors.flush(DEAD_FORMAT)) == 3
+    logged_errors.flush()
