@@ -244,3 +244,35 @@ def test_a_foreign_table_fails_its_migration_with_a_clear_message(pg_dsn):
         message = str(info.value)
         assert "migration 003_record_hash.sql failed" in message
         assert "column device_id is missing" in message
+
+
+def test_migration_003_runs_again_without_harm(pg_dsn):
+    """003 is idempotent: on a table upgraded by hand half-way (the column added and filled
+    for some rows, the old key still there) it completes the upgrade, and on a table
+    already upgraded whose record was lost (or under another name of the key) it changes
+    nothing and is recorded."""
+    first, _, third = load_migrations()
+    rows = [position(RECORD), position(RECORD._replace(timestamp_ms=RECORD.timestamp_ms + 1))]
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(first.sql.encode())
+        for p in rows:
+            conn.execute(_OLD_INSERT, p.copy_row()[:-1])
+        conn.execute("ALTER TABLE positions ADD COLUMN record_hash bigint")
+        conn.execute(
+            "UPDATE positions SET record_hash = 7 WHERE ts = (SELECT min(ts) FROM positions)"
+        )
+        assert apply_migrations(conn) == [first.name, third.name]
+        stored = sorted(r[0] for r in conn.execute("select record_hash from positions"))
+        assert stored == sorted([7, rows[1].record_hash])
+        assert migrations.schema_problems(conn) == []
+
+        conn.execute("DELETE FROM teltonika_migrations WHERE version = 3")
+        assert apply_migrations(conn) == [third.name]
+        conn.execute("ALTER TABLE positions RENAME CONSTRAINT positions_record TO my_key")
+        conn.execute("DELETE FROM teltonika_migrations WHERE version = 3")
+        assert apply_migrations(conn) == [third.name]
+        indexes = conn.execute(
+            "select count(*) from pg_index where indrelid = 'positions'::regclass"
+        ).fetchone()
+        assert indexes == (1,)
+        assert migrations.schema_problems(conn) == []
