@@ -288,12 +288,19 @@ def reverse_io(text: str) -> str:
     """Check the ``io`` field and return it as compact JSON for the ``jsonb`` column.
 
     The result has canonical ids and values and no spaces (what
-    :func:`teltonika.processor.identity.record_hash` expects).
+    :func:`teltonika.processor.identity.record_hash` expects), each id once: an id
+    repeated in the text (``{"1":1,"1":2}``, which the contract's writer never produces)
+    keeps its last value, as the ingestion side keeps the last of an IO id a device sent
+    twice in one record, and as ``jsonb`` would; so the stored bag, the record hash and a
+    resend of the same record agree.
 
     :raise ContractError: ``bad_io`` (not a JSON object of decimal ids to unsigned
         integers or sentinels) or ``bad_sentinel``.
     """
-    if _BAG.fullmatch(text) is not None:
+    if _BAG.fullmatch(text) is not None and (
+        # every id once: one element per comma (no element holds one), as many keys
+        text == "{}" or len(orjson.loads(text)) == text.count(",") + 1
+    ):
         if '"__' not in text:
             return text  # no sentinel: the text is already what jsonb should read
         return _SENTINEL.sub(_replace_sentinel, text)

@@ -211,6 +211,43 @@ def test_numbers_are_canonical_whatever_their_spelling():
     zero = dict(fields, latitude="-0.0000", altitude="-0", generation_type="007")
     parsed = parse_entry("3-0", zero)
     assert (parsed.latitude, parsed.altitude, parsed.generation_type) == ("0", "0", "7")
+    padded = parse_entry(
+        "4-0", dict(fields, timestamp_ms="000" + fields["timestamp_ms"], received_at_ms="0005")
+    )
+    assert (padded.timestamp_ms, padded.received_at_ms) == (RECORD.timestamp_ms, 5)
+    assert padded.record_hash == canonical.record_hash
+    assert padded.copy_row()[1] == str(RECORD.timestamp_ms)
+    # a number is bounded by its length as spelled (18 digits), zeros included
+    with pytest.raises(ContractError, match="timestamp_ms"):
+        parse_entry("5-0", dict(fields, timestamp_ms="0" * 6 + fields["timestamp_ms"]))
+    # an IMEI is an identifier, not a number: 15 digits exactly, a leading zero kept
+    assert parse_entry("6-0", dict(fields, imei="035630704244101")).device_id == (
+        "035630704244101"
+    )
+    with pytest.raises(ContractError, match="imei"):
+        parse_entry("7-0", dict(fields, imei="0356307042441013"))
+
+
+def test_a_repeated_io_id_keeps_its_last_value_everywhere():
+    """An IO id twice in one record: the ingestion side keeps the last value (one key in
+    the entry's JSON); an entry whose JSON repeats a key (another writer) is read the same
+    way on both paths (last value, as jsonb reads it), so its stored bag and record hash
+    equal those of the record written once with that value."""
+    twice = RECORD._replace(io=((239, 1, 1), (66, 2, 5), (239, 1, 0)))
+    once = RECORD._replace(io=((239, 1, 0), (66, 2, 5)))
+    written = fields_of(entry_fields("356307042441013", "8E", twice, 5, "i1"))
+    assert orjson.loads(written["io"]) == {"239": 0, "66": 5}
+    expected = parse_entry("1-0", fields_of(entry_fields("356307042441013", "8E", once, 5, "i1")))
+    assert parse_entry("1-0", written).record_hash == expected.record_hash
+    for text in (
+        '{"239":1,"66":5,"239":0}',  # fast-path form
+        '{"239": 1, "66": 5, "0239": 0}',  # general path
+        '{"239":{"__bigint":"1"},"66":5,"239":0}',
+    ):
+        parsed = parse_entry("2-0", dict(written, io=text))
+        assert orjson.loads(parsed.io) == {"239": 0, "66": 5}
+        assert parsed.io.count('"239"') == 1
+        assert parsed.record_hash == expected.record_hash
 
 
 def test_record_hash_is_the_record_content():
