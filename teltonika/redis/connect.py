@@ -90,9 +90,7 @@ def parse_redis_url(url: str) -> RedisAddress:
     try:
         db = int(path) if path else 0
     except ValueError:
-        raise RedisURLError(
-            f"database in Redis URL {redact_url(url)!r} must be a number"
-        ) from None
+        raise RedisURLError(f"database in Redis URL {redact_url(url)!r} must be a number") from None
     return RedisAddress(
         host=parts.hostname or "127.0.0.1",
         port=port,

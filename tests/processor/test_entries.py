@@ -221,9 +221,7 @@ def test_numbers_are_canonical_whatever_their_spelling():
     with pytest.raises(ContractError, match="timestamp_ms"):
         parse_entry("5-0", dict(fields, timestamp_ms="0" * 6 + fields["timestamp_ms"]))
     # an IMEI is an identifier, not a number: 15 digits exactly, a leading zero kept
-    assert parse_entry("6-0", dict(fields, imei="035630704244101")).device_id == (
-        "035630704244101"
-    )
+    assert parse_entry("6-0", dict(fields, imei="035630704244101")).device_id == ("035630704244101")
     with pytest.raises(ContractError, match="imei"):
         parse_entry("7-0", dict(fields, imei="0356307042441013"))
 
