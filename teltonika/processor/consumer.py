@@ -7,13 +7,18 @@ Invariants (README.rst, "Exactly once, and what that means"):
 * at most three batches are in memory (one read ahead, one being written, one being
   acknowledged): while PostgreSQL is down the same batch is retried with backoff and
   nothing more is read (memory stays flat); every entry this consumer holds (the read-ahead
-  batch too) is kept "fresh" with ``XCLAIM ... JUSTID`` so another processor does not claim
-  it meanwhile, and an entry a peer already claimed is never taken back;
+  batch too) is kept "fresh" with ``XCLAIM ... JUSTID`` by a timer (every
+  ``refresh_interval``, at most half of ``claim_idle``), so another processor does not
+  claim it meanwhile, and an entry a peer already claimed is never taken back;
 * on start a consumer first re-reads its own pending entries (a crash between COMMIT and
   XACK then gives duplicates, which ``ON CONFLICT DO NOTHING`` absorbs), then new ones;
 * entries idle in another consumer longer than ``claim_idle`` are taken over with
-  XAUTOCLAIM; a redelivered entry delivered more than ``max_deliveries`` times is
-  dead-lettered (reason ``max_deliveries``) instead of being tried again;
+  XAUTOCLAIM; an entry delivered more than ``max_deliveries`` times is still written like
+  any other (it may have come back only because PostgreSQL was down), but when its batch
+  fails for a reason other than PostgreSQL being unavailable it is written alone, and
+  dead-lettered (reason ``max_deliveries``) if that fails too;
+* PostgreSQL errors are retried (after a timeout, in smaller transactions); any other
+  exception while writing is a bug and a crash (below), never retried as an outage;
 * every entry ends as one row or one dead letter: an entry that fails the contract, whose
   check fails in any other way, or whose row PostgreSQL rejects, is dead-lettered, logged
   at error level and counted, then XACKed (never skipped silently), and the rest of its
@@ -615,14 +620,18 @@ class Consumer:
                 )
 
     async def _write_isolating(self, batch: Batch, missing: list[str]) -> WriteOutcome | None:
-        """Write each suspect entry alone, then the rest as one batch. A suspect whose own
+        """Write the rest of the batch, then each suspect entry alone. A suspect whose own
         write fails for any reason but PostgreSQL being unavailable is a poison entry:
         dead-lettered with reason ``max_deliveries`` (the error in its detail)."""
         suspects = batch.suspects
         limit = self.config.max_deliveries
-        total = WriteOutcome()
-        poisoned: set[str] = set()
         rest = [p for p in batch.positions if p.entry_id not in suspects]
+        # the others first, retried as any batch: a PostgreSQL that refuses everything
+        # keeps them pending here rather than reaching the suspects' verdict
+        total = await self._write_rows(rest, missing, None)
+        if total is None:
+            return None
+        poisoned: set[str] = set()
         fields_of = {e.entry_id: e.fields or [] for e in batch.entries}
         for position in batch.positions:
             if position.entry_id not in suspects:
@@ -644,10 +653,6 @@ class Consumer:
             if outcome is None:
                 return None
             total.merge(outcome)
-        outcome = await self._write_rows(rest, missing, None)
-        if outcome is None:
-            return None
-        total.merge(outcome)
         batch.positions = [p for p in batch.positions if p.entry_id not in poisoned]
         return total
 

@@ -80,9 +80,12 @@ def is_timeout(error: BaseException) -> bool:
 
 
 def is_unavailable(error: BaseException) -> bool:
-    """True when *error* means "PostgreSQL is unavailable" (connection or timeout), which
-    says nothing about the data being written."""
-    return is_connection_error(error)
+    """True when *error* means "PostgreSQL is unavailable" (connection, timeout, or a
+    server that takes no writes: a standby after a failover), which says nothing about the
+    data being written."""
+    import psycopg
+
+    return is_connection_error(error) or isinstance(error, psycopg.errors.ReadOnlySqlTransaction)
 
 
 def error_kind(error: BaseException) -> str:

@@ -49,6 +49,11 @@ def with_field(fields, name, value):
     return out
 
 
+def pairs(fields):
+    """An entry_fields list as (name, value) pairs."""
+    return list(zip(fields[0::2], fields[1::2], strict=True))
+
+
 def count(dsn):
     """Rows in positions (None before the migrations created the table)."""
     try:
@@ -602,4 +607,45 @@ async def test_oversized_entries_end_as_one_bounded_dead_letter(
     reason = {"reason": "oversized"}
     assert sample(service, "teltonika_processor_dead_lettered_total", **reason) == 3
     assert len(logged_errors.flush(DEAD_FORMAT)) == 3
+    logged_errors.flush()
+
+
+@pytest_twisted.ensureDeferred
+async def test_over_delivered_entries_are_never_lettered_while_postgres_takes_no_writes(
+    processors, rds, pg_dsn, logged_errors
+):
+    """Entries delivered more than --max-deliveries times (restarts, claims during an
+    outage) while PostgreSQL takes no writes (a standby after a failover: read-only) are
+    held and retried, never dead-lettered for their delivery count; once it takes writes
+    again every one is a row."""
+    service = processors.start("--claim-idle", "0.3", "--claim-interval", "0.2")
+    await eventually(service.processor.consumer.ready)
+    database = pg_dsn.rsplit("/", 1)[1]
+    execute(pg_dsn, f"ALTER DATABASE {database} SET default_transaction_read_only = on")
+    execute(
+        pg_dsn,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE application_name = 'teltonika-processor'",
+    )
+    ids = [f"{BASE_MS}-{i}" for i in range(1, 4)]
+    atomic = rds.pipeline(transaction=True)  # read by "dead" before the processor can
+    for i, entry_id in enumerate(ids):
+        atomic.xadd(TELEMETRY_STREAM, dict(pairs(entry(imei=imei(i), rec=record(i)))), entry_id)
+    atomic.xreadgroup("processor", "dead", {TELEMETRY_STREAM: ">"})
+    for _ in range(6):
+        atomic.xclaim(TELEMETRY_STREAM, "processor", "dead", 0, ids)
+    atomic.execute()
+    errors = "teltonika_processor_postgres_errors_total"
+    await eventually(lambda: sample(service, errors, kind="ReadOnlySqlTransaction") >= 3)
+    assert rds.xlen(DEAD) == 0 and count(pg_dsn) == 0
+    with psycopg.connect(pg_dsn, autocommit=True) as connection:
+        connection.execute("SET default_transaction_read_only = off")
+        connection.execute(f"ALTER DATABASE {database} RESET default_transaction_read_only")
+    execute(
+        pg_dsn,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE application_name = 'teltonika-processor'",
+    )
+    await eventually(lambda: count(pg_dsn) == 3 and pending(rds) == 0, timeout=30)
+    assert rds.xlen(DEAD) == 0
     logged_errors.flush()
