@@ -391,10 +391,11 @@ async def test_dead_letters_are_written_once_across_a_failed_attempt(
     processors, rds, pg_dsn, logged_errors
 ):
     """Dead-lettering a batch fails half-way: Redis refuses (and disconnects) the command
-    that carries the second letter, larger than its proto-max-bulk-len. Once that limit is
-    raised the retry succeeds, and each bad entry has exactly one letter."""
+    that carries the second letter, larger than its proto-max-bulk-len (1 MiB: a value of
+    600,000 two-byte characters, within the contract's 1 MiB of characters). Once that
+    limit is raised the retry succeeds, and each bad entry has exactly one letter."""
     small = xadd(rds, with_field(entry(rec=record(0)), "v", "2"))
-    large = [*with_field(entry(rec=record(1)), "v", "2"), b"padding", b"x" * (2 << 20)]
+    large = [*with_field(entry(rec=record(1)), "v", "2"), b"padding", "\u00e9".encode() * 600_000]
     big = xadd(rds, large)
     rds.config_set("proto-max-bulk-len", 1 << 20)
     try:
