@@ -5,9 +5,7 @@
 -- "The record contract"; teltonika/processor/identity.py computes it for new rows).
 -- Upgrades a table created by 001 in place: add the column, compute it for the rows
 -- already stored, swap the unique key. The UPDATE rewrites every row once, inside this
--- migration's transaction; on a large table run VACUUM positions afterwards. Every step is
--- idempotent (IF NOT EXISTS, WHERE record_hash IS NULL, the guarded key below): run again
--- on a table already upgraded, or half-upgraded by hand, it completes what is missing.
+-- migration's transaction; on a large table run VACUUM positions afterwards.
 
 -- The canonical text, computed from a stored row. Kept in the schema as the reference
 -- implementation (and for tests that compare it with the processor's own computation).
@@ -39,21 +37,4 @@ ALTER TABLE positions DROP CONSTRAINT IF EXISTS positions_device_ts;
 -- Its btree also answers "latest position of a device" (teltonika/processor/state.py:
 -- ORDER BY ts DESC walks it backwards; equal timestamps are ordered on the few rows
 -- that share one), so still no second index on the write path.
--- Only when no unique key on exactly these columns exists yet: this file may run again on
--- a table already upgraded (a lost teltonika_migrations row, the SQL run by hand, a
--- restored dump) and must then change nothing.
-DO $$
-BEGIN
-    IF NOT EXISTS (
-        SELECT 1 FROM pg_index i
-        WHERE i.indrelid = 'positions'::regclass AND i.indisunique AND i.indimmediate
-          AND i.indpred IS NULL AND i.indexprs IS NULL AND i.indnkeyatts = 3
-          AND ARRAY(SELECT a.attname::text FROM pg_attribute a
-                    WHERE a.attrelid = i.indrelid
-                      AND a.attnum = ANY ((i.indkey::int2[])[0:2])
-                    ORDER BY 1) = ARRAY['device_id', 'record_hash', 'ts']
-    ) THEN
-        ALTER TABLE positions ADD CONSTRAINT positions_record UNIQUE (device_id, ts, record_hash);
-    END IF;
-END
-$$;
+ALTER TABLE positions ADD CONSTRAINT positions_record UNIQUE (device_id, ts, record_hash);
