@@ -276,3 +276,31 @@ def test_migration_003_runs_again_without_harm(pg_dsn):
         ).fetchone()
         assert indexes == (1,)
         assert migrations.schema_problems(conn) == []
+
+
+def test_timeouts_are_set_per_session_without_startup_options(pg_dsn, monkeypatch):
+    """The two timeouts reach the session with SET after connecting, not as libpq's
+    ``options`` startup parameter (which PgBouncer refuses or silently drops); migrations
+    lift them and put back the session's own values, not the server's defaults."""
+    from twisted.internet import reactor
+
+    from teltonika.processor.database import Database
+
+    seen: list[dict[str, object]] = []
+    real_connect = psycopg.connect
+
+    def connect(*args, **kwargs):
+        seen.append(kwargs)
+        return real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(psycopg, "connect", connect)
+    database = Database(pg_dsn, reactor, statement_timeout=1.5, lock_timeout=0.25)
+    connection = database._connect()
+    try:
+        assert "options" not in seen[0]
+        show = "SELECT current_setting('statement_timeout'), current_setting('lock_timeout')"
+        assert connection.execute(show).fetchone() == ("1500ms", "250ms")
+        apply_migrations(connection)
+        assert connection.execute(show).fetchone() == ("1500ms", "250ms")
+    finally:
+        database._close()
