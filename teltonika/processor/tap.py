@@ -28,6 +28,8 @@ STATEMENT_TIMEOUT: Final = 15.0
 """Seconds: the default ``--statement-timeout`` (well under the default --claim-idle, 60)."""
 LOCK_TIMEOUT: Final = 5.0
 """Seconds: the default ``--lock-timeout``."""
+REFRESH_INTERVAL: Final = 5.0
+"""Seconds: the default ``--refresh-interval``."""
 
 
 def _positive_int(value: str) -> int:
@@ -147,10 +149,20 @@ class Options(LiveOptions):
             _positive_float,
         ],
         [
+            "refresh-interval",
+            None,
+            None,
+            "How often every entry this processor holds is refreshed (XCLAIM JUSTID) so that "
+            f"no peer claims it (seconds; at most half of --claim-idle; default "
+            f"{REFRESH_INTERVAL:g}, or a quarter of --claim-idle when that is less).",
+            _positive_float,
+        ],
+        [
             "max-deliveries",
             None,
             5,
-            "Dead-letter an entry delivered more than this many times.",
+            "An entry delivered more than this many times is written alone, and "
+            "dead-lettered if that fails for any reason but PostgreSQL being unavailable.",
             _positive_int,
         ],
         [
@@ -235,6 +247,14 @@ class Options(LiveOptions):
             self["statement-timeout"] = min(STATEMENT_TIMEOUT, claim_idle / 4)
         if self["lock-timeout"] is None:
             self["lock-timeout"] = min(LOCK_TIMEOUT, claim_idle / 12)
+        if self["refresh-interval"] is None:
+            self["refresh-interval"] = min(REFRESH_INTERVAL, claim_idle / 4)
+        if self["refresh-interval"] > claim_idle / 2:
+            raise usage.UsageError(
+                f"--refresh-interval ({self['refresh-interval']:g} s) must be at most half of "
+                f"--claim-idle ({claim_idle:g} s): a held entry goes idle for up to one "
+                "interval plus the time one refresh takes, and must never reach --claim-idle"
+            )
         for name in ("statement-timeout", "lock-timeout"):
             if self[name] >= claim_idle:
                 raise usage.UsageError(
@@ -310,6 +330,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
             claim_idle=float(options["claim-idle"]),
             claim_interval=float(options["claim-interval"]),
             max_deliveries=int(options["max-deliveries"]),
+            refresh_interval=float(options["refresh-interval"]),
             retry_max=float(options["retry-max"]),
             group_start=options["group-start"],
         ),

@@ -28,16 +28,20 @@ class RedisURLError(ValueError):
 
 def redact_url(url: str) -> str:
     """*url* with the password of its ``user:password@`` part replaced by ``***`` (for
-    error messages and logs; the way the processor's PostgreSQL DSN is redacted)."""
+    error messages and logs; the way the processor's PostgreSQL DSN is redacted).
+
+    The credentials end at the *last* ``@`` of the URL, wherever the first ``/``, ``?`` or
+    ``#`` is: a password holding one of those unencoded (``redis://:pa/ss@host``) is still
+    hidden, even though such a URL does not parse as the user meant it.
+    """
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
-    authority, slash, path = rest.partition("/")
-    credentials, at, host = authority.rpartition("@")
+    credentials, at, host = rest.rpartition("@")
     if not at or ":" not in credentials:
         return url
     user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}{slash}{path}"
+    return f"{scheme}://{user}:***@{host}"
 
 
 def _redacted(password: str | None) -> str:
@@ -68,6 +72,12 @@ def parse_redis_url(url: str) -> RedisAddress:
     :raise RedisURLError: not a redis:// or rediss:// URL, or a bad port or db.
     """
     parts = urlsplit(url)
+    if "@" in url.partition("://")[2] and "@" not in parts.netloc:
+        # the '@' is past a '/', '?' or '#' that belongs to the password
+        raise RedisURLError(
+            f"cannot tell the host in Redis URL {redact_url(url)!r}: percent-encode '/', '?', "
+            "'#' and '@' in the user name and password (%2F, %3F, %23, %40)"
+        )
     if parts.scheme not in ("redis", "rediss"):
         raise RedisURLError(
             f"Redis URL must start with redis:// or rediss://, not {redact_url(url)!r}"
@@ -80,7 +90,7 @@ def parse_redis_url(url: str) -> RedisAddress:
     try:
         db = int(path) if path else 0
     except ValueError:
-        raise RedisURLError(f"database in Redis URL must be a number, not {path!r}") from None
+        raise RedisURLError(f"database in Redis URL {redact_url(url)!r} must be a number") from None
     return RedisAddress(
         host=parts.hostname or "127.0.0.1",
         port=port,
