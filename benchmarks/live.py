@@ -26,7 +26,10 @@ Figures, for the processor and then for the baseline:
 * p50/p99 latency from XADD to client receipt of every position, over every
   ``--parse-every``-th client (the others only count);
 * RSS per idle client: the server's RSS growth from before the clients connected to after
-  they all subscribed, divided by the client count.
+  they all subscribed, divided by the client count;
+* CPU: the server's and all clients' CPU time over the measured seconds (100 % is one
+  core), and the server's MiB out per CPU second: what the broadcast costs, whatever
+  else loads the machine, and whether the clients kept up.
 
 Baseline: a bare autobahn server (this script, ``--bare``) that reads the same stream with
 a plain XREAD and every 100 ms sends each client the same ``positions`` message, encoded
@@ -48,7 +51,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.support import checkout_env, free_port, rss_kib, wait_port
+from benchmarks.support import checkout_env, cpu_seconds, free_port, rss_kib, wait_port
 from benchmarks.wsclients import histogram_percentile
 from benchmarks.wsclients import run as run_clients
 from tests.processor.live.feeder import FIRST_DEVICE, imei
@@ -189,6 +192,9 @@ def run_round(
         p.stdin.write(f"{start_at}\n".encode())
         p.stdin.flush()
     time.sleep(max(0.0, start_at - time.time()))
+    cpu_start = cpu_seconds(server_pid)
+    time.sleep(args.seconds)
+    server_cpu = cpu_seconds(server_pid) - cpu_start
     load = os.getloadavg()
     results = [json.loads(p.communicate(timeout=args.seconds + 120)[0]) for p in procs]
     fed = json.loads(feeder.communicate(timeout=60)[0])
@@ -207,6 +213,8 @@ def run_round(
         "p50": histogram_percentile(histogram, 50),
         "p99": histogram_percentile(histogram, 99),
         "rss_per_idle_client_kib": (rss_idle - rss_before) / max(1, args.clients),
+        "server_cpu": server_cpu / args.seconds,
+        "clients_cpu": sum(r["cpu"] for r in results) / args.seconds,
         "load": load,
     }
     failure = next((r["first_failure"] for r in ready if r["first_failure"]), None)
@@ -215,6 +223,9 @@ def run_round(
         f"  out {figures['messages_out']:8.0f} msg/s ({figures['mib_out']:.1f} MiB/s)"
         f"  p50 {figures['p50']:6.1f} ms  p99 {figures['p99']:6.1f} ms"
         f"  RSS/idle client {figures['rss_per_idle_client_kib']:.1f} KiB"
+        f"  CPU server {100 * figures['server_cpu']:.0f} %"
+        f" ({figures['mib_out'] / max(figures['server_cpu'], 1e-9):.0f} MiB out per CPU s)"
+        f" clients {100 * figures['clients_cpu']:.0f} %"
         f"  load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
         + (f"  failed {figures['failed']} ({failure})" if figures["failed"] else "")
         + (f"  closed {figures['closed']}" if figures["closed"] else ""),

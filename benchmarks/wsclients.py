@@ -20,7 +20,8 @@ clients do the least a subscriber can do:
 One process runs :func:`run` with one ``selectors`` loop over its connections. It prints
 ``{"ready": N, ...}`` once every connection is subscribed (or failed), waits for the start
 time on stdin (so the caller measures idle memory and starts the feeder first), counts
-what arrives between that time and *seconds* later, and prints its figures as JSON.
+what arrives between that time and *seconds* later, and prints its figures as JSON (with
+the CPU seconds it used meanwhile, to show whether the clients kept up).
 """
 
 from __future__ import annotations
@@ -344,9 +345,13 @@ def run(
             line += chunk
     start = float(line)
     harness.window = (start, start + seconds)
+    while time.time() < start:
+        harness.poll(0.05)
+    cpu = time.process_time()
     while time.time() < start + seconds:
         harness.poll(0.05)
     result = {
+        "cpu": time.process_time() - cpu,
         **harness.summary(),
         "messages": harness.messages,
         "bytes": harness.bytes,

@@ -64,13 +64,16 @@ class Subscription:
         self.topic: Topic | None = None
         self.held: dict[str, LivePosition] = {}
         self.skipped = 0
+        self.prefix = positions_parts(request_id, 0, b"")[0]
+        """What precedes the shared array in this subscription's ``positions`` messages
+        (``skipped`` 0), encoded once rather than once per message."""
 
     def deliver(
         self, array: bytes, positions: Sequence[LivePosition], metrics: LiveMetrics
     ) -> None:
         """One flushed batch: sent as it is, or conflated while the client is not reading."""
         if not self.outlet.paused and not self.held:
-            self.outlet.send(positions_parts(self.id, 0, array), "positions")
+            self.outlet.send((self.prefix, array, b"}"), "positions")
             return
         held = self.held
         replaced = 0
