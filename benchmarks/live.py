@@ -224,7 +224,8 @@ def run_round(
         f"  p50 {figures['p50']:6.1f} ms  p99 {figures['p99']:6.1f} ms"
         f"  RSS/idle client {figures['rss_per_idle_client_kib']:.1f} KiB"
         f"  CPU server {100 * figures['server_cpu']:.0f} %"
-        f" ({figures['mib_out'] / max(figures['server_cpu'], 1e-9):.0f} MiB out per CPU s)"
+        f" ({figures['mib_out'] / max(figures['server_cpu'], 1e-9):.0f} MiB,"
+        f" {figures['messages_out'] / max(figures['server_cpu'], 1e-9):.0f} msg per CPU s)"
         f" clients {100 * figures['clients_cpu']:.0f} %"
         f"  load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
         + (f"  failed {figures['failed']} ({failure})" if figures["failed"] else "")
@@ -237,7 +238,7 @@ def run_round(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=1000)
-    parser.add_argument("--procs", type=int, default=4)
+    parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--devices", type=int, default=200)
     parser.add_argument("--rate", type=int, default=2000)
     parser.add_argument("--seconds", type=float, default=15.0)
