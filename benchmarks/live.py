@@ -192,9 +192,10 @@ def run_round(
         p.stdin.write(f"{start_at}\n".encode())
         p.stdin.flush()
     time.sleep(max(0.0, start_at - time.time()))
-    cpu_start = cpu_seconds(server_pid)
+    user_start, system_start = cpu_seconds(server_pid)
     time.sleep(args.seconds)
-    server_cpu = cpu_seconds(server_pid) - cpu_start
+    user_end, system_end = cpu_seconds(server_pid)
+    server_user, server_system = user_end - user_start, system_end - system_start
     load = os.getloadavg()
     results = [json.loads(p.communicate(timeout=args.seconds + 120)[0]) for p in procs]
     fed = json.loads(feeder.communicate(timeout=60)[0])
@@ -213,7 +214,8 @@ def run_round(
         "p50": histogram_percentile(histogram, 50),
         "p99": histogram_percentile(histogram, 99),
         "rss_per_idle_client_kib": (rss_idle - rss_before) / max(1, args.clients),
-        "server_cpu": server_cpu / args.seconds,
+        "server_cpu": (server_user + server_system) / args.seconds,
+        "server_system": server_system / args.seconds,
         "clients_cpu": sum(r["cpu"] for r in results) / args.seconds,
         "load": load,
     }
@@ -224,6 +226,7 @@ def run_round(
         f"  p50 {figures['p50']:6.1f} ms  p99 {figures['p99']:6.1f} ms"
         f"  RSS/idle client {figures['rss_per_idle_client_kib']:.1f} KiB"
         f"  CPU server {100 * figures['server_cpu']:.0f} %"
+        f" (system {100 * figures['server_system']:.0f} %)"
         f" ({figures['mib_out'] / max(figures['server_cpu'], 1e-9):.0f} MiB,"
         f" {figures['messages_out'] / max(figures['server_cpu'], 1e-9):.0f} msg per CPU s)"
         f" clients {100 * figures['clients_cpu']:.0f} %"

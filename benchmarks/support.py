@@ -36,15 +36,16 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time process *pid* has used so far, in seconds (0 if gone):
-    what a figure costs, whatever else the machine runs."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU time process *pid* has used so far, in seconds (zeros if gone):
+    what a figure costs, whatever else the machine runs, and how much of it the kernel's."""
     import os
 
     try:
         with open(f"/proc/{pid}/stat") as stat:
             fields = stat.read().rpartition(")")[2].split()
     except OSError:
-        return 0.0
+        return 0.0, 0.0
     # after the command: state is field 3 of stat(5), utime and stime are fields 14, 15
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
