@@ -167,7 +167,11 @@ class FanoutReader:
         positions: list[LivePosition] = []
         unusable = 0
         for entry in entries:
-            position = position_from_entry(_text(entry[0]), entry[1])
+            try:
+                position = position_from_entry(_text(entry[0]), entry[1])
+            except Exception:  # a bug in the check must not stop the reader: skip, say so
+                self._log.failure("Live fan-out could not read entry {entry}", entry=entry[0])
+                position = None
             if position is None:
                 unusable += 1
             else:
