@@ -161,7 +161,6 @@ class Harness:
         self.bytes = 0
         self.closed = 0
         self.histogram = [0] * (HISTOGRAM_MS + 1)
-        self.late_for_window = 0
 
     # -- connecting ------------------------------------------------------------------------
     def open_more(self) -> None:
