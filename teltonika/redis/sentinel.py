@@ -68,11 +68,9 @@ def master_state(reply: object) -> dict[str, str]:
     else:
         return {}
     state: dict[str, str] = {}
-    for key, value in items:
-        if isinstance(key, bytes):
-            key = key.decode("utf-8", "replace")
-        if isinstance(value, bytes):
-            value = value.decode("utf-8", "replace")
+    for raw_key, raw_value in items:
+        key = raw_key.decode("utf-8", "replace") if isinstance(raw_key, bytes) else raw_key
+        value = raw_value.decode("utf-8", "replace") if isinstance(raw_value, bytes) else raw_value
         if isinstance(key, str) and isinstance(value, str | int):
             state[key] = str(value)
     return state
@@ -181,13 +179,15 @@ def _failure(error: Exception) -> Any:
     return Failure(error)
 
 
-def _master_protocol(base: type) -> type:
+def _master_protocol(base: Any) -> type:
     """*base* (a txredisapi protocol class) that accepts only a master: ``ROLE`` at
     connect, and a ``READONLY`` reply later, close a connection to anything else."""
     import txredisapi
 
-    class MasterProtocol(base):  # type: ignore[misc,valid-type]
-        def connectionMade(self) -> Any:  # noqa: N802 (Twisted's name)
+    class MasterProtocol(base):  # type: ignore[misc]
+        connected: int
+
+        def connectionMade(self) -> Any:
             checked: Deferred[Any] = succeed(None)
             if self.password is not None:
                 checked = self.auth(self.password, self.username)
@@ -212,16 +212,16 @@ def _master_protocol(base: type) -> type:
             return None
 
         def replyReceived(self, reply: Any) -> None:  # noqa: N802 (txredisapi's name)
-            if isinstance(reply, txredisapi.ResponseError) and str(reply).startswith(
+            readonly = isinstance(reply, txredisapi.ResponseError) and str(reply).startswith(
                 "READONLY"
-            ):
-                if self.transport is not None and self.connected:
-                    _log.warn(
-                        "Redis answered READONLY (the master was demoted): dropping the "
-                        "connection to find the new master"
-                    )
-                    self.connected = 0
-                    self.transport.loseConnection()
+            )
+            if readonly and self.transport is not None and self.connected:
+                _log.warn(
+                    "Redis answered READONLY (the master was demoted): dropping the "
+                    "connection to find the new master"
+                )
+                self.connected = 0
+                self.transport.loseConnection()
             super().replyReceived(reply)
 
     return MasterProtocol
@@ -309,7 +309,7 @@ def sentinel_connection(
     import txredisapi
 
     if clock is None:
-        from twisted.internet import reactor as clock  # type: ignore[assignment]
+        from twisted.internet import reactor as clock
     assert clock is not None
     sentinels = [
         _sentinel_connection(host, port, address, min(connect_timeout, ASK_TIMEOUT))
