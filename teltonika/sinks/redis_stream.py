@@ -284,6 +284,11 @@ class RedisStreamSink:
                 "Redis gives the durability asked for again ({durability}); taking frames",
                 durability=durability.value,
             )
+        elif self._verification is Verification.UNVERIFIED:
+            self._log.info(
+                "Redis durability verified on the new connection ({durability})",
+                durability=durability.value,
+            )
         self.durability = durability
         self._verification = Verification.VERIFIED
         self._update_ready()
