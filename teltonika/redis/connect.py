@@ -185,7 +185,10 @@ def parse_redis_url(url: str) -> AnyRedisAddress:
     scheme = url.partition("://")[0]
     if scheme in SENTINEL_SCHEMES and "://" in url:
         return parse_sentinel_url(url)
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as error:  # "Invalid IPv6 URL"
+        raise RedisURLError(f"bad Redis URL {redact_url(url)!r}: {error}") from None
     if parts.scheme not in ("redis", "rediss"):
         raise RedisURLError(
             "Redis URL must start with redis://, rediss:// or redis+sentinel://, not "
