@@ -21,6 +21,11 @@ Parts, each printed with its in-run baseline:
    a bare Twisted server that decodes and ACKs at once (the load generator's own noise).
 3. Idle logged-in connections: server RSS with ``--idle`` devices logged in, minus the
    empty server's, per device (RLIMIT_NOFILE is raised to its hard limit first).
+4. Durability modes in one run: ``--redis-durability memory`` (Redis without AOF),
+   ``fsync`` (appendonly + appendfsync always), and ``replicated`` (``WAIT 1`` after every
+   batch) against a master with two replicas started here (every node appendfsync
+   always), next to ``fsync`` on that same master (what WAIT itself costs) and to
+   ``replicated`` over one writer connection (every batch waits for the WAIT before it).
 
 The machine has 2 cores shared by the server, Redis and the load generators: compare the
 ratios printed in one run, not absolute figures across runs.
@@ -309,14 +314,14 @@ class Redis:
 
 
 class Server:
-    def __init__(self, workdir: Path, *args: str) -> None:
+    def __init__(self, workdir: Path, *args: str, code: str = TWISTD) -> None:
         self.port = free_port()
         self.log = (workdir / f"twistd-{self.port}.log").open("wb")
         self.proc = subprocess.Popen(
             [
                 sys.executable,
                 "-c",
-                TWISTD,
+                code,
                 "-n",
                 "--pidfile=",
                 "teltonika",
@@ -530,6 +535,71 @@ def part_idle(opts: argparse.Namespace, workdir: Path) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def part_durability(opts: argparse.Namespace, workdir: Path) -> None:
+    print(
+        f"\n4. Durability modes: {opts.devices} devices, {opts.seconds:g} s per run "
+        f"(load before: {Path('/proc/loadavg').read_text().split()[0]})",
+        flush=True,
+    )
+    always = ("--appendonly", "yes", "--appendfsync", "always")
+    plain = Redis()
+    single = Redis(*always)
+    master = Redis(*always)
+    replicas = [Redis(*always, "--replicaof", "127.0.0.1", str(master.port)) for _ in range(2)]
+    try:
+        for replica in replicas:
+            deadline = time.monotonic() + 30
+            while (
+                b"master_link_status:up"
+                not in subprocess.run(
+                    ["redis-cli", "-p", str(replica.port), "INFO", "replication"],
+                    capture_output=True,
+                    check=True,
+                ).stdout
+            ):
+                if time.monotonic() > deadline:
+                    raise SystemExit("a replica did not sync with its master")
+                time.sleep(0.05)
+        figures = {}
+        one_writer = (
+            "import teltonika.sinks.redis_stream as sink; sink.REPLICATED_WRITERS = 1; " + TWISTD
+        )
+        for label, args in (
+            ("memory (no AOF)", ["--redis", plain.url]),
+            ("fsync (one Redis)", ["--redis", single.url, "--redis-durability", "fsync"]),
+            ("fsync (master of 2)", ["--redis", master.url, "--redis-durability", "fsync"]),
+            (
+                "replicated (WAIT 1 of 2)",
+                ["--redis", master.url, "--redis-durability", "replicated"],
+            ),
+            (
+                "replicated, 1 connection",
+                ["--redis", master.url, "--redis-durability", "replicated"],
+            ),
+        ):
+            code = one_writer if label.endswith("1 connection") else TWISTD
+            server = Server(workdir, *args, code=code)
+            try:
+                figures[label] = report(
+                    label, drive(server.port, opts.devices, opts.seconds), server.rss()
+                )
+            finally:
+                server.close()
+        memory = figures["memory (no AOF)"]
+        replicated = figures["replicated (WAIT 1 of 2)"]
+        print(
+            f"  ratios: fsync / memory = {figures['fsync (one Redis)'] / memory:.0%}; "
+            f"replicated / memory = {replicated / memory:.0%}; replicated / fsync on the "
+            f"same master = {replicated / figures['fsync (master of 2)']:.0%}; 1 connection "
+            f"/ 4 = {figures['replicated, 1 connection'] / replicated:.0%} "
+            f"(load after: {Path('/proc/loadavg').read_text().split()[0]})",
+            flush=True,
+        )
+    finally:
+        for redis in (plain, single, master, *replicas):
+            redis.close()
+
+
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--role":
         result = ROLES[sys.argv[2]](json.loads(sys.argv[3]))
@@ -540,7 +610,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=200, help="devices for part 1")
     parser.add_argument("--paced-rate", type=int, default=2000, help="frames/s in part 2")
     parser.add_argument("--idle", type=int, default=10_000, help="idle devices in part 3")
-    parser.add_argument("--parts", default="123", help="which parts to run, e.g. 13")
+    parser.add_argument("--parts", default="1234", help="which parts to run, e.g. 13")
     opts = parser.parse_args()
     if shutil.which("redis-server") is None:
         raise SystemExit("redis-server is needed (apt-get install redis-server)")
@@ -553,6 +623,8 @@ def main() -> None:
             part_paced(opts, workdir)
         if "3" in opts.parts:
             part_idle(opts, workdir)
+        if "4" in opts.parts:
+            part_durability(opts, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"\ntotal {time.monotonic() - started:.0f} s")

@@ -23,7 +23,7 @@ after every reconnect. A failed check logs one error, counts
 With ``--redis-durability replicated`` every batch ends with ``WAIT`` (or ``WAITAOF``),
 which blocks the connection it is sent on until the replicas confirmed: batches pipelined
 on one connection would wait for each other's replicas one after another. So the sink
-then opens :data:`DEFAULT_MAX_IN_FLIGHT` connections (the shared one and more from
+then opens :data:`REPLICATED_WRITERS` connections (the shared one and more from
 *connect*) and each batch in flight takes one of its own; their WAITs overlap
 (``benchmarks/ingest.py durability`` measures it). Frames of one device are never in two
 batches at once (the protocol handles them one after another), so the order of a
@@ -77,6 +77,10 @@ DEFAULT_MAX_BATCH_RECORDS: Final = 5_000
 DEFAULT_MAX_IN_FLIGHT: Final = 4
 """Batches sent to Redis before the first answered: Redis works on one while the server
 ACKs the one before and collects the next (see :mod:`teltonika.sinks.batch`)."""
+
+REPLICATED_WRITERS = DEFAULT_MAX_IN_FLIGHT
+"""Connections batches go out on with ``replicated``: one per batch in flight, so that one
+batch's WAIT does not hold up the next (``benchmarks/ingest.py`` part 4 compares 1)."""
 
 DEFAULT_DURABILITY_INTERVAL: Final = 5 * SECONDS
 """How often ``--redis-durability fsync`` settings are verified again (and after every
@@ -193,7 +197,7 @@ class RedisStreamSink:
         self.redis = self._get_redis()
         self._writers = [self.redis]
         if self.wanted_durability == "replicated" and self._connect is not None:
-            self._writers += [self._connect() for _ in range(DEFAULT_MAX_IN_FLIGHT - 1)]
+            self._writers += [self._connect() for _ in range(REPLICATED_WRITERS - 1)]
         self._in_flight = [0] * len(self._writers)
         self.durability = await self.durability_check.verify(self.redis, self._writers[1:])
         self._reachable = True
