@@ -246,11 +246,25 @@ def test_a_replica_at_connect_is_dropped(logged_errors: object) -> None:
 
 def test_replicated_verifies_role_and_replica_count() -> None:
     check = DurabilityCheck("replicated", replicas=2)
-    check._judge_replication("master", "2")
+    check._judge_replication("master", 2)
     with pytest.raises(DurabilityError, match="1 replica"):
-        check._judge_replication("master", "1")
+        check._judge_replication("master", 1)
     with pytest.raises(DurabilityError, match="not a master"):
-        check._judge_replication("slave", "0")
+        check._judge_replication("slave", 0)
+
+
+def test_only_online_replicas_count() -> None:
+    from teltonika.redis.durability import _online_replicas
+
+    info = (
+        "# Replication\r\nrole:master\r\nconnected_slaves:2\r\n"
+        "slave0:ip=127.0.0.1,port=7001,state=online,offset=42,lag=0\r\n"
+        "slave1:ip=127.0.0.1,port=7002,state=wait_bgsave,offset=0,lag=0\r\n"
+        "slave_read_repl_offset:1\r\n"
+    )
+    assert _online_replicas(info) == 1
+    assert _online_replicas(info.encode()) == 1
+    assert _online_replicas(None) == 0
 
 
 def test_replicated_batches_end_with_wait_and_need_the_count() -> None:

@@ -152,6 +152,20 @@ def _info_field(info: object, name: str) -> str:
     return ""
 
 
+def _online_replicas(info: object) -> int:
+    """Replicas in ``INFO replication`` whose state is ``online`` (one still loading its
+    first copy is connected, but cannot acknowledge a WAIT yet)."""
+    if isinstance(info, bytes):
+        info = info.decode()
+    if not isinstance(info, str):
+        return 0
+    return sum(
+        1
+        for line in info.splitlines()
+        if line.startswith("slave") and ":" in line and "state=online" in line.split(":", 1)[1]
+    )
+
+
 def _text(reply: object) -> str | None:
     if isinstance(reply, bytes):
         return reply.decode("utf-8", "replace")
@@ -239,23 +253,20 @@ class DurabilityCheck:
         )
         if self.wanted != "replicated":
             return durability
-        self._judge_replication(
-            _info_field(replication, "role"), _info_field(replication, "connected_slaves")
-        )
+        self._judge_replication(_info_field(replication, "role"), _online_replicas(replication))
         if durability is Durability.WAITAOF:
             return Durability.REPLICATED_WAITAOF
         return Durability.REPLICATED
 
-    def _judge_replication(self, role: str, connected: str) -> None:
+    def _judge_replication(self, role: str, online: int) -> None:
         if role != "master":
             raise DurabilityError(
                 f"--redis-durability replicated: Redis is a {role or 'server of unknown role'}, "
                 "not a master"
             )
-        count = int(connected) if connected.isdigit() else 0
-        if count < self.replicas:
+        if online < self.replicas:
             raise DurabilityError(
-                f"--redis-durability replicated: the master has {count} replica(s) connected "
+                f"--redis-durability replicated: the master has {online} replica(s) online "
                 f"and --redis-replicas asks for {self.replicas}; frames are refused until "
                 "enough replicas are connected"
             )

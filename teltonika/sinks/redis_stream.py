@@ -161,6 +161,7 @@ class RedisStreamSink:
         self.instance_id = instance_id
         self.wanted_durability = durability
         self.durability_check = DurabilityCheck(durability, replicas, replica_timeout)
+        self._wait_bound = replica_timeout if durability == "replicated" else 0.0
         self.durability: Durability | None = None
         self.durability_interval = durability_interval
         self.stream = stream.encode()
@@ -271,7 +272,8 @@ class RedisStreamSink:
         if self._checking is not None or self._closed:
             return succeed(None)
         verifying = ensureDeferred(self.durability_check.verify(self.redis, self._writers[1:]))
-        verifying.addTimeout(self.probe_timeout, self.clock)
+        # with replicated, the check may wait behind a batch's WAIT on its connection
+        verifying.addTimeout(self.probe_timeout + self._wait_bound, self.clock)
         d = verifying.addCallbacks(self._verified, self._not_verified)
         self._checking = d
         d.addBoth(self._check_done)
