@@ -206,3 +206,34 @@ def test_fsync_failover_can_lose_acked_records(
     assert summary["broken_promises"] == 0  # the devices cannot tell
     assert check["missing"] > 0, check  # the ACKs written after the cut
     assert check["missing"] <= summary["records_acked"]
+
+
+def test_durability_is_checked_again_on_the_new_master(
+    tmp_path: Path, deployment: SentinelDeployment, servers: list[ServerProcess]
+) -> None:
+    """The replicas run appendfsync everysec, so the master Sentinel promotes does not
+    give what --redis-durability replicated asks: after the failover the server refuses
+    frames (/readyz 503, no ACK, one error, the metric) instead of ACKing on the new
+    master's word; once it fsyncs again the fleet drains and nothing ACKed is lost."""
+    old = deployment.master()
+    for node in deployment.nodes:
+        if node is not old:
+            node.cli("CONFIG", "SET", "appendfsync", "everysec")
+    server, sim = _ingesting(tmp_path, deployment, servers, "replicated", 12)
+    _switched, port = _fail_over(deployment)
+    wait_until(
+        lambda: server.metric("teltonika_sink_durability_lost_total") == 1,
+        15,
+        "the new master refused",
+    )
+    assert server.http("/readyz")[0] == 503
+    acked_when_refused = server.metric("teltonika_acked_records_total")
+    time.sleep(2.0)
+    assert server.metric("teltonika_acked_records_total") == acked_when_refused
+    deployment.node(port).cli("CONFIG", "SET", "appendfsync", "always")
+    wait_until(lambda: server.http("/readyz")[0] == 200, 20, "ready on the fixed master")
+    code, summary = sim.result(timeout=90)
+    _code, check = verify(sim.ledger_path, "--redis", deployment.url)
+    assert_nothing_lost(summary, check)
+    assert code == 0
+    assert server.metric("teltonika_acked_records_total") > acked_when_refused
