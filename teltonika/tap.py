@@ -197,7 +197,7 @@ class Options(usage.Options):
             _positive_int,
         ],
         [
-            "redis-replica-timeout",
+            "redis-wait-timeout",
             None,
             DEFAULT_REPLICA_TIMEOUT,
             "With --redis-durability replicated: seconds a batch waits for its replicas; "
@@ -377,9 +377,9 @@ class Options(usage.Options):
                 f"--redis-durability must be one of {', '.join(DURABILITY_MODES)}, not "
                 f"{self['redis-durability']!r}"
             )
-        if self["redis-replicas"] < 1 or self["redis-replica-timeout"] <= 0:
+        if self["redis-replicas"] < 1 or self["redis-wait-timeout"] <= 0:
             raise usage.UsageError(
-                "--redis-replicas must be at least 1 and --redis-replica-timeout above 0"
+                "--redis-replicas must be at least 1 and --redis-wait-timeout above 0"
             )
         if self["redis"] is None:
             if self["redis-durability"] != "memory":
@@ -493,7 +493,7 @@ def _build_sink(server: Server) -> ManagedSink:
             durability=options["redis-durability"],
             maxlen=options["stream-maxlen"],
             replicas=options["redis-replicas"],
-            replica_timeout=options["redis-replica-timeout"],
+            replica_timeout=options["redis-wait-timeout"],
             connect=server.connect_redis,
         )
     from teltonika.sinks.jsonl import JsonLinesSink

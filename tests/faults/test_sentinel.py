@@ -19,6 +19,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from .harness import (
     assert_nothing_lost,
     checkout_env,
     fleet_options,
+    free_port,
     verify,
     wait_until,
 )
@@ -96,13 +99,25 @@ def _send(url: str, imei: int, command: str) -> tuple[int, str]:
     return out.returncode, out.stdout.decode() + out.stderr.decode()
 
 
-def _processor(directory: Path, url: str, dsn: str) -> subprocess.Popen[bytes]:
+def _processor(directory: Path, url: str, dsn: str, ops: int) -> subprocess.Popen[bytes]:
     log = directory / "processor.log"
     argv = [
         sys.executable, "-m", "twisted", "--log-file", str(log), "teltonika-processor",
-        "--redis", url, "--metrics", "off", "--block-ms", "100", "--consumer", "failover",
+        "--redis", url, "--metrics", f"tcp:{ops}:interface=127.0.0.1", "--block-ms", "100",
+        "--consumer", "failover",
     ]  # fmt: skip
     return subprocess.Popen(argv, cwd=str(ROOT), env=checkout_env(TELTONIKA_POSTGRES_DSN=dsn))
+
+
+def _readyz(port: int) -> int:
+    """The processor's /readyz status (0 while it does not answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+    except OSError:
+        return 0
 
 
 def _rows(dsn: str) -> int:
@@ -125,13 +140,16 @@ def test_replicated_failover_loses_no_ack(
     postgres = PostgresServer().start()
     processor = None
     try:
-        processor = _processor(tmp_path, deployment.url, postgres.dsn())
+        ops = free_port()
+        processor = _processor(tmp_path, deployment.url, postgres.dsn(), ops)
         server, sim = _ingesting(tmp_path, deployment, servers, "replicated", 16)
         wait_until(lambda: _rows(postgres.dsn()) > 0, 30, "processor wrote rows")
+        wait_until(lambda: _readyz(ops) == 200, 20, "processor ready")
         old_master = deployment.master_port()
         killed = time.monotonic()
         deployment.node(old_master or 0).kill()
         wait_until(lambda: server.http("/readyz")[0] == 503, 5, "/readyz 503 without master")
+        wait_until(lambda: _readyz(ops) == 503, 5, "processor /readyz 503 without master")
         wait_until(
             lambda: deployment.master_port() not in (None, old_master), 30, "Sentinel failed over"
         )
@@ -144,6 +162,7 @@ def test_replicated_failover_loses_no_ack(
         )
         assert resumed_after <= 5.0, f"ACKs resumed {resumed_after:.1f} s after the switch"
         wait_until(lambda: server.http("/readyz")[0] == 200, 10, "/readyz 200 again")
+        wait_until(lambda: _readyz(ops) == 200, 20, "processor /readyz 200 again")
         sent = _send(deployment.url, IMEI_START + 4, "getver")
         code, summary = sim.result(timeout=90)
         _code, check = verify(sim.ledger_path, "--redis", deployment.url)
