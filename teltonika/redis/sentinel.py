@@ -30,9 +30,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from teltonika.redis.connect import SentinelAddress
 
@@ -227,8 +228,9 @@ def _master_protocol(base: Any) -> type:
     return MasterProtocol
 
 
+@implementer(IStreamClientEndpoint)
 class SentinelEndpoint:
-    """An ``IStreamClientEndpoint`` that discovers the master before every connection
+    """An endpoint that discovers the master before every connection
     attempt; when the master moved, it closes the pool's connections to the old one."""
 
     def __init__(
