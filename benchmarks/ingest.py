@@ -257,7 +257,62 @@ def role_bare(args: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-ROLES = {"client": role_client, "naive": role_naive, "redispy": role_redispy, "bare": role_bare}
+def role_sink(args: dict[str, Any]) -> dict[str, Any]:
+    """The Redis sink alone, in this process: *publishers* concurrent publishers each
+    publish one 10-record frame and await it, again and again (no sockets, no decoding:
+    what is left is the sink's Redis round trips, where WAIT's cost lives)."""
+    from prometheus_client import CollectorRegistry
+    from twisted.internet import defer, task
+
+    import teltonika.sinks.redis_stream as sink_module
+    from teltonika.codecs import CodecRegistry
+    from teltonika.metrics import ServerMetrics
+    from teltonika.redis.connect import lazy_connection, parse_redis_url
+    from teltonika.wire.codecs import BUILTIN_CODECS
+
+    sink_module.REPLICATED_WRITERS = args["writers"]
+    _codec, packet = CodecRegistry(BUILTIN_CODECS).decode_frame(build_frame())
+    address = parse_redis_url(args["redis"])
+    result: dict[str, Any] = {}
+
+    async def run(reactor: Any) -> None:
+        sink = sink_module.RedisStreamSink(
+            lambda: lazy_connection(address),
+            reactor,
+            ServerMetrics(CollectorRegistry()),
+            instance_id="bench",
+            durability=args["durability"],
+            connect=lambda: lazy_connection(address),
+        )
+        await sink.start()
+        count = 0
+        end = time.perf_counter() + args["seconds"]
+
+        async def publisher(n: int) -> None:
+            nonlocal count
+            while time.perf_counter() < end:
+                await sink.publish(imei(n), "8E", packet.records, 1)
+                count += len(packet.records)
+
+        start = time.perf_counter()
+        await defer.gatherResults(
+            [defer.ensureDeferred(publisher(n)) for n in range(args["publishers"])]
+        )
+        result["records_per_s"] = count / (time.perf_counter() - start)
+        await sink.close()
+
+    with contextlib.suppress(SystemExit):
+        task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
+    return result
+
+
+ROLES = {
+    "client": role_client,
+    "naive": role_naive,
+    "redispy": role_redispy,
+    "bare": role_bare,
+    "sink": role_sink,
+}
 
 
 def run_role(role: str, args: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
@@ -605,6 +660,42 @@ def part_durability(opts: argparse.Namespace, workdir: Path) -> None:
             f"same master = {replicated / figures['fsync (master of 2)']:.0%}; 1 connection "
             f"/ 4 = {figures['replicated, 1 connection'] / replicated:.0%} "
             f"(load after: {Path('/proc/loadavg').read_text().split()[0]})",
+            flush=True,
+        )
+        print(
+            f"  the sink alone, {opts.devices} publishers in one process (medians of "
+            f"{opts.repeat}):",
+            flush=True,
+        )
+        sink_runs = (
+            ("memory (no AOF)", plain.url, "memory", 1),
+            ("fsync (master of 2)", master.url, "fsync", 1),
+            ("replicated, 4 connections", master.url, "replicated", 4),
+            ("replicated, 1 connection", master.url, "replicated", 1),
+        )
+        alone: dict[str, list[float]] = {label: [] for label, *_rest in sink_runs}
+        for _turn in range(opts.repeat):
+            for label, url, durability, writers in sink_runs:
+                measured = run_role(
+                    "sink",
+                    {
+                        "redis": url,
+                        "durability": durability,
+                        "writers": writers,
+                        "publishers": opts.devices,
+                        "seconds": opts.seconds,
+                    },
+                )
+                alone[label].append(measured["records_per_s"])
+        medians = {label: sorted(v)[len(v) // 2] for label, v in alone.items()}
+        for label, value in medians.items():
+            print(f"  sink {label:<28} {value:>9,.0f} records/s", flush=True)
+        print(
+            "  ratios: replicated 4 connections / fsync = "
+            f"{medians['replicated, 4 connections'] / medians['fsync (master of 2)']:.0%}; "
+            "1 connection / 4 = "
+            f"{medians['replicated, 1 connection'] / medians['replicated, 4 connections']:.0%}"
+            f" (load after: {Path('/proc/loadavg').read_text().split()[0]})",
             flush=True,
         )
     finally:
