@@ -215,7 +215,7 @@ def test_fsync_failover_can_lose_acked_records(
     deployment.cut_replication(deployment.master())
     acked_at_cut = server.metric("teltonika_acked_records_total")
     wait_until(
-        lambda: server.metric("teltonika_acked_records_total") > acked_at_cut + 200,
+        lambda: server.metric("teltonika_acked_records_total") > acked_at_cut + 100,
         20,
         "ACKs after the cut",
     )
