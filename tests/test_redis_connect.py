@@ -36,6 +36,10 @@ def test_password_is_parsed_but_never_shown():
         "redis://u:s3cr#et@host/0",
         "redis://u:s3@cr/et@host/0",
         "redis://u:s3cret@host/x",
+        "redis+sentinel://:s3/cret@h1:26379,h2:26379/mymaster",
+        "redis+sentinel://u:s3cr?et@h1:26379/mymaster",
+        "redis+sentinel://u:s3cret@h1:26379/mymaster/x",
+        "redis+sentinel://h1:26379/mymaster?sentinel_password=s3cret&x=1",
     ],
 )
 def test_errors_do_not_carry_the_password(url):

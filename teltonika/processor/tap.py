@@ -18,7 +18,7 @@ from twisted.python import usage
 
 from teltonika.contract import TELEMETRY_STREAM
 from teltonika.processor.live.options import LiveOptions
-from teltonika.redis.connect import RedisURLError, parse_redis_url
+from teltonika.redis.connect import RedisURLError, SentinelAddress, parse_redis_url
 from teltonika.services.ops_http import DEFAULT_PROCESSOR_METRICS
 
 POSTGRES_ENV: Final = "TELTONIKA_POSTGRES_DSN"
@@ -82,8 +82,9 @@ class Options(LiveOptions):
             "redis",
             None,
             None,
-            f"Redis URL redis://[user:password@]host[:port][/db] (default: ${REDIS_ENV}, "
-            f"else {DEFAULT_REDIS}).",
+            f"Redis URL redis://[user:password@]host[:port][/db], or through Sentinel "
+            "redis+sentinel://[[user]:password@]host:port[,host:port...]/SERVICE[/db] "
+            f"(default: ${REDIS_ENV}, else {DEFAULT_REDIS}).",
         ],
         [
             "postgres",
@@ -295,12 +296,22 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
     address = options.get("redis-address") or parse_redis_url(options["redis"])
     timeout = 10.0
 
+    connections: list[Any] = []
+
     def connect() -> tuple[Any, Any]:
         """Called by ProcessorService.startService: makeService touches no network."""
-        return (
+        made = (
             lazy_connection(address, reply_timeout=timeout),
             reader_connection(address, reply_timeout=timeout + block_ms / 1000),
         )
+        connections[:] = made
+        return made
+
+    def master_known() -> bool:
+        """Through Sentinel: False while a connection knows no master (a failover)."""
+        from teltonika.redis.sentinel import master_known as known
+
+        return bool(connections) and all(known(connection) for connection in connections)
 
     streams = Streams(
         None,
@@ -345,6 +356,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
                 "redis": lambda: consumer.redis_ok,
                 "postgres": lambda: consumer.postgres_ok,
                 "consumer": consumer.ready,
+                **({"redis-master": master_known} if isinstance(address, SentinelAddress) else {}),
             },
             reactor=reactor,
         )
