@@ -419,6 +419,12 @@ class Options(usage.Options):
         for name in ("login-timeout", "sink-timeout", "shutdown-timeout"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be more than 0 seconds")
+        if self["redis-wait-timeout"] >= self["sink-timeout"]:
+            raise usage.UsageError(
+                f"--redis-wait-timeout ({self['redis-wait-timeout']:g} s) must be below "
+                f"--sink-timeout ({self['sink-timeout']:g} s): a batch waiting for its replicas "
+                "longer than a frame may take to store would time out instead of being refused"
+            )
         if self["heartbeat-ttl"] <= self["heartbeat-interval"]:
             raise usage.UsageError("--heartbeat-ttl must be longer than --heartbeat-interval")
 

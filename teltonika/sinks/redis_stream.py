@@ -240,7 +240,9 @@ class RedisStreamSink:
         if self._reachable and self._verification is not Verification.VERIFIED:
             return self._recheck()
         d: Deferred[object] = self.redis.execute_command("PING")
-        d.addTimeout(self.probe_timeout, self.clock)
+        # with replicated, the PING may wait behind a batch's WAIT on its connection: a
+        # replica that is slow to confirm is not a Redis that is down
+        d.addTimeout(self.probe_timeout + self._wait_bound, self.clock)
 
         def ok(_: object) -> None:
             self._set_reachable(True, None)

@@ -531,7 +531,10 @@ async def test_replicated_waits_for_connected_replicas(
         sink = _sink(
             txredis,
             durability="replicated",
-            replica_timeout=0.3,
+            # a loaded machine can take more than 0.3 s for the replica's ACK; the
+            # write timeout stays above the wait (the tap's rule against --sink-timeout)
+            replica_timeout=1.5,  # below the connections' 2 s reply timeout
+            write_timeout=3.0,
             connect=connect,
             durability_interval=60,
         )

@@ -105,6 +105,10 @@ def test_parsing() -> None:
         (["--login-timeout", "0"], "--login-timeout must be more than 0 seconds"),
         (["--shutdown-timeout", "0"], "--shutdown-timeout must be more than 0 seconds"),
         (["--sink-timeout", "-1"], "Parameter type enforcement failed"),
+        (
+            ["--redis", "redis://x", "--redis-wait-timeout", "15"],
+            "--redis-wait-timeout (15 s) must be below --sink-timeout (15 s)",
+        ),
     ],
 )
 def test_usage_errors(argv: list[str], message: str) -> None:

@@ -242,14 +242,19 @@ def live_env(postgres_server: Any, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def wait_table(dsn: str, timeout: float = 30.0) -> None:
-    """Block until the processor's migrations created positions."""
+    """Block until the processor's migrations brought positions to the current schema
+    (each migration commits on its own: the table exists before 003 adds its last
+    column, so waiting for the table alone races the migration on a loaded machine)."""
     deadline = time.monotonic() + timeout
     while True:
         with psycopg.connect(dsn, autocommit=True) as conn:
-            if conn.execute("select to_regclass('positions')").fetchone()[0]:
+            if conn.execute(
+                "select 1 from information_schema.columns"
+                " where table_name = 'positions' and column_name = 'record_hash'"
+            ).fetchone():
                 return
         if time.monotonic() > deadline:
-            raise TimeoutError("positions was not created")
+            raise TimeoutError("positions was not brought to the current schema")
         time.sleep(0.05)
 
 
