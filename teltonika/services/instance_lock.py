@@ -28,7 +28,10 @@ NAME_PREFIX: Final = b"\0teltonika-instance-"
 
 def redis_target(url: str) -> str:
     """The Redis deployment a URL names, without credentials: scheme, hosts and path."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # --redis was validated before; never fail (or leak a password) here
+        return url.rpartition("@")[2]
     hosts = parts.netloc.rpartition("@")[2].lower()
     return f"{parts.scheme.lower()}://{hosts}{parts.path or '/0'}"
 
