@@ -42,8 +42,10 @@ def instance(
 
 def log_events(server: ServerProcess) -> Iterator[dict[str, Any]]:
     """The JSON log events of every start of *server* (``python -m twisted`` logs JSON
-    lines when its output is not a terminal)."""
-    for line in server.log_path.read_bytes().splitlines():
+    text sequences, a record separator before each event, when its output is not a
+    terminal)."""
+    for raw in server.log_path.read_bytes().splitlines():
+        line = raw.lstrip(b"\x1e")
         if line.startswith(b"{"):
             try:
                 yield orjson.loads(line)
