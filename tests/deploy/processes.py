@@ -61,7 +61,7 @@ class HAProxy:
     """
 
     def __init__(self, directory: Path, servers: list[tuple[int, int]]) -> None:
-        binary = shutil.which("haproxy")
+        binary = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/sbin")
         if binary is None:
             raise RuntimeError(
                 "haproxy is not installed: the balancer tests need Debian's haproxy "
