@@ -7,6 +7,7 @@ Usage (from the checkout; each part is bounded to a few minutes)::
     python benchmarks/fleet.py throughput   # sustained records/s into Redis
     python benchmarks/fleet.py latency      # ACK latency p99 at 2,000 frames/s, paced
     python benchmarks/fleet.py scale        # devices over several reuseport processes
+    python benchmarks/fleet.py memory       # Redis memory per stream entry (sizing)
     python benchmarks/fleet.py scale --devices 100000 --processes 7   # the big one
     python benchmarks/fleet.py all
 
@@ -28,6 +29,10 @@ Parts and their baselines:
   (``--bind 127.0.0.N``: one address has ~28,000 ephemeral ports towards one port);
   logged-in devices, RSS per device and in all. Baseline in the same run: one server
   process holding one process's share. Everything stops within ``--seconds`` per ramp.
+* **memory** -- Redis memory per telemetry entry as the server writes them (a fleet of
+  ``--devices`` sending one record every ``--interval`` s), from ``MEMORY USAGE`` of the
+  stream and ``INFO`` used_memory, against the entry's own bytes; and what a processor
+  outage costs per hour at 10,000 and 100,000 devices.
 * **latency** -- 200 devices x 10 frames/s = 2,000 frames/s paced; the simulator's ACK
   latency p50/p99/max. Baseline: the same fleet against a bare Twisted server that decodes
   each frame (CRC included) and ACKs at once (no sink).
@@ -389,6 +394,74 @@ def scale(opts: argparse.Namespace, workdir: Path) -> None:
           f" simulators {client_rss / KIB / KIB:.2f} GiB")  # fmt: skip
 
 
+def stream_memory(opts: argparse.Namespace, workdir: Path) -> None:
+    """Redis memory per telemetry entry, as the server writes them, for sizing (how much
+    a processor outage costs): INFO used_memory and MEMORY USAGE of the stream after a
+    fleet run, per entry, against the entry's own bytes (fields + values, from XRANGE)."""
+    raise_nofile()
+    redis = Redis()
+    try:
+        before = redis_info(redis, "used_memory")
+        server = Process.teltonika(workdir, "--redis", redis.url)
+        try:
+            summary = simulate(
+                server.port, "--devices", str(opts.devices), "--records-per-frame", "1",
+                "--interval", str(opts.interval), "--duration", str(opts.seconds),
+                "--connect-rate", "1000", "--keepalive", "0",
+            )  # fmt: skip
+        finally:
+            server.close()
+        entries = stream_length(redis)
+        used = redis_info(redis, "used_memory") - before
+        usage = int(redis_cli(redis, "MEMORY", "USAGE", "telemetry:teltonika", "SAMPLES", "0"))
+        raw = entry_bytes(redis)
+    finally:
+        redis.close()
+    print(
+        f"stream memory: {opts.devices} devices x 1 record every {opts.interval} s for "
+        f"{opts.seconds:.0f} s -> {entries:,} entries ({summary['records_acked']:,} ACKed)"
+    )
+    print(f"  entry's own bytes (fields + values, baseline): {raw:8.1f} B/entry")
+    print(
+        f"  MEMORY USAGE telemetry:teltonika:             {usage / entries:8.1f} B/entry "
+        f"({usage / entries / raw:.2f}x)"
+    )
+    print(f"  INFO used_memory growth:                      {used / entries:8.1f} B/entry")
+    per_hour = used / entries * 3600
+    for fleet in (10_000, 100_000):
+        rate = fleet / 10  # one record every 10 s a device
+        print(
+            f"  a processor outage at {fleet:,} devices x 1 record/10 s: "
+            f"{rate * per_hour / 1e9:.2f} GB of Redis memory per hour"
+        )
+
+
+def redis_cli(redis: Redis, *args: str) -> str:
+    out = subprocess.run(["redis-cli", "-p", str(redis.port), *args], capture_output=True,
+                         check=True)  # fmt: skip
+    return out.stdout.decode().strip()
+
+
+def redis_info(redis: Redis, field: str) -> int:
+    for line in redis_cli(redis, "INFO", "memory").splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split(":", 1)[1])
+    raise SystemExit(f"no {field} in INFO")
+
+
+def entry_bytes(redis: Redis) -> float:
+    """Mean bytes of an entry's fields and values over the first 1,000 entries."""
+    import redis as redispy
+
+    client = redispy.Redis(port=redis.port)
+    try:
+        sample = client.xrange("telemetry:teltonika", count=1000)
+    finally:
+        client.close()
+    sizes = [sum(len(k) + len(v) for k, v in fields.items()) for _id, fields in sample]
+    return sum(sizes) / max(len(sizes), 1)
+
+
 def loadavg() -> str:
     with open("/proc/loadavg") as load:
         return " ".join(load.read().split()[:3])
@@ -550,6 +623,10 @@ def main() -> None:
     multi.add_argument(
         "--seconds", type=float, default=300.0, help="bound on each ramp (simulators stop by then)"
     )
+    mem = sub.add_parser("memory")
+    mem.add_argument("--devices", type=int, default=2000)
+    mem.add_argument("--interval", type=float, default=1.0)
+    mem.add_argument("--seconds", type=float, default=60.0)
     every = sub.add_parser("all")
     every.add_argument("--max-devices", type=int, default=0)
     every.add_argument("--per-process", type=int, default=5000)
@@ -561,6 +638,8 @@ def main() -> None:
             capacity(opts, workdir)
         if opts.part == "scale":
             scale(opts, workdir)
+        if opts.part == "memory":
+            stream_memory(opts, workdir)
         if opts.part in ("throughput", "all"):
             if opts.part == "all":
                 opts.devices, opts.records, opts.seconds = 200, 10, 30.0
