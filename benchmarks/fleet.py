@@ -344,13 +344,14 @@ def scale(opts: argparse.Namespace, workdir: Path) -> None:
     per_client = -(-opts.devices // clients)
     sources = [f"127.0.0.{2 + index}" for index in range(clients)]
     bound = opts.seconds
+    lifetime = bound + 120  # simulators outlive the ramp and the measurement, then stop
     print(f"scale: {opts.devices:,} idle devices over {processes} reuseport processes "
           f"(~{share:,} each), {clients} simulator processes of ~{per_client:,} from "
           f"{sources[0]}..{sources[-1]}; RLIMIT_NOFILE {limit}; load {loadavg()}")  # fmt: skip
 
     single = Process.teltonika(workdir, "--output", str(workdir / "single.jsonl"))
     empty = settle_rss(single.pid, 1.0)
-    fleet = start_idle_fleet(single.port, share, per_client, 350000000000000, sources, bound)
+    fleet = start_idle_fleet(single.port, share, per_client, 350000000000000, sources, lifetime)
     logged = wait_connected(lambda: single.metric("teltonika_logins_total"), share, bound)
     single_rss = settle_rss(single.pid, 2.5)
     single_per = (single_rss - empty) / max(logged, 1)
@@ -365,7 +366,7 @@ def scale(opts: argparse.Namespace, workdir: Path) -> None:
     try:
         empties = [settle_rss(server.pid, 1.0) for server in servers]
         started = time.monotonic()
-        fleet = start_idle_fleet(port, opts.devices, per_client, 350000000000000, sources, bound)
+        fleet = start_idle_fleet(port, opts.devices, per_client, 350000000000000, sources, lifetime)
 
         def logins() -> float:
             return sum(server.metric("teltonika_logins_total") for server in servers)

@@ -34,15 +34,17 @@ from tests.faults.harness import (
 from tests.server.helpers import record
 
 PROXIED = "haproxy:tcp:{port}:interface=127.0.0.1"
+PROXIED_REUSEPORT = "haproxy:reuseport:{port}:interface=127.0.0.1"  # the two compose
 DEVICE_ADDRESS = "127.0.0.5"  # the devices' source; HAProxy connects from 127.0.0.1
 
 
 @pytest.fixture
 def deployment(tmp_path: Path, redis_url: str) -> Iterator[tuple[HAProxy, list[ServerProcess]]]:
-    """HAProxy and two instances (s1, s2) on one Redis; the instances are not started."""
+    """HAProxy and two instances (s1 on ``haproxy:tcp:``, s2 on ``haproxy:reuseport:``) on
+    one Redis; the instances are not started."""
     servers = [
-        instance(tmp_path / name, free_port(), name, PROXIED, "--redis", redis_url)
-        for name in ("s1", "s2")
+        instance(tmp_path / name, free_port(), name, endpoint, "--redis", redis_url)
+        for name, endpoint in (("s1", PROXIED), ("s2", PROXIED_REUSEPORT))
     ]
     haproxy = HAProxy(tmp_path, [(s.port, s.metrics_port) for s in servers])
     try:

@@ -167,3 +167,12 @@ def test_listen_failure_is_a_failed_deferred(sockets: list[socket.socket]) -> No
     endpoint.listen(Factory.forProtocol(Protocol)).addErrback(failures.append)
     assert len(failures) == 1
     assert failures[0].check(CannotListenError)  # type: ignore[attr-defined]
+
+
+def test_help_says_each_process_needs_its_own_id_and_metrics_port() -> None:
+    from teltonika.tap import Options
+
+    text = " ".join(str(Options()).split())
+    assert "reuseport:5027 lets several processes share the port" in text
+    assert "each with its own --instance-id and --metrics port" in text
+    assert "Unique per process" in text
