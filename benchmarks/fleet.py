@@ -44,6 +44,7 @@ compare ratios within one run, not absolute numbers across runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -267,7 +268,7 @@ def start_idle_fleet(
             [sys.executable, "-m", "teltonika", "simulate", "--port", str(port),
              "--devices", str(count), "--imei-start", str(imei_start + offset),
              "--interval", "1000000", "--keepalive", "0", "--ack-timeout", "100000",
-             "--duration", str(duration), "--connect-rate", "1000", "--progress", "0",
+             "--duration", str(duration), "--connect-rate", "500", "--progress", "0",
              "--backoff-max", "2", "--drain", "1", *bind],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=checkout_env(), cwd=REPO,
         ))  # fmt: skip
@@ -368,8 +369,15 @@ def scale(opts: argparse.Namespace, workdir: Path) -> None:
         started = time.monotonic()
         fleet = start_idle_fleet(port, opts.devices, per_client, 350000000000000, sources, lifetime)
 
+        seen = [0.0] * processes
+
         def logins() -> float:
-            return sum(server.metric("teltonika_logins_total") for server in servers)
+            # A process busy with the ramp may answer /metrics late: keep its last figure.
+            for index, server in enumerate(servers):
+                with contextlib.suppress(OSError):
+                    seen[index] = server.metric("teltonika_logins_total")
+            print(f"    {sum(seen):,.0f} logged in, load {loadavg()}", flush=True)
+            return sum(seen)
 
         logged = wait_connected(logins, opts.devices, bound)
         ramp = time.monotonic() - started
