@@ -204,7 +204,7 @@ class Process:
 
     def metric(self, name: str) -> float:
         """Sum of one metric's samples on /metrics (our server only)."""
-        with socket.create_connection(("127.0.0.1", self.metrics_port), timeout=10) as sock:
+        with socket.create_connection(("127.0.0.1", self.metrics_port), timeout=30) as sock:
             sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
             raw = b""
             while chunk := sock.recv(65536):
@@ -345,7 +345,9 @@ def scale(opts: argparse.Namespace, workdir: Path) -> None:
     per_client = -(-opts.devices // clients)
     sources = [f"127.0.0.{2 + index}" for index in range(clients)]
     bound = opts.seconds
-    lifetime = bound + 120  # simulators outlive the ramp and the measurement, then stop
+    # Simulators outlive the ramp and the measurement (slow /metrics answers on a loaded
+    # machine included), then stop by themselves.
+    lifetime = bound + 300
     print(f"scale: {opts.devices:,} idle devices over {processes} reuseport processes "
           f"(~{share:,} each), {clients} simulator processes of ~{per_client:,} from "
           f"{sources[0]}..{sources[-1]}; RLIMIT_NOFILE {limit}; load {loadavg()}")  # fmt: skip
@@ -382,7 +384,7 @@ def scale(opts: argparse.Namespace, workdir: Path) -> None:
         logged = wait_connected(logins, opts.devices, bound)
         ramp = time.monotonic() - started
         rss = [settle_rss(server.pid, 2.5) for server in servers]
-        per_server = [int(server.metric("teltonika_connections_open")) for server in servers]
+        per_server = [int(held(server)) for server in servers]
         client_rss = sum(rss_kib(client.pid) for client in fleet)
         print(f"  load after the ramp: {loadavg()}")
     finally:
@@ -469,6 +471,14 @@ def entry_bytes(redis: Redis) -> float:
         client.close()
     sizes = [sum(len(k) + len(v) for k, v in fields.items()) for _id, fields in sample]
     return sum(sizes) / max(len(sizes), 1)
+
+
+def held(server: Process) -> float:
+    """Open device connections of *server*; -1 when its /metrics does not answer in time."""
+    try:
+        return server.metric("teltonika_connections_open")
+    except OSError:
+        return -1
 
 
 def loadavg() -> str:
