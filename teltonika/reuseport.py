@@ -4,8 +4,9 @@ the device port and the kernel spreads new connections over them (one core each)
 
 Twisted's ``tcp:`` endpoint string has no option for ``SO_REUSEPORT`` (it sets only
 ``SO_REUSEADDR``), so this module creates the socket itself, binds it, listens, and hands
-it to ``IReactorSocket.adoptStreamPort``, which every Twisted this package supports has. It composes with other
-endpoint strings like ``tcp:`` does (``haproxy:reuseport:5027`` behind a balancer).
+it to ``IReactorSocket.adoptStreamPort``, which every Twisted this package supports has.
+It composes with other endpoint strings like ``tcp:`` does (``haproxy:reuseport:5027``
+behind a balancer).
 The Twisted plugin that registers the prefix is ``twisted/plugins/teltonika_reuseport.py``.
 
 Every process sharing the port needs its own ``--instance-id`` and ``--metrics`` port
