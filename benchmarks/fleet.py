@@ -6,6 +6,9 @@ Usage (from the checkout; each part is bounded to a few minutes)::
     python benchmarks/fleet.py capacity     # logged-in devices per process, RSS per device
     python benchmarks/fleet.py throughput   # sustained records/s into Redis
     python benchmarks/fleet.py latency      # ACK latency p99 at 2,000 frames/s, paced
+    python benchmarks/fleet.py scale        # devices over several reuseport processes
+    python benchmarks/fleet.py memory       # Redis memory per stream entry (sizing)
+    python benchmarks/fleet.py scale --devices 100000 --processes 7   # the big one
     python benchmarks/fleet.py all
 
 Parts and their baselines:
@@ -20,6 +23,16 @@ Parts and their baselines:
   last is ACKed) against ``twistd teltonika --redis``; steady-state records/s read from the
   server's own counter over the middle of the run. Baseline: redis-py with hiredis
   pipelining 100 XADDs of the same contract entries into the same Redis.
+* **scale** -- ``--devices`` idle devices (default 6,000) over ``--processes`` server
+  processes sharing one port (``reuseport:``), the simulator spread over processes of
+  ``--per-process`` devices, each connecting from its own loopback address
+  (``--bind 127.0.0.N``: one address has ~28,000 ephemeral ports towards one port);
+  logged-in devices, RSS per device and in all. Baseline in the same run: one server
+  process holding one process's share. Everything stops within ``--seconds`` per ramp.
+* **memory** -- Redis memory per telemetry entry as the server writes them (a fleet of
+  ``--devices`` sending one record every ``--interval`` s), from ``MEMORY USAGE`` of the
+  stream and ``INFO`` used_memory, against the entry's own bytes; and what a processor
+  outage costs per hour at 10,000 and 100,000 devices.
 * **latency** -- 200 devices x 10 frames/s = 2,000 frames/s paced; the simulator's ACK
   latency p50/p99/max. Baseline: the same fleet against a bare Twisted server that decodes
   each frame (CRC included) and ACKs at once (no sink).
@@ -31,6 +44,7 @@ compare ratios within one run, not absolute numbers across runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -145,12 +159,14 @@ class Redis:
 class Process:
     """A server subprocess (ours or the bare baseline) on a free loopback port."""
 
-    def __init__(self, argv: list[str], workdir: Path, port: int, name: str) -> None:
+    def __init__(
+        self, argv: list[str], workdir: Path, port: int, name: str, wait_on: int = 0
+    ) -> None:
         self.port = port
         self.log = (workdir / f"{name}.log").open("wb")
         self.proc = subprocess.Popen(argv, cwd=workdir, stdout=self.log,
                                      stderr=subprocess.STDOUT, env=checkout_env())  # fmt: skip
-        wait_port(port, 30.0)
+        wait_port(wait_on or port, 60.0)
         time.sleep(0.5)
 
     metrics_port = 0
@@ -170,9 +186,25 @@ class Process:
         process.metrics_port = metrics_port
         return process
 
+    @classmethod
+    def teltonika_shared(cls, workdir: Path, port: int, index: int) -> Process:
+        """One of several servers sharing *port* (``reuseport:``), each with its own
+        instance id, metrics port and output file; idle devices are never closed."""
+        metrics_port = free_port()
+        argv = [
+            sys.executable, "-m", "twisted", "teltonika",
+            "--port", f"reuseport:{port}:interface=127.0.0.1:backlog=4096",
+            "--metrics", f"tcp:{metrics_port}:interface=127.0.0.1",
+            "--max-connections", "0", "--idle-timeout", "0", "--login-timeout", "600",
+            "--instance-id", f"bench-{index}", "--output", str(workdir / f"idle-{index}.jsonl"),
+        ]  # fmt: skip
+        process = cls(argv, workdir, port, f"teltonika-{index}", wait_on=metrics_port)
+        process.metrics_port = metrics_port
+        return process
+
     def metric(self, name: str) -> float:
         """Sum of one metric's samples on /metrics (our server only)."""
-        with socket.create_connection(("127.0.0.1", self.metrics_port), timeout=10) as sock:
+        with socket.create_connection(("127.0.0.1", self.metrics_port), timeout=30) as sock:
             sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
             raw = b""
             while chunk := sock.recv(65536):
@@ -216,18 +248,28 @@ def simulate(port: int, *options: str, timeout: float = 600) -> dict[str, Any]:
     return result
 
 
-def start_idle_fleet(port: int, devices: int, per_process: int, imei_start: int) -> list[Any]:
-    """Simulator processes holding *devices* idle logged-in connections (killed by the caller)."""
+def start_idle_fleet(
+    port: int,
+    devices: int,
+    per_process: int,
+    imei_start: int,
+    sources: list[str] | None = None,
+    duration: float = 900,
+) -> list[Any]:
+    """Simulator processes holding *devices* idle logged-in connections (killed by the
+    caller; each also stops by itself after *duration* seconds). With *sources*, process
+    *i* connects from ``sources[i % len(sources)]`` (``--bind``)."""
     procs = []
     offset = 0
     while offset < devices:
         count = min(per_process, devices - offset)
+        bind = ["--bind", sources[len(procs) % len(sources)]] if sources else []
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "teltonika", "simulate", "--port", str(port),
              "--devices", str(count), "--imei-start", str(imei_start + offset),
              "--interval", "1000000", "--keepalive", "0", "--ack-timeout", "100000",
-             "--duration", "900", "--connect-rate", "1500", "--progress", "0",
-             "--backoff-max", "2"],
+             "--duration", str(duration), "--connect-rate", "500", "--progress", "0",
+             "--backoff-max", "2", "--drain", "1", *bind],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=checkout_env(), cwd=REPO,
         ))  # fmt: skip
         offset += count
@@ -285,6 +327,163 @@ def capacity(opts: argparse.Namespace, workdir: Path) -> None:
         print(f"{step:>8} {bare_per:>14.2f} {ours_per:>18.2f} {ours_per / bare_per:>6.1f} "
               f"{logged:>10}", flush=True)  # fmt: skip
     print("target: 10,000 devices under 16 KiB each above the empty server")
+
+
+def scale(opts: argparse.Namespace, workdir: Path) -> None:
+    """Idle logged-in devices over several ``reuseport:`` server processes sharing one
+    port, against one process holding one process's share (the in-run baseline)."""
+    limit = raise_nofile()
+    processes = opts.processes
+    share = -(-opts.devices // processes)
+    if share > limit - 300:
+        raise SystemExit(
+            f"{share} devices a process exceeds RLIMIT_NOFILE {limit}: more --processes"
+        )
+    # Client side: one simulator process per source address, each well under both the
+    # open-file limit and the ~28,000 ephemeral ports one address has towards one port.
+    clients = max(1, -(-opts.devices // min(opts.per_process, limit - 300, 25_000)))
+    per_client = -(-opts.devices // clients)
+    sources = [f"127.0.0.{2 + index}" for index in range(clients)]
+    bound = opts.seconds
+    # Simulators outlive the ramp and the measurement (slow /metrics answers on a loaded
+    # machine included), then stop by themselves.
+    lifetime = bound + 300
+    print(f"scale: {opts.devices:,} idle devices over {processes} reuseport processes "
+          f"(~{share:,} each), {clients} simulator processes of ~{per_client:,} from "
+          f"{sources[0]}..{sources[-1]}; RLIMIT_NOFILE {limit}; load {loadavg()}")  # fmt: skip
+
+    single = Process.teltonika(workdir, "--output", str(workdir / "single.jsonl"))
+    empty = settle_rss(single.pid, 1.0)
+    fleet = start_idle_fleet(single.port, share, per_client, 350000000000000, sources, lifetime)
+    logged = wait_connected(lambda: single.metric("teltonika_logins_total"), share, bound)
+    single_rss = settle_rss(single.pid, 2.5)
+    single_per = (single_rss - empty) / max(logged, 1)
+    stop_all(fleet)
+    single.close()
+    print(f"  baseline: 1 process, {logged:,} devices: {single_per:.2f} KiB/device above the "
+          f"empty server, RSS {single_rss / KIB:.0f} MiB")  # fmt: skip
+
+    port = free_port()
+    servers = [Process.teltonika_shared(workdir, port, index) for index in range(processes)]
+    fleet = []
+    try:
+        empties = [settle_rss(server.pid, 1.0) for server in servers]
+        started = time.monotonic()
+        fleet = start_idle_fleet(port, opts.devices, per_client, 350000000000000, sources, lifetime)
+
+        seen = [0.0] * processes
+
+        def logins() -> float:
+            # A process busy with the ramp may answer /metrics late: keep its last figure.
+            for index, server in enumerate(servers):
+                with contextlib.suppress(OSError):
+                    seen[index] = server.metric("teltonika_logins_total")
+            print(f"    {sum(seen):,.0f} logged in, load {loadavg()}", flush=True)
+            return sum(seen)
+
+        logged = wait_connected(logins, opts.devices, bound)
+        ramp = time.monotonic() - started
+        rss = [settle_rss(server.pid, 2.5) for server in servers]
+        per_server = [int(held(server)) for server in servers]
+        client_rss = sum(rss_kib(client.pid) for client in fleet)
+        print(f"  load after the ramp: {loadavg()}")
+    finally:
+        stop_all(fleet)
+        for server in servers:
+            server.close()
+    above = sum(r - e for r, e in zip(rss, empties, strict=True))
+    multi_per = above / max(logged, 1)
+    print(f"  {processes} processes: {logged:,} of {opts.devices:,} devices logged in after "
+          f"{ramp:.0f} s; per process {min(per_server):,}..{max(per_server):,}")  # fmt: skip
+    print(
+        f"  RSS per device above the empty servers: {multi_per:.2f} KiB "
+        f"(baseline 1 process: {single_per:.2f} KiB, ratio {multi_per / single_per:.2f})"
+    )
+    total = sum(rss)
+    print(f"  RSS of all servers: {total / KIB / KIB:.2f} GiB ({total / max(logged, 1):.2f} "
+          f"KiB/device including the {processes} empty servers' {sum(empties) / KIB:.0f} MiB);"
+          f" simulators {client_rss / KIB / KIB:.2f} GiB")  # fmt: skip
+
+
+def stream_memory(opts: argparse.Namespace, workdir: Path) -> None:
+    """Redis memory per telemetry entry, as the server writes them, for sizing (how much
+    a processor outage costs): INFO used_memory and MEMORY USAGE of the stream after a
+    fleet run, per entry, against the entry's own bytes (fields + values, from XRANGE)."""
+    raise_nofile()
+    redis = Redis()
+    try:
+        before = redis_info(redis, "used_memory")
+        server = Process.teltonika(workdir, "--redis", redis.url)
+        try:
+            summary = simulate(
+                server.port, "--devices", str(opts.devices), "--records-per-frame", "1",
+                "--interval", str(opts.interval), "--duration", str(opts.seconds),
+                "--connect-rate", "1000", "--keepalive", "0",
+            )  # fmt: skip
+        finally:
+            server.close()
+        entries = stream_length(redis)
+        used = redis_info(redis, "used_memory") - before
+        usage = int(redis_cli(redis, "MEMORY", "USAGE", "telemetry:teltonika", "SAMPLES", "0"))
+        raw = entry_bytes(redis)
+    finally:
+        redis.close()
+    print(
+        f"stream memory: {opts.devices} devices x 1 record every {opts.interval} s for "
+        f"{opts.seconds:.0f} s -> {entries:,} entries ({summary['records_acked']:,} ACKed)"
+    )
+    print(f"  entry's own bytes (fields + values, baseline): {raw:8.1f} B/entry")
+    print(
+        f"  MEMORY USAGE telemetry:teltonika:             {usage / entries:8.1f} B/entry "
+        f"({usage / entries / raw:.2f}x)"
+    )
+    print(f"  INFO used_memory growth:                      {used / entries:8.1f} B/entry")
+    per_hour = used / entries * 3600
+    for fleet in (10_000, 100_000):
+        rate = fleet / 10  # one record every 10 s a device
+        print(
+            f"  a processor outage at {fleet:,} devices x 1 record/10 s: "
+            f"{rate * per_hour / 1e9:.2f} GB of Redis memory per hour"
+        )
+
+
+def redis_cli(redis: Redis, *args: str) -> str:
+    out = subprocess.run(["redis-cli", "-p", str(redis.port), *args], capture_output=True,
+                         check=True)  # fmt: skip
+    return out.stdout.decode().strip()
+
+
+def redis_info(redis: Redis, field: str) -> int:
+    for line in redis_cli(redis, "INFO", "memory").splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split(":", 1)[1])
+    raise SystemExit(f"no {field} in INFO")
+
+
+def entry_bytes(redis: Redis) -> float:
+    """Mean bytes of an entry's fields and values over the first 1,000 entries."""
+    import redis as redispy
+
+    client = redispy.Redis(port=redis.port)
+    try:
+        sample = client.xrange("telemetry:teltonika", count=1000)
+    finally:
+        client.close()
+    sizes = [sum(len(k) + len(v) for k, v in fields.items()) for _id, fields in sample]
+    return sum(sizes) / max(len(sizes), 1)
+
+
+def held(server: Process) -> float:
+    """Open device connections of *server*; -1 when its /metrics does not answer in time."""
+    try:
+        return server.metric("teltonika_connections_open")
+    except OSError:
+        return -1
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as load:
+        return " ".join(load.read().split()[:3])
 
 
 def redispy_baseline(url: str, seconds: float) -> float:
@@ -434,6 +633,19 @@ def main() -> None:
     lat.add_argument("--rate", type=int, default=2000)
     lat.add_argument("--records", type=int, default=1)
     lat.add_argument("--seconds", type=float, default=20.0)
+    multi = sub.add_parser("scale")
+    multi.add_argument("--devices", type=int, default=6000, help="idle devices in all")
+    multi.add_argument("--processes", type=int, default=3, help="reuseport server processes")
+    multi.add_argument(
+        "--per-process", type=int, default=12_500, help="devices per simulator process"
+    )
+    multi.add_argument(
+        "--seconds", type=float, default=300.0, help="bound on each ramp (simulators stop by then)"
+    )
+    mem = sub.add_parser("memory")
+    mem.add_argument("--devices", type=int, default=2000)
+    mem.add_argument("--interval", type=float, default=1.0)
+    mem.add_argument("--seconds", type=float, default=60.0)
     every = sub.add_parser("all")
     every.add_argument("--max-devices", type=int, default=0)
     every.add_argument("--per-process", type=int, default=5000)
@@ -443,6 +655,10 @@ def main() -> None:
     try:
         if opts.part in ("capacity", "all"):
             capacity(opts, workdir)
+        if opts.part == "scale":
+            scale(opts, workdir)
+        if opts.part == "memory":
+            stream_memory(opts, workdir)
         if opts.part in ("throughput", "all"):
             if opts.part == "all":
                 opts.devices, opts.records, opts.seconds = 200, 10, 30.0

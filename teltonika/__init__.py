@@ -14,7 +14,8 @@ The ingestion server, ``twistd teltonika``:
   seams (``ICodec``, ``ISink``, ``IDeviceAuthority``, ``ISessionListener``).
 * ``protocol/``: one device's TCP connection: login, frames in order, publish then ACK.
   ``udp``: the same for datagrams (``--udp-port``).
-* ``authority``: who may log in (``--devices``).
+* ``authority``: who may log in (``--devices``). ``reuseport``: the ``reuseport:``
+  endpoint, several processes on one device port (``SO_REUSEPORT``).
 * ``contract``: the record contract, what one stream entry or JSON line holds (version 1).
 * ``sinks/``: where records go before the ACK: a Redis stream or a fsynced JSON-lines
   file, both with group commit. ``redis/``: Redis connections, the durability check and
@@ -23,7 +24,8 @@ The ingestion server, ``twistd teltonika``:
   one outstanding command), the connection registry and heartbeat, the janitor, the
   command consumer and offline delivery.
 * ``services/``: the ingestion service (start-up and the ordered shutdown) and the
-  operations endpoint (``/metrics``, ``/healthz``, ``/readyz``). ``tap``: the options and
+  operations endpoint (``/metrics``, ``/healthz``, ``/readyz``), and the lock that keeps
+  one ``--instance-id`` to one process per host and Redis. ``tap``: the options and
   the service tree twistd runs. ``metrics``, ``logs``: the server's metrics, JSON log
   output and rate-limited log events.
 

@@ -72,6 +72,7 @@ from teltonika.services.ingestion import (
     ManagedSink,
     exit_on_fatal,
 )
+from teltonika.services.instance_lock import InstanceLock, InstanceLockService
 from teltonika.services.ops_http import DEFAULT_SERVER_METRICS, ops_service
 from teltonika.sinks.jsonl import DEFAULT_OUTPUT
 from teltonika.udp import DeviceDatagramProtocol
@@ -161,7 +162,9 @@ class Options(usage.Options):
             "p",
             DEFAULT_PORT,
             "TCP endpoint for trackers: a port number or a description such as "
-            "tcp:5027:interface=127.0.0.1.",
+            "tcp:5027:interface=127.0.0.1; reuseport:5027 lets several processes share "
+            "the port (each with its own --instance-id and --metrics port); "
+            "haproxy:tcp:5027 behind a balancer sending the PROXY protocol.",
         ],
         [
             "udp-port",
@@ -223,13 +226,17 @@ class Options(usage.Options):
             "metrics",
             None,
             DEFAULT_SERVER_METRICS,
-            "Endpoint for /metrics, /healthz and /readyz (loopback by default), or 'off'.",
+            "Endpoint for /metrics, /healthz and /readyz (loopback by default), or 'off'. "
+            "One per process: processes sharing a reuseport: port each need their own.",
         ],
         [
             "instance-id",
             None,
             socket.gethostname(),
-            "Name of this server instance, written into every record.",
+            "Name of this server instance, written into every record; with --redis also "
+            "its name for the command plane. Unique per process: processes sharing a "
+            "reuseport: port each need their own (a second process on this host with the "
+            "same id and Redis is refused).",
         ],
         [
             "devices",
@@ -604,6 +611,12 @@ def makeService(
             sink_timeout=options["sink-timeout"],
         )
         udp = (internet.UDPServer(port, datagrams, interface=interface, reactor=reactor), datagrams)
+    closed: list[Callable[[], Any]] = [server.disconnect_redis]
+    if options["redis"] is not None:
+        lock = InstanceLockService(InstanceLock(options["instance-id"], options["redis"]))
+        lock.setName("instance-lock")  # type: ignore[no-untyped-call]
+        lock.setServiceParent(root)  # type: ignore[no-untyped-call]  # first: before listening
+        closed.append(lock.release)
     ingestion = IngestionService(
         factory,
         sink,
@@ -614,7 +627,7 @@ def makeService(
         shutdown_timeout=options["shutdown-timeout"],
         file_authority=file_authority,
         reactor=reactor,
-        on_closed=[server.disconnect_redis],
+        on_closed=closed,
         freeze_gc=on_fatal is None,  # a real twistd process, not a test
     )
     ingestion.setName("ingestion")  # type: ignore[no-untyped-call]

@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 
 from teltonika.simulate.device import DeviceConfig
 from teltonika.simulate.ledger import Ledger
+from teltonika.simulate.source import parse_sources
 from teltonika.simulate.verify import VerifyResult, verify_jsonl, verify_redis
 from teltonika.wire import CODEC_8, CODEC_8E, CODEC_16
 
@@ -45,6 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--port", type=int, default=5027, help="server TCP (or, with --udp, UDP) port"
     )
     target.add_argument("--udp", action="store_true", help="report over UDP instead of TCP")
+    target.add_argument(
+        "--bind",
+        default=None,
+        metavar="ADDR[,ADDR...]",
+        help="local addresses TCP devices connect from, in turn (e.g. "
+        "127.0.0.2,127.0.0.3): one address holds at most ~28,000 connections to one "
+        "server port; default: the system's choice",
+    )
     fleet = parser.add_argument_group("fleet")
     fleet.add_argument("--devices", type=int, default=10, help="number of devices")
     fleet.add_argument("--codec", choices=("8", "8E", "16"), default="8E", help="AVL codec")
@@ -191,6 +200,12 @@ def _check(args: argparse.Namespace) -> str | None:
         return "--frames must be at least 1"
     if args.processes < 1 or args.processes > args.devices:
         return "--processes must be between 1 and --devices"
+    try:
+        args.sources = parse_sources(args.bind)
+    except ValueError as error:
+        return str(error)
+    if args.sources and args.udp:
+        return "--bind applies to TCP devices only"
     return None
 
 
@@ -272,6 +287,7 @@ async def _run_fleet(reactor: Any, args: argparse.Namespace, outcome: dict[str, 
         args.seed,
         connect_rate=args.connect_rate,
         udp=args.udp,
+        sources=args.sources,
     )
     outcome["fleet"] = fleet
     progress: LoopingCall | None = None
@@ -320,6 +336,10 @@ def _child_argv(
         argv += ["--frames", str(args.frames)]
     if args.udp:
         argv.append("--udp")
+    if args.sources:
+        # Each child its own share of the addresses (all of them when fewer than children).
+        mine = args.sources[index :: args.processes] or [args.sources[index % len(args.sources)]]
+        argv += ["--bind", ",".join(mine)]
     return argv
 
 

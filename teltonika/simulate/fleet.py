@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 
 from teltonika.simulate.device import Device, DeviceConfig, DeviceProtocol
 from teltonika.simulate.ledger import Ledger
+from teltonika.simulate.source import connect_from
 from teltonika.simulate.udp import UDPDevice, UDPDeviceProtocol
 
 POLL_S = 0.05
@@ -69,6 +70,9 @@ class Fleet:
     :param reactor: provides IReactorTime plus IReactorTCP (and IReactorUDP with ``udp``).
     :param connect_rate: devices booted per second during the ramp.
     :param udp_port: with ``udp``, the server's UDP port (defaults to ``port``).
+    :param sources: local addresses TCP devices connect from, device *i* from
+        ``sources[i % len(sources)]`` (:mod:`teltonika.simulate.source`); empty: the
+        system's choice.
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class Fleet:
         connect_rate: float = 500.0,
         udp: bool = False,
         ledger: Ledger | None = None,
+        sources: Sequence[str] = (),
     ) -> None:
         self.reactor = reactor
         self.clock: IReactorTime = reactor  # type: ignore[assignment]
@@ -104,7 +109,15 @@ class Fleet:
                 self._udp.append(udp_device)
                 self.devices.append(udp_device)
             else:
-                device = Device(imei, config, self.clock, rng, self.ledger, self._connect_tcp)
+                source = sources[index % len(sources)] if sources else None
+                device = Device(
+                    imei,
+                    config,
+                    self.clock,
+                    rng,
+                    self.ledger,
+                    self._connector(source),
+                )
                 self._tcp.append(device)
                 self.devices.append(device)
         self._booted = 0
@@ -116,10 +129,14 @@ class Fleet:
         self._drain_s = 0.0
         self._finished = False
 
-    def _connect_tcp(self, device: Device) -> None:
-        self.reactor.connectTCP(  # type: ignore[attr-defined]
-            self.host, self.port, DeviceFactory(device), timeout=10
-        )
+    def _connector(self, source: str | None) -> Callable[[Device], None]:
+        def connect(device: Device) -> None:
+            self._connect_tcp(device, source)
+
+        return connect
+
+    def _connect_tcp(self, device: Device, source: str | None) -> None:
+        connect_from(self.reactor, source, self.host, self.port, DeviceFactory(device), 10)
 
     def _boot(self, index: int) -> None:
         if self._finished:
