@@ -18,6 +18,7 @@ sink still go out (:meth:`DeviceDatagramProtocol.when_idle`).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Final
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -30,6 +31,7 @@ from twisted.python.failure import Failure
 from teltonika.interfaces import IDeviceAuthority, ISink
 from teltonika.logs import RateLimitedLog
 from teltonika.metrics import ServerMetrics
+from teltonika.protocol.publish import Publisher
 from teltonika.protocol.server import DEFAULT_SINK_TIMEOUT, truncated_hex
 from teltonika.wire.errors import DecodeError, ImeiError
 from teltonika.wire.login import parse_imei
@@ -68,6 +70,8 @@ class DeviceDatagramProtocol(DatagramProtocol):
         self.clock = clock
         self.luhn = luhn
         self.sink_timeout = sink_timeout
+        self.publisher = Publisher(sink, metrics, clock, sink_timeout, "udp")
+        """Publish, then ACK (shared with TCP)."""
         self.in_flight = 0
         self._idle_waiters: list[Deferred[None]] = []
         self._limited = RateLimitedLog(self._log, clock, LOG_INTERVAL)
@@ -124,25 +128,18 @@ class DeviceDatagramProtocol(DatagramProtocol):
             )
             return None
         avl = packet.packet
-        codec = CODEC_NAMES.get(avl.codec_id, str(avl.codec_id))
-        count = len(avl.records)
-        self.metrics.frames.labels(codec).inc()
-        self.metrics.records.labels(codec).inc(count)
-        started = self.clock.seconds()
-        d: Deferred[None] = maybeDeferred(
-            self.sink.publish, packet.imei, codec, avl.records, int(started * 1000)
-        )
-        d.addTimeout(self.sink_timeout, self.clock)
-        return d.addCallbacks(
-            self._stored,
-            self._failed,
-            callbackArgs=(packet, addr, started),
-            errbackArgs=(packet,),
+        return self.publisher.publish(
+            packet.imei,
+            CODEC_NAMES.get(avl.codec_id, str(avl.codec_id)),
+            avl.records,
+            self.clock.seconds(),
+            udp_ack(packet.packet_id, packet.avl_packet_id, len(avl.records)),
+            partial(self._send_ack, packet.imei, addr),
+            partial(self._store_failed, packet.imei),
         )
 
-    def _stored(self, _: object, packet: UDPPacket, addr: Address, started: float) -> None:
-        self.metrics.sink_latency.labels(self.sink.name).observe(self.clock.seconds() - started)
-        ack = udp_ack(packet.packet_id, packet.avl_packet_id, len(packet.packet.records))
+    def _send_ack(self, imei: str, addr: Address, ack: bytes) -> bool:
+        """Publisher's ``send_ack``: answer the datagram's source address."""
         try:
             if self.transport is None:
                 raise OSError("the UDP port is closed")
@@ -155,24 +152,23 @@ class DeviceDatagramProtocol(DatagramProtocol):
                 LogLevel.warn,
                 "Could not send the ACK to {peer} ({imei}): {error} ({suppressed} more left out)",
                 peer=_peer(addr),
-                imei=packet.imei,
+                imei=imei,
                 error=str(error),
             )
-            return
+            return False
         self.metrics.bytes_out.labels("udp").inc(len(ack))
-        self.metrics.acks.labels("udp").inc()
-        self.metrics.acked_records.inc(len(packet.packet.records))
         self.metrics.datagrams.labels("acked").inc()
+        return True
 
-    def _failed(self, failure: Failure, packet: UDPPacket) -> None:
+    def _store_failed(self, imei: str, failure: Failure, count: int) -> None:
+        """Publisher's ``failed``: no ACK; the device sends the datagram again."""
         self.metrics.datagrams.labels("sink_failed").inc()
-        self.metrics.sink_failures.labels(self.sink.name).inc()
         self._limited.emit(
             LogLevel.error,
             "Sink {sink} did not store a datagram from {imei}; no ACK: {error} "
             "({suppressed} more left out)",
             sink=self.sink.name,
-            imei=packet.imei,
+            imei=imei,
             error=failure.getErrorMessage(),
         )
 

@@ -57,6 +57,7 @@ from teltonika.contract import message_fields
 from teltonika.interfaces import ICodec, IDeviceAuthority, ISessionListener, ISink
 from teltonika.logs import RateLimitedLog
 from teltonika.metrics import ServerMetrics
+from teltonika.protocol.publish import Publisher
 from teltonika.wire.errors import DecodeError, FramingError, ImeiError
 from teltonika.wire.framer import DEFAULT_MAX_FRAME, Framer
 from teltonika.wire.login import ACCEPT, REJECT, parse_imei
@@ -447,45 +448,35 @@ class DeviceProtocol(Protocol):
     # -- records -----------------------------------------------------------------------
 
     def _publish_records(self, codec: ICodec, packet: AVLPacket) -> Deferred[None]:
-        factory = self.factory
-        metrics = factory.metrics
-        clock = factory.clock
-        count = len(packet.records)
-        metrics.frames.labels(codec.name).inc()
-        metrics.records.labels(codec.name).inc(count)
-        started = clock.seconds()
-        self.commands.frame_received(started)
+        now = self.factory.clock.seconds()
+        self.commands.frame_received(now)
         assert self.imei is not None
-        d: Deferred[None] = maybeDeferred(
-            factory.sink.publish, self.imei, codec.name, packet.records, int(started * 1000)
-        )
-        d.addTimeout(factory.settings.sink_timeout, clock)
-        ack = codec.acknowledgement(packet)
-        return d.addCallbacks(
-            self._stored,
+        publisher: Publisher = self.factory.publisher
+        return publisher.publish(
+            self.imei,
+            codec.name,
+            packet.records,
+            now,
+            codec.acknowledgement(packet),
+            self._send_ack,
             self._store_failed,
-            callbackArgs=(ack, count, started),
-            errbackArgs=(count,),
         )
 
-    def _stored(self, _: object, ack: bytes | None, count: int, started: float) -> None:
-        factory = self.factory
-        factory.metrics.sink_latency.labels(factory.sink.name).observe(
-            factory.clock.seconds() - started
-        )
-        if ack is None or self._lost:
-            return
+    def _send_ack(self, ack: bytes) -> bool:
+        """Publisher's ``send_ack``: the records are stored; ACK them unless the
+        connection is gone."""
+        if self._lost:
+            return False
         self.write_to_device(ack)
         self._acked_in_turn = True
-        factory.metrics.acks.labels("tcp").inc()
-        factory.metrics.acked_records.inc(count)
+        return True
 
     def _store_failed(self, failure: Failure, count: int) -> None:
-        sink = self.factory.sink
-        self.factory.metrics.sink_failures.labels(sink.name).inc()
+        """Publisher's ``failed``: no ACK; close, so the device resends on its next
+        connection."""
         self._log.error(
             "Sink {sink} did not store {count} records from {imei}; no ACK, closing: {error}",
-            sink=sink.name,
+            sink=self.factory.sink.name,
             count=count,
             imei=self.imei,
             error=failure.getErrorMessage(),
@@ -668,6 +659,8 @@ class DeviceFactory(Factory):
         self.sessions: dict[str, DeviceProtocol] = {}
         self.session_listeners: list[ISessionListener] = []
         self.command_metrics = CommandMetrics.create(metrics.registry)
+        self.publisher = Publisher(sink, metrics, clock, self.settings.sink_timeout, "tcp")
+        """Publish, then ACK, for every connection."""
         self.limited_log = RateLimitedLog(DeviceProtocol._log, clock)
         """For events every connection can repeat at once (a failing device lookup)."""
         self.accepting = True
