@@ -28,15 +28,16 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from teltonika.interfaces import IDeviceAuthority, ISink
+from teltonika.codecs import CodecRegistry
+from teltonika.interfaces import ICodec, IDeviceAuthority, ISink
 from teltonika.logs import RateLimitedLog
 from teltonika.metrics import ServerMetrics
 from teltonika.protocol.publish import Publisher
 from teltonika.protocol.server import DEFAULT_SINK_TIMEOUT, truncated_hex
-from teltonika.wire.errors import DecodeError, ImeiError
+from teltonika.wire.errors import DecodeError, FieldValueError
 from teltonika.wire.login import parse_imei
-from teltonika.wire.records import CODEC_NAMES, UDPPacket
-from teltonika.wire.udp import decode_udp, udp_ack
+from teltonika.wire.records import AVLPacket, UDPEnvelope
+from teltonika.wire.udp import decode_udp_envelope, udp_ack
 
 Address = tuple[str, int]
 
@@ -56,6 +57,7 @@ class DeviceDatagramProtocol(DatagramProtocol):
 
     def __init__(
         self,
+        codecs: CodecRegistry,
         sink: ISink,
         authority: IDeviceAuthority,
         metrics: ServerMetrics,
@@ -64,6 +66,7 @@ class DeviceDatagramProtocol(DatagramProtocol):
         luhn: bool = False,
         sink_timeout: float = DEFAULT_SINK_TIMEOUT,
     ) -> None:
+        self.codecs = codecs
         self.sink = sink
         self.authority = authority
         self.metrics = metrics
@@ -79,9 +82,8 @@ class DeviceDatagramProtocol(DatagramProtocol):
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         self.metrics.bytes_in.labels("udp").inc(len(datagram))
         try:
-            packet = decode_udp(datagram)
-            parse_imei(packet.imei.encode("ascii"), luhn=self.luhn)
-        except (DecodeError, ImeiError) as error:
+            envelope, codec, packet = self._decode(datagram)
+        except DecodeError as error:
             self.metrics.datagrams.labels("malformed").inc()
             self.metrics.decode_errors.labels(error.reason).inc()
             self._limited.emit(
@@ -96,9 +98,25 @@ class DeviceDatagramProtocol(DatagramProtocol):
             )
             return
         self.in_flight += 1
-        d: Deferred[bool] = maybeDeferred(self.authority.is_allowed, packet.imei)
-        d.addBoth(self._authorized, packet, addr)
+        d: Deferred[bool] = maybeDeferred(self.authority.is_allowed, envelope.imei)
+        d.addBoth(self._authorized, envelope, codec, packet, addr)
         d.addBoth(self._done)
+
+    def _decode(self, datagram: bytes) -> tuple[UDPEnvelope, ICodec, AVLPacket]:
+        """The envelope, then the body through the codec registry (a codec plugin works
+        over UDP as over TCP); only AVL packets travel in datagrams.
+
+        :raise DecodeError: anything wrong with the datagram.
+        """
+        envelope = decode_udp_envelope(datagram)
+        codec, packet = self.codecs.decode_body(datagram, envelope.body_start, len(datagram))
+        if not isinstance(packet, AVLPacket):
+            raise FieldValueError(
+                f"codec {codec.name} carries no AVL records; a datagram takes an AVL codec",
+                envelope.body_start,
+            )
+        parse_imei(envelope.imei.encode("ascii"), luhn=self.luhn)
+        return envelope, codec, packet
 
     def _done(self, _: object) -> None:
         self.in_flight -= 1
@@ -108,14 +126,21 @@ class DeviceDatagramProtocol(DatagramProtocol):
                 if not waiter.called:  # a bounded wait may have cancelled it
                     waiter.callback(None)
 
-    def _authorized(self, allowed: bool | Failure, packet: UDPPacket, addr: Address) -> Any:
+    def _authorized(
+        self,
+        allowed: bool | Failure,
+        envelope: UDPEnvelope,
+        codec: ICodec,
+        packet: AVLPacket,
+        addr: Address,
+    ) -> Any:
         if isinstance(allowed, Failure):
             self.metrics.datagrams.labels("authority_failed").inc()
             self._limited.emit(
                 LogLevel.error,
                 "Device authority failed for {imei}; dropping its datagram: {error} "
                 "({suppressed} more left out)",
-                imei=packet.imei,
+                imei=envelope.imei,
                 error=allowed.getErrorMessage(),
             )
             return None
@@ -124,18 +149,17 @@ class DeviceDatagramProtocol(DatagramProtocol):
             self._limited.emit(
                 LogLevel.info,
                 "Datagram from {imei} refused by the device authority ({suppressed} more left out)",
-                imei=packet.imei,
+                imei=envelope.imei,
             )
             return None
-        avl = packet.packet
         return self.publisher.publish(
-            packet.imei,
-            CODEC_NAMES.get(avl.codec_id, str(avl.codec_id)),
-            avl.records,
+            envelope.imei,
+            codec.name,
+            packet.records,
             self.clock.seconds(),
-            udp_ack(packet.packet_id, packet.avl_packet_id, len(avl.records)),
-            partial(self._send_ack, packet.imei, addr),
-            partial(self._store_failed, packet.imei),
+            udp_ack(envelope.packet_id, envelope.avl_packet_id, len(packet.records)),
+            partial(self._send_ack, envelope.imei, addr),
+            partial(self._store_failed, envelope.imei),
         )
 
     def _send_ack(self, imei: str, addr: Address, ack: bytes) -> bool:
