@@ -30,10 +30,10 @@ from twisted.python.failure import Failure
 
 from teltonika.codecs import CodecRegistry
 from teltonika.interfaces import ICodec, IDeviceAuthority, ISink
-from teltonika.logs import RateLimitedLog
+from teltonika.logs import RateLimitedLog, truncated_hex
 from teltonika.metrics import ServerMetrics
 from teltonika.protocol.publish import Publisher
-from teltonika.protocol.server import DEFAULT_SINK_TIMEOUT, truncated_hex
+from teltonika.protocol.server import DEFAULT_SINK_TIMEOUT
 from teltonika.wire.errors import DecodeError, FieldValueError
 from teltonika.wire.login import parse_imei
 from teltonika.wire.records import AVLPacket, UDPEnvelope
