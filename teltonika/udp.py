@@ -2,7 +2,9 @@
 
 docs/protocol.rst, section 'UDP channel': a datagram carries the IMEI and one AVL packet;
 the reply ``0005 <packet id> 01 <AVL packet id> <count>`` goes to the datagram's source
-address, and only after the sink confirmed the records. Malformed datagrams are dropped and
+address, and only after the sink confirmed the records (the rule TCP follows too, written
+once in :mod:`teltonika.protocol.publish`). The body is decoded by the codec registry, as
+a TCP frame's is, so a codec plugin works here too. Malformed datagrams are dropped and
 counted (UDP has no connection to close); a datagram from a device the authority refuses
 is dropped too, unacknowledged, and so is one whose device lookup gives no answer.
 
@@ -19,7 +21,7 @@ sink still go out (:meth:`DeviceDatagramProtocol.when_idle`).
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import MessageLengthError
@@ -28,7 +30,6 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from teltonika.codecs import CodecRegistry
 from teltonika.interfaces import ICodec, IDeviceAuthority, ISink
 from teltonika.logs import RateLimitedLog, truncated_hex
 from teltonika.metrics import ServerMetrics
@@ -38,6 +39,9 @@ from teltonika.wire.errors import DecodeError, FieldValueError
 from teltonika.wire.login import parse_imei
 from teltonika.wire.records import AVLPacket, UDPEnvelope
 from teltonika.wire.udp import decode_udp_envelope, udp_ack
+
+if TYPE_CHECKING:
+    from teltonika.codecs import CodecRegistry
 
 Address = tuple[str, int]
 
