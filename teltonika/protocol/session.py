@@ -91,6 +91,11 @@ class SessionState(Enum):
     CLOSED = "closed"
     """The connection is gone."""
 
+    # The session tests membership in a few state sets on every read and every frame.
+    # Enum's __hash__ is a Python function (a call each time); members are singletons
+    # compared by identity, so the identity hash is equivalent and costs no call.
+    __hash__ = object.__hash__
+
 
 TRANSITIONS: Final[Mapping[SessionState, frozenset[SessionState]]] = {
     SessionState.AWAITING_LOGIN: frozenset(
