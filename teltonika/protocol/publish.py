@@ -1,9 +1,10 @@
 """Publish, then ACK: the server's central promise, written once for TCP and UDP.
 
 A device deletes records from its memory when it gets their acknowledgement, so an ACK
-may only follow a *successful* store (docs/protocol.rst, sections 'AVL data frame' and
-'UDP ACK'): the sink's Deferred fired, within ``--sink-timeout``. A failure or a timeout
-sends nothing; the device keeps the records and sends them again.
+may only follow a *successful* store (docs/design.rst, 'Publish, then ACK'; the replies
+in docs/protocol.rst, sections 'AVL data frame' and 'UDP ACK'): the sink's Deferred
+fired, within ``--sink-timeout``. A failure or a timeout sends nothing; the device keeps
+the records and sends them again.
 
 :class:`Publisher` holds that rule and the metrics that go with it (frames and records
 received, sink latency and failures, ACKs and ACKed records). What differs between the

@@ -124,6 +124,8 @@ TRANSITIONS: Final[Mapping[SessionState, frozenset[SessionState]]] = {
 """Every lifecycle change a session may make; any other one is a bug."""
 
 _ENDING: Final = frozenset({SessionState.CLOSING, SessionState.CLOSED})
+_NO_COMMANDS: Final = frozenset({SessionState.DRAINING, *_ENDING})
+"""The states in which no command frame is written (nothing the device says is read)."""
 _READING: Final = frozenset({SessionState.AWAITING_LOGIN, SessionState.LOGGED_IN})
 """The states in which reading resumes once a backlog has drained."""
 
@@ -148,7 +150,9 @@ class DeviceSession:
         command may be written then.
     :ivar state: the :class:`SessionState`.
     :ivar imei: the logged-in IMEI, or None before the login.
-    :ivar commands: every write to the device, and the one outstanding command.
+    :ivar commands: every write to the device, and the one outstanding command
+        (docs/design.rst, 'One write path per socket' and 'One outstanding command per
+        socket').
     """
 
     _log = Logger()
@@ -366,10 +370,13 @@ class DeviceSession:
     def _idle_for_commands(self) -> bool:
         """Whether a command frame may follow: logged in, no frame queued or being
         handled, and no partial frame buffered (a device that sent one more frame is
-        awaiting that frame's ACK)."""
+        awaiting that frame's ACK). Never while the connection drains or closes: what
+        the device sends is no longer read (its reply would be lost, and a frame it is
+        sending would go unnoticed by the quiet interval), and a command the device ran
+        but whose reply was never read would be failed (an offline one run again)."""
         return (
             self.imei is not None
-            and self.state not in _ENDING
+            and self.state not in _NO_COMMANDS
             and not self._busy
             and not self._queue
             and self._buffered() == 0
