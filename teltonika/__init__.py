@@ -11,9 +11,12 @@ The ingestion server, ``twistd teltonika``:
   framer that cuts a TCP stream, the frame envelope and its CRC, the AVL codecs 8/8E/16,
   the message codecs 12/13/14, the login packet, the UDP datagram. No reactor, no I/O.
 * ``codecs``: the codec registry (``ICodec`` plugins by codec id); ``interfaces``: the
-  seams (``ICodec``, ``ISink``, ``IDeviceAuthority``, ``ISessionListener``).
-* ``protocol/``: one device's TCP connection: login, frames in order, publish then ACK.
-  ``udp``: the same for datagrams (``--udp-port``).
+  seams (``ICodec``, ``ISink``, ``IDeviceAuthority``, ``ISessionListener``,
+  ``IDeviceSocket``).
+* ``protocol/``: one device's TCP connection: a thin Protocol and its Factory
+  (``server``) in front of the session that decides (``session``: login, frames in order,
+  flow control, timers, close), and ``publish``, the publish-then-ACK rule both transports
+  share. ``udp``: datagrams (``--udp-port``), decoded by the same codec registry.
 * ``authority``: who may log in (``--devices``). ``reuseport``: the ``reuseport:``
   endpoint, several processes on one device port (``SO_REUSEPORT``).
 * ``contract``: the record contract, what one stream entry or JSON line holds (version 1).

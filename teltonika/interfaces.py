@@ -81,6 +81,34 @@ class IDeviceAuthority(Interface):
         """Fire with True when *imei* may log in. A failure counts as a refusal."""
 
 
+class IDeviceSocket(Interface):
+    """What a device session needs of its TCP connection, and nothing more.
+
+    The session (``teltonika.protocol.session.DeviceSession``) decides; this only carries
+    out. Production wraps the Twisted transport
+    (``teltonika.protocol.server.TransportSocket``); tests may record the calls.
+    """
+
+    def write(data: bytes) -> None:
+        """Send *data* after everything written before."""
+
+    def pause() -> None:
+        """Read nothing more from the device until :meth:`resume`."""
+
+    def resume() -> None:
+        """Read from the device again."""
+
+    def close() -> None:
+        """Close once what was written has been sent."""
+
+    def abort() -> None:
+        """Close at once, dropping whatever was not sent yet."""
+
+    def peer() -> str:
+        """The device's address for log events (``host:port``). Asked at each event:
+        behind a PROXY-protocol balancer it is known only once the header is parsed."""
+
+
 class ISessionListener(Interface):
     """Told when a device logs in on this instance and when that session ends.
 
@@ -89,8 +117,8 @@ class ISessionListener(Interface):
     (an exception is logged and ignored) and must not block.
     """
 
-    def device_logged_in(imei: str, protocol: object) -> None:
-        """*protocol* (a ``teltonika.protocol.server.DeviceProtocol``) now owns *imei*."""
+    def device_logged_in(imei: str, session: object) -> None:
+        """*session* (a ``teltonika.protocol.session.DeviceSession``) now owns *imei*."""
 
-    def device_logged_out(imei: str, protocol: object) -> None:
-        """*protocol* no longer owns *imei* (connection closed or replaced by a newer one)."""
+    def device_logged_out(imei: str, session: object) -> None:
+        """*session* no longer owns *imei* (connection closed or replaced by a newer one)."""

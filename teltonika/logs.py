@@ -3,15 +3,27 @@
 twistd chooses where logs go; the server only emits structured ``twisted.logger`` events
 with constant format strings and keyword data. This observer writes each event as one
 JSON object a line on standard output, the shape log shippers read.
-:class:`RateLimitedLog` keeps events a peer can trigger per packet from flooding it.
+:class:`RateLimitedLog` keeps events a peer can trigger per packet from flooding it, and
+:func:`truncated_hex` keeps the bytes a rejection shows short.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import Final
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver, Logger, LogLevel, jsonFileLogObserver
+
+HEX_LOG_BYTES: Final = 64
+"""Bytes of a rejected frame or datagram shown (as hex) in its log event."""
+
+
+def truncated_hex(data: bytes, limit: int = HEX_LOG_BYTES) -> str:
+    """*data* as hex, cut to *limit* bytes with a marker saying how much was left out."""
+    if len(data) <= limit:
+        return data.hex()
+    return f"{data[:limit].hex()}...(+{len(data) - limit} bytes)"
 
 
 def json_observer() -> ILogObserver:

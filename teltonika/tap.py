@@ -588,8 +588,9 @@ def makeService(
     )
     sink = _build_sink(server)
     authority, udp_authority, file_authority = _build_authority(server, sink)
+    codecs = load_codecs()
     factory = DeviceFactory(
-        load_codecs(),
+        codecs,
         sink,  # type: ignore[arg-type]  # a ManagedSink provides ISink too
         authority,
         server.metrics,
@@ -603,6 +604,7 @@ def makeService(
     if options["udp-port"] is not None:
         interface, port = options["udp-port"]
         datagrams = DeviceDatagramProtocol(
+            codecs,
             sink,  # type: ignore[arg-type]  # a ManagedSink provides ISink too
             udp_authority,
             server.metrics,

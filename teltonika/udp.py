@@ -2,7 +2,9 @@
 
 docs/protocol.rst, section 'UDP channel': a datagram carries the IMEI and one AVL packet;
 the reply ``0005 <packet id> 01 <AVL packet id> <count>`` goes to the datagram's source
-address, and only after the sink confirmed the records. Malformed datagrams are dropped and
+address, and only after the sink confirmed the records (the rule TCP follows too, written
+once in :mod:`teltonika.protocol.publish`). The body is decoded by the codec registry, as
+a TCP frame's is, so a codec plugin works here too. Malformed datagrams are dropped and
 counted (UDP has no connection to close); a datagram from a device the authority refuses
 is dropped too, unacknowledged, and so is one whose device lookup gives no answer.
 
@@ -18,7 +20,8 @@ sink still go out (:meth:`DeviceDatagramProtocol.when_idle`).
 
 from __future__ import annotations
 
-from typing import Any, Final
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import MessageLengthError
@@ -27,14 +30,18 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from teltonika.interfaces import IDeviceAuthority, ISink
-from teltonika.logs import RateLimitedLog
+from teltonika.interfaces import ICodec, IDeviceAuthority, ISink
+from teltonika.logs import RateLimitedLog, truncated_hex
 from teltonika.metrics import ServerMetrics
-from teltonika.protocol.server import DEFAULT_SINK_TIMEOUT, truncated_hex
-from teltonika.wire.errors import DecodeError, ImeiError
+from teltonika.protocol.publish import Publisher
+from teltonika.protocol.server import DEFAULT_SINK_TIMEOUT
+from teltonika.wire.errors import DecodeError, FieldValueError
 from teltonika.wire.login import parse_imei
-from teltonika.wire.records import CODEC_NAMES, UDPPacket
-from teltonika.wire.udp import decode_udp, udp_ack
+from teltonika.wire.records import AVLPacket, UDPEnvelope
+from teltonika.wire.udp import decode_udp_envelope, udp_ack
+
+if TYPE_CHECKING:
+    from teltonika.codecs import CodecRegistry
 
 Address = tuple[str, int]
 
@@ -54,6 +61,7 @@ class DeviceDatagramProtocol(DatagramProtocol):
 
     def __init__(
         self,
+        codecs: CodecRegistry,
         sink: ISink,
         authority: IDeviceAuthority,
         metrics: ServerMetrics,
@@ -62,12 +70,15 @@ class DeviceDatagramProtocol(DatagramProtocol):
         luhn: bool = False,
         sink_timeout: float = DEFAULT_SINK_TIMEOUT,
     ) -> None:
+        self.codecs = codecs
         self.sink = sink
         self.authority = authority
         self.metrics = metrics
         self.clock = clock
         self.luhn = luhn
         self.sink_timeout = sink_timeout
+        self.publisher = Publisher(sink, metrics, clock, sink_timeout, "udp")
+        """Publish, then ACK (shared with TCP)."""
         self.in_flight = 0
         self._idle_waiters: list[Deferred[None]] = []
         self._limited = RateLimitedLog(self._log, clock, LOG_INTERVAL)
@@ -75,9 +86,8 @@ class DeviceDatagramProtocol(DatagramProtocol):
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         self.metrics.bytes_in.labels("udp").inc(len(datagram))
         try:
-            packet = decode_udp(datagram)
-            parse_imei(packet.imei.encode("ascii"), luhn=self.luhn)
-        except (DecodeError, ImeiError) as error:
+            envelope, codec, packet = self._decode(datagram)
+        except DecodeError as error:
             self.metrics.datagrams.labels("malformed").inc()
             self.metrics.decode_errors.labels(error.reason).inc()
             self._limited.emit(
@@ -92,9 +102,25 @@ class DeviceDatagramProtocol(DatagramProtocol):
             )
             return
         self.in_flight += 1
-        d: Deferred[bool] = maybeDeferred(self.authority.is_allowed, packet.imei)
-        d.addBoth(self._authorized, packet, addr)
+        d: Deferred[bool] = maybeDeferred(self.authority.is_allowed, envelope.imei)
+        d.addBoth(self._authorized, envelope, codec, packet, addr)
         d.addBoth(self._done)
+
+    def _decode(self, datagram: bytes) -> tuple[UDPEnvelope, ICodec, AVLPacket]:
+        """The envelope, then the body through the codec registry (a codec plugin works
+        over UDP as over TCP); only AVL packets travel in datagrams.
+
+        :raise DecodeError: anything wrong with the datagram.
+        """
+        envelope = decode_udp_envelope(datagram)
+        codec, packet = self.codecs.decode_body(datagram, envelope.body_start, len(datagram))
+        if not isinstance(packet, AVLPacket):
+            raise FieldValueError(
+                f"codec {codec.name} carries no AVL records; a datagram takes an AVL codec",
+                envelope.body_start,
+            )
+        parse_imei(envelope.imei.encode("ascii"), luhn=self.luhn)
+        return envelope, codec, packet
 
     def _done(self, _: object) -> None:
         self.in_flight -= 1
@@ -104,14 +130,21 @@ class DeviceDatagramProtocol(DatagramProtocol):
                 if not waiter.called:  # a bounded wait may have cancelled it
                     waiter.callback(None)
 
-    def _authorized(self, allowed: bool | Failure, packet: UDPPacket, addr: Address) -> Any:
+    def _authorized(
+        self,
+        allowed: bool | Failure,
+        envelope: UDPEnvelope,
+        codec: ICodec,
+        packet: AVLPacket,
+        addr: Address,
+    ) -> Any:
         if isinstance(allowed, Failure):
             self.metrics.datagrams.labels("authority_failed").inc()
             self._limited.emit(
                 LogLevel.error,
                 "Device authority failed for {imei}; dropping its datagram: {error} "
                 "({suppressed} more left out)",
-                imei=packet.imei,
+                imei=envelope.imei,
                 error=allowed.getErrorMessage(),
             )
             return None
@@ -120,29 +153,21 @@ class DeviceDatagramProtocol(DatagramProtocol):
             self._limited.emit(
                 LogLevel.info,
                 "Datagram from {imei} refused by the device authority ({suppressed} more left out)",
-                imei=packet.imei,
+                imei=envelope.imei,
             )
             return None
-        avl = packet.packet
-        codec = CODEC_NAMES.get(avl.codec_id, str(avl.codec_id))
-        count = len(avl.records)
-        self.metrics.frames.labels(codec).inc()
-        self.metrics.records.labels(codec).inc(count)
-        started = self.clock.seconds()
-        d: Deferred[None] = maybeDeferred(
-            self.sink.publish, packet.imei, codec, avl.records, int(started * 1000)
-        )
-        d.addTimeout(self.sink_timeout, self.clock)
-        return d.addCallbacks(
-            self._stored,
-            self._failed,
-            callbackArgs=(packet, addr, started),
-            errbackArgs=(packet,),
+        return self.publisher.publish(
+            envelope.imei,
+            codec.name,
+            packet.records,
+            self.clock.seconds(),
+            udp_ack(envelope.packet_id, envelope.avl_packet_id, len(packet.records)),
+            partial(self._send_ack, envelope.imei, addr),
+            partial(self._store_failed, envelope.imei),
         )
 
-    def _stored(self, _: object, packet: UDPPacket, addr: Address, started: float) -> None:
-        self.metrics.sink_latency.labels(self.sink.name).observe(self.clock.seconds() - started)
-        ack = udp_ack(packet.packet_id, packet.avl_packet_id, len(packet.packet.records))
+    def _send_ack(self, imei: str, addr: Address, ack: bytes) -> bool:
+        """Publisher's ``send_ack``: answer the datagram's source address."""
         try:
             if self.transport is None:
                 raise OSError("the UDP port is closed")
@@ -155,24 +180,23 @@ class DeviceDatagramProtocol(DatagramProtocol):
                 LogLevel.warn,
                 "Could not send the ACK to {peer} ({imei}): {error} ({suppressed} more left out)",
                 peer=_peer(addr),
-                imei=packet.imei,
+                imei=imei,
                 error=str(error),
             )
-            return
+            return False
         self.metrics.bytes_out.labels("udp").inc(len(ack))
-        self.metrics.acks.labels("udp").inc()
-        self.metrics.acked_records.inc(len(packet.packet.records))
         self.metrics.datagrams.labels("acked").inc()
+        return True
 
-    def _failed(self, failure: Failure, packet: UDPPacket) -> None:
+    def _store_failed(self, imei: str, failure: Failure, count: int) -> None:
+        """Publisher's ``failed``: no ACK; the device sends the datagram again."""
         self.metrics.datagrams.labels("sink_failed").inc()
-        self.metrics.sink_failures.labels(self.sink.name).inc()
         self._limited.emit(
             LogLevel.error,
             "Sink {sink} did not store a datagram from {imei}; no ACK: {error} "
             "({suppressed} more left out)",
             sink=self.sink.name,
-            imei=packet.imei,
+            imei=imei,
             error=failure.getErrorMessage(),
         )
 

@@ -29,14 +29,14 @@ class CommandRouter:
         self.registry = registry
         self.consumer = consumer
 
-    def device_logged_in(self, imei: str, protocol: object) -> None:
+    def device_logged_in(self, imei: str, session: object) -> None:
         """ISessionListener API"""
         if self.registry is not None:
             self.registry.register(imei)
         if self.consumer is not None:
             self.consumer.take_offline(imei)
 
-    def device_logged_out(self, imei: str, protocol: object) -> None:
+    def device_logged_out(self, imei: str, session: object) -> None:
         """ISessionListener API"""
         if self.registry is not None:
             self.registry.unregister(imei)

@@ -107,11 +107,8 @@ def add_command_plane(server: Any, root: MultiService, options: Any) -> CommandP
         return int(reactor.seconds() * 1000)
 
     def lookup(imei: str) -> CommandQueue | None:
-        protocol = factory.sessions.get(imei)
-        if protocol is None:
-            return None
-        queue: CommandQueue = protocol.commands
-        return queue
+        session = factory.sessions.get(imei)
+        return None if session is None else session.commands
 
     redis = _Lazy(server.redis)
     reader = _Lazy(lambda: lazy_connection(server.redis_address))

@@ -52,9 +52,10 @@ from teltonika.wire.records import (
     Keepalive,
     MessagePacket,
     Packet,
+    UDPEnvelope,
     UDPPacket,
 )
-from teltonika.wire.udp import decode_udp, encode_udp, udp_ack
+from teltonika.wire.udp import decode_udp, decode_udp_envelope, encode_udp, udp_ack, wrap_udp
 
 
 def encode_avl_frame(codec_id: int, records: list[AVLRecord] | tuple[AVLRecord, ...]) -> bytes:
@@ -105,6 +106,7 @@ __all__ = [
     "RecordCountError",
     "TrailingBytesError",
     "TruncatedError",
+    "UDPEnvelope",
     "UDPPacket",
     "UnknownCodecError",
     "bcd_to_imei",
@@ -112,6 +114,7 @@ __all__ = [
     "decode_avl",
     "decode_messages",
     "decode_udp",
+    "decode_udp_envelope",
     "encode_avl",
     "encode_avl_frame",
     "encode_command_frame",
@@ -125,4 +128,5 @@ __all__ = [
     "udp_ack",
     "unwrap",
     "wrap",
+    "wrap_udp",
 ]

@@ -165,6 +165,28 @@ Packet = AVLPacket | MessagePacket
 
 
 @attrs.frozen(slots=True)
+class UDPEnvelope:
+    """The envelope of one UDP AVL datagram: everything but the body.
+
+    The server decodes the body apart (through the codec registry, so a codec plugin
+    works over UDP as over TCP); the layout is in docs/protocol.rst, section 'Datagram
+    layout'.
+
+    :ivar packet_id: channel packet id, echoed in the ACK.
+    :ivar packet_type: byte 4 ("not usable byte"; 0x01 in every verified datagram).
+    :ivar avl_packet_id: AVL packet id, echoed in the ACK; the device checks it.
+    :ivar imei: the sender's IMEI (ASCII digits, length not yet checked).
+    :ivar body_start: offset of the body (its codec id byte); it runs to the datagram's end.
+    """
+
+    packet_id: int
+    packet_type: int
+    avl_packet_id: int
+    imei: str
+    body_start: int
+
+
+@attrs.frozen(slots=True)
 class UDPPacket:
     """One UDP AVL datagram: an envelope around an AVL body.
 

@@ -16,16 +16,16 @@ from typing import Final
 from teltonika.wire.avl import decode_avl, encode_avl
 from teltonika.wire.errors import FieldValueError, FrameLengthError, ImeiError, TruncatedError
 from teltonika.wire.framer import MAX_IMEI_LENGTH
-from teltonika.wire.records import AVLRecord, UDPPacket
+from teltonika.wire.records import AVLRecord, UDPEnvelope, UDPPacket
 
 MAX_DATAGRAM: Final = 65507
 _HEADER: Final = 8
 
 
-def decode_udp(datagram: bytes) -> UDPPacket:
-    """Decode one UDP AVL datagram.
+def decode_udp_envelope(datagram: bytes) -> UDPEnvelope:
+    """Decode the envelope of one UDP AVL datagram; its body is left to a codec.
 
-    :raise DecodeError: a length that does not match the datagram, a bad IMEI or a bad body.
+    :raise DecodeError: a length that does not match the datagram or a bad IMEI field.
     """
     size = len(datagram)
     if size < _HEADER:
@@ -33,9 +33,6 @@ def decode_udp(datagram: bytes) -> UDPPacket:
     length = int.from_bytes(datagram[0:2], "big")
     if length != size - 2:
         raise FrameLengthError(f"length field {length} does not match a {size}-byte datagram", 0)
-    packet_id = int.from_bytes(datagram[2:4], "big")
-    packet_type = datagram[4]
-    avl_packet_id = datagram[5]
     imei_length = int.from_bytes(datagram[6:8], "big")
     if not 1 <= imei_length <= MAX_IMEI_LENGTH:
         raise FrameLengthError(f"IMEI length {imei_length} is out of range", 6)
@@ -45,8 +42,46 @@ def decode_udp(datagram: bytes) -> UDPPacket:
     raw_imei = datagram[_HEADER:body_start]
     if not raw_imei.isdigit():
         raise ImeiError(f"IMEI bytes {raw_imei.hex()} are not ASCII digits", _HEADER)
-    packet = decode_avl(datagram, body_start, size)
-    return UDPPacket(packet_id, packet_type, avl_packet_id, raw_imei.decode("ascii"), packet)
+    return UDPEnvelope(
+        int.from_bytes(datagram[2:4], "big"),
+        datagram[4],
+        datagram[5],
+        raw_imei.decode("ascii"),
+        body_start,
+    )
+
+
+def decode_udp(datagram: bytes) -> UDPPacket:
+    """Decode one UDP AVL datagram whose body is codec 8, 8E or 16.
+
+    :raise DecodeError: a length that does not match the datagram, a bad IMEI or a bad body.
+    """
+    envelope = decode_udp_envelope(datagram)
+    packet = decode_avl(datagram, envelope.body_start, len(datagram))
+    return UDPPacket(
+        envelope.packet_id,
+        envelope.packet_type,
+        envelope.avl_packet_id,
+        envelope.imei,
+        packet,
+    )
+
+
+def wrap_udp(
+    imei: str, body: bytes, packet_id: int = 0, avl_packet_id: int = 0, packet_type: int = 0x01
+) -> bytes:
+    """Put an encoded body (codec id through Number of Data 2) into a UDP AVL datagram."""
+    raw_imei = imei.encode("ascii")
+    rest = (
+        packet_id.to_bytes(2, "big")
+        + bytes((packet_type, avl_packet_id))
+        + len(raw_imei).to_bytes(2, "big")
+        + raw_imei
+        + body
+    )
+    if len(rest) + 2 > MAX_DATAGRAM:
+        raise FieldValueError("datagram too large", 0)
+    return len(rest).to_bytes(2, "big") + rest
 
 
 def encode_udp(
@@ -58,17 +93,7 @@ def encode_udp(
     packet_type: int = 0x01,
 ) -> bytes:
     """Build a UDP AVL datagram (for tests and the device simulator)."""
-    raw_imei = imei.encode("ascii")
-    rest = (
-        packet_id.to_bytes(2, "big")
-        + bytes((packet_type, avl_packet_id))
-        + len(raw_imei).to_bytes(2, "big")
-        + raw_imei
-        + encode_avl(codec_id, records)
-    )
-    if len(rest) + 2 > MAX_DATAGRAM:
-        raise FieldValueError("datagram too large", 0)
-    return len(rest).to_bytes(2, "big") + rest
+    return wrap_udp(imei, encode_avl(codec_id, records), packet_id, avl_packet_id, packet_type)
 
 
 def udp_ack(packet_id: int, avl_packet_id: int, accepted: int) -> bytes:

@@ -118,8 +118,8 @@ def test_protocol_writes_go_through_the_queue_and_replies_resolve_commands() -> 
     message; an unsolicited reply is."""
     factory, sink, metrics = make_factory(command_timeout=7)
     protocol, transport = login(factory)
-    handle = protocol.commands.submit(frame("getinfo"), CODEC_12)
-    assert protocol.commands.default_timeout == 7
+    handle = protocol.session.commands.submit(frame("getinfo"), CODEC_12)
+    assert protocol.session.commands.default_timeout == 7
     protocol.dataReceived(avl(0))
     assert transport.value() == ACK_1 + frame("getinfo")
     protocol.dataReceived(wrap(encode_message(CODEC_12, b"INI:ok", 0x06)))
@@ -144,8 +144,11 @@ def test_socket_close_fails_pending_and_the_gauge_sums_sockets() -> None:
     factory, _, metrics = make_factory()
     one, _ = login(factory)
     two, _ = login(factory)
-    handles = [one.commands.submit(frame("a"), CODEC_12), two.commands.submit(frame("b"), CODEC_12)]
-    handles.append(two.commands.submit(frame("c"), CODEC_12))
+    handles = [
+        one.session.commands.submit(frame("a"), CODEC_12),
+        two.session.commands.submit(frame("b"), CODEC_12),
+    ]
+    handles.append(two.session.commands.submit(frame("c"), CODEC_12))
     assert metrics.registry.get_sample_value("teltonika_command_queue_depth_total") == 3
     two.connectionLost()
     failure(handles[1].reply).trap(SocketClosedError)
@@ -161,7 +164,7 @@ def test_a_command_never_goes_out_in_place_of_an_ack() -> None:
     sink.auto = False
     protocol, transport = login(factory)
     protocol.dataReceived(avl(0))
-    handle = protocol.commands.submit(frame("getinfo"), CODEC_12)
+    handle = protocol.session.commands.submit(frame("getinfo"), CODEC_12)
     factory.clock.advance(5)  # a slow sink: the quiet interval passes, the frame waits
     assert transport.value() == b""
     sink.calls[0][-1].callback(None)
@@ -175,7 +178,7 @@ def test_a_pipelined_frame_keeps_the_command_back_until_its_own_ack() -> None:
     factory, sink, _ = make_factory()
     sink.auto = False
     protocol, transport = login(factory)
-    protocol.commands.submit(frame("getinfo"), CODEC_12)
+    protocol.session.commands.submit(frame("getinfo"), CODEC_12)
     protocol.dataReceived(avl(0) + avl(1))
     sink.calls[0][-1].callback(None)
     assert transport.value() == ACK_1
@@ -188,7 +191,7 @@ def test_a_partial_frame_keeps_the_command_back() -> None:
     await its ACK: no command after the previous ACK nor after any quiet time."""
     factory, _, _ = make_factory()
     protocol, transport = login(factory)
-    protocol.commands.submit(frame("getinfo"), CODEC_12)
+    protocol.session.commands.submit(frame("getinfo"), CODEC_12)
     second = avl(1)
     protocol.dataReceived(avl(0) + second[:10])
     assert transport.value() == ACK_1
@@ -204,7 +207,7 @@ def test_after_login_a_command_waits_for_an_ack_or_the_quiet_interval() -> None:
     first ACK of a device that starts sending."""
     factory, _, _ = make_factory(command_quiet=1.5)
     quiet_one, quiet_transport = login(factory)
-    quiet_one.commands.submit(frame("getinfo"), CODEC_12)
+    quiet_one.session.commands.submit(frame("getinfo"), CODEC_12)
     factory.clock.advance(1.0)
     quiet_one.dataReceived(b"\xff")  # a keepalive is a byte received too
     factory.clock.advance(1.4)
@@ -213,7 +216,7 @@ def test_after_login_a_command_waits_for_an_ack_or_the_quiet_interval() -> None:
     assert quiet_transport.value() == frame("getinfo")
 
     busy, busy_transport = login(factory)
-    busy.commands.submit(frame("getver"), CODEC_12)
+    busy.session.commands.submit(frame("getver"), CODEC_12)
     busy.dataReceived(avl(0))
     assert busy_transport.value() == ACK_1 + frame("getver")
 
@@ -223,8 +226,8 @@ def test_a_reply_is_no_opportunity_for_the_next_command() -> None:
     device may have sent a frame right behind its reply."""
     factory, _, _ = make_factory()
     protocol, transport = login(factory)
-    first = protocol.commands.submit(frame("getinfo"), CODEC_12)
-    protocol.commands.submit(frame("getver"), CODEC_12)
+    first = protocol.session.commands.submit(frame("getinfo"), CODEC_12)
+    protocol.session.commands.submit(frame("getver"), CODEC_12)
     factory.clock.advance(1)
     assert transport.value() == frame("getinfo")
     transport.clear()
@@ -245,7 +248,7 @@ def test_a_device_reporting_every_second_gets_its_command_after_an_ack() -> None
         factory.clock.advance(1.0)
         protocol.dataReceived(avl(n))
     transport.clear()
-    protocol.commands.submit(frame("getinfo"), CODEC_12)
+    protocol.session.commands.submit(frame("getinfo"), CODEC_12)
     factory.clock.advance(1.0)
     assert transport.value() == b""
     protocol.dataReceived(avl(3))
@@ -264,7 +267,7 @@ def test_an_ack_after_a_slow_store_starts_the_quiet_interval_again() -> None:
     sink.calls[0][-1].callback(None)
     assert transport.value() == ACK_1
     factory.clock.advance(0.1)
-    protocol.commands.submit(frame("getinfo"), CODEC_12)
+    protocol.session.commands.submit(frame("getinfo"), CODEC_12)
     factory.clock.advance(0.89)
     assert transport.value() == ACK_1
     factory.clock.advance(0.01)
@@ -293,7 +296,7 @@ def test_the_login_reply_starts_the_quiet_interval_again() -> None:
     factory.clock.advance(3)
     authority.pending[0].callback(True)
     assert transport.value() == b"\x01"
-    handle = protocol.commands.submit(frame("getinfo"), CODEC_12)
+    handle = protocol.session.commands.submit(frame("getinfo"), CODEC_12)
     factory.clock.advance(0.99)
     assert transport.value() == b"\x01"
     factory.clock.advance(0.01)
@@ -313,8 +316,8 @@ def test_no_command_is_written_while_the_connection_drains() -> None:
     sink.auto = False
     protocol, transport = login(factory)
     protocol.dataReceived(avl(0))
-    handle = protocol.commands.submit(frame("getinfo"), CODEC_12)
-    protocol.stop_reading()
+    handle = protocol.session.commands.submit(frame("getinfo"), CODEC_12)
+    protocol.session.stop_reading()
     sink.calls[0][-1].callback(None)
     assert transport.value() == ACK_1
     factory.clock.advance(10)
@@ -324,9 +327,9 @@ def test_no_command_is_written_while_the_connection_drains() -> None:
     assert success(handle.written) is False
 
     quiet, quiet_transport = login(factory)
-    waiting = quiet.commands.submit(frame("getver"), CODEC_12)
+    waiting = quiet.session.commands.submit(frame("getver"), CODEC_12)
     factory.clock.advance(0.5)
-    quiet.stop_reading()
+    quiet.session.stop_reading()
     factory.clock.advance(10)
     assert quiet_transport.value() == b""
     quiet.connectionLost()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +19,19 @@ import pytest
 import redis as redis_py
 
 from teltonika.contract import FIELDS, TELEMETRY_STREAM
-from teltonika.wire import CODEC_8, CODEC_8E, encode_avl_frame, encode_login, encode_udp, tcp_ack
+from teltonika.wire import (
+    CODEC_8,
+    CODEC_8E,
+    AVLPacket,
+    encode_avl_frame,
+    encode_login,
+    encode_udp,
+    tcp_ack,
+    udp_ack,
+    wrap,
+    wrap_udp,
+)
+from tests.server import dropin
 from tests.server.helpers import IMEI, record
 from tests.server.process import Device, ServerProcess
 from tests.servers import free_port, wait_for_port
@@ -103,6 +116,45 @@ def test_jsonl_server_end_to_end(servers: list[ServerProcess], tmp_path: Path) -
     assert sorted(int(line["timestamp_ms"]) for line in lines) == sorted(
         record(i).timestamp_ms for i in [*range(10), 100]
     )
+
+
+def test_codec_plugin_works_over_tcp_and_udp(
+    servers: list[ServerProcess], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A third-party codec (0x7A) dropped into a ``twisted/plugins`` directory on the
+    server's PYTHONPATH is decoded, stored and ACKed over TCP and over UDP alike."""
+    plugins = tmp_path / "path" / "twisted" / "plugins"
+    plugins.mkdir(parents=True)
+    shutil.copy(dropin.__file__, plugins / "teltonika_test_dropin_7a.py")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "path"))
+    workdir = tmp_path / "server"
+    workdir.mkdir()
+    udp_port = free_port()
+    server = start(servers, workdir, "--metrics", "off", "--udp-port", f"127.0.0.1:{udp_port}")
+    server.wait_for_log("File sink ready")
+    codec = dropin.codec7a
+    over_tcp = AVLPacket(dropin.CODEC_7A, (record(1), record(2)))
+    over_udp = AVLPacket(dropin.CODEC_7A, (record(3), record(4), record(5)))
+
+    device = Device(server.port)
+    device.send(encode_login(IMEI))
+    assert device.recv_exactly(1) == b"\x01"
+    device.send(wrap(codec.encode(over_tcp)))
+    assert device.recv_exactly(4) == tcp_ack(2)
+    device.close()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.settimeout(10)
+    udp.sendto(wrap_udp(IMEI, codec.encode(over_udp), 1, 2), ("127.0.0.1", udp_port))
+    assert udp.recv(64) == udp_ack(1, 2, 3)
+    udp.close()
+
+    assert server.terminate() == -signal.SIGTERM
+    raw = (workdir / "teltonika-records.jsonl").read_bytes()
+    lines = [orjson.loads(line) for line in raw.splitlines()]
+    assert {line["codec"] for line in lines} == {"7A"}
+    assert sorted(int(line["timestamp_ms"]) for line in lines) == [
+        record(i).timestamp_ms for i in range(1, 6)
+    ]
 
 
 def test_redis_server_end_to_end(

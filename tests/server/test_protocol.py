@@ -14,7 +14,7 @@ from twisted.protocols.haproxy import proxyEndpoint
 from zope.interface import implementer
 
 from teltonika.interfaces import ISessionListener
-from teltonika.protocol.server import HEX_LOG_BYTES
+from teltonika.logs import HEX_LOG_BYTES
 from teltonika.wire import (
     CODEC_8,
     CODEC_12,
@@ -43,8 +43,8 @@ def test_login_accepted_registers_session() -> None:
     proto.dataReceived(LOGIN)
     assert transport.value() == b"\x01"
     assert not transport.disconnecting
-    assert h.factory.sessions == {IMEI: proto}
-    assert proto.imei == IMEI
+    assert h.factory.sessions == {IMEI: proto.session}
+    assert proto.session.imei == IMEI
     assert h.sample("teltonika_logins_total", result="accepted") == 1
     assert h.sample("teltonika_connections_open") == 1
 
@@ -442,11 +442,11 @@ class RecordingListener:
     def __init__(self) -> None:
         self.events: list[tuple[str, str, object]] = []
 
-    def device_logged_in(self, imei: str, protocol: object) -> None:
-        self.events.append(("in", imei, protocol))
+    def device_logged_in(self, imei: str, session: object) -> None:
+        self.events.append(("in", imei, session))
 
-    def device_logged_out(self, imei: str, protocol: object) -> None:
-        self.events.append(("out", imei, protocol))
+    def device_logged_out(self, imei: str, session: object) -> None:
+        self.events.append(("out", imei, session))
 
 
 def test_second_login_replaces_older_and_notifies() -> None:
@@ -458,12 +458,16 @@ def test_second_login_replaces_older_and_notifies() -> None:
     old, old_transport = h.login()
     new, _ = h.login()
     assert old_transport.disconnecting
-    assert h.factory.sessions[IMEI] is new
+    assert h.factory.sessions[IMEI] is new.session
     old.connectionLost()
-    assert h.factory.sessions[IMEI] is new
-    assert listener.events == [("in", IMEI, old), ("out", IMEI, old), ("in", IMEI, new)]
+    assert h.factory.sessions[IMEI] is new.session
+    assert listener.events == [
+        ("in", IMEI, old.session),
+        ("out", IMEI, old.session),
+        ("in", IMEI, new.session),
+    ]
     new.connectionLost()
-    assert listener.events[-1] == ("out", IMEI, new)
+    assert listener.events[-1] == ("out", IMEI, new.session)
     assert h.sample("teltonika_logins_total", result="replaced") == 1
 
 
@@ -471,13 +475,13 @@ def test_failing_listener_does_not_break_login(logged_errors: Any) -> None:
     """A listener that raises is logged; the login still succeeds."""
 
     class Broken(RecordingListener):
-        def device_logged_in(self, imei: str, protocol: object) -> None:
+        def device_logged_in(self, imei: str, session: object) -> None:
             raise RuntimeError("boom")
 
     h = Harness()
     h.factory.session_listeners.append(Broken())
     proto, _transport = h.login()
-    assert h.factory.sessions[IMEI] is proto
+    assert h.factory.sessions[IMEI] is proto.session
     assert len(logged_errors.flush()) == 1
 
 
@@ -486,7 +490,7 @@ def test_bytes_counted_both_ways() -> None:
     h = Harness()
     proto, _transport = h.connect()
     proto.dataReceived(LOGIN)
-    proto.write_to_device(b"xyz")
+    proto.session.write_to_device(b"xyz")
     assert h.sample("teltonika_bytes_received_total", transport="tcp") == len(LOGIN)
     assert h.sample("teltonika_bytes_sent_total", transport="tcp") == 4
 
@@ -544,7 +548,7 @@ def test_close_aborts_a_peer_that_does_not_read_after_the_grace() -> None:
     socket: after close_grace the connection is aborted and counted."""
     h = Harness(close_grace=3.0)
     proto, transport = h.login()
-    proto.close()
+    proto.session.close()
     assert transport.disconnecting and not transport.disconnected
     h.clock.advance(2.9)
     assert not transport.disconnected
@@ -557,7 +561,7 @@ def test_close_that_finishes_leaves_no_abort_timer() -> None:
     """A close that completes in time cancels the abort: nothing is counted."""
     h = Harness(close_grace=3.0)
     proto, _transport = h.login()
-    proto.close()
+    proto.session.close()
     proto.connectionLost()
     assert h.clock.getDelayedCalls() == []
     assert h.sample("teltonika_timeouts_total", kind="close") == 0

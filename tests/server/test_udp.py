@@ -19,9 +19,20 @@ from twisted.logger import capturedLogs
 from teltonika.codecs import CodecRegistry
 from teltonika.metrics import ServerMetrics
 from teltonika.udp import LOG_INTERVAL, DeviceDatagramProtocol
-from teltonika.wire import CODEC_8, encode_udp, udp_ack
+from teltonika.wire import (
+    CODEC_8,
+    CODEC_12,
+    AVLPacket,
+    encode_message,
+    encode_udp,
+    udp_ack,
+    wrap_udp,
+)
 from teltonika.wire.codecs import BUILTIN_CODECS
+from tests.server.dropin import CODEC_7A, codec7a
 from tests.server.helpers import IMEI, ControlledSink, SetAuthority, record
+
+CODECS = CodecRegistry(BUILTIN_CODECS)
 
 
 class Client(DatagramProtocol):
@@ -40,7 +51,7 @@ class Client(DatagramProtocol):
 async def test_udp_ack_after_sink_and_malformed_dropped(logged_errors: Any) -> None:
     sink = ControlledSink(auto=False)
     metrics = ServerMetrics(CollectorRegistry())
-    server = DeviceDatagramProtocol(sink, SetAuthority(), metrics, reactor)
+    server = DeviceDatagramProtocol(CODECS, sink, SetAuthority(), metrics, reactor)
     server_port = reactor.listenUDP(0, server, interface="127.0.0.1")
     client = Client()
     client_port = reactor.listenUDP(0, client, interface="127.0.0.1")
@@ -82,6 +93,49 @@ async def test_udp_ack_after_sink_and_malformed_dropped(logged_errors: Any) -> N
         await client_port.stopListening()
 
 
+@pytest_twisted.ensureDeferred
+async def test_datagram_bodies_are_decoded_by_the_codec_registry() -> None:
+    """A datagram's body goes through the codec registry, as a TCP frame's does: an AVL
+    codec plugin (0x7A) is decoded, published under its name and ACKed with its count; a
+    message codec's body is dropped as malformed (reason field), and a body whose codec no
+    plugin claims as unknown_codec."""
+    sink = ControlledSink()
+    metrics = ServerMetrics(CollectorRegistry())
+    codecs = CodecRegistry([*BUILTIN_CODECS, codec7a])
+    server = DeviceDatagramProtocol(codecs, sink, SetAuthority(), metrics, reactor)
+    server_port = reactor.listenUDP(0, server, interface="127.0.0.1")
+    client = Client()
+    client_port = reactor.listenUDP(0, client, interface="127.0.0.1")
+    address = ("127.0.0.1", server_port.getHost().port)
+    try:
+        packet = AVLPacket(CODEC_7A, (record(1), record(2), record(3)))
+        client.waiting = Deferred()
+        client.transport.write(wrap_udp(IMEI, codec7a.encode(packet), 5, 6), address)
+        assert await client.waiting == udp_ack(5, 6, 3)
+        [(imei, codec, records, _at, _d)] = sink.calls
+        assert (imei, codec) == (IMEI, "7A")
+        assert [(r.timestamp_ms, r.speed) for r in records] == [
+            (r.timestamp_ms, r.speed) for r in packet.records
+        ]
+        for body in (encode_message(CODEC_12, b"getver"), bytes([0x42, 1, 0, 1])):
+            server.datagramReceived(wrap_udp(IMEI, body), address)
+        assert len(sink.calls) == 1
+        assert (
+            metrics.registry.get_sample_value("teltonika_decode_errors_total", {"reason": "field"})
+            == 1
+        )
+        assert (
+            metrics.registry.get_sample_value(
+                "teltonika_decode_errors_total", {"reason": "unknown_codec"}
+            )
+            == 1
+        )
+        assert metrics.registry.get_sample_value("teltonika_records_total", {"codec": "7A"}) == 3
+    finally:
+        await server_port.stopListening()
+        await client_port.stopListening()
+
+
 @pytest.fixture
 def udp_protocol() -> Iterator[Callable[..., tuple[DeviceDatagramProtocol, Clock]]]:
     """Makes a protocol listening on a real loopback UDP port (its own Clock for the
@@ -91,6 +145,7 @@ def udp_protocol() -> Iterator[Callable[..., tuple[DeviceDatagramProtocol, Clock
     def make(sink: Any = None, authority: Any = None) -> tuple[DeviceDatagramProtocol, Clock]:
         clock = Clock()
         protocol = DeviceDatagramProtocol(
+            CODECS,
             sink if sink is not None else ControlledSink(),
             authority if authority is not None else SetAuthority(),
             ServerMetrics(CollectorRegistry()),
@@ -169,8 +224,8 @@ async def test_shutdown_drains_datagrams_before_closing_the_port(tmp_path: Path)
 
     sink = ControlledSink(auto=False)
     metrics = ServerMetrics(CollectorRegistry())
-    datagrams = DeviceDatagramProtocol(sink, SetAuthority(), metrics, reactor)
-    factory = DeviceFactory(CodecRegistry(BUILTIN_CODECS), sink, SetAuthority(), metrics, reactor)
+    datagrams = DeviceDatagramProtocol(CODECS, sink, SetAuthority(), metrics, reactor)
+    factory = DeviceFactory(CODECS, sink, SetAuthority(), metrics, reactor)
     ingestion = IngestionService(
         factory,
         _StartedSink(),

@@ -38,6 +38,7 @@ from teltonika.wire import (
     decode_avl,
     decode_messages,
     decode_udp,
+    decode_udp_envelope,
     encode_avl,
     encode_avl_frame,
     encode_udp,
@@ -105,12 +106,19 @@ def rewrapped_bodies(draw: st.DrawFn) -> bytes:
     return wrap(draw(mutated(base[8:-4])))
 
 
+def udp_via_registry(datagram: bytes) -> object:
+    """What the UDP listener does: the envelope, then the body through the registry."""
+    envelope = decode_udp_envelope(datagram)
+    return REGISTRY.decode_body(datagram, envelope.body_start, len(datagram))
+
+
 @settings(max_examples=FUZZ_EXAMPLES)
 @given(data=st.binary(max_size=600))
 def test_arbitrary_bytes_only_raise_decode_error(data: bytes) -> None:
     """Random bytes into every decoder, login parser and framer: DecodeError or a result."""
     only_decode_error(REGISTRY.decode_frame, data)
     only_decode_error(decode_udp, data)
+    only_decode_error(udp_via_registry, data)
     only_decode_error(parse_imei, data)
     all_codecs(data)
     frame_all(data, chunk=7, max_frame=64)
@@ -162,6 +170,7 @@ def test_mutated_datagrams(data: st.DataObject) -> None:
         base = encode_udp(data.draw(imeis), codec_id, records, 0xCAFE, 7)
     damaged = data.draw(mutated(base))
     only_decode_error(decode_udp, damaged)
+    only_decode_error(udp_via_registry, damaged)
 
 
 @given(raw=st.binary(max_size=40))

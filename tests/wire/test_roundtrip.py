@@ -23,9 +23,11 @@ from teltonika.wire import (
     Frame,
     Framer,
     MessagePacket,
+    UDPEnvelope,
     bcd_to_imei,
     decode_avl,
     decode_udp,
+    decode_udp_envelope,
     encode_avl,
     encode_avl_frame,
     encode_command_frame,
@@ -114,11 +116,15 @@ def test_udp_round_trip(
     packet_type: int,
     imei: str,
 ) -> None:
-    """A UDP datagram gives back its envelope fields, IMEI and records."""
+    """A UDP datagram gives back its envelope fields, IMEI and records; the envelope
+    alone (what the server decodes before handing the body to the registry) names the
+    same fields and where the body starts."""
     codec_id, records = batch
-    datagram = decode_udp(
-        encode_udp(imei, codec_id, records, packet_id, avl_packet_id, packet_type)
-    )
+    raw = encode_udp(imei, codec_id, records, packet_id, avl_packet_id, packet_type)
+    datagram = decode_udp(raw)
+    envelope = decode_udp_envelope(raw)
+    assert envelope == UDPEnvelope(packet_id, packet_type, avl_packet_id, imei, 8 + len(imei))
+    assert raw[envelope.body_start] == codec_id
     assert datagram.packet_id == packet_id
     assert datagram.avl_packet_id == avl_packet_id
     assert datagram.packet_type == packet_type
