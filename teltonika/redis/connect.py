@@ -7,13 +7,6 @@ txredisapi is used with two deliberate settings:
   type than it went in. Our code converts explicitly where it wants numbers.
 * a reply timeout: a Redis that stops answering must fail the pending Deferreds (so the
   server withholds ACKs and closes the device connection) rather than hang them forever.
-
-and one setting of ours: ``TCP_NODELAY`` on every connection (redis-py sets it too).
-Without it, a batch larger than one TCP segment (a pipelined ``EVAL`` of a few dozen
-frames over loopback) leaves its last partial segment in the kernel (Nagle) until Redis
-acknowledges the ones before, and Redis delays that acknowledgement (up to 40 ms) because
-it has no reply to send yet: the whole batch, and every ACK in it, waited for the next
-batch's bytes or that timer (measured: see "Benchmarks" in README.rst).
 """
 
 from __future__ import annotations
@@ -133,29 +126,10 @@ def lazy_connection(
     # middle of AUTH or SELECT (a Redis that accepts but never answers). A lazy connection
     # has nobody waiting on it, so the failure would only surface as "Unhandled error in
     # Deferred"; the commands sent meanwhile fail on their own and their callers say so.
-    factory = getattr(connection, "_factory", None)
-    connected = getattr(factory, "deferred", None)
+    connected = getattr(getattr(connection, "_factory", None), "deferred", None)
     if connected is not None:
         connected.addErrback(_connection_setup_failed)
-    if factory is not None:
-        # Connections are built in a later reactor turn, so every one gets the option.
-        factory.protocol = no_delay_protocol(factory.protocol)
     return connection
-
-
-def no_delay_protocol(protocol: type[Any]) -> type[Any]:
-    """A subclass of the txredisapi protocol class *protocol* that turns Nagle's
-    algorithm off (``TCP_NODELAY``) as soon as its connection is made."""
-
-    class NoDelay(protocol):  # type: ignore[misc]
-        def connectionMade(self) -> Any:
-            set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
-            if set_no_delay is not None:
-                set_no_delay(True)
-            return super().connectionMade()
-
-    NoDelay.__name__ = NoDelay.__qualname__ = f"NoDelay{protocol.__name__}"
-    return NoDelay
 
 
 def _connection_setup_failed(failure: Any) -> None:

@@ -87,20 +87,6 @@ def test_reply_shapes() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_connections_turn_nagle_off(txredis: Any) -> None:
-    """Every txredisapi connection has TCP_NODELAY: with Nagle on, a batch larger than a
-    segment waited for Redis's delayed ACK (or the next batch) before Redis saw all of it."""
-    import socket
-
-    await txredis.execute_command("PING")
-    pool = txredis._factory.pool
-    assert pool
-    for protocol in pool:
-        sock = protocol.transport.getHandle()
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
-
-
-@pytest_twisted.ensureDeferred
 async def test_entries_match_contract_field_by_field(txredis: Any, redis_url: str) -> None:
     """Every record becomes one entry whose fields are exactly the contract's, and frames
     of two devices published in one turn share one pipeline."""
