@@ -85,7 +85,7 @@ class DeviceSnapshot(NamedTuple):
     A typed NamedTuple rather than a frozen attrs class, like
     :class:`~teltonika.wire.records.AVLRecord` and for the same reason: one is built for
     every record that moves a device forward, on the reactor thread, and a tuple is built
-    in C (``benchmarks/processor.py``; README.rst, "The processor", "Benchmark"). It equals
+    in C (``benchmarks/processor.py``; README.rst, "Benchmarks"). It equals
     only a snapshot (never a plain tuple); ``_replace`` stands in for ``attrs.evolve``.
 
     :ivar timestamp_ms: device time of the latest position.
