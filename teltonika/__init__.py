@@ -1,7 +1,45 @@
-"""A Twisted server for Teltonika GPS trackers.
+"""A Twisted server for Teltonika GPS trackers, and the processor that stores what it receives.
 
-See README.rst for running it, and docs/ in the repository (docs/protocol.rst: the wire
-protocol as this server speaks it) for how it works and why.
+README.rst says how to run it, and its "Architecture" section follows one frame from the
+socket to its ACK and to its row. In ``docs/``: ``protocol.rst`` (the wire protocol as
+this server speaks it), ``design.rst`` (the invariants and the decisions) and
+``operations.rst`` (the runbook). The code, one job per package or module:
+
+The ingestion server, ``twistd teltonika``:
+
+* ``wire/``: the pure wire layer, bytes in and immutable records out (and back): the
+  framer that cuts a TCP stream, the frame envelope and its CRC, the AVL codecs 8/8E/16,
+  the message codecs 12/13/14, the login packet, the UDP datagram. No reactor, no I/O.
+* ``codecs``: the codec registry (``ICodec`` plugins by codec id); ``interfaces``: the
+  seams (``ICodec``, ``ISink``, ``IDeviceAuthority``, ``ISessionListener``).
+* ``protocol/``: one device's TCP connection: login, frames in order, publish then ACK.
+  ``udp``: the same for datagrams (``--udp-port``).
+* ``authority``: who may log in (``--devices``).
+* ``contract``: the record contract, what one stream entry or JSON line holds (version 1).
+* ``sinks/``: where records go before the ACK: a Redis stream or a fsynced JSON-lines
+  file, both with group commit. ``redis/``: Redis connections, the durability check and
+  pipelined ``XADD``, shared by every Redis user.
+* ``commands/``: the command plane: the per-socket write queue (every byte to a device,
+  one outstanding command), the connection registry and heartbeat, the janitor, the
+  command consumer and offline delivery.
+* ``services/``: the ingestion service (start-up and the ordered shutdown) and the
+  operations endpoint (``/metrics``, ``/healthz``, ``/readyz``). ``tap``: the options and
+  the service tree twistd runs. ``metrics``, ``logs``: the server's metrics, JSON log
+  output and rate-limited log events.
+
+The processor, ``twistd teltonika-processor`` (``processor/``; the server never imports
+it): ``tap`` and ``service`` (options, start-up, shutdown, exit status); ``consumer`` (the
+read, write, acknowledge loop); ``streams`` and ``fastreader`` (its Redis commands);
+``entries`` and ``identity`` (the contract read back, and a record's hash); ``writer``,
+``database`` and ``migrations`` (PostgreSQL on its own thread, the SQL files in
+``migrations/``); ``state`` (per-device latest positions); ``trim`` (safe stream trimming);
+``live/`` (the WebSocket broadcast and the operator map page).
+
+Tools: ``cli`` with ``cli_decode`` and ``cli_send`` (the ``teltonika`` console script:
+``decode``, ``send``, ``simulate``); ``simulate/`` (a simulated tracker fleet and the ledger
+check that every ACKed record is stored); ``catalogue`` with ``data/io_catalogue.json``
+(names, units and scales of IO elements). The twistd plugin files themselves are in
+``twisted/plugins/`` at the top of the repository.
 """
 
 __version__ = "0.1.0"

@@ -1,6 +1,13 @@
 """Outbound commands (codec 12 / 14): the per-socket queue, routing through Redis, offline delivery.
 
-``queue`` is pure Twisted (a writer and a clock); everything that talks to Redis lives in
-``registry``, ``janitor``, ``consumer`` and ``offline``; ``messages`` defines the stream
-entries (the command contract) and ``codec`` turns a command into bytes and a reply into text.
+``queue`` is pure Twisted (a writer and a clock): every byte to a device and the one
+outstanding command. Everything that talks to Redis: ``registry`` (IMEI -> instance, and
+the heartbeat), ``janitor`` (cleaning up after dead instances), ``consumer`` (this
+instance's command stream into the device's queue, statuses out, offline delivery at
+login), with ``scripts`` holding their atomic Lua steps. ``router`` connects device logins
+and logouts to them and ``service`` wires them into ``twistd teltonika``. ``messages``
+defines the stream entries (the command contract), ``client`` is the sender's side of it
+(``teltonika send``), ``codec`` turns a command into bytes and a reply into text, and
+``metrics`` counts it all. docs/design.rst explains the rules ('One outstanding command
+per socket', 'The write gate', 'One terminal status per command', 'Registry races').
 """

@@ -6,7 +6,6 @@ The objects are built against a registry handed in, so each test can use a fresh
 
 from __future__ import annotations
 
-import functools
 import weakref
 
 import attrs
@@ -95,11 +94,3 @@ class CommandMetrics:
 _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, CommandMetrics] = (
     weakref.WeakKeyDictionary()
 )
-
-
-@functools.cache
-def default_metrics() -> CommandMetrics:
-    """The process-wide metrics on prometheus_client's default registry (created once)."""
-    from prometheus_client import REGISTRY
-
-    return CommandMetrics.create(REGISTRY)

@@ -1,4 +1,7 @@
-"""The connection registry and this instance's heartbeat (seed 002).
+"""The connection registry and this instance's heartbeat.
+
+docs/design.rst, 'Registry races', says what may happen to an entry and why each rule
+below holds.
 
 ``connections:registry`` maps each IMEI to the instance holding its socket, so a sender
 knows which ``commands:outbound:{instance_id}`` stream to publish to. Redis hashes have

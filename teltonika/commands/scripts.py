@@ -3,8 +3,9 @@
 Each multi-step change runs as one script, because another instance (or its janitor)
 may act on the same keys at the same moment:
 
-* ``UNREGISTER``: delete registry entries only if they still name this instance. The
-  seed's HGET-then-HDEL lets a device that just moved to another instance lose its entry.
+* ``UNREGISTER``: delete registry entries only if they still name this instance. A
+  HGET-then-HDEL lets a device that just moved to another instance lose its entry
+  (docs/design.rst, 'Every multi-step Redis change is one script').
 * ``SETTLE``: publish a command's terminal status *and* acknowledge/delete its stream
   entry in one step, so a crash between the two cannot produce a second terminal status;
   offline commands that failed for a retryable reason go back to wait for the next login.

@@ -1,9 +1,10 @@
 """The processor as a Twisted service: start-up, periodic stats and trimming, shutdown.
 
-Shutdown order (seed 003): stop reading, finish the batch in flight (commit and XACK),
-close Redis, close the database thread. A backstop (``--shutdown-timeout``, 15 s by
-default) forces the exit when something hangs, because a thread stuck in a database call
-would otherwise keep the process alive after the reactor stopped.
+Shutdown order (docs/operations.rst, 'Upgrade'): stop reading, finish the batch in flight
+(commit and XACK), close Redis, close the database thread. A backstop
+(``--shutdown-timeout``, 15 s by default) forces the exit when something hangs, because a
+thread stuck in a database call would otherwise keep the process alive after the reactor
+stopped.
 
 A consumer that crashed (or refused to start: a schema it cannot write) must not leave a
 process that answers ``/readyz`` and reads nothing: the service stops the reactor and the

@@ -15,7 +15,8 @@ alone. Not arrival order: a row does not record its stream id, a resend keeps it
 row, and with several processors the order batches commit in is not the order records
 arrived in, so only a content rule lets memory, rehydration and the live map agree.
 
-Rules of the state (seed 004, rules 3 and 6):
+Rules of the state (docs/design.rst, 'State after the commit, rehydrated on demand' and
+'Bounded memory'):
 
 * bounded: at most ``size`` devices; the least recently *seen* device is evicted;
 * a record older than the device's latest (a tracker sending its buffer after a

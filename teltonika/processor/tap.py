@@ -64,7 +64,7 @@ class Options(LiveOptions):
     longdesc = (
         "Read the telemetry stream as a consumer group, write each record once into the "
         "PostgreSQL table positions, keep every device's latest position in memory, and "
-        "acknowledge an entry only after its row is committed. See README.rst, 'Processor'."
+        "acknowledge an entry only after its row is committed. See README.rst, 'The processor'."
     )
 
     optFlags = [  # noqa: N815

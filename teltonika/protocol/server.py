@@ -174,7 +174,8 @@ class DeviceProtocol(Protocol):
             settle=settings.command_settle,
             connection_idle=self._idle_for_commands,
         )
-        """Every write to the device, and the one outstanding command (seed 000)."""
+        """Every write to the device, and the one outstanding command (docs/design.rst,
+        'One write path per socket' and 'One outstanding command per socket')."""
 
     @property
     def peer(self) -> str:

@@ -1,7 +1,7 @@
 """The operations endpoint: Prometheus metrics, ``/healthz`` and ``/readyz`` on one listener.
 
-It serves operators and Prometheus only; the server has no user-facing HTTP (seed 001,
-invariant 1), so the default endpoint listens on loopback.
+It serves operators and Prometheus only; the server has no user-facing HTTP
+(docs/design.rst, 'Operators only'), so the default endpoint listens on loopback.
 
 * ``/metrics`` — prometheus_client's own Twisted resource over our registry;
 * ``/healthz`` — 200 while the process runs (liveness);

@@ -1,4 +1,5 @@
-"""The per-socket CommandQueue: seed 000's acceptance criteria, on StringTransport and Clock."""
+"""The per-socket CommandQueue on StringTransport and Clock: docs/design.rst, 'One write path
+per socket', 'One outstanding command per socket' and 'The write gate'."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The connection registry and heartbeat against a real redis-server (seed 002)."""
+"""The connection registry and heartbeat against a real redis-server (docs/design.rst,
+'Registry races')."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Kept tiny and side-effect free: every Twisted program that scans plugins imports this
 file. A third-party codec is a file like this one in any ``twisted/plugins`` directory
-on ``sys.path``; see README.rst, "Adding a codec".
+on ``sys.path``; see README.rst, "Codecs and adding one".
 """
 
 from teltonika.wire.codecs import codec8, codec8e, codec12, codec13, codec14, codec16

@@ -1,5 +1,7 @@
--- The positions table: one row per AVL record, idempotent on (device_id, ts).
--- Owned by the processor (seed 004, rule 2); applied by teltonika.processor.migrations.
+-- The positions table: one row per AVL record, idempotent on (device_id, ts) (003 makes
+-- the key (device_id, ts, record_hash)). Owned by the processor, the only table it owns
+-- (docs/design.rst, 'The processor owns one table'); applied by
+-- teltonika.processor.migrations.
 CREATE TABLE IF NOT EXISTS positions (
     device_id       text          NOT NULL,  -- the IMEI
     ts              timestamptz   NOT NULL,  -- device time, millisecond precision
@@ -16,7 +18,7 @@ CREATE TABLE IF NOT EXISTS positions (
     codec           text          NOT NULL,  -- 8 | 8E | 16
     instance_id     text          NOT NULL,  -- the ingestion instance
     io              jsonb         NOT NULL,  -- {"<io id>": integer | "<hex of NX bytes>"}
-    -- The key of rule 5 (idempotent writes). Its btree also answers "latest position of
+    -- The idempotency key (docs/design.rst, 'XACK after COMMIT'). Its btree also answers "latest position of
     -- a device" (ORDER BY ts DESC LIMIT 1 scans it backwards), so no second index.
     CONSTRAINT positions_device_ts UNIQUE (device_id, ts)
 );
