@@ -8,7 +8,8 @@
 It looks the device up in ``connections:registry``, publishes the command to the stream
 of the instance holding its socket, waits on ``commands:responses`` for the command's
 terminal status, prints the reply text and exits 0. A failure prints ``failed: REASON``
-to stderr and exits 1; no answer in time exits 2 and says whether the command can still
+to stderr with what the reason means and whether the device may have run the command,
+and exits 1; no answer in time exits 2 and says whether the command can still
 run; bad arguments or an unreachable Redis exit 3.
 
 Every command gets an expiry, so that it never runs after its sender gave up: by default
@@ -298,7 +299,7 @@ async def _deliver(
         print(_no_answer(command.id, seen, expires), file=sys.stderr)
         outcome["status"] = EXIT_NO_ANSWER
     elif final["status"] == FAILED:
-        print(f"failed: {final.get('reason', '')} (command {command.id})", file=sys.stderr)
+        print(_failed(command.id, final.get("reason", ""), seen), file=sys.stderr)
         outcome["status"] = EXIT_FAILED
     else:
         print(final.get("response", ""))
@@ -317,6 +318,20 @@ def _duplicate(command_id: str, where: str, outcome: dict[str, Any]) -> None:
     outcome["status"] = EXIT_USAGE
 
 
+def _failed(command_id: str, reason: str, seen: list[str]) -> str:
+    """The exit-1 message: the terminal status, its reason, what that means, and whether
+    the device may have run the command."""
+    from teltonika.commands.messages import NEVER_WRITTEN, REASON_MEANINGS
+
+    head = f"failed: {reason or 'unknown'} (command {command_id}): "
+    meaning = REASON_MEANINGS.get(reason, "the server gave no known reason")
+    if reason in NEVER_WRITTEN or reason == "nack":
+        return head + meaning
+    if "delivered" in seen:
+        return head + meaning + "; it was delivered, so the device may have run it"
+    return head + meaning + "; no delivered status was seen, so it most likely did not run"
+
+
 def _no_answer(command_id: str, seen: list[str], expires: float | None) -> str:
     """The exit-2 message: no terminal status in time, and whether the command can
     still run."""
@@ -328,9 +343,10 @@ def _no_answer(command_id: str, seen: list[str], expires: float | None) -> str:
         )
     if expires is None:
         return head + (
-            "it was not delivered yet and may still be delivered later (it has no expiry)"
+            "no server reported delivering it yet, and it has no expiry: it may still be "
+            "delivered and run later"
         )
     return head + (
-        f"it was not delivered and will not be: no server writes it after its expiry "
-        f"at {_clock_time(expires)} (by the servers' clocks)"
+        f"no server reported delivering it, and none writes it after its expiry at "
+        f"{_clock_time(expires)} (by the servers' clocks), which has passed: it will not run"
     )

@@ -266,9 +266,10 @@ class Options(usage.Options):
             "command-quiet",
             None,
             DEFAULT_COMMAND_QUIET,
-            "Seconds without a byte from a device after which a command may be written to "
-            "it, unless its next periodic frame is due; otherwise commands go out only right "
-            "after an ACK (a device reads the next 4 bytes after a frame as its ACK).",
+            "Seconds without a byte from a device (and without an ACK or login reply to it) "
+            "after which a command may be written to it, unless its next periodic frame is "
+            "due; otherwise commands go out only right after an ACK (a device reads the next "
+            "4 bytes after a frame as its ACK).",
             _seconds,
         ],
         [

@@ -107,11 +107,16 @@ async def unsettled_commands(redis: Any, instance: str) -> list[dict[str, str]]:
 
 def write_window(ahead: Sequence[float], settings: InstanceSettings) -> float:
     """Seconds within which a command for a socket with commands *ahead* (their reply
-    timeouts) should be written, if the device is connected and nothing is wrong: each
-    one ahead may wait a quiet interval, run to its timeout and be followed by the settle
-    interval; then ours waits for an ACK or a quiet interval; plus the routing margin."""
-    quiet, settle = settings.command_quiet_s, settings.command_settle_s
-    return sum(quiet + timeout + settle for timeout in ahead) + quiet + ROUTING_MARGIN
+    timeouts) should be written, if the device is connected and nothing is wrong.
+
+    Every command, ahead or ours, may wait for its write moment (an ACK, or the quiet
+    interval outside the margin around a periodic device's next frame: at most ``quiet``
+    plus twice the margin, see :mod:`teltonika.commands.queue`) and may have to wait out
+    a settle interval (the command before it timed out: one ahead, or one already
+    settled); each one ahead then runs to its timeout. Plus the routing margin."""
+    settle = settings.command_settle_s
+    moment = settings.command_quiet_s + 2 * settings.command_due_margin_s
+    return sum(settle + moment + timeout for timeout in ahead) + settle + moment + ROUTING_MARGIN
 
 
 def timeout_of(fields: dict[str, str], default: float) -> float:

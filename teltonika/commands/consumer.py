@@ -9,7 +9,10 @@ it never touches) is never blocked by a slow tracker.
 
 Statuses, all on ``commands:responses`` (fields in :mod:`teltonika.commands.messages`):
 
-* ``delivered`` when the frame's bytes were handed to the socket (progress);
+* ``delivered`` when the frame's bytes were handed to the socket (progress), retried
+  like the terminal statuses below (a sender that gives up tells from it whether the
+  device may have run the command) but only while the entry is not settled, so it never
+  follows the terminal status and is published once per entry (script ``DELIVERED``);
 * then exactly one of ``responded`` (the reply text) or ``failed`` with a reason. The
   terminal status, the XACK and the XDEL of the entry are one Lua script (``SETTLE``),
   so an entry is either still pending (and re-read after a restart) or settled, never
@@ -47,20 +50,23 @@ from teltonika.commands.messages import (
     DELIVERED,
     FAILED,
     OFFLINE_EXPIRY_KEY,
+    REQUEUED,
     RESPONDED,
     RESPONSES_MAXLEN,
     RESPONSES_STREAM,
+    SESSION_GONE,
     Command,
+    delivered_marks,
     flat,
     offline_command,
     offline_list,
     outbound_stream,
-    publish_status_args,
     status_fields,
     text_of,
 )
 from teltonika.commands.metrics import CommandMetrics
 from teltonika.commands.queue import CommandError, CommandQueue, InvalidCommandError
+from teltonika.commands.scripts import DELIVERED as DELIVERED_SCRIPT
 from teltonika.commands.scripts import SETTLE, TAKE_OFFLINE, run_script
 from teltonika.wire.records import DeviceMessage
 
@@ -273,12 +279,12 @@ class CommandConsumer(Service):
             command_id=command.id,
             expires_in=expires_in,
         )
-        handle.written.addCallback(self._written, command)
+        handle.written.addCallback(self._written, entry_id, command)
         handle.reply.addCallbacks(
             self._replied,
             self._reply_failed,
             callbackArgs=(entry_id, command),
-            errbackArgs=(entry_id, command),
+            errbackArgs=(entry_id, command, queue),
         )
 
     def _invalid(self, entry_id: str, fields: dict[Any, Any], error: str) -> None:
@@ -305,7 +311,10 @@ class CommandConsumer(Service):
             reason=InvalidCommandError.reason,
         )
 
-    def _written(self, ok: bool, command: Command) -> None:
+    def _written(self, ok: bool, entry_id: str, command: Command) -> None:
+        """The frame was handed to the socket: publish ``delivered``, retried until Redis
+        takes it, the entry is settled (then the terminal status says more) or the
+        instance shuts down."""
         if not ok:
             return
         fields = status_fields(
@@ -317,8 +326,21 @@ class CommandConsumer(Service):
             at_ms=self.now_ms(),
             attempt=command.attempt,
         )
-        d = maybeDeferred(self._redis.execute_command, *publish_status_args(fields))
-        self._metrics.commands.labels(status=DELIVERED, reason="").inc()
+        keys = [self.stream, RESPONSES_STREAM, delivered_marks(self.instance_id)]
+        args = [entry_id, str(RESPONSES_MAXLEN), *flat(fields)]
+
+        def published(result: object) -> None:
+            if result is not None and int(str(result)) == 1:
+                self._metrics.commands.labels(status=DELIVERED, reason="").inc()
+
+        d = Deferred.fromCoroutine(
+            self._until_redis_takes(
+                lambda: run_script(self._redis, DELIVERED_SCRIPT, keys, args),
+                what=DELIVERED,
+                subject=command.id,
+            )
+        )
+        d.addCallback(published)
         self._track(d.addErrback(self._publish_failed, command.id, DELIVERED))
 
     def _replied(self, message: DeviceMessage, entry_id: str, command: Command) -> None:
@@ -334,13 +356,34 @@ class CommandConsumer(Service):
             attempt=command.attempt,
         )
 
-    def _reply_failed(self, failure: Failure, entry_id: str, command: Command) -> None:
+    def _reply_failed(
+        self, failure: Failure, entry_id: str, command: Command, queue: CommandQueue
+    ) -> None:
         reason = failure.value.reason if isinstance(failure.value, CommandError) else "error"
         if reason == "error":
             self._log.failure("Command {command_id} failed", failure, command_id=command.id)
-        self._fail(entry_id, command, reason)
 
-    def _fail(self, entry_id: str, command: Command, reason: str) -> None:
+        def settled(final: str) -> None:
+            # An offline command back in the waiting list while the device is logged in
+            # here on a newer session than the attempt's (the old socket timed out
+            # half-open while the device logged in again, and that login collected the
+            # list before the command was back): take the list again, now. The settle
+            # script asks another instance to flush itself; this one is ours to do.
+            current = self._lookup(command.imei)
+            if final == REQUEUED and current is not None and current is not queue:
+                self.take_offline(command.imei)
+
+        retake = command.offline and reason not in SESSION_GONE  # those: the script flushes
+        self._fail(entry_id, command, reason, then=settled if retake else None)
+
+    def _fail(
+        self,
+        entry_id: str,
+        command: Command,
+        reason: str,
+        *,
+        then: Callable[[str], None] | None = None,
+    ) -> None:
         self._settle(
             entry_id,
             command.offline,
@@ -350,6 +393,7 @@ class CommandConsumer(Service):
             FAILED,
             reason=reason,
             attempt=command.attempt,
+            then=then,
         )
 
     def _settle(
@@ -365,8 +409,13 @@ class CommandConsumer(Service):
         response: str = "",
         response_hex: str = "",
         attempt: int = 0,
+        then: Callable[[str], None] | None = None,
     ) -> Deferred[Any]:
-        """Publish the terminal status, XACK and XDEL the entry: one Lua script."""
+        """Publish the terminal status, XACK and XDEL the entry: one Lua script.
+
+        :param then: called with the status the script published (``requeued`` for an
+            offline command put back to wait), not when it published nothing.
+        """
         fields = status_fields(
             command_id=command_id,
             imei=imei,
@@ -385,6 +434,7 @@ class CommandConsumer(Service):
             offline_command(command_id),
             offline_list(imei),
             OFFLINE_EXPIRY_KEY,
+            delivered_marks(self.instance_id),
         ]
         args = [
             CONSUMER_GROUP,
@@ -401,6 +451,8 @@ class CommandConsumer(Service):
             if not final:
                 return  # settled before (an earlier attempt, a janitor): nothing published
             self._metrics.commands.labels(status=final, reason=final_reason).inc()
+            if then is not None:
+                then(final)
             if final == FAILED:
                 self._log.info(
                     "Command {command_id} for {imei} failed: {reason}",

@@ -32,6 +32,7 @@ from teltonika.commands.messages import (
     REGISTRY_KEY,
     RESPONSES_MAXLEN,
     RESPONSES_STREAM,
+    delivered_marks,
     heartbeat_key,
     outbound_stream,
 )
@@ -122,7 +123,12 @@ class Janitor:
             count = await run_script(
                 self._redis,
                 JANITOR_STREAM,
-                [outbound_stream(instance), heartbeat_key(instance), RESPONSES_STREAM],
+                [
+                    outbound_stream(instance),
+                    heartbeat_key(instance),
+                    RESPONSES_STREAM,
+                    delivered_marks(instance),
+                ],
                 [instance, now, str(RESPONSES_MAXLEN), self.instance_id],
             )
             if int(count) > 0:

@@ -15,6 +15,8 @@ Keys::
     commands:offline:{imei}              list of command ids waiting for the device's login
     commands:offline:command:{id}        hash: one waiting command (its entry + attempts)
     commands:offline:expiry              sorted set: command id by expires_at_ms
+    commands:delivered:{instance_id}     hash: entry id -> "1" once ``delivered`` was
+                                         published for it (fields removed at settle)
 
 A command entry (``commands:outbound:*``), every value a string::
 
@@ -65,6 +67,7 @@ from teltonika.commands.queue import (
     DEFAULT_COMMAND_QUIET,
     DEFAULT_COMMAND_SETTLE,
     DEFAULT_COMMAND_TIMEOUT,
+    FRAME_DUE_MARGIN,
     InvalidCommandError,
 )
 
@@ -95,6 +98,22 @@ REASONS: Final = frozenset(
         "attempts_exhausted",
     }
 )
+REASON_MEANINGS: Final = {
+    "device_not_connected": "the device is not connected to any server; it was not sent",
+    "timeout": "the device did not answer within the command's timeout",
+    "socket_closed": "the device's connection closed before it answered",
+    "queue_full": "too many commands are already queued for this device; it was not sent",
+    "nack": "the device refused it (codec 14: the IMEI is not its own); it did not run",
+    "invalid_command": "the server could not parse or encode it; it was not sent",
+    "instance_gone": "the server holding the device's connection died before it answered",
+    "expired": "its expiry passed before it could be written; it was not sent and will not be",
+    "attempts_exhausted": "offline delivery failed on every allowed attempt",
+}
+"""What each ``failed`` reason means, in words for people (``teltonika send``)."""
+NEVER_WRITTEN: Final = frozenset(
+    {"device_not_connected", "queue_full", "invalid_command", "expired"}
+)
+"""Reasons that say the command's frame was not written to the device (this attempt)."""
 RETRYABLE: Final = frozenset({"device_not_connected", "timeout", "socket_closed", "queue_full"})
 """Reasons after which an offline command goes back to wait for the next login."""
 SESSION_GONE: Final = frozenset({"device_not_connected", "socket_closed"})
@@ -113,6 +132,10 @@ def heartbeat_key(instance_id: str) -> str:
 
 def outbound_stream(instance_id: str) -> str:
     return f"commands:outbound:{instance_id}"
+
+
+def delivered_marks(instance_id: str) -> str:
+    return f"commands:delivered:{instance_id}"
 
 
 def offline_list(imei: str) -> str:
@@ -254,17 +277,21 @@ class Command:
 class InstanceSettings:
     """What an instance announces in its heartbeat value, so that a sender can tell how
     long a command sent there may take: ``{"at_ms": ..., "command_timeout_s": ...,
-    "command_quiet_s": ..., "command_settle_s": ...}``.
+    "command_quiet_s": ..., "command_settle_s": ..., "command_due_margin_s": ...}``.
 
     :ivar command_timeout_s: the instance's ``--command-timeout`` (commands without
         ``timeout_s``).
     :ivar command_quiet_s: its ``--command-quiet``: an idle device gets a command after it.
     :ivar command_settle_s: its ``--command-settle``: the pause after a timeout.
+    :ivar command_due_margin_s: seconds either side of a periodic device's next frame in
+        which a command waits for an ACK rather than the quiet interval
+        (:data:`~teltonika.commands.queue.FRAME_DUE_MARGIN`).
     """
 
     command_timeout_s: float = DEFAULT_COMMAND_TIMEOUT
     command_quiet_s: float = DEFAULT_COMMAND_QUIET
     command_settle_s: float = DEFAULT_COMMAND_SETTLE
+    command_due_margin_s: float = FRAME_DUE_MARGIN
 
     def heartbeat_value(self, at_ms: int) -> str:
         return json.dumps({"at_ms": at_ms, **attrs.asdict(self)}, separators=(",", ":"))

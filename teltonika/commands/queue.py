@@ -22,12 +22,20 @@ socket errbacks everything pending with a dedicated error. On top of that:
   a. right after an ACK, in the same reactor turn (:meth:`CommandQueue.ack_written`): the
      device reads the command together with its ACK, before it sends its next frame; or
   b. when nothing was received for ``quiet`` seconds (:meth:`CommandQueue.received`
-     marks each read), except while the device's next frame is due: a device that
+     marks each read) *and* nothing but a command was written for ``quiet`` seconds
+     either: an ACK or the login's ``01`` is what makes a device send its next frame
+     (or its backlog), so each one starts the interval again. Except while the
+     device's next frame is due: a device that
      reports periodically sends its next frame about one period (the last interval
      between two of its frames, :meth:`CommandQueue.frame_received`) after its last one,
-     so from half a period to one and a half periods after its last frame only an ACK
-     lets a command out. Without that, a device whose period is close to ``quiet`` would
-     regularly get a command just as its frame is on the way.
+     so within ``due_margin`` (at most half a period) of that moment only an ACK lets a
+     command out: from half a period to one and a half periods after the last frame of
+     a device reporting every 10 s or faster, from 5 s before to 5 s after its next
+     frame is due for a slower one. Without that, a device whose period is close to
+     ``quiet`` would regularly get a command just as its frame is on the way. The margin
+     is bounded so that the wait is too: a command waits at most ``quiet`` plus twice
+     ``due_margin`` for a write moment (plus a store in progress), which is what a
+     sender's default expiry allows for (:func:`teltonika.commands.client.write_window`).
 
   and in both cases only while the connection is idle (the ``connection_idle`` predicate
   the protocol supplies: no frame queued or being stored, no partial frame buffered; a
@@ -35,7 +43,7 @@ socket errbacks everything pending with a dedicated error. On top of that:
   stored" alone is not enough: a frame can be in the kernel's buffer, unread; the quiet
   interval is what makes that unlikely, and nothing can make it impossible (README,
   "Commands", limits). The login's ``01`` is not an opportunity: a device with a backlog
-  starts sending at once.
+  starts sending at once (it starts the quiet interval, like an ACK).
 * A reply resolves the outstanding command only when its codec matches (12 with 12, 14
   with 14) and its type is a reply (0x06, or 0x11 = codec 14 nACK, a failure). Anything
   else is unsolicited: :meth:`CommandQueue.reply_received` returns False and the caller
@@ -79,6 +87,9 @@ DEFAULT_COMMAND_QUIET: Final = 1 * SECONDS
 """Seconds without a received byte after which an idle connection may get a command."""
 DEFAULT_COMMAND_SETTLE: Final = 2 * SECONDS
 """Seconds after a command timed out before the next command may be written."""
+FRAME_DUE_MARGIN: Final = 5 * SECONDS
+"""Most seconds either side of a periodic device's next frame in which only an ACK lets
+a command out (half the period for a device reporting more often than every 10 s)."""
 MIN_RECHECK: Final = 0.05 * SECONDS
 """Shortest wait before looking again at a busy connection (with a quiet interval of 0)."""
 DEFAULT_WARN_DEPTH: Final = 5
@@ -179,6 +190,8 @@ class CommandQueue:
     :param quiet: seconds without a received byte after which an idle connection may get
         a command (see the module docstring); 0 writes as soon as the connection is idle.
     :param settle: seconds after a timeout before the next command may be written.
+    :param due_margin: seconds either side of a periodic device's next frame in which
+        the quiet path writes nothing (at most half the device's period).
     :param connection_idle: True when no frame of the connection is queued, being
         stored or partly received (the protocol's state; default: always idle).
     """
@@ -197,6 +210,7 @@ class CommandQueue:
         imei: str = "",
         quiet: float = DEFAULT_COMMAND_QUIET,
         settle: float = DEFAULT_COMMAND_SETTLE,
+        due_margin: float = FRAME_DUE_MARGIN,
         connection_idle: Callable[[], bool] = _always_idle,
     ) -> None:
         self._writer = writer
@@ -208,12 +222,14 @@ class CommandQueue:
         self.imei = imei
         self.quiet = quiet
         self.settle = settle
+        self.due_margin = due_margin
         self._connection_idle = connection_idle
         self._chain: Deferred[None] = succeed(None)
         self._waiting: deque[_Pending] = deque()
         self._outstanding: _Pending | None = None
         self._closed = False
-        self._last_received = clock.seconds()
+        self._quiet_since = clock.seconds()
+        """The last byte received, or the last ACK / login reply written."""
         self._last_frame: float | None = None
         self._frame_gap: float | None = None
         self._settle_until = 0.0
@@ -234,11 +250,19 @@ class CommandQueue:
         return None if self._outstanding is None else self._outstanding.codec_id
 
     def write(self, data: bytes) -> Deferred[bool]:
-        """Write raw bytes (an ACK) after everything submitted before; never waits for a reply.
+        """Write raw bytes (an ACK, the login's reply) after everything submitted before;
+        never waits for a reply. The device answers such bytes with its next frame, so the
+        quiet interval starts again once they are written.
 
         :return: fires True once written, False when the socket was closed or the write
             raised (logged); it never errbacks, so callers may ignore it.
         """
+        return self._write(data, prompts_device=True)
+
+    def _write(self, data: bytes, *, prompts_device: bool) -> Deferred[bool]:
+        """Append *data* to the write chain. *prompts_device*: the bytes (an ACK, the
+        login's reply) make the device send its next frame, so the quiet interval starts
+        again when they are written."""
         done: Deferred[bool] = Deferred()
 
         def step(_: object) -> None:
@@ -252,6 +276,8 @@ class CommandQueue:
                 self._log.failure("Write to device {imei} failed", imei=self.imei)
                 done.callback(False)
                 return None
+            if prompts_device:
+                self._quiet_since = self._clock.seconds()
             done.callback(True)
             return None
 
@@ -326,7 +352,7 @@ class CommandQueue:
 
     def received(self) -> None:
         """The protocol read bytes from the device: the quiet interval starts again."""
-        self._last_received = self._clock.seconds()
+        self._quiet_since = self._clock.seconds()
 
     def frame_received(self, at: float) -> None:
         """The device sent an AVL frame (received at clock time *at*): the interval since
@@ -337,13 +363,18 @@ class CommandQueue:
 
     def _quiet_from(self, now: float) -> float:
         """The earliest time from *now* on when the quiet path may write a command: after
-        ``quiet`` seconds without a byte, and outside the window in which the device's
-        next periodic frame is due (half a period to one and a half after its last)."""
-        at = max(now, self._last_received + self.quiet)
+        ``quiet`` seconds without a byte received or an ACK written, and outside the
+        window in which the device's next periodic frame is due (``due_margin``, at most
+        half a period, either side of one period after its last frame)."""
+        at = max(now, self._quiet_since + self.quiet)
         gap, last = self._frame_gap, self._last_frame
-        if gap is None or last is None or at <= last + gap / 2:
+        if gap is None or last is None:
             return at
-        return max(at, last + 1.5 * gap)
+        margin = min(gap / 2, self.due_margin)
+        due = last + gap
+        if at <= due - margin or at >= due + margin:
+            return at
+        return due + margin
 
     def ack_written(self) -> None:
         """The protocol just wrote an ACK and the connection is idle: the one moment a
@@ -443,7 +474,7 @@ class CommandQueue:
                 pending.timer.cancel()  # the expiry timer: from now on the reply timeout
             pending.timer = None
             self._outstanding = pending
-            self.write(pending.frame).addCallback(self._written, pending)
+            self._write(pending.frame, prompts_device=False).addCallback(self._written, pending)
             return
         self._disarm()
 

@@ -17,8 +17,15 @@ may act on the same keys at the same moment:
   may already be logged in again (a reconnect on the same or another instance that
   collected the waiting list before the command was back): if the registry names a live
   instance, that instance gets a ``flush`` entry and delivers it now. After a ``timeout``
-  or ``queue_full`` the same session is still there, so the command waits for the next
-  login, as before.
+  or ``queue_full`` the attempt's session may still be there, but the device may also
+  have logged in again (the old socket half-open): if the registry names another live
+  instance, that one gets the ``flush``; the consumer itself takes the list again when
+  the device's session on this instance is a newer one than the attempt's.
+* ``DELIVERED``: publish the ``delivered`` progress status once per entry, and only while
+  the entry is still in the stream (not settled): retried after a failed call (whose
+  first run may have happened), it is never published twice and never lands after the
+  command's terminal status. The mark lives in ``commands:delivered:{instance_id}`` until
+  ``SETTLE`` (or a janitor's ``JANITOR_STREAM``) removes it with the entry.
 * ``JANITOR_REGISTRY`` / ``JANITOR_STREAM``: act on a dead instance's keys only while its
   heartbeat is still absent (an instance restarting with the same id wins).
 * ``TAKE_OFFLINE``, ``STORE_OFFLINE``, ``EXPIRE_OFFLINE``: offline delivery.
@@ -61,9 +68,10 @@ end
 """
 
 _FLUSH_LUA: Final = f"""
-local function flush_if_online(id, imei)
+-- skip: an instance not to ask (nil: any)
+local function flush_if_online(id, imei, skip)
   local inst = redis.call('HGET', '{REGISTRY_KEY}', imei)
-  if inst and redis.call('EXISTS', '{heartbeat_key("")}' .. inst) == 1 then
+  if inst and inst ~= skip and redis.call('EXISTS', '{heartbeat_key("")}' .. inst) == 1 then
     redis.call('XADD', '{outbound_stream("")}' .. inst, '*', 'v', '{COMMANDS_VERSION}',
                'kind', 'flush', 'id', id, 'imei', imei)
   end
@@ -115,10 +123,11 @@ SETTLE: Final = (
     + _RETRYABLE_LUA
     + """
 -- KEYS[1] outbound stream, KEYS[2] responses, KEYS[3] offline hash, KEYS[4] offline list,
--- KEYS[5] offline expiry zset
+-- KEYS[5] offline expiry zset, KEYS[6] delivered marks of the stream
 -- ARGV[1] group, ARGV[2] entry id, ARGV[3] offline '1'/'', ARGV[4] now ms,
 -- ARGV[5] max attempts, ARGV[6] maxlen, ARGV[7..] status fields (flat)
 -- Returns 'status|reason' of what was published, or '' when nothing was.
+redis.call('HDEL', KEYS[6], ARGV[2])
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
   -- not pending (any more): settled by an earlier run of this script, or the stream
   -- was failed by a janitor (instance_gone): one terminal status only
@@ -148,7 +157,13 @@ if ARGV[3] == '1' then
       set('status', 'requeued')
       result = 'requeued'
       redis.call('RPUSH', KEYS[4], m['id'])
-      if SESSION_GONE[m['reason']] then flush_if_online(m['id'], m['imei']) end
+      if SESSION_GONE[m['reason']] then
+        flush_if_online(m['id'], m['imei'], nil)
+      else
+        -- timeout, queue_full: the attempt's session may still be there, but the device
+        -- may have logged in again elsewhere (the old socket half-open)
+        flush_if_online(m['id'], m['imei'], m['instance_id'])
+      end
     end
   end
   if result ~= 'requeued' then
@@ -159,6 +174,21 @@ end
 publish(KEYS[2], ARGV[6], fields)
 local final = tomap(fields)
 return final['status'] .. '|' .. final['reason']
+"""
+)
+
+DELIVERED: Final = (
+    _STATUS_LUA
+    + """
+-- KEYS[1] outbound stream, KEYS[2] responses, KEYS[3] delivered marks of the stream;
+-- ARGV[1] entry id, ARGV[2] maxlen, ARGV[3..] status fields (flat).
+-- Returns 1 when published, 0 when the entry is settled or was reported delivered.
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end
+if redis.call('HSETNX', KEYS[3], ARGV[1], '1') == 0 then return 0 end
+local fields = {}
+for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
+publish(KEYS[2], ARGV[2], fields)
+return 1
 """
 )
 
@@ -256,7 +286,8 @@ JANITOR_STREAM: Final = (
     _STATUS_LUA
     + _FLUSH_LUA
     + """
--- KEYS[1] the dead instance's outbound stream, KEYS[2] its heartbeat, KEYS[3] responses
+-- KEYS[1] the dead instance's outbound stream, KEYS[2] its heartbeat, KEYS[3] responses,
+-- KEYS[4] its delivered marks
 -- ARGV[1] dead instance id, ARGV[2] now ms, ARGV[3] maxlen, ARGV[4] this instance's id
 if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
 local entries = redis.call('XRANGE', KEYS[1], '-', '+')
@@ -272,7 +303,7 @@ for _, entry in ipairs(entries) do
         local st = status(f['id'], f['imei'], codec, 'requeued', 'instance_gone', ARGV[4],
                           ARGV[2], f['attempt'])
         publish(KEYS[3], ARGV[3], st)
-        flush_if_online(f['id'], f['imei'])
+        flush_if_online(f['id'], f['imei'], nil)
         n = n + 1
       end
     else
@@ -283,7 +314,7 @@ for _, entry in ipairs(entries) do
     end
   end
 end
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[4])
 return n
 """
 )

@@ -320,10 +320,14 @@ class DeviceProtocol(Protocol):
     def _idle_for_commands(self) -> bool:
         """Whether a command frame may follow: logged in, no frame queued or being
         handled, and no partial frame buffered (a device that sent one more frame is
-        awaiting that frame's ACK)."""
+        awaiting that frame's ACK). Never while the connection drains or closes: what
+        the device sends is no longer read (its reply would be lost, and a frame it is
+        sending would go unnoticed by the quiet interval), and a command the device ran
+        but whose reply was never read would be failed (an offline one run again)."""
         return (
             self.imei is not None
             and not self._closing
+            and not self._draining
             and not self._busy
             and not self._queue
             and self._framer.buffered == 0

@@ -136,7 +136,10 @@ async def run_send(redis_url: str, *argv: str) -> int:
     return status
 
 
-SETTINGS = '{"at_ms":1,"command_timeout_s":45,"command_quiet_s":0.1,"command_settle_s":0.1}'
+SETTINGS = (
+    '{"at_ms":1,"command_timeout_s":45,"command_quiet_s":0.1,"command_settle_s":0.1,'
+    '"command_due_margin_s":0.5}'
+)
 
 
 async def fake_instance(redis: Any) -> None:
@@ -190,33 +193,48 @@ async def test_the_default_expiry_and_wait_follow_the_queue_ahead(
 ) -> None:
     """The command gets an expiry: by when it should have been written, i.e. after the
     command queued ahead of it (timeout_s 100) and one without a timeout (the instance's
-    announced 45 s), each with the announced quiet and settle intervals, plus margins.
-    send waits until then plus its own timeout."""
+    announced 45 s), each with the announced settle interval and the longest wait for a
+    write moment (quiet interval plus twice the margin around a periodic device's next
+    frame), the same for itself, plus 5 s of routing. send waits until then plus its own
+    timeout (7 s) plus 5 s."""
     await fake_instance(redis)
     await publish(redis, "z", IMEI, "getver", timeout_s=100)
     await publish(redis, "z", IMEI, "getio")
     await publish(redis, "z", "490154203237518", "getinfo")  # another device's: not ahead
+    deadlines: list[float] = []
+    wait_for_terminal = client.wait_for_terminal
+
+    async def spy(redis: Any, command_id: str, after: str, deadline: float, *rest: Any) -> Any:
+        deadlines.append(deadline)
+        return await wait_for_terminal(redis, command_id, after, deadline, *rest)
+
     started = reactor.seconds()
-    sending = ensureDeferred(run_send(redis_url, "setdigout 1", "--id", "mine", "--timeout", "7"))
-    stream = "commands:outbound:z"
-    [entry] = await eventually(
-        lambda: _matching(entries_of(redis, stream), lambda e: e.get("id") == "mine")
-    )
-    window = (0.1 + 100 + 0.1) + (0.1 + 45 + 0.1) + 0.1 + 5.0
-    expires_s = int(entry["expires_at_ms"]) / 1000
-    assert started + window - 0.5 <= expires_s <= reactor.seconds() + window
-    assert entry["timeout_s"] == "7"
-    await redis.execute_command(
-        "XADD", "commands:responses", "*", "id", "mine", "status", "responded", "response", "ok"
-    )
-    assert await sending == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(client, "wait_for_terminal", spy)
+        sending = ensureDeferred(
+            run_send(redis_url, "setdigout 1", "--id", "mine", "--timeout", "7")
+        )
+        stream = "commands:outbound:z"
+        [entry] = await eventually(
+            lambda: _matching(entries_of(redis, stream), lambda e: e.get("id") == "mine")
+        )
+        moment = 0.1 + 2 * 0.5
+        window = (0.1 + moment + 100) + (0.1 + moment + 45) + (0.1 + moment) + 5.0
+        expires_s = int(entry["expires_at_ms"]) / 1000
+        assert started + window - 0.5 <= expires_s <= reactor.seconds() + window
+        assert entry["timeout_s"] == "7"
+        await redis.execute_command(
+            "XADD", "commands:responses", "*", "id", "mine", "status", "responded", "response", "ok"
+        )
+        assert await sending == 0
+    assert deadlines == [pytest.approx(expires_s + 7 + cli_send.MARGIN, abs=0.01)]
 
 
 @pytest.mark.parametrize(
     ("argv", "delivered", "says"),
     [
-        (["--expires", "0.2"], False, "it was not delivered and will not be"),
-        (["--no-expiry"], False, "may still be delivered later (it has no expiry)"),
+        (["--expires", "0.2"], False, "no server reported delivering it, and none writes it"),
+        (["--no-expiry"], False, "it has no expiry: it may still be delivered and run later"),
         (["--expires", "0", "--no-expiry"], True, "delivered to the device, which may have"),
     ],
 )
@@ -260,3 +278,42 @@ def test_expiry_options_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
 
 async def _matching(entries: Any, predicate: Any) -> list[dict[str, str]]:
     return [e for e in await entries if predicate(e)]
+
+
+@pytest.mark.parametrize(
+    ("reason", "delivered", "says"),
+    [
+        ("timeout", True, "did not answer within the command's timeout; it was delivered, so "
+         "the device may have run it"),
+        ("instance_gone", False, "died before it answered; no delivered status was seen, so it "
+         "most likely did not run"),
+        ("expired", False, "its expiry passed before it could be written; it was not sent and "
+         "will not be"),
+        ("nack", True, "the device refused it (codec 14: the IMEI is not its own); it did not run"),
+        ("brand_new", False, "the server gave no known reason"),
+    ],
+)  # fmt: skip
+@pytest_twisted.ensureDeferred
+async def test_exit_1_names_the_reason_and_what_it_means(
+    redis_url: str,
+    redis: Any,
+    capsys: pytest.CaptureFixture[str],
+    reason: str,
+    delivered: bool,
+    says: str,
+) -> None:
+    """A failed status exits 1 with the reason, what it means, and whether the device may
+    have run the command (from the delivered status)."""
+    await fake_instance(redis)
+    sending = ensureDeferred(run_send(redis_url, "getinfo", "--id", "f", "-q"))
+    await eventually(lambda: redis.exists("commands:outbound:z"))
+    if delivered:
+        await redis.execute_command(
+            "XADD", "commands:responses", "*", "id", "f", "status", "delivered"
+        )
+    await redis.execute_command(
+        "XADD", "commands:responses", "*", "id", "f", "status", "failed", "reason", reason
+    )
+    assert await sending == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"failed: {reason} (command f): ") and says in err, err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -73,10 +74,12 @@ async def rig(
 
 
 @pytest_twisted.async_yield_fixture
-async def running(rig: Any) -> AsyncIterator[CommandConsumer]:
-    """One consumer of instance a, started once for all examples of a hypothesis test."""
-    _devices, start = rig
-    yield start()
+async def running(rig: Any) -> AsyncIterator[tuple[CommandConsumer, StringTransport, CommandQueue]]:
+    """One consumer of instance a, started once for all examples of a hypothesis test,
+    and the socket of a device (IMEI) connected to it."""
+    devices, start = rig
+    transport, queue = devices.connect(IMEI)
+    yield start(), transport, queue
 
 
 @pytest_twisted.ensureDeferred
@@ -216,13 +219,17 @@ ENTRY_VALUES = (
 @given(entry=st.dictionaries(ENTRY_NAMES, ENTRY_VALUES, min_size=1, max_size=12))
 @pytest_twisted.ensureDeferred
 async def test_any_entry_ends_in_one_terminal_status_and_the_loop_goes_on(
-    redis: Any, running: CommandConsumer, entry: dict[Any, Any]
+    redis: Any,
+    running: tuple[CommandConsumer, StringTransport, CommandQueue],
+    entry: dict[Any, Any],
 ) -> None:
     """Whatever names and bytes an entry holds (non-UTF-8 values come back from
     txredisapi as bytes), it is settled: acknowledged and deleted, with exactly one
-    terminal status (none for a flush or an offline entry with nothing stored), and the
-    consumer keeps reading. No device is connected, so a valid command fails with
-    device_not_connected."""
+    terminal status (none for a flush or an offline entry with nothing stored). Its
+    device (OTHER) is not connected, so a valid one fails with device_not_connected.
+    Then the consumer still delivers a valid command to a connected device and its
+    reply is published: the loop went on."""
+    _consumer, transport, queue = running
     before = await _terminal_count(redis)
     await redis.execute_command(
         "XADD", "commands:outbound:a", "*", *[part for pair in entry.items() for part in pair]
@@ -230,7 +237,13 @@ async def test_any_entry_ends_in_one_terminal_status_and_the_loop_goes_on(
     silent = entry.get("kind") == "flush" or entry.get("offline") == "1"
     await eventually(lambda: _stream_settled(redis), timeout=5)
     await eventually(lambda: _count_is(redis, before + (0 if silent else 1)), timeout=5)
-    assert running.running
+    transport.clear()
+    valid = await publish(redis, "a", IMEI, "getinfo")
+    await eventually(transport.value, timeout=5)
+    assert transport.value() == encode_command(CODEC_12, b"getinfo", IMEI)
+    assert queue.reply_received(DeviceMessage(CODEC_12, 6, b"INI:ok"))
+    final = await terminal(redis, valid)
+    assert (final["status"], final["response"]) == ("responded", "INI:ok")
 
 
 async def _count_is(redis: Any, expected: int) -> bool:
@@ -265,58 +278,98 @@ async def test_a_valid_command_is_answered_after_malformed_entries(
     assert await _stream_settled(redis)
 
 
-class FlakyRedis:
-    """A txredisapi connection whose first EVAL fails: before Redis ran it (*ran* False:
-    the connection was down), or after (*ran* True: the reply was lost)."""
+def _flat(args: Any) -> list[Any]:
+    out: list[Any] = []
+    for arg in args:
+        out.extend(_flat(arg) if isinstance(arg, list | tuple) else [arg])
+    return out
 
-    def __init__(self, redis: Any, ran: bool) -> None:
+
+def _publishes(status: str) -> Callable[[tuple[Any, ...]], bool]:
+    """Whether a Redis call's arguments publish a status entry *status* (by whatever
+    command: a script's arguments or an XADD)."""
+
+    def check(args: tuple[Any, ...]) -> bool:
+        flat = _flat(args)
+        return any(a == "status" and b == status for a, b in itertools.pairwise(flat))
+
+    return check
+
+
+class FlakyRedis:
+    """A txredisapi connection whose first call that *matches* fails (EVAL or any other
+    command): before Redis ran it (*ran* False: the connection was down), or after (*ran*
+    True: the reply was lost)."""
+
+    def __init__(self, redis: Any, ran: bool, matches: Callable[[tuple[Any, ...]], bool]) -> None:
         self._redis = redis
         self.ran = ran
-        self.evals = 0
+        self.matches = matches
+        self.calls = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._redis, name)
 
-    async def _eval(self, *args: Any) -> Any:
-        self.evals += 1
-        if self.evals == 1:
+    async def _call(self, name: str, *args: Any) -> Any:
+        run = getattr(self._redis, name)
+        if not self.matches(args):
+            return await run(*args)
+        self.calls += 1
+        if self.calls == 1:
             if self.ran:
-                await self._redis.eval(*args)
+                await run(*args)
             raise ConnectionError("connection lost mid-call")
-        return await self._redis.eval(*args)
+        return await run(*args)
 
     def eval(self, *args: Any) -> Deferred[Any]:
-        return Deferred.fromCoroutine(self._eval(*args))
+        return Deferred.fromCoroutine(self._call("eval", *args))
+
+    def execute_command(self, *args: Any) -> Deferred[Any]:
+        return Deferred.fromCoroutine(self._call("execute_command", *args))
 
 
+@pytest.mark.parametrize("update", ["settle", "delivered"])
 @pytest.mark.parametrize("ran", [False, True])
 @pytest_twisted.ensureDeferred
-async def test_a_failed_settle_is_retried_until_redis_takes_it(
-    redis: Any, connect: Callable[[], Any], logged_errors: Any, ran: bool
+async def test_a_failed_status_update_is_retried_until_redis_takes_it(
+    redis: Any, connect: Callable[[], Any], logged_errors: Any, ran: bool, update: str
 ) -> None:
-    """The status-and-XACK script fails once (connection dropped before or after Redis
-    ran it): it is retried, the sender gets exactly one terminal status and the entry
-    is settled (so it is not written again after a restart)."""
+    """The status-and-XACK script, or the delivered status, fails once (connection
+    dropped before or after Redis ran it): it is retried, the sender gets exactly one
+    delivered status then exactly one terminal status, in that order, the entry is
+    settled (so it is not written again after a restart) and no mark is left behind."""
     devices = Devices()
     transport, queue = devices.connect(IMEI)
-    flaky = FlakyRedis(redis, ran)
+    flaky = FlakyRedis(redis, ran, _publishes({"settle": "responded", "delivered": update}[update]))
     metrics, registry = fresh_metrics()
     consumer = CommandConsumer(connect(), flaky, "a", devices.lookup, reactor, metrics, block=0.2)
     consumer.startService()
     try:
         command_id = await publish(redis, "a", IMEI, "getinfo")
         await eventually(transport.value)
+        if update == "delivered":  # its retry has gone through before the reply comes
+            await eventually(lambda: flaky.calls >= 2)
         assert queue.reply_received(DeviceMessage(CODEC_12, 6, b"INI:ok"))
+        await eventually(lambda: flaky.calls >= 2)
         final = await terminal(redis, command_id)
         assert final["status"] == "responded"
-        await eventually(lambda: flaky.evals >= 2)
         await consumer.when_settled()
-        finals = [s for s in await statuses(redis, command_id) if s["status"] == "responded"]
-        assert len(finals) == 1
+        assert [s["status"] for s in await statuses(redis, command_id)] == [
+            "delivered",
+            "responded",
+        ]
         assert await _stream_settled(redis)
+        assert not await redis.exists("commands:delivered:a")
         assert (
-            registry.get_sample_value("teltonika_command_redis_retries_total", {"update": "settle"})
+            registry.get_sample_value("teltonika_command_redis_retries_total", {"update": update})
             == 1
+        )
+        assert (
+            registry.get_sample_value(
+                "teltonika_commands_total", {"status": "delivered", "reason": ""}
+            )
+            # a status whose first call ran, reply lost, is not counted (as for settle)
+            == (None if ran and update == "delivered" else 1)
         )
     finally:
         await consumer.stopService()
@@ -400,3 +453,37 @@ async def test_an_offline_command_in_flight_expires_instead_of_being_written_lat
     assert queue.reply_received(DeviceMessage(CODEC_12, 6, b"Ver:1"))
     await terminal(redis, slow)
     assert transport.value() == b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_offline_command_timed_out_on_an_old_session_goes_to_the_new_one(
+    redis: Any, rig: Any
+) -> None:
+    """The device logged in again on this instance while an offline command was in
+    flight on its old session (which then timed out instead of closing): the new login
+    collected an empty list, so when the timeout puts the command back the consumer takes
+    the list again and the new session gets the command now."""
+    devices, start = rig
+    old_transport, _old_queue = devices.connect(IMEI)
+    consumer = start()
+    command = Command(
+        id="off-old",
+        imei=IMEI,
+        payload=b"getinfo",
+        offline=True,
+        expires_at_ms=consumer.now_ms() + 600_000,
+        timeout_s=5,
+    )
+    await store_offline(redis, command, consumer.now_ms())
+    await consumer.take_offline(IMEI)
+    await eventually(old_transport.value)
+    new_transport, new_queue = devices.connect(IMEI)  # the new session
+    await consumer.take_offline(IMEI)  # what its login does: the list is empty now
+    devices.clock.advance(5)
+    await eventually(new_transport.value)
+    assert new_transport.value() == encode_command(CODEC_12, b"getinfo", IMEI)
+    assert new_queue.reply_received(DeviceMessage(CODEC_12, 6, b"INI:ok"))
+    final = await terminal(redis, "off-old")
+    assert (final["status"], final["response"], final["attempt"]) == ("responded", "INI:ok", "2")
+    progress = [(s["status"], s["reason"]) for s in await statuses(redis, "off-old")]
+    assert progress[:3] == [("queued", ""), ("delivered", ""), ("requeued", "timeout")]

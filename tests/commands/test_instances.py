@@ -407,3 +407,40 @@ async def test_an_offline_command_of_a_dead_instance_reaches_the_device_where_it
         "A:getinfo",
         "2",
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_offline_command_timed_out_on_a_stale_socket_reaches_the_device_elsewhere(
+    redis: Any, cluster: Any
+) -> None:
+    """An offline command is in flight on a's socket, which has gone half-open: the
+    device has logged in again on b (collecting an empty waiting list). a's timeout puts
+    the command back to wait; the registry shows the device online on b, so b is asked
+    to flush and delivers it now instead of at the device's next login."""
+    a = await cluster("a", *QUIET)
+    b = await cluster("b", *QUIET)
+    stale = await cluster.device(a, IMEI_A)  # never answers: the command times out
+    await eventually(lambda: _has(redis, {IMEI_A: "a"}))
+    command = Command(
+        id="off-stale",
+        imei=IMEI_A,
+        payload=b"getinfo",
+        offline=True,
+        expires_at_ms=2**50,
+        timeout_s=3,
+    )
+    assert await store_offline(redis, command, 1) == "a"
+    await eventually(lambda: stale.commands)
+    fresh = await cluster.device(b, IMEI_A, echo("B"))
+    await eventually(lambda: _has(redis, {IMEI_A: "b"}))
+    assert [s["status"] for s in await statuses(redis, "off-stale")] == ["queued", "delivered"]
+    final = await terminal(redis, "off-stale")
+    assert (final["status"], final["response"], final["attempt"], final["instance_id"]) == (
+        "responded",
+        "B:getinfo",
+        "2",
+        "b",
+    )
+    progress = [(s["status"], s["reason"]) for s in await statuses(redis, "off-stale")]
+    assert ("requeued", "timeout") in progress
+    assert [m.payload for m in fresh.commands] == [b"getinfo"]

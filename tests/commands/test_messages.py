@@ -126,3 +126,10 @@ def test_status_fields_are_the_documented_ones() -> None:
     lua = scripts._STATUS_LUA
     positions = [lua.index(f"'{name}'") for name in names]
     assert positions == sorted(positions)
+
+
+def test_every_failed_reason_has_a_meaning() -> None:
+    from teltonika.commands.messages import NEVER_WRITTEN, REASON_MEANINGS, REASONS
+
+    assert set(REASON_MEANINGS) == REASONS
+    assert NEVER_WRITTEN <= REASONS

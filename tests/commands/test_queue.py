@@ -350,6 +350,26 @@ def test_command_goes_out_right_after_an_ack() -> None:
     assert rig.take() == ACK_1 + frame("getinfo")
 
 
+def test_an_ack_written_starts_the_quiet_interval_again() -> None:
+    """The device answers an ACK with its next frame (or its backlog): a command that
+    arrives just after an ACK written on a slow store (more than `quiet` after the last
+    byte received) waits a whole quiet interval from the ACK, not from the last read."""
+    rig = Rig(quiet=1)
+    rig.queue.received()
+    rig.clock.advance(1.5)  # the frame took 1.5 s to store
+    rig.queue.write(ACK_1)
+    rig.queue.ack_written()  # nothing waiting yet
+    assert rig.take() == ACK_1
+    rig.clock.advance(0.1)
+    handle = rig.queue.submit(frame("getinfo"), CODEC_12)
+    assert rig.take() == b""
+    rig.clock.advance(0.89)
+    assert rig.take() == b""
+    no_result(handle.written)
+    rig.clock.advance(0.01)
+    assert rig.take() == frame("getinfo")
+
+
 def test_a_busy_connection_gets_no_command() -> None:
     """While a frame is queued, being stored or partly received, neither an ACK nor the
     quiet interval lets a command out; once the connection is idle again it goes."""
@@ -486,4 +506,23 @@ def test_a_slow_reporter_gets_its_command_after_the_quiet_interval() -> None:
     frames_every(rig, 10.0, 2)
     rig.queue.submit(frame("getinfo"), CODEC_12)
     rig.clock.advance(1.0)
+    assert rig.take() == frame("getinfo")
+
+
+def test_the_window_around_a_slow_reporters_next_frame_is_bounded() -> None:
+    """A device reporting every 10 minutes: only 5 s either side of its next frame's due
+    time is kept for the ACK path, not half a period either side (which made a command
+    wait up to 15 minutes, far beyond any sender's expiry); a command in that window
+    goes at the window's end if the frame does not come, or right after its ACK."""
+    rig = Rig(quiet=1)
+    frames_every(rig, 600.0, 2)
+    rig.clock.advance(590)
+    rig.queue.submit(frame("early"), CODEC_12)
+    assert rig.take() == frame("early")
+    assert rig.queue.reply_received(reply("ok"))
+    rig.clock.advance(6)  # 596 s after the last frame: 4 s before the next is due
+    rig.queue.submit(frame("getinfo"), CODEC_12)
+    rig.clock.advance(8.99)
+    assert rig.take() == b""
+    rig.clock.advance(0.01)
     assert rig.take() == frame("getinfo")

@@ -64,7 +64,8 @@ async def test_heartbeat_sets_ex_90_and_reclaims_removed_entries(redis: Any) -> 
     await redis.hset("connections:registry", "111111111111111", "b")
     await registry.heartbeat()
     assert await redis.get("instance:heartbeat:a") == (
-        '{"at_ms":1234,"command_timeout_s":30.0,"command_quiet_s":1.0,"command_settle_s":2.0}'
+        '{"at_ms":1234,"command_timeout_s":30.0,"command_quiet_s":1.0,"command_settle_s":2.0,'
+        '"command_due_margin_s":5.0}'
     )
     ttl = int(await redis.ttl("instance:heartbeat:a"))
     assert 85 < ttl <= 90

@@ -250,3 +250,84 @@ def test_a_device_reporting_every_second_gets_its_command_after_an_ack() -> None
     assert transport.value() == b""
     protocol.dataReceived(avl(3))
     assert transport.value() == ACK_1 + frame("getinfo")
+
+
+def test_an_ack_after_a_slow_store_starts_the_quiet_interval_again() -> None:
+    """A frame stored in 1.5 s (longer than the quiet interval): its ACK makes the device
+    send its next frame, so a command arriving 0.1 s after the ACK waits a whole quiet
+    interval from the ACK instead of going out at once, ahead of that frame."""
+    factory, sink, _ = make_factory(command_quiet=1)
+    sink.auto = False
+    protocol, transport = login(factory)
+    protocol.dataReceived(avl(0))
+    factory.clock.advance(1.5)
+    sink.calls[0][-1].callback(None)
+    assert transport.value() == ACK_1
+    factory.clock.advance(0.1)
+    protocol.commands.submit(frame("getinfo"), CODEC_12)
+    factory.clock.advance(0.89)
+    assert transport.value() == ACK_1
+    factory.clock.advance(0.01)
+    assert transport.value() == ACK_1 + frame("getinfo")
+
+
+def test_the_login_reply_starts_the_quiet_interval_again() -> None:
+    """A login decided slowly (a 3 s authority lookup): the device starts sending its
+    backlog when it reads the 01, so an offline command taken at login waits a quiet
+    interval from the 01, not from the IMEI packet."""
+    from tests.server.test_protocol import _PendingAuthority
+
+    authority = _PendingAuthority()
+    factory = DeviceFactory(
+        load_codecs(),
+        ControlledSink(),
+        authority,
+        ServerMetrics(),
+        MemoryReactorClock(),
+        ServerSettings(command_quiet=1),
+    )
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(encode_login(IMEI))
+    factory.clock.advance(3)
+    authority.pending[0].callback(True)
+    assert transport.value() == b"\x01"
+    handle = protocol.commands.submit(frame("getinfo"), CODEC_12)
+    factory.clock.advance(0.99)
+    assert transport.value() == b"\x01"
+    factory.clock.advance(0.01)
+    assert transport.value() == b"\x01" + frame("getinfo")
+    assert success(handle.written) is True
+
+
+def test_no_command_is_written_while_the_connection_drains() -> None:
+    """At shutdown the server reads no more (stop_reading) and then closes: a command
+    written then would have its reply unread (and an offline one would run twice). It
+    waits on neither path, after the last ACK nor after any quiet time, and fails with
+    socket_closed when the connection closes; the ACK itself still goes out."""
+    from teltonika.commands.queue import SocketClosedError
+    from tests.commands.test_queue import failure
+
+    factory, sink, _ = make_factory(command_quiet=1)
+    sink.auto = False
+    protocol, transport = login(factory)
+    protocol.dataReceived(avl(0))
+    handle = protocol.commands.submit(frame("getinfo"), CODEC_12)
+    protocol.stop_reading()
+    sink.calls[0][-1].callback(None)
+    assert transport.value() == ACK_1
+    factory.clock.advance(10)
+    assert transport.value() == ACK_1
+    protocol.connectionLost()
+    failure(handle.reply).trap(SocketClosedError)
+    assert success(handle.written) is False
+
+    quiet, quiet_transport = login(factory)
+    waiting = quiet.commands.submit(frame("getver"), CODEC_12)
+    factory.clock.advance(0.5)
+    quiet.stop_reading()
+    factory.clock.advance(10)
+    assert quiet_transport.value() == b""
+    quiet.connectionLost()
+    failure(waiting.reply).trap(SocketClosedError)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ def send(redis_url: str, imei: int, *command: str) -> tuple[int, str]:
          "--timeout", "10"],
         cwd=str(ROOT), env=checkout_env(), capture_output=True, timeout=60, check=False,
     )  # fmt: skip
-    return out.returncode, out.stdout.decode()
+    return out.returncode, out.stdout.decode() + out.stderr.decode()
 
 
 def test_commands_answered_by_simulated_devices_under_load(tmp_path: Path, redis_url: str) -> None:
@@ -44,13 +45,18 @@ def test_commands_answered_by_simulated_devices_under_load(tmp_path: Path, redis
     comes back; no device sees a command where it awaits an ACK, nothing is lost."""
     server = ServerProcess(tmp_path, ["--redis", redis_url]).start()
     try:
-        sim = Simulation(tmp_path, server.port, fleet_options(8, duration=10, interval=0))
+        sim = Simulation(tmp_path, server.port, fleet_options(8, duration=30, interval=0))
         wait_until(lambda: server.metric("teltonika_acked_records_total") > 500, 20, "fleet ACKed")
-        sent = [
-            send(redis_url, IMEI_START + 3, "getver"),
-            send(redis_url, IMEI_START + 5, "setdigout 10", "--codec", "14"),
-            send(redis_url, IMEI_START + 5, "getio"),
-        ]
+        # Device 3's command alongside device 5's two (in order: setdigout, then getio
+        # sees its effect). Each send is a new Python process: on a loaded machine three
+        # in a row took longer than a 10 s run of the fleet (device_not_connected).
+        with ThreadPoolExecutor(2) as pool:
+            to_3 = pool.submit(send, redis_url, IMEI_START + 3, "getver")
+            to_5 = [
+                send(redis_url, IMEI_START + 5, "setdigout 10", "--codec", "14"),
+                send(redis_url, IMEI_START + 5, "getio"),
+            ]
+            sent = [to_3.result(), *to_5]
         code, summary = sim.result(timeout=60)
         _code, check = verify(sim.ledger_path, "--redis", redis_url)
     finally:

@@ -126,6 +126,27 @@ def test_udp_round_trip(
     assert datagram.packet == AVLPacket(codec_id, tuple(grouped(r) for r in records))
 
 
+@given(
+    messages=st.lists(
+        st.tuples(st.integers(0, 255), st.binary(max_size=40)), min_size=1, max_size=8
+    ),
+    quantity_1=st.integers(0, 255),
+    quantity_2=st.integers(0, 255),
+)
+def test_message_quantities_never_matter(
+    messages: list[tuple[int, bytes]], quantity_1: int, quantity_2: int
+) -> None:
+    """Codec 12 frames with any number of messages decode to exactly those messages in
+    order, whatever the two quantity bytes say (neither is parsed: docs/protocol.rst)."""
+    body = bytes((CODEC_12, quantity_1))
+    for message_type, payload in messages:
+        body += bytes((message_type,)) + len(payload).to_bytes(4, "big") + payload
+    _codec, packet = REGISTRY.decode_frame(wrap(body + bytes((quantity_2,))))
+    assert packet == MessagePacket(
+        CODEC_12, tuple(DeviceMessage(CODEC_12, t, payload) for t, payload in messages)
+    )
+
+
 @given(payload=st.binary(max_size=300), message_type=st.sampled_from([0x05, 0x06, 0x11]))
 def test_codec12_round_trip(payload: bytes, message_type: int) -> None:
     """Codec 12 carries any payload bytes and any message type, unchanged."""
