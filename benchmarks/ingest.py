@@ -22,6 +22,11 @@ Parts, each printed with its in-run baseline:
    a bare Twisted server that decodes and ACKs at once (the load generator's own noise).
 3. Idle logged-in connections: server RSS with ``--idle`` devices logged in, minus the
    empty server's, per device (RLIMIT_NOFILE is raised to its hard limit first).
+4. Durability modes in one run: ``--redis-durability memory`` (Redis without AOF),
+   ``fsync`` (appendonly + appendfsync always), and ``replicated`` (``WAIT 1`` after every
+   batch) against a master with two replicas started here (every node appendfsync
+   always), next to ``fsync`` on that same master (what WAIT itself costs) and to
+   ``replicated`` over one writer connection (every batch waits for the WAIT before it).
 
 The machine has 2 cores shared by the server, Redis and the load generators: compare the
 ratios printed in one run, not absolute figures across runs.
@@ -253,7 +258,62 @@ def role_bare(args: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-ROLES = {"client": role_client, "naive": role_naive, "redispy": role_redispy, "bare": role_bare}
+def role_sink(args: dict[str, Any]) -> dict[str, Any]:
+    """The Redis sink alone, in this process: *publishers* concurrent publishers each
+    publish one 10-record frame and await it, again and again (no sockets, no decoding:
+    what is left is the sink's Redis round trips, where WAIT's cost lives)."""
+    from prometheus_client import CollectorRegistry
+    from twisted.internet import defer, task
+
+    import teltonika.sinks.redis_stream as sink_module
+    from teltonika.codecs import CodecRegistry
+    from teltonika.metrics import ServerMetrics
+    from teltonika.redis.connect import lazy_connection, parse_redis_url
+    from teltonika.wire.codecs import BUILTIN_CODECS
+
+    sink_module.REPLICATED_WRITERS = args["writers"]
+    _codec, packet = CodecRegistry(BUILTIN_CODECS).decode_frame(build_frame())
+    address = parse_redis_url(args["redis"])
+    result: dict[str, Any] = {}
+
+    async def run(reactor: Any) -> None:
+        sink = sink_module.RedisStreamSink(
+            lambda: lazy_connection(address),
+            reactor,
+            ServerMetrics(CollectorRegistry()),
+            instance_id="bench",
+            durability=args["durability"],
+            connect=lambda: lazy_connection(address),
+        )
+        await sink.start()
+        count = 0
+        end = time.perf_counter() + args["seconds"]
+
+        async def publisher(n: int) -> None:
+            nonlocal count
+            while time.perf_counter() < end:
+                await sink.publish(imei(n), "8E", packet.records, 1)
+                count += len(packet.records)
+
+        start = time.perf_counter()
+        await defer.gatherResults(
+            [defer.ensureDeferred(publisher(n)) for n in range(args["publishers"])]
+        )
+        result["records_per_s"] = count / (time.perf_counter() - start)
+        await sink.close()
+
+    with contextlib.suppress(SystemExit):
+        task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
+    return result
+
+
+ROLES = {
+    "client": role_client,
+    "naive": role_naive,
+    "redispy": role_redispy,
+    "bare": role_bare,
+    "sink": role_sink,
+}
 
 
 def run_role(role: str, args: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
@@ -310,14 +370,14 @@ class Redis:
 
 
 class Server:
-    def __init__(self, workdir: Path, *args: str) -> None:
+    def __init__(self, workdir: Path, *args: str, code: str = TWISTD) -> None:
         self.port = free_port()
         self.log = (workdir / f"twistd-{self.port}.log").open("wb")
         self.proc = subprocess.Popen(
             [
                 sys.executable,
                 "-c",
-                TWISTD,
+                code,
                 "-n",
                 "--pidfile=",
                 "teltonika",
@@ -543,6 +603,119 @@ def part_idle(opts: argparse.Namespace, workdir: Path) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def part_durability(opts: argparse.Namespace, workdir: Path) -> None:
+    print(
+        f"\n4. Durability modes: {opts.devices} devices, {opts.seconds:g} s per run "
+        f"(load before: {Path('/proc/loadavg').read_text().split()[0]})",
+        flush=True,
+    )
+    always = ("--appendonly", "yes", "--appendfsync", "always")
+    plain = Redis()
+    single = Redis(*always)
+    master = Redis(*always)
+    replicas = [Redis(*always, "--replicaof", "127.0.0.1", str(master.port)) for _ in range(2)]
+    try:
+        for replica in replicas:
+            deadline = time.monotonic() + 30
+            while (
+                b"master_link_status:up"
+                not in subprocess.run(
+                    ["redis-cli", "-p", str(replica.port), "INFO", "replication"],
+                    capture_output=True,
+                    check=True,
+                ).stdout
+            ):
+                if time.monotonic() > deadline:
+                    raise SystemExit("a replica did not sync with its master")
+                time.sleep(0.05)
+        one_writer = (
+            "import teltonika.sinks.redis_stream as sink; sink.REPLICATED_WRITERS = 1; " + TWISTD
+        )
+        runs = (
+            ("memory (no AOF)", ["--redis", plain.url]),
+            ("fsync (one Redis)", ["--redis", single.url, "--redis-durability", "fsync"]),
+            ("fsync (master of 2)", ["--redis", master.url, "--redis-durability", "fsync"]),
+            (
+                "replicated (WAIT 1 of 2)",
+                ["--redis", master.url, "--redis-durability", "replicated"],
+            ),
+            (
+                "replicated, 1 connection",
+                ["--redis", master.url, "--redis-durability", "replicated"],
+            ),
+        )
+        # The machine is shared: the modes take turns, opts.repeat times, and each
+        # figure is the median of its turns, so that a burst of outside load does not
+        # land on one mode only.
+        samples: dict[str, list[float]] = {label: [] for label, _args in runs}
+        for turn in range(opts.repeat):
+            for label, args in runs:
+                code = one_writer if label.endswith("1 connection") else TWISTD
+                server = Server(workdir, *args, code=code)
+                try:
+                    samples[label].append(
+                        report(
+                            f"{label} #{turn + 1}",
+                            drive(server.port, opts.devices, opts.seconds),
+                            server.rss(),
+                        )
+                    )
+                finally:
+                    server.close()
+        figures = {label: sorted(values)[len(values) // 2] for label, values in samples.items()}
+        for label, value in figures.items():
+            print(f"  median {label:<28} {value:>9,.0f} records/s", flush=True)
+        memory = figures["memory (no AOF)"]
+        replicated = figures["replicated (WAIT 1 of 2)"]
+        print(
+            f"  ratios: fsync / memory = {figures['fsync (one Redis)'] / memory:.0%}; "
+            f"replicated / memory = {replicated / memory:.0%}; replicated / fsync on the "
+            f"same master = {replicated / figures['fsync (master of 2)']:.0%}; 1 connection "
+            f"/ 4 = {figures['replicated, 1 connection'] / replicated:.0%} "
+            f"(load after: {Path('/proc/loadavg').read_text().split()[0]})",
+            flush=True,
+        )
+        print(
+            f"  the sink alone, {opts.devices} publishers in one process (medians of "
+            f"{opts.repeat}):",
+            flush=True,
+        )
+        sink_runs = (
+            ("memory (no AOF)", plain.url, "memory", 1),
+            ("fsync (master of 2)", master.url, "fsync", 1),
+            ("replicated, 4 connections", master.url, "replicated", 4),
+            ("replicated, 1 connection", master.url, "replicated", 1),
+        )
+        alone: dict[str, list[float]] = {label: [] for label, *_rest in sink_runs}
+        for _turn in range(opts.repeat):
+            for label, url, durability, writers in sink_runs:
+                measured = run_role(
+                    "sink",
+                    {
+                        "redis": url,
+                        "durability": durability,
+                        "writers": writers,
+                        "publishers": opts.devices,
+                        "seconds": opts.seconds,
+                    },
+                )
+                alone[label].append(measured["records_per_s"])
+        medians = {label: sorted(v)[len(v) // 2] for label, v in alone.items()}
+        for label, value in medians.items():
+            print(f"  sink {label:<28} {value:>9,.0f} records/s", flush=True)
+        print(
+            "  ratios: replicated 4 connections / fsync = "
+            f"{medians['replicated, 4 connections'] / medians['fsync (master of 2)']:.0%}; "
+            "1 connection / 4 = "
+            f"{medians['replicated, 1 connection'] / medians['replicated, 4 connections']:.0%}"
+            f" (load after: {Path('/proc/loadavg').read_text().split()[0]})",
+            flush=True,
+        )
+    finally:
+        for redis in (plain, single, master, *replicas):
+            redis.close()
+
+
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--role":
         result = ROLES[sys.argv[2]](json.loads(sys.argv[3]))
@@ -553,7 +726,8 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=200, help="devices for part 1")
     parser.add_argument("--paced-rate", type=int, default=2000, help="frames/s in part 2")
     parser.add_argument("--idle", type=int, default=10_000, help="idle devices in part 3")
-    parser.add_argument("--parts", default="123", help="which parts to run, e.g. 13")
+    parser.add_argument("--parts", default="1234", help="which parts to run, e.g. 13")
+    parser.add_argument("--repeat", type=int, default=3, help="turns of each mode in part 4")
     opts = parser.parse_args()
     if shutil.which("redis-server") is None:
         raise SystemExit("redis-server is needed (apt-get install redis-server)")
@@ -566,6 +740,8 @@ def main() -> None:
             part_paced(opts, workdir)
         if "3" in opts.parts:
             part_idle(opts, workdir)
+        if "4" in opts.parts:
+            part_durability(opts, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"\ntotal {time.monotonic() - started:.0f} s")

@@ -11,17 +11,25 @@ What runs (loopback only, bounded in time and count, stops by itself): a throwaw
 ``redis-server`` and PostgreSQL (tests/servers.py), the processor as a real
 ``twistd -n teltonika-processor --live`` subprocess (``--live-auth none``, an events file
 with one event of ``--devices`` devices), ``--procs`` client processes holding
-``--clients`` autobahn clients between them (each subscribes to the event), and a paced
+``--clients`` subscribers between them (each subscribes to the event), and a paced
 feeder process (``tests/processor/live/feeder.py``) XADDing ``--rate`` records a second
 round-robin over the devices, each record's ``timestamp_ms`` being its XADD time.
+
+The clients are ``benchmarks/wsclients.py``: raw sockets and a minimal WebSocket client
+(one handshake, then server frames counted in bulk, ``ts`` taken by one regular
+expression), because 1,000 autobahn clients in Python were slower than the servers they
+measured (p99 about 9 s for ours and the bare baseline alike).
 
 Figures, for the processor and then for the baseline:
 
 * positions/s in (what the feeder wrote) and messages/s out (what all clients received);
-* p50/p99 latency from XADD to client receipt (every ``--parse-every``-th client parses
-  its messages; the others only count them);
+* p50/p99 latency from XADD to client receipt of every position, over every
+  ``--parse-every``-th client (the others only count);
 * RSS per idle client: the server's RSS growth from before the clients connected to after
-  they all subscribed, divided by the client count (processor only).
+  they all subscribed, divided by the client count;
+* CPU: the server's and all clients' CPU time over the measured seconds (100 % is one
+  core), and the server's MiB out per CPU second: what the broadcast costs, whatever
+  else loads the machine, and whether the clients kept up.
 
 Baseline: a bare autobahn server (this script, ``--bare``) that reads the same stream with
 a plain XREAD and every 100 ms sends each client the same ``positions`` message, encoded
@@ -43,71 +51,13 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.support import checkout_env, free_port, percentile, rss_kib, wait_port
+from benchmarks.support import checkout_env, cpu_seconds, free_port, rss_kib, wait_port
+from benchmarks.wsclients import histogram_percentile
+from benchmarks.wsclients import run as run_clients
 from tests.processor.live.feeder import FIRST_DEVICE, imei
 
 SCRIPT = str(Path(__file__).resolve())
 REPO = str(Path(__file__).resolve().parents[1])
-
-
-# -- clients --------------------------------------------------------------------------------
-def clients(port: int, count: int, parse_every: int, seconds: float, start_at: float) -> None:
-    """*count* clients subscribe, then count messages between *start_at* and
-    *start_at* + *seconds* (wall clock); print the figures as JSON."""
-    from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-    from twisted.internet import reactor
-
-    stats: dict[str, Any] = {"messages": 0, "bytes": 0, "latency": [], "subscribed": 0}
-
-    class Client(WebSocketClientProtocol):  # type: ignore[misc]
-        parse = False
-
-        def onOpen(self) -> None:
-            self.sendMessage(b'{"type":"subscribe","id":"b","event":"bench"}')
-
-        def onMessage(self, payload: bytes, isBinary: bool) -> None:
-            now = time.time()
-            if payload.startswith(b'{"type":"snapshot"') or payload.startswith(b'{"type":"hello"'):
-                if b'"snapshot"' in payload[:20]:
-                    stats["subscribed"] += 1
-                return
-            if not start_at <= now < start_at + seconds:
-                return
-            stats["messages"] += 1
-            stats["bytes"] += len(payload)
-            if self.parse and payload.startswith(b'{"type":"positions"'):
-                ms = now * 1000
-                for p in json.loads(payload)["positions"]:
-                    stats["latency"].append(ms - p["ts"])
-
-    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}/live/v1/ws")
-    factory.protocol = Client
-    factory.setProtocolOptions(autoPingInterval=None, openHandshakeTimeout=60)
-    made = 0
-
-    def connect_some() -> None:
-        nonlocal made
-        from twisted.internet.endpoints import TCP4ClientEndpoint
-
-        for _ in range(min(25, count - made)):
-            index = made
-            made += 1
-            d = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=30).connect(factory)
-
-            def mark(protocol: Any, index: int = index) -> None:
-                protocol.parse = index % parse_every == 0
-
-            d.addCallbacks(mark, lambda f: None)
-        if made < count:
-            reactor.callLater(0.05, connect_some)
-
-    def finish() -> None:
-        print(json.dumps(stats), flush=True)
-        reactor.stop()
-
-    reactor.callWhenRunning(connect_some)
-    reactor.callLater(max(1.0, start_at + seconds + 1 - time.time()), finish)
-    reactor.run()
 
 
 # -- the bare baseline server ------------------------------------------------------------------
@@ -120,11 +70,10 @@ def bare(port: int, redis_url: str) -> None:
     from twisted.web.server import Site
 
     from teltonika.processor.fastreader import reader_connection
-    from teltonika.processor.live.fanout import entry_fields
     from teltonika.processor.live.messages import (
         encode_positions,
         encode_positions_array,
-        position_from_fields,
+        position_from_entry,
     )
     from teltonika.redis.connect import parse_redis_url
 
@@ -166,7 +115,7 @@ def bare(port: int, redis_url: str) -> None:
                 entries = reply[0][1]
                 cursor[0] = entries[-1][0]
                 for entry in entries:
-                    position = position_from_fields(entry_fields(entry[1]))
+                    position = position_from_entry(entry[0], entry[1])
                     if position is not None:
                         pending.append(position)
 
@@ -194,9 +143,13 @@ def bare(port: int, redis_url: str) -> None:
 
 
 # -- orchestration ----------------------------------------------------------------------------
-def child(*args: str) -> subprocess.Popen[bytes]:
+def child(*args: str, stdin: int | None = None) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, SCRIPT, *args], cwd=REPO, env=checkout_env(), stdout=subprocess.PIPE
+        [sys.executable, SCRIPT, *args],
+        cwd=REPO,
+        env=checkout_env(),
+        stdin=stdin,
+        stdout=subprocess.PIPE,
     )
 
 
@@ -205,8 +158,6 @@ def run_round(
 ) -> dict[str, Any]:
     per_proc = args.clients // args.procs
     rss_before = rss_kib(server_pid)
-    connect_seconds = 5 + args.clients / 100
-    start_at = time.time() + connect_seconds + 2
     procs = [
         child(
             "--client-mode",
@@ -214,11 +165,12 @@ def run_round(
             str(per_proc),
             str(args.parse_every),
             str(args.seconds),
-            str(start_at),
+            stdin=subprocess.PIPE,
         )
         for _ in range(args.procs)
     ]
-    time.sleep(connect_seconds)
+    ready = [json.loads(p.stdout.readline()) for p in procs]  # type: ignore[union-attr]
+    time.sleep(1)  # let the server settle after the last subscription
     rss_idle = rss_kib(server_pid)
     feeder = subprocess.Popen(
         [
@@ -234,28 +186,53 @@ def run_round(
         env=checkout_env(),
         stdout=subprocess.PIPE,
     )
+    start_at = time.time() + 2  # the feeder's first second is not measured
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write(f"{start_at}\n".encode())
+        p.stdin.flush()
     time.sleep(max(0.0, start_at - time.time()))
+    user_start, system_start = cpu_seconds(server_pid)
+    time.sleep(args.seconds)
+    user_end, system_end = cpu_seconds(server_pid)
+    server_user, server_system = user_end - user_start, system_end - system_start
     load = os.getloadavg()
     results = [json.loads(p.communicate(timeout=args.seconds + 120)[0]) for p in procs]
     fed = json.loads(feeder.communicate(timeout=60)[0])
-    latency = [v for r in results for v in r["latency"]]
+    histogram: dict[int, int] = {}
+    for r in results:
+        for ms, count in r["histogram"].items():
+            histogram[int(ms)] = histogram.get(int(ms), 0) + count
     figures = {
         "name": name,
-        "subscribed": sum(r["subscribed"] for r in results),
+        "subscribed": sum(r["subscribed"] for r in ready),
+        "failed": sum(r["failed"] for r in ready),
+        "closed": sum(r["closed"] for r in results),
         "positions_in": fed["written"] / fed["seconds"],
         "messages_out": sum(r["messages"] for r in results) / args.seconds,
         "mib_out": sum(r["bytes"] for r in results) / args.seconds / 2**20,
-        "p50": percentile(latency, 50),
-        "p99": percentile(latency, 99),
+        "p50": histogram_percentile(histogram, 50),
+        "p99": histogram_percentile(histogram, 99),
         "rss_per_idle_client_kib": (rss_idle - rss_before) / max(1, args.clients),
+        "server_cpu": (server_user + server_system) / args.seconds,
+        "server_system": server_system / args.seconds,
+        "clients_cpu": sum(r["cpu"] for r in results) / args.seconds,
         "load": load,
     }
+    failure = next((r["first_failure"] for r in ready if r["first_failure"]), None)
     print(
         f"{name:10} subscribed {figures['subscribed']:5}  in {figures['positions_in']:7.0f} pos/s"
         f"  out {figures['messages_out']:8.0f} msg/s ({figures['mib_out']:.1f} MiB/s)"
         f"  p50 {figures['p50']:6.1f} ms  p99 {figures['p99']:6.1f} ms"
         f"  RSS/idle client {figures['rss_per_idle_client_kib']:.1f} KiB"
-        f"  load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
+        f"  CPU server {100 * figures['server_cpu']:.0f} %"
+        f" (system {100 * figures['server_system']:.0f} %)"
+        f" ({figures['mib_out'] / max(figures['server_cpu'], 1e-9):.0f} MiB,"
+        f" {figures['messages_out'] / max(figures['server_cpu'], 1e-9):.0f} msg per CPU s)"
+        f" clients {100 * figures['clients_cpu']:.0f} %"
+        f"  load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+        + (f"  failed {figures['failed']} ({failure})" if figures["failed"] else "")
+        + (f"  closed {figures['closed']}" if figures["closed"] else ""),
         flush=True,
     )
     return figures
@@ -264,7 +241,7 @@ def run_round(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=1000)
-    parser.add_argument("--procs", type=int, default=4)
+    parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--devices", type=int, default=200)
     parser.add_argument("--rate", type=int, default=2000)
     parser.add_argument("--seconds", type=float, default=15.0)
@@ -356,7 +333,7 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--client-mode":
         a = sys.argv[2:]
-        clients(int(a[0]), int(a[1]), int(a[2]), float(a[3]), float(a[4]))
+        run_clients(int(a[0]), int(a[1]), int(a[2]), float(a[3]))
     elif len(sys.argv) > 1 and sys.argv[1] == "--bare-mode":
         bare(int(sys.argv[2]), sys.argv[3])
     else:

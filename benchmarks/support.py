@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from tests.servers import checkout_env, free_port, wait_for_port
 
-__all__ = ["checkout_env", "free_port", "percentile", "rss_kib", "wait_port"]
+__all__ = ["checkout_env", "cpu_seconds", "free_port", "percentile", "rss_kib", "wait_port"]
 
 
 def wait_port(port: int, timeout: float = 20.0) -> None:
@@ -34,3 +34,18 @@ def rss_kib(pid: int) -> int:
     except OSError:
         return 0
     return 0
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU time process *pid* has used so far, in seconds (zeros if gone):
+    what a figure costs, whatever else the machine runs, and how much of it the kernel's."""
+    import os
+
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0, 0.0
+    # after the command: state is field 3 of stat(5), utime and stime are fields 14, 15
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick

@@ -48,7 +48,12 @@ DEFAULT_TIMEOUT: Final = 30.0
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("imei", help="the tracker's IMEI (15 digits)")
     parser.add_argument("command", help="the command text, e.g. getinfo, 'setdigout 1'")
-    parser.add_argument("--redis", required=True, metavar="URL", help="redis://host:port/db")
+    parser.add_argument(
+        "--redis",
+        required=True,
+        metavar="URL",
+        help="redis://host:port/db, or redis+sentinel://host:port[,host:port...]/SERVICE[/db]",
+    )
     parser.add_argument(
         "--codec",
         choices=("12", "14"),

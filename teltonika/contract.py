@@ -92,7 +92,9 @@ than seven decimals) goes through :func:`format_degrees`."""
 
 
 def io_bag(io: tuple[IOElement, ...]) -> dict[int, object]:
-    """The IO elements as a JSON-ready dict, with the contract's sentinels."""
+    """The IO elements as a JSON-ready dict, with the contract's sentinels. An IO id a
+    device sent twice in one record keeps its last value (README.rst, "The record
+    contract": the processor reads a repeated key the same way)."""
     bag: dict[int, object] = {}
     for io_id, width, value in io:
         if 0 < width < 8:  # 1, 2 and 4 bytes: always a safe integer (the common case)

@@ -130,8 +130,14 @@ class ServerMetrics:
         )
         self.sink_durability_lost = Counter(
             "teltonika_sink_durability_lost",
-            "Times Redis stopped giving the durability --redis-durability fsync asked for "
-            "(the sink refused frames until a check passed again).",
+            "Times Redis stopped giving the durability --redis-durability fsync or "
+            "replicated asked for (the sink refused frames until a check passed again).",
+            registry=r,
+        )
+        self.sink_replicas_unconfirmed = Counter(
+            "teltonika_sink_replicas_unconfirmed",
+            "Batches that fewer replicas than --redis-replicas confirmed in time (with "
+            "--redis-durability replicated; nothing in them was ACKed).",
             registry=r,
         )
         self.backlog_pauses = Counter(

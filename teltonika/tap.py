@@ -58,7 +58,13 @@ from teltonika.protocol.server import (
     DeviceFactory,
     ServerSettings,
 )
-from teltonika.redis.connect import RedisURLError, lazy_connection, parse_redis_url
+from teltonika.redis.connect import (
+    RedisURLError,
+    SentinelAddress,
+    lazy_connection,
+    parse_redis_url,
+)
+from teltonika.redis.durability import DEFAULT_REPLICA_TIMEOUT, DEFAULT_REPLICAS, DURABILITY_MODES
 from teltonika.services.ingestion import (
     DEFAULT_SHUTDOWN_TIMEOUT,
     FatalHandler,
@@ -167,7 +173,9 @@ class Options(usage.Options):
             "redis",
             None,
             None,
-            "Redis URL, redis://[user:password@]host:port/db: publish records to the stream "
+            "Redis URL, redis://[user:password@]host:port/db, or through Sentinel "
+            "redis+sentinel://[[user]:password@]host:port[,host:port...]/SERVICE[/db] (the "
+            "master is followed across failovers): publish records to the stream "
             "telemetry:teltonika. Without it records go to --output.",
         ],
         [
@@ -176,7 +184,25 @@ class Options(usage.Options):
             "memory",
             "memory: ACK once Redis holds the entries in memory. fsync: ACK only once Redis "
             "fsynced them (needs appendonly yes + appendfsync always, or Redis >= 7.2 for "
-            "WAITAOF); checked at start-up.",
+            "WAITAOF). replicated: fsync, and ACK only once --redis-replicas replicas "
+            "confirmed (WAIT; WAITAOF on 7.2+), so a failover loses nothing ACKed. Checked "
+            "at start-up and again while running.",
+        ],
+        [
+            "redis-replicas",
+            None,
+            DEFAULT_REPLICAS,
+            "With --redis-durability replicated: replicas that must confirm every batch "
+            "(deploy at least one more, or a failover leaves too few and blocks ACKs).",
+            _positive_int,
+        ],
+        [
+            "redis-wait-timeout",
+            None,
+            DEFAULT_REPLICA_TIMEOUT,
+            "With --redis-durability replicated: seconds a batch waits for its replicas; "
+            "fewer confirmations in time and the frames are not ACKed (devices resend).",
+            _seconds,
         ],
         [
             "stream-maxlen",
@@ -347,9 +373,14 @@ class Options(usage.Options):
                 parse_redis_url(self["redis"])
             except RedisURLError as error:
                 raise usage.UsageError(f"--redis: {error}") from None
-        if self["redis-durability"] not in ("memory", "fsync"):
+        if self["redis-durability"] not in DURABILITY_MODES:
             raise usage.UsageError(
-                f"--redis-durability must be memory or fsync, not {self['redis-durability']!r}"
+                f"--redis-durability must be one of {', '.join(DURABILITY_MODES)}, not "
+                f"{self['redis-durability']!r}"
+            )
+        if self["redis-replicas"] < 1 or self["redis-wait-timeout"] <= 0:
+            raise usage.UsageError(
+                "--redis-replicas must be at least 1 and --redis-wait-timeout above 0"
             )
         if self["redis"] is None:
             if self["redis-durability"] != "memory":
@@ -422,6 +453,17 @@ class Server:
             self._redis = lazy_connection(self.redis_address)
         return self._redis
 
+    def connect_redis(self) -> Any:
+        """Another connection to the same Redis (the caller closes it)."""
+        assert self.redis_address is not None
+        return lazy_connection(self.redis_address)
+
+    def redis_master_known(self) -> bool:
+        """For ``/readyz`` through Sentinel: False while no master is known."""
+        from teltonika.redis.sentinel import master_known
+
+        return self._redis is not None and master_known(self._redis)
+
     def disconnect_redis(self) -> Any:
         """Close the Redis connection, if one was made (last step of the shutdown)."""
         if self._redis is not None:
@@ -451,6 +493,9 @@ def _build_sink(server: Server) -> ManagedSink:
             instance_id=settings_id,
             durability=options["redis-durability"],
             maxlen=options["stream-maxlen"],
+            replicas=options["redis-replicas"],
+            replica_timeout=options["redis-wait-timeout"],
+            connect=server.connect_redis,
         )
     from teltonika.sinks.jsonl import JsonLinesSink
 
@@ -570,6 +615,8 @@ def makeService(
     ingestion.setServiceParent(root)  # type: ignore[no-untyped-call]
     server.ingestion = ingestion  # type: ignore[attr-defined]
     server.readiness["sink"] = sink.ready
+    if isinstance(server.redis_address, SentinelAddress):
+        server.readiness["redis-master"] = server.redis_master_known
     if server.redis_address is not None:
         from teltonika.commands.service import add_command_plane
 

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +59,9 @@ class RedisServer:
     :param extra: extra command-line config, e.g. ``["--appendonly", "yes"]``.
     """
 
-    def __init__(self, extra: Sequence[str] = (), port: int | None = None) -> None:
+    def __init__(
+        self, extra: Sequence[str] = (), port: int | None = None, config: str | None = None
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError(
@@ -70,6 +72,13 @@ class RedisServer:
         self.port = port or free_port()
         self.directory = tempfile.mkdtemp(prefix="teltonika-redis-")
         self.extra = list(extra)
+        self.config: str | None = None
+        if config is not None:
+            # a config file of its own, so that CONFIG REWRITE (Sentinel sends it with
+            # every REPLICAOF) works
+            self.config = os.path.join(self.directory, "redis.conf")
+            with open(self.config, "w") as file:
+                file.write(config)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -79,6 +88,7 @@ class RedisServer:
     def start(self) -> RedisServer:
         args = [
             self.binary,
+            *([self.config] if self.config else []),
             "--port",
             str(self.port),
             "--bind",
@@ -220,3 +230,134 @@ class PostgresServer:
             with contextlib.suppress(subprocess.SubprocessError):
                 self.stop("immediate")
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+REPLICATION_USER = "replicator"
+REPLICATION_PASSWORD = "replication-secret"
+
+
+class SentinelDeployment:
+    """A master, *replicas* replicas and *sentinels* sentinels (``redis-server --sentinel``)
+    on free loopback ports, each in its own throwaway directory; the service is
+    *service*.
+
+    Replicas authenticate as :data:`REPLICATION_USER` (an ACL user defined on every node),
+    so a test can cut every replication link of one master (:meth:`cut_replication`)
+    without touching other clients.
+
+    :param extra: redis-server options for every data node (``--appendonly yes`` ...).
+    :param down_after_ms: Sentinel's ``down-after-milliseconds``.
+    """
+
+    def __init__(
+        self,
+        extra: Sequence[str] = (),
+        replicas: int = 2,
+        sentinels: int = 3,
+        service: str = "teltonika",
+        down_after_ms: int = 1000,
+    ) -> None:
+        self.service = service
+        self.down_after_ms = down_after_ms
+        acl = (
+            f"user {REPLICATION_USER} on >{REPLICATION_PASSWORD} ~* &* +@all\n"
+            f"masteruser {REPLICATION_USER}\nmasterauth {REPLICATION_PASSWORD}\n"
+        )
+        self.nodes = [RedisServer(extra, config=acl)]
+        self.nodes += [
+            RedisServer(extra, config=acl + f"replicaof 127.0.0.1 {self.nodes[0].port}\n")
+            for _ in range(replicas)
+        ]
+        self.sentinels = [RedisServer(config="", port=free_port()) for _ in range(sentinels)]
+        self.sentinel_processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> SentinelDeployment:
+        for node in self.nodes:
+            node.start()
+        master = self.nodes[0]
+        for replica in self.nodes[1:]:
+            _wait_for(lambda r=replica: "master_link_status:up" in r.cli("INFO", "replication"))
+        for sentinel in self.sentinels:
+            assert sentinel.config is not None
+            with open(sentinel.config, "w") as file:
+                file.write(
+                    f"port {sentinel.port}\nbind 127.0.0.1\ndir {sentinel.directory}\n"
+                    f"logfile {os.path.join(sentinel.directory, 'sentinel.log')}\n"
+                    f"sentinel monitor {self.service} 127.0.0.1 {master.port} 2\n"
+                    f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+                    f"sentinel failover-timeout {self.service} 10000\n"
+                    f"sentinel parallel-syncs {self.service} 2\n"
+                )
+            process = subprocess.Popen(
+                [sentinel.binary, sentinel.config, "--sentinel"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            self.sentinel_processes.append(process)
+            sentinel.process = process
+            wait_for_port(sentinel.port)
+        others, replicas = str(len(self.sentinels) - 1), str(len(self.nodes) - 1)
+        for sentinel in self.sentinels:
+            _wait_for(
+                lambda s=sentinel: (
+                    (state := self._state(s)).get("num-other-sentinels") == others
+                    and state.get("num-slaves") == replicas
+                ),
+                timeout=30,
+            )
+        return self
+
+    def _state(self, sentinel: RedisServer) -> dict[str, str]:
+        lines = sentinel.cli("SENTINEL", "MASTER", self.service).splitlines()
+        return dict(zip(lines[::2], lines[1::2], strict=False))
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.service}/0"
+
+    def master_port(self) -> int | None:
+        """The master's port as the first sentinel that answers names it."""
+        for sentinel in self.sentinels:
+            try:
+                out = sentinel.cli("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+            except subprocess.SubprocessError:
+                continue
+            lines = out.split()
+            if len(lines) == 2 and lines[1].isdigit():
+                return int(lines[1])
+        return None
+
+    def node(self, port: int) -> RedisServer:
+        return next(node for node in self.nodes if node.port == port)
+
+    def master(self) -> RedisServer:
+        port = self.master_port()
+        assert port is not None, "no sentinel names a master"
+        return self.node(port)
+
+    def cut_replication(self, master: RedisServer) -> None:
+        """Cut every replication link of *master* and keep it cut: the replication user
+        is disabled there and its replica connections killed, so nothing written from
+        now on reaches a replica (until *master* is gone)."""
+        master.cli("ACL", "SETUSER", REPLICATION_USER, "off")
+        master.cli("CLIENT", "KILL", "TYPE", "replica")
+        _wait_for(lambda: "connected_slaves:0" in master.cli("INFO", "replication"))
+
+    def cleanup(self) -> None:
+        for server in [*self.sentinels, *self.nodes]:
+            server.cleanup()
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Poll a set-up condition (never used for what a test asserts)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if predicate():
+                return
+        except (subprocess.SubprocessError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"set-up condition not met after {timeout} s")
+        time.sleep(0.05)

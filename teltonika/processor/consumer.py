@@ -7,13 +7,18 @@ Invariants (README.rst, "Exactly once, and what that means"):
 * at most three batches are in memory (one read ahead, one being written, one being
   acknowledged): while PostgreSQL is down the same batch is retried with backoff and
   nothing more is read (memory stays flat); every entry this consumer holds (the read-ahead
-  batch too) is kept "fresh" with ``XCLAIM ... JUSTID`` so another processor does not claim
-  it meanwhile, and an entry a peer already claimed is never taken back;
+  batch too) is kept "fresh" with ``XCLAIM ... JUSTID`` by a timer (every
+  ``refresh_interval``, at most half of ``claim_idle``), so another processor does not
+  claim it meanwhile, and an entry a peer already claimed is never taken back;
 * on start a consumer first re-reads its own pending entries (a crash between COMMIT and
   XACK then gives duplicates, which ``ON CONFLICT DO NOTHING`` absorbs), then new ones;
 * entries idle in another consumer longer than ``claim_idle`` are taken over with
-  XAUTOCLAIM; a redelivered entry delivered more than ``max_deliveries`` times is
-  dead-lettered (reason ``max_deliveries``) instead of being tried again;
+  XAUTOCLAIM; an entry delivered more than ``max_deliveries`` times is still written like
+  any other (it may have come back only because PostgreSQL was down), but when its batch
+  fails for a reason other than PostgreSQL being unavailable it is written alone, and
+  dead-lettered (reason ``max_deliveries``) if that fails too;
+* PostgreSQL errors are retried (after a timeout, in smaller transactions); any other
+  exception while writing is a bug and a crash (below), never retried as an outage;
 * every entry ends as one row or one dead letter: an entry that fails the contract, whose
   check fails in any other way, or whose row PostgreSQL rejects, is dead-lettered, logged
   at error level and counted, then XACKed (never skipped silently), and the rest of its
@@ -30,19 +35,30 @@ from collections.abc import Sequence
 from typing import Any
 
 import attrs
+import psycopg
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from teltonika.processor.database import Database, error_kind
-from teltonika.processor.entries import ContractError, Position, fields_dict, parse_fields
+from teltonika.processor.database import Database, error_kind, is_unavailable
+from teltonika.processor.entries import (
+    MAX_FIELDS,
+    ContractError,
+    Position,
+    fields_dict,
+    parse_fields,
+)
 from teltonika.processor.metrics import ProcessorMetrics
 from teltonika.processor.migrations import SchemaError
 from teltonika.processor.state import DeviceState
 from teltonika.processor.streams import DeadLetter, Entry, Streams
 from teltonika.processor.writer import WriteOutcome, write_batch
+
+
+class _Timeout(Exception):
+    """A write timed out: :meth:`Consumer._write` retries it in smaller transactions."""
 
 
 @attrs.define
@@ -56,6 +72,9 @@ class Batch:
     dead: list[DeadLetter] = attrs.field(factory=list)
     payload: bytes | None = None
     """The COPY data of ``positions`` (built while the previous batch is written)."""
+    suspects: dict[str, int] = attrs.field(factory=dict)
+    """Entry id -> delivery count of the entries delivered more than ``max_deliveries``
+    times: written alone if the batch fails (:meth:`Consumer._write_isolating`)."""
 
 
 @attrs.frozen
@@ -67,6 +86,9 @@ class ConsumerConfig:
     claim_idle: float = 60.0
     claim_interval: float = 10.0
     max_deliveries: int = 5
+    refresh_interval: float = 5.0
+    """Seconds between two refreshes of every held entry (at most half of ``claim_idle``:
+    :class:`teltonika.processor.tap.Options` checks it)."""
     retry_initial: float = 0.25
     retry_max: float = 5.0
     group_start: str = "0"
@@ -111,6 +133,8 @@ class Consumer:
         self._held: set[str] = set()
         """Ids of the entries read and not yet acknowledged or abandoned (every batch in
         memory): what :meth:`_refresh_held` keeps from being claimed."""
+        self._refresher: LoopingCall | None = None
+        self._refreshing = False
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> Deferred[None]:
@@ -147,6 +171,8 @@ class Consumer:
     def _halt(self) -> None:
         """Stop at the next step and wake every coroutine sleeping before a retry."""
         self.stopping = True
+        if self._refresher is not None and self._refresher.running:
+            self._refresher.stop()
         for sleeping in list(self._sleeping):
             sleeping.cancel()
 
@@ -179,6 +205,7 @@ class Consumer:
         try:
             if not await self._start_up():
                 return
+            self._start_refresher()
             await self._loop()
         except Exception:
             self._crash(Failure())
@@ -402,7 +429,7 @@ class Consumer:
         if len(live) != len(entries):
             self._deleted([e.entry_id for e in entries if e.fields is None])
         if redelivered and live:
-            live = await self._over_delivered(live, batch.dead)
+            await self._over_delivered(live, batch.suspects)
         positions = batch.positions
         lines = []
         for entry in live:
@@ -461,7 +488,8 @@ class Consumer:
         ack_ids = [e.entry_id for e in batch.entries]
         try:
             missing = self.state.missing([p.device_id for p in positions])
-            outcome = await self._write(positions, missing, batch.payload)
+            outcome = await self._write(batch, missing)
+            positions = batch.positions  # less any poison entry written alone
             if outcome is not None:
                 if outcome.rejected:
                     fields_of = {e.entry_id: e.fields or [] for e in batch.entries}
@@ -492,7 +520,7 @@ class Consumer:
                 entry_id=letter.entry_id,
                 reason=letter.reason,
                 detail=letter.detail,
-                imei=fields_dict(letter.fields).get("imei"),
+                imei=fields_dict(letter.fields[: 2 * MAX_FIELDS]).get("imei"),
             )
         acknowledged = await self._acknowledge(dead, ack_ids)
         self._held.difference_update(ack_ids)
@@ -516,8 +544,12 @@ class Consumer:
         )
         return True
 
-    async def _over_delivered(self, live: list[Entry], dead: list[DeadLetter]) -> list[Entry]:
-        """Move entries delivered more than ``max_deliveries`` times to *dead*."""
+    async def _over_delivered(self, live: list[Entry], suspects: dict[str, int]) -> None:
+        """Note in *suspects* the entries delivered more than ``max_deliveries`` times.
+
+        They are not dead-lettered for that alone: an entry redelivered because
+        PostgreSQL was down (a restart, a peer's claim) is as good as any other. Only one
+        that cannot be written is a poison entry (:meth:`_write_isolating`)."""
         limit = self.config.max_deliveries
         try:
             counts = await self.streams.deliveries(
@@ -525,39 +557,132 @@ class Consumer:
             )
         except Exception as e:
             self._redis_failed("Reading delivery counts", e)
-            return live  # checked again on the next delivery
-        keep = []
+            return  # checked again on the next delivery
         for entry in live:
             count = counts.get(entry.entry_id, 0)
             if count > limit:
-                dead.append(
+                suspects[entry.entry_id] = count
+
+    async def _write(self, batch: Batch, missing: list[str]) -> WriteOutcome | None:
+        """Write *batch* until it works; None when stopping with PostgreSQL still failing.
+
+        Errors are told apart (README.rst, "Exactly once, and what that means"):
+
+        * PostgreSQL errors are retried with backoff, nothing acknowledged meanwhile; a
+          statement or lock timeout too (a database that stalls must not look ready), and
+          after one the batch is written in smaller transactions
+          (:func:`~teltonika.processor.writer.write_batch`'s *chunk*), halved at each
+          timeout, so one batch too large for ``--statement-timeout`` cannot time out for
+          ever;
+        * any other exception is a bug: it propagates and the loop crashes (critical,
+          ``/readyz`` 503, exit 70) rather than being retried as if the database were down;
+        * except when the batch holds entries delivered more than ``max_deliveries`` times
+          (:attr:`Batch.suspects`) and the error is not PostgreSQL being unavailable: then
+          those are written alone and the ones that still fail are dead-lettered
+          (:meth:`_write_isolating`).
+        """
+        try:
+            return await self._write_rows(
+                batch.positions, missing, batch.payload, strict=bool(batch.suspects)
+            )
+        except Exception as e:
+            if batch.suspects and not is_unavailable(e):
+                self._log.warn(
+                    "A batch holding {count} entries delivered more than {limit} times "
+                    "failed ({error}): writing those alone",
+                    count=len(batch.suspects),
+                    limit=self.config.max_deliveries,
+                    error=f"{type(e).__name__}: {e}".strip()[:200],
+                )
+                return await self._write_isolating(batch, missing)
+            raise
+
+    async def _write_rows(
+        self,
+        positions: list[Position],
+        missing: list[str],
+        payload: bytes | None,
+        *,
+        strict: bool = False,
+    ) -> WriteOutcome | None:
+        """:meth:`_attempts` in transactions of at most *chunk* rows, halved after each
+        timeout (down to one row)."""
+        chunk = max(1, len(positions))
+        while True:
+            try:
+                return await self._attempts(positions, missing, payload, chunk, strict=strict)
+            except _Timeout:
+                chunk = max(1, chunk // 2)
+                payload = None  # in chunks: each builds its own COPY data
+                self._log.warn(
+                    "A write timed out: writing the batch in transactions of at most {chunk} rows",
+                    chunk=chunk,
+                )
+
+    async def _write_isolating(self, batch: Batch, missing: list[str]) -> WriteOutcome | None:
+        """Write the rest of the batch, then each suspect entry alone. A suspect whose own
+        write fails for any reason but PostgreSQL being unavailable is a poison entry:
+        dead-lettered with reason ``max_deliveries`` (the error in its detail)."""
+        suspects = batch.suspects
+        limit = self.config.max_deliveries
+        rest = [p for p in batch.positions if p.entry_id not in suspects]
+        # the others first, retried as any batch: a PostgreSQL that refuses everything
+        # keeps them pending here rather than reaching the suspects' verdict
+        total = await self._write_rows(rest, missing, None)
+        if total is None:
+            return None
+        poisoned: set[str] = set()
+        fields_of = {e.entry_id: e.fields or [] for e in batch.entries}
+        for position in batch.positions:
+            if position.entry_id not in suspects:
+                continue
+            try:
+                outcome = await self._attempts([position], [], None, 1, strict=True)
+            except Exception as e:
+                poisoned.add(position.entry_id)
+                batch.dead.append(
                     DeadLetter(
-                        entry.entry_id,
-                        entry.fields or [],
+                        position.entry_id,
+                        fields_of[position.entry_id],
                         "max_deliveries",
-                        f"delivered {count} times (limit {limit})",
+                        f"delivered {suspects[position.entry_id]} times (limit {limit}); "
+                        f"written alone it failed: {type(e).__name__}: {e}".strip()[:500],
                     )
                 )
-            else:
-                keep.append(entry)
-        return keep
+                continue
+            if outcome is None:
+                return None
+            total.merge(outcome)
+        batch.positions = [p for p in batch.positions if p.entry_id not in poisoned]
+        return total
 
-    async def _write(
-        self, positions: list[Position], missing: list[str], payload: bytes | None = None
+    async def _attempts(
+        self,
+        positions: list[Position],
+        missing: list[str],
+        payload: bytes | None,
+        chunk: int,
+        *,
+        strict: bool = False,
     ) -> WriteOutcome | None:
-        """Write until it works; None when stopping with PostgreSQL still failing.
+        """One write retried while PostgreSQL fails; None when stopping first.
 
-        A statement or lock timeout counts as PostgreSQL being unavailable: a database that
-        stalls must not look ready while our entries go idle."""
+        :raise _Timeout: a statement or lock timeout, for :meth:`_write` to split the
+            batch (only when it is larger than one row).
+        :raise Exception: anything that is not a PostgreSQL error; with *strict*, also a
+            PostgreSQL error other than unavailability.
+        """
         delay = self.config.retry_initial
         attempt = 0
         while True:
             attempt += 1
             try:
-                outcome = await self.database.run(write_batch, positions, missing, payload)
-            except Exception as e:
+                outcome = await self.database.run(write_batch, positions, missing, payload, chunk)
+            except psycopg.Error as e:
                 kind = error_kind(e)
                 self.metrics.postgres_errors.labels(kind=kind).inc()
+                if strict and not is_unavailable(e):
+                    raise
                 if self.postgres_ok:
                     self._log.error(
                         "PostgreSQL write failed ({kind}); holding {count} entries "
@@ -579,36 +704,61 @@ class Consumer:
                         count=len(self._held),
                     )
                     return None
-                await self._refresh_held()
                 await self._sleep(delay)
                 delay = min(delay * 2, self.config.retry_max)
+                if kind == "timeout" and chunk > 1 and not self.stopping:
+                    raise _Timeout() from e
                 continue
             if not self.postgres_ok:
                 self._log.info("PostgreSQL is reachable again")
             self.postgres_ok = True
             return outcome
 
+    def _start_refresher(self) -> None:
+        """Refresh every held entry each ``refresh_interval`` seconds, whatever the loop is
+        doing (a slow write, a PostgreSQL outage, a read-ahead batch waiting): an entry is
+        touched at most ``refresh_interval`` after it was read or last touched, and the
+        options keep that at most half of ``claim_idle``."""
+        self._refresher = LoopingCall(self._refresh_tick)
+        self._refresher.clock = self.clock
+        self._refresher.start(self.config.refresh_interval, now=False)
+
+    def _refresh_tick(self) -> None:
+        """One refresh at a time (a slow Redis must not stack them); never fails, so the
+        LoopingCall never stops by itself."""
+        if self._refreshing or not self._held or self.stopping:
+            return
+        self._refreshing = True
+
+        def done(result: object) -> None:
+            self._refreshing = False
+            if isinstance(result, Failure):
+                self._crash(result)
+
+        Deferred.fromCoroutine(self._refresh_held()).addBoth(done)
+
     async def _refresh_held(self) -> None:
         """Reset the idle time of every entry this consumer holds (each batch in memory),
-        so no peer claims them while PostgreSQL is failing; stop holding those a peer has
-        already claimed (they are written by both: a duplicate, not a loss)."""
+        so no peer claims them while a write is slow or PostgreSQL is failing; stop holding
+        those a peer has already claimed (they are written by both: a duplicate, not a
+        loss). Entries acknowledged while the refresh ran are no longer held when its reply
+        arrives (same connection, replies in order), so they are not counted as lost."""
         held = sorted(self._held)
-        if not held:
-            return
         try:
             lost = await self.streams.touch(held)
         except Exception as e:
             # Redis down too: the claim-idle clock keeps running, that's all
             self._redis_failed("Refreshing held entries", e)
             return
-        self.redis_ok = True
-        if lost:
-            self._held.difference_update(lost)
-            self.metrics.entries_taken_over.inc(len(lost))
+        self.metrics.entries_refreshed.inc(len(held) - len(lost))
+        taken = [entry_id for entry_id in lost if entry_id in self._held]
+        if taken:
+            self._held.difference_update(taken)
+            self.metrics.entries_taken_over.inc(len(taken))
             self._log.warn(
                 "{count} held entries are no longer pending for this consumer (another "
-                "claimed them while PostgreSQL was failing): not taken back",
-                count=len(lost),
+                "claimed them meanwhile): not taken back",
+                count=len(taken),
             )
 
     def _update_state(self, positions: list[Position], outcome: WriteOutcome) -> None:

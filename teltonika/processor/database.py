@@ -6,10 +6,14 @@ the processor makes (rehydration, the batch transaction, migrations) without loc
 connection is opened lazily on that thread and dropped after any connection-level error,
 so the next call reconnects: PostgreSQL going away and coming back needs no restart.
 
-Every statement runs under ``statement_timeout`` and ``lock_timeout`` (set when the
-connection opens): a PostgreSQL that stalls (a lock wait, an overloaded server) then fails
-the call within a bound, and the caller treats that like a connection error, rather than
-waiting while ``/readyz`` says 200 and other processors claim the entries it holds.
+Every statement runs under ``statement_timeout`` and ``lock_timeout`` (set with ``SET``
+right after the connection opens, not with libpq's ``options`` startup parameter, which
+PgBouncer refuses or, with ``ignore_startup_parameters``, silently drops): a PostgreSQL
+that stalls (a lock wait, an overloaded server) then fails the call within a bound, and the
+caller treats that like a connection error, rather than waiting while ``/readyz`` says 200
+and other processors claim the entries it holds. The connection is a session (a temporary
+staging table, the migrations' advisory lock, the timeouts): behind PgBouncer it needs
+session pooling (README.rst, "PgBouncer and TimescaleDB").
 """
 
 from __future__ import annotations
@@ -75,6 +79,15 @@ def is_timeout(error: BaseException) -> bool:
     return isinstance(error, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable)
 
 
+def is_unavailable(error: BaseException) -> bool:
+    """True when *error* means "PostgreSQL is unavailable" (connection, timeout, or a
+    server that takes no writes: a standby after a failover), which says nothing about the
+    data being written."""
+    import psycopg
+
+    return is_connection_error(error) or isinstance(error, psycopg.errors.ReadOnlySqlTransaction)
+
+
 def error_kind(error: BaseException) -> str:
     """The ``kind`` label of ``postgres_errors_total``: ``timeout``, ``connection`` or the
     error's class name."""
@@ -85,11 +98,18 @@ def error_kind(error: BaseException) -> str:
     return type(error).__name__
 
 
-def session_options(statement_timeout: float, lock_timeout: float) -> str:
-    """libpq ``options`` that set both timeouts (seconds; 0 = none) for a whole session."""
-    return (
-        f"-c statement_timeout={round(statement_timeout * 1000)} "
-        f"-c lock_timeout={round(lock_timeout * 1000)}"
+SET_TIMEOUTS: Final = (
+    "SELECT set_config('statement_timeout', %s, false), set_config('lock_timeout', %s, false)"
+)
+"""Set both timeouts for the session (values in ms as text, ``"0"`` = none)."""
+
+
+def set_timeouts(
+    connection: psycopg.Connection[Any], statement_timeout: float, lock_timeout: float
+) -> None:
+    """Set both timeouts (seconds; 0 = none) for the rest of the session."""
+    connection.execute(
+        SET_TIMEOUTS, (str(round(statement_timeout * 1000)), str(round(lock_timeout * 1000)))
     )
 
 
@@ -154,27 +174,24 @@ class Database:
         import psycopg
 
         if self._connection is None or self._connection.closed:
-            self._connection = psycopg.connect(
+            connection = psycopg.connect(
                 self.dsn,
                 autocommit=True,
                 connect_timeout=max(1, int(self.connect_timeout)),
                 application_name=self.application_name,
-                options=self._options(),
                 keepalives=1,
                 keepalives_idle=10,
                 keepalives_interval=5,
                 keepalives_count=3,
             )
+            try:
+                set_timeouts(connection, self.statement_timeout, self.lock_timeout)
+            except BaseException:
+                connection.close()
+                raise
+            self._connection = connection
             self.connects += 1
         return self._connection
-
-    def _options(self) -> str:
-        """The DSN's own ``options`` (if any) followed by our two timeouts."""
-        from psycopg.conninfo import conninfo_to_dict
-
-        own = str(conninfo_to_dict(self.dsn).get("options") or "")
-        ours = session_options(self.statement_timeout, self.lock_timeout)
-        return f"{own} {ours}" if own else ours
 
     def _close(self) -> None:
         connection, self._connection = self._connection, None

@@ -45,6 +45,13 @@ U64_DIGITS: Final = 20
 """Most digits a ``__bigint`` may have: checked before ``int()`` ever sees them."""
 IO_ID_DIGITS: Final = 5
 """Most digits of an IO id (ids are 16-bit on the wire)."""
+MAX_FIELDS: Final = 64
+"""Most fields an entry may have (contract v1 has 16; room for fields added later):
+checked before the entry's fields are looked at one by one."""
+MAX_VALUE_CHARS: Final = 1 << 20
+"""Most characters any value may have (1 MiB). The largest ``io`` of a real record is a
+few hundred KiB even with a raised ``--max-frame``; a larger value is not a record, and
+checking it (a regular expression, a JSON parse) would stall the reactor."""
 
 # What the entry may hold (the general path accepts these and rewrites them canonically)
 _UNSIGNED = re.compile(r"[0-9]{1,18}")
@@ -59,6 +66,7 @@ _C_SIGNED = r"(?:0|-?[1-9][0-9]{0,17})"
 _C_DEGREES = r"(?:0|-?(?:[1-9][0-9]{0,2}(?:\.[0-9]{0,6}[1-9])?|0\.[0-9]{0,6}[1-9]))"
 
 REASONS: Final = (
+    "oversized",
     "unknown_version",
     "missing_field",
     "bad_field",
@@ -70,7 +78,9 @@ REASONS: Final = (
 )
 """Every dead-letter reason, so metrics can be pre-created at zero. ``check_failed`` is the
 safety net of :meth:`teltonika.processor.consumer.Consumer.prepare`: checking the entry
-raised something other than :class:`ContractError` (a bug; logged with its traceback)."""
+raised something other than :class:`ContractError` (a bug; logged with its traceback).
+``oversized``: more than :data:`MAX_FIELDS` fields or a value longer than
+:data:`MAX_VALUE_CHARS`."""
 
 
 class ContractError(ValueError):
@@ -278,12 +288,19 @@ def reverse_io(text: str) -> str:
     """Check the ``io`` field and return it as compact JSON for the ``jsonb`` column.
 
     The result has canonical ids and values and no spaces (what
-    :func:`teltonika.processor.identity.record_hash` expects).
+    :func:`teltonika.processor.identity.record_hash` expects), each id once: an id
+    repeated in the text (``{"1":1,"1":2}``, which the contract's writer never produces)
+    keeps its last value, as the ingestion side keeps the last of an IO id a device sent
+    twice in one record, and as ``jsonb`` would; so the stored bag, the record hash and a
+    resend of the same record agree.
 
     :raise ContractError: ``bad_io`` (not a JSON object of decimal ids to unsigned
         integers or sentinels) or ``bad_sentinel``.
     """
-    if _BAG.fullmatch(text) is not None:
+    if _BAG.fullmatch(text) is not None and (
+        # every id once: one element per comma (no element holds one), as many keys
+        text == "{}" or len(orjson.loads(text)) == text.count(",") + 1
+    ):
         if '"__' not in text:
             return text  # no sentinel: the text is already what jsonb should read
         return _SENTINEL.sub(_replace_sentinel, text)
@@ -349,6 +366,8 @@ def parse_fields(entry_id: str, flat: list[Any]) -> Position:
         position = _fast_path(entry_id, *flat[1::2])
         if position is not None:
             return position
+    if len(flat) > 2 * MAX_FIELDS:
+        raise ContractError("oversized", f"{len(flat) // 2} fields (at most {MAX_FIELDS})")
     return parse_entry(entry_id, fields_dict(flat))
 
 
@@ -357,6 +376,10 @@ def parse_entry(entry_id: str, fields: Mapping[str, object]) -> Position:
 
     :raise ContractError: with the reason the entry goes to the dead-letter stream.
     """
+    if len(fields) > MAX_FIELDS:
+        raise ContractError("oversized", f"{len(fields)} fields (at most {MAX_FIELDS})")
+    if len(fields) != len(FIELDS):
+        _check_sizes(fields)  # fields the contract does not name are ignored, not unbounded
     get = fields.get
     position = _fast_path(entry_id, *[get(name) for name in FIELDS])
     if position is not None:
@@ -395,6 +418,8 @@ def _fast_path(
         or not instance.isascii()
         or "\x00" in instance
         or type(io) is not str
+        or len(io) > MAX_VALUE_CHARS
+        or len(instance) > MAX_VALUE_CHARS
         or not (
             generation == ""
             or (
@@ -433,9 +458,23 @@ def _fast_path(
     )
 
 
+def _check_sizes(fields: Mapping[str, object]) -> None:
+    """:raise ContractError: ``oversized`` when a name or value exceeds
+    :data:`MAX_VALUE_CHARS` (the count of fields was checked before)."""
+    for name, value in fields.items():
+        if len(name) > MAX_VALUE_CHARS:
+            raise ContractError("oversized", f"a field name of {len(name)} characters")
+        if isinstance(value, str | bytes) and len(value) > MAX_VALUE_CHARS:
+            raise ContractError(
+                "oversized",
+                f"field {name[:40]!r} holds {len(value)} characters (at most {MAX_VALUE_CHARS})",
+            )
+
+
 def _parse_general(entry_id: str, fields: Mapping[str, object]) -> Position:
     """The field-by-field check: slower, names exactly what is wrong, and rewrites every
     number in its canonical form."""
+    _check_sizes(fields)
     version = fields.get("v")
     if version != CONTRACT_VERSION:
         if version is None:
@@ -511,6 +550,8 @@ def _position(
 
 __all__ = [
     "FIELDS",
+    "MAX_FIELDS",
+    "MAX_VALUE_CHARS",
     "REASONS",
     "ContractError",
     "Position",

@@ -9,17 +9,20 @@ hiredis decode UTF-8 itself and skips the walk. Bytes that are not UTF-8 become 
 every field the contract constrains then fails its check and is dead-lettered.
 
 Falls back to :func:`teltonika.redis.connect.lazy_connection` when hiredis is missing.
+Through Sentinel (``redis+sentinel://``) the same protocol rides on
+:func:`teltonika.redis.sentinel.sentinel_connection`, so the reader follows the master
+across a failover like every other connection.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from teltonika.redis.connect import RedisAddress, lazy_connection
+from teltonika.redis.connect import AnyRedisAddress, SentinelAddress, lazy_connection
 
 
 def reader_connection(
-    address: RedisAddress, *, reply_timeout: float, connect_timeout: float = 5.0
+    address: AnyRedisAddress, *, reply_timeout: float, connect_timeout: float = 5.0
 ) -> Any:
     """A lazy, reconnecting connection meant for stream reads only."""
     try:
@@ -42,6 +45,16 @@ def reader_connection(
 
         def tryConvertData(self, data: Any) -> Any:  # noqa: N802 (txredisapi's name)
             return data
+
+    if isinstance(address, SentinelAddress):
+        from teltonika.redis.sentinel import sentinel_connection
+
+        return sentinel_connection(
+            address,
+            reply_timeout=reply_timeout,
+            connect_timeout=connect_timeout,
+            protocol=DecodingProtocol,
+        )
 
     class DecodingFactory(txredisapi.RedisFactory):  # type: ignore[misc]
         protocol = DecodingProtocol

@@ -35,8 +35,13 @@ class ProcessorMetrics:
         )
         self.entries_taken_over = Counter(
             _PREFIX + "entries_taken_over",
-            "Held entries another consumer claimed while this one retried PostgreSQL "
-            "(not taken back; both write them)",
+            "Held entries another consumer claimed meanwhile (not taken back; both write them)",
+            registry=registry,
+        )
+        self.entries_refreshed = Counter(
+            _PREFIX + "entries_refreshed",
+            "Held entries whose idle time was reset (every --refresh-interval) so that no "
+            "peer claims them",
             registry=registry,
         )
         self.consumers_retired = Counter(

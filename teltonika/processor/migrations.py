@@ -7,12 +7,14 @@ transaction together with its row in ``teltonika_migrations``. A session-level
 waits, then sees every version already recorded and applies nothing. Never edit a file
 that has shipped; add the next number.
 
-Two rules keep a recorded version honest:
+Three rules keep a recorded version honest:
 
 * a migration that does something only under a condition (002: TimescaleDB installed and
   preloaded) has a guard (:data:`GUARDS`): it runs, and is recorded, only while its guard
   holds, and is checked again at every start, so installing TimescaleDB later still
   converts ``positions``;
+* a migration whose effect is already in place (:data:`DONE`) is recorded without
+  running, so meeting a table upgraded some other way never fails or doubles a key;
 * after migrating, :func:`verify_schema` checks the columns and the key of ``positions``
   (``CREATE TABLE IF NOT EXISTS`` accepts any existing table of that name). A mismatch, or
   a migration failing for any reason other than the database being unavailable, raises
@@ -29,7 +31,7 @@ from typing import Any, Final
 import attrs
 import psycopg
 
-from teltonika.processor.database import is_connection_error
+from teltonika.processor.database import SET_TIMEOUTS, is_connection_error
 
 LOCK_KEY: Final = 0x74656C746F6E6B61  # "teltonka" as a bigint: the processor's advisory lock
 TABLE: Final = "teltonika_migrations"
@@ -39,6 +41,22 @@ GUARDS: Final = {
     " AND coalesce(current_setting('shared_preload_libraries', true), '') LIKE '%timescaledb%'",
 }
 """Version -> SQL answering one boolean: whether the migration can do its work now."""
+
+_KEY_EXISTS: Final = """
+SELECT EXISTS (
+    SELECT 1 FROM pg_index i
+    WHERE i.indrelid = to_regclass('positions') AND i.indisunique AND i.indimmediate
+      AND i.indpred IS NULL AND i.indexprs IS NULL AND i.indnkeyatts = 3
+      AND ARRAY(SELECT a.attname::text FROM pg_attribute a
+                WHERE a.attrelid = i.indrelid AND a.attnum = ANY ((i.indkey::int2[])[0:2])
+                ORDER BY 1) = ARRAY['device_id', 'record_hash', 'ts'])
+"""
+
+DONE: Final = {3: _KEY_EXISTS}
+"""Version -> SQL answering whether the migration's effect is already in place (a lost
+``teltonika_migrations`` row, the upgrade run by hand, a restored dump): then it is
+recorded without running, since running it again would add a second key. A shipped file
+is never edited, so this is where a migration is made safe to meet twice."""
 
 COLUMNS: Final = {
     "device_id": "text",
@@ -103,8 +121,11 @@ def apply_migrations(connection: psycopg.Connection[Any]) -> list[str]:
     :raise SchemaError: a migration failed (other than by the database being
         unavailable), or the schema is not what the processor writes.
     """
-    connection.execute("SET statement_timeout = 0")
-    connection.execute("SET lock_timeout = 0")
+    row = connection.execute(
+        "SELECT current_setting('statement_timeout'), current_setting('lock_timeout')"
+    ).fetchone()
+    assert row is not None
+    connection.execute(SET_TIMEOUTS, ("0", "0"))
     try:
         connection.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
         try:
@@ -114,8 +135,7 @@ def apply_migrations(connection: psycopg.Connection[Any]) -> list[str]:
         verify_schema(connection)
         return done
     finally:
-        connection.execute("RESET statement_timeout")
-        connection.execute("RESET lock_timeout")
+        connection.execute(SET_TIMEOUTS, row)  # the session's own values, not the server's
 
 
 def _apply(connection: psycopg.Connection[Any]) -> list[str]:
@@ -131,12 +151,18 @@ def _apply(connection: psycopg.Connection[Any]) -> list[str]:
         if guard is None:
             if migration.version in applied:
                 continue
-        else:
-            row = connection.execute(guard).fetchone()
-            if not (row and row[0]):
-                continue  # nothing to do yet: not recorded, checked again next start
-            # otherwise run it even if recorded: idempotent, and a version recorded by an
-            # older processor while its guard was false did nothing
+            done_sql = DONE.get(migration.version)
+            if done_sql is not None and _holds(connection, done_sql):
+                connection.execute(
+                    f"INSERT INTO {TABLE} (version, name) VALUES (%s, %s)",
+                    (migration.version, migration.name),
+                )
+                done.append(migration.name)
+                continue
+        elif not _holds(connection, guard):
+            continue  # nothing to do yet: not recorded, checked again next start
+        # (a guarded one runs even if recorded: idempotent, and a version recorded by an
+        # older processor while its guard was false did nothing)
         try:
             with connection.transaction():
                 connection.execute(migration.sql.encode("utf-8"))
@@ -154,6 +180,12 @@ def _apply(connection: psycopg.Connection[Any]) -> list[str]:
         if migration.version not in applied:
             done.append(migration.name)
     return done
+
+
+def _holds(connection: psycopg.Connection[Any], sql: str) -> bool:
+    """The boolean one query answers."""
+    row = connection.execute(sql).fetchone()
+    return bool(row and row[0])
 
 
 _COLUMNS_SQL: Final = """

@@ -36,6 +36,33 @@ SWITCH_INTERVAL = 0.0005
 """Seconds: the GIL switch interval the processor runs with (see startService)."""
 
 
+class _SwitchInterval:
+    """The process-wide GIL switch interval, shortened while at least one processor
+    service runs, and put back exactly once, to the value it had before the first one
+    started, when the last one stops. Two services in one process (or one restarted)
+    never restore the interval one of them set, or restore it while another still runs.
+    Used on the reactor thread only."""
+
+    def __init__(self) -> None:
+        self.users = 0
+        self.original: float | None = None
+
+    def acquire(self) -> None:
+        if self.users == 0:
+            self.original = sys.getswitchinterval()
+            sys.setswitchinterval(min(self.original, SWITCH_INTERVAL))
+        self.users += 1
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0 and self.original is not None:
+            sys.setswitchinterval(self.original)
+            self.original = None
+
+
+switch_interval = _SwitchInterval()
+
+
 EXIT_SOFTWARE: Final = 70
 """Exit status after a crash, a refused start or a forced shutdown (``EX_SOFTWARE``)."""
 
@@ -109,7 +136,7 @@ class ProcessorService(Service):
         self.force_exit = force_exit
         self.crash_exit = crash_exit
         self.description = description
-        self._switch_interval: float | None = None
+        self._holds_switch_interval = False
         self._next_trim = 0.0
         self._timer: LoopingCall | None = None
         self._backstop: IDelayedCall | None = None
@@ -120,9 +147,11 @@ class ProcessorService(Service):
         # and needs the GIL back after each; with the default 5 ms switch interval it
         # waits up to 5 ms each time while the reactor thread decodes the next batch.
         # A shorter interval cut that convoy (benchmarks/processor.py); this process is
-        # ours, so the interpreter-wide setting is acceptable (restored in stopService).
-        self._switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL))
+        # ours, so the interpreter-wide setting is acceptable (restored in stopService,
+        # by the last processor service of the process to stop).
+        if not self._holds_switch_interval:
+            switch_interval.acquire()
+            self._holds_switch_interval = True
         self._log.info("Processor starting: {description}", description=self.description)
         if self.connect is not None:
             commands, reader = self.connect()
@@ -201,6 +230,9 @@ class ProcessorService(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
+        if self._holds_switch_interval:
+            switch_interval.release()
+            self._holds_switch_interval = False
         if self._timer is not None and self._timer.running:
             self._timer.stop()
         self._backstop = self.clock.callLater(self.shutdown_timeout, self._force)
@@ -226,6 +258,3 @@ class ProcessorService(Service):
         finally:
             if self._backstop is not None and self._backstop.active():
                 self._backstop.cancel()
-            if self._switch_interval is not None:
-                sys.setswitchinterval(self._switch_interval)
-                self._switch_interval = None

@@ -53,13 +53,26 @@ __all__ = [
     "DeviceSnapshot",
     "DeviceState",
     "IDeviceState",
+    "LatestKey",
     "canonical_degrees",
     "fetch_latest",
     "latest_key",
+    "make_latest_key",
 ]
 
 LatestKey = tuple[int, bool, int, int]
 """(device time ms, is an event, priority, record_hash): larger is later."""
+
+
+def make_latest_key(
+    timestamp_ms: int, event_io_id: int, priority: int, record_hash: int
+) -> LatestKey:
+    """The key of a record from its four deciding values, wherever they come from (a
+    stream entry, a stored row, the live broadcast's map): the one place that says
+    which value counts in which order, so :func:`latest_key`,
+    :meth:`DeviceSnapshot.latest_key` and the live map cannot drift apart."""
+    return (timestamp_ms, event_io_id != 0, priority, record_hash)
+
 
 LATEST_ORDER: Final = "ts DESC, (event_io_id <> 0) DESC, priority DESC, record_hash DESC"
 """``ORDER BY`` of a device's rows, latest first: :func:`latest_key` in SQL."""
@@ -111,7 +124,7 @@ class DeviceSnapshot(NamedTuple):
 
     def latest_key(self) -> LatestKey:
         """Where this position stands in time (see :func:`latest_key`)."""
-        return (self.timestamp_ms, self.event_io_id != 0, self.priority, self.record_hash)
+        return make_latest_key(self.timestamp_ms, self.event_io_id, self.priority, self.record_hash)
 
 
 same_class_equality(DeviceSnapshot)
@@ -121,9 +134,9 @@ def latest_key(position: Position) -> LatestKey:
     """Where a record stands in time, for "which is a device's latest position": larger is
     later. See the module docstring for the order and why; :data:`LATEST_ORDER` is the same
     order in SQL."""
-    return (
+    return make_latest_key(
         position.timestamp_ms,
-        position.event_io_id != "0",
+        int(position.event_io_id),
         int(position.priority),
         position.record_hash,
     )

@@ -95,6 +95,36 @@ been idle longer than ARGV[3] ms; reply ``name, idle ms, ...``. In one script be
 deleted atomically, a consumer that just read something is never deleted."""
 
 
+LETTER_FIELDS: Final = 64
+"""Most of an entry's fields a dead letter copies (the script's ``unpack`` of one XADD
+takes a few thousand arguments at most)."""
+LETTER_CHARS: Final = 1 << 20
+"""Most characters of an entry a dead letter copies (names and values together)."""
+
+
+def letter_fields(fields: Sequence[Any]) -> tuple[list[Any], str | None]:
+    """The fields a dead letter copies: all of them, verbatim, when the entry is within
+    :data:`LETTER_FIELDS` and :data:`LETTER_CHARS`; else the leading ones that fit, each
+    cut to what is left, and a note for ``dead.truncated`` saying what the entry held
+    (the entry itself stays in the stream until trimmed)."""
+    total = 0
+    for item in fields:
+        total += len(item) if isinstance(item, str | bytes) else 0
+    pairs = len(fields) // 2
+    if pairs <= LETTER_FIELDS and total <= LETTER_CHARS and len(fields) % 2 == 0:
+        return list(fields), None
+    kept: list[Any] = []
+    budget = LETTER_CHARS
+    for item in fields[: 2 * LETTER_FIELDS]:
+        text = item if isinstance(item, str | bytes) else str(item)
+        cut = text[: max(budget, 0)]
+        budget -= len(cut)
+        kept.append(cut)
+    if len(kept) % 2:
+        kept.append("")
+    return kept, f"{pairs} fields, {total} characters"
+
+
 class RedisReplyError(Exception):
     """A reply that does not have the shape the command documents."""
 
@@ -268,7 +298,8 @@ class Streams:
     ) -> int:
         """Dead-letter *letters* and acknowledge them with the rest of *ack_ids*, in one
         idempotent script (:data:`DEAD_LETTER_SCRIPT`); return how many letters were
-        written (fewer on a retry). A letter holds the original fields verbatim, then
+        written (fewer on a retry). A letter holds the original fields verbatim (bounded
+        by :func:`letter_fields`, with ``dead.truncated`` when it had to cut), then
         the ``dead.*`` metadata (so a replay is "drop the dead.* fields and XADD the
         rest"; last, so a reader that builds a map gets the real metadata even from an
         entry that carried dead.* fields of its own)."""
@@ -276,8 +307,11 @@ class Streams:
         lettered = set()
         for letter in letters:
             lettered.add(letter.entry_id)
-            args += [letter.entry_id, letter.reason, letter.detail, len(letter.fields)]
-            args += letter.fields
+            fields, truncated = letter_fields(letter.fields)
+            if truncated is not None:
+                fields += ["dead.truncated", truncated]
+            args += [letter.entry_id, letter.reason, letter.detail, len(fields)]
+            args += fields
         args += [i for i in ack_ids if i not in lettered]
         reply = await self.command(
             "EVAL", DEAD_LETTER_SCRIPT, 2, self.stream, self.dead_stream, *args

@@ -18,7 +18,7 @@ from twisted.python import usage
 
 from teltonika.contract import TELEMETRY_STREAM
 from teltonika.processor.live.options import LiveOptions
-from teltonika.redis.connect import RedisURLError, parse_redis_url
+from teltonika.redis.connect import RedisURLError, SentinelAddress, parse_redis_url
 from teltonika.services.ops_http import DEFAULT_PROCESSOR_METRICS
 
 POSTGRES_ENV: Final = "TELTONIKA_POSTGRES_DSN"
@@ -28,6 +28,8 @@ STATEMENT_TIMEOUT: Final = 15.0
 """Seconds: the default ``--statement-timeout`` (well under the default --claim-idle, 60)."""
 LOCK_TIMEOUT: Final = 5.0
 """Seconds: the default ``--lock-timeout``."""
+REFRESH_INTERVAL: Final = 5.0
+"""Seconds: the default ``--refresh-interval``."""
 
 
 def _positive_int(value: str) -> int:
@@ -80,8 +82,9 @@ class Options(LiveOptions):
             "redis",
             None,
             None,
-            f"Redis URL redis://[user:password@]host[:port][/db] (default: ${REDIS_ENV}, "
-            f"else {DEFAULT_REDIS}).",
+            f"Redis URL redis://[user:password@]host[:port][/db], or through Sentinel "
+            "redis+sentinel://[[user]:password@]host:port[,host:port...]/SERVICE[/db] "
+            f"(default: ${REDIS_ENV}, else {DEFAULT_REDIS}).",
         ],
         [
             "postgres",
@@ -147,10 +150,20 @@ class Options(LiveOptions):
             _positive_float,
         ],
         [
+            "refresh-interval",
+            None,
+            None,
+            "How often every entry this processor holds is refreshed (XCLAIM JUSTID) so that "
+            f"no peer claims it (seconds; at most half of --claim-idle; default "
+            f"{REFRESH_INTERVAL:g}, or a quarter of --claim-idle when that is less).",
+            _positive_float,
+        ],
+        [
             "max-deliveries",
             None,
             5,
-            "Dead-letter an entry delivered more than this many times.",
+            "An entry delivered more than this many times is written alone, and "
+            "dead-lettered if that fails for any reason but PostgreSQL being unavailable.",
             _positive_int,
         ],
         [
@@ -235,6 +248,14 @@ class Options(LiveOptions):
             self["statement-timeout"] = min(STATEMENT_TIMEOUT, claim_idle / 4)
         if self["lock-timeout"] is None:
             self["lock-timeout"] = min(LOCK_TIMEOUT, claim_idle / 12)
+        if self["refresh-interval"] is None:
+            self["refresh-interval"] = min(REFRESH_INTERVAL, claim_idle / 4)
+        if self["refresh-interval"] > claim_idle / 2:
+            raise usage.UsageError(
+                f"--refresh-interval ({self['refresh-interval']:g} s) must be at most half of "
+                f"--claim-idle ({claim_idle:g} s): a held entry goes idle for up to one "
+                "interval plus the time one refresh takes, and must never reach --claim-idle"
+            )
         for name in ("statement-timeout", "lock-timeout"):
             if self[name] >= claim_idle:
                 raise usage.UsageError(
@@ -275,12 +296,22 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
     address = options.get("redis-address") or parse_redis_url(options["redis"])
     timeout = 10.0
 
+    connections: list[Any] = []
+
     def connect() -> tuple[Any, Any]:
         """Called by ProcessorService.startService: makeService touches no network."""
-        return (
+        made = (
             lazy_connection(address, reply_timeout=timeout),
             reader_connection(address, reply_timeout=timeout + block_ms / 1000),
         )
+        connections[:] = made
+        return made
+
+    def master_known() -> bool:
+        """Through Sentinel: False while a connection knows no master (a failover)."""
+        from teltonika.redis.sentinel import master_known as known
+
+        return bool(connections) and all(known(connection) for connection in connections)
 
     streams = Streams(
         None,
@@ -310,6 +341,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
             claim_idle=float(options["claim-idle"]),
             claim_interval=float(options["claim-interval"]),
             max_deliveries=int(options["max-deliveries"]),
+            refresh_interval=float(options["refresh-interval"]),
             retry_max=float(options["retry-max"]),
             group_start=options["group-start"],
         ),
@@ -324,6 +356,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
                 "redis": lambda: consumer.redis_ok,
                 "postgres": lambda: consumer.postgres_ok,
                 "consumer": consumer.ready,
+                **({"redis-master": master_known} if isinstance(address, SentinelAddress) else {}),
             },
             reactor=reactor,
         )

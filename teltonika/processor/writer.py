@@ -82,6 +82,15 @@ class WriteOutcome:
     seconds: float = 0.0
     """Time spent on the database thread for this batch."""
 
+    def merge(self, other: WriteOutcome) -> None:
+        """Add *other* (a part of the same batch written separately) to this outcome."""
+        self.inserted += other.inserted
+        self.duplicates += other.duplicates
+        self.rejected.extend(other.rejected)
+        self.latest.extend(other.latest)
+        self.transactions += other.transactions
+        self.seconds += other.seconds
+
 
 def _prepare(connection: psycopg.Connection[Any]) -> None:
     if connection not in _prepared:
@@ -113,33 +122,54 @@ def write_batch(
     rows: Sequence[Position],
     rehydrate: Sequence[str] = (),
     payload: bytes | None = None,
+    chunk: int = 0,
 ) -> WriteOutcome:
     """Rehydrate *rehydrate* devices, then write *rows*; see the module docstring.
 
     :param rehydrate: device ids whose latest stored position the caller wants (read
         before this batch is written, so "latest" means "before this batch").
-    :param payload: ``copy_payload(rows)`` if the caller built it already.
+    :param payload: ``copy_payload(rows)`` if the caller built it already (used only
+        when the batch is written in one transaction).
+    :param chunk: most rows per transaction (0: all in one). The consumer lowers it after
+        a statement timeout, so that a batch too large for ``statement_timeout`` is
+        committed in parts rather than timing out on every retry; a retry after a
+        failure half-way rewrites the committed parts as duplicates, which the key
+        absorbs.
     """
     started = time.perf_counter()
     _prepare(connection)
     outcome = WriteOutcome(latest=fetch_latest(connection, rehydrate))
     if not rows:
         return outcome
+    if chunk <= 0 or chunk >= len(rows):
+        _write_transaction(connection, rows, payload, outcome)
+    else:
+        for start in range(0, len(rows), chunk):
+            _write_transaction(connection, rows[start : start + chunk], None, outcome)
+    outcome.duplicates = len(rows) - len(outcome.rejected) - outcome.inserted
+    outcome.seconds = time.perf_counter() - started
+    return outcome
+
+
+def _write_transaction(
+    connection: psycopg.Connection[Any],
+    rows: Sequence[Position],
+    payload: bytes | None,
+    outcome: WriteOutcome,
+) -> None:
+    """*rows* in one transaction (by bisection when PostgreSQL rejects some)."""
     cursor = connection.cursor()
     try:
         outcome.transactions += 1
         with connection.transaction():
-            outcome.inserted = _copy_insert(cursor, rows, payload)
+            inserted = _copy_insert(cursor, rows, payload)
+        outcome.inserted += inserted
     except ROW_ERRORS:
-        outcome.inserted = 0
         outcome.transactions += 1
         with connection.transaction():
             _bisect(connection, cursor, rows, outcome)
     finally:
         cursor.close()
-    outcome.duplicates = len(rows) - len(outcome.rejected) - outcome.inserted
-    outcome.seconds = time.perf_counter() - started
-    return outcome
 
 
 def _bisect(

@@ -128,7 +128,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     report.add_argument(
         "--verify-only", action="store_true", help="check a saved --ledger; simulate nothing"
     )
-    report.add_argument("--redis", default=None, metavar="URL", help="Redis sink to verify against")
+    report.add_argument(
+        "--redis",
+        default=None,
+        metavar="URL",
+        help="Redis sink to verify against (redis:// or redis+sentinel://)",
+    )
     report.add_argument(
         "--stream", default="telemetry:teltonika", help="stream name in the Redis sink"
     )

@@ -19,6 +19,15 @@ fsync (:mod:`teltonika.redis.durability`): the settings are checked at start (a 
 stops the server), then every ``durability_interval`` on a timer (never per batch) and
 after every reconnect. A failed check logs one error, counts
 ``teltonika_sink_durability_lost_total`` and refuses frames until a check passes again.
+
+With ``--redis-durability replicated`` every batch ends with ``WAIT`` (or ``WAITAOF``),
+which blocks the connection it is sent on until the replicas confirmed: batches pipelined
+on one connection would wait for each other's replicas one after another. So the sink
+then opens :data:`REPLICATED_WRITERS` connections (the shared one and more from
+*connect*) and each batch in flight takes one of its own; their WAITs overlap
+(``benchmarks/ingest.py durability`` measures it). Frames of one device are never in two
+batches at once (the protocol handles them one after another), so the order of a
+device's entries does not depend on which connection carried them.
 """
 
 from __future__ import annotations
@@ -37,10 +46,13 @@ from teltonika.contract import FIELDS, MESSAGES_STREAM, TELEMETRY_STREAM, entry_
 from teltonika.interfaces import ISink
 from teltonika.metrics import ServerMetrics
 from teltonika.redis.durability import (
+    DEFAULT_REPLICA_TIMEOUT,
+    DEFAULT_REPLICAS,
     ConnectionChangedError,
     Durability,
     DurabilityCheck,
     DurabilityError,
+    ReplicasNotConfirmedError,
 )
 from teltonika.redis.streams import (
     SEPARATOR,
@@ -65,6 +77,10 @@ DEFAULT_MAX_BATCH_RECORDS: Final = 5_000
 DEFAULT_MAX_IN_FLIGHT: Final = 4
 """Batches sent to Redis before the first answered: Redis works on one while the server
 ACKs the one before and collects the next (see :mod:`teltonika.sinks.batch`)."""
+
+REPLICATED_WRITERS = DEFAULT_MAX_IN_FLIGHT
+"""Connections batches go out on with ``replicated``: one per batch in flight, so that one
+batch's WAIT does not hold up the next (``benchmarks/ingest.py`` part 4 compares 1)."""
 
 DEFAULT_DURABILITY_INTERVAL: Final = 5 * SECONDS
 """How often ``--redis-durability fsync`` settings are verified again (and after every
@@ -101,8 +117,13 @@ class RedisStreamSink:
         :func:`teltonika.redis.connect.lazy_connection`); called by :meth:`start`, so
         building the sink connects nothing.
     :param clock: schedules batches and the readiness probe.
-    :param durability: ``"memory"`` or ``"fsync"`` (checked by :meth:`start`, and with
-        ``fsync`` again every *durability_interval* seconds and after every reconnect).
+    :param durability: ``"memory"``, ``"fsync"`` or ``"replicated"`` (checked by
+        :meth:`start`, and with ``fsync``/``replicated`` again every *durability_interval*
+        seconds and after every reconnect).
+    :param replicas: with ``replicated``, the replicas that must confirm every batch.
+    :param replica_timeout: with ``replicated``, seconds a batch waits for them.
+    :param connect: opens one more connection to the same Redis; with ``replicated``
+        the sink writes over the shared one and ``DEFAULT_MAX_IN_FLIGHT - 1`` of these.
     :param maxlen: ``MAXLEN ~ N`` on every XADD, or None (default) for no trimming: a
         blind trim can drop entries the processor has not read yet.
     """
@@ -126,14 +147,21 @@ class RedisStreamSink:
         probe_timeout: float = 2 * SECONDS,
         write_timeout: float = 10 * SECONDS,
         durability_interval: float = DEFAULT_DURABILITY_INTERVAL,
+        replicas: int = DEFAULT_REPLICAS,
+        replica_timeout: float = DEFAULT_REPLICA_TIMEOUT,
+        connect: Callable[[], Any] | None = None,
     ) -> None:
         self._get_redis = get_redis
+        self._connect = connect
+        self._writers: list[Any] = []
+        self._in_flight: list[int] = []
         self.redis: Any = None
         self.clock = clock
         self.metrics = metrics
         self.instance_id = instance_id
         self.wanted_durability = durability
-        self.durability_check = DurabilityCheck(durability)
+        self.durability_check = DurabilityCheck(durability, replicas, replica_timeout)
+        self._wait_bound = replica_timeout if durability == "replicated" else 0.0
         self.durability: Durability | None = None
         self.durability_interval = durability_interval
         self.stream = stream.encode()
@@ -168,7 +196,11 @@ class RedisStreamSink:
         :raise teltonika.redis.durability.DurabilityError: Redis cannot give what was asked.
         """
         self.redis = self._get_redis()
-        self.durability = await self.durability_check.verify(self.redis)
+        self._writers = [self.redis]
+        if self.wanted_durability == "replicated" and self._connect is not None:
+            self._writers += [self._connect() for _ in range(REPLICATED_WRITERS - 1)]
+        self._in_flight = [0] * len(self._writers)
+        self.durability = await self.durability_check.verify(self.redis, self._writers[1:])
         self._reachable = True
         self._verification = Verification.VERIFIED
         self._update_ready()
@@ -193,6 +225,13 @@ class RedisStreamSink:
         for loop in (self._probe, self._recheck_timer):
             if loop is not None and loop.running:
                 loop.stop()
+        extra, self._writers = self._writers[1:], self._writers[:1]
+        self._in_flight = self._in_flight[:1]
+        for connection in extra:
+            try:
+                await connection.disconnect()
+            except Exception as error:  # already gone: nothing left to release
+                self._log.info("Redis writer connection closed: {error}", error=error)
 
     def _check(self) -> Deferred[None]:
         """Probe Redis; never raises (a failing LoopingCall would stop for good). While
@@ -232,8 +271,9 @@ class RedisStreamSink:
         batch over an unverified connection); never raises, never runs twice at once."""
         if self._checking is not None or self._closed:
             return succeed(None)
-        verifying = ensureDeferred(self.durability_check.verify(self.redis))
-        verifying.addTimeout(self.probe_timeout, self.clock)
+        verifying = ensureDeferred(self.durability_check.verify(self.redis, self._writers[1:]))
+        # with replicated, the check may wait behind a batch's WAIT on its connection
+        verifying.addTimeout(self.probe_timeout + self._wait_bound, self.clock)
         d = verifying.addCallbacks(self._verified, self._not_verified)
         self._checking = d
         d.addBoth(self._check_done)
@@ -248,6 +288,11 @@ class RedisStreamSink:
         if self._verification is Verification.REFUSED:
             self._log.info(
                 "Redis gives the durability asked for again ({durability}); taking frames",
+                durability=durability.value,
+            )
+        elif self._verification is Verification.UNVERIFIED:
+            self._log.info(
+                "Redis durability verified on the new connection ({durability})",
                 durability=durability.value,
             )
         self.durability = durability
@@ -337,6 +382,12 @@ class RedisStreamSink:
     def _write_failed(self, failure: Any) -> Any:
         if failure.check(DurabilityChangedError):
             return failure  # Redis answered; the check that changed things is handled
+        if failure.check(ReplicasNotConfirmedError):
+            # Redis answered; whether it still has enough replicas is the check's call
+            # (too few: refused, /readyz 503; a slow replica: the next batch may pass).
+            self.metrics.sink_replicas_unconfirmed.inc()
+            self._recheck()
+            return failure
         if failure.check(ConnectionChangedError):
             if self._verification is Verification.VERIFIED:
                 self._verification = Verification.UNVERIFIED
@@ -350,6 +401,13 @@ class RedisStreamSink:
             self._set_reachable(False, failure.getErrorMessage())
         return failure
 
+    def _take_writer(self) -> int:
+        """The writer connection with the fewest batches in flight (memory and fsync have
+        one, on which batches are pipelined)."""
+        index = min(range(len(self._writers)), key=self._in_flight.__getitem__)
+        self._in_flight[index] += 1
+        return index
+
     async def _write_async(self, items: Sequence[Item]) -> None:
         packed = [entry for entry_list, _ in items for entry in entry_list]
         commands: list[Sequence[bytes]] = []
@@ -362,7 +420,11 @@ class RedisStreamSink:
         assert durability is not None
         confirmations = self.durability_check.batch_commands(durability)
         commands.extend(confirmations)
-        replies = await pipeline_commands(self.redis, commands)
+        writer = self._take_writer()
+        try:
+            replies = await pipeline_commands(self._writers[writer], commands)
+        finally:
+            self._in_flight[writer] -= 1
         self.metrics.sink_batches.labels(self.name).inc()
         if len(replies) != len(commands):
             raise StreamWriteError(f"{len(replies)} replies for {len(commands)} commands")

@@ -211,6 +211,41 @@ def test_numbers_are_canonical_whatever_their_spelling():
     zero = dict(fields, latitude="-0.0000", altitude="-0", generation_type="007")
     parsed = parse_entry("3-0", zero)
     assert (parsed.latitude, parsed.altitude, parsed.generation_type) == ("0", "0", "7")
+    padded = parse_entry(
+        "4-0", dict(fields, timestamp_ms="000" + fields["timestamp_ms"], received_at_ms="0005")
+    )
+    assert (padded.timestamp_ms, padded.received_at_ms) == (RECORD.timestamp_ms, 5)
+    assert padded.record_hash == canonical.record_hash
+    assert padded.copy_row()[1] == str(RECORD.timestamp_ms)
+    # a number is bounded by its length as spelled (18 digits), zeros included
+    with pytest.raises(ContractError, match="timestamp_ms"):
+        parse_entry("5-0", dict(fields, timestamp_ms="0" * 6 + fields["timestamp_ms"]))
+    # an IMEI is an identifier, not a number: 15 digits exactly, a leading zero kept
+    assert parse_entry("6-0", dict(fields, imei="035630704244101")).device_id == ("035630704244101")
+    with pytest.raises(ContractError, match="imei"):
+        parse_entry("7-0", dict(fields, imei="0356307042441013"))
+
+
+def test_a_repeated_io_id_keeps_its_last_value_everywhere():
+    """An IO id twice in one record: the ingestion side keeps the last value (one key in
+    the entry's JSON); an entry whose JSON repeats a key (another writer) is read the same
+    way on both paths (last value, as jsonb reads it), so its stored bag and record hash
+    equal those of the record written once with that value."""
+    twice = RECORD._replace(io=((239, 1, 1), (66, 2, 5), (239, 1, 0)))
+    once = RECORD._replace(io=((239, 1, 0), (66, 2, 5)))
+    written = fields_of(entry_fields("356307042441013", "8E", twice, 5, "i1"))
+    assert orjson.loads(written["io"]) == {"239": 0, "66": 5}
+    expected = parse_entry("1-0", fields_of(entry_fields("356307042441013", "8E", once, 5, "i1")))
+    assert parse_entry("1-0", written).record_hash == expected.record_hash
+    for text in (
+        '{"239":1,"66":5,"239":0}',  # fast-path form
+        '{"239": 1, "66": 5, "0239": 0}',  # general path
+        '{"239":{"__bigint":"1"},"66":5,"239":0}',
+    ):
+        parsed = parse_entry("2-0", dict(written, io=text))
+        assert orjson.loads(parsed.io) == {"239": 0, "66": 5}
+        assert parsed.io.count('"239"') == 1
+        assert parsed.record_hash == expected.record_hash
 
 
 def test_record_hash_is_the_record_content():
@@ -348,3 +383,34 @@ def test_the_field_list_path_agrees_with_the_mapping_path(fields):
     the writer's order) gives the same Position, or the same reason, as parse_entry."""
     flat = [part for pair in fields.items() for part in pair]
     assert outcome(parse_fields, "1-0", flat) == outcome(parse_entry, "1-0", fields)
+
+
+def test_oversized_entries_are_refused_before_they_are_read():
+    """More than MAX_FIELDS fields, or any name or value longer than MAX_VALUE_CHARS, is
+    ``oversized`` whichever path the entry takes (a fast-path io, an extra field)."""
+    from teltonika.processor.entries import MAX_FIELDS, MAX_VALUE_CHARS, parse_fields
+    from teltonika.processor.streams import LETTER_CHARS, LETTER_FIELDS, letter_fields
+
+    good = [f.decode() for f in entry_fields("356307042441013", "8E", RECORD, 1, "i")]
+    many = good + [x for i in range(MAX_FIELDS) for x in (f"x{i}", "1")]
+    with pytest.raises(ContractError) as raised:
+        parse_fields("1-1", many)
+    assert raised.value.reason == "oversized"
+    big_io = list(good)
+    big_io[big_io.index("io") + 1] = '{"1":' + "1" * MAX_VALUE_CHARS + "}"
+    extra = [*good, "note", "n" * (MAX_VALUE_CHARS + 1)]
+    for fields in (big_io, extra):
+        with pytest.raises(ContractError) as raised:
+            parse_fields("1-1", fields)
+        assert raised.value.reason == "oversized"
+        with pytest.raises(ContractError):
+            parse_entry("1-1", dict(zip(fields[0::2], fields[1::2], strict=True)))
+    assert parse_fields("1-1", [*good, "note", "n" * MAX_VALUE_CHARS]).device_id
+
+    assert letter_fields(good) == (good, None)
+    kept, note = letter_fields(many + ["x"] * 100_000)
+    assert len(kept) == 2 * LETTER_FIELDS and note.startswith(
+        f"{(len(many) + 100_000) // 2} fields"
+    )
+    kept, note = letter_fields(extra + extra)
+    assert sum(len(x) for x in kept) <= LETTER_CHARS and note

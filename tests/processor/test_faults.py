@@ -240,7 +240,7 @@ async def test_held_entries_are_refreshed_and_never_taken_back(
     """While PostgreSQL is down the processor keeps every entry it holds fresh, the
     read-ahead batch too, so a peer with a short --claim-idle finds nothing to claim; an
     entry a peer claimed anyway is not taken back (and is still written once)."""
-    service = processors.start("--batch-size", "5")
+    service = processors.start("--batch-size", "5", "--refresh-interval", "0.5")
     await eventually(service.processor.consumer.ready)
     postgres_server.stop("immediate")
     added = rds.pipeline(transaction=True)  # all at once: full batches to read
@@ -263,6 +263,44 @@ async def test_held_entries_are_refreshed_and_never_taken_back(
 
     postgres_server.start()
     await eventually(lambda: count(pg_dsn) == 15 and pending(rds) == 0, timeout=30)
+    logged_errors.flush()
+
+
+@pytest_twisted.ensureDeferred
+async def test_held_entries_stay_fresh_while_a_write_is_slow(
+    processors, rds, pg_dsn, logged_errors
+):
+    """Refreshing is a timer, not a step of the retry loop: while one write is slow but
+    does not fail (a trigger sleeping 3 s, under a 10 s --statement-timeout), the batch
+    being written and the one read ahead are refreshed every --refresh-interval, so none
+    of them ever idles long enough for a peer with a short --claim-idle to claim it."""
+    service = processors.start(
+        "--batch-size", "3", "--refresh-interval", "0.3", "--statement-timeout", "10"
+    )
+    consumer = service.processor.consumer
+    await eventually(consumer.ready)
+    execute(
+        pg_dsn,
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$",
+    )
+    execute(
+        pg_dsn,
+        "CREATE TRIGGER slow BEFORE INSERT ON positions FOR EACH STATEMENT EXECUTE FUNCTION slow()",
+    )
+    added = rds.pipeline(transaction=True)
+    for i in range(6):
+        xadd(added, entry(imei=imei(i), rec=record(i)))
+    added.execute()
+    await eventually(lambda: pending(rds) == 6)
+    refreshed = "teltonika_processor_entries_refreshed_total"
+    await eventually(lambda: sample(service, refreshed) >= 12)  # 2 refreshes of all 6
+    assert count(pg_dsn) == 0  # the first write is still sleeping
+    rows = rds.xpending_range(TELEMETRY_STREAM, "processor", "-", "+", 10)
+    assert len(rows) == 6 and max(row["time_since_delivered"] for row in rows) < 1500
+    assert rds.xautoclaim(TELEMETRY_STREAM, "processor", "peer", 1500, justid=True) == []
+    await eventually(lambda: count(pg_dsn) == 6 and pending(rds) == 0, timeout=30)
+    assert sample(service, "teltonika_processor_entries_taken_over_total") == 0
     logged_errors.flush()
 
 

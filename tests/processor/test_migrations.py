@@ -244,3 +244,63 @@ def test_a_foreign_table_fails_its_migration_with_a_clear_message(pg_dsn):
         message = str(info.value)
         assert "migration 003_record_hash.sql failed" in message
         assert "column device_id is missing" in message
+
+
+def test_migration_003_runs_again_without_harm(pg_dsn):
+    """003 is idempotent: on a table upgraded by hand half-way (the column added and filled
+    for some rows, the old key still there) it completes the upgrade, and on a table
+    already upgraded whose record was lost (or under another name of the key) it changes
+    nothing and is recorded."""
+    first, _, third = load_migrations()
+    rows = [position(RECORD), position(RECORD._replace(timestamp_ms=RECORD.timestamp_ms + 1))]
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(first.sql.encode())
+        for p in rows:
+            conn.execute(_OLD_INSERT, p.copy_row()[:-1])
+        conn.execute("ALTER TABLE positions ADD COLUMN record_hash bigint")
+        conn.execute(
+            "UPDATE positions SET record_hash = 7 WHERE ts = (SELECT min(ts) FROM positions)"
+        )
+        assert apply_migrations(conn) == [first.name, third.name]
+        stored = sorted(r[0] for r in conn.execute("select record_hash from positions"))
+        assert stored == sorted([7, rows[1].record_hash])
+        assert migrations.schema_problems(conn) == []
+
+        conn.execute("DELETE FROM teltonika_migrations WHERE version = 3")
+        assert apply_migrations(conn) == [third.name]
+        conn.execute("ALTER TABLE positions RENAME CONSTRAINT positions_record TO my_key")
+        conn.execute("DELETE FROM teltonika_migrations WHERE version = 3")
+        assert apply_migrations(conn) == [third.name]
+        indexes = conn.execute(
+            "select count(*) from pg_index where indrelid = 'positions'::regclass"
+        ).fetchone()
+        assert indexes == (1,)
+        assert migrations.schema_problems(conn) == []
+
+
+def test_timeouts_are_set_per_session_without_startup_options(pg_dsn, monkeypatch):
+    """The two timeouts reach the session with SET after connecting, not as libpq's
+    ``options`` startup parameter (which PgBouncer refuses or silently drops); migrations
+    lift them and put back the session's own values, not the server's defaults."""
+    from twisted.internet import reactor
+
+    from teltonika.processor.database import Database
+
+    seen: list[dict[str, object]] = []
+    real_connect = psycopg.connect
+
+    def connect(*args, **kwargs):
+        seen.append(kwargs)
+        return real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(psycopg, "connect", connect)
+    database = Database(pg_dsn, reactor, statement_timeout=1.5, lock_timeout=0.25)
+    connection = database._connect()
+    try:
+        assert "options" not in seen[0]
+        show = "SELECT current_setting('statement_timeout'), current_setting('lock_timeout')"
+        assert connection.execute(show).fetchone() == ("1500ms", "250ms")
+        apply_migrations(connection)
+        assert connection.execute(show).fetchone() == ("1500ms", "250ms")
+    finally:
+        database._close()

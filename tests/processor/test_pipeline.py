@@ -9,6 +9,8 @@ import redis
 from twisted.internet import reactor
 
 from teltonika.contract import TELEMETRY_STREAM
+from teltonika.processor.migrations import apply_migrations
+from teltonika.processor.streams import LETTER_CHARS
 from tests.processor.conftest import (
     BASE_MS,
     NX,
@@ -45,6 +47,11 @@ def with_field(fields, name, value):
     index = out.index(name.encode())
     out[index + 1] = value if isinstance(value, bytes) else value.encode()
     return out
+
+
+def pairs(fields):
+    """An entry_fields list as (name, value) pairs."""
+    return list(zip(fields[0::2], fields[1::2], strict=True))
 
 
 def count(dsn):
@@ -175,22 +182,45 @@ async def test_rehydration_one_query_per_batch(processors, rds, pg_dsn):
 
 @pytest_twisted.ensureDeferred
 async def test_claim_idle_and_max_deliveries(processors, rds, pg_dsn, logged_errors):
-    """Entries left pending by a dead consumer are claimed after --claim-idle; one already
-    delivered more than --max-deliveries times is dead-lettered with reason max_deliveries."""
+    """Entries left pending by a dead consumer are claimed after --claim-idle. Delivered
+    more than --max-deliveries times is not a reason by itself: a good entry redelivered
+    that often (restarts, claims while PostgreSQL was down) is written; only one that
+    cannot be written (a trigger refuses it with an error that is neither a data error nor
+    PostgreSQL being unavailable, retried for ever in a batch) is dead-lettered with reason
+    max_deliveries, once written alone, and its neighbours are written."""
     rds.xgroup_create(TELEMETRY_STREAM, "processor", "0", mkstream=True)
-    ids = [xadd(rds, entry(imei=imei(i), rec=record(i))) for i in range(3)]
+    ids = [
+        xadd(rds, entry(imei=imei(i), rec=record(i, speed=7 if i == 1 else 42))) for i in range(4)
+    ]
     rds.xreadgroup("processor", "dead", {TELEMETRY_STREAM: ">"})
     for _ in range(4):  # each XCLAIM counts as a delivery: 5 in all
-        rds.xclaim(TELEMETRY_STREAM, "processor", "dead", 0, [ids[0]])
+        rds.xclaim(TELEMETRY_STREAM, "processor", "dead", 0, [ids[0], ids[1]])
+    with psycopg.connect(pg_dsn, autocommit=True) as connection:
+        apply_migrations(connection)
+    execute(
+        pg_dsn,
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN IF NEW.speed = 7 THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$",
+    )
+    execute(
+        pg_dsn,
+        "CREATE TRIGGER refuse BEFORE INSERT ON positions FOR EACH ROW EXECUTE FUNCTION refuse()",
+    )
     service = processors.start("--claim-idle", "0.3", "--claim-interval", "0.2")
     await eventually(lambda: pending(rds) == 0)
-    assert count(pg_dsn) == 2
+    assert sorted(r[0] for r in query(pg_dsn, "select device_id from positions")) == [
+        imei(0),
+        imei(2),
+        imei(3),
+    ]
     ((_, letter),) = rds.xrange(DEAD)
-    assert letter["dead.id"] == ids[0]
+    assert letter["dead.id"] == ids[1]
     assert letter["dead.reason"] == "max_deliveries"
-    assert letter["dead.detail"] == "delivered 6 times (limit 5)"
-    assert sample(service, "teltonika_processor_entries_claimed_total") == 3
+    assert letter["dead.detail"].startswith("delivered 6 times (limit 5); written alone it failed")
+    assert "refused" in letter["dead.detail"]
+    assert sample(service, "teltonika_processor_entries_claimed_total") == 4
     assert len(logged_errors.flush(DEAD_FORMAT)) == 1
+    logged_errors.flush()
 
 
 @pytest_twisted.ensureDeferred
@@ -361,10 +391,11 @@ async def test_dead_letters_are_written_once_across_a_failed_attempt(
     processors, rds, pg_dsn, logged_errors
 ):
     """Dead-lettering a batch fails half-way: Redis refuses (and disconnects) the command
-    that carries the second letter, larger than its proto-max-bulk-len. Once that limit is
-    raised the retry succeeds, and each bad entry has exactly one letter."""
+    that carries the second letter, larger than its proto-max-bulk-len (1 MiB: a value of
+    600,000 two-byte characters, within the contract's 1 MiB of characters). Once that
+    limit is raised the retry succeeds, and each bad entry has exactly one letter."""
     small = xadd(rds, with_field(entry(rec=record(0)), "v", "2"))
-    large = [*with_field(entry(rec=record(1)), "v", "2"), b"padding", b"x" * (2 << 20)]
+    large = [*with_field(entry(rec=record(1)), "v", "2"), b"padding", "\u00e9".encode() * 600_000]
     big = xadd(rds, large)
     rds.config_set("proto-max-bulk-len", 1 << 20)
     try:
@@ -468,3 +499,154 @@ async def test_a_bug_while_processing_claimed_entries_is_a_crash(
     formats = [e.get("log_format", "") for e in logged_errors.flush()]
     assert any("The processor loop crashed" in f for f in formats)
     assert not any("Redis unreachable" in f for f in formats)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bug_while_writing_is_a_crash_not_an_outage(
+    processors, rds, pg_dsn, logged_errors, monkeypatch
+):
+    """An exception that is not a PostgreSQL error while writing (a TypeError: a bug) ends
+    the loop as a crash (exit 70 asked for, not ready), instead of being retried for ever
+    as if the database were down."""
+    import teltonika.processor.consumer as consumer_module
+
+    service = processors.start()
+    consumer = service.processor.consumer
+    await eventually(consumer.ready)
+
+    def planted_bug(*args):
+        raise TypeError("planted")
+
+    monkeypatch.setattr(consumer_module, "write_batch", planted_bug)
+    xadd(rds, entry(rec=record(0)))
+    await eventually(lambda: processors.exits == [service])
+    assert consumer.crashed.check(TypeError) and not consumer.ready()
+    assert sample(service, "teltonika_processor_postgres_errors_total", kind="TypeError") == 0
+    assert pending(rds) == 1  # never acknowledged
+    formats = [e.get("log_format", "") for e in logged_errors.flush()]
+    assert any("The processor loop crashed" in f for f in formats)
+    assert not any("PostgreSQL write failed" in f for f in formats)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_database_error_is_retried_not_a_crash(processors, rds, pg_dsn, logged_errors):
+    """Conversely, a PostgreSQL error that is neither a connection loss nor bad data (the
+    table renamed away by an operator) is retried, not ready meanwhile, and everything is written
+    once it is granted again."""
+    service = processors.start()
+    consumer = service.processor.consumer
+    await eventually(consumer.ready)
+    execute(pg_dsn, "ALTER TABLE positions RENAME TO positions_away")
+    xadd(rds, entry(rec=record(0)))
+    errors = "teltonika_processor_postgres_errors_total"
+    await eventually(lambda: sample(service, errors, kind="UndefinedTable") >= 2)
+    assert not consumer.ready() and processors.exits == []
+    execute(pg_dsn, "ALTER TABLE positions_away RENAME TO positions")
+    await eventually(lambda: count(pg_dsn) == 1 and pending(rds) == 0)
+    await eventually(consumer.ready)
+    logged_errors.flush()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_too_slow_for_the_statement_timeout_is_split(
+    processors, rds, pg_dsn, logged_errors
+):
+    """A batch whose INSERT cannot finish within --statement-timeout (a row trigger takes
+    0.1 s per row: 16 rows need 1.6 s, the limit is 0.7 s) is written in smaller
+    transactions after each timeout instead of timing out for ever; every row once."""
+    with psycopg.connect(pg_dsn, autocommit=True) as connection:
+        apply_migrations(connection)
+    execute(
+        pg_dsn,
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN PERFORM pg_sleep(0.1); RETURN NEW; END $$",
+    )
+    execute(
+        pg_dsn,
+        "CREATE TRIGGER slow BEFORE INSERT ON positions FOR EACH ROW EXECUTE FUNCTION slow()",
+    )
+    added = rds.pipeline(transaction=True)
+    for i in range(16):
+        xadd(added, entry(imei=imei(i), rec=record(i)))
+    added.execute()
+    service = processors.start("--batch-size", "16", "--statement-timeout", "0.7")
+    await eventually(lambda: count(pg_dsn) == 16 and pending(rds) == 0, timeout=30)
+    errors = "teltonika_processor_postgres_errors_total"
+    assert sample(service, errors, kind="timeout") >= 1
+    assert service.processor.consumer.ready()
+    logged_errors.flush()
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_entries_end_as_one_bounded_dead_letter(
+    processors, rds, pg_dsn, logged_errors
+):
+    """An entry of 100,000 fields, one whose io is larger than any record (2 MiB) and one
+    with a 2 MiB field the contract does not know each end as one dead letter with reason
+    oversized, holding a bounded part of the entry (the Lua script that writes letters
+    takes at most a few thousand arguments), and the entries around them are written."""
+    good = [xadd(rds, entry(imei=imei(i), rec=record(i))) for i in range(2)]
+    many = entry(imei=imei(5), rec=record(5))
+    for i in range(100_000 - 16):
+        many += [f"x{i}".encode(), b"1"]
+    huge_io = with_field(entry(imei=imei(6), rec=record(6)), "io", '{"1":' + "1" * (2 << 20) + "}")
+    extra = [*entry(imei=imei(7), rec=record(7)), b"note", b"n" * (2 << 20)]
+    bad = [xadd(rds, fields) for fields in (many, huge_io, extra)]
+    good += [xadd(rds, entry(imei=imei(i), rec=record(i))) for i in range(2, 4)]
+    service = processors.start()
+    await eventually(lambda: rds.xlen(DEAD) == 3 and pending(rds) == 0, timeout=30)
+    assert count(pg_dsn) == 4
+    letters = {letter["dead.id"]: letter for _, letter in rds.xrange(DEAD)}
+    assert set(letters) == set(bad)
+    for letter in letters.values():
+        assert letter["dead.reason"] == "oversized"
+        assert len(letter) <= 2 * 64 + 8
+        assert sum(len(k) + len(v) for k, v in letter.items()) <= LETTER_CHARS + 1000
+        assert letter["dead.truncated"]
+    assert "100000 fields" in letters[bad[0]]["dead.detail"]
+    assert letters[bad[0]]["imei"] == imei(5)
+    reason = {"reason": "oversized"}
+    assert sample(service, "teltonika_processor_dead_lettered_total", **reason) == 3
+    assert len(logged_errors.flush(DEAD_FORMAT)) == 3
+    logged_errors.flush()
+
+
+@pytest_twisted.ensureDeferred
+async def test_over_delivered_entries_are_never_lettered_while_postgres_takes_no_writes(
+    processors, rds, pg_dsn, logged_errors
+):
+    """Entries delivered more than --max-deliveries times (restarts, claims during an
+    outage) while PostgreSQL takes no writes (a standby after a failover: read-only) are
+    held and retried, never dead-lettered for their delivery count; once it takes writes
+    again every one is a row."""
+    service = processors.start("--claim-idle", "0.3", "--claim-interval", "0.2")
+    await eventually(service.processor.consumer.ready)
+    database = pg_dsn.rsplit("/", 1)[1]
+    execute(pg_dsn, f"ALTER DATABASE {database} SET default_transaction_read_only = on")
+    execute(
+        pg_dsn,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE application_name = 'teltonika-processor'",
+    )
+    ids = [f"{BASE_MS}-{i}" for i in range(1, 4)]
+    atomic = rds.pipeline(transaction=True)  # read by "dead" before the processor can
+    for i, entry_id in enumerate(ids):
+        atomic.xadd(TELEMETRY_STREAM, dict(pairs(entry(imei=imei(i), rec=record(i)))), entry_id)
+    atomic.xreadgroup("processor", "dead", {TELEMETRY_STREAM: ">"})
+    for _ in range(6):
+        atomic.xclaim(TELEMETRY_STREAM, "processor", "dead", 0, ids)
+    atomic.execute()
+    errors = "teltonika_processor_postgres_errors_total"
+    await eventually(lambda: sample(service, errors, kind="ReadOnlySqlTransaction") >= 3)
+    assert rds.xlen(DEAD) == 0 and count(pg_dsn) == 0
+    with psycopg.connect(pg_dsn, autocommit=True) as connection:
+        connection.execute("SET default_transaction_read_only = off")
+        connection.execute(f"ALTER DATABASE {database} RESET default_transaction_read_only")
+    execute(
+        pg_dsn,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE application_name = 'teltonika-processor'",
+    )
+    await eventually(lambda: count(pg_dsn) == 3 and pending(rds) == 0, timeout=30)
+    assert rds.xlen(DEAD) == 0
+    logged_errors.flush()

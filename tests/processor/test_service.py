@@ -104,6 +104,32 @@ def test_switch_interval_is_restored_at_stop():
         sys.setswitchinterval(before)
 
 
+def test_switch_interval_is_restored_once_by_the_last_service():
+    """Two processor services in one process: the interval is restored to the original
+    (not to the one the first service set) when the last one stops, never while one
+    still runs; a service restarted, or stopped twice, counts once."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.004)
+    try:
+        first, _, _, _ = make(succeed(None))
+        second, _, _, _ = make(succeed(None))
+        assert sys.getswitchinterval() == SWITCH_INTERVAL
+        first.stopService()
+        first.stopService()
+        assert sys.getswitchinterval() == SWITCH_INTERVAL  # the second still runs
+        first.startService()
+        first.stopService()
+        assert sys.getswitchinterval() == SWITCH_INTERVAL
+        second.stopService()
+        assert sys.getswitchinterval() == 0.004
+        first.startService()
+        assert sys.getswitchinterval() == SWITCH_INTERVAL
+        first.stopService()
+        assert sys.getswitchinterval() == 0.004
+    finally:
+        sys.setswitchinterval(before)
+
+
 def test_a_crashed_consumer_makes_the_process_exit(logged_errors):
     """When the consumer's loop ends because it crashed, the service logs it as critical and
     asks for the non-zero exit; a loop that ended normally asks for nothing."""
@@ -115,6 +141,9 @@ def test_a_crashed_consumer_makes_the_process_exit(logged_errors):
     (event,) = logged_errors.flush()
     assert "exiting with status {status}" in event["log_format"] and event["status"] == 70
 
+    service.stopService()
+
     service, _, exits, _ = make(Deferred())
     service.consumer.ended.callback(None)
     assert exits == []
+    service.stopService()

@@ -70,6 +70,22 @@ def test_timeout_defaults_follow_a_short_claim_idle(monkeypatch):
     monkeypatch.delenv("TELTONIKA_POSTGRES_DSN", raising=False)
     o = parse("--postgres", "x", "--claim-idle", "12")
     assert (o["statement-timeout"], o["lock-timeout"]) == (3.0, 1.0)
+    assert o["refresh-interval"] == 3.0
+    assert parse("--postgres", "x")["refresh-interval"] == 5.0
+
+
+def test_refresh_interval_is_at_most_half_of_claim_idle(monkeypatch):
+    """A held entry idles up to one refresh interval (plus one refresh's duration): the
+    interval must leave half of --claim-idle for that, and reaches the consumer."""
+    monkeypatch.delenv("TELTONIKA_POSTGRES_DSN", raising=False)
+    o = parse("--postgres", "x", "--claim-idle", "10", "--refresh-interval", "5")
+    assert o["refresh-interval"] == 5.0
+    service = makeService(o)
+    assert service.processor.consumer.config.refresh_interval == 5.0
+    with pytest.raises(usage.UsageError, match="at most half of --claim-idle"):
+        parse("--postgres", "x", "--claim-idle", "10", "--refresh-interval", "5.01")
+    with pytest.raises(usage.UsageError):
+        parse("--postgres", "x", "--refresh-interval", "0")
 
 
 def test_overrides_and_metrics_forms(monkeypatch):
@@ -132,6 +148,7 @@ def test_help_documents_every_option_with_its_default():
         "--statement-timeout",
         "--lock-timeout",
         "--retire-idle-consumers",
+        "--refresh-interval",
         "TELTONIKA_POSTGRES_DSN",
     ):
         assert name in text

@@ -25,6 +25,7 @@ from teltonika.redis.durability import (
     ConnectionChangedError,
     Durability,
     DurabilityError,
+    ReplicasNotConfirmedError,
     check_durability,
     parse_version,
     waitaof_ok,
@@ -503,3 +504,52 @@ def test_a_batch_built_before_a_check_changed_the_mode_is_not_acked() -> None:
     successResultOf(d)
     closing = Deferred.fromCoroutine(sink.close())
     successResultOf(closing)
+
+
+@pytest_twisted.ensureDeferred
+async def test_replicated_waits_for_connected_replicas(
+    txredis: Any, fsync_redis: Any, logged_errors: Any
+) -> None:
+    """replicated is refused while the master has no replica; with one connected, batches
+    go out over four named writer connections and WAIT confirms each; once the replica
+    is gone a batch is not ACKed (WAIT counts 0 within the timeout), the metric counts it
+    and the check it triggers turns the sink not ready."""
+    from tests.servers import RedisServer
+
+    with pytest.raises(DurabilityError, match="0 replica"):
+        await check_durability(txredis, "replicated")
+    replica = RedisServer(extra=["--replicaof", "127.0.0.1", str(fsync_redis.port)]).start()
+    opened: list[Any] = []
+    sink: RedisStreamSink | None = None
+
+    def connect() -> Any:
+        opened.append(lazy_connection(parse_redis_url(fsync_redis.url), reply_timeout=2.0))
+        return opened[-1]
+
+    try:
+        await _wait_until(lambda: "state=online" in fsync_redis.cli("INFO", "replication"))
+        sink = _sink(
+            txredis,
+            durability="replicated",
+            replica_timeout=0.3,
+            connect=connect,
+            durability_interval=60,
+        )
+        await sink.start()
+        assert sink.durability is Durability.REPLICATED and len(opened) == 3
+        clients = fsync_redis.cli("CLIENT", "LIST")
+        assert clients.count(f"name={CONNECTION_NAME}") == 4
+        await sink.publish(IMEI, "8", (record(),), 1)
+        replica.kill()
+        await _wait_until(lambda: "connected_slaves:0" in fsync_redis.cli("INFO", "replication"))
+        with pytest.raises(ReplicasNotConfirmedError, match="0 of 1"):
+            await sink.publish(IMEI, "8", (record(),), 2)
+        await _wait_until(lambda: not sink.ready())
+        assert sink.metrics.sink_replicas_unconfirmed._value.get() == 1
+    finally:
+        replica.cleanup()
+        if sink is not None:
+            await sink.close()  # closes the writer connections it opened
+    logged_errors.flush(
+        "Redis no longer gives the durability asked for; refusing frames until it does: {why}"
+    )

@@ -88,7 +88,10 @@ def test_parsing() -> None:
         (["--port", "bogus:1"], "--port must be a port number or an endpoint"),
         (["--redis", "http://x"], "--redis: Redis URL must start with redis://"),
         (["--redis-durability", "fsync"], "--redis-durability applies only with --redis"),
-        (["--redis", "redis://x", "--redis-durability", "disk"], "must be memory or fsync"),
+        (
+            ["--redis", "redis://x", "--redis-durability", "disk"],
+            "must be one of memory, fsync, replicated",
+        ),
         (["--stream-maxlen", "5"], "--stream-maxlen applies only with --redis"),
         (["--devices", "ldap:x"], "--devices must be 'open', 'file:PATH' or 'redis:KEY'"),
         (["--devices", "redis:k"], "--devices redis:KEY needs --redis"),

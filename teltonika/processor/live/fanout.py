@@ -20,7 +20,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from teltonika.processor.live.hub import Hub
-from teltonika.processor.live.messages import LivePosition, position_from_fields
+from teltonika.processor.live.messages import LivePosition, position_from_entry
 from teltonika.processor.live.metrics import LiveMetrics
 
 SECONDS: Final = 1.0
@@ -30,13 +30,6 @@ RETRY_MAX: Final = 5 * SECONDS
 
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def entry_fields(flat: Any) -> dict[Any, Any]:
-    """A ``field value field value ...`` list as a dict (anything else: empty)."""
-    if not isinstance(flat, list):
-        return {}
-    return dict(zip(flat[0::2], flat[1::2], strict=False))
 
 
 def last_generated_id(info: Any) -> str:
@@ -174,7 +167,11 @@ class FanoutReader:
         positions: list[LivePosition] = []
         unusable = 0
         for entry in entries:
-            position = position_from_fields(entry_fields(entry[1]))
+            try:
+                position = position_from_entry(_text(entry[0]), entry[1])
+            except Exception:  # a bug in the check must not stop the reader: skip, say so
+                self._log.failure("Live fan-out could not read entry {entry}", entry=entry[0])
+                position = None
             if position is None:
                 unusable += 1
             else:

@@ -11,8 +11,9 @@ subscriber of the topic.
 Ordering (README.rst, "Live positions", the ordering rule): :meth:`Hub.attach` flushes
 the topic's pending batch to the existing subscribers, reads the latest map, registers the
 subscription and writes its snapshot, all in one synchronous call. Everything broadcast
-afterwards moved the map forward after that read, so it is strictly newer than the
-snapshot for its device; nothing older or equal can follow.
+afterwards moved the map forward after that read, so it is strictly later (by the
+processor's "latest" key, :attr:`LivePosition.key`) than the snapshot for its device;
+nothing earlier or equal can follow.
 
 A client that stops reading (its transport paused us) is not written to: its
 subscriptions keep only the newest position per device and count the ones they replaced,
@@ -63,13 +64,16 @@ class Subscription:
         self.topic: Topic | None = None
         self.held: dict[str, LivePosition] = {}
         self.skipped = 0
+        self.prefix = positions_parts(request_id, 0, b"")[0]
+        """What precedes the shared array in this subscription's ``positions`` messages
+        (``skipped`` 0), encoded once rather than once per message."""
 
     def deliver(
         self, array: bytes, positions: Sequence[LivePosition], metrics: LiveMetrics
     ) -> None:
         """One flushed batch: sent as it is, or conflated while the client is not reading."""
         if not self.outlet.paused and not self.held:
-            self.outlet.send(positions_parts(self.id, 0, array), "positions")
+            self.outlet.send((self.prefix, array, b"}"), "positions")
             return
         held = self.held
         replaced = 0
@@ -87,7 +91,7 @@ class Subscription:
         """Send what was held while the client was not reading, with ``skipped``."""
         if not self.held:
             return
-        held = sorted(self.held.values(), key=lambda p: p.ts)
+        held = sorted(self.held.values(), key=lambda p: p.key)
         skipped, self.held, self.skipped = self.skipped, {}, 0
         self.outlet.send(
             encode_positions(self.id, skipped, encode_positions_array(held)), "positions"

@@ -8,9 +8,17 @@ anything older than or equal to its snapshot: that is how the ordering rule of R
 
 Rules, per device:
 
-* a position newer (``ts``) than the entry replaces it (:data:`ADVANCED`);
-* an equal ``ts`` is a duplicate and an older one a late record: they only move
-  ``seen`` forward (:data:`SEEN`, or :data:`UNCHANGED` when ``seen`` did not move);
+* a position later than the entry replaces it (:data:`ADVANCED`). "Later" is the
+  processor's rule for a device's latest position (:attr:`LivePosition.key`, from
+  :func:`teltonika.processor.state.make_latest_key`): the newer ``ts``; within one
+  ``ts`` an event record before a periodic one, then the higher priority, then the
+  higher record hash. The same rule orders the rows loaded from PostgreSQL
+  (``LATEST_ORDER``) and the writer's per-device state, so whatever order records
+  arrive in, the map ends on the record ``SELECT ... ORDER BY LATEST_ORDER LIMIT 1``
+  returns;
+* an equal key is the same record again (a resend) and an earlier one a late record:
+  they only move ``seen`` forward (:data:`SEEN`, or :data:`UNCHANGED` when ``seen`` did
+  not move);
 * a position more than ``max_future_ms`` ahead of the server clock is ignored apart from
   ``seen`` (:data:`FUTURE`): a tracker with a bad clock must not pin its marker.
 
@@ -103,14 +111,14 @@ class LatestMap:
         if position.ts > now_ms + self.max_future_ms:
             return FUTURE
         current = latest.position
-        if current is None or position.ts > current.ts:
+        if current is None or position.key > current.key:
             latest.position = position
             return ADVANCED
         return SEEN if seen_moved else UNCHANGED
 
     def hydrate(self, device: str, position: LivePosition | None, now_ms: int) -> None:
         """Merge what PostgreSQL holds for *device* (None: no row). Live updates that
-        arrived while the query ran are already in the map; the newer ``ts`` wins."""
+        arrived while the query ran are already in the map; the later key wins."""
         if position is not None and position.ts > now_ms + self.max_future_ms:
             position = None
         latest = self._devices.get(device)
@@ -121,7 +129,7 @@ class LatestMap:
             return
         if position is None:
             return
-        if latest.position is None or position.ts > latest.position.ts:
+        if latest.position is None or position.key > latest.position.key:
             latest.position = position
         if latest.seen is None or position.rx > latest.seen:
             latest.seen = position.rx

@@ -4,7 +4,9 @@ The fan-out reader starts at the end of the stream, so a device that has not sen
 this processor started is not in the latest map. When a subscription needs it, its newest
 stored row is read (one ``DISTINCT ON`` query for all such devices of the subscription)
 and merged into the map: live positions that arrived while the query ran are already in
-the map, and the newer ``ts`` wins. A device without any row is remembered as such.
+the map, and the later one wins by the processor's "latest" rule (the row carries the
+event id, priority and record hash the rule needs, and the query picks each device's row
+with that same rule, ``LATEST_ORDER``). A device without any row is remembered as such.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ SELECT DISTINCT ON (device_id)
        device_id,
        (extract(epoch from ts) * 1000)::bigint,
        (extract(epoch from received_at) * 1000)::bigint,
-       latitude::float8, longitude::float8, altitude, speed, angle, satellites
+       latitude::float8, longitude::float8, altitude, speed, angle, satellites,
+       event_io_id, priority, record_hash
   FROM positions
  WHERE device_id = ANY(%s) AND ts <= to_timestamp(%s::float8 / 1000)
  ORDER BY device_id, {LATEST_ORDER}
@@ -37,7 +40,7 @@ with a bad clock must not pin the device here either); among rows of the same in
 the one the processor's state and rehydration call the latest
 (:data:`teltonika.processor.state.LATEST_ORDER`)."""
 
-Row = tuple[str, int, int, float, float, int, int, int, int]
+Row = tuple[str, int, int, float, float, int, int, int, int, int, int, int]
 Runner = Callable[..., Deferred[Any]]
 
 
@@ -82,11 +85,23 @@ class LatestLoader:
         )
         now = self.now_ms()
         found = set()
-        for device, ts, rx, lat, lon, alt, speed, angle, sats in rows:
+        for device, ts, rx, lat, lon, alt, speed, angle, sats, event, priority, key in rows:
             found.add(device)
-            self.latest.hydrate(
-                device, make_position(device, ts, rx, lat, lon, alt, speed, angle, sats), now
+            position = make_position(
+                device,
+                ts,
+                rx,
+                lat,
+                lon,
+                alt,
+                speed,
+                angle,
+                sats,
+                event_io_id=event,
+                priority=priority,
+                record_hash=key,
             )
+            self.latest.hydrate(device, position, now)
         for device in missing:
             if device not in found:
                 self.latest.hydrate(device, None, now)

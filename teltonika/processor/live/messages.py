@@ -7,10 +7,12 @@ One UTF-8 JSON object per WebSocket text frame. README.rst, "Live positions", an
   :class:`Unsubscribe` or :class:`Ping`, or raises :class:`RequestError` carrying the
   error code the connection answers with. Every byte comes from the network, so it never
   raises anything else (hypothesis checks that).
-* :func:`position_from_fields` turns one stream entry (the record contract's fields) into
-  a :class:`LivePosition`, or None when the entry lacks a field or a value has the wrong
-  shape. The position's JSON is encoded once, here, and shared by every message it goes
-  into.
+* :func:`position_from_entry` (and :func:`position_from_fields`) turns one stream entry
+  into a :class:`LivePosition`, or None when the entry breaks the record contract (the
+  writer's own check, :mod:`teltonika.processor.entries`, so the broadcast shows exactly
+  the records PostgreSQL will hold, with the same record hash). The position's JSON is
+  encoded once, here, and shared by every message it goes into; its :attr:`LivePosition.key`
+  is the processor's "latest" key (:func:`teltonika.processor.state.make_latest_key`).
 * the ``encode_*`` functions build server messages as bytes.
 
 Times are integer epoch milliseconds; latitude and longitude are JSON numbers with at
@@ -25,6 +27,9 @@ from typing import Final
 
 import attrs
 import orjson
+
+from teltonika.processor.entries import ContractError, Position, parse_entry, parse_fields
+from teltonika.processor.state import LatestKey, make_latest_key
 
 SUBPROTOCOL: Final = "teltonika-live.v1"
 VERSION: Final = 1
@@ -73,8 +78,6 @@ COMPLETE_SHUTDOWN: Final = "SHUTDOWN"
 MAX_ID_CHARS: Final = 64
 MAX_EVENT_CHARS: Final = 64
 _IMEI: Final = re.compile(r"[0-9]{15}")
-_INT: Final = re.compile(r"-?[0-9]{1,18}")
-_DEGREES: Final = re.compile(r"-?[0-9]{1,3}(?:\.[0-9]{1,7})?")
 _EVENT: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
@@ -179,6 +182,10 @@ def parse_request(payload: bytes, max_devices: int) -> Request:
 class LivePosition:
     """One record as the live broadcast sends it.
 
+    :ivar key: where the record stands among the device's records: the processor's
+        "latest" key (``ts``, then an event record before a periodic one, then priority,
+        then record hash; :mod:`teltonika.processor.state`). Larger is later; equal is
+        the same record.
     :ivar wire: this position's JSON object as bytes (with ``device``), encoded once.
     """
 
@@ -191,6 +198,7 @@ class LivePosition:
     speed: int
     heading: int
     sats: int
+    key: LatestKey
     wire: bytes = attrs.field(eq=False, repr=False)
 
     @property
@@ -224,9 +232,14 @@ def make_position(
     speed: int,
     heading: int,
     sats: int,
+    *,
+    event_io_id: int,
+    priority: int,
+    record_hash: int,
 ) -> LivePosition:
     """A :class:`LivePosition` with its JSON encoded (latitude/longitude rounded to the
-    contract's 7 decimals, so a binary float never shows 15 digits)."""
+    contract's 7 decimals, so a binary float never shows 15 digits) and its key. The
+    three keyword values are not sent: they only decide between records of one instant."""
     lat = round(lat, 7)
     lon = round(lon, 7)
     wire = orjson.dumps(
@@ -243,42 +256,52 @@ def make_position(
             "rx": rx,
         }
     )
-    return LivePosition(device, ts, rx, lat, lon, alt, speed, heading, sats, wire)
+    key = make_latest_key(ts, event_io_id, priority, record_hash)
+    return LivePosition(device, ts, rx, lat, lon, alt, speed, heading, sats, key, wire)
 
 
-_POSITION_FIELDS: Final = (
-    ("imei", _IMEI),
-    ("timestamp_ms", _INT),
-    ("received_at_ms", _INT),
-    ("latitude", _DEGREES),
-    ("longitude", _DEGREES),
-    ("altitude", _INT),
-    ("speed", _INT),
-    ("angle", _INT),
-    ("satellites", _INT),
-)
-
-
-def position_from_fields(fields: Mapping[str, object]) -> LivePosition | None:
-    """The live position of one stream entry, or None when the entry is not a usable
-    record (a field missing, not text, or not of the contract's form).
-
-    The writer's full contract check (and its dead-letter stream) stays the judge of
-    what is stored; the live broadcast only skips what it cannot show.
-    """
-    values: list[str] = []
-    for name, pattern in _POSITION_FIELDS:
-        value = fields.get(name)
-        if type(value) is not str or pattern.fullmatch(value) is None:
-            return None
-        values.append(value)
-    imei, ts, rx, lat, lon, alt, speed, angle, sats = values
-    latitude, longitude = float(lat), float(lon)
+def position_from_record(record: Position) -> LivePosition | None:
+    """The live position of a record that passed the contract check, or None when its
+    coordinates are off the globe (the contract bounds their digits, not their range)."""
+    latitude, longitude = float(record.latitude), float(record.longitude)
     if not (-90.0 <= latitude <= 90.0 and -180.0 <= longitude <= 180.0):
         return None
     return make_position(
-        imei, int(ts), int(rx), latitude, longitude, int(alt), int(speed), int(angle), int(sats)
+        record.device_id,
+        record.timestamp_ms,
+        record.received_at_ms,
+        latitude,
+        longitude,
+        int(record.altitude),
+        int(record.speed),
+        int(record.angle),
+        int(record.satellites),
+        event_io_id=int(record.event_io_id),
+        priority=int(record.priority),
+        record_hash=record.record_hash,
     )
+
+
+def position_from_entry(entry_id: str, flat: object) -> LivePosition | None:
+    """The live position of one stream entry as Redis replies it (``field value ...``),
+    or None when the entry breaks the record contract: the writer dead-letters it, so
+    it is never anyone's latest position."""
+    if not isinstance(flat, list):
+        return None
+    try:
+        record = parse_fields(entry_id, flat)
+    except ContractError:
+        return None
+    return position_from_record(record)
+
+
+def position_from_fields(fields: Mapping[str, object]) -> LivePosition | None:
+    """:func:`position_from_entry` for an entry already read into a mapping."""
+    try:
+        record = parse_entry("", fields)
+    except ContractError:
+        return None
+    return position_from_record(record)
 
 
 # -- server messages -------------------------------------------------------------------

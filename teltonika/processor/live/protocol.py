@@ -42,6 +42,7 @@ from teltonika.processor.live.interfaces import (
 from teltonika.processor.live.loader import LatestLoader
 from teltonika.processor.live.metrics import LiveMetrics
 from teltonika.processor.live.session import Greeting, Limits, LiveSession
+from teltonika.processor.live.socketwrite import DirectWriter
 
 SECONDS: Final = 1.0
 MAX_QUEUED_BYTES: Final = 4 * 1024 * 1024
@@ -92,6 +93,7 @@ class LiveServerProtocol(WebSocketServerProtocol):
         self.queued: list[tuple[bytes, str]] = []
         self.queued_bytes = 0
         self.last_sent = 0.0
+        self.writer: DirectWriter | None = None
         self._evict_call: IDelayedCall | None = None
 
     # -- handshake ---------------------------------------------------------------------
@@ -186,6 +188,7 @@ class LiveServerProtocol(WebSocketServerProtocol):
             transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         transport.unregisterProducer()  # twisted.web's channel, which handed us the socket
         transport.registerProducer(self, True)
+        self.writer = DirectWriter(transport)
         self.session = factory.new_session(self, self.user)
         factory.open.add(self)
         self.session.open()
@@ -213,9 +216,14 @@ class LiveServerProtocol(WebSocketServerProtocol):
         # copy the payload twice per client (join, then frame) and apply the inbound
         # message limit to outbound messages too. A server frame is unmasked and we use
         # no extension, so a frame is its header followed by the parts: the positions
-        # array encoded once per event goes to every subscriber without a copy.
-        transport: Any = self.transport
-        transport.writeSequence((text_frame_header(size), *parts))
+        # array encoded once per event goes to every subscriber without a copy, with one
+        # sendmsg while nothing is queued (:mod:`~teltonika.processor.live.socketwrite`).
+        header = text_frame_header(size)
+        if self.writer is not None:
+            self.writer.write((header, *parts), len(header) + size)
+        else:
+            transport: Any = self.transport
+            transport.writeSequence((header, *parts))
         self.factory.count_sent(kind, size)
         self.last_sent = self.factory.clock.seconds()
 

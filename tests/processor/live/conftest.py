@@ -200,7 +200,9 @@ class Env:
             pipe.xadd(TELEMETRY_STREAM, fields)  # type: ignore[arg-type]
         return pipe.execute()
 
-    def insert_row(self, device: str, ts: int, lat: float, lon: float) -> None:
+    def insert_row(
+        self, device: str, ts: int, lat: float, lon: float, event_io_id: int = 0
+    ) -> None:
         """A stored row (what an earlier run of the writer left in positions)."""
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             conn.execute(
@@ -209,11 +211,11 @@ class Env:
                 "instance_id, io, record_hash) SELECT *, teltonika_record_hash(ts, latitude,"
                 " longitude, altitude, angle, speed, satellites, priority, event_io_id, NULL,"
                 " io) FROM (VALUES (%s, to_timestamp(%s / 1000.0), to_timestamp(%s / 1000.0),"
-                " %s::numeric, %s::numeric, 10, 45, 30, 7, 0::smallint, 0, '8', 'old',"
+                " %s::numeric, %s::numeric, 10, 45, 30, 7, 0::smallint, %s, '8', 'old',"
                 " '{}'::jsonb)) AS row (device_id, ts, received_at, latitude, longitude,"
                 " altitude, angle, speed, satellites, priority, event_io_id, codec,"
                 " instance_id, io)",
-                (device, ts, ts + 1000, lat, lon),
+                (device, ts, ts + 1000, lat, lon, event_io_id),
             )
 
     def close(self) -> None:

@@ -35,6 +35,8 @@ def entry(
     speed: int = 40,
     angle: int = 90,
     sats: int = 9,
+    event_io_id: int = 0,
+    priority: int = 0,
 ) -> dict[str, str]:
     """A record contract v1 entry (the fields the ingestion server writes)."""
     return {
@@ -49,8 +51,8 @@ def entry(
         "angle": str(angle),
         "speed": str(speed),
         "satellites": str(sats),
-        "priority": "0",
-        "event_io_id": "0",
+        "priority": str(priority),
+        "event_io_id": str(event_io_id),
         "generation_type": "",
         "instance_id": "live-test",
         "io": "{}",

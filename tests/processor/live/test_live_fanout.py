@@ -66,3 +66,37 @@ async def test_reader_follows_the_stream_across_a_redis_restart() -> None:
         await reader.stop()
         client.close()
         server.cleanup()
+
+
+def test_a_failing_entry_check_skips_the_entry_not_the_reader(
+    monkeypatch: Any, logged_errors: Any
+) -> None:
+    """An entry whose check raises (a bug, not a contract breach) is counted as skipped
+    and logged; the entries after it still go to the hub and the cursor moves on."""
+    from twisted.internet.task import Clock
+
+    from teltonika.processor.live import fanout
+
+    real = fanout.position_from_entry
+
+    def flaky(entry_id: str, flat: object) -> Any:
+        if entry_id == "2-0":
+            raise RuntimeError("a bug")
+        return real(entry_id, flat)
+
+    monkeypatch.setattr(fanout, "position_from_entry", flaky)
+    metrics = LiveMetrics(CollectorRegistry())
+    latest = LatestMap(100, 300_000)
+    clock = Clock()
+    hub = Hub(latest, clock, metrics, now_ms)
+    reader = FanoutReader(lambda: None, TELEMETRY_STREAM, hub, clock, now_ms, metrics)
+    base = now_ms()
+    entries = [
+        (f"{k}-0", [x for pair in entry(imei(k), base + k).items() for x in pair])
+        for k in (1, 2, 3)
+    ]
+    reader.handle(entries)
+    assert reader.cursor == "3-0"
+    assert metrics.fanout_skipped._value.get() == 1
+    assert imei(1) in latest and imei(3) in latest and imei(2) not in latest
+    assert len(logged_errors.flush("Live fan-out could not read entry {entry}")) == 1

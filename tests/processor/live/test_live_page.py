@@ -103,7 +103,8 @@ def test_page_lists_states_ages_and_never_moves_back(
     live_env: Env, page_proc: LiveProcessor, browser: webdriver.Chrome, tmp_path: Path
 ) -> None:
     """Three devices (live, stale, offline) in state order with their ages; a late
-    record sent after a newer one does not move the live marker back; the page is served
+    record sent after a newer one does not move the live marker back, an event record of
+    the same second as the newest replaces it; the page is served
     with a strict CSP and nosniff. The screenshot is kept as a test artifact."""
     now = now_ms()
     track = [(now - 20_000 + i * 5_000, f"41.32{70 + i}", f"19.81{80 + i}") for i in range(4)]
@@ -129,11 +130,13 @@ def test_page_lists_states_ages_and_never_moves_back(
     live_env.xadd(
         entry(LIVE, newest, lat="41.3290", lon="19.8190"),
         entry(LIVE, newest - 60_000, lat="41.0000", lon="19.0000"),  # late: must not show
+        # the same second's event record: later by the processor's rule, so it replaces
+        entry(LIVE, newest, lat="41.3291", lon="19.8191", event_io_id=239),
         # read after the late record (stream order): once it shows, the late one was seen
         entry(STALE, now - 110_000, lat="41.3302", lon="19.8100", angle=180, speed=0),
     )
     wait(lambda: rows(browser)[STALE]["lat"] == "41.3302")
-    assert rows(browser)[LIVE]["lat"] == "41.329"
+    assert rows(browser)[LIVE]["lat"] == "41.3291"
     banner = browser.find_element(By.ID, "banner").text
     assert banner.startswith("Connected to live-page")
     shot = tmp_path / "live-page.png"

@@ -9,17 +9,20 @@ import threading
 import time
 from typing import Any
 
+import psycopg
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
+from teltonika.processor.state import LATEST_ORDER
 from tests.processor.live.conftest import (
     SUBPROTOCOL,
     Env,
     LiveProcessor,
     connect,
     entry,
+    eventually,
     imei,
     now_ms,
     wait_table,
@@ -177,6 +180,82 @@ async def test_devices_subscription_forbidden_event_ping_tick(
     assert pong["id"] == "p7" and isinstance(pong["now"], int)
     tick = await client.next("tick", timeout=5)
     assert isinstance(tick["now"], int)
+
+
+SAME_TS_CASES = [
+    ("periodic", "event", False),
+    ("event", "periodic", False),
+    ("periodic", "event", True),
+    ("event", "periodic", True),
+]
+
+
+@pytest.mark.parametrize("first, second, first_stored", SAME_TS_CASES)
+@pytest_twisted.ensureDeferred
+async def test_same_ts_ends_on_the_record_postgresql_calls_latest(
+    live_env: Env,
+    proc: LiveProcessor,
+    clients: list[Any],
+    first: str,
+    second: str,
+    first_stored: bool,
+) -> None:
+    """Two records of one device with the same ts, an event record and a periodic one,
+    in either order, the first live or already in PostgreSQL (then the snapshot comes from
+    the loader): the subscriber is shown the event record last, the same row
+    ``ORDER BY LATEST_ORDER`` returns once the writer stored both, and a later subscriber's
+    snapshot holds it too. The periodic record arriving second is not sent at all."""
+    device = imei(40 + SAME_TS_CASES.index((first, second, first_stored)))
+    marker = imei(49)
+    ts = now_ms() - 2_000
+    lat = {"periodic": "41.1111111", "event": "41.2222222"}
+    event_io = {"periodic": 0, "event": 239}
+    if first_stored:
+        live_env.insert_row(device, ts, float(lat[first]), 19.5, event_io_id=event_io[first])
+    else:
+        live_env.xadd(entry(device, ts, lat=lat[first], event_io_id=event_io[first]))
+        await eventually(lambda: stored_rows(live_env, device) == 1)
+    client = await connect(proc.port)
+    clients.append(client)
+    await client.next("hello")
+    client.send({"type": "subscribe", "id": "s", "devices": [device, marker]})
+    snapshot = await client.next("snapshot")
+    shown = [d["position"] for d in snapshot["devices"] if d["device"] == device]
+    assert shown[0] is not None and shown[0]["lat"] == float(lat[first])
+    live_env.xadd(
+        entry(device, ts, lat=lat[second], event_io_id=event_io[second]),
+        entry(marker, now_ms()),  # read after the second record: its arrival ends the wait
+    )
+    while True:
+        message = await client.next("positions")
+        shown += [p for p in message["positions"] if p["device"] == device]
+        if any(p["device"] == marker for p in message["positions"]):
+            break
+    assert [(p["ts"], p["lat"]) for p in shown] == [(ts, float(lat[first]))] + (
+        [(ts, float(lat["event"]))] if second == "event" else []
+    )
+    await eventually(lambda: stored_rows(live_env, device) == 2)
+    with psycopg.connect(live_env.dsn, autocommit=True) as conn:
+        (stored_lat,) = conn.execute(
+            f"SELECT latitude::float8 FROM positions WHERE device_id = %s"
+            f" ORDER BY {LATEST_ORDER} LIMIT 1",
+            (device,),
+        ).fetchone()
+    assert stored_lat == shown[-1]["lat"] == float(lat["event"])
+    later = await connect(proc.port)
+    clients.append(later)
+    await later.next("hello")
+    later.send({"type": "subscribe", "id": "t", "devices": [device]})
+    again = await later.next("snapshot")
+    assert again["devices"][0]["position"]["lat"] == stored_lat
+
+
+def stored_rows(live_env: Env, device: str) -> int:
+    with psycopg.connect(live_env.dsn, autocommit=True) as conn:
+        (count,) = conn.execute(
+            "SELECT count(*) FROM positions WHERE device_id = %s", (device,)
+        ).fetchone()
+    return int(count)
 
 
 @pytest_twisted.ensureDeferred

@@ -16,6 +16,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from teltonika.contract import FIELDS
+from teltonika.processor.entries import Position, parse_entry
 from teltonika.processor.live import messages as m
 from teltonika.processor.live.cache import SingleFlightCache
 from teltonika.processor.live.handshake import (
@@ -27,13 +29,37 @@ from teltonika.processor.live.hub import Hub, Subscription
 from teltonika.processor.live.latest import ADVANCED, FUTURE, SEEN, UNCHANGED, LatestMap
 from teltonika.processor.live.loader import LatestLoader
 from teltonika.processor.live.metrics import LiveMetrics
+from teltonika.processor.state import DeviceState, latest_key
+from tests.processor.live.feeder import entry
 
 DEVICE = "352093081234567"
 NOW = 1_800_000_000_000
 
 
-def pos(ts: int, device: str = DEVICE, rx: int | None = None, lat: float = 41.0) -> m.LivePosition:
-    return m.make_position(device, ts, ts + 100 if rx is None else rx, lat, 19.0, 10, 5, 90, 7)
+def pos(
+    ts: int,
+    device: str = DEVICE,
+    rx: int | None = None,
+    lat: float = 41.0,
+    *,
+    event_io_id: int = 0,
+    priority: int = 0,
+    record_hash: int = 0,
+) -> m.LivePosition:
+    return m.make_position(
+        device,
+        ts,
+        ts + 100 if rx is None else rx,
+        lat,
+        19.0,
+        10,
+        5,
+        90,
+        7,
+        event_io_id=event_io_id,
+        priority=priority,
+        record_hash=record_hash,
+    )
 
 
 # -- messages -----------------------------------------------------------------------------
@@ -88,41 +114,34 @@ def test_parser_takes_any_object(message: dict[str, Any]) -> None:
 
 @given(
     st.dictionaries(
-        st.sampled_from(
-            [
-                "imei",
-                "timestamp_ms",
-                "received_at_ms",
-                "latitude",
-                "longitude",
-                "altitude",
-                "speed",
-                "angle",
-                "satellites",
-            ]
-        ),
+        st.sampled_from(FIELDS),
         st.text(max_size=25) | st.binary(max_size=5) | st.none(),
-    )
+        max_size=6,
+    ),
+    st.sets(st.sampled_from(FIELDS), max_size=3),
 )
-def test_position_from_any_fields(fields: dict[str, Any]) -> None:
-    """Any entry gives a position or None, never an exception."""
+def test_position_from_any_fields(changed: dict[str, Any], removed: set[str]) -> None:
+    """Any entry (a valid one with values replaced or removed) gives a position or None,
+    never an exception; a position is exactly the writer's record (same key)."""
+    fields: dict[str, Any] = {**entry(DEVICE, NOW), **changed}
+    for name in removed:
+        fields.pop(name, None)
     position = m.position_from_fields(fields)
+    flat = [x for pair in fields.items() for x in pair]
+    assert m.position_from_entry("1-0", flat) == position
     if position is not None:
         assert orjson.loads(position.wire)["device"] == position.device
+        assert position.key == latest_key(parse_entry("1-0", fields))
 
 
 def test_position_wire_format() -> None:
     """Coordinates are JSON numbers with at most 7 decimals; fix follows satellites."""
     fields = {
-        "imei": DEVICE,
-        "timestamp_ms": "1778572801000",
-        "received_at_ms": "1778572801377",
-        "latitude": "41.3276001",
+        **entry(DEVICE, 1778572801000, rx=1778572801377, lat="41.3276001", sats=0),
         "longitude": "-19.8189002",
         "altitude": "-5",
         "speed": "64",
         "angle": "272",
-        "satellites": "0",
     }
     position = m.position_from_fields(fields)
     assert position is not None
@@ -139,7 +158,9 @@ def test_position_wire_format() -> None:
         "rx": 1778572801377,
     }
     assert m.position_from_fields({**fields, "latitude": "91"}) is None
-    assert m.make_position(DEVICE, 1, 1, 1 / 3, 2 / 3, 0, 0, 0, 1).lat == 0.3333333
+    assert m.position_from_fields({**fields, "v": "2"}) is None  # the writer dead-letters it
+    assert m.position_from_entry("1-0", "not a list") is None
+    assert pos(1, lat=1 / 3).lat == 0.3333333
     array = m.encode_positions_array([position, position])
     message = orjson.loads(m.encode_positions('a"b', 3, array))
     assert message["id"] == 'a"b' and message["skipped"] == 3 and len(message["positions"]) == 2
@@ -180,7 +201,7 @@ def test_loaded_rows_merge_with_live_updates(live_ts: int, stored_ts: int, expec
     other = "4" * 15
     done = Deferred.fromCoroutine(loader.ensure([DEVICE, other]))
     hub.receive([pos(live_ts)])  # buffered in the map while PostgreSQL answers
-    query.callback([(DEVICE, stored_ts, stored_ts, 41.5, 19.5, 1, 2, 3, 4)])
+    query.callback([(DEVICE, stored_ts, stored_ts, 41.5, 19.5, 1, 2, 3, 4, 0, 0, 0)])
     assert done.called and len(calls) == 1 and calls[0][0] == [DEVICE, other]
     entry = latest.get(DEVICE)
     assert entry is not None and entry.position is not None and entry.position.ts == expected
@@ -188,6 +209,133 @@ def test_loaded_rows_merge_with_live_updates(live_ts: int, stored_ts: int, expec
     assert absent is not None and absent.position is None  # known to have no row
     Deferred.fromCoroutine(loader.ensure([DEVICE, other]))
     assert len(calls) == 1  # nothing missing any more: no query
+
+
+# -- the "latest" rule, shared with the processor's state and PostgreSQL's LATEST_ORDER ----
+PERIODIC = {"event_io_id": 0, "priority": 0, "record_hash": 2**62}
+EVENT = {"event_io_id": 239, "priority": 0, "record_hash": -(2**62)}
+
+
+@pytest.mark.parametrize("order", ["periodic first", "event first"])
+def test_latest_same_ts_event_wins_either_order(order: str) -> None:
+    """Two records of one instant: the event record is the latest whichever arrives
+    first (though the periodic one has the higher hash); the first ``ADVANCED`` and the
+    second only if it is the event; a resend of the latest is a duplicate."""
+    latest = LatestMap(10, 300_000)
+    periodic, event = pos(NOW, lat=41.1, **PERIODIC), pos(NOW, lat=41.2, **EVENT)
+    first, second = (periodic, event) if order == "periodic first" else (event, periodic)
+    assert latest.apply(first, NOW) is ADVANCED
+    assert latest.apply(second, NOW) is (ADVANCED if second is event else UNCHANGED)
+    assert latest.apply(pos(NOW, lat=41.2, **EVENT), NOW) is UNCHANGED  # the same record
+    found = latest.get(DEVICE)
+    assert found is not None and found.position == event
+
+
+def test_latest_same_ts_priority_then_hash() -> None:
+    """Within one instant and kind: the higher priority, then the higher record hash."""
+    latest = LatestMap(10, 300_000)
+    latest.apply(pos(NOW, priority=2, record_hash=-5), NOW)
+    assert latest.apply(pos(NOW, priority=1, record_hash=9), NOW) is UNCHANGED
+    assert latest.apply(pos(NOW, priority=2, record_hash=7), NOW) is ADVANCED
+    assert latest.apply(pos(NOW - 1, event_io_id=1, priority=2, record_hash=99), NOW) is UNCHANGED
+    found = latest.get(DEVICE)
+    assert found is not None and found.position is not None
+    assert found.position.key == (NOW, False, 2, 7)
+
+
+def _record(ts: int, event: int, priority: int, lat: str) -> dict[str, str]:
+    return {
+        **entry(DEVICE, ts, lat=lat),
+        "event_io_id": str(event),
+        "priority": str(priority),
+        "io": f'{{"{event}":1}}' if event else "{}",
+    }
+
+
+def _row(r: Position) -> tuple[Any, ...]:
+    """A stored record as the loader's query returns it."""
+    return (
+        r.device_id,
+        r.timestamp_ms,
+        r.received_at_ms,
+        float(r.latitude),
+        float(r.longitude),
+        int(r.altitude),
+        int(r.speed),
+        int(r.angle),
+        int(r.satellites),
+        int(r.event_io_id),
+        int(r.priority),
+        r.record_hash,
+    )
+
+
+records = st.lists(
+    st.builds(
+        _record,
+        st.sampled_from([NOW - 1000, NOW]),
+        st.sampled_from([0, 0, 239, 240]),
+        st.sampled_from([0, 1, 2]),
+        st.sampled_from(["41.1", "41.2", "41.3"]),
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@given(records, st.data())
+def test_live_map_ends_where_state_and_sql_end(
+    entries: list[dict[str, str]], data: st.DataObject
+) -> None:
+    """Whatever the records of one device and their split between PostgreSQL (loaded
+    when a subscription needs the device) and the live stream (some arriving while the
+    query runs, some after), the live map and what a subscriber was last shown end on
+    the record the processor's own state and ``ORDER BY LATEST_ORDER`` call the latest."""
+    stored = data.draw(st.lists(st.sampled_from(entries), unique_by=id))
+    live = data.draw(st.permutations([e for e in entries if all(e is not s for s in stored)]))
+    during = data.draw(st.integers(0, len(live)))
+    state = DeviceState(10)
+    for fields in entries:
+        state.apply(parse_entry("1-0", fields))
+    expected = state.get(DEVICE)
+    assert expected is not None
+
+    metrics = LiveMetrics(CollectorRegistry())
+    latest = LatestMap(10, 300_000)
+    clock = Clock()
+    hub = Hub(latest, clock, metrics, lambda: NOW)
+    query: Deferred[list[Any]] = Deferred()
+    loader = LatestLoader(latest, lambda fn, *args: query, lambda: NOW, metrics)
+    loading = Deferred.fromCoroutine(loader.ensure([DEVICE]))
+    hub.receive([p for p in map(m.position_from_fields, live[:during]) if p is not None])
+    rows = sorted(  # what LATEST_SQL returns: the stored row first in LATEST_ORDER
+        (parse_entry("1-0", f) for f in stored), key=latest_key, reverse=True
+    )[:1]
+    query.callback([_row(r) for r in rows])
+    assert loading.called
+    outlet = Outlet()
+    hub.attach(Subscription("s", None, outlet), [m.Member(DEVICE)])
+    for fields in live[during:]:
+        hub.receive([p for p in [m.position_from_fields(fields)] if p is not None])
+        clock.advance(0.1)
+    found = latest.get(DEVICE)
+    assert found is not None and found.position is not None
+    assert found.position.key == expected.latest_key()
+    shown = [
+        p
+        for message in outlet.sent
+        for p in (
+            [d["position"] for d in message["devices"]]
+            if message["type"] == "snapshot"
+            else message["positions"]
+        )
+        if p is not None
+    ]
+    assert shown and (shown[-1]["ts"], shown[-1]["lat"]) == (
+        expected.timestamp_ms,
+        float(expected.latitude),
+    )
+    assert [p["ts"] for p in shown] == sorted(p["ts"] for p in shown)  # ts never goes back
 
 
 # -- hub ----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 // The operator page: a teltonika-live.v1 client on a Leaflet map (no build step).
 // Protocol: README.rst, "Live positions". Ordering: the server never sends a position
 // older than one it sent; across reconnects this page keeps the newest ts per device
-// and ignores anything older, so a marker never moves back.
+// and ignores anything older, so a marker never moves back (an equal ts replaces).
 "use strict";
 (function () {
   const SUBPROTOCOL = "teltonika-live.v1";
@@ -90,12 +90,17 @@
   const COLORS = { live: "#1f9d3a", stale: "#e0a100", offline: "#8c949c" };
 
   function place(d, pos) {
-    // The newest ts wins: anything older or equal (a late record, a duplicate, a replay
-    // after a reconnect) never moves the marker back.
-    if (d.pos && pos.ts <= d.pos.ts) { return false; }
+    // The newest ts wins: anything older (a late record, a replay after a reconnect)
+    // never moves the marker back. An equal ts replaces what is shown: the server sends
+    // one only for a record that is later by the processor's rule (an event record after
+    // the periodic record of the same second) or to repeat it after a reconnect, so the
+    // page ends on the record the server calls the latest; it is not a new trail point.
+    if (d.pos && pos.ts < d.pos.ts) { return false; }
+    const same = d.pos && pos.ts === d.pos.ts;
     d.pos = pos;
     const latlng = [pos.lat, pos.lon];
     const cutoff = pos.ts - config.trail_minutes * 60000;
+    if (same && d.trail.length) { d.trail.pop(); }
     d.trail.push([pos.lat, pos.lon, pos.ts]);
     while (d.trail.length && d.trail[0][2] < cutoff) { d.trail.shift(); }
     if (!map) { return true; }
