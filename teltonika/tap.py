@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import math
 import socket
-from collections.abc import Callable
-from typing import Any, Final
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Final, cast
 
+import attrs
 from prometheus_client import CollectorRegistry
 from twisted.application import internet, strports
 from twisted.application.service import IService, MultiService
@@ -39,6 +40,7 @@ from teltonika.authority import (
 from teltonika.codecs import load_codecs
 from teltonika.commands.consumer import DEFAULT_MAX_ATTEMPTS
 from teltonika.commands.janitor import JANITOR_INTERVAL
+from teltonika.commands.messages import InstanceSettings
 from teltonika.commands.queue import (
     DEFAULT_COMMAND_QUIET,
     DEFAULT_COMMAND_SETTLE,
@@ -47,7 +49,7 @@ from teltonika.commands.queue import (
     DEFAULT_WARN_DEPTH,
 )
 from teltonika.commands.registry import HEARTBEAT_INTERVAL, HEARTBEAT_TTL
-from teltonika.interfaces import IDeviceAuthority
+from teltonika.interfaces import IDeviceAuthority, IProcessReactor
 from teltonika.metrics import ServerMetrics
 from teltonika.protocol.server import (
     DEFAULT_IDLE_TIMEOUT,
@@ -61,7 +63,7 @@ from teltonika.protocol.server import (
 from teltonika.redis.connect import (
     RedisURLError,
     SentinelAddress,
-    lazy_connection,
+    SharedConnection,
     parse_redis_url,
 )
 from teltonika.redis.durability import DEFAULT_REPLICA_TIMEOUT, DEFAULT_REPLICAS, DURABILITY_MODES
@@ -77,6 +79,9 @@ from teltonika.services.ops_http import DEFAULT_SERVER_METRICS, ops_service
 from teltonika.sinks.jsonl import DEFAULT_OUTPUT
 from teltonika.udp import DeviceDatagramProtocol
 from teltonika.wire.framer import DEFAULT_MAX_FRAME, FRAME_OVERHEAD, MIN_DATA_LENGTH
+
+if TYPE_CHECKING:
+    from teltonika.commands.service import CommandPlane
 
 DEFAULT_PORT: Final = "5027"
 MAX_COMMAND_QUIET: Final = 300.0
@@ -436,93 +441,82 @@ class Options(usage.Options):
             raise usage.UsageError("--heartbeat-ttl must be longer than --heartbeat-interval")
 
 
+@attrs.frozen
 class Server:
-    """The shared pieces of one server process (``TeltonikaService.server``).
+    """The shared pieces of one server process (``TeltonikaService.server``), all built
+    by :func:`build_service` before the tree is returned.
 
     :ivar factory: the device Factory (``sessions``, ``session_listeners``).
+    :ivar sink: where records go (Redis Stream or JSON lines).
+    :ivar ingestion: the listeners, the sink's lifecycle and the ordered shutdown.
     :ivar metrics: the server's metrics (``metrics.registry`` is served on /metrics).
     :ivar readiness: name -> check, served on /readyz; add checks before start.
+    :ivar redis: the process's one Redis connection (with ``--redis``; ``None`` without).
+    :ivar commands: the command plane (with ``--redis``; ``None`` without).
     """
 
-    def __init__(self, options: Options, reactor: Any) -> None:
-        self.options = options
-        self.reactor = reactor
-        self.metrics = ServerMetrics(CollectorRegistry())
-        self.readiness: dict[str, Callable[[], bool]] = {}
-        self._redis: Any = None
-        self.redis_address = (
-            parse_redis_url(options["redis"]) if options["redis"] is not None else None
-        )
-
-    def redis(self) -> Any:
-        """The process's txredisapi connection, made on first use (at start, never in
-        ``makeService``). Reconnects with backoff by itself.
-
-        :raise RuntimeError: the server runs without ``--redis``.
-        """
-        if self.redis_address is None:
-            raise RuntimeError("this server runs without --redis")
-        if self._redis is None:
-            self._redis = lazy_connection(self.redis_address)
-        return self._redis
-
-    def connect_redis(self) -> Any:
-        """Another connection to the same Redis (the caller closes it)."""
-        assert self.redis_address is not None
-        return lazy_connection(self.redis_address)
-
-    def redis_master_known(self) -> bool:
-        """For ``/readyz`` through Sentinel: False while no master is known."""
-        from teltonika.redis.sentinel import master_known
-
-        return self._redis is not None and master_known(self._redis)
-
-    def disconnect_redis(self) -> Any:
-        """Close the Redis connection, if one was made (last step of the shutdown)."""
-        if self._redis is not None:
-            redis, self._redis = self._redis, None
-            return redis.disconnect()
-        return None
+    options: Options
+    reactor: IProcessReactor
+    metrics: ServerMetrics
+    readiness: dict[str, Callable[[], bool]]
+    redis: SharedConnection | None
+    factory: DeviceFactory
+    sink: ManagedSink
+    ingestion: IngestionService
+    commands: CommandPlane | None
 
 
 class TeltonikaService(MultiService):
-    """The root service; ``server`` holds the shared pieces (see :class:`Server`)."""
+    """The root service; ``server`` holds the shared pieces (see :class:`Server`).
 
-    def __init__(self, server: Server) -> None:
+    :param children: started in this order (and stopped in reverse).
+    """
+
+    def __init__(self, server: Server, children: Sequence[IService]) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.server = server
+        for child in children:
+            child.setServiceParent(self)
 
 
-def _build_sink(server: Server) -> ManagedSink:
-    options = server.options
+def _build_sink(
+    options: Options,
+    reactor: IProcessReactor,
+    metrics: ServerMetrics,
+    redis: SharedConnection | None,
+) -> ManagedSink:
     settings_id = options["instance-id"]
-    if server.redis_address is not None:
+    if redis is not None:
         from teltonika.sinks.redis_stream import RedisStreamSink
 
         return RedisStreamSink(
-            server.redis,
-            server.reactor,
-            server.metrics,
+            redis,
+            reactor,
+            metrics,
             instance_id=settings_id,
             durability=options["redis-durability"],
             maxlen=options["stream-maxlen"],
             replicas=options["redis-replicas"],
             replica_timeout=options["redis-wait-timeout"],
-            connect=server.connect_redis,
+            connect=redis.connect,
         )
     from teltonika.sinks.jsonl import JsonLinesSink
 
     return JsonLinesSink(
         options["output"],
-        server.reactor,
-        server.metrics,
+        reactor,
+        metrics,
         instance_id=settings_id,
-        reactor=server.reactor,
+        reactor=reactor,
     )
 
 
 def _build_authority(
-    server: Server, sink: ManagedSink
+    options: Options,
+    reactor: IProcessReactor,
+    metrics: ServerMetrics,
+    redis: SharedConnection | None,
+    sink: ManagedSink,
 ) -> tuple[IDeviceAuthority, IDeviceAuthority, FileAuthority | None]:
     """The device authority for TCP logins, the one for UDP datagrams, and the file
     authority to reload (if any).
@@ -531,14 +525,15 @@ def _build_authority(
     to send and its source can be spoofed, so a flood of datagrams naming real IMEIs
     while Redis is slow must not use up the lookups that real TCP logins need.
     """
-    kind, argument = parse_authority_spec(server.options["devices"])
+    kind, argument = parse_authority_spec(options["devices"])
     if kind == "file":
         try:
-            authority = FileAuthority(argument, server.reactor)
+            authority = FileAuthority(argument, reactor)
         except OSError as error:
             raise usage.UsageError(f"--devices: cannot read {argument}: {error}") from None
         return authority, authority, authority
     if kind == "redis":
+        assert redis is not None  # postOptions: --devices redis:KEY needs --redis
         from teltonika.sinks.redis_stream import RedisStreamSink
 
         # While Redis is unreachable a lookup would only queue in txredisapi. Reachable
@@ -547,30 +542,39 @@ def _build_authority(
         available = sink.reachable if isinstance(sink, RedisStreamSink) else sink.ready
 
         def lookups() -> RedisSetAuthority:
-            return RedisSetAuthority(
-                server.redis, argument, server.reactor, server.metrics, available=available
-            )
+            return RedisSetAuthority(redis, argument, reactor, metrics, available=available)
 
         return lookups(), lookups(), None
     open_authority = OpenAuthority()
     return open_authority, open_authority, None
 
 
-def makeService(
-    options: Options, reactor: Any = None, on_fatal: FatalHandler | None = None
+def makeService(options: Options) -> TeltonikaService:
+    """What twistd calls: :func:`build_service` on the global reactor, for a real process
+    (a sink that cannot start exits with status 1; the heap is frozen after start-up)."""
+    from twisted.internet import reactor as global_reactor
+
+    reactor = cast(IProcessReactor, global_reactor)
+    return build_service(options, reactor, on_fatal=exit_on_fatal(reactor), freeze_gc=True)
+
+
+def build_service(
+    options: Options,
+    reactor: IProcessReactor,
+    *,
+    on_fatal: FatalHandler,
+    freeze_gc: bool = False,
 ) -> TeltonikaService:
     """Build the service tree for *options* (see the module docstring).
 
-    :param reactor: defaults to the global reactor; tests pass a ``MemoryReactor``.
-    :param on_fatal: what to do when the sink cannot start (default: log, stop the
+    :param reactor: the global reactor in twistd; tests pass a ``MemoryReactor``.
+    :param on_fatal: what to do when the sink cannot start (twistd: log, stop the
         reactor, exit status 1).
+    :param freeze_gc: move start-up objects out of the collector's sight once the sink
+        started (a real process; tests leave the collector alone).
     """
-    if reactor is None:
-        from twisted.internet import reactor as global_reactor
-
-        reactor = global_reactor
-    server = Server(options, reactor)
-    root = TeltonikaService(server)
+    metrics = ServerMetrics(CollectorRegistry())
+    redis = SharedConnection(parse_redis_url(options["redis"])) if options["redis"] else None
     settings = ServerSettings(
         instance_id=options["instance-id"],
         max_frame=options["max-frame"],
@@ -586,19 +590,19 @@ def makeService(
         command_quiet=options["command-quiet"],
         command_settle=options["command-settle"],
     )
-    sink = _build_sink(server)
-    authority, udp_authority, file_authority = _build_authority(server, sink)
+    sink = _build_sink(options, reactor, metrics, redis)
+    authority, udp_authority, file_authority = _build_authority(
+        options, reactor, metrics, redis, sink
+    )
     codecs = load_codecs()
     factory = DeviceFactory(
         codecs,
         sink,  # type: ignore[arg-type]  # a ManagedSink provides ISink too
         authority,
-        server.metrics,
+        metrics,
         reactor,
         settings,
     )
-    server.factory = factory  # type: ignore[attr-defined]
-    server.sink = sink  # type: ignore[attr-defined]
     listeners: list[IService] = [strports.service(options["port"], factory, reactor=reactor)]
     udp: tuple[IService, DeviceDatagramProtocol] | None = None
     if options["udp-port"] is not None:
@@ -607,45 +611,72 @@ def makeService(
             codecs,
             sink,  # type: ignore[arg-type]  # a ManagedSink provides ISink too
             udp_authority,
-            server.metrics,
+            metrics,
             reactor,
             luhn=bool(options["luhn"]),
             sink_timeout=options["sink-timeout"],
         )
         udp = (internet.UDPServer(port, datagrams, interface=interface, reactor=reactor), datagrams)
-    closed: list[Callable[[], Any]] = [server.disconnect_redis]
-    if options["redis"] is not None:
-        lock = InstanceLockService(InstanceLock(options["instance-id"], options["redis"]))
-        lock.setName("instance-lock")  # type: ignore[no-untyped-call]
-        lock.setServiceParent(root)  # type: ignore[no-untyped-call]  # first: before listening
-        closed.append(lock.release)
+    children: list[IService] = []
     ingestion = IngestionService(
         factory,
         sink,
         listeners,
         udp=udp,
         clock=reactor,
-        on_fatal=on_fatal if on_fatal is not None else exit_on_fatal(reactor),
+        on_fatal=on_fatal,
         shutdown_timeout=options["shutdown-timeout"],
         file_authority=file_authority,
         reactor=reactor,
-        on_closed=closed,
-        freeze_gc=on_fatal is None,  # a real twistd process, not a test
+        freeze_gc=freeze_gc,
     )
     ingestion.setName("ingestion")  # type: ignore[no-untyped-call]
-    ingestion.setServiceParent(root)  # type: ignore[no-untyped-call]
-    server.ingestion = ingestion  # type: ignore[attr-defined]
-    server.readiness["sink"] = sink.ready
-    if isinstance(server.redis_address, SentinelAddress):
-        server.readiness["redis-master"] = server.redis_master_known
-    if server.redis_address is not None:
-        from teltonika.commands.service import add_command_plane
+    readiness: dict[str, Callable[[], bool]] = {"sink": sink.ready}
+    commands: CommandPlane | None = None
+    if redis is not None:
+        ingestion.add_closing_step(redis.disconnect)
+        lock = InstanceLockService(InstanceLock(options["instance-id"], options["redis"]))
+        lock.setName("instance-lock")  # type: ignore[no-untyped-call]
+        children.append(lock)  # first: before listening
+        ingestion.add_closing_step(lock.release)
+        if isinstance(redis.address, SentinelAddress):
+            readiness["redis-master"] = redis.master_known
+        from teltonika.commands.service import CommandPlaneSettings, command_plane
 
-        server.commands = add_command_plane(server, root, options)  # type: ignore[attr-defined]
-    if options["metrics"] is not None:
-        ops = ops_service(
-            options["metrics"], server.metrics.registry, server.readiness, reactor=reactor
+        commands = command_plane(
+            factory=factory,
+            ingestion=ingestion,
+            redis=redis,
+            clock=reactor,
+            settings=CommandPlaneSettings(
+                instance_id=options["instance-id"],
+                heartbeat_interval=options["heartbeat-interval"],
+                heartbeat_ttl=options["heartbeat-ttl"],
+                janitor_interval=options["janitor-interval"],
+                max_attempts=options["offline-max-attempts"],
+                instance=InstanceSettings(
+                    command_timeout_s=options["command-timeout"],
+                    command_quiet_s=options["command-quiet"],
+                    command_settle_s=options["command-settle"],
+                ),
+            ),
         )
+    children.append(ingestion)
+    if commands is not None:
+        children.append(commands)
+    if options["metrics"] is not None:
+        ops = ops_service(options["metrics"], metrics.registry, readiness, reactor=reactor)
         ops.setName("ops")
-        ops.setServiceParent(root)
-    return root
+        children.append(ops)
+    server = Server(
+        options=options,
+        reactor=reactor,
+        metrics=metrics,
+        readiness=readiness,
+        redis=redis,
+        factory=factory,
+        sink=sink,
+        ingestion=ingestion,
+        commands=commands,
+    )
+    return TeltonikaService(server, children)

@@ -117,10 +117,19 @@ class IngestionService(Service):
         self.shutdown_timeout = shutdown_timeout
         self.file_authority = file_authority
         self.reactor = reactor
-        self.on_closed = list(on_closed)
+        self._closing_steps = list(on_closed)
         self.freeze_gc = freeze_gc
         self.started: Deferred[None] | None = None
         self._old_sighup: Any = None
+
+    def add_closing_step(self, step: Callable[[], Any], *, first: bool = False) -> None:
+        """Run *step* after the sink closed, each step bounded by ``shutdown_timeout``;
+        *first* puts it before the steps given so far (a part that still talks to Redis
+        stops before the connection it uses is closed)."""
+        if first:
+            self._closing_steps.insert(0, step)
+        else:
+            self._closing_steps.append(step)
 
     def _all_listeners(self) -> list[IService]:
         return self.listeners + ([self.udp[0]] if self.udp is not None else [])
@@ -201,7 +210,7 @@ class IngestionService(Service):
             self.file_authority.stop()
             if self._old_sighup is not None:
                 signal.signal(signal.SIGHUP, self._old_sighup)
-        for callback in self.on_closed:
+        for callback in self._closing_steps:
             try:
                 await _within(callback(), self.shutdown_timeout, self.clock)
             except Exception as error:
