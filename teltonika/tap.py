@@ -1,24 +1,27 @@
 """``twistd teltonika``: the options and the service tree (what twistd calls).
 
-:func:`makeService` builds and returns a :class:`TeltonikaService` (a ``MultiService``)
-without starting anything, touching a socket or setting up logging (twistd does those).
-Its children, in start order:
+:func:`makeService` (twistd's entry: the global reactor, exit status 1 when the sink
+cannot start, the heap frozen after start-up) and :func:`build_service` (the same tree on
+any reactor, for tests) return a :class:`TeltonikaService` (a ``MultiService``) without
+starting anything, touching a socket or setting up logging (twistd does those). Its
+children, in start order:
 
+* ``instance-lock`` -- with ``--redis`` only: one process per ``--instance-id``;
 * ``ingestion`` -- :class:`~teltonika.services.ingestion.IngestionService`: the device
   listeners, the sink and the ordered shutdown;
 * ``commands`` -- with ``--redis`` only: heartbeat, janitor and command consumer
   (:mod:`teltonika.commands.service`);
 * ``ops`` -- ``/metrics``, ``/healthz``, ``/readyz`` (unless ``--metrics off``).
 
-Other parts (the command router, the connection registry) add their own children to the
-returned service and reach the shared pieces through ``service.server``
-(:class:`Server`): the Factory (``sessions``, ``session_listeners``), the metrics
-registry, and :meth:`Server.redis`, the one txredisapi connection of this process.
+Every collaborator is built before the tree and declared on ``service.server``
+(:class:`Server`, frozen): the Factory (``sessions``, ``session_listeners``), the sink,
+the ingestion service, the metrics, the readiness checks, the command plane and
+``redis``, the one txredisapi connection of this process
+(:class:`~teltonika.redis.connect.SharedConnection`).
 """
 
 from __future__ import annotations
 
-import math
 import socket
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -27,7 +30,6 @@ import attrs
 from prometheus_client import CollectorRegistry
 from twisted.application import internet, strports
 from twisted.application.service import IService, MultiService
-from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from teltonika.authority import (
@@ -51,6 +53,7 @@ from teltonika.commands.queue import (
 from teltonika.commands.registry import HEARTBEAT_INTERVAL, HEARTBEAT_TTL
 from teltonika.interfaces import IDeviceAuthority, IProcessReactor
 from teltonika.metrics import ServerMetrics
+from teltonika.options import metrics_endpoint, normalize_endpoint, seconds, whole_number
 from teltonika.protocol.server import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_LOGIN_TIMEOUT,
@@ -87,50 +90,6 @@ DEFAULT_PORT: Final = "5027"
 MAX_COMMAND_QUIET: Final = 300.0
 """Seconds; a longer quiet interval would starve commands to devices that ping often."""
 MAX_COMMAND_SETTLE: Final = 300.0
-OFF: Final = ("off", "none")
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise ValueError(f"{value} is negative")
-    return number
-
-
-def _seconds(value: str) -> float:
-    number = float(value)
-    if not math.isfinite(number):
-        # float() takes "nan" and "inf": a nan timer never fires (and Twisted's callLater
-        # asserts on it), an infinite one never ends; neither is a bound.
-        raise ValueError(f"{value} is not a finite number of seconds")
-    if number < 0:
-        raise ValueError(f"{value} is negative")
-    return number
-
-
-_positive_int.coerceDoc = "A whole number >= 0."  # type: ignore[attr-defined]
-_seconds.coerceDoc = "Seconds (a finite decimal number >= 0)."  # type: ignore[attr-defined]
-
-
-def normalize_endpoint(value: str, option: str, default_interface: str | None = None) -> str:
-    """Bare digits become ``tcp:N`` (with *default_interface* if given); anything else
-    must parse as a strports description.
-
-    :raise usage.UsageError: with a plain sentence.
-    """
-    text = value.strip()
-    if text.isdigit():
-        text = f"tcp:{text}"
-        if default_interface:
-            text += f":interface={default_interface}"
-    try:
-        serverFromString(None, text)  # parses only; nothing listens
-    except Exception as error:
-        raise usage.UsageError(
-            f"{option} must be a port number or an endpoint such as "
-            f"tcp:5027:interface=127.0.0.1, not {value!r} ({error})"
-        ) from None
-    return text
 
 
 def parse_udp_port(value: str) -> tuple[str, int]:
@@ -202,7 +161,7 @@ class Options(usage.Options):
             DEFAULT_REPLICAS,
             "With --redis-durability replicated: replicas that must confirm every batch "
             "(deploy at least one more, or a failover leaves too few and blocks ACKs).",
-            _positive_int,
+            whole_number,
         ],
         [
             "redis-wait-timeout",
@@ -210,7 +169,7 @@ class Options(usage.Options):
             DEFAULT_REPLICA_TIMEOUT,
             "With --redis-durability replicated: seconds a batch waits for its replicas; "
             "fewer confirmations in time and the frames are not ACKed (devices resend).",
-            _seconds,
+            seconds,
         ],
         [
             "stream-maxlen",
@@ -218,7 +177,7 @@ class Options(usage.Options):
             None,
             "Trim the stream with XADD MAXLEN ~ N. Off by default: a blind trim can drop "
             "entries the processor has not read yet (default: no trimming)",
-            _positive_int,
+            whole_number,
         ],
         [
             "output",
@@ -255,35 +214,35 @@ class Options(usage.Options):
             None,
             DEFAULT_MAX_FRAME,
             "Largest data frame in bytes; a bigger one closes the connection.",
-            _positive_int,
+            whole_number,
         ],
         [
             "login-timeout",
             None,
             DEFAULT_LOGIN_TIMEOUT,
             "Seconds from connect to login before the connection is closed.",
-            _seconds,
+            seconds,
         ],
         [
             "idle-timeout",
             None,
             DEFAULT_IDLE_TIMEOUT,
             "Seconds without a byte (keepalives count) before closing; 0 disables.",
-            _seconds,
+            seconds,
         ],
         [
             "max-connections",
             None,
             DEFAULT_MAX_CONNECTIONS,
             "Open device connections beyond which new ones are closed at once; 0 = no limit.",
-            _positive_int,
+            whole_number,
         ],
         [
             "max-pending-frames",
             None,
             DEFAULT_MAX_PENDING_FRAMES,
             "Frames waiting on one connection before it stops reading.",
-            _positive_int,
+            whole_number,
         ],
         [
             "sink-timeout",
@@ -291,14 +250,14 @@ class Options(usage.Options):
             DEFAULT_SINK_TIMEOUT,
             "Seconds the sink may take to store a frame before it counts as failed "
             "(no ACK, connection closed).",
-            _seconds,
+            seconds,
         ],
         [
             "command-timeout",
             None,
             DEFAULT_COMMAND_TIMEOUT,
             "Seconds a command waits for the device's reply (a command may ask for another).",
-            _seconds,
+            seconds,
         ],
         [
             "command-quiet",
@@ -308,7 +267,7 @@ class Options(usage.Options):
             "after which a command may be written to it, unless its next periodic frame is "
             "due; otherwise commands go out only right after an ACK (a device reads the next "
             "4 bytes after a frame as its ACK).",
-            _seconds,
+            seconds,
         ],
         [
             "command-settle",
@@ -316,21 +275,21 @@ class Options(usage.Options):
             DEFAULT_COMMAND_SETTLE,
             "Seconds after a command timed out before the next command is written to that "
             "device (a late reply in that time is unsolicited, not the next one's); 0 = none.",
-            _seconds,
+            seconds,
         ],
         [
             "command-queue-warn",
             None,
             DEFAULT_WARN_DEPTH,
             "Commands queued on one socket that log a warning.",
-            _positive_int,
+            whole_number,
         ],
         [
             "command-queue-max",
             None,
             DEFAULT_MAX_DEPTH,
             "Commands queued on one socket beyond which new ones fail with queue_full.",
-            _positive_int,
+            whole_number,
         ],
         [
             "heartbeat-interval",
@@ -338,7 +297,7 @@ class Options(usage.Options):
             HEARTBEAT_INTERVAL,
             "Seconds between heartbeats (instance:heartbeat:ID) and registry re-claims "
             "(with --redis).",
-            _seconds,
+            seconds,
         ],
         [
             "heartbeat-ttl",
@@ -346,38 +305,34 @@ class Options(usage.Options):
             HEARTBEAT_TTL,
             "Seconds the heartbeat key lives (EX); other instances' janitors clean up after "
             "an instance whose heartbeat expired.",
-            _seconds,
+            seconds,
         ],
         [
             "janitor-interval",
             None,
             JANITOR_INTERVAL,
             "Seconds between janitor passes (with --redis).",
-            _seconds,
+            seconds,
         ],
         [
             "offline-max-attempts",
             None,
             DEFAULT_MAX_ATTEMPTS,
             "Delivery attempts of an offline command before it fails with attempts_exhausted.",
-            _positive_int,
+            whole_number,
         ],
         [
             "shutdown-timeout",
             None,
             DEFAULT_SHUTDOWN_TIMEOUT,
             "Seconds to let in-flight frames finish on shutdown, and again to close connections.",
-            _seconds,
+            seconds,
         ],
     ]
 
     def postOptions(self) -> None:
         self["port"] = normalize_endpoint(str(self["port"]), "--port")
-        metrics = str(self["metrics"])
-        if metrics.lower() in OFF:
-            self["metrics"] = None
-        else:
-            self["metrics"] = normalize_endpoint(metrics, "--metrics", "127.0.0.1")
+        self["metrics"] = metrics_endpoint(self["metrics"])
         if self["udp-port"] is not None:
             self["udp-port"] = parse_udp_port(str(self["udp-port"]))
         if self["redis"] is not None:

@@ -13,10 +13,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
+from teltonika.options import seconds
 from teltonika.services.ingestion import IngestionService
 from teltonika.services.ops_http import ops_service
 from teltonika.sinks.jsonl import JsonLinesSink
-from teltonika.tap import Options, TeltonikaService, _seconds, build_service, makeService
+from teltonika.tap import Options, TeltonikaService, build_service, makeService
 from tests.server.helpers import ThreadedMemoryReactor, successResultOf
 
 
@@ -117,7 +118,7 @@ def test_usage_errors(argv: list[str], message: str) -> None:
     assert message in str(info.value)
 
 
-_SECONDS_OPTIONS = [str(option[0]) for option in Options.optParameters if option[4:] == [_seconds]]
+_SECONDS_OPTIONS = [str(option[0]) for option in Options.optParameters if option[4:] == [seconds]]
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "1e999"])
