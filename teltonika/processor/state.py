@@ -35,14 +35,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
-import attrs
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from teltonika.processor.entries import Position
 from teltonika.processor.identity import canonical_degrees
+from teltonika.wire.records import same_class_equality
 
 if TYPE_CHECKING:
     import psycopg
@@ -93,9 +93,14 @@ device ids), in one query; devices without rows are absent. Rows come back in
 :func:`fetch_latest`)."""
 
 
-@attrs.frozen(slots=True)
-class DeviceSnapshot:
+class DeviceSnapshot(NamedTuple):
     """A device's latest known position (device time) and when it was last seen.
+
+    A typed NamedTuple rather than a frozen attrs class, like
+    :class:`~teltonika.wire.records.AVLRecord` and for the same reason: one is built for
+    every record that moves a device forward, on the reactor thread, and a tuple is built
+    in C (``benchmarks/processor.py``; README.rst, "Benchmarks"). It equals
+    only a snapshot (never a plain tuple); ``_replace`` stands in for ``attrs.evolve``.
 
     :ivar timestamp_ms: device time of the latest position.
     :ivar last_seen_ms: the newest ``received_at`` of any record from this device.
@@ -120,6 +125,9 @@ class DeviceSnapshot:
     def latest_key(self) -> LatestKey:
         """Where this position stands in time (see :func:`latest_key`)."""
         return make_latest_key(self.timestamp_ms, self.event_io_id, self.priority, self.record_hash)
+
+
+same_class_equality(DeviceSnapshot)
 
 
 def latest_key(position: Position) -> LatestKey:
@@ -169,21 +177,27 @@ class IDeviceState(Interface):
         moves forward; returns a function that removes it. Listeners must not raise."""
 
 
+_new_tuple: Final = tuple.__new__
+
+
 def _from_position(position: Position) -> DeviceSnapshot:
-    # positional: this runs for every record that moves a device forward
-    return DeviceSnapshot(
-        position.device_id,
-        position.timestamp_ms,
-        position.received_at_ms,
-        position.latitude,
-        position.longitude,
-        int(position.altitude),
-        int(position.angle),
-        int(position.speed),
-        int(position.satellites),
-        int(position.priority),
-        int(position.event_io_id),
-        position.record_hash,
+    # built as a tuple in C: this runs for every record that moves a device forward
+    return _new_tuple(
+        DeviceSnapshot,
+        (
+            position.device_id,
+            position.timestamp_ms,
+            position.received_at_ms,
+            position.latitude,
+            position.longitude,
+            int(position.altitude),
+            int(position.angle),
+            int(position.speed),
+            int(position.satellites),
+            int(position.priority),
+            int(position.event_io_id),
+            position.record_hash,
+        ),
     )
 
 
@@ -255,7 +269,7 @@ class DeviceState:
         ):
             snapshot = _from_position(position)
             if current is not None and current.last_seen_ms > snapshot.last_seen_ms:
-                snapshot = attrs.evolve(snapshot, last_seen_ms=current.last_seen_ms)
+                snapshot = snapshot._replace(last_seen_ms=current.last_seen_ms)
             self._store(snapshot)
             for listener in self._listeners:
                 try:
@@ -265,7 +279,7 @@ class DeviceState:
                     self._log.failure("State listener {listener} failed", listener=listener)
             return True
         if position.received_at_ms > current.last_seen_ms:
-            current = attrs.evolve(current, last_seen_ms=position.received_at_ms)
+            current = current._replace(last_seen_ms=position.received_at_ms)
         self._store(current)
         return False
 

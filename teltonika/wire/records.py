@@ -22,7 +22,7 @@ an IO value *means* (scale, sign, unit) is the catalogue's business, never the d
 
 from __future__ import annotations
 
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import attrs
 
@@ -113,11 +113,18 @@ def _same_class_ne(self: tuple[object, ...], other: object) -> bool:
     return not _same_class_eq(self, other)
 
 
-# Set after the classes are made: a NamedTuple body takes no shared base class, and a
-# class body that defines __eq__ loses tuple's __hash__.
+def same_class_equality(value_class: type[tuple[Any, ...]]) -> None:
+    """Make instances of the NamedTuple *value_class* equal only to instances of the same
+    class with equal fields, never to a plain tuple (hash stays tuple's).
+
+    Set after the class is made: a NamedTuple body takes no shared base class, and a class
+    body that defines ``__eq__`` loses tuple's ``__hash__``."""
+    value_class.__eq__ = _same_class_eq  # type: ignore[method-assign]
+    value_class.__ne__ = _same_class_ne  # type: ignore[assignment]
+
+
 for _value_class in (AVLRecord, AVLPacket):
-    _value_class.__eq__ = _same_class_eq  # type: ignore[method-assign]
-    _value_class.__ne__ = _same_class_ne  # type: ignore[method-assign, assignment]
+    same_class_equality(_value_class)
 
 
 @attrs.frozen(slots=True)

@@ -122,3 +122,22 @@ def test_hydrate_follows_the_same_rule():
     assert state.get("a").event_io_id == 239
     state.hydrate(DeviceSnapshot("a", 100, 100, "1", "2", 0, 0, 0, 0, 0, 0, 50))
     assert state.get("a").event_io_id == 239
+
+
+def test_snapshot_is_a_value_equal_only_to_snapshots():
+    """A snapshot (a NamedTuple, built as a tuple for speed) is immutable, hashable, equal
+    to an equal snapshot and never to a plain tuple of the same fields; orjson refuses it."""
+    import orjson
+
+    state = DeviceState(2)
+    state.apply(pos("a", 100, received=150))
+    snapshot = state.get("a")
+    assert snapshot == DeviceSnapshot("a", 100, 150, "1.5", "2.5", 3, 4, 1, 5, 0, 0, 0)
+    assert snapshot != tuple(snapshot) and not snapshot == tuple(snapshot)  # noqa: SIM201
+    assert hash(snapshot) == hash(snapshot._replace())
+    with pytest.raises(AttributeError):
+        snapshot.speed = 2  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        orjson.dumps(snapshot)
+    state.apply(pos("a", 50, received=160))  # older record: only last-seen moves
+    assert state.get("a") == snapshot._replace(last_seen_ms=160)
