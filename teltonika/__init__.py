@@ -29,8 +29,10 @@ The ingestion server, ``twistd teltonika``:
 * ``services/``: the ingestion service (start-up and the ordered shutdown) and the
   operations endpoint (``/metrics``, ``/healthz``, ``/readyz``), and the lock that keeps
   one ``--instance-id`` to one process per host and Redis. ``tap``: the options and
-  the service tree twistd runs. ``metrics``, ``logs``: the server's metrics, JSON log
-  output and rate-limited log events.
+  the service tree twistd runs; ``options``: the option coercers and endpoint checks
+  both taps share. ``units``: ``SECONDS``; ``exits``: the one immediate process exit.
+  ``metrics``, ``logs``: the server's metrics, JSON log output and rate-limited log
+  events.
 
 The processor, ``twistd teltonika-processor`` (``processor/``; the server never imports
 it): ``tap`` and ``service`` (options, start-up, shutdown, exit status); ``consumer`` (the

@@ -33,8 +33,8 @@ from zope.interface import implementer
 
 from teltonika.interfaces import IDeviceAuthority
 from teltonika.metrics import ServerMetrics
+from teltonika.units import SECONDS
 
-SECONDS: Final = 1.0
 DEFAULT_POLL_INTERVAL: Final = 5 * SECONDS
 DEFAULT_LOOKUP_TIMEOUT: Final = 5 * SECONDS
 """A Redis lookup that takes longer refuses the login (well inside the 30 s login timeout,

@@ -13,6 +13,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from twisted.internet.interfaces import (
+    IReactorCore,
+    IReactorFromThreads,
+    IReactorTCP,
+    IReactorTime,
+    IReactorUDP,
+)
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
@@ -122,3 +129,8 @@ class ISessionListener(Interface):
 
     def device_logged_out(imei: str, session: object) -> None:
         """*session* no longer owns *imei* (connection closed or replaced by a newer one)."""
+
+
+class IProcessReactor(IReactorCore, IReactorTime, IReactorFromThreads, IReactorTCP, IReactorUDP):
+    """What a ``twistd`` service tree needs of its reactor: the global reactor in a real
+    process, a ``MemoryReactorClock`` (or one that also runs calls from threads) in tests."""

@@ -1,32 +1,35 @@
 """``twistd teltonika``: the options and the service tree (what twistd calls).
 
-:func:`makeService` builds and returns a :class:`TeltonikaService` (a ``MultiService``)
-without starting anything, touching a socket or setting up logging (twistd does those).
-Its children, in start order:
+:func:`makeService` (twistd's entry: the global reactor, exit status 1 when the sink
+cannot start, the heap frozen after start-up) and :func:`build_service` (the same tree on
+any reactor, for tests) return a :class:`TeltonikaService` (a ``MultiService``) without
+starting anything, touching a socket or setting up logging (twistd does those). Its
+children, in start order:
 
+* ``instance-lock`` -- with ``--redis`` only: one process per ``--instance-id``;
 * ``ingestion`` -- :class:`~teltonika.services.ingestion.IngestionService`: the device
   listeners, the sink and the ordered shutdown;
 * ``commands`` -- with ``--redis`` only: heartbeat, janitor and command consumer
   (:mod:`teltonika.commands.service`);
 * ``ops`` -- ``/metrics``, ``/healthz``, ``/readyz`` (unless ``--metrics off``).
 
-Other parts (the command router, the connection registry) add their own children to the
-returned service and reach the shared pieces through ``service.server``
-(:class:`Server`): the Factory (``sessions``, ``session_listeners``), the metrics
-registry, and :meth:`Server.redis`, the one txredisapi connection of this process.
+Every collaborator is built before the tree and declared on ``service.server``
+(:class:`Server`, frozen): the Factory (``sessions``, ``session_listeners``), the sink,
+the ingestion service, the metrics, the readiness checks, the command plane and
+``redis``, the one txredisapi connection of this process
+(:class:`~teltonika.redis.connect.SharedConnection`).
 """
 
 from __future__ import annotations
 
-import math
 import socket
-from collections.abc import Callable
-from typing import Any, Final
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Final, cast
 
+import attrs
 from prometheus_client import CollectorRegistry
 from twisted.application import internet, strports
 from twisted.application.service import IService, MultiService
-from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from teltonika.authority import (
@@ -39,6 +42,7 @@ from teltonika.authority import (
 from teltonika.codecs import load_codecs
 from teltonika.commands.consumer import DEFAULT_MAX_ATTEMPTS
 from teltonika.commands.janitor import JANITOR_INTERVAL
+from teltonika.commands.messages import InstanceSettings
 from teltonika.commands.queue import (
     DEFAULT_COMMAND_QUIET,
     DEFAULT_COMMAND_SETTLE,
@@ -47,8 +51,9 @@ from teltonika.commands.queue import (
     DEFAULT_WARN_DEPTH,
 )
 from teltonika.commands.registry import HEARTBEAT_INTERVAL, HEARTBEAT_TTL
-from teltonika.interfaces import IDeviceAuthority
+from teltonika.interfaces import IDeviceAuthority, IProcessReactor
 from teltonika.metrics import ServerMetrics
+from teltonika.options import metrics_endpoint, normalize_endpoint, seconds, whole_number
 from teltonika.protocol.server import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_LOGIN_TIMEOUT,
@@ -61,7 +66,7 @@ from teltonika.protocol.server import (
 from teltonika.redis.connect import (
     RedisURLError,
     SentinelAddress,
-    lazy_connection,
+    SharedConnection,
     parse_redis_url,
 )
 from teltonika.redis.durability import DEFAULT_REPLICA_TIMEOUT, DEFAULT_REPLICAS, DURABILITY_MODES
@@ -78,54 +83,13 @@ from teltonika.sinks.jsonl import DEFAULT_OUTPUT
 from teltonika.udp import DeviceDatagramProtocol
 from teltonika.wire.framer import DEFAULT_MAX_FRAME, FRAME_OVERHEAD, MIN_DATA_LENGTH
 
+if TYPE_CHECKING:
+    from teltonika.commands.service import CommandPlane
+
 DEFAULT_PORT: Final = "5027"
 MAX_COMMAND_QUIET: Final = 300.0
 """Seconds; a longer quiet interval would starve commands to devices that ping often."""
 MAX_COMMAND_SETTLE: Final = 300.0
-OFF: Final = ("off", "none")
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise ValueError(f"{value} is negative")
-    return number
-
-
-def _seconds(value: str) -> float:
-    number = float(value)
-    if not math.isfinite(number):
-        # float() takes "nan" and "inf": a nan timer never fires (and Twisted's callLater
-        # asserts on it), an infinite one never ends; neither is a bound.
-        raise ValueError(f"{value} is not a finite number of seconds")
-    if number < 0:
-        raise ValueError(f"{value} is negative")
-    return number
-
-
-_positive_int.coerceDoc = "A whole number >= 0."  # type: ignore[attr-defined]
-_seconds.coerceDoc = "Seconds (a finite decimal number >= 0)."  # type: ignore[attr-defined]
-
-
-def normalize_endpoint(value: str, option: str, default_interface: str | None = None) -> str:
-    """Bare digits become ``tcp:N`` (with *default_interface* if given); anything else
-    must parse as a strports description.
-
-    :raise usage.UsageError: with a plain sentence.
-    """
-    text = value.strip()
-    if text.isdigit():
-        text = f"tcp:{text}"
-        if default_interface:
-            text += f":interface={default_interface}"
-    try:
-        serverFromString(None, text)  # parses only; nothing listens
-    except Exception as error:
-        raise usage.UsageError(
-            f"{option} must be a port number or an endpoint such as "
-            f"tcp:5027:interface=127.0.0.1, not {value!r} ({error})"
-        ) from None
-    return text
 
 
 def parse_udp_port(value: str) -> tuple[str, int]:
@@ -197,7 +161,7 @@ class Options(usage.Options):
             DEFAULT_REPLICAS,
             "With --redis-durability replicated: replicas that must confirm every batch "
             "(deploy at least one more, or a failover leaves too few and blocks ACKs).",
-            _positive_int,
+            whole_number,
         ],
         [
             "redis-wait-timeout",
@@ -205,7 +169,7 @@ class Options(usage.Options):
             DEFAULT_REPLICA_TIMEOUT,
             "With --redis-durability replicated: seconds a batch waits for its replicas; "
             "fewer confirmations in time and the frames are not ACKed (devices resend).",
-            _seconds,
+            seconds,
         ],
         [
             "stream-maxlen",
@@ -213,7 +177,7 @@ class Options(usage.Options):
             None,
             "Trim the stream with XADD MAXLEN ~ N. Off by default: a blind trim can drop "
             "entries the processor has not read yet (default: no trimming)",
-            _positive_int,
+            whole_number,
         ],
         [
             "output",
@@ -250,35 +214,35 @@ class Options(usage.Options):
             None,
             DEFAULT_MAX_FRAME,
             "Largest data frame in bytes; a bigger one closes the connection.",
-            _positive_int,
+            whole_number,
         ],
         [
             "login-timeout",
             None,
             DEFAULT_LOGIN_TIMEOUT,
             "Seconds from connect to login before the connection is closed.",
-            _seconds,
+            seconds,
         ],
         [
             "idle-timeout",
             None,
             DEFAULT_IDLE_TIMEOUT,
             "Seconds without a byte (keepalives count) before closing; 0 disables.",
-            _seconds,
+            seconds,
         ],
         [
             "max-connections",
             None,
             DEFAULT_MAX_CONNECTIONS,
             "Open device connections beyond which new ones are closed at once; 0 = no limit.",
-            _positive_int,
+            whole_number,
         ],
         [
             "max-pending-frames",
             None,
             DEFAULT_MAX_PENDING_FRAMES,
             "Frames waiting on one connection before it stops reading.",
-            _positive_int,
+            whole_number,
         ],
         [
             "sink-timeout",
@@ -286,14 +250,14 @@ class Options(usage.Options):
             DEFAULT_SINK_TIMEOUT,
             "Seconds the sink may take to store a frame before it counts as failed "
             "(no ACK, connection closed).",
-            _seconds,
+            seconds,
         ],
         [
             "command-timeout",
             None,
             DEFAULT_COMMAND_TIMEOUT,
             "Seconds a command waits for the device's reply (a command may ask for another).",
-            _seconds,
+            seconds,
         ],
         [
             "command-quiet",
@@ -303,7 +267,7 @@ class Options(usage.Options):
             "after which a command may be written to it, unless its next periodic frame is "
             "due; otherwise commands go out only right after an ACK (a device reads the next "
             "4 bytes after a frame as its ACK).",
-            _seconds,
+            seconds,
         ],
         [
             "command-settle",
@@ -311,21 +275,21 @@ class Options(usage.Options):
             DEFAULT_COMMAND_SETTLE,
             "Seconds after a command timed out before the next command is written to that "
             "device (a late reply in that time is unsolicited, not the next one's); 0 = none.",
-            _seconds,
+            seconds,
         ],
         [
             "command-queue-warn",
             None,
             DEFAULT_WARN_DEPTH,
             "Commands queued on one socket that log a warning.",
-            _positive_int,
+            whole_number,
         ],
         [
             "command-queue-max",
             None,
             DEFAULT_MAX_DEPTH,
             "Commands queued on one socket beyond which new ones fail with queue_full.",
-            _positive_int,
+            whole_number,
         ],
         [
             "heartbeat-interval",
@@ -333,7 +297,7 @@ class Options(usage.Options):
             HEARTBEAT_INTERVAL,
             "Seconds between heartbeats (instance:heartbeat:ID) and registry re-claims "
             "(with --redis).",
-            _seconds,
+            seconds,
         ],
         [
             "heartbeat-ttl",
@@ -341,38 +305,34 @@ class Options(usage.Options):
             HEARTBEAT_TTL,
             "Seconds the heartbeat key lives (EX); other instances' janitors clean up after "
             "an instance whose heartbeat expired.",
-            _seconds,
+            seconds,
         ],
         [
             "janitor-interval",
             None,
             JANITOR_INTERVAL,
             "Seconds between janitor passes (with --redis).",
-            _seconds,
+            seconds,
         ],
         [
             "offline-max-attempts",
             None,
             DEFAULT_MAX_ATTEMPTS,
             "Delivery attempts of an offline command before it fails with attempts_exhausted.",
-            _positive_int,
+            whole_number,
         ],
         [
             "shutdown-timeout",
             None,
             DEFAULT_SHUTDOWN_TIMEOUT,
             "Seconds to let in-flight frames finish on shutdown, and again to close connections.",
-            _seconds,
+            seconds,
         ],
     ]
 
     def postOptions(self) -> None:
         self["port"] = normalize_endpoint(str(self["port"]), "--port")
-        metrics = str(self["metrics"])
-        if metrics.lower() in OFF:
-            self["metrics"] = None
-        else:
-            self["metrics"] = normalize_endpoint(metrics, "--metrics", "127.0.0.1")
+        self["metrics"] = metrics_endpoint(self["metrics"])
         if self["udp-port"] is not None:
             self["udp-port"] = parse_udp_port(str(self["udp-port"]))
         if self["redis"] is not None:
@@ -436,93 +396,82 @@ class Options(usage.Options):
             raise usage.UsageError("--heartbeat-ttl must be longer than --heartbeat-interval")
 
 
+@attrs.frozen
 class Server:
-    """The shared pieces of one server process (``TeltonikaService.server``).
+    """The shared pieces of one server process (``TeltonikaService.server``), all built
+    by :func:`build_service` before the tree is returned.
 
     :ivar factory: the device Factory (``sessions``, ``session_listeners``).
+    :ivar sink: where records go (Redis Stream or JSON lines).
+    :ivar ingestion: the listeners, the sink's lifecycle and the ordered shutdown.
     :ivar metrics: the server's metrics (``metrics.registry`` is served on /metrics).
     :ivar readiness: name -> check, served on /readyz; add checks before start.
+    :ivar redis: the process's one Redis connection (with ``--redis``; ``None`` without).
+    :ivar commands: the command plane (with ``--redis``; ``None`` without).
     """
 
-    def __init__(self, options: Options, reactor: Any) -> None:
-        self.options = options
-        self.reactor = reactor
-        self.metrics = ServerMetrics(CollectorRegistry())
-        self.readiness: dict[str, Callable[[], bool]] = {}
-        self._redis: Any = None
-        self.redis_address = (
-            parse_redis_url(options["redis"]) if options["redis"] is not None else None
-        )
-
-    def redis(self) -> Any:
-        """The process's txredisapi connection, made on first use (at start, never in
-        ``makeService``). Reconnects with backoff by itself.
-
-        :raise RuntimeError: the server runs without ``--redis``.
-        """
-        if self.redis_address is None:
-            raise RuntimeError("this server runs without --redis")
-        if self._redis is None:
-            self._redis = lazy_connection(self.redis_address)
-        return self._redis
-
-    def connect_redis(self) -> Any:
-        """Another connection to the same Redis (the caller closes it)."""
-        assert self.redis_address is not None
-        return lazy_connection(self.redis_address)
-
-    def redis_master_known(self) -> bool:
-        """For ``/readyz`` through Sentinel: False while no master is known."""
-        from teltonika.redis.sentinel import master_known
-
-        return self._redis is not None and master_known(self._redis)
-
-    def disconnect_redis(self) -> Any:
-        """Close the Redis connection, if one was made (last step of the shutdown)."""
-        if self._redis is not None:
-            redis, self._redis = self._redis, None
-            return redis.disconnect()
-        return None
+    options: Options
+    reactor: IProcessReactor
+    metrics: ServerMetrics
+    readiness: dict[str, Callable[[], bool]]
+    redis: SharedConnection | None
+    factory: DeviceFactory
+    sink: ManagedSink
+    ingestion: IngestionService
+    commands: CommandPlane | None
 
 
 class TeltonikaService(MultiService):
-    """The root service; ``server`` holds the shared pieces (see :class:`Server`)."""
+    """The root service; ``server`` holds the shared pieces (see :class:`Server`).
 
-    def __init__(self, server: Server) -> None:
+    :param children: started in this order (and stopped in reverse).
+    """
+
+    def __init__(self, server: Server, children: Sequence[IService]) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.server = server
+        for child in children:
+            child.setServiceParent(self)
 
 
-def _build_sink(server: Server) -> ManagedSink:
-    options = server.options
+def _build_sink(
+    options: Options,
+    reactor: IProcessReactor,
+    metrics: ServerMetrics,
+    redis: SharedConnection | None,
+) -> ManagedSink:
     settings_id = options["instance-id"]
-    if server.redis_address is not None:
+    if redis is not None:
         from teltonika.sinks.redis_stream import RedisStreamSink
 
         return RedisStreamSink(
-            server.redis,
-            server.reactor,
-            server.metrics,
+            redis,
+            reactor,
+            metrics,
             instance_id=settings_id,
             durability=options["redis-durability"],
             maxlen=options["stream-maxlen"],
             replicas=options["redis-replicas"],
             replica_timeout=options["redis-wait-timeout"],
-            connect=server.connect_redis,
+            connect=redis.connect,
         )
     from teltonika.sinks.jsonl import JsonLinesSink
 
     return JsonLinesSink(
         options["output"],
-        server.reactor,
-        server.metrics,
+        reactor,
+        metrics,
         instance_id=settings_id,
-        reactor=server.reactor,
+        reactor=reactor,
     )
 
 
 def _build_authority(
-    server: Server, sink: ManagedSink
+    options: Options,
+    reactor: IProcessReactor,
+    metrics: ServerMetrics,
+    redis: SharedConnection | None,
+    sink: ManagedSink,
 ) -> tuple[IDeviceAuthority, IDeviceAuthority, FileAuthority | None]:
     """The device authority for TCP logins, the one for UDP datagrams, and the file
     authority to reload (if any).
@@ -531,14 +480,15 @@ def _build_authority(
     to send and its source can be spoofed, so a flood of datagrams naming real IMEIs
     while Redis is slow must not use up the lookups that real TCP logins need.
     """
-    kind, argument = parse_authority_spec(server.options["devices"])
+    kind, argument = parse_authority_spec(options["devices"])
     if kind == "file":
         try:
-            authority = FileAuthority(argument, server.reactor)
+            authority = FileAuthority(argument, reactor)
         except OSError as error:
             raise usage.UsageError(f"--devices: cannot read {argument}: {error}") from None
         return authority, authority, authority
     if kind == "redis":
+        assert redis is not None  # postOptions: --devices redis:KEY needs --redis
         from teltonika.sinks.redis_stream import RedisStreamSink
 
         # While Redis is unreachable a lookup would only queue in txredisapi. Reachable
@@ -547,30 +497,39 @@ def _build_authority(
         available = sink.reachable if isinstance(sink, RedisStreamSink) else sink.ready
 
         def lookups() -> RedisSetAuthority:
-            return RedisSetAuthority(
-                server.redis, argument, server.reactor, server.metrics, available=available
-            )
+            return RedisSetAuthority(redis, argument, reactor, metrics, available=available)
 
         return lookups(), lookups(), None
     open_authority = OpenAuthority()
     return open_authority, open_authority, None
 
 
-def makeService(
-    options: Options, reactor: Any = None, on_fatal: FatalHandler | None = None
+def makeService(options: Options) -> TeltonikaService:
+    """What twistd calls: :func:`build_service` on the global reactor, for a real process
+    (a sink that cannot start exits with status 1; the heap is frozen after start-up)."""
+    from twisted.internet import reactor as global_reactor
+
+    reactor = cast(IProcessReactor, global_reactor)
+    return build_service(options, reactor, on_fatal=exit_on_fatal(reactor), freeze_gc=True)
+
+
+def build_service(
+    options: Options,
+    reactor: IProcessReactor,
+    *,
+    on_fatal: FatalHandler,
+    freeze_gc: bool = False,
 ) -> TeltonikaService:
     """Build the service tree for *options* (see the module docstring).
 
-    :param reactor: defaults to the global reactor; tests pass a ``MemoryReactor``.
-    :param on_fatal: what to do when the sink cannot start (default: log, stop the
+    :param reactor: the global reactor in twistd; tests pass a ``MemoryReactor``.
+    :param on_fatal: what to do when the sink cannot start (twistd: log, stop the
         reactor, exit status 1).
+    :param freeze_gc: move start-up objects out of the collector's sight once the sink
+        started (a real process; tests leave the collector alone).
     """
-    if reactor is None:
-        from twisted.internet import reactor as global_reactor
-
-        reactor = global_reactor
-    server = Server(options, reactor)
-    root = TeltonikaService(server)
+    metrics = ServerMetrics(CollectorRegistry())
+    redis = SharedConnection(parse_redis_url(options["redis"])) if options["redis"] else None
     settings = ServerSettings(
         instance_id=options["instance-id"],
         max_frame=options["max-frame"],
@@ -586,19 +545,19 @@ def makeService(
         command_quiet=options["command-quiet"],
         command_settle=options["command-settle"],
     )
-    sink = _build_sink(server)
-    authority, udp_authority, file_authority = _build_authority(server, sink)
+    sink = _build_sink(options, reactor, metrics, redis)
+    authority, udp_authority, file_authority = _build_authority(
+        options, reactor, metrics, redis, sink
+    )
     codecs = load_codecs()
     factory = DeviceFactory(
         codecs,
         sink,  # type: ignore[arg-type]  # a ManagedSink provides ISink too
         authority,
-        server.metrics,
+        metrics,
         reactor,
         settings,
     )
-    server.factory = factory  # type: ignore[attr-defined]
-    server.sink = sink  # type: ignore[attr-defined]
     listeners: list[IService] = [strports.service(options["port"], factory, reactor=reactor)]
     udp: tuple[IService, DeviceDatagramProtocol] | None = None
     if options["udp-port"] is not None:
@@ -607,45 +566,72 @@ def makeService(
             codecs,
             sink,  # type: ignore[arg-type]  # a ManagedSink provides ISink too
             udp_authority,
-            server.metrics,
+            metrics,
             reactor,
             luhn=bool(options["luhn"]),
             sink_timeout=options["sink-timeout"],
         )
         udp = (internet.UDPServer(port, datagrams, interface=interface, reactor=reactor), datagrams)
-    closed: list[Callable[[], Any]] = [server.disconnect_redis]
-    if options["redis"] is not None:
-        lock = InstanceLockService(InstanceLock(options["instance-id"], options["redis"]))
-        lock.setName("instance-lock")  # type: ignore[no-untyped-call]
-        lock.setServiceParent(root)  # type: ignore[no-untyped-call]  # first: before listening
-        closed.append(lock.release)
+    children: list[IService] = []
     ingestion = IngestionService(
         factory,
         sink,
         listeners,
         udp=udp,
         clock=reactor,
-        on_fatal=on_fatal if on_fatal is not None else exit_on_fatal(reactor),
+        on_fatal=on_fatal,
         shutdown_timeout=options["shutdown-timeout"],
         file_authority=file_authority,
         reactor=reactor,
-        on_closed=closed,
-        freeze_gc=on_fatal is None,  # a real twistd process, not a test
+        freeze_gc=freeze_gc,
     )
     ingestion.setName("ingestion")  # type: ignore[no-untyped-call]
-    ingestion.setServiceParent(root)  # type: ignore[no-untyped-call]
-    server.ingestion = ingestion  # type: ignore[attr-defined]
-    server.readiness["sink"] = sink.ready
-    if isinstance(server.redis_address, SentinelAddress):
-        server.readiness["redis-master"] = server.redis_master_known
-    if server.redis_address is not None:
-        from teltonika.commands.service import add_command_plane
+    readiness: dict[str, Callable[[], bool]] = {"sink": sink.ready}
+    commands: CommandPlane | None = None
+    if redis is not None:
+        ingestion.add_closing_step(redis.disconnect)
+        lock = InstanceLockService(InstanceLock(options["instance-id"], options["redis"]))
+        lock.setName("instance-lock")  # type: ignore[no-untyped-call]
+        children.append(lock)  # first: before listening
+        ingestion.add_closing_step(lock.release)
+        if isinstance(redis.address, SentinelAddress):
+            readiness["redis-master"] = redis.master_known
+        from teltonika.commands.service import CommandPlaneSettings, command_plane
 
-        server.commands = add_command_plane(server, root, options)  # type: ignore[attr-defined]
-    if options["metrics"] is not None:
-        ops = ops_service(
-            options["metrics"], server.metrics.registry, server.readiness, reactor=reactor
+        commands = command_plane(
+            factory=factory,
+            ingestion=ingestion,
+            redis=redis,
+            clock=reactor,
+            settings=CommandPlaneSettings(
+                instance_id=options["instance-id"],
+                heartbeat_interval=options["heartbeat-interval"],
+                heartbeat_ttl=options["heartbeat-ttl"],
+                janitor_interval=options["janitor-interval"],
+                max_attempts=options["offline-max-attempts"],
+                instance=InstanceSettings(
+                    command_timeout_s=options["command-timeout"],
+                    command_quiet_s=options["command-quiet"],
+                    command_settle_s=options["command-settle"],
+                ),
+            ),
         )
+    children.append(ingestion)
+    if commands is not None:
+        children.append(commands)
+    if options["metrics"] is not None:
+        ops = ops_service(options["metrics"], metrics.registry, readiness, reactor=reactor)
         ops.setName("ops")
-        ops.setServiceParent(root)
-    return root
+        children.append(ops)
+    server = Server(
+        options=options,
+        reactor=reactor,
+        metrics=metrics,
+        readiness=readiness,
+        redis=redis,
+        factory=factory,
+        sink=sink,
+        ingestion=ingestion,
+        commands=commands,
+    )
+    return TeltonikaService(server, children)

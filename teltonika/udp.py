@@ -35,6 +35,7 @@ from teltonika.logs import RateLimitedLog, truncated_hex
 from teltonika.metrics import ServerMetrics
 from teltonika.protocol.publish import Publisher
 from teltonika.protocol.server import DEFAULT_SINK_TIMEOUT
+from teltonika.units import SECONDS
 from teltonika.wire.errors import DecodeError, FieldValueError
 from teltonika.wire.login import parse_imei
 from teltonika.wire.records import AVLPacket, UDPEnvelope
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 
 Address = tuple[str, int]
 
-SECONDS: Final = 1.0
 LOG_INTERVAL: Final = 10 * SECONDS
 """Seconds between two log events of one kind a datagram can cause."""
 

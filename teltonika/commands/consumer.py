@@ -68,9 +68,9 @@ from teltonika.commands.metrics import CommandMetrics
 from teltonika.commands.queue import CommandError, CommandQueue, InvalidCommandError
 from teltonika.commands.scripts import DELIVERED as DELIVERED_SCRIPT
 from teltonika.commands.scripts import SETTLE, TAKE_OFFLINE, run_script
+from teltonika.units import SECONDS
 from teltonika.wire.records import DeviceMessage
 
-SECONDS: Final = 1.0
 DEFAULT_BLOCK: Final = 2 * SECONDS
 DEFAULT_BATCH: Final = 100
 DEFAULT_MAX_ATTEMPTS: Final = 10

@@ -43,8 +43,8 @@ from teltonika.commands.scripts import (
     JANITOR_STREAM,
     run_script,
 )
+from teltonika.units import SECONDS
 
-SECONDS: Final = 1.0
 JANITOR_INTERVAL: Final = 30 * SECONDS
 _OUTBOUND_PREFIX: Final = "commands:outbound:"
 EXPIRE_BATCH: Final = 1000

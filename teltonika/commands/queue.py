@@ -73,6 +73,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from teltonika.commands.metrics import CommandMetrics
+from teltonika.units import SECONDS
 from teltonika.wire.records import (
     CODEC_12,
     CODEC_14,
@@ -81,7 +82,6 @@ from teltonika.wire.records import (
     DeviceMessage,
 )
 
-SECONDS: Final = 1.0
 DEFAULT_COMMAND_TIMEOUT: Final = 30 * SECONDS
 DEFAULT_COMMAND_QUIET: Final = 1 * SECONDS
 """Seconds without a received byte after which an idle connection may get a command."""

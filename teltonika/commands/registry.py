@@ -39,8 +39,8 @@ from twisted.python.failure import Failure
 from teltonika.commands.messages import REGISTRY_KEY, InstanceSettings, heartbeat_key
 from teltonika.commands.metrics import CommandMetrics
 from teltonika.commands.scripts import REASSERT, UNREGISTER, run_script
+from teltonika.units import SECONDS
 
-SECONDS: Final = 1.0
 HEARTBEAT_TTL: Final = 90 * SECONDS
 HEARTBEAT_INTERVAL: Final = 30 * SECONDS
 OPERATION_TIMEOUT: Final = 5 * SECONDS

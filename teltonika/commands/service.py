@@ -1,6 +1,6 @@
 """Wire the command plane into ``twistd teltonika`` (only with ``--redis``).
 
-:func:`add_command_plane` adds one ``MultiService`` named ``commands`` with three
+:func:`command_plane` builds one ``MultiService`` named ``commands`` with three
 children: the heartbeat ``TimerService`` (first tick at start), the janitor
 ``TimerService`` and the :class:`~teltonika.commands.consumer.CommandConsumer`. It also
 subscribes a :class:`~teltonika.commands.router.CommandRouter` to the device Factory's
@@ -18,9 +18,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Final
 
+import attrs
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from teltonika.commands.consumer import CommandConsumer
@@ -30,7 +32,9 @@ from teltonika.commands.metrics import CommandMetrics
 from teltonika.commands.queue import CommandQueue
 from teltonika.commands.registry import ConnectionRegistry
 from teltonika.commands.router import CommandRouter
-from teltonika.redis.connect import lazy_connection
+from teltonika.protocol.server import DeviceFactory
+from teltonika.redis.connect import SharedConnection
+from teltonika.services.ingestion import IngestionService
 
 _log = Logger()
 SETTLE_WAIT: Final = 5.0
@@ -54,7 +58,7 @@ class CommandPlane(MultiService):
         *,
         heartbeat_interval: float,
         janitor_interval: float,
-        clock: Any,
+        clock: IReactorTime,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.setName("commands")  # type: ignore[no-untyped-call]
@@ -74,7 +78,7 @@ class CommandPlane(MultiService):
 
     async def shutdown(self) -> None:
         """After the device connections closed: unregister all, drop the heartbeat, close
-        the consumer's connection (called by the ingestion service's ``on_closed``).
+        the consumer's connection (a closing step of the ingestion service).
         Every step is bounded and none raises, so the shutdown always completes."""
         try:
             if self.running:
@@ -92,61 +96,73 @@ class CommandPlane(MultiService):
             _log.failure("Command plane shutdown step failed")
 
 
-def add_command_plane(server: Any, root: MultiService, options: Any) -> CommandPlane:
-    """Build the command plane for a server with ``--redis`` and attach it to *root*.
+@attrs.frozen
+class CommandPlaneSettings:
+    """The command plane's options (``--instance-id``, ``--heartbeat-*``,
+    ``--janitor-interval``, ``--offline-max-attempts``, ``--command-*``)."""
 
-    :param server: ``teltonika.tap.Server`` (``factory``, ``redis()``, ``redis_address``,
-        ``reactor``, ``ingestion``).
+    instance_id: str
+    heartbeat_interval: float
+    heartbeat_ttl: float
+    janitor_interval: float
+    max_attempts: int
+    instance: InstanceSettings
+
+
+def command_plane(
+    *,
+    factory: DeviceFactory,
+    ingestion: IngestionService,
+    redis: SharedConnection,
+    clock: IReactorTime,
+    settings: CommandPlaneSettings,
+) -> CommandPlane:
+    """The command plane for a server with ``--redis`` (the caller adds it to the service
+    tree); its router listens to *factory*'s sessions, and its shutdown runs first among
+    *ingestion*'s closing steps (before the shared Redis connection is closed).
     """
-    reactor = server.reactor
-    factory = server.factory
     metrics: CommandMetrics = factory.command_metrics
-    instance_id = options["instance-id"]
+    instance_id = settings.instance_id
 
     def now_ms() -> int:
-        return int(reactor.seconds() * 1000)
+        return int(clock.seconds() * 1000)
 
     def lookup(imei: str) -> CommandQueue | None:
         session = factory.sessions.get(imei)
         return None if session is None else session.commands
 
-    redis = _Lazy(server.redis)
-    reader = _Lazy(lambda: lazy_connection(server.redis_address))
+    shared = _Lazy(redis)
+    reader = _Lazy(redis.connect)
     registry = ConnectionRegistry(
-        redis,
+        shared,
         instance_id,
         metrics,
         now_ms=now_ms,
-        heartbeat_ttl=options["heartbeat-ttl"],
-        clock=reactor,
-        settings=InstanceSettings(
-            command_timeout_s=options["command-timeout"],
-            command_quiet_s=options["command-quiet"],
-            command_settle_s=options["command-settle"],
-        ),
+        heartbeat_ttl=settings.heartbeat_ttl,
+        clock=clock,
+        settings=settings.instance,
     )
     consumer = CommandConsumer(
         reader,
-        redis,
+        shared,
         instance_id,
         lookup,
-        reactor,
+        clock,
         metrics,
-        max_attempts=options["offline-max-attempts"],
+        max_attempts=settings.max_attempts,
     )
-    janitor = Janitor(redis, instance_id, metrics, now_ms, clock=reactor)
+    janitor = Janitor(shared, instance_id, metrics, now_ms, clock=clock)
     plane = CommandPlane(
         registry,
         consumer,
         janitor,
         reader,
-        heartbeat_interval=options["heartbeat-interval"],
-        janitor_interval=options["janitor-interval"],
-        clock=reactor,
+        heartbeat_interval=settings.heartbeat_interval,
+        janitor_interval=settings.janitor_interval,
+        clock=clock,
     )
-    plane.setServiceParent(root)  # type: ignore[no-untyped-call]
     factory.session_listeners.append(CommandRouter(registry, consumer))
-    server.ingestion.on_closed.insert(0, lambda: Deferred.fromCoroutine(plane.shutdown()))
+    ingestion.add_closing_step(lambda: Deferred.fromCoroutine(plane.shutdown()), first=True)
     return plane
 
 

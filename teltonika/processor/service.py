@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Final
@@ -29,6 +28,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorCore, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from teltonika.exits import exit_now
 from teltonika.processor.consumer import Consumer
 from teltonika.processor.trim import trim_stream
 
@@ -69,13 +69,7 @@ EXIT_SOFTWARE: Final = 70
 
 def hard_exit() -> None:
     """The backstop's last resort: leave now, whatever threads are still running."""
-    _exit_now(EXIT_SOFTWARE)
-
-
-def _exit_now(status: int) -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    exit_now(EXIT_SOFTWARE)
 
 
 def exit_after_shutdown(reactor: IReactorCore) -> Callable[[], None]:
@@ -83,7 +77,7 @@ def exit_after_shutdown(reactor: IReactorCore) -> Callable[[], None]:
     exit with :data:`EXIT_SOFTWARE` once twistd is done (an ``atexit`` hook)."""
 
     def exit_nonzero() -> None:
-        atexit.register(_exit_now, EXIT_SOFTWARE)
+        atexit.register(exit_now, EXIT_SOFTWARE)
         with contextlib.suppress(ReactorNotRunning):
             reactor.stop()
 
@@ -95,8 +89,8 @@ class ProcessorService(Service):
 
     :param redis: the txredisapi connections to close at shutdown.
     :param connect: opens the Redis connections when the service starts (building the
-        service must not touch the network): returns (commands, reader), which become
-        the consumer's ``streams.redis`` and ``streams.reader``.
+        service must not touch the network): returns (commands, reader), handed to the
+        consumer's streams (:meth:`~teltonika.processor.streams.Streams.use`).
     :param trim: trim the stream every *trim_interval* seconds (``--trim``).
     :param retire_idle: every *stats_interval*, delete the group's consumers with nothing
         pending that have been idle longer than this many seconds (0: never;
@@ -155,8 +149,7 @@ class ProcessorService(Service):
         self._log.info("Processor starting: {description}", description=self.description)
         if self.connect is not None:
             commands, reader = self.connect()
-            self.consumer.streams.redis = commands
-            self.consumer.streams.reader = reader
+            self.consumer.streams.use(commands, reader)
             self.redis = [reader, commands]
         self.consumer.database.start()
         self.consumer.start().addCallback(self._consumer_ended)

@@ -185,7 +185,8 @@ def next_id(entry_id: str) -> str:
 class Streams:
     """Commands on *stream* for consumer *consumer* of *group*.
 
-    :param redis: a txredisapi connection (see :func:`teltonika.redis.connect.lazy_connection`).
+    :param redis: a txredisapi connection (see :func:`teltonika.redis.connect.lazy_connection`);
+        ``None`` until :meth:`use` hands one over (a service that connects at start).
     :param reader: a second connection for XREADGROUP only (default *redis*): a blocking
         read must not queue the XACKs of the batch being written behind it.
     :param timeout: seconds any command may take (plus the BLOCK time for reads).
@@ -193,18 +194,17 @@ class Streams:
 
     def __init__(
         self,
-        redis: Any,
         clock: IReactorTime,
         stream: str,
         group: str,
         consumer: str,
+        *,
         dead_stream: str = DEAD_STREAM,
         dead_maxlen: int = 1_000_000,
         timeout: float = 10.0,
+        redis: Any = None,
         reader: Any = None,
     ) -> None:
-        self.redis = redis
-        self.reader = redis if reader is None else reader
         self.clock = clock
         self.stream = stream
         self.group = group
@@ -212,6 +212,15 @@ class Streams:
         self.dead_stream = dead_stream
         self.dead_maxlen = dead_maxlen
         self.timeout = timeout
+        self.redis: Any = None
+        self.reader: Any = None
+        if redis is not None:
+            self.use(redis, reader)
+
+    def use(self, redis: Any, reader: Any = None) -> None:
+        """Send commands on *redis* and read with *reader* (default *redis*) from now on."""
+        self.redis = redis
+        self.reader = redis if reader is None else reader
 
     def command(
         self, *args: Any, timeout: float | None = None, connection: Any = None

@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Final
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from prometheus_client import CollectorRegistry
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
 from teltonika.contract import TELEMETRY_STREAM
+from teltonika.interfaces import IProcessReactor
+from teltonika.options import metrics_endpoint, positive_seconds, positive_whole_number, seconds
 from teltonika.processor.live.options import LiveOptions
 from teltonika.redis.connect import RedisURLError, SentinelAddress, parse_redis_url
 from teltonika.services.ops_http import DEFAULT_PROCESSOR_METRICS
+
+if TYPE_CHECKING:
+    from teltonika.processor.service import ProcessorService
 
 POSTGRES_ENV: Final = "TELTONIKA_POSTGRES_DSN"
 REDIS_ENV: Final = "TELTONIKA_REDIS_URL"
@@ -30,32 +36,6 @@ LOCK_TIMEOUT: Final = 5.0
 """Seconds: the default ``--lock-timeout``."""
 REFRESH_INTERVAL: Final = 5.0
 """Seconds: the default ``--refresh-interval``."""
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ValueError("must be at least 1")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    number = float(value)
-    if number <= 0:
-        raise ValueError("must be above 0")
-    return number
-
-
-def _non_negative_float(value: str) -> float:
-    number = float(value)
-    if not number >= 0:
-        raise ValueError("must be 0 or more")
-    return number
-
-
-_positive_int.coerceDoc = "A whole number, at least 1."  # type: ignore[attr-defined]
-_positive_float.coerceDoc = "Seconds, above 0."  # type: ignore[attr-defined]
-_non_negative_float.coerceDoc = "Seconds, 0 or more."  # type: ignore[attr-defined]
 
 
 class Options(LiveOptions):
@@ -100,7 +80,7 @@ class Options(LiveOptions):
             None,
             1_000_000,
             "Approximate cap on the dead-letter stream.",
-            _positive_int,
+            positive_whole_number,
         ],
         ["group", None, "processor", "Consumer group (shared by all processors)."],
         [
@@ -125,29 +105,35 @@ class Options(LiveOptions):
             "Delete other consumers of the group that have nothing pending and have been "
             "idle longer than this (seconds; at least --claim-idle; 0 = never). For "
             "deployments whose consumer names change (container host names).",
-            _non_negative_float,
+            seconds,
         ],
-        ["batch-size", None, 500, "Entries per XREADGROUP and per transaction.", _positive_int],
+        [
+            "batch-size",
+            None,
+            500,
+            "Entries per XREADGROUP and per transaction.",
+            positive_whole_number,
+        ],
         [
             "block-ms",
             None,
             2000,
             "How long one XREADGROUP waits for new entries (ms).",
-            _positive_int,
+            positive_whole_number,
         ],
         [
             "claim-idle",
             None,
             60.0,
             "Take over entries pending in another consumer for longer than this (seconds).",
-            _positive_float,
+            positive_seconds,
         ],
         [
             "claim-interval",
             None,
             10.0,
             "How often to look for idle entries (seconds).",
-            _positive_float,
+            positive_seconds,
         ],
         [
             "refresh-interval",
@@ -156,7 +142,7 @@ class Options(LiveOptions):
             "How often every entry this processor holds is refreshed (XCLAIM JUSTID) so that "
             f"no peer claims it (seconds; at most half of --claim-idle; default "
             f"{REFRESH_INTERVAL:g}, or a quarter of --claim-idle when that is less).",
-            _positive_float,
+            positive_seconds,
         ],
         [
             "max-deliveries",
@@ -164,14 +150,14 @@ class Options(LiveOptions):
             5,
             "An entry delivered more than this many times is written alone, and "
             "dead-lettered if that fails for any reason but PostgreSQL being unavailable.",
-            _positive_int,
+            positive_whole_number,
         ],
         [
             "state-size",
             None,
             100_000,
             "Most devices held in memory (least recently seen evicted).",
-            _positive_int,
+            positive_whole_number,
         ],
         [
             "metrics",
@@ -180,20 +166,20 @@ class Options(LiveOptions):
             "Endpoint for /metrics, /healthz, /readyz (a port number means loopback; "
             "'off' disables).",
         ],
-        ["trim-interval", None, 60.0, "Seconds between trims when --trim is on.", _positive_float],
+        ["trim-interval", None, 60.0, "Seconds between trims when --trim is on.", positive_seconds],
         [
             "stats-interval",
             None,
             5.0,
             "Seconds between consumer lag/pending updates.",
-            _positive_float,
+            positive_seconds,
         ],
         [
             "retry-max",
             None,
             5.0,
             "Longest backoff between retries of Redis or PostgreSQL (seconds).",
-            _positive_float,
+            positive_seconds,
         ],
         [
             "statement-timeout",
@@ -202,7 +188,7 @@ class Options(LiveOptions):
             "Longest a PostgreSQL statement may run before it fails and is retried "
             f"(seconds; below --claim-idle; default {STATEMENT_TIMEOUT:g}, or a quarter of "
             "--claim-idle when that is less).",
-            _positive_float,
+            positive_seconds,
         ],
         [
             "lock-timeout",
@@ -211,14 +197,14 @@ class Options(LiveOptions):
             "Longest a PostgreSQL statement may wait for a lock before it fails and is "
             f"retried (seconds; below --claim-idle; default {LOCK_TIMEOUT:g}, or a twelfth "
             "of --claim-idle when that is less).",
-            _positive_float,
+            positive_seconds,
         ],
         [
             "shutdown-timeout",
             None,
             15.0,
             "Backstop: force the exit when shutdown takes longer (seconds).",
-            _positive_float,
+            positive_seconds,
         ],
     ]
 
@@ -237,10 +223,7 @@ class Options(LiveOptions):
         self["postgres"] = self["postgres"] or os.environ.get(POSTGRES_ENV)
         if not self["postgres"]:
             raise usage.UsageError(f"give --postgres DSN or set ${POSTGRES_ENV}")
-        metrics = str(self["metrics"]).strip()
-        if metrics.isdigit():
-            metrics = f"tcp:{metrics}:interface=127.0.0.1"
-        self["metrics"] = None if metrics.lower() in ("off", "none", "") else metrics
+        self["metrics"] = metrics_endpoint(self["metrics"])
         if not self["consumer"]:
             raise usage.UsageError("--consumer must not be empty")
         claim_idle = self["claim-idle"]
@@ -272,12 +255,31 @@ class Options(LiveOptions):
         self.check_live()
 
 
-def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IService:
-    """Build the service tree (starts nothing)."""
+class ProcessorTree(MultiService):
+    """The root service: the ops listener (unless ``--metrics off``), the
+    :class:`~teltonika.processor.service.ProcessorService` and, with ``--live``, the live
+    service, started in that order.
+
+    :ivar processor: the processor service (its consumer, streams and database).
+    """
+
+    def __init__(self, processor: ProcessorService, children: Sequence[IService]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.processor = processor
+        for child in children:
+            child.setServiceParent(self)
+
+
+def makeService(options: Options, reactor: IProcessReactor | None = None) -> ProcessorTree:
+    """Build the service tree (starts nothing).
+
+    :param reactor: defaults to the global reactor (twistd); tests may pass a
+        ``MemoryReactor``.
+    """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
-        reactor = global_reactor
+        reactor = cast(IProcessReactor, global_reactor)
 
     from teltonika.processor.consumer import Consumer, ConsumerConfig
     from teltonika.processor.database import Database, redact_dsn
@@ -314,7 +316,6 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
         return bool(connections) and all(known(connection) for connection in connections)
 
     streams = Streams(
-        None,
         reactor,
         options["stream"],
         options["group"],
@@ -347,7 +348,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
         ),
         migrate=apply_migrations,
     )
-    top = MultiService()
+    children: list[IService] = []
     if options["metrics"]:
         ops = ops_service(
             options["metrics"],
@@ -360,7 +361,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
             },
             reactor=reactor,
         )
-        ops.setServiceParent(top)
+        children.append(ops)
     processor = ProcessorService(
         consumer,
         (),
@@ -377,12 +378,11 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
             f"{options['consumer']}, Redis {address}, PostgreSQL {redact_dsn(options['postgres'])}"
         ),
     )
-    processor.setServiceParent(top)  # type: ignore[no-untyped-call]
-    top.processor = processor  # type: ignore[attr-defined]
+    children.append(processor)
     if options.get("live"):
         from teltonika.processor.live.service import live_service
 
-        live_service(  # type: ignore[no-untyped-call]
+        live = live_service(
             options,
             registry,
             reactor,
@@ -390,5 +390,6 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
             stream=options["stream"],
             instance=options["consumer"],
             state_size=int(options["state-size"]),
-        ).setServiceParent(top)
-    return top
+        )
+        children.append(live)
+    return ProcessorTree(processor, children)

@@ -38,12 +38,12 @@ from teltonika.logs import RateLimitedLog
 from teltonika.metrics import ServerMetrics
 from teltonika.protocol.publish import Publisher
 from teltonika.protocol.session import DeviceSession
+from teltonika.units import SECONDS
 from teltonika.wire.framer import DEFAULT_MAX_FRAME, Framer
 
 if TYPE_CHECKING:
     from teltonika.codecs import CodecRegistry
 
-SECONDS: Final = 1.0
 MINUTE: Final = 60 * SECONDS
 
 DEFAULT_LOGIN_TIMEOUT: Final = 30 * SECONDS

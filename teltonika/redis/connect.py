@@ -283,3 +283,44 @@ def lazy_connection(
 
 def _connection_setup_failed(failure: Any) -> None:
     _log.info("Redis connection set-up failed: {error}", error=failure.getErrorMessage())
+
+
+class SharedConnection:
+    """The one txredisapi connection of a server process, made on first use (at start,
+    never while the service tree is built), plus fresh connections to the same Redis for
+    the parts that block on reads (the caller closes those).
+
+    :ivar address: where Redis (or its Sentinels) listens.
+    """
+
+    def __init__(self, address: AnyRedisAddress) -> None:
+        self.address = address
+        self._connection: Any = None
+
+    def __call__(self) -> Any:
+        """The shared connection; it reconnects with backoff by itself."""
+        if self._connection is None:
+            self._connection = lazy_connection(self.address)
+        return self._connection
+
+    @property
+    def made(self) -> bool:
+        """True once the shared connection was asked for."""
+        return self._connection is not None
+
+    def connect(self) -> Any:
+        """Another connection to the same Redis (the caller closes it)."""
+        return lazy_connection(self.address)
+
+    def master_known(self) -> bool:
+        """For ``/readyz`` through Sentinel: False while no master is known."""
+        from teltonika.redis.sentinel import master_known
+
+        return self._connection is not None and master_known(self._connection)
+
+    def disconnect(self) -> Any:
+        """Close the shared connection, if one was made (the last shutdown step)."""
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            return connection.disconnect()
+        return None

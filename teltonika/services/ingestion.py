@@ -18,24 +18,23 @@ and, when it cannot give what was asked, the server refuses to run via ``on_fata
 from __future__ import annotations
 
 import gc
-import os
 import signal
-import sys
 from collections.abc import Callable, Coroutine, Sequence
 from types import FrameType
 from typing import Any, Final, Protocol
 
 from twisted.application.service import IService, Service
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 
 from teltonika.authority import FileAuthority
+from teltonika.exits import exit_now
 from teltonika.protocol.server import DeviceFactory
 from teltonika.udp import DeviceDatagramProtocol
+from teltonika.units import SECONDS
 
-SECONDS: Final = 1.0
 DEFAULT_SHUTDOWN_TIMEOUT: Final = 10 * SECONDS
 FATAL_EXIT_GRACE: Final = 5 * SECONDS
 """A refused start exits at the latest this long after the decision, even when some
@@ -70,9 +69,7 @@ def exit_on_fatal(reactor: IReactorCore) -> FatalHandler:
         log.critical("Refusing to start: {message}", message=message)
 
         def hard_exit() -> None:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)
+            exit_now(1)
 
         reactor.addSystemEventTrigger("after", "shutdown", hard_exit)
         reactor.callLater(FATAL_EXIT_GRACE, hard_exit)  # type: ignore[attr-defined]
@@ -117,10 +114,19 @@ class IngestionService(Service):
         self.shutdown_timeout = shutdown_timeout
         self.file_authority = file_authority
         self.reactor = reactor
-        self.on_closed = list(on_closed)
+        self._closing_steps = list(on_closed)
         self.freeze_gc = freeze_gc
         self.started: Deferred[None] | None = None
         self._old_sighup: Any = None
+
+    def add_closing_step(self, step: Callable[[], Any], *, first: bool = False) -> None:
+        """Run *step* after the sink closed, each step bounded by ``shutdown_timeout``;
+        *first* puts it before the steps given so far (a part that still talks to Redis
+        stops before the connection it uses is closed)."""
+        if first:
+            self._closing_steps.insert(0, step)
+        else:
+            self._closing_steps.append(step)
 
     def _all_listeners(self) -> list[IService]:
         return self.listeners + ([self.udp[0]] if self.udp is not None else [])
@@ -142,7 +148,7 @@ class IngestionService(Service):
         if self.file_authority is not None:
             self.file_authority.start()
             self._install_sighup()
-        self.started = ensureDeferred(self._start_sink())
+        self.started = Deferred.fromCoroutine(self._start_sink())
 
     async def _start_sink(self) -> None:
         try:
@@ -174,7 +180,7 @@ class IngestionService(Service):
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
-        return ensureDeferred(self._stop())
+        return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
         factory = self.factory
@@ -185,7 +191,7 @@ class IngestionService(Service):
         if self.udp is not None:
             self.udp[1].stop_reading()
         factory.stop_accepting()
-        udp_drained = ensureDeferred(self._drain_datagrams())
+        udp_drained = Deferred.fromCoroutine(self._drain_datagrams())
         await factory.drain(self.shutdown_timeout)
         await udp_drained
         await factory.close_all(self.shutdown_timeout)
@@ -201,7 +207,7 @@ class IngestionService(Service):
             self.file_authority.stop()
             if self._old_sighup is not None:
                 signal.signal(signal.SIGHUP, self._old_sighup)
-        for callback in self.on_closed:
+        for callback in self._closing_steps:
             try:
                 await _within(callback(), self.shutdown_timeout, self.clock)
             except Exception as error:
@@ -228,7 +234,7 @@ async def _within(result: Any, timeout: float, clock: IReactorTime) -> Any:
     """Await *result* (a coroutine, a Deferred or a plain value) for at most *timeout*
     seconds: a shutdown step must never hang the process."""
     if isinstance(result, Coroutine):
-        result = ensureDeferred(result)
+        result = Deferred.fromCoroutine(result)
     if isinstance(result, Deferred):
         result.addTimeout(timeout, clock)
         return await result

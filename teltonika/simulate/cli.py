@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 import orjson
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
@@ -239,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
             if args.verify:
                 outcome["result"] = await _verify(args, ledger)
 
-        _in_reactor(lambda reactor: ensureDeferred(main(reactor)))
+        _in_reactor(lambda reactor: Deferred.fromCoroutine(main(reactor)))
         if "ledger" not in outcome:
             # Interrupted (SIGINT/SIGTERM stopped the reactor): report what we saw.
             outcome["fleet"].finish()

@@ -59,7 +59,6 @@ from teltonika.wire import (
 )
 from teltonika.wire.frames import BODY_OFFSET
 
-SECONDS = 1.0
 MAX_COMMAND_FRAME = 64 * 1024
 AMBIGUITY_S = 0.05
 """How long four zero bytes may wait for the rest of a command header before they are

@@ -61,12 +61,12 @@ from teltonika.interfaces import ISink
 from teltonika.metrics import ServerMetrics
 from teltonika.sinks import SinkError, SinkUnavailableError
 from teltonika.sinks.batch import Batcher
+from teltonika.units import SECONDS
 from teltonika.wire.records import AVLRecord
 
 RunInThread = Callable[..., "Deferred[Any]"]
 """``run(f, *args) -> Deferred``: run a blocking call off the reactor thread."""
 
-SECONDS: Final = 1.0
 DEFAULT_OUTPUT: Final = "teltonika-records.jsonl"
 DEFAULT_MAX_PENDING_RECORDS: Final = 100_000
 DEFAULT_PROBE_INTERVAL: Final = 1 * SECONDS

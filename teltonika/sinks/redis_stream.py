@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import Any, Final
 
-from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -65,9 +65,9 @@ from teltonika.redis.streams import (
 )
 from teltonika.sinks import SinkUnavailableError
 from teltonika.sinks.batch import Batcher
+from teltonika.units import SECONDS
 from teltonika.wire.records import AVLRecord
 
-SECONDS: Final = 1.0
 DEFAULT_MAX_PENDING_RECORDS: Final = 100_000
 """Records waiting for Redis beyond which publishes fail (about 100 MB of entries)."""
 
@@ -273,7 +273,9 @@ class RedisStreamSink:
         batch over an unverified connection); never raises, never runs twice at once."""
         if self._checking is not None or self._closed:
             return succeed(None)
-        verifying = ensureDeferred(self.durability_check.verify(self.redis, self._writers[1:]))
+        verifying = Deferred.fromCoroutine(
+            self.durability_check.verify(self.redis, self._writers[1:])
+        )
         # with replicated, the check may wait behind a batch's WAIT on its connection
         verifying.addTimeout(self.probe_timeout + self._wait_bound, self.clock)
         d = verifying.addCallbacks(self._verified, self._not_verified)
@@ -376,7 +378,7 @@ class RedisStreamSink:
     def _write(self, items: list[Item]) -> Deferred[None]:
         # The timeout frees the batcher when txredisapi waits for a connection that does
         # not come back (it queues commands until it reconnects).
-        d = ensureDeferred(self._write_async(items))
+        d = Deferred.fromCoroutine(self._write_async(items))
         d.addTimeout(self.write_timeout, self.clock)
         d.addErrback(self._write_failed)
         return d

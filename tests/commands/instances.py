@@ -6,12 +6,12 @@ from typing import Any
 
 from twisted.internet import reactor
 
-from teltonika.tap import Options, TeltonikaService, makeService
+from teltonika.tap import Options, TeltonikaService, build_service
 from tests.servers import free_port
 
 
 class Instance:
-    """One server instance (``makeService`` + ``startService``) with its own id and port."""
+    """One server instance (``build_service`` + ``startService``) with its own id and port."""
 
     def __init__(self, redis_url: str, instance_id: str, *extra: str) -> None:
         self.redis_url = redis_url
@@ -38,7 +38,7 @@ class Instance:
                 *self.extra,
             ]
         )
-        self.service = makeService(options, reactor, on_fatal=self.fatal.append)
+        self.service = build_service(options, reactor, on_fatal=self.fatal.append)
         self.service.privilegedStartService()  # type: ignore[no-untyped-call]
         self.service.startService()  # type: ignore[no-untyped-call]
         ingestion: Any = self.service.getServiceNamed("ingestion")  # type: ignore[no-untyped-call]

@@ -11,7 +11,7 @@ from twisted.python import usage
 from teltonika.codecs import load_codecs
 from teltonika.metrics import ServerMetrics
 from teltonika.protocol.server import DeviceFactory, ServerSettings
-from teltonika.tap import Options, makeService
+from teltonika.tap import Options, build_service
 from teltonika.wire import encode_avl_frame, encode_login, encode_message, wrap
 from teltonika.wire.records import CODEC_8E, CODEC_12, AVLRecord
 from tests.commands.test_queue import frame, success
@@ -66,17 +66,17 @@ def test_command_option_errors(argv: list[str]) -> None:
 
 def test_command_plane_only_with_redis(tmp_path: Any) -> None:
     """With --redis the tree has a 'commands' service (heartbeat, janitor, consumer);
-    without it none. makeService opens no Redis connection."""
+    without it none. build_service opens no Redis connection."""
     reactor = MemoryReactorClock()
     options = parse("--redis", "redis://127.0.0.1:1/0", "--metrics", "off")
-    service = makeService(options, reactor, on_fatal=lambda message: None)
+    service = build_service(options, reactor, on_fatal=lambda message: None)
     plane = service.getServiceNamed("commands")  # type: ignore[no-untyped-call]
     names = sorted(child.name for child in plane)
     assert names == ["command-consumer", "heartbeat", "janitor"]
     assert reactor.tcpClients == []
     assert len(service.server.factory.session_listeners) == 1
     options = parse("--output", str(tmp_path / "r.jsonl"), "--metrics", "off")
-    service = makeService(options, reactor, on_fatal=lambda message: None)
+    service = build_service(options, reactor, on_fatal=lambda message: None)
     with pytest.raises(KeyError):
         service.getServiceNamed("commands")  # type: ignore[no-untyped-call]
 

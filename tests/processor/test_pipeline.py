@@ -433,7 +433,7 @@ async def test_idle_consumers_with_nothing_pending_are_retired(processors, rds, 
     from teltonika.processor.streams import Streams
 
     streams = service.processor.consumer.streams
-    other = Streams(streams.redis, reactor, TELEMETRY_STREAM, "other", "me")
+    other = Streams(reactor, TELEMETRY_STREAM, "other", "me", redis=streams.redis)
     retired = await other.retire_idle_consumers(-1)
     assert [name for name, _ in retired] == ["idle"]
     assert consumers("other") == {"busy", "me"}

@@ -17,13 +17,13 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.python import usage
 
+from teltonika.options import normalize_endpoint
 from teltonika.reuseport import (
     DEFAULT_BACKLOG,
     ReusePortEndpoint,
     ReusePortParser,
     reuseport_socket,
 )
-from teltonika.tap import normalize_endpoint
 
 
 @pytest.fixture

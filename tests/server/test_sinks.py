@@ -571,7 +571,7 @@ from tests.server.helpers import IMEI, record
 options = Options()
 options.parseOptions(["--output", sys.argv[1], "--metrics", "off", "--shutdown-timeout", "0.2",
                       "--port", "tcp:0:interface=127.0.0.1"])
-service = makeService(options, reactor)
+service = makeService(options)
 
 async def scenario():
     await service.server.ingestion.started  # the files open on the writer thread

@@ -13,10 +13,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
+from teltonika.options import seconds
 from teltonika.services.ingestion import IngestionService
 from teltonika.services.ops_http import ops_service
 from teltonika.sinks.jsonl import JsonLinesSink
-from teltonika.tap import Options, TeltonikaService, _seconds, makeService
+from teltonika.tap import Options, TeltonikaService, build_service, makeService
 from tests.server.helpers import ThreadedMemoryReactor, successResultOf
 
 
@@ -117,7 +118,7 @@ def test_usage_errors(argv: list[str], message: str) -> None:
     assert message in str(info.value)
 
 
-_SECONDS_OPTIONS = [str(option[0]) for option in Options.optParameters if option[4:] == [_seconds]]
+_SECONDS_OPTIONS = [str(option[0]) for option in Options.optParameters if option[4:] == [seconds]]
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "1e999"])
@@ -157,7 +158,7 @@ def _start(service: IService) -> None:
 
 
 def test_make_service_listens_and_starts_file_sink(tmp_path: Path) -> None:
-    """makeService builds ingestion + ops; starting binds the device and metrics ports;
+    """build_service builds ingestion + ops; starting binds the device and metrics ports;
     stopping closes the sink."""
     reactor = ThreadedMemoryReactor()
     output = tmp_path / "out.jsonl"
@@ -165,7 +166,7 @@ def test_make_service_listens_and_starts_file_sink(tmp_path: Path) -> None:
     options = parse(
         "--port", "tcp:5999:interface=127.0.0.1", "--output", str(output), "--metrics", "9999"
     )
-    service = makeService(options, reactor, on_fatal=fatal.append)
+    service = build_service(options, reactor, on_fatal=fatal.append)
     assert isinstance(service, TeltonikaService)
     assert [s.name for s in service] == ["ingestion", "ops"]
     assert reactor.tcpServers == []  # nothing listens before start
@@ -196,7 +197,7 @@ def test_make_service_udp_listener(tmp_path: Path) -> None:
     options = parse(
         "--udp-port", "127.0.0.1:6001", "--output", str(tmp_path / "o"), "--metrics", "off"
     )
-    service = makeService(options, MemoryReactorClock(), on_fatal=lambda m: None)
+    service = build_service(options, MemoryReactorClock(), on_fatal=lambda m: None)
     assert [s.name for s in service] == ["ingestion"]
     ingestion: Any = service.getServiceNamed("ingestion")
     [_tcp] = ingestion.listeners
@@ -210,7 +211,7 @@ def test_file_sink_failure_is_fatal(tmp_path: Path) -> None:
     reactor = ThreadedMemoryReactor()
     fatal: list[str] = []
     options = parse("--output", str(tmp_path / "missing" / "o.jsonl"), "--metrics", "off")
-    service = makeService(options, reactor, on_fatal=fatal.append)
+    service = build_service(options, reactor, on_fatal=fatal.append)
     _start(service)
     reactor.run_until(lambda: fatal)
     assert len(fatal) == 1 and "the file sink cannot start" in fatal[0]
@@ -226,7 +227,7 @@ def test_a_second_server_on_the_same_output_refuses_to_start(tmp_path: Path) -> 
     reactors, services, fatal = [], [], []
     for metrics_port in ("9991", "9992"):  # a second instance told to change --metrics
         reactor = ThreadedMemoryReactor()
-        service = makeService(
+        service = build_service(
             parse("--output", str(output), "--metrics", metrics_port),
             reactor,
             on_fatal=fatal.append,
@@ -246,18 +247,22 @@ def test_a_second_server_on_the_same_output_refuses_to_start(tmp_path: Path) -> 
 
 
 def test_devices_file_authority(tmp_path: Path) -> None:
-    """--devices file:PATH reads the list at makeService; a missing file is a UsageError."""
+    """--devices file:PATH reads the list at build_service; a missing file is a UsageError."""
     reactor = MemoryReactorClock()
     devices = tmp_path / "devices.txt"
     devices.write_text("# fleet\n356307042441013\n\n490154203237518  # van 2\n")
     options = parse(
         "--devices", f"file:{devices}", "--output", str(tmp_path / "o"), "--metrics", "off"
     )
-    service = makeService(options, reactor, on_fatal=lambda m: None)
+    service = build_service(options, reactor, on_fatal=lambda m: None)
     authority: Any = service.server.factory.authority
     assert authority.allowed == {"356307042441013", "490154203237518"}
     with pytest.raises(usage.UsageError, match="cannot read"):
-        makeService(parse("--devices", f"file:{tmp_path / 'nope'}", "--metrics", "off"), reactor)
+        build_service(
+            parse("--devices", f"file:{tmp_path / 'nope'}", "--metrics", "off"),
+            reactor,
+            on_fatal=lambda m: None,
+        )
 
 
 def test_redis_device_lookups_budget_per_transport_and_need_only_reachability() -> None:
@@ -279,7 +284,7 @@ def test_redis_device_lookups_budget_per_transport_and_need_only_reachability() 
         "--metrics",
         "off",
     )
-    service = makeService(options, MemoryReactorClock(), on_fatal=lambda m: None)
+    service = build_service(options, MemoryReactorClock(), on_fatal=lambda m: None)
     tcp = service.server.factory.authority
     _udp_service, datagrams = service.server.ingestion.udp
     udp = datagrams.authority
@@ -292,16 +297,16 @@ def test_redis_device_lookups_budget_per_transport_and_need_only_reachability() 
 
 
 def test_redis_connection_is_lazy() -> None:
-    """makeService with --redis connects nothing; Server.redis() is the shared handle."""
+    """build_service with --redis connects nothing; Server.redis is the shared handle."""
     reactor = MemoryReactorClock()
-    service = makeService(
+    service = build_service(
         parse("--redis", "redis://127.0.0.1:1/0", "--metrics", "off"),
         reactor,
         on_fatal=lambda m: None,
     )
-    assert service.server._redis is None
-    assert service.server.redis_address is not None
-    assert service.server.redis_address.port == 1
+    redis = service.server.redis
+    assert redis is not None and not redis.made
+    assert redis.address.port == 1
 
 
 def test_taken_metrics_port_exits_with_one_line(logged_errors: Any) -> None:
@@ -324,3 +329,30 @@ def test_taken_metrics_port_exits_with_one_line(logged_errors: Any) -> None:
     assert event["endpoint"] == f"tcp:{port}:interface=127.0.0.1"
     assert event["option"] == "--metrics"
     assert "Address already in use" in event["error"]
+
+
+def test_twistd_entry_point_freezes_the_heap_and_tests_do_not(tmp_path: Path) -> None:
+    """makeService (what twistd calls) asks for the frozen heap explicitly; build_service
+    leaves the collector alone unless told."""
+    options = parse("--output", str(tmp_path / "r.jsonl"), "--metrics", "off")
+    assert makeService(options).server.ingestion.freeze_gc
+    tested = build_service(options, MemoryReactorClock(), on_fatal=lambda m: None)
+    assert not tested.server.ingestion.freeze_gc
+
+
+def test_redis_tree_order_and_closing_steps() -> None:
+    """With --redis: the lock starts before the listeners, the command plane after them;
+    at shutdown the plane's step runs first, then the shared connection closes, then the
+    lock is released."""
+    service = build_service(
+        parse("--redis", "redis://127.0.0.1:1/0", "--metrics", "off"),
+        MemoryReactorClock(),
+        on_fatal=lambda m: None,
+    )
+    assert [child.name for child in service] == ["instance-lock", "ingestion", "commands"]
+    server = service.server
+    assert server.redis is not None and server.commands is not None
+    steps = server.ingestion._closing_steps
+    lock = service.getServiceNamed("instance-lock")  # type: ignore[no-untyped-call]
+    assert steps[1:] == [server.redis.disconnect, lock.release]
+    assert len(steps) == 3

@@ -48,8 +48,8 @@ from teltonika.processor.live.interfaces import (
 )
 from teltonika.processor.live.messages import Member
 from teltonika.processor.live.metrics import LiveMetrics
+from teltonika.units import SECONDS
 
-SECONDS: Final = 1.0
 TIMEOUT: Final = 3 * SECONDS
 SUCCESS_LIFETIME: Final = 30 * SECONDS
 REFUSAL_LIFETIME: Final = 5 * SECONDS

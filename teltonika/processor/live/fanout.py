@@ -22,8 +22,8 @@ from twisted.logger import Logger
 from teltonika.processor.live.hub import Hub
 from teltonika.processor.live.messages import LivePosition, position_from_entry
 from teltonika.processor.live.metrics import LiveMetrics
+from teltonika.units import SECONDS
 
-SECONDS: Final = 1.0
 RETRY_INITIAL: Final = 0.25 * SECONDS
 RETRY_MAX: Final = 5 * SECONDS
 

@@ -13,30 +13,13 @@ from typing import Any, Final
 
 from twisted.python import usage
 
+from teltonika.options import positive_number, positive_seconds, positive_whole_number
 from teltonika.processor.live.handshake import OriginError, parse_allowed
 from teltonika.processor.live.tiles import OSM_ATTRIBUTION, OSM_TILES
 
 AUTH_FORMS: Final = "directus:URL, token-file:PATH or none"
 _INTERFACE = re.compile(r"interface=((?:\\.|[^:])*)")
 _LOOPBACK = re.compile(r"(127\.\d{1,3}\.\d{1,3}\.\d{1,3}|::1|localhost)")
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ValueError("must be at least 1")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    number = float(value)
-    if number <= 0:
-        raise ValueError("must be above 0")
-    return number
-
-
-_positive_int.coerceDoc = "A whole number, at least 1."  # type: ignore[attr-defined]
-_positive_float.coerceDoc = "Seconds, above 0."  # type: ignore[attr-defined]
 
 
 LISTEN_BACKLOG: Final = 1024
@@ -94,7 +77,7 @@ class LiveOptions(usage.Options):
             None,
             "File holding the processor's own Directus token (reads event entries).",
         ],
-        ["live-directus-timeout", None, 3.0, "Seconds a Directus call may take.", _positive_float],
+        ["live-directus-timeout", None, 3.0, "Seconds a Directus call may take.", positive_seconds],
         ["live-event-collection", None, "events", "Directus collection of events."],
         ["live-entry-collection", None, "entries", "Directus collection of event entries."],
         ["live-entry-event-field", None, "event", "Entry field holding the event id."],
@@ -106,98 +89,110 @@ class LiveOptions(usage.Options):
             None,
             10_000,
             "Most live connections at once.",
-            _positive_int,
+            positive_whole_number,
         ],
-        ["live-max-per-user", None, 20, "Most live connections of one user.", _positive_int],
+        [
+            "live-max-per-user",
+            None,
+            20,
+            "Most live connections of one user.",
+            positive_whole_number,
+        ],
         [
             "live-max-subscriptions",
             None,
             8,
             "Most subscriptions on one connection.",
-            _positive_int,
+            positive_whole_number,
         ],
-        ["live-max-devices", None, 2000, "Most devices in one subscription.", _positive_int],
+        [
+            "live-max-devices",
+            None,
+            2000,
+            "Most devices in one subscription.",
+            positive_whole_number,
+        ],
         [
             "live-max-message",
             None,
             65536,
             "Largest inbound message (bytes).",
-            _positive_int,
+            positive_whole_number,
         ],
         [
             "live-max-rate",
             None,
             20.0,
             "Inbound messages a second per connection.",
-            _positive_float,
+            positive_seconds,
         ],
         [
             "live-reauth",
             None,
             600.0,
             "Seconds between re-checks of a connection's rights.",
-            _positive_float,
+            positive_seconds,
         ],
         [
             "live-resolve-interval",
             None,
             60.0,
             "Seconds between re-reads of a watched event's devices.",
-            _positive_float,
+            positive_seconds,
         ],
         [
             "live-max-future",
             None,
             300.0,
             "Seconds ahead of the server clock beyond which a position is ignored.",
-            _positive_float,
+            positive_seconds,
         ],
         [
             "live-slow-timeout",
             None,
             30.0,
             "Seconds a client may stop reading before it is evicted.",
-            _positive_float,
+            positive_seconds,
         ],
         [
             "live-drain",
             None,
             10.0,
             "Seconds over which live sockets are closed at shutdown.",
-            _positive_float,
+            positive_seconds,
         ],
         [
             "live-tick",
             None,
             25.0,
             "Seconds of silence after which a tick is sent.",
-            _positive_float,
+            positive_seconds,
         ],
-        ["live-ping-interval", None, 25.0, "Seconds between WebSocket pings.", _positive_float],
+        ["live-ping-interval", None, 25.0, "Seconds between WebSocket pings.", positive_seconds],
         [
             "live-ping-timeout",
             None,
             20.0,
             "Seconds a pong may take before the connection is dropped.",
-            _positive_float,
+            positive_seconds,
         ],
         [
             "live-seen-interval",
             None,
             15.0,
             "Seconds between seen messages at most.",
-            _positive_float,
+            positive_seconds,
         ],
         [
             "live-flush-interval",
             None,
             0.1,
             "Longest wait of a position before it is sent (batching).",
-            _positive_float,
+            positive_seconds,
         ],
         ["live-tiles", None, OSM_TILES, "Map tile URL template for the page, or none (grid)."],
         ["live-tiles-attribution", None, OSM_ATTRIBUTION, "Attribution shown under the tiles."],
-        ["live-trail-minutes", None, 10.0, "Minutes of trail drawn per device.", _positive_float],
+        ["live-trail-minutes", None, 10.0, "Minutes of trail drawn per device.", positive_number],
     ]
 
     def __init__(self) -> None:

@@ -43,8 +43,8 @@ from teltonika.processor.live.loader import LatestLoader
 from teltonika.processor.live.metrics import LiveMetrics
 from teltonika.processor.live.session import Greeting, Limits, LiveSession
 from teltonika.processor.live.socketwrite import DirectWriter
+from teltonika.units import SECONDS
 
-SECONDS: Final = 1.0
 MAX_QUEUED_BYTES: Final = 4 * 1024 * 1024
 """Replies held for a client that does not read; beyond this it is evicted at once."""
 SEND_BUFFER_BYTES: Final = 256 * 1024

@@ -23,6 +23,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from teltonika import __version__
+from teltonika.interfaces import IProcessReactor
 from teltonika.processor.live import messages as m
 from teltonika.processor.live.fanout import FanoutReader
 from teltonika.processor.live.hub import Hub
@@ -30,11 +31,12 @@ from teltonika.processor.live.interfaces import Forbidden, IAuthenticator, IEven
 from teltonika.processor.live.latest import LatestMap
 from teltonika.processor.live.loader import LatestLoader
 from teltonika.processor.live.metrics import LiveMetrics
+from teltonika.processor.live.options import LiveOptions
 from teltonika.processor.live.protocol import LiveConfig, LiveFactory
 from teltonika.processor.live.session import Limits
 from teltonika.processor.live.site import PageConfig, live_site
+from teltonika.units import SECONDS
 
-SECONDS: Final = 1.0
 DRAIN_STEPS: Final = 20
 TICK_CHECKS: Final = 5
 """How many times per tick interval silent connections are looked for."""
@@ -157,9 +159,9 @@ def _guarded(work: Callable[[], Any]) -> Callable[[], Any]:
 
 
 def live_service(
-    options: Any,
+    options: LiveOptions,
     registry: CollectorRegistry,
-    reactor: Any,
+    reactor: IProcessReactor,
     *,
     connect_redis: Callable[[], Any],
     stream: str,
@@ -232,7 +234,7 @@ def live_service(
 
 
 def authorities(
-    options: Any, reactor: Any, metrics: LiveMetrics
+    options: LiveOptions, reactor: IProcessReactor, metrics: LiveMetrics
 ) -> tuple[IAuthenticator, IEventDirectory]:
     """The authenticator and event directory ``--live-auth`` and ``--live-events`` name."""
     from teltonika.processor.live.local import (

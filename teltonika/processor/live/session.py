@@ -15,7 +15,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from typing import Final, Protocol
+from typing import Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -34,8 +34,7 @@ from teltonika.processor.live.interfaces import (
 )
 from teltonika.processor.live.loader import LatestLoader
 from teltonika.processor.live.metrics import LiveMetrics
-
-SECONDS: Final = 1.0
+from teltonika.units import SECONDS
 
 
 @attrs.frozen
