@@ -3,7 +3,7 @@ that both listen on TLS only (``port 0``), with a throwaway CA and server certif
 
 Neither process has a plain-text port, so every byte between our connection and them
 (the question to the sentinel, the connection to the master it names) went over TLS.
-The connection does not verify the certificates (README, "Redis Sentinel", limits); this
+The connection does not verify the certificates (README, "Redis through Sentinel", limits); this
 test shows that the TLS path works end to end, not that it authenticates the server.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -20,9 +21,17 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.utils import getProcessOutputAndValue
 
 from teltonika.redis.connect import SentinelAddress, lazy_connection, parse_redis_url
-from tests.servers import RedisServer, _wait_for, free_port, wait_for_port
+from tests.servers import (
+    REPO,
+    RedisServer,
+    _wait_for,
+    checkout_env,
+    free_port,
+    wait_for_port,
+)
 
 SERVICE = "teltonika-tls"
 STREAM = "teltonika:tls-check"
@@ -181,3 +190,21 @@ async def test_stream_round_trip_through_a_tls_sentinel(
     entries = await tls_connection.execute_command("XRANGE", STREAM, "-", "+")
     assert entries == [[entry_id, ["imei", "356307042441013", "payload", "tls"]]]
     assert _tls_cli(tls_sentinel.master_port, tls_sentinel.certificates, "XLEN", STREAM) == "1\n"
+
+
+@pytest.mark.timeout(20)
+@pytest_twisted.ensureDeferred
+async def test_teltonika_send_through_a_tls_sentinel(tls_sentinel: TLSSentinel) -> None:
+    """``teltonika send --redis rediss+sentinel://...`` (a separate process) reaches the
+    master over TLS: it finds no server registered for the IMEI there and says so
+    (``device_not_connected``), which it can only learn from Redis."""
+    env = checkout_env()
+    out, err, code = await getProcessOutputAndValue(
+        sys.executable,
+        ["-m", "teltonika", "send", "--redis", tls_sentinel.url, "490154203237518", "getinfo"],
+        env=env,
+        path=str(REPO),
+        reactor=reactor,
+    )
+    assert code == 1 and out == b"", err
+    assert b"failed: device_not_connected" in err, err
