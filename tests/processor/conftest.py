@@ -147,6 +147,21 @@ def execute(dsn: str, sql: str, *params: Any) -> None:
         conn.execute(sql, params or None)
 
 
+def slow_inserts(dsn: str, seconds: float, *, each: str = "STATEMENT") -> None:
+    """Make every INSERT into positions sleep *seconds* first: once per statement, or
+    (``each="ROW"``) once per row; the rows are still written."""
+    returned = "NEW" if each == "ROW" else "NULL"
+    execute(
+        dsn,
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS "
+        f"$$ BEGIN PERFORM pg_sleep({seconds}); RETURN {returned}; END $$",
+    )
+    execute(
+        dsn,
+        f"CREATE TRIGGER slow BEFORE INSERT ON positions FOR EACH {each} EXECUTE FUNCTION slow()",
+    )
+
+
 def query(dsn: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         return conn.execute(sql, params or None).fetchall()

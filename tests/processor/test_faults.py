@@ -24,6 +24,7 @@ from tests.processor.conftest import (
     imei,
     query,
     record,
+    slow_inserts,
     xadd,
 )
 from tests.processor.test_pipeline import count, pending, sample
@@ -279,15 +280,7 @@ async def test_held_entries_stay_fresh_while_a_write_is_slow(
     )
     consumer = service.processor.consumer
     await eventually(consumer.ready)
-    execute(
-        pg_dsn,
-        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS "
-        "$$ BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$",
-    )
-    execute(
-        pg_dsn,
-        "CREATE TRIGGER slow BEFORE INSERT ON positions FOR EACH STATEMENT EXECUTE FUNCTION slow()",
-    )
+    slow_inserts(pg_dsn, 3)
     added = rds.pipeline(transaction=True)
     for i in range(6):
         xadd(added, entry(imei=imei(i), rec=record(i)))
@@ -364,15 +357,7 @@ async def test_statement_and_lock_timeouts_count_as_unavailable(
     await eventually(lambda: count(pg_dsn) == 1 and pending(rds) == 0)
     await eventually(consumer.ready)
 
-    execute(
-        pg_dsn,
-        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS "
-        "$$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$",
-    )
-    execute(
-        pg_dsn,
-        "CREATE TRIGGER slow BEFORE INSERT ON positions FOR EACH STATEMENT EXECUTE FUNCTION slow()",
-    )
+    slow_inserts(pg_dsn, 2)
     seen = sample(service, timeouts, kind="timeout")
     xadd(rds, entry(imei=imei(2), rec=record(2)))
     await eventually(lambda: sample(service, timeouts, kind="timeout") >= seen + 2)

@@ -21,6 +21,7 @@ from tests.processor.conftest import (
     imei,
     query,
     record,
+    slow_inserts,
     xadd,
 )
 from tests.servers import free_port
@@ -556,15 +557,7 @@ async def test_a_batch_too_slow_for_the_statement_timeout_is_split(
     transactions after each timeout instead of timing out for ever; every row once."""
     with psycopg.connect(pg_dsn, autocommit=True) as connection:
         apply_migrations(connection)
-    execute(
-        pg_dsn,
-        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS "
-        "$$ BEGIN PERFORM pg_sleep(0.1); RETURN NEW; END $$",
-    )
-    execute(
-        pg_dsn,
-        "CREATE TRIGGER slow BEFORE INSERT ON positions FOR EACH ROW EXECUTE FUNCTION slow()",
-    )
+    slow_inserts(pg_dsn, 0.1, each="ROW")
     added = rds.pipeline(transaction=True)
     for i in range(16):
         xadd(added, entry(imei=imei(i), rec=record(i)))
