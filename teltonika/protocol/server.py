@@ -201,6 +201,10 @@ class DeviceFactory(Factory):
         self.command_metrics = CommandMetrics.create(metrics.registry)
         self.publisher = Publisher(sink, metrics, clock, self.settings.sink_timeout, "tcp")
         """Publish, then ACK, for every connection."""
+        self.bytes_in = metrics.bytes_in.labels("tcp")
+        self.bytes_out = metrics.bytes_out.labels("tcp")
+        """The byte counters every read and write touches, looked up once (``labels()``
+        takes a lock and hashes its arguments on each call)."""
         self.limited_log = RateLimitedLog(DeviceSession._log, clock)
         """For events every connection can repeat at once (a failing device lookup)."""
         self.accepting = True

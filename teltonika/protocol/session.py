@@ -247,7 +247,7 @@ class DeviceSession:
             return
         server = self._server
         self.commands.received()
-        server.metrics.bytes_in.labels("tcp").inc(len(data))
+        server.bytes_in.inc(len(data))
         timer = self._idle_timer
         if timer is not None and timer.active():
             timer.reset(server.settings.idle_timeout)
@@ -306,7 +306,7 @@ class DeviceSession:
         """The CommandQueue's writer: the only place that writes to the socket."""
         if self.state is SessionState.CLOSED:
             return
-        self._server.metrics.bytes_out.labels("tcp").inc(len(data))
+        self._server.bytes_out.inc(len(data))
         self._socket.write(data)
 
     def close(self) -> None:
