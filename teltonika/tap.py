@@ -528,7 +528,7 @@ def build_service(
     :param freeze_gc: move start-up objects out of the collector's sight once the sink
         started (a real process; tests leave the collector alone).
     """
-    metrics = ServerMetrics(CollectorRegistry())
+    metrics = ServerMetrics.create(CollectorRegistry())
     redis = SharedConnection(parse_redis_url(options["redis"])) if options["redis"] else None
     settings = ServerSettings(
         instance_id=options["instance-id"],

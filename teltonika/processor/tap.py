@@ -293,7 +293,7 @@ def makeService(options: Options, reactor: IProcessReactor | None = None) -> Pro
     from teltonika.services.ops_http import ops_service
 
     registry = CollectorRegistry()
-    metrics = ProcessorMetrics(registry)
+    metrics = ProcessorMetrics.create(registry)
     block_ms = int(options["block-ms"])
     address = options.get("redis-address") or parse_redis_url(options["redis"])
     timeout = 10.0

@@ -53,7 +53,7 @@ def _sink(connection: Any, **kwargs: Any) -> RedisStreamSink:
     return RedisStreamSink(
         lambda: connection,
         reactor,
-        ServerMetrics(CollectorRegistry()),
+        ServerMetrics.create(CollectorRegistry()),
         instance_id="inst-7",
         **settings,
     )
@@ -229,7 +229,9 @@ async def test_redis_set_authority(txredis: Any, redis_server: Any) -> None:
     from teltonika.authority import AuthorityError, AuthorityTimeoutError, RedisSetAuthority
 
     redis_server.cli("SADD", "devices", IMEI)
-    authority = RedisSetAuthority(lambda: txredis, "devices", reactor, ServerMetrics(), timeout=0.5)
+    authority = RedisSetAuthority(
+        lambda: txredis, "devices", reactor, ServerMetrics.create(CollectorRegistry()), timeout=0.5
+    )
     assert await authority.is_allowed(IMEI) is True
     assert await authority.is_allowed(OTHER_IMEI) is False
     redis_server.kill()
@@ -410,7 +412,11 @@ async def test_device_lookups_go_on_while_only_the_durability_is_refused(
     await sink.start()
     fsync_redis.cli("SADD", "devices", IMEI)
     authority = RedisSetAuthority(
-        lambda: txredis, "devices", reactor, ServerMetrics(), available=sink.reachable
+        lambda: txredis,
+        "devices",
+        reactor,
+        ServerMetrics.create(CollectorRegistry()),
+        available=sink.reachable,
     )
     fsync_redis.cli("CONFIG", "SET", "appendfsync", "everysec")
     await _wait_until(lambda: not sink.ready())
@@ -478,7 +484,7 @@ def test_a_batch_built_before_a_check_changed_the_mode_is_not_acked() -> None:
     sink = RedisStreamSink(
         lambda: redis,
         clock,
-        ServerMetrics(CollectorRegistry()),
+        ServerMetrics.create(CollectorRegistry()),
         instance_id="i",
         durability="fsync",
         probe_interval=60.0,
