@@ -25,6 +25,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -273,7 +274,7 @@ class LiveServerProtocol(WebSocketServerProtocol):
         transport.abortConnection()
 
     # -- end ---------------------------------------------------------------------------
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         factory = self.factory
         violation = _VIOLATIONS.get(getattr(self, "localCloseCode", None) or 0)
