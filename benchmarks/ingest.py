@@ -282,7 +282,7 @@ def role_sink(args: dict[str, Any]) -> dict[str, Any]:
             reactor,
             ServerMetrics.create(CollectorRegistry()),
             instance_id="bench",
-            durability=args["durability"],
+            settings=sink_module.RedisSinkSettings(durability=args["durability"]),
             connect=lambda: lazy_connection(address),
         )
         await sink.start()

@@ -32,7 +32,11 @@ from teltonika.redis.durability import (
 )
 from teltonika.redis.streams import entry_id_ok, xadd_command
 from teltonika.sinks import SinkUnavailableError
-from teltonika.sinks.redis_stream import DurabilityChangedError, RedisStreamSink
+from teltonika.sinks.redis_stream import (
+    DurabilityChangedError,
+    RedisSinkSettings,
+    RedisStreamSink,
+)
 from teltonika.wire import tcp_ack
 from teltonika.wire.codecs import BUILTIN_CODECS
 from tests.server.helpers import IMEI, LOGIN, OTHER_IMEI, SetAuthority, avl_frame, record
@@ -47,7 +51,7 @@ async def txredis(redis_url: str) -> AsyncIterator[Any]:
         await connection.disconnect()
 
 
-def _sink(connection: Any, **kwargs: Any) -> RedisStreamSink:
+def _sink(connection: Any, connect: Any = None, **kwargs: Any) -> RedisStreamSink:
     settings: dict[str, Any] = {"probe_interval": 0.1, "probe_timeout": 0.5, "write_timeout": 1.0}
     settings.update(kwargs)
     return RedisStreamSink(
@@ -55,7 +59,8 @@ def _sink(connection: Any, **kwargs: Any) -> RedisStreamSink:
         reactor,
         ServerMetrics.create(CollectorRegistry()),
         instance_id="inst-7",
-        **settings,
+        settings=RedisSinkSettings(**settings),
+        connect=connect,
     )
 
 
@@ -486,9 +491,9 @@ def test_a_batch_built_before_a_check_changed_the_mode_is_not_acked() -> None:
         clock,
         ServerMetrics.create(CollectorRegistry()),
         instance_id="i",
-        durability="fsync",
-        probe_interval=60.0,
-        durability_interval=5.0,
+        settings=RedisSinkSettings(
+            durability="fsync", probe_interval=60.0, durability_interval=5.0
+        ),
     )
     started = Deferred.fromCoroutine(sink.start())
     redis.answer()

@@ -548,12 +548,16 @@ class _HeldRedis:
 def test_redis_sink_probe_in_flight_at_close_reports_nothing(logged_errors: Any) -> None:
     """A readiness probe still waiting when the sink closes, and failing afterwards (the
     connection is being torn down), neither logs "sink is down" nor flips readiness."""
-    from teltonika.sinks.redis_stream import RedisStreamSink
+    from teltonika.sinks.redis_stream import RedisSinkSettings, RedisStreamSink
 
     clock, redis = Clock(), _HeldRedis()
     metrics = ServerMetrics.create(CollectorRegistry())
     sink = RedisStreamSink(
-        lambda: redis, clock, metrics, instance_id="i", probe_interval=1.0, probe_timeout=5.0
+        lambda: redis,
+        clock,
+        metrics,
+        instance_id="i",
+        settings=RedisSinkSettings(probe_interval=1.0, probe_timeout=5.0),
     )
     started = Deferred.fromCoroutine(sink.start())
     redis.calls[0][1].callback(b"PONG")  # the durability check's PING

@@ -42,7 +42,7 @@ from teltonika.processor.live.interfaces import (
 )
 from teltonika.processor.live.loader import LatestLoader
 from teltonika.processor.live.metrics import LiveMetrics
-from teltonika.processor.live.session import Greeting, Limits, LiveSession
+from teltonika.processor.live.session import Greeting, Limits, LiveSession, SessionParts
 from teltonika.processor.live.socketwrite import DirectWriter
 from teltonika.units import SECONDS
 
@@ -330,6 +330,9 @@ class LiveFactory(WebSocketServerFactory):
         self.clock = clock
         self.now_ms = now_ms
         self.metrics = metrics
+        self.session_parts = SessionParts(
+            hub, authenticator, directory, loader, clock, now_ms, metrics
+        )
         self.connection_count = 0
         self.per_user: dict[str, int] = {}
         self.open: set[LiveServerProtocol] = set()
@@ -358,10 +361,7 @@ class LiveFactory(WebSocketServerFactory):
         return LiveSession(
             connection,
             user,
-            hub=self.hub,
-            authenticator=self.authenticator,
-            directory=self.directory,
-            loader=self.loader,
+            parts=self.session_parts,
             limits=config.limits,
             greeting=Greeting(
                 config.server,
@@ -369,9 +369,6 @@ class LiveFactory(WebSocketServerFactory):
                 config.tick,
                 round(config.tick * CLIENT_TIMEOUT_TICKS, 3),
             ),
-            clock=self.clock,
-            now_ms=self.now_ms,
-            metrics=self.metrics,
             reauth=config.reauth,
         )
 
