@@ -87,7 +87,6 @@ class ServerMetrics:
         """The metrics, registered on *registry* (each test passes a fresh one)."""
         return cls(
             registry=registry,
-            commands=CommandMetrics.create(registry),
             connections_open=Gauge(
                 "teltonika_connections_open",
                 "Device TCP connections currently open.",
@@ -209,4 +208,6 @@ class ServerMetrics:
                 ["result"],
                 registry=registry,
             ),
+            # registered after the server's own (their order on /metrics)
+            commands=CommandMetrics.create(registry),
         )
