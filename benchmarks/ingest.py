@@ -193,7 +193,7 @@ def role_naive(args: dict[str, Any]) -> dict[str, Any]:
         await conn.disconnect()
 
     with contextlib.suppress(SystemExit):
-        task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
+        task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor)))
     return result
 
 
@@ -280,9 +280,9 @@ def role_sink(args: dict[str, Any]) -> dict[str, Any]:
         sink = sink_module.RedisStreamSink(
             lambda: lazy_connection(address),
             reactor,
-            ServerMetrics(CollectorRegistry()),
+            ServerMetrics.create(CollectorRegistry()),
             instance_id="bench",
-            durability=args["durability"],
+            settings=sink_module.RedisSinkSettings(durability=args["durability"]),
             connect=lambda: lazy_connection(address),
         )
         await sink.start()
@@ -297,13 +297,13 @@ def role_sink(args: dict[str, Any]) -> dict[str, Any]:
 
         start = time.perf_counter()
         await defer.gatherResults(
-            [defer.ensureDeferred(publisher(n)) for n in range(args["publishers"])]
+            [defer.Deferred.fromCoroutine(publisher(n)) for n in range(args["publishers"])]
         )
         result["records_per_s"] = count / (time.perf_counter() - start)
         await sink.close()
 
     with contextlib.suppress(SystemExit):
-        task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
+        task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor)))
     return result
 
 

@@ -442,17 +442,19 @@ def _build_sink(
 ) -> ManagedSink:
     settings_id = options["instance-id"]
     if redis is not None:
-        from teltonika.sinks.redis_stream import RedisStreamSink
+        from teltonika.sinks.redis_stream import RedisSinkSettings, RedisStreamSink
 
         return RedisStreamSink(
             redis,
             reactor,
             metrics,
             instance_id=settings_id,
-            durability=options["redis-durability"],
-            maxlen=options["stream-maxlen"],
-            replicas=options["redis-replicas"],
-            replica_timeout=options["redis-wait-timeout"],
+            settings=RedisSinkSettings(
+                durability=options["redis-durability"],
+                replicas=options["redis-replicas"],
+                replica_timeout=options["redis-wait-timeout"],
+                maxlen=options["stream-maxlen"],
+            ),
             connect=redis.connect,
         )
     from teltonika.sinks.jsonl import JsonLinesSink
@@ -528,7 +530,7 @@ def build_service(
     :param freeze_gc: move start-up objects out of the collector's sight once the sink
         started (a real process; tests leave the collector alone).
     """
-    metrics = ServerMetrics(CollectorRegistry())
+    metrics = ServerMetrics.create(CollectorRegistry())
     redis = SharedConnection(parse_redis_url(options["redis"])) if options["redis"] else None
     settings = ServerSettings(
         instance_id=options["instance-id"],

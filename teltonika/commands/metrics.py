@@ -1,27 +1,30 @@
 """Prometheus metrics of the command path; no IMEI label anywhere (cardinality rule).
 
 The objects are built against a registry handed in, so each test can use a fresh
-``CollectorRegistry()``; the server builds one set against its own registry at start.
+``CollectorRegistry()``; the server builds one set against its own registry at start, as
+part of :class:`~teltonika.metrics.ServerMetrics` (declared the same way).
 """
 
 from __future__ import annotations
-
-import weakref
 
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 
-@attrs.define
+@attrs.frozen
 class CommandMetrics:
     """The command path's metrics.
 
+    :ivar registry: where they are registered.
     :ivar queue_depth: ``teltonika_command_queue_depth_total``: commands queued or
-        outstanding, summed over every socket of this process.
+        outstanding, summed over every socket of this process (a gauge: the ``_total``
+        is its given name, kept for the dashboards that use it).
     :ivar commands: ``teltonika_commands_total{status,reason}``: statuses published.
     :ivar registry_failures: ``teltonika_registry_failures_total{operation}``: registry or
         heartbeat writes that failed (Redis down); the device stays connected.
     :ivar janitor_failures: ``teltonika_janitor_failures_total``: janitor passes that failed.
+    :ivar janitor_removed: ``teltonika_janitor_removed_total``: registry entries of dead
+        instances this instance's janitor removed.
     :ivar unsolicited: ``teltonika_command_unsolicited_replies_total{codec}``: codec 12/14
         replies that matched no outstanding command.
     :ivar update_retries: ``teltonika_command_redis_retries_total{update}``: failed
@@ -29,6 +32,7 @@ class CommandMetrics:
         terminal status; ``take_offline``: moving offline commands at login).
     """
 
+    registry: CollectorRegistry
     queue_depth: Gauge
     commands: Counter
     registry_failures: Counter
@@ -39,16 +43,10 @@ class CommandMetrics:
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> CommandMetrics:
-        """The metrics in *registry*: registered on the first call, the same object on
-        later calls (several factories may share one server registry)."""
-        known = _by_registry.get(registry)
-        if known is None:
-            known = _by_registry[registry] = cls._register(registry)
-        return known
-
-    @classmethod
-    def _register(cls, registry: CollectorRegistry) -> CommandMetrics:
+        """The metrics, registered on *registry* (each test passes a fresh one; the server
+        creates them once, with :class:`~teltonika.metrics.ServerMetrics`)."""
         return cls(
+            registry=registry,
             queue_depth=Gauge(
                 "teltonika_command_queue_depth_total",
                 "Commands queued or outstanding, summed over all device sockets.",
@@ -89,8 +87,3 @@ class CommandMetrics:
                 registry=registry,
             ),
         )
-
-
-_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, CommandMetrics] = (
-    weakref.WeakKeyDictionary()
-)

@@ -190,8 +190,6 @@ class CommandQueue:
     :param quiet: seconds without a received byte after which an idle connection may get
         a command (see the module docstring); 0 writes as soon as the connection is idle.
     :param settle: seconds after a timeout before the next command may be written.
-    :param due_margin: seconds either side of a periodic device's next frame in which
-        the quiet path writes nothing (at most half the device's period).
     :param connection_idle: True when no frame of the connection is queued, being
         stored or partly received (the protocol's state; default: always idle).
     """
@@ -210,7 +208,6 @@ class CommandQueue:
         imei: str = "",
         quiet: float = DEFAULT_COMMAND_QUIET,
         settle: float = DEFAULT_COMMAND_SETTLE,
-        due_margin: float = FRAME_DUE_MARGIN,
         connection_idle: Callable[[], bool] = _always_idle,
     ) -> None:
         self._writer = writer
@@ -222,7 +219,9 @@ class CommandQueue:
         self.imei = imei
         self.quiet = quiet
         self.settle = settle
-        self.due_margin = due_margin
+        self.due_margin = FRAME_DUE_MARGIN
+        """Seconds either side of a periodic device's next frame in which the quiet path
+        writes nothing (at most half the device's period)."""
         self._connection_idle = connection_idle
         self._chain: Deferred[None] = succeed(None)
         self._waiting: deque[_Pending] = deque()

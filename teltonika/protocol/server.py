@@ -25,7 +25,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from teltonika.commands.metrics import CommandMetrics
 from teltonika.commands.queue import (
     DEFAULT_COMMAND_QUIET,
     DEFAULT_COMMAND_SETTLE,
@@ -198,7 +197,7 @@ class DeviceFactory(Factory):
         self.connections: set[DeviceSession] = set()
         self.sessions: dict[str, DeviceSession] = {}
         self.session_listeners: list[ISessionListener] = []
-        self.command_metrics = CommandMetrics.create(metrics.registry)
+        self.command_metrics = metrics.commands
         self.publisher = Publisher(sink, metrics, clock, self.settings.sink_timeout, "tcp")
         """Publish, then ACK, for every connection."""
         self.bytes_in = metrics.bytes_in.labels("tcp")

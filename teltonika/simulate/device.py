@@ -36,7 +36,7 @@ from enum import Enum
 
 import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from teltonika.simulate.answers import DeviceState, answer
@@ -590,5 +590,5 @@ class DeviceProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.device.data_received(data)
 
-    def connectionLost(self, reason: Failure | None = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.device.connection_lost()

@@ -69,7 +69,7 @@ class Fleet:
 
     :param reactor: provides IReactorTime plus IReactorTCP (and IReactorUDP with ``udp``).
     :param connect_rate: devices booted per second during the ramp.
-    :param udp_port: with ``udp``, the server's UDP port (defaults to ``port``).
+    :param udp: the devices speak UDP to *port* instead of TCP.
     :param sources: local addresses TCP devices connect from, device *i* from
         ``sources[i % len(sources)]`` (:mod:`teltonika.simulate.source`); empty: the
         system's choice.
@@ -86,7 +86,6 @@ class Fleet:
         seed: int,
         connect_rate: float = 500.0,
         udp: bool = False,
-        ledger: Ledger | None = None,
         sources: Sequence[str] = (),
     ) -> None:
         self.reactor = reactor
@@ -96,7 +95,7 @@ class Fleet:
         self.port = port
         self.udp = udp
         self.connect_rate = connect_rate
-        self.ledger = ledger or Ledger()
+        self.ledger = Ledger()
         self.ledger.devices = devices
         self.devices: list[_Device] = []
         self._tcp: list[Device] = []

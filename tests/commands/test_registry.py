@@ -123,15 +123,6 @@ async def test_sender_skips_an_entry_whose_instance_is_dead(redis: Any) -> None:
     assert await send_command(redis, Command(id="live", imei=IMEI, payload=b"x"), 5) == "gone"
 
 
-def test_metrics_are_shared_per_registry() -> None:
-    from prometheus_client import CollectorRegistry
-
-    from teltonika.commands.metrics import CommandMetrics
-
-    registry = CollectorRegistry()
-    assert CommandMetrics.create(registry) is CommandMetrics.create(registry)
-
-
 class _HeldRedis:
     """A stand-in whose EVAL replies only when the test says so (the reactor is a Clock)."""
 

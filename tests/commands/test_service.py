@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import usage
 
@@ -99,7 +100,7 @@ def login(factory: DeviceFactory) -> tuple[Any, StringTransport]:
 
 
 def make_factory(**settings: Any) -> tuple[DeviceFactory, ControlledSink, ServerMetrics]:
-    metrics = ServerMetrics()
+    metrics = ServerMetrics.create(CollectorRegistry())
     sink = ControlledSink()
     factory = DeviceFactory(
         load_codecs(),
@@ -110,6 +111,19 @@ def make_factory(**settings: Any) -> tuple[DeviceFactory, ControlledSink, Server
         ServerSettings(**settings),
     )
     return factory, sink, metrics
+
+
+def test_factories_on_one_server_share_its_command_metrics() -> None:
+    """The command metrics are created once per server, with its ServerMetrics: every
+    factory on it counts into that one set (a second set on the registry would fail)."""
+    metrics = ServerMetrics.create(CollectorRegistry())
+    one, two = (
+        DeviceFactory(
+            load_codecs(), ControlledSink(), SetAuthority(), metrics, MemoryReactorClock()
+        )
+        for _ in range(2)
+    )
+    assert one.command_metrics is two.command_metrics is metrics.commands
 
 
 def test_protocol_writes_go_through_the_queue_and_replies_resolve_commands() -> None:
@@ -285,7 +299,7 @@ def test_the_login_reply_starts_the_quiet_interval_again() -> None:
         load_codecs(),
         ControlledSink(),
         authority,
-        ServerMetrics(),
+        ServerMetrics.create(CollectorRegistry()),
         MemoryReactorClock(),
         ServerSettings(command_quiet=1),
     )

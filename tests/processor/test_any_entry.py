@@ -92,7 +92,7 @@ def test_prepare_puts_every_entry_in_one_place(batch):
         Unused(),  # type: ignore[arg-type]
         Unused(),  # type: ignore[arg-type]
         DeviceState(10),
-        ProcessorMetrics(CollectorRegistry()),
+        ProcessorMetrics.create(CollectorRegistry()),
         Clock(),
     )
     entries = [Entry(f"{n}-0", as_read(flat)) for n, flat in enumerate(batch)]

@@ -8,7 +8,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from teltonika.processor.service import SWITCH_INTERVAL, ProcessorService
+from teltonika.processor.service import SWITCH_INTERVAL, Housekeeping, ProcessorService
 
 
 class FakeDatabase:
@@ -54,7 +54,7 @@ def make(stopping: Deferred[None]) -> tuple[ProcessorService, Clock, list[str], 
         FakeConsumer(stopping),
         [redis],
         clock,
-        stats_interval=1000,  # type: ignore[arg-type]
+        housekeeping=Housekeeping(stats_interval=1000),
         shutdown_timeout=15,
         force_exit=lambda: exits.append("exit"),
         crash_exit=lambda: exits.append("crash"),

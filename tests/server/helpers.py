@@ -127,7 +127,7 @@ class Harness:
         **settings: Any,
     ) -> None:
         self.clock = Clock()
-        self.metrics = ServerMetrics(CollectorRegistry())
+        self.metrics = ServerMetrics.create(CollectorRegistry())
         self.sink = sink if sink is not None else ControlledSink()
         self.factory = DeviceFactory(
             CodecRegistry(BUILTIN_CODECS),

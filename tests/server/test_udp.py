@@ -50,7 +50,7 @@ class Client(DatagramProtocol):
 @pytest_twisted.ensureDeferred
 async def test_udp_ack_after_sink_and_malformed_dropped(logged_errors: Any) -> None:
     sink = ControlledSink(auto=False)
-    metrics = ServerMetrics(CollectorRegistry())
+    metrics = ServerMetrics.create(CollectorRegistry())
     server = DeviceDatagramProtocol(CODECS, sink, SetAuthority(), metrics, reactor)
     server_port = reactor.listenUDP(0, server, interface="127.0.0.1")
     client = Client()
@@ -100,7 +100,7 @@ async def test_datagram_bodies_are_decoded_by_the_codec_registry() -> None:
     message codec's body is dropped as malformed (reason field), and a body whose codec no
     plugin claims as unknown_codec."""
     sink = ControlledSink()
-    metrics = ServerMetrics(CollectorRegistry())
+    metrics = ServerMetrics.create(CollectorRegistry())
     codecs = CodecRegistry([*BUILTIN_CODECS, codec7a])
     server = DeviceDatagramProtocol(codecs, sink, SetAuthority(), metrics, reactor)
     server_port = reactor.listenUDP(0, server, interface="127.0.0.1")
@@ -148,7 +148,7 @@ def udp_protocol() -> Iterator[Callable[..., tuple[DeviceDatagramProtocol, Clock
             CODECS,
             sink if sink is not None else ControlledSink(),
             authority if authority is not None else SetAuthority(),
-            ServerMetrics(CollectorRegistry()),
+            ServerMetrics.create(CollectorRegistry()),
             clock,
         )
         ports.append(reactor.listenUDP(0, protocol, interface="127.0.0.1"))
@@ -223,7 +223,7 @@ async def test_shutdown_drains_datagrams_before_closing_the_port(tmp_path: Path)
     from teltonika.services.ingestion import IngestionService
 
     sink = ControlledSink(auto=False)
-    metrics = ServerMetrics(CollectorRegistry())
+    metrics = ServerMetrics.create(CollectorRegistry())
     datagrams = DeviceDatagramProtocol(CODECS, sink, SetAuthority(), metrics, reactor)
     factory = DeviceFactory(CODECS, sink, SetAuthority(), metrics, reactor)
     ingestion = IngestionService(

@@ -27,7 +27,7 @@ async def test_reader_follows_the_stream_across_a_redis_restart() -> None:
     server = RedisServer().start()
     client = redis.Redis.from_url(server.url)
     client.xadd(TELEMETRY_STREAM, entry(imei(1), now_ms()))  # before the start: not read
-    metrics = LiveMetrics(CollectorRegistry())
+    metrics = LiveMetrics.create(CollectorRegistry())
     latest = LatestMap(100, 300_000)
     hub = Hub(latest, reactor, metrics, now_ms)
     address = parse_redis_url(server.url)
@@ -85,7 +85,7 @@ def test_a_failing_entry_check_skips_the_entry_not_the_reader(
         return real(entry_id, flat)
 
     monkeypatch.setattr(fanout, "position_from_entry", flaky)
-    metrics = LiveMetrics(CollectorRegistry())
+    metrics = LiveMetrics.create(CollectorRegistry())
     latest = LatestMap(100, 300_000)
     clock = Clock()
     hub = Hub(latest, clock, metrics, now_ms)
