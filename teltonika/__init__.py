@@ -42,7 +42,7 @@ read, write, acknowledge loop); ``streams`` and ``fastreader`` (its Redis comman
 ``migrations/``); ``state`` (per-device latest positions); ``trim`` (safe stream trimming);
 ``live/`` (the WebSocket broadcast and the operator map page).
 
-Tools: ``cli`` with ``cli_decode`` and ``cli_send`` (the ``teltonika`` console script:
+Tools: ``cli/`` (``decode``, ``send``, ``simulate``) (the ``teltonika`` console script:
 ``decode``, ``send``, ``simulate``); ``simulate/`` (a simulated tracker fleet and the ledger
 check that every ACKed record is stored); ``catalogue`` with ``data/io_catalogue.json``
 (names, units and scales of IO elements). The twistd plugin files themselves are in

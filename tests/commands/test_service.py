@@ -10,12 +10,12 @@ from twisted.python import usage
 
 from teltonika.codecs import load_codecs
 from teltonika.metrics import ServerMetrics
-from teltonika.protocol.server import DeviceFactory, ServerSettings
+from teltonika.protocol.tcp import DeviceFactory, ServerSettings
 from teltonika.tap import Options, build_service
 from teltonika.wire import encode_avl_frame, encode_login, encode_message, wrap
 from teltonika.wire.records import CODEC_8E, CODEC_12, AVLRecord
-from tests.commands.test_queue import frame, success
-from tests.server.helpers import ControlledSink, SetAuthority
+from tests.helpers import ControlledSink, SetAuthority
+from tests.protocol.test_queue import frame, success
 
 IMEI = "352093081452251"
 
@@ -138,8 +138,8 @@ def test_protocol_writes_go_through_the_queue_and_replies_resolve_commands() -> 
 def test_socket_close_fails_pending_and_the_gauge_sums_sockets() -> None:
     """teltonika_command_queue_depth_total sums every socket's queue; a closed socket's
     commands fail with SocketClosedError and leave the gauge."""
-    from teltonika.commands.queue import SocketClosedError
-    from tests.commands.test_queue import failure
+    from teltonika.protocol.queue import SocketClosedError
+    from tests.protocol.test_queue import failure
 
     factory, _, metrics = make_factory()
     one, _ = login(factory)
@@ -278,7 +278,7 @@ def test_the_login_reply_starts_the_quiet_interval_again() -> None:
     """A login decided slowly (a 3 s authority lookup): the device starts sending its
     backlog when it reads the 01, so an offline command taken at login waits a quiet
     interval from the 01, not from the IMEI packet."""
-    from tests.server.test_protocol import _PendingAuthority
+    from tests.protocol.test_tcp import _PendingAuthority
 
     authority = _PendingAuthority()
     factory = DeviceFactory(
@@ -309,8 +309,8 @@ def test_no_command_is_written_while_the_connection_drains() -> None:
     written then would have its reply unread (and an offline one would run twice). It
     waits on neither path, after the last ACK nor after any quiet time, and fails with
     socket_closed when the connection closes; the ACK itself still goes out."""
-    from teltonika.commands.queue import SocketClosedError
-    from tests.commands.test_queue import failure
+    from teltonika.protocol.queue import SocketClosedError
+    from tests.protocol.test_queue import failure
 
     factory, sink, _ = make_factory(command_quiet=1)
     sink.auto = False

@@ -17,9 +17,9 @@ from zope.interface import implementer
 from teltonika.codecs import CodecRegistry
 from teltonika.interfaces import IDeviceAuthority, ISink
 from teltonika.metrics import ServerMetrics
-from teltonika.protocol.server import DeviceFactory, DeviceProtocol, ServerSettings
+from teltonika.protocol.tcp import DeviceFactory, DeviceProtocol, ServerSettings
 from teltonika.wire import CODEC_8E, AVLRecord, encode_avl_frame, encode_login
-from teltonika.wire.codecs import BUILTIN_CODECS
+from teltonika.wire.builtin_codecs import BUILTIN_CODECS
 
 IMEI = "356307042441013"
 OTHER_IMEI = "490154203237518"

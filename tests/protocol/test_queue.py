@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from teltonika.commands.codec import encode_command, reply_text
 from teltonika.commands.metrics import CommandMetrics
-from teltonika.commands.queue import (
+from teltonika.protocol.queue import (
     CommandExpiredError,
     CommandNackError,
     CommandQueue,

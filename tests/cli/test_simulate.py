@@ -15,8 +15,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from teltonika.cli import main
 from teltonika.contract import json_line
 from tests.servers import checkout_env
-
-from .fakeserver import FakeServerFactory
+from tests.simulate.fakeserver import FakeServerFactory
 
 reactor: Any = _reactor
 ROOT = str(Path(__file__).resolve().parents[2])

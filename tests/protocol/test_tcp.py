@@ -25,7 +25,7 @@ from teltonika.wire import (
     tcp_ack,
     wrap,
 )
-from tests.server.helpers import (
+from tests.helpers import (
     IMEI,
     LOGIN,
     OTHER_IMEI,

@@ -26,17 +26,17 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from teltonika.commands.metrics import CommandMetrics
-from teltonika.commands.queue import (
+from teltonika.interfaces import IDeviceAuthority, IDeviceSocket, ISessionListener, ISink
+from teltonika.logs import RateLimitedLog
+from teltonika.metrics import ServerMetrics
+from teltonika.protocol.publish import Publisher
+from teltonika.protocol.queue import (
     DEFAULT_COMMAND_QUIET,
     DEFAULT_COMMAND_SETTLE,
     DEFAULT_COMMAND_TIMEOUT,
     DEFAULT_MAX_DEPTH,
     DEFAULT_WARN_DEPTH,
 )
-from teltonika.interfaces import IDeviceAuthority, IDeviceSocket, ISessionListener, ISink
-from teltonika.logs import RateLimitedLog
-from teltonika.metrics import ServerMetrics
-from teltonika.protocol.publish import Publisher
 from teltonika.protocol.session import DeviceSession
 from teltonika.units import SECONDS
 from teltonika.wire.framer import DEFAULT_MAX_FRAME, Framer
