@@ -54,15 +54,15 @@ from teltonika.protocol.queue import (
     DEFAULT_MAX_DEPTH,
     DEFAULT_WARN_DEPTH,
 )
-from teltonika.protocol.tcp import (
+from teltonika.protocol.settings import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_LOGIN_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_PENDING_FRAMES,
     DEFAULT_SINK_TIMEOUT,
-    DeviceFactory,
     ServerSettings,
 )
+from teltonika.protocol.tcp import DeviceFactory
 from teltonika.protocol.udp import DeviceDatagramProtocol
 from teltonika.redis.connect import (
     RedisURLError,

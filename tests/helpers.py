@@ -17,7 +17,8 @@ from zope.interface import implementer
 from teltonika.codecs import CodecRegistry
 from teltonika.interfaces import IDeviceAuthority, ISink
 from teltonika.metrics import ServerMetrics
-from teltonika.protocol.tcp import DeviceFactory, DeviceProtocol, ServerSettings
+from teltonika.protocol.settings import ServerSettings
+from teltonika.protocol.tcp import DeviceFactory, DeviceProtocol
 from teltonika.wire import CODEC_8E, AVLRecord, encode_avl_frame, encode_login
 from teltonika.wire.builtin_codecs import BUILTIN_CODECS
 

@@ -10,7 +10,8 @@ from twisted.python import usage
 
 from teltonika.codecs import load_codecs
 from teltonika.metrics import ServerMetrics
-from teltonika.protocol.tcp import DeviceFactory, ServerSettings
+from teltonika.protocol.settings import ServerSettings
+from teltonika.protocol.tcp import DeviceFactory
 from teltonika.tap import Options, build_service
 from teltonika.wire import encode_avl_frame, encode_login, encode_message, wrap
 from teltonika.wire.records import CODEC_8E, CODEC_12, AVLRecord

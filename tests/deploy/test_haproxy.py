@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from teltonika.protocol.tcp import DEFAULT_IDLE_TIMEOUT
+from teltonika.protocol.settings import DEFAULT_IDLE_TIMEOUT
 from teltonika.wire import CODEC_8E, encode_avl_frame, encode_login, tcp_ack
 from tests.deploy.processes import (
     HAPROXY_CONFIG,

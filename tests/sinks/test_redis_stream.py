@@ -18,7 +18,8 @@ from twisted.logger import capturedLogs
 from teltonika.codecs import CodecRegistry
 from teltonika.contract import FIELDS, MESSAGES_STREAM, TELEMETRY_STREAM, entry_values
 from teltonika.metrics import ServerMetrics
-from teltonika.protocol.tcp import DeviceFactory, ServerSettings
+from teltonika.protocol.settings import ServerSettings
+from teltonika.protocol.tcp import DeviceFactory
 from teltonika.redis.connect import lazy_connection, parse_redis_url
 from teltonika.redis.durability import (
     CONNECTION_NAME,
