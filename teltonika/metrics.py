@@ -154,6 +154,17 @@ class ServerMetrics:
         self.bytes_out = Counter(
             "teltonika_bytes_sent", "Bytes sent to devices.", ["transport"], registry=r
         )
+        self.command_queue_depth = Gauge(
+            "teltonika_command_queue_depth_total",
+            "Commands queued or outstanding, summed over all device sockets.",
+            registry=r,
+        )
+        self.unsolicited_replies = Counter(
+            "teltonika_command_unsolicited_replies_total",
+            "Codec 12/14 replies that matched no outstanding command.",
+            ["codec"],
+            registry=r,
+        )
         self.datagrams = Counter(
             "teltonika_udp_datagrams",
             "UDP datagrams by result (acked, malformed, rejected, authority_failed, "

@@ -1,4 +1,7 @@
-"""Prometheus metrics of the command path; no IMEI label anywhere (cardinality rule).
+"""Prometheus metrics of the command plane; no IMEI label anywhere (cardinality rule).
+
+The per-socket write queue's own metrics (its depth, unsolicited replies) are
+:class:`~teltonika.metrics.ServerMetrics`, since the queue is the protocol's write path.
 
 The objects are built against a registry handed in, so each test can use a fresh
 ``CollectorRegistry()``; the server builds one set against its own registry at start.
@@ -9,32 +12,26 @@ from __future__ import annotations
 import weakref
 
 import attrs
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter
 
 
 @attrs.define
 class CommandMetrics:
-    """The command path's metrics.
+    """The command plane's metrics.
 
-    :ivar queue_depth: ``teltonika_command_queue_depth_total``: commands queued or
-        outstanding, summed over every socket of this process.
     :ivar commands: ``teltonika_commands_total{status,reason}``: statuses published.
     :ivar registry_failures: ``teltonika_registry_failures_total{operation}``: registry or
         heartbeat writes that failed (Redis down); the device stays connected.
     :ivar janitor_failures: ``teltonika_janitor_failures_total``: janitor passes that failed.
-    :ivar unsolicited: ``teltonika_command_unsolicited_replies_total{codec}``: codec 12/14
-        replies that matched no outstanding command.
     :ivar update_retries: ``teltonika_command_redis_retries_total{update}``: failed
         attempts of a Redis update that is retried until Redis takes it (``settle``: a
         terminal status; ``take_offline``: moving offline commands at login).
     """
 
-    queue_depth: Gauge
     commands: Counter
     registry_failures: Counter
     janitor_failures: Counter
     janitor_removed: Counter
-    unsolicited: Counter
     update_retries: Counter
 
     @classmethod
@@ -49,11 +46,6 @@ class CommandMetrics:
     @classmethod
     def _register(cls, registry: CollectorRegistry) -> CommandMetrics:
         return cls(
-            queue_depth=Gauge(
-                "teltonika_command_queue_depth_total",
-                "Commands queued or outstanding, summed over all device sockets.",
-                registry=registry,
-            ),
             commands=Counter(
                 "teltonika_commands_total",
                 "Command statuses published to commands:responses.",
@@ -74,12 +66,6 @@ class CommandMetrics:
             janitor_removed=Counter(
                 "teltonika_janitor_removed_total",
                 "Registry entries of dead instances removed by this instance's janitor.",
-                registry=registry,
-            ),
-            unsolicited=Counter(
-                "teltonika_command_unsolicited_replies_total",
-                "Codec 12/14 replies that matched no outstanding command.",
-                ["codec"],
                 registry=registry,
             ),
             update_retries=Counter(

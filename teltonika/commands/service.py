@@ -121,7 +121,7 @@ def command_plane(
     tree); its router listens to *factory*'s sessions, and its shutdown runs first among
     *ingestion*'s closing steps (before the shared Redis connection is closed).
     """
-    metrics: CommandMetrics = factory.command_metrics
+    metrics = CommandMetrics.create(factory.metrics.registry)
     instance_id = settings.instance_id
 
     def now_ms() -> int:

@@ -187,7 +187,7 @@ class DeviceSession:
             default_timeout=settings.command_timeout,
             warn_depth=settings.command_queue_warn,
             max_depth=settings.command_queue_max,
-            metrics=server.command_metrics,
+            metrics=server.metrics,
             quiet=settings.command_quiet,
             settle=settings.command_settle,
             connection_idle=self._idle_for_commands,

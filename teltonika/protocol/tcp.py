@@ -24,7 +24,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from teltonika.commands.metrics import CommandMetrics
 from teltonika.interfaces import IDeviceAuthority, IDeviceSocket, ISessionListener, ISink
 from teltonika.logs import RateLimitedLog
 from teltonika.metrics import ServerMetrics
@@ -139,7 +138,6 @@ class DeviceFactory(Factory):
         self.connections: set[DeviceSession] = set()
         self.sessions: dict[str, DeviceSession] = {}
         self.session_listeners: list[ISessionListener] = []
-        self.command_metrics = CommandMetrics.create(metrics.registry)
         self.publisher = Publisher(sink, metrics, clock, self.settings.sink_timeout, "tcp")
         """Publish, then ACK, for every connection."""
         self.bytes_in = metrics.bytes_in.labels("tcp")

@@ -14,7 +14,7 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from teltonika.commands.codec import encode_command, reply_text
-from teltonika.commands.metrics import CommandMetrics
+from teltonika.metrics import ServerMetrics
 from teltonika.protocol.queue import (
     CommandExpiredError,
     CommandNackError,
@@ -53,7 +53,7 @@ class Rig:
         self.transport = StringTransport()
         self.clock = Clock()
         self.registry = CollectorRegistry()
-        self.metrics = CommandMetrics.create(self.registry)
+        self.metrics = ServerMetrics(self.registry)
         self.idle = True
         kwargs.setdefault("quiet", 0)
         kwargs.setdefault("settle", 0)
