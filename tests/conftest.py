@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
+
+from tests.helpers import LoggedErrors
 
 settings.register_profile(
     "ci",
@@ -26,27 +28,6 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=100, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
-
-
-class LoggedErrors:
-    """Error-level events logged during one test."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        level = event.get("log_level")
-        if event.get("log_failure") is not None or level in (LogLevel.error, LogLevel.critical):
-            self.events.append(event)
-
-    def flush(self, *formats: str) -> list[dict[str, Any]]:
-        """Claim (and return) the logged errors, optionally only those with these formats."""
-        if not formats:
-            claimed, self.events = self.events, []
-            return claimed
-        claimed = [e for e in self.events if e.get("log_format") in formats]
-        self.events = [e for e in self.events if e.get("log_format") not in formats]
-        return claimed
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from teltonika.simulate.source import (
     _SourceClient,
     parse_sources,
 )
-from tests.cli.test_simulate import simulate
+from tests.helpers import simulate
 
 from .fakeserver import FakeServerFactory, FakeServerProtocol
 
