@@ -57,7 +57,6 @@ def rds(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
-
 @pytest_twisted.async_yield_fixture
 async def processors(redis_url: str, pg_dsn: str) -> AsyncIterator[Processors]:
     group = Processors(redis_url, pg_dsn)
@@ -65,7 +64,6 @@ async def processors(redis_url: str, pg_dsn: str) -> AsyncIterator[Processors]:
         yield group
     finally:
         await group.stop_all()
-
 
 
 if os.environ.get("TELTONIKA_TEST_LOG"):

@@ -1,23 +1,16 @@
-"""Fixtures for the processor: a throwaway PostgreSQL cluster per session, a fresh
-database per test, entry builders using the ingestion side's own encoder, and a
-running in-process processor service.
-
-A missing PostgreSQL fails the session (tests/servers.py raises), it is never skipped.
-"""
+"""Helpers for the processor tests: entry builders using the ingestion side's own
+encoder, polling on the reactor, SQL and HTTP shortcuts, the processor's options, a group
+of in-process processor services, and the stream and metric readings several test
+modules check (the fixtures are in conftest.py)."""
 
 from __future__ import annotations
 
-import itertools
-import os
-import sys
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
-import pytest
-import pytest_twisted
 import redis
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
@@ -28,41 +21,6 @@ from teltonika.processor.tap import Options, makeService
 from teltonika.wire.records import NX, AVLRecord
 
 BASE_MS = 1_700_000_000_000
-_databases = itertools.count()
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[Any]:
-    from tests.servers import PostgresServer
-
-    server = PostgresServer().start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
-
-
-@pytest.fixture
-def pg_dsn(postgres_server: Any) -> Iterator[str]:
-    """A fresh, empty database for this test."""
-    name = f"test_{next(_databases)}"
-    if not postgres_server.running():
-        postgres_server.start()
-    with psycopg.connect(postgres_server.dsn(), autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.execute(f"CREATE DATABASE {name}")
-    yield postgres_server.dsn(name)
-    if not postgres_server.running():
-        postgres_server.start()
-    with psycopg.connect(postgres_server.dsn(), autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
-@pytest.fixture
-def rds(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    client.close()
 
 
 def record(
@@ -219,34 +177,42 @@ class Processors:
             await self.stop(service)
 
 
-@pytest_twisted.async_yield_fixture
-async def processors(redis_url: str, pg_dsn: str) -> AsyncIterator[Processors]:
-    group = Processors(redis_url, pg_dsn)
+DEAD = "telemetry:teltonika:dead"
+
+
+def pending(rds, group="processor"):
+    """Pending count of the group (None while the group does not exist yet)."""
     try:
-        yield group
-    finally:
-        await group.stop_all()
+        return rds.xpending(TELEMETRY_STREAM, group)["pending"]
+    except redis.ResponseError:
+        return None
+
+
+def sample(service, name, **labels):
+    return service.processor.consumer.metrics.registry.get_sample_value(name, labels) or 0
+
+
+def count(dsn):
+    """Rows in positions (None before the migrations created the table)."""
+    try:
+        return query(dsn, "select count(*) from positions")[0][0]
+    except psycopg.errors.UndefinedTable:
+        return None
 
 
 __all__ = [
     "BASE_MS",
+    "DEAD",
     "NX",
+    "count",
     "entry",
     "eventually",
     "execute",
     "http_status",
     "imei",
+    "pending",
     "query",
     "record",
+    "sample",
     "xadd",
 ]
-
-
-if os.environ.get("TELTONIKA_TEST_LOG"):
-    import faulthandler
-    import signal
-
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
-    from twisted.logger import formatEvent, globalLogPublisher
-
-    globalLogPublisher.addObserver(lambda e: print("LOG", formatEvent(e), file=sys.stderr))

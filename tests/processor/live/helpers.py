@@ -1,25 +1,20 @@
-"""Fixtures for the live broadcast: a real ``twistd teltonika-processor --live`` child
-process on its own Redis and PostgreSQL database, a WebSocket client (autobahn, in the
-test reactor), a Directus stand-in (twisted.web, on a free port in this process) and a
-stream feeder."""
+"""Helpers for the live broadcast tests: a real ``twistd teltonika-processor --live``
+child process on its own Redis and PostgreSQL database (``Env``, ``LiveProcessor``), a
+WebSocket client (autobahn, in the test reactor) and the waits the tests share; the
+fixtures are in conftest.py."""
 
 from __future__ import annotations
 
-import itertools
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
-import pytest_twisted
 import redis
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import reactor
@@ -28,13 +23,12 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import deferLater
 
 from teltonika.contract import TELEMETRY_STREAM
-from tests.processor.conftest import eventually
+from tests.processor.helpers import eventually
 from tests.processor.live.feeder import entry, imei, now_ms
 from tests.servers import REPO, RedisServer, checkout_env, free_port, wait_for_port
 
 SUBPROTOCOL = "teltonika-live.v1"
 __all__ = ["entry", "eventually", "imei", "now_ms"]
-_databases = itertools.count()
 
 
 class LiveProcessor:
@@ -224,23 +218,6 @@ class Env:
         self.rds.close()
 
 
-@pytest.fixture(scope="module")
-def live_env(postgres_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    server = RedisServer().start()
-    name = f"live_{os.getpid()}_{next(_databases)}"
-    with psycopg.connect(postgres_server.dsn(), autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.execute(f"CREATE DATABASE {name}")
-    env = Env(server, postgres_server.dsn(name), tmp_path_factory.mktemp("live"))
-    try:
-        yield env
-    finally:
-        env.close()
-        server.cleanup()
-        with psycopg.connect(postgres_server.dsn(), autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
 def wait_table(dsn: str, timeout: float = 30.0) -> None:
     """Block until the processor's migrations brought positions to the current schema
     (each migration commits on its own: the table exists before 003 adds its last
@@ -256,14 +233,3 @@ def wait_table(dsn: str, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("positions was not brought to the current schema")
         time.sleep(0.05)
-
-
-@pytest_twisted.async_yield_fixture
-async def clients() -> AsyncIterator[list[Client]]:
-    """Clients opened by a test; dropped at teardown."""
-    opened: list[Client] = []
-    yield opened
-    for client in opened:
-        if client.transport is not None:
-            client.transport.abortConnection()
-    await sleep(0.01)
