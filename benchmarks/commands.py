@@ -60,7 +60,7 @@ from teltonika.commands.messages import RESPONSES_STREAM, Command, pairs
 from teltonika.redis.connect import lazy_connection, parse_redis_url
 from teltonika.simulate.device import Device as StreamingDevice
 from teltonika.simulate.device import DeviceConfig
-from teltonika.simulate.fleet import DeviceFactory
+from teltonika.simulate.fleet import SimulatedDeviceFactory
 from teltonika.simulate.ledger import Ledger
 from teltonika.wire import decode_messages, encode_login, encode_message, unwrap, wrap
 
@@ -273,7 +273,7 @@ async def start_streaming(
     )
 
     def connect(device: StreamingDevice) -> None:
-        reactor.connectTCP("127.0.0.1", port, DeviceFactory(device))
+        reactor.connectTCP("127.0.0.1", port, SimulatedDeviceFactory(device))
 
     devices = [
         StreamingDevice(

@@ -172,7 +172,7 @@ def role_naive(args: dict[str, Any]) -> dict[str, Any]:
     from teltonika.codecs import CodecRegistry
     from teltonika.contract import TELEMETRY_STREAM, entry_fields
     from teltonika.redis.connect import lazy_connection, parse_redis_url
-    from teltonika.wire.codecs import BUILTIN_CODECS
+    from teltonika.wire.builtin_codecs import BUILTIN_CODECS
 
     registry = CodecRegistry(BUILTIN_CODECS)
     frame = build_frame()
@@ -203,7 +203,7 @@ def role_redispy(args: dict[str, Any]) -> dict[str, Any]:
 
     from teltonika.codecs import CodecRegistry
     from teltonika.contract import TELEMETRY_STREAM, entry_fields
-    from teltonika.wire.codecs import BUILTIN_CODECS
+    from teltonika.wire.builtin_codecs import BUILTIN_CODECS
 
     codec, packet = CodecRegistry(BUILTIN_CODECS).decode_frame(build_frame())
     entries = []
@@ -237,7 +237,7 @@ def role_bare(args: dict[str, Any]) -> dict[str, Any]:
 
     from teltonika.codecs import CodecRegistry
     from teltonika.wire import Framer, ImeiFrame, tcp_ack
-    from teltonika.wire.codecs import BUILTIN_CODECS
+    from teltonika.wire.builtin_codecs import BUILTIN_CODECS
 
     registry = CodecRegistry(BUILTIN_CODECS)
 
@@ -269,7 +269,7 @@ def role_sink(args: dict[str, Any]) -> dict[str, Any]:
     from teltonika.codecs import CodecRegistry
     from teltonika.metrics import ServerMetrics
     from teltonika.redis.connect import lazy_connection, parse_redis_url
-    from teltonika.wire.codecs import BUILTIN_CODECS
+    from teltonika.wire.builtin_codecs import BUILTIN_CODECS
 
     sink_module.REPLICATED_WRITERS = args["writers"]
     _codec, packet = CodecRegistry(BUILTIN_CODECS).decode_frame(build_frame())

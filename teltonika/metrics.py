@@ -25,8 +25,6 @@ from typing import Final
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from teltonika.commands.metrics import CommandMetrics
-
 SINK_LATENCY_BUCKETS: Final = (
     0.0005,
     0.001,
@@ -53,11 +51,14 @@ class ServerMetrics:
 
     :ivar registry: where the metrics are registered (a fresh one per server or test),
         served on ``/metrics``.
-    :ivar commands: the command path's metrics, on the same registry.
+    :ivar command_queue_depth: ``teltonika_command_queue_depth_total``: commands queued or
+        outstanding, summed over every socket of this process (a gauge: the ``_total`` is
+        its given name, kept for the dashboards that use it).
+    :ivar unsolicited_replies: ``teltonika_command_unsolicited_replies_total{codec}``:
+        codec 12/14 replies that matched no outstanding command.
     """
 
     registry: CollectorRegistry
-    commands: CommandMetrics
     connections_open: Gauge
     connections: Counter
     connections_refused: Counter
@@ -80,6 +81,8 @@ class ServerMetrics:
     backlog_pauses: Counter
     bytes_in: Counter
     bytes_out: Counter
+    command_queue_depth: Gauge
+    unsolicited_replies: Counter
     datagrams: Counter
 
     @classmethod
@@ -201,6 +204,17 @@ class ServerMetrics:
             bytes_out=Counter(
                 "teltonika_bytes_sent", "Bytes sent to devices.", ["transport"], registry=registry
             ),
+            command_queue_depth=Gauge(
+                "teltonika_command_queue_depth_total",
+                "Commands queued or outstanding, summed over all device sockets.",
+                registry=registry,
+            ),
+            unsolicited_replies=Counter(
+                "teltonika_command_unsolicited_replies_total",
+                "Codec 12/14 replies that matched no outstanding command.",
+                ["codec"],
+                registry=registry,
+            ),
             datagrams=Counter(
                 "teltonika_udp_datagrams",
                 "UDP datagrams by result (acked, malformed, rejected, authority_failed, "
@@ -208,6 +222,4 @@ class ServerMetrics:
                 ["result"],
                 registry=registry,
             ),
-            # registered after the server's own (their order on /metrics)
-            commands=CommandMetrics.create(registry),
         )

@@ -43,26 +43,27 @@ from teltonika.codecs import load_codecs
 from teltonika.commands.consumer import DEFAULT_MAX_ATTEMPTS
 from teltonika.commands.janitor import JANITOR_INTERVAL
 from teltonika.commands.messages import InstanceSettings
-from teltonika.commands.queue import (
+from teltonika.commands.registry import HEARTBEAT_INTERVAL, HEARTBEAT_TTL
+from teltonika.interfaces import IDeviceAuthority, IProcessReactor
+from teltonika.metrics import ServerMetrics
+from teltonika.options import metrics_endpoint, normalize_endpoint, seconds, whole_number
+from teltonika.protocol.queue import (
     DEFAULT_COMMAND_QUIET,
     DEFAULT_COMMAND_SETTLE,
     DEFAULT_COMMAND_TIMEOUT,
     DEFAULT_MAX_DEPTH,
     DEFAULT_WARN_DEPTH,
 )
-from teltonika.commands.registry import HEARTBEAT_INTERVAL, HEARTBEAT_TTL
-from teltonika.interfaces import IDeviceAuthority, IProcessReactor
-from teltonika.metrics import ServerMetrics
-from teltonika.options import metrics_endpoint, normalize_endpoint, seconds, whole_number
-from teltonika.protocol.server import (
+from teltonika.protocol.settings import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_LOGIN_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_PENDING_FRAMES,
     DEFAULT_SINK_TIMEOUT,
-    DeviceFactory,
     ServerSettings,
 )
+from teltonika.protocol.tcp import DeviceFactory
+from teltonika.protocol.udp import DeviceDatagramProtocol
 from teltonika.redis.connect import (
     RedisURLError,
     SentinelAddress,
@@ -80,7 +81,6 @@ from teltonika.services.ingestion import (
 from teltonika.services.instance_lock import InstanceLock, InstanceLockService
 from teltonika.services.ops_http import DEFAULT_SERVER_METRICS, ops_service
 from teltonika.sinks.jsonl import DEFAULT_OUTPUT
-from teltonika.udp import DeviceDatagramProtocol
 from teltonika.wire.framer import DEFAULT_MAX_FRAME, FRAME_OVERHEAD, MIN_DATA_LENGTH
 
 if TYPE_CHECKING:

@@ -111,7 +111,7 @@ def write_window(ahead: Sequence[float], settings: InstanceSettings) -> float:
 
     Every command, ahead or ours, may wait for its write moment (an ACK, or the quiet
     interval outside the margin around a periodic device's next frame: at most ``quiet``
-    plus twice the margin, see :mod:`teltonika.commands.queue`) and may have to wait out
+    plus twice the margin, see :mod:`teltonika.protocol.queue`) and may have to wait out
     a settle interval (the command before it timed out: one ahead, or one already
     settled); each one ahead then runs to its timeout. Plus the routing margin."""
     settle = settings.command_settle_s

@@ -3,7 +3,7 @@
 Each instance reads its own stream through the consumer group ``teltonika`` (consumer
 name = instance id), so a restarted instance first re-reads the entries it had read but
 not settled (its pending list) and then continues with new ones. Dispatching only
-*submits* to the device's :class:`~teltonika.commands.queue.CommandQueue` and attaches
+*submits* to the device's :class:`~teltonika.protocol.queue.CommandQueue` and attaches
 callbacks; it never waits for the device, so the loop (and the device read path, which
 it never touches) is never blocked by a slow tracker.
 
@@ -65,9 +65,9 @@ from teltonika.commands.messages import (
     text_of,
 )
 from teltonika.commands.metrics import CommandMetrics
-from teltonika.commands.queue import CommandError, CommandQueue, InvalidCommandError
 from teltonika.commands.scripts import DELIVERED as DELIVERED_SCRIPT
 from teltonika.commands.scripts import SETTLE, TAKE_OFFLINE, run_script
+from teltonika.protocol.queue import CommandError, CommandQueue, InvalidCommandError
 from teltonika.units import SECONDS
 from teltonika.wire.records import DeviceMessage
 

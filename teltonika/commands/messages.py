@@ -63,7 +63,7 @@ from typing import Any, Final
 
 import attrs
 
-from teltonika.commands.queue import (
+from teltonika.protocol.queue import (
     DEFAULT_COMMAND_QUIET,
     DEFAULT_COMMAND_SETTLE,
     DEFAULT_COMMAND_TIMEOUT,
@@ -285,7 +285,7 @@ class InstanceSettings:
     :ivar command_settle_s: its ``--command-settle``: the pause after a timeout.
     :ivar command_due_margin_s: seconds either side of a periodic device's next frame in
         which a command waits for an ACK rather than the quiet interval
-        (:data:`~teltonika.commands.queue.FRAME_DUE_MARGIN`).
+        (:data:`~teltonika.protocol.queue.FRAME_DUE_MARGIN`).
     """
 
     command_timeout_s: float = DEFAULT_COMMAND_TIMEOUT

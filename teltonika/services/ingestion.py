@@ -31,8 +31,8 @@ from twisted.logger import Logger
 
 from teltonika.authority import FileAuthority
 from teltonika.exits import exit_now
-from teltonika.protocol.server import DeviceFactory
-from teltonika.udp import DeviceDatagramProtocol
+from teltonika.protocol.tcp import DeviceFactory
+from teltonika.protocol.udp import DeviceDatagramProtocol
 from teltonika.units import SECONDS
 
 DEFAULT_SHUTDOWN_TIMEOUT: Final = 10 * SECONDS

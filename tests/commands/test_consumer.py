@@ -19,10 +19,9 @@ from teltonika.commands.client import store_offline
 from teltonika.commands.codec import encode_command
 from teltonika.commands.consumer import CommandConsumer
 from teltonika.commands.messages import Command, Outcome
-from teltonika.commands.queue import CommandQueue
+from teltonika.protocol.queue import CommandQueue
 from teltonika.wire.records import CODEC_12, CODEC_14, DeviceMessage
-from tests.commands.conftest import fresh_metrics
-from tests.commands.helpers import eventually, publish, statuses, terminal
+from tests.commands.helpers import eventually, fresh_metrics, publish, statuses, terminal
 
 IMEI = "352093081452251"
 OTHER = "490154203237518"

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from teltonika.commands.messages import Command, Outcome
-from teltonika.commands.queue import InvalidCommandError
+from teltonika.protocol.queue import InvalidCommandError
 
 NAMES = [
     "v",

@@ -8,7 +8,7 @@ from typing import Any
 import pytest_twisted
 
 from teltonika.commands.registry import ConnectionRegistry
-from tests.commands.conftest import fresh_metrics
+from tests.commands.helpers import fresh_metrics
 
 IMEI = "352093081452251"
 

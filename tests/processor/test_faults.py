@@ -16,18 +16,20 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 
 from teltonika.contract import TELEMETRY_STREAM
-from tests.processor.conftest import (
+from tests.processor.helpers import (
+    count,
     entry,
     eventually,
     execute,
     http_status,
     imei,
+    pending,
     query,
     record,
+    sample,
     slow_inserts,
     xadd,
 )
-from tests.processor.test_pipeline import count, pending, sample
 from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -5,41 +5,31 @@ from __future__ import annotations
 import orjson
 import psycopg
 import pytest_twisted
-import redis
 from twisted.internet import reactor
 
 from teltonika.contract import TELEMETRY_STREAM
 from teltonika.processor.migrations import apply_migrations
 from teltonika.processor.streams import LETTER_CHARS
-from tests.processor.conftest import (
+from tests.processor.helpers import (
     BASE_MS,
+    DEAD,
     NX,
+    count,
     entry,
     eventually,
     execute,
     http_status,
     imei,
+    pending,
     query,
     record,
+    sample,
     slow_inserts,
     xadd,
 )
 from tests.servers import free_port
 
-DEAD = "telemetry:teltonika:dead"
 DEAD_FORMAT = "Dead-lettered entry {entry_id}: {reason} ({detail})"
-
-
-def pending(rds, group="processor"):
-    """Pending count of the group (None while the group does not exist yet)."""
-    try:
-        return rds.xpending(TELEMETRY_STREAM, group)["pending"]
-    except redis.ResponseError:
-        return None
-
-
-def sample(service, name, **labels):
-    return service.processor.consumer.metrics.registry.get_sample_value(name, labels) or 0
 
 
 def with_field(fields, name, value):
@@ -53,14 +43,6 @@ def with_field(fields, name, value):
 def pairs(fields):
     """An entry_fields list as (name, value) pairs."""
     return list(zip(fields[0::2], fields[1::2], strict=True))
-
-
-def count(dsn):
-    """Rows in positions (None before the migrations created the table)."""
-    try:
-        return query(dsn, "select count(*) from positions")[0][0]
-    except psycopg.errors.UndefinedTable:
-        return None
 
 
 @pytest_twisted.ensureDeferred

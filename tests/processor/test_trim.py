@@ -7,7 +7,7 @@ import pytest_twisted
 from teltonika.contract import TELEMETRY_STREAM
 from teltonika.processor.streams import GroupInfo, next_id
 from teltonika.processor.trim import safe_min_id
-from tests.processor.conftest import entry, eventually, record, xadd
+from tests.processor.helpers import entry, eventually, record, xadd
 
 
 def group(name, pending=0, last="0-0"):

@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from teltonika.codecs import load_codecs
-from teltonika.simulate.device import Device, DeviceConfig, DeviceProtocol, State
+from teltonika.simulate.device import Device, DeviceConfig, SimulatedDeviceProtocol, State
 from teltonika.simulate.ledger import Ledger
 from teltonika.wire import (
     CODEC_8E,
@@ -57,7 +57,7 @@ class Harness:
             self._dial,
         )
         self.transport: StringTransport | None = None
-        self.protocol: DeviceProtocol | None = None
+        self.protocol: SimulatedDeviceProtocol | None = None
 
     def _dial(self, device: Device) -> None:
         self.dials += 1
@@ -65,7 +65,7 @@ class Harness:
     def connect(self) -> StringTransport:
         """Complete the pending dial with a fresh StringTransport."""
         self.transport = StringTransport()
-        self.protocol = DeviceProtocol(self.device)
+        self.protocol = SimulatedDeviceProtocol(self.device)
         self.protocol.makeConnection(self.transport)
         return self.transport
 

@@ -18,7 +18,7 @@ from teltonika.processor.live.hub import Hub
 from teltonika.processor.live.latest import LatestMap
 from teltonika.processor.live.metrics import LiveMetrics
 from teltonika.redis.connect import parse_redis_url
-from tests.processor.live.conftest import entry, eventually, imei, now_ms
+from tests.processor.live.helpers import entry, eventually, imei, now_ms
 from tests.servers import RedisServer
 
 

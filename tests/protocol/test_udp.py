@@ -18,7 +18,7 @@ from twisted.logger import capturedLogs
 
 from teltonika.codecs import CodecRegistry
 from teltonika.metrics import ServerMetrics
-from teltonika.udp import LOG_INTERVAL, DeviceDatagramProtocol
+from teltonika.protocol.udp import LOG_INTERVAL, DeviceDatagramProtocol
 from teltonika.wire import (
     CODEC_8,
     CODEC_12,
@@ -28,9 +28,9 @@ from teltonika.wire import (
     udp_ack,
     wrap_udp,
 )
-from teltonika.wire.codecs import BUILTIN_CODECS
-from tests.server.dropin import CODEC_7A, codec7a
-from tests.server.helpers import IMEI, ControlledSink, SetAuthority, record
+from teltonika.wire.builtin_codecs import BUILTIN_CODECS
+from tests.dropin import CODEC_7A, codec7a
+from tests.helpers import IMEI, ControlledSink, SetAuthority, record
 
 CODECS = CodecRegistry(BUILTIN_CODECS)
 
@@ -219,7 +219,7 @@ async def test_shutdown_drains_datagrams_before_closing_the_port(tmp_path: Path)
     starts is ACKed: the port stops reading but stays open until the sink answered."""
     from twisted.application.internet import UDPServer
 
-    from teltonika.protocol.server import DeviceFactory
+    from teltonika.protocol.tcp import DeviceFactory
     from teltonika.services.ingestion import IngestionService
 
     sink = ControlledSink(auto=False)

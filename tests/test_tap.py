@@ -18,7 +18,7 @@ from teltonika.services.ingestion import IngestionService
 from teltonika.services.ops_http import ops_service
 from teltonika.sinks.jsonl import JsonLinesSink
 from teltonika.tap import Options, TeltonikaService, build_service, makeService
-from tests.server.helpers import ThreadedMemoryReactor, successResultOf
+from tests.helpers import ThreadedMemoryReactor, successResultOf
 
 
 def parse(*argv: str) -> Options:

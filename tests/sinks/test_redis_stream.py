@@ -18,7 +18,8 @@ from twisted.logger import capturedLogs
 from teltonika.codecs import CodecRegistry
 from teltonika.contract import FIELDS, MESSAGES_STREAM, TELEMETRY_STREAM, entry_values
 from teltonika.metrics import ServerMetrics
-from teltonika.protocol.server import DeviceFactory, ServerSettings
+from teltonika.protocol.settings import ServerSettings
+from teltonika.protocol.tcp import DeviceFactory
 from teltonika.redis.connect import lazy_connection, parse_redis_url
 from teltonika.redis.durability import (
     CONNECTION_NAME,
@@ -38,8 +39,8 @@ from teltonika.sinks.redis_stream import (
     RedisStreamSink,
 )
 from teltonika.wire import tcp_ack
-from teltonika.wire.codecs import BUILTIN_CODECS
-from tests.server.helpers import IMEI, LOGIN, OTHER_IMEI, SetAuthority, avl_frame, record
+from teltonika.wire.builtin_codecs import BUILTIN_CODECS
+from tests.helpers import IMEI, LOGIN, OTHER_IMEI, SetAuthority, avl_frame, record
 
 
 @pytest_twisted.async_yield_fixture
@@ -483,7 +484,7 @@ def test_a_batch_built_before_a_check_changed_the_mode_is_not_acked() -> None:
     everysec without WAITAOF, must not be ACKed. The next batch carries WAITAOF and is."""
     from twisted.internet.task import Clock
 
-    from tests.server.helpers import failureResultOf, successResultOf
+    from tests.helpers import failureResultOf, successResultOf
 
     clock, redis = Clock(), _HeldRedis()
     sink = RedisStreamSink(

@@ -28,7 +28,7 @@ from teltonika.sinks.jsonl import (
     OutputInUseError,
     messages_path,
 )
-from tests.server.helpers import IMEI, failureResultOf, record, successResultOf
+from tests.helpers import IMEI, failureResultOf, record, successResultOf
 
 
 class Writes:
@@ -582,7 +582,7 @@ os.fsync = _fsync
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from teltonika.tap import Options, makeService
-from tests.server.helpers import IMEI, record
+from tests.helpers import IMEI, record
 
 options = Options()
 options.parseOptions(["--output", sys.argv[1], "--metrics", "off", "--shutdown-timeout", "0.2",

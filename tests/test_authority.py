@@ -23,7 +23,7 @@ from teltonika.authority import (
     parse_authority_spec,
 )
 from teltonika.metrics import ServerMetrics
-from tests.server.helpers import (
+from tests.helpers import (
     IMEI,
     LOGIN,
     OTHER_IMEI,
