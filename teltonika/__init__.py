@@ -11,8 +11,8 @@ The ingestion server, ``twistd teltonika``:
   framer that cuts a TCP stream, the frame envelope and its CRC, the AVL codecs 8/8E/16,
   the message codecs 12/13/14, the login packet, the UDP datagram. No reactor, no I/O.
 * ``codecs``: the codec registry (``ICodec`` plugins by codec id); ``interfaces``: the
-  seams (``ICodec``, ``ISink``, ``IDeviceAuthority``, ``ISessionListener``,
-  ``IDeviceSocket``).
+  seams (``ICodec``, ``ISink`` and ``IManagedSink``, the sink the ingestion service
+  starts and closes, ``IDeviceAuthority``, ``ISessionListener``, ``IDeviceSocket``).
 * ``protocol/``: one device's TCP connection: a thin Protocol and its Factory
   (``server``) in front of the session that decides (``session``: login, frames in order,
   flow control, timers, close), and ``publish``, the publish-then-ACK rule both transports

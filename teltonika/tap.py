@@ -51,7 +51,7 @@ from teltonika.commands.queue import (
     DEFAULT_WARN_DEPTH,
 )
 from teltonika.commands.registry import HEARTBEAT_INTERVAL, HEARTBEAT_TTL
-from teltonika.interfaces import IDeviceAuthority, IProcessReactor
+from teltonika.interfaces import IDeviceAuthority, IManagedSink, IProcessReactor
 from teltonika.metrics import ServerMetrics
 from teltonika.options import metrics_endpoint, normalize_endpoint, seconds, whole_number
 from teltonika.protocol.server import (
@@ -74,7 +74,6 @@ from teltonika.services.ingestion import (
     DEFAULT_SHUTDOWN_TIMEOUT,
     FatalHandler,
     IngestionService,
-    ManagedSink,
     exit_on_fatal,
 )
 from teltonika.services.instance_lock import InstanceLock, InstanceLockService
@@ -416,7 +415,7 @@ class Server:
     readiness: dict[str, Callable[[], bool]]
     redis: SharedConnection | None
     factory: DeviceFactory
-    sink: ManagedSink
+    sink: IManagedSink
     ingestion: IngestionService
     commands: CommandPlane | None
 
@@ -439,7 +438,7 @@ def _build_sink(
     reactor: IProcessReactor,
     metrics: ServerMetrics,
     redis: SharedConnection | None,
-) -> ManagedSink:
+) -> IManagedSink:
     settings_id = options["instance-id"]
     if redis is not None:
         from teltonika.sinks.redis_stream import RedisStreamSink
@@ -471,7 +470,7 @@ def _build_authority(
     reactor: IProcessReactor,
     metrics: ServerMetrics,
     redis: SharedConnection | None,
-    sink: ManagedSink,
+    sink: IManagedSink,
 ) -> tuple[IDeviceAuthority, IDeviceAuthority, FileAuthority | None]:
     """The device authority for TCP logins, the one for UDP datagrams, and the file
     authority to reload (if any).
@@ -552,7 +551,7 @@ def build_service(
     codecs = load_codecs()
     factory = DeviceFactory(
         codecs,
-        sink,  # type: ignore[arg-type]  # a ManagedSink provides ISink too
+        sink,
         authority,
         metrics,
         reactor,
@@ -564,7 +563,7 @@ def build_service(
         interface, port = options["udp-port"]
         datagrams = DeviceDatagramProtocol(
             codecs,
-            sink,  # type: ignore[arg-type]  # a ManagedSink provides ISink too
+            sink,
             udp_authority,
             metrics,
             reactor,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Final
 
 import attrs
 from twisted.internet.defer import maybeDeferred
@@ -37,6 +37,7 @@ from teltonika.commands.messages import (
     status_fields,
 )
 from teltonika.commands.scripts import STORE_OFFLINE, run_script
+from teltonika.redis.connection import RedisConnection
 
 SENDER: Final = "teltonika-send"
 """The ``instance_id`` of statuses a sender publishes itself (device_not_connected)."""
@@ -61,7 +62,7 @@ def new_command_id() -> str:
     return uuid.uuid4().hex
 
 
-async def last_response_id(redis: Any) -> str:
+async def last_response_id(redis: RedisConnection) -> str:
     """The id of the newest entry of ``commands:responses`` ("0-0" when empty): read
     statuses after it so that none published after this call is missed."""
     reply = await maybeDeferred(
@@ -72,7 +73,7 @@ async def last_response_id(redis: Any) -> str:
     return str(reply[0][0])
 
 
-async def route_of(redis: Any, imei: str) -> Route | None:
+async def route_of(redis: RedisConnection, imei: str) -> Route | None:
     """The instance holding *imei*'s socket, or None when the device is not connected
     anywhere, or only to an instance whose heartbeat is gone (a dead instance's entry,
     not yet removed by a janitor)."""
@@ -85,7 +86,7 @@ async def route_of(redis: Any, imei: str) -> Route | None:
     return Route(str(instance), InstanceSettings.from_heartbeat(heartbeat))
 
 
-async def unsettled_commands(redis: Any, instance: str) -> list[dict[str, str]]:
+async def unsettled_commands(redis: RedisConnection, instance: str) -> list[dict[str, str]]:
     """The command entries in *instance*'s stream (not settled yet: being dispatched,
     queued on a socket or awaiting a reply), oldest first, at most :data:`STREAM_SCAN`."""
     reply = await maybeDeferred(
@@ -128,7 +129,7 @@ def timeout_of(fields: dict[str, str], default: float) -> float:
     return value if 0 < value <= 3600 else default
 
 
-async def publish_not_connected(redis: Any, command: Command, now_ms: int) -> None:
+async def publish_not_connected(redis: RedisConnection, command: Command, now_ms: int) -> None:
     """The sender's own terminal status for a device connected nowhere."""
     fields = status_fields(
         command_id=command.id,
@@ -142,14 +143,14 @@ async def publish_not_connected(redis: Any, command: Command, now_ms: int) -> No
     await maybeDeferred(redis.execute_command, *publish_status_args(fields))
 
 
-async def publish_command(redis: Any, instance: str, command: Command) -> None:
+async def publish_command(redis: RedisConnection, instance: str, command: Command) -> None:
     """XADD *command* to *instance*'s stream."""
     await maybeDeferred(
         redis.execute_command, "XADD", outbound_stream(instance), "*", *flat(command.fields())
     )
 
 
-async def send_command(redis: Any, command: Command, now_ms: int) -> str | None:
+async def send_command(redis: RedisConnection, command: Command, now_ms: int) -> str | None:
     """Route *command* to the instance holding its device.
 
     :return: the instance id it was published to, or None when the device is not
@@ -164,7 +165,7 @@ async def send_command(redis: Any, command: Command, now_ms: int) -> str | None:
     return route.instance
 
 
-async def store_offline(redis: Any, command: Command, now_ms: int) -> str | None:
+async def store_offline(redis: RedisConnection, command: Command, now_ms: int) -> str | None:
     """Keep *command* for its device's next login (status ``queued``), and if the device
     is connected now, ask its instance to deliver it at once.
 
@@ -204,7 +205,7 @@ async def store_offline(redis: Any, command: Command, now_ms: int) -> str | None
 
 
 async def wait_for_terminal(
-    redis: Any,
+    redis: RedisConnection,
     command_id: str,
     after: str,
     deadline: float,

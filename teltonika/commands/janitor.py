@@ -20,7 +20,7 @@ so the TimerService keeps ticking.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -43,6 +43,7 @@ from teltonika.commands.scripts import (
     JANITOR_STREAM,
     run_script,
 )
+from teltonika.redis.connection import RedisConnection
 from teltonika.units import SECONDS
 
 JANITOR_INTERVAL: Final = 30 * SECONDS
@@ -64,7 +65,7 @@ class Janitor:
 
     def __init__(
         self,
-        redis: Any,
+        redis: RedisConnection,
         instance_id: str,
         metrics: CommandMetrics,
         now_ms: Callable[[], int],

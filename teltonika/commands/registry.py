@@ -29,6 +29,7 @@ Rules, and why:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final
 
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
@@ -39,6 +40,7 @@ from twisted.python.failure import Failure
 from teltonika.commands.messages import REGISTRY_KEY, InstanceSettings, heartbeat_key
 from teltonika.commands.metrics import CommandMetrics
 from teltonika.commands.scripts import REASSERT, UNREGISTER, run_script
+from teltonika.redis.connection import RedisConnection
 from teltonika.units import SECONDS
 
 HEARTBEAT_TTL: Final = 90 * SECONDS
@@ -65,11 +67,11 @@ class ConnectionRegistry:
 
     def __init__(
         self,
-        redis: Any,
+        redis: RedisConnection,
         instance_id: str,
         metrics: CommandMetrics,
         *,
-        now_ms: Any = None,
+        now_ms: Callable[[], int] | None = None,
         heartbeat_ttl: float = HEARTBEAT_TTL,
         clock: IReactorTime | None = None,
         timeout: float = OPERATION_TIMEOUT,

@@ -19,7 +19,7 @@ import atexit
 import contextlib
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Final
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -27,10 +27,12 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IDelayedCall, IReactorCore, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from teltonika.exits import exit_now
 from teltonika.processor.consumer import Consumer
 from teltonika.processor.trim import trim_stream
+from teltonika.redis.connection import RedisConnection
 
 SWITCH_INTERVAL = 0.0005
 """Seconds: the GIL switch interval the processor runs with (see startService)."""
@@ -105,10 +107,10 @@ class ProcessorService(Service):
     def __init__(
         self,
         consumer: Consumer,
-        redis: Sequence[Any],
+        redis: Sequence[RedisConnection],
         clock: IReactorTime,
         *,
-        connect: Callable[[], tuple[Any, Any]] | None = None,
+        connect: Callable[[], tuple[RedisConnection, RedisConnection]] | None = None,
         trim: bool = False,
         trim_interval: float = 60.0,
         stats_interval: float = 5.0,
@@ -215,7 +217,7 @@ class ProcessorService(Service):
         """Never fails: a failing tick would stop the LoopingCall for good."""
         d: Deferred[None] = Deferred.fromCoroutine(self._tick_async())
 
-        def failed(failure: Any) -> None:
+        def failed(failure: Failure) -> None:
             self._log.warn("Stats/trim tick failed: {error}", error=failure.getErrorMessage())
 
         d.addErrback(failed)

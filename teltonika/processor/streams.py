@@ -16,6 +16,9 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
+from teltonika.redis.connection import Argument, RedisConnection, Reply
+from teltonika.redis.groups import ConsumerGroup, Entry, GroupReply, classify, parse_entries
+
 DEAD_STREAM: Final = "telemetry:teltonika:dead"
 
 ARGS_PER_CALL: Final = 1000
@@ -130,14 +133,6 @@ class RedisReplyError(Exception):
 
 
 @attrs.frozen(slots=True)
-class Entry:
-    """One stream entry; ``fields`` is None when it was deleted while pending."""
-
-    entry_id: str
-    fields: list[Any] | None
-
-
-@attrs.frozen(slots=True)
 class DeadLetter:
     """An entry going to the dead-letter stream, and why."""
 
@@ -158,14 +153,8 @@ class GroupInfo:
     lag: int | None
 
 
-def _text(value: Any) -> str:
+def _text(value: Reply) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def _entries(raw: Any) -> list[Entry]:
-    if not raw:
-        return []
-    return [Entry(_text(item[0]), item[1]) for item in raw]
 
 
 def parse_id(entry_id: str) -> tuple[int, int]:
@@ -182,10 +171,16 @@ def next_id(entry_id: str) -> str:
     return f"{ms}-{seq + 1}"
 
 
+def _required(connection: RedisConnection | None) -> RedisConnection:
+    if connection is None:
+        raise RuntimeError("no Redis connection yet: Streams.use() was not called")
+    return connection
+
+
 class Streams:
     """Commands on *stream* for consumer *consumer* of *group*.
 
-    :param redis: a txredisapi connection (see :func:`teltonika.redis.connect.lazy_connection`);
+    :param redis: a Redis connection (see :func:`teltonika.redis.connect.lazy_connection`);
         ``None`` until :meth:`use` hands one over (a service that connects at start).
     :param reader: a second connection for XREADGROUP only (default *redis*): a blocking
         read must not queue the XACKs of the batch being written behind it.
@@ -202,65 +197,66 @@ class Streams:
         dead_stream: str = DEAD_STREAM,
         dead_maxlen: int = 1_000_000,
         timeout: float = 10.0,
-        redis: Any = None,
-        reader: Any = None,
+        redis: RedisConnection | None = None,
+        reader: RedisConnection | None = None,
     ) -> None:
         self.clock = clock
         self.stream = stream
         self.group = group
         self.consumer = consumer
+        self.consumer_group = ConsumerGroup(stream, group, consumer)
         self.dead_stream = dead_stream
         self.dead_maxlen = dead_maxlen
         self.timeout = timeout
-        self.redis: Any = None
-        self.reader: Any = None
+        self.redis: RedisConnection | None = None
+        self.reader: RedisConnection | None = None
         if redis is not None:
             self.use(redis, reader)
 
-    def use(self, redis: Any, reader: Any = None) -> None:
+    def use(self, redis: RedisConnection, reader: RedisConnection | None = None) -> None:
         """Send commands on *redis* and read with *reader* (default *redis*) from now on."""
         self.redis = redis
         self.reader = redis if reader is None else reader
 
     def command(
-        self, *args: Any, timeout: float | None = None, connection: Any = None
-    ) -> Deferred[Any]:
+        self,
+        *args: Argument,
+        timeout: float | None = None,
+        connection: RedisConnection | None = None,
+    ) -> Deferred[Reply]:
         """Run one command with a timeout (raises ``TimeoutError`` when it expires)."""
-        d: Deferred[Any] = Deferred.fromCoroutine(
+        d: Deferred[Reply] = Deferred.fromCoroutine(
             self._command(self.redis if connection is None else connection, args)
         )
         d.addTimeout(self.timeout if timeout is None else timeout, self.clock)
         return d
 
     @staticmethod
-    async def _command(connection: Any, args: Sequence[Any]) -> Any:
-        return await connection.execute_command(*args)
+    async def _command(connection: RedisConnection | None, args: Sequence[Argument]) -> Reply:
+        return await _required(connection).execute_command(*args)
 
     async def ping(self) -> None:
         await self.command("PING")
 
     async def create_group(self, start: str = "0") -> bool:
         """Create the group (and the stream) if missing; False when it already existed."""
-        try:
-            await self.command("XGROUP", "CREATE", self.stream, self.group, start, "MKSTREAM")
-        except Exception as e:
-            if "BUSYGROUP" in str(e):
-                return False
-            raise
-        return True
+        return await self.consumer_group.create(
+            _required(self.redis), start, clock=self.clock, timeout=self.timeout
+        )
 
     async def read(self, cursor: str, count: int, block_ms: int | None) -> list[Entry]:
         """XREADGROUP from *cursor* (``">"`` for new entries, an id for own pending ones)."""
-        args: list[Any] = ["XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count]
         timeout = self.timeout
         if block_ms is not None:
-            args += ["BLOCK", block_ms]
             timeout += block_ms / 1000
-        args += ["STREAMS", self.stream, cursor]
-        reply = await self.command(*args, timeout=timeout, connection=self.reader)
-        if not reply:
-            return []
-        return _entries(reply[0][1])
+        return await self.consumer_group.read(
+            _required(self.reader),
+            cursor,
+            count,
+            block_ms,
+            clock=self.clock,
+            timeout=timeout,
+        )
 
     async def autoclaim(
         self, min_idle_ms: int, start: str, count: int
@@ -277,7 +273,7 @@ class Streams:
             count,
         )
         deleted = [_text(i) for i in reply[2]] if len(reply) > 2 and reply[2] else []
-        return _text(reply[0]), _entries(reply[1]), deleted
+        return _text(reply[0]), parse_entries(reply[1]), deleted
 
     async def deliveries(self, first: str, last: str, count: int) -> dict[str, int]:
         """How often each of our pending entries in [first, last] was delivered."""
@@ -341,7 +337,7 @@ class Streams:
         try:
             reply = await self.command("XINFO", "GROUPS", self.stream)
         except Exception as e:
-            if "no such key" in str(e):
+            if classify(e) is GroupReply.NO_SUCH_KEY:
                 return []
             raise
         out = []

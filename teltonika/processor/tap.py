@@ -26,6 +26,7 @@ from teltonika.services.ops_http import DEFAULT_PROCESSOR_METRICS
 
 if TYPE_CHECKING:
     from teltonika.processor.service import ProcessorService
+    from teltonika.redis.connection import RedisConnection
 
 POSTGRES_ENV: Final = "TELTONIKA_POSTGRES_DSN"
 REDIS_ENV: Final = "TELTONIKA_REDIS_URL"
@@ -298,9 +299,9 @@ def makeService(options: Options, reactor: IProcessReactor | None = None) -> Pro
     address = options.get("redis-address") or parse_redis_url(options["redis"])
     timeout = 10.0
 
-    connections: list[Any] = []
+    connections: list[RedisConnection] = []
 
-    def connect() -> tuple[Any, Any]:
+    def connect() -> tuple[RedisConnection, RedisConnection]:
         """Called by ProcessorService.startService: makeService touches no network."""
         made = (
             lazy_connection(address, reply_timeout=timeout),

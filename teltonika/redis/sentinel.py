@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from teltonika.redis.connect import SentinelAddress
+from teltonika.redis.connection import RedisConnection
 
 DISCOVERY_INTERVAL: Final = 0.2
 """Seconds between two rounds of questions to the sentinels while none names a master."""
@@ -299,7 +300,7 @@ def sentinel_connection(
     poolsize: int = 1,
     protocol: type | None = None,
     clock: IReactorTime | None = None,
-) -> Any:
+) -> RedisConnection:
     """A lazy txredisapi connection (pool) to the master of *address*'s service.
 
     Besides the txredisapi API, the handler has ``master()``: the master's
@@ -362,12 +363,13 @@ def sentinel_connection(
     if connected is not None:
         connected.addErrback(lambda failure: None)  # commands report their own failures
     factory.startConnecting(endpoint)
-    return handler
+    typed: RedisConnection = handler  # its base is untyped txredisapi: typed from here on
+    return typed
 
 
 def _sentinel_connection(
     host: str, port: int, address: SentinelAddress, connect_timeout: float
-) -> Any:
+) -> RedisConnection:
     """A lazy connection to one sentinel (no SELECT: a sentinel has no databases)."""
     import txredisapi
 
@@ -388,7 +390,8 @@ def _sentinel_connection(
     connected = getattr(getattr(connection, "_factory", None), "deferred", None)
     if connected is not None:
         connected.addErrback(lambda failure: None)  # questions report their own failures
-    return connection
+    typed: RedisConnection = connection  # txredisapi is untyped: typed from here on
+    return typed
 
 
 def _handler_base() -> type:
@@ -402,7 +405,7 @@ class SentinelConnectionHandler(_handler_base()):  # type: ignore[misc]
     """txredisapi's connection handler, plus :meth:`master` and the sentinels' cleanup."""
 
     _endpoint: SentinelEndpoint | None = None
-    _sentinels: Sequence[Any] = ()
+    _sentinels: Sequence[RedisConnection] = ()
 
     def master(self) -> tuple[str, int] | None:
         """The master's address while a connection to it is up; None while no master
@@ -423,9 +426,11 @@ class SentinelConnectionHandler(_handler_base()):  # type: ignore[misc]
         return f"<Redis through Sentinel: master {master}, {self._factory.size} connection(s)>"
 
 
-def master_known(connection: Any) -> bool:
-    """For ``/readyz``: True unless *connection* follows Sentinel and knows no master."""
-    master = getattr(type(connection), "master", None)
-    if master is None:
+def master_known(connection: RedisConnection) -> bool:
+    """For ``/readyz``: True unless *connection* follows Sentinel and knows no master.
+
+    A type check, not ``hasattr``: txredisapi's handler turns any attribute it lacks into
+    a command."""
+    if not isinstance(connection, SentinelConnectionHandler):
         return True
     return connection.master() is not None

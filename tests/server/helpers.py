@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from teltonika.codecs import CodecRegistry
-from teltonika.interfaces import IDeviceAuthority, ISink
+from teltonika.interfaces import IDeviceAuthority, IManagedSink
 from teltonika.metrics import ServerMetrics
 from teltonika.protocol.server import DeviceFactory, DeviceProtocol, ServerSettings
 from teltonika.wire import CODEC_8E, AVLRecord, encode_avl_frame, encode_login
@@ -73,9 +73,10 @@ class ThreadedMemoryReactor(MemoryReactorClock):
             f(*args, **kwargs)
 
 
-@implementer(ISink)
+@implementer(IManagedSink)
 class ControlledSink:
-    """An ISink whose Deferreds the test fires (auto-fires successfully by default)."""
+    """A sink whose Deferreds the test fires (auto-fires successfully by default), with
+    nothing to start or close."""
 
     name = "test"
 
@@ -103,6 +104,12 @@ class ControlledSink:
 
     def ready(self) -> bool:
         return self.is_ready
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
 
 
 @implementer(IDeviceAuthority)
