@@ -19,7 +19,13 @@ from twisted.python import usage
 
 from teltonika.contract import TELEMETRY_STREAM
 from teltonika.interfaces import IProcessReactor
-from teltonika.options import metrics_endpoint, positive_seconds, positive_whole_number, seconds
+from teltonika.options import (
+    metrics_option,
+    non_empty,
+    positive_seconds,
+    positive_whole_number,
+    seconds,
+)
 from teltonika.processor.live.options import LiveOptions
 from teltonika.redis.connect import RedisURLError, SentinelAddress, parse_redis_url
 from teltonika.services.ops_http import DEFAULT_PROCESSOR_METRICS
@@ -98,6 +104,7 @@ class Options(LiveOptions):
             "This instance's consumer name; must be unique in the group and stable across "
             "restarts (it re-reads its own pending entries on start). A name that is never "
             "used again stays in the group: see --retire-idle-consumers.",
+            non_empty,
         ],
         [
             "retire-idle-consumers",
@@ -166,6 +173,7 @@ class Options(LiveOptions):
             DEFAULT_PROCESSOR_METRICS,
             "Endpoint for /metrics, /healthz, /readyz (a port number means loopback; "
             "'off' disables).",
+            metrics_option,
         ],
         ["trim-interval", None, 60.0, "Seconds between trims when --trim is on.", positive_seconds],
         [
@@ -224,9 +232,6 @@ class Options(LiveOptions):
         self["postgres"] = self["postgres"] or os.environ.get(POSTGRES_ENV)
         if not self["postgres"]:
             raise usage.UsageError(f"give --postgres DSN or set ${POSTGRES_ENV}")
-        self["metrics"] = metrics_endpoint(self["metrics"])
-        if not self["consumer"]:
-            raise usage.UsageError("--consumer must not be empty")
         claim_idle = self["claim-idle"]
         if self["statement-timeout"] is None:
             self["statement-timeout"] = min(STATEMENT_TIMEOUT, claim_idle / 4)
