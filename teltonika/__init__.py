@@ -21,8 +21,9 @@ The ingestion server, ``twistd teltonika``:
   endpoint, several processes on one device port (``SO_REUSEPORT``).
 * ``contract``: the record contract, what one stream entry or JSON line holds (version 1).
 * ``sinks/``: where records go before the ACK: a Redis stream or a fsynced JSON-lines
-  file, both with group commit. ``redis/``: Redis connections, the durability check and
-  pipelined ``XADD``, shared by every Redis user.
+  file, both with group commit. ``redis/``: Redis connections (made from a URL, typed as
+  ``RedisConnection``), consumer groups and their error replies, the durability check
+  and pipelined ``XADD``, shared by every Redis user.
 * ``commands/``: the command plane: the per-socket write queue (every byte to a device,
   one outstanding command), the connection registry and heartbeat, the janitor, the
   command consumer and offline delivery.
