@@ -35,9 +35,11 @@ from teltonika.commands.messages import (
     pairs,
     publish_status_args,
     status_fields,
+    text_of,
 )
 from teltonika.commands.scripts import STORE_OFFLINE, run_script
-from teltonika.redis.connection import RedisConnection
+from teltonika.redis.connection import RedisConnection, reply_int, reply_list, reply_text
+from teltonika.redis.groups import first_stream, parse_entries
 
 SENDER: Final = "teltonika-send"
 """The ``instance_id`` of statuses a sender publishes itself (device_not_connected)."""
@@ -68,9 +70,10 @@ async def last_response_id(redis: RedisConnection) -> str:
     reply = await maybeDeferred(
         redis.execute_command, "XREVRANGE", RESPONSES_STREAM, "+", "-", "COUNT", "1"
     )
-    if not reply:
+    newest = reply_list(reply)
+    if not newest:
         return "0-0"
-    return str(reply[0][0])
+    return reply_text(reply_list(newest[0])[0])
 
 
 async def route_of(redis: RedisConnection, imei: str) -> Route | None:
@@ -99,8 +102,12 @@ async def unsettled_commands(redis: RedisConnection, instance: str) -> list[dict
         str(STREAM_SCAN),
     )
     out = []
-    for _entry_id, values in reply or []:
-        fields = dict(zip(values[::2], values[1::2], strict=False))
+    for entry in parse_entries(reply):
+        values = entry.fields or []
+        fields = {
+            text_of(name): text_of(value)
+            for name, value in zip(values[::2], values[1::2], strict=False)
+        }
         if fields.get("kind", "command") != "flush":
             out.append(fields)
     return out
@@ -192,7 +199,7 @@ async def store_offline(redis: RedisConnection, command: Command, now_ms: int) -
             *flat(command.fields()),
         ],
     )
-    if not int(stored):
+    if not reply_int(stored):
         raise ValueError(f"command id {command.id} is already stored")
     instance = await maybeDeferred(redis.hget, REGISTRY_KEY, command.imei)
     if not instance:
@@ -236,15 +243,12 @@ async def wait_for_terminal(
             RESPONSES_STREAM,
             cursor,
         )
-        if not reply:
-            continue
-        for _stream, items in reply:
-            for entry_id, values in items:
-                cursor = entry_id
-                fields = pairs(list(values))
-                if fields.get("id") != command_id:
-                    continue
-                if on_status is not None:
-                    on_status(fields)
-                if fields.get("status") in TERMINAL:
-                    return fields
+        for entry in parse_entries(first_stream(reply)):
+            cursor = entry.entry_id
+            fields = pairs([text_of(value) for value in entry.fields or []])
+            if fields.get("id") != command_id:
+                continue
+            if on_status is not None:
+                on_status(fields)
+            if fields.get("status") in TERMINAL:
+                return fields

@@ -16,7 +16,14 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
-from teltonika.redis.connection import Argument, RedisConnection, Reply
+from teltonika.redis.connection import (
+    Argument,
+    RedisConnection,
+    Reply,
+    reply_int,
+    reply_list,
+    reply_text,
+)
 from teltonika.redis.groups import ConsumerGroup, Entry, GroupReply, classify, parse_entries
 
 DEAD_STREAM: Final = "telemetry:teltonika:dead"
@@ -128,10 +135,6 @@ def letter_fields(fields: Sequence[Any]) -> tuple[list[Any], str | None]:
     return kept, f"{pairs} fields, {total} characters"
 
 
-class RedisReplyError(Exception):
-    """A reply that does not have the shape the command documents."""
-
-
 @attrs.frozen(slots=True)
 class DeadLetter:
     """An entry going to the dead-letter stream, and why."""
@@ -151,10 +154,6 @@ class GroupInfo:
     pending: int
     last_delivered_id: str
     lag: int | None
-
-
-def _text(value: Reply) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def parse_id(entry_id: str) -> tuple[int, int]:
@@ -272,15 +271,17 @@ class Streams:
             "COUNT",
             count,
         )
-        deleted = [_text(i) for i in reply[2]] if len(reply) > 2 and reply[2] else []
-        return _text(reply[0]), parse_entries(reply[1]), deleted
+        parts = reply_list(reply)
+        deleted = [reply_text(i) for i in reply_list(parts[2])] if len(parts) > 2 else []
+        return reply_text(parts[0]), parse_entries(parts[1]), deleted
 
     async def deliveries(self, first: str, last: str, count: int) -> dict[str, int]:
         """How often each of our pending entries in [first, last] was delivered."""
         reply = await self.command(
             "XPENDING", self.stream, self.group, first, last, count, self.consumer
         )
-        return {_text(row[0]): int(row[3]) for row in reply or ()}
+        rows = [reply_list(row) for row in reply_list(reply)]
+        return {reply_text(row[0]): reply_int(row[3]) for row in rows}
 
     async def touch(self, ids: Sequence[str]) -> list[str]:
         """Reset the idle time of entries we still hold (``XCLAIM ... JUSTID`` does not
@@ -291,12 +292,12 @@ class Streams:
         reply = await self.command(
             "EVAL", TOUCH_SCRIPT, 1, self.stream, self.group, self.consumer, *ids
         )
-        return [_text(i) for i in reply or ()]
+        return [reply_text(i) for i in reply_list(reply)]
 
     async def ack(self, ids: Sequence[str]) -> int:
         if not ids:
             return 0
-        return int(await self.command("XACK", self.stream, self.group, *ids))
+        return reply_int(await self.command("XACK", self.stream, self.group, *ids))
 
     async def dead_letter(
         self, letters: Sequence[DeadLetter], ack_ids: Iterable[str], now_ms: int
@@ -321,7 +322,7 @@ class Streams:
         reply = await self.command(
             "EVAL", DEAD_LETTER_SCRIPT, 2, self.stream, self.dead_stream, *args
         )
-        return int(reply)
+        return reply_int(reply)
 
     async def retire_idle_consumers(self, min_idle_ms: int) -> list[tuple[str, int]]:
         """Delete the group's consumers idle longer than *min_idle_ms* with nothing pending
@@ -329,8 +330,11 @@ class Streams:
         reply = await self.command(
             "EVAL", RETIRE_SCRIPT, 1, self.stream, self.group, self.consumer, min_idle_ms
         )
-        flat = list(reply or ())
-        return [(_text(name), int(idle)) for name, idle in zip(flat[::2], flat[1::2], strict=True)]
+        flat = reply_list(reply)
+        return [
+            (reply_text(name), reply_int(idle))
+            for name, idle in zip(flat[::2], flat[1::2], strict=True)
+        ]
 
     async def groups(self) -> list[GroupInfo]:
         """``XINFO GROUPS`` of the stream (empty when the stream does not exist)."""
@@ -341,27 +345,27 @@ class Streams:
                 return []
             raise
         out = []
-        for row in reply or ():
-            info = {_text(k): v for k, v in zip(row[::2], row[1::2], strict=False)}
+        for row in map(reply_list, reply_list(reply)):
+            info = {reply_text(k): v for k, v in zip(row[::2], row[1::2], strict=False)}
             lag = info.get("lag")
             out.append(
                 GroupInfo(
-                    name=_text(info["name"]),
-                    consumers=int(info.get("consumers", 0)),
-                    pending=int(info.get("pending", 0)),
-                    last_delivered_id=_text(info.get("last-delivered-id", "0-0")),
-                    lag=None if lag is None else int(lag),
+                    name=reply_text(info["name"]),
+                    consumers=reply_int(info.get("consumers", 0)),
+                    pending=reply_int(info.get("pending", 0)),
+                    last_delivered_id=reply_text(info.get("last-delivered-id", "0-0")),
+                    lag=None if lag is None else reply_int(lag),
                 )
             )
         return out
 
     async def oldest_pending(self, group: str) -> str | None:
         """The smallest id *group* has delivered and not acknowledged, or None."""
-        reply = await self.command("XPENDING", self.stream, group)
-        if not reply or not int(reply[0]):
+        summary = reply_list(await self.command("XPENDING", self.stream, group))
+        if not summary or not reply_int(summary[0]):
             return None
-        return _text(reply[1])
+        return reply_text(summary[1])
 
     async def trim_minid(self, min_id: str) -> int:
         """``XTRIM stream MINID min_id`` (exact): removes entries with smaller ids."""
-        return int(await self.command("XTRIM", self.stream, "MINID", min_id))
+        return reply_int(await self.command("XTRIM", self.stream, "MINID", min_id))

@@ -13,9 +13,10 @@ Replies arrive as txredisapi parsed them with ``convertNumbers=False``
 (:mod:`teltonika.redis.connect`): bulk strings as ``str`` (``bytes`` when not UTF-8, or
 on a connection made with ``charset=None``), integer replies as ``int``, nil as ``None``,
 arrays as lists of those. The generic calls (``execute_command``, ``eval``) return
-:data:`Reply`, whose shape is the command's: the caller that sent the command reads the
-reply (and :mod:`teltonika.redis.groups`, :mod:`teltonika.redis.streams` check shapes
-where a wrong one must not pass silently).
+:data:`Reply`, that union; the code that sent a command knows the shape the command
+documents and takes it apart with :func:`reply_list`, :func:`reply_int` and
+:func:`reply_text`, which raise :class:`RedisReplyError` on any other shape (where the
+untyped code raised ``TypeError`` or ``IndexError``).
 
 Every call may also raise synchronously (txredisapi's pooled handler looks the method
 up when called), so callers that must not raise wrap them in ``maybeDeferred``.
@@ -24,20 +25,58 @@ up when called), so callers that must not raise wrap them in ``maybeDeferred``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol, TypeAlias
+from typing import Protocol, TypeAlias
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-Reply: TypeAlias = Any
-"""A reply to a command given by name: ``str``, ``bytes``, ``int``, ``None`` or a list of
-those (nested), as the command defines. ``Any`` rather than a union: the command, not the
-connection, decides the shape, and the code that sent it indexes the reply accordingly."""
+Reply: TypeAlias = "str | bytes | int | list[Reply] | None"
+"""A parsed reply: a bulk or status string (``bytes`` when not UTF-8, or on a connection
+with ``charset=None``), an integer, nil, or an array of replies."""
 
 Argument: TypeAlias = str | bytes | int | float
 """One argument of a command (txredisapi encodes numbers as their decimal text)."""
 
 _log = Logger()
+
+
+class RedisReplyError(Exception):
+    """A reply that does not have the shape its command documents."""
+
+
+def _shown(reply: Reply) -> str:
+    text = repr(reply)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def reply_list(reply: Reply) -> list[Reply]:
+    """An array reply (nil counts as empty)."""
+    if reply is None:
+        return []
+    if isinstance(reply, list):
+        return reply
+    raise RedisReplyError(f"expected an array reply, not {_shown(reply)}")
+
+
+def reply_int(reply: Reply) -> int:
+    """An integer reply (or a number as text, as scripts and ``convertNumbers=False``
+    may give it).
+
+    :raise ValueError: text that is not a number.
+    """
+    if isinstance(reply, int | str | bytes):
+        return int(reply)
+    raise RedisReplyError(f"expected an integer reply, not {_shown(reply)}")
+
+
+def reply_text(reply: Reply) -> str:
+    """A string reply as text (bytes that are not UTF-8 decoded with U+FFFD); an integer
+    as its digits."""
+    if isinstance(reply, bytes):
+        return reply.decode("utf-8", "replace")
+    if isinstance(reply, str | int):
+        return str(reply)
+    raise RedisReplyError(f"expected a string reply, not {_shown(reply)}")
 
 
 class RedisConnection(Protocol):
@@ -61,7 +100,9 @@ class RedisConnection(Protocol):
 
     def set(self, key: str, value: str, expire: int | None = None) -> Deferred[str]: ...
 
-    def delete(self, keys: str, *more: str) -> Deferred[int]: ...
+    def delete(self, keys: str | list[str]) -> Deferred[int]:
+        """``DEL`` of one key or a list of keys (txredisapi deprecates more arguments)."""
+        ...
 
     def exists(self, key: str) -> Deferred[int]: ...
 
@@ -113,8 +154,8 @@ class LazyConnection:
     def set(self, key: str, value: str, expire: int | None = None) -> Deferred[str]:
         return self.connection().set(key, value, expire=expire)
 
-    def delete(self, keys: str, *more: str) -> Deferred[int]:
-        return self.connection().delete(keys, *more)
+    def delete(self, keys: str | list[str]) -> Deferred[int]:
+        return self.connection().delete(keys)
 
     def exists(self, key: str) -> Deferred[int]:
         return self.connection().exists(key)

@@ -10,8 +10,9 @@ a Redis restarted without persistence) to create it again. What each does then i
 own decision; recognising the reply is done here, once (:func:`classify`).
 
 The live broadcast's fan-out reader reads with a plain ``XREAD`` (no group, on purpose:
-see :mod:`teltonika.processor.live.fanout`); it shares only the classifier, for ``XINFO
-STREAM`` on a stream that does not exist yet.
+see :mod:`teltonika.processor.live.fanout`); it shares the classifier (for ``XINFO
+STREAM`` on a stream that does not exist yet) and the reading of a reply's entries
+(:func:`first_stream`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ import attrs
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 
-from teltonika.redis.connection import Argument, RedisConnection, Reply
+from teltonika.redis.connection import (
+    Argument,
+    RedisConnection,
+    RedisReplyError,
+    Reply,
+    reply_list,
+    reply_text,
+)
 
 
 class GroupReply(Enum):
@@ -73,15 +81,30 @@ class Entry:
     fields: list[Reply] | None
 
 
-def _text(value: Reply) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
 def parse_entries(raw: Reply) -> list[Entry]:
-    """The entries of one stream in a reply (``[[id, fields], ...]``, or nil)."""
+    """The entries of one stream in a reply (``[[id, fields], ...]``, or nil).
+
+    :raise RedisReplyError: another shape.
+    """
     if not raw:
         return []
-    return [Entry(_text(item[0]), item[1]) for item in raw]
+    entries = []
+    for item in reply_list(raw):
+        entry = reply_list(item)
+        if len(entry) != 2:
+            raise RedisReplyError(f"a stream entry has 2 parts, not {len(entry)}")
+        fields = entry[1]
+        entries.append(Entry(reply_text(entry[0]), None if fields is None else reply_list(fields)))
+    return entries
+
+
+def first_stream(reply: Reply) -> Reply:
+    """The entries of the first stream of an ``XREAD`` / ``XREADGROUP`` reply
+    (``[[stream, entries], ...]``), nil when the reply is nil (nothing new in time)."""
+    streams = reply_list(reply)
+    if not streams:
+        return None
+    return reply_list(streams[0])[1]
 
 
 @attrs.frozen
@@ -145,9 +168,7 @@ class ConsumerGroup:
             (``NO_GROUP``, ``UNBLOCKED``) from the rest.
         """
         reply = await _execute(connection, self.read_args(cursor, count, block_ms), clock, timeout)
-        if not reply:
-            return []
-        return parse_entries(reply[0][1])
+        return parse_entries(first_stream(reply))
 
 
 def _execute(

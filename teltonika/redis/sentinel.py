@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from teltonika.redis.connect import SentinelAddress
-from teltonika.redis.connection import RedisConnection
+from teltonika.redis.connection import RedisConnection, Reply
 
 DISCOVERY_INTERVAL: Final = 0.2
 """Seconds between two rounds of questions to the sentinels while none names a master."""
@@ -99,7 +99,7 @@ class MasterDiscovery:
 
     def __init__(
         self,
-        ask: Callable[[int], Deferred[object]],
+        ask: Callable[[int], Deferred[Reply]],
         count: int,
         service: str,
         clock: IReactorTime,
@@ -319,11 +319,8 @@ def sentinel_connection(
         for host, port in address.sentinels
     ]
 
-    def ask(index: int) -> Deferred[object]:
-        asked: Deferred[object] = sentinels[index].execute_command(
-            "SENTINEL", "MASTER", address.service
-        )
-        return asked
+    def ask(index: int) -> Deferred[Reply]:
+        return sentinels[index].execute_command("SENTINEL", "MASTER", address.service)
 
     discovery = MasterDiscovery(ask, len(sentinels), address.service, clock)
 

@@ -46,7 +46,7 @@ from zope.interface import implementer
 from teltonika.contract import FIELDS, MESSAGES_STREAM, TELEMETRY_STREAM, entry_values
 from teltonika.interfaces import IManagedSink
 from teltonika.metrics import ServerMetrics
-from teltonika.redis.connection import RedisConnection
+from teltonika.redis.connection import RedisConnection, Reply
 from teltonika.redis.durability import (
     DEFAULT_REPLICA_TIMEOUT,
     DEFAULT_REPLICAS,
@@ -248,7 +248,7 @@ class RedisStreamSink:
         check, so the sink recovers within a probe interval of the settings' return."""
         if self._reachable and self._verification is not Verification.VERIFIED:
             return self._recheck()
-        d: Deferred[object] = self.redis.execute_command("PING")
+        d: Deferred[Reply] = self.redis.execute_command("PING")
         # with replicated, the PING may wait behind a batch's WAIT on its connection: a
         # replica that is slow to confirm is not a Redis that is down
         d.addTimeout(self.probe_timeout + self._wait_bound, self.clock)

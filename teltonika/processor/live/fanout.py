@@ -5,9 +5,9 @@ back ``--trim`` for ever and need a janitor, while ``XREAD`` leaves no state in 
 The reader starts at the stream's last id when the processor starts (what is older is in
 PostgreSQL and loaded on demand), keeps its cursor across Redis reconnects, and hands
 the positions of each reply to the hub in stream order. Positions go live when they are
-read, before the writer has committed their rows. With the consumer groups it shares only
-the error classifier (:func:`teltonika.redis.groups.classify`, for ``XINFO STREAM`` on a
-stream that does not exist yet).
+read, before the writer has committed their rows. With the consumer groups it shares the
+error classifier (:func:`teltonika.redis.groups.classify`, for ``XINFO STREAM`` on a
+stream that does not exist yet) and the reading of a reply's entries.
 """
 
 from __future__ import annotations
@@ -24,24 +24,20 @@ from twisted.logger import Logger
 from teltonika.processor.live.hub import Hub
 from teltonika.processor.live.messages import LivePosition, position_from_entry
 from teltonika.processor.live.metrics import LiveMetrics
-from teltonika.redis.connection import Argument, RedisConnection, Reply
-from teltonika.redis.groups import GroupReply, classify
+from teltonika.redis.connection import Argument, RedisConnection, Reply, reply_list, reply_text
+from teltonika.redis.groups import GroupReply, classify, first_stream
 from teltonika.units import SECONDS
 
 RETRY_INITIAL: Final = 0.25 * SECONDS
 RETRY_MAX: Final = 5 * SECONDS
 
 
-def _text(value: Reply) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
 def last_generated_id(info: Reply) -> str:
     """``last-generated-id`` from an ``XINFO STREAM`` reply."""
     if isinstance(info, list):
         for key, value in zip(info[0::2], info[1::2], strict=False):
-            if _text(key) == "last-generated-id":
-                return _text(value)
+            if reply_text(key) == "last-generated-id":
+                return reply_text(value)
     return "0-0"
 
 
@@ -155,7 +151,7 @@ class FanoutReader:
             failing = False
             delay = RETRY_INITIAL
             if reply:
-                self.handle(reply[0][1])
+                self.handle(reply_list(first_stream(reply)))
 
     async def _tail(self) -> str:
         try:
@@ -171,10 +167,11 @@ class FanoutReader:
         positions: list[LivePosition] = []
         unusable = 0
         for entry in entries:
+            parts = reply_list(entry)
             try:
-                position = position_from_entry(_text(entry[0]), entry[1])
+                position = position_from_entry(reply_text(parts[0]), parts[1])
             except Exception:  # a bug in the check must not stop the reader: skip, say so
-                self._log.failure("Live fan-out could not read entry {entry}", entry=entry[0])
+                self._log.failure("Live fan-out could not read entry {entry}", entry=parts[0])
                 position = None
             if position is None:
                 unusable += 1
@@ -182,7 +179,7 @@ class FanoutReader:
                 positions.append(position)
         if not entries:
             return
-        last = _text(entries[-1][0])
+        last = reply_text(reply_list(entries[-1])[0])
         self.cursor = last
         self.metrics.fanout_entries.inc(len(entries))
         if unusable:
