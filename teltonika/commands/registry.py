@@ -30,7 +30,7 @@ Rules, and why:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, ParamSpec, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -44,6 +44,9 @@ from teltonika.redis.connection import RedisConnection
 from teltonika.units import SECONDS
 
 HEARTBEAT_TTL: Final = 90 * SECONDS
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
 HEARTBEAT_INTERVAL: Final = 30 * SECONDS
 OPERATION_TIMEOUT: Final = 5 * SECONDS
 
@@ -193,9 +196,11 @@ class ConnectionRegistry:
 
         return d.addBoth(settled)
 
-    def _call(self, function: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        """Call a txredisapi method with a timeout; a synchronous raise becomes a failure."""
-        d: Deferred[Any] = maybeDeferred(function, *args, **kwargs)
+    def _call(
+        self, function: Callable[_P, Deferred[_T]], *args: _P.args, **kwargs: _P.kwargs
+    ) -> Deferred[_T]:
+        """Call a Redis method with a timeout; a synchronous raise becomes a failure."""
+        d = maybeDeferred(function, *args, **kwargs)
         return d.addTimeout(self.timeout, self._clock)
 
     def _failed(self, operation: str, failure: Failure, **data: Any) -> None:

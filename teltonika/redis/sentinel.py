@@ -33,6 +33,7 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from teltonika.redis.connect import SentinelAddress
@@ -155,9 +156,9 @@ class MasterDiscovery:
             reasons.append(f"flags {state.get('flags', '?')} for {state.get('ip', '?')}")
             settled()
 
-        def failed(failure: Any) -> None:
+        def failed(failure: Failure) -> None:
             if not result.called:
-                reasons.append(failure.getErrorMessage() or failure.type.__name__)
+                reasons.append(failure.getErrorMessage() or type(failure.value).__name__)
                 settled()
 
         def settled() -> None:
@@ -175,9 +176,7 @@ class MasterDiscovery:
         return result
 
 
-def _failure(error: Exception) -> Any:
-    from twisted.python.failure import Failure
-
+def _failure(error: Exception) -> Failure:
     return Failure(error)
 
 
@@ -273,7 +272,7 @@ class SentinelEndpoint:
         self.master = address
         return address
 
-    def _not_found(self, failure: Any) -> Any:
+    def _not_found(self, failure: Failure) -> Failure:
         if not self._failing:
             self._failing = True
             _log.warn("Redis master unknown: {why}", why=failure.getErrorMessage())
