@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from teltonika.codecs import CodecRegistry
 from teltonika.commands.codec import encode_command
-from teltonika.interfaces import IDeviceAuthority, ISink
+from teltonika.interfaces import IDeviceAuthority, IManagedSink
 from teltonika.metrics import ServerMetrics
 from teltonika.protocol.settings import ServerSettings
 from teltonika.protocol.tcp import DeviceFactory, DeviceProtocol
@@ -95,9 +95,10 @@ class ThreadedMemoryReactor(MemoryReactorClock):
             f(*args, **kwargs)
 
 
-@implementer(ISink)
+@implementer(IManagedSink)
 class ControlledSink:
-    """An ISink whose Deferreds the test fires (auto-fires successfully by default)."""
+    """A sink whose Deferreds the test fires (auto-fires successfully by default), with
+    nothing to start or close."""
 
     name = "test"
 
@@ -125,6 +126,12 @@ class ControlledSink:
 
     def ready(self) -> bool:
         return self.is_ready
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
 
 
 @implementer(IDeviceAuthority)

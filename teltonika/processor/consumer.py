@@ -53,8 +53,9 @@ from teltonika.processor.entries import (
 from teltonika.processor.metrics import ProcessorMetrics
 from teltonika.processor.migrations import SchemaError
 from teltonika.processor.state import DeviceState
-from teltonika.processor.streams import DeadLetter, Entry, Streams
+from teltonika.processor.streams import DeadLetter, Streams
 from teltonika.processor.writer import WriteOutcome, write_batch
+from teltonika.redis.groups import Entry, GroupReply, classify
 
 
 class _Timeout(Exception):
@@ -310,7 +311,7 @@ class Consumer:
             try:
                 entries = await self.streams.read(cursor, config.batch_size, block)
             except Exception as e:
-                if "NOGROUP" in str(e) or "UNBLOCKED" in str(e):
+                if classify(e) in (GroupReply.NO_GROUP, GroupReply.UNBLOCKED):
                     await self._recreate_group()
                     cursor = "0"
                     continue

@@ -35,6 +35,7 @@ from teltonika.processor.live.options import LiveOptions
 from teltonika.processor.live.protocol import LiveConfig, LiveFactory
 from teltonika.processor.live.session import Limits
 from teltonika.processor.live.site import PageConfig, live_site
+from teltonika.redis.connection import RedisConnection
 from teltonika.units import SECONDS
 
 DRAIN_STEPS: Final = 20
@@ -163,7 +164,7 @@ def live_service(
     registry: CollectorRegistry,
     reactor: IProcessReactor,
     *,
-    connect_redis: Callable[[], Any],
+    connect_redis: Callable[[], RedisConnection],
     stream: str,
     instance: str,
     state_size: int,

@@ -91,8 +91,8 @@ def test_a_failing_entry_check_skips_the_entry_not_the_reader(
     hub = Hub(latest, clock, metrics, now_ms)
     reader = FanoutReader(lambda: None, TELEMETRY_STREAM, hub, clock, now_ms, metrics)
     base = now_ms()
-    entries = [
-        (f"{k}-0", [x for pair in entry(imei(k), base + k).items() for x in pair])
+    entries: list[Any] = [  # as Redis replies: lists
+        [f"{k}-0", [x for pair in entry(imei(k), base + k).items() for x in pair]]
         for k in (1, 2, 3)
     ]
     reader.handle(entries)
