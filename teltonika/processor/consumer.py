@@ -31,7 +31,7 @@ Invariants (README.rst, "Exactly once, and what that means"):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
@@ -113,7 +113,7 @@ class Consumer:
         metrics: ProcessorMetrics,
         clock: IReactorTime,
         config: ConsumerConfig = ConsumerConfig(),
-        migrate: Any = None,
+        migrate: Callable[[psycopg.Connection[Any]], list[str]] | None = None,
     ) -> None:
         self.streams = streams
         self.database = database
@@ -214,7 +214,7 @@ class Consumer:
         if self.crashed is None:
             self._log.info("Consumer {consumer} stopped reading", consumer=self.streams.consumer)
 
-    async def _retrying(self, what: str, step: Any) -> bool:
+    async def _retrying(self, what: str, step: Callable[[], Awaitable[None]]) -> bool:
         """Run ``await step()`` until it succeeds (True) or we are stopping (False); a
         :class:`SchemaError` is not retried (it propagates)."""
         delay = self.config.retry_initial
