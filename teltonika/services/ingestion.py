@@ -71,11 +71,13 @@ def exit_on_fatal(reactor: IReactorCore) -> FatalHandler:
 
 @attrs.frozen
 class IngestionSettings:
-    """How the ingestion service stops and settles in (the tap fills it from options).
+    """How long the ingestion service's shutdown steps may take, and whether it freezes
+    its start-up objects (the tap fills it from options).
 
     :ivar shutdown_timeout: seconds each shutdown step may take (``--shutdown-timeout``).
     :ivar freeze_gc: once the sink started, move every object built so far out of the
-        garbage collector's sight (``gc.freeze``; see :meth:`IngestionService.startService`).
+        garbage collector's sight (``gc.freeze``: a full collection then scans only
+        per-connection and per-frame objects); the twistd plugin sets it, tests do not.
     """
 
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
@@ -85,8 +87,8 @@ class IngestionSettings:
 @attrs.frozen
 class ReloadableAuthority:
     """The file device authority (``--devices file:PATH``) and the reactor through which
-    a SIGHUP reloads it: the signal handler runs between two reactor steps and only hands
-    the reload over with ``callFromThread``.
+    a SIGHUP reloads it: a signal handler may run in the middle of any reactor code, so
+    it only hands the reload to the reactor with ``callFromThread``.
 
     :ivar authority: started and stopped with the service, reloaded on SIGHUP.
     :ivar reactor: takes the reload from the signal handler.
@@ -104,7 +106,7 @@ class IngestionService(Service):
         the port stays open until the datagrams already received are answered.
     :param on_fatal: called when the sink cannot start.
     :param settings: the bound of each shutdown step, and whether to freeze the GC.
-    :param file_authority: the allow-list file to run and reload on SIGHUP, if any.
+    :param file_authority: the file device authority to run and reload on SIGHUP, if any.
     """
 
     _log = Logger()
