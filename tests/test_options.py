@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -33,7 +34,9 @@ BOUNDS = [
     bound=st.sampled_from(BOUNDS),
     text=st.text(max_size=12) | st.floats().map(str) | st.integers().map(str),
 )
-def test_a_coercer_returns_a_value_within_its_bound_or_refuses(bound, text) -> None:
+def test_a_coercer_returns_a_value_within_its_bound_or_refuses(
+    bound: tuple[Callable[[str], float], Callable[[float], bool]], text: str
+) -> None:
     coerce, holds = bound
     try:
         value = coerce(text)
@@ -43,8 +46,10 @@ def test_a_coercer_returns_a_value_within_its_bound_or_refuses(bound, text) -> N
 
 
 @pytest.mark.parametrize(("coerce", "_"), BOUNDS)
-def test_every_coercer_documents_itself_for_help(coerce, _) -> None:
-    assert coerce.coerceDoc
+def test_every_coercer_documents_itself_for_help(
+    coerce: Callable[[str], float], _: Callable[[float], bool]
+) -> None:
+    assert getattr(coerce, "coerceDoc")  # noqa: B009 (set by setattr: no declared attribute)
 
 
 def test_metrics_endpoint() -> None:
@@ -62,7 +67,9 @@ def _processor(*argv: str) -> processor_tap.Options:
 
 
 @pytest.mark.parametrize("value", ["nan", "inf"])
-def test_the_processor_refuses_non_finite_seconds(value: str, monkeypatch) -> None:
+def test_the_processor_refuses_non_finite_seconds(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The processor's seconds options went through a coercer of its own that took "nan"
     (nan <= 0 is false) and "inf"; now they use the server's finite check."""
     monkeypatch.delenv("TELTONIKA_POSTGRES_DSN", raising=False)

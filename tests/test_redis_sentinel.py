@@ -219,7 +219,7 @@ def test_readonly_reply_drops_the_connection() -> None:
     protocol.makeConnection(transport)
     assert transport.value() == b"*1\r\n$4\r\nROLE\r\n"
     protocol.dataReceived(b"*3\r\n$6\r\nmaster\r\n:0\r\n*0\r\n")
-    assert protocol._ready and not transport.disconnecting
+    assert protocol._ready and transport.disconnecting == False  # noqa: E712 (`not` would narrow it for mypy past the next call)
     result: list[object] = []
     protocol.execute_command("SET", "k", "v").addBoth(result.append)
     protocol.dataReceived(b"-READONLY You can't write against a read only replica.\r\n")

@@ -13,7 +13,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
@@ -106,6 +106,17 @@ def xadd(client: redis.Redis, fields: Sequence[bytes | str], stream: str = TELEM
         mapping[name] = value
     entry_id: str = client.xadd(stream, mapping)
     return entry_id
+
+
+def xrange(
+    client: redis.Redis,
+    stream: str = TELEMETRY_STREAM,
+    min: str = "-",
+    count: int | None = None,
+) -> list[tuple[str, dict[str, str]]]:
+    """XRANGE typed as the ``rds`` client returns it: that client decodes responses, so ids
+    and fields are ``str`` (redis-py's own types allow bytes, and None, for any client)."""
+    return cast("list[tuple[str, dict[str, str]]]", client.xrange(stream, min=min, count=count))
 
 
 def imei(n: int) -> str:
@@ -239,6 +250,7 @@ __all__ = [
     "query",
     "record",
     "xadd",
+    "xrange",
 ]
 
 
