@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
+from zope.interface import implementer
 
 settings.register_profile(
     "ci",
@@ -28,6 +29,7 @@ settings.register_profile("dev", max_examples=100, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
+@implementer(ILogObserver)
 class LoggedErrors:
     """Error-level events logged during one test."""
 

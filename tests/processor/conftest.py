@@ -24,6 +24,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from teltonika.contract import TELEMETRY_STREAM, entry_fields
+from teltonika.interfaces import IProcessReactor
 from teltonika.processor.tap import Options, makeService
 from teltonika.wire.records import NX, AVLRecord
 
@@ -104,7 +105,8 @@ def xadd(client: redis.Redis, fields: Sequence[bytes | str], stream: str = TELEM
     pairs = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
     for name, value in pairs:
         mapping[name] = value
-    entry_id: str = client.xadd(stream, mapping)
+    entry_id = client.xadd(stream, mapping)
+    assert isinstance(entry_id, str)  # the rds client decodes responses
     return entry_id
 
 
@@ -213,7 +215,8 @@ class Processors:
         """Services that asked for the process to exit non-zero (a crash, a refused start)."""
 
     def start(self, *extra: str) -> Any:
-        service = makeService(processor_options(self.redis_url, self.dsn, *extra), reactor)
+        options = processor_options(self.redis_url, self.dsn, *extra)
+        service = makeService(options, cast(IProcessReactor, reactor))  # as twistd does
         service.processor.force_exit = lambda: None
         service.processor.crash_exit = lambda: self.exits.append(service)
         service.startService()
@@ -259,6 +262,11 @@ if os.environ.get("TELTONIKA_TEST_LOG"):
     import signal
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    from twisted.logger import formatEvent, globalLogPublisher
+    from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+    from zope.interface import provider
 
-    globalLogPublisher.addObserver(lambda e: print("LOG", formatEvent(e), file=sys.stderr))
+    @provider(ILogObserver)
+    def print_event(event: LogEvent) -> None:
+        print("LOG", formatEvent(event), file=sys.stderr)
+
+    globalLogPublisher.addObserver(print_event)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry
 from twisted.internet.defer import Deferred, fail, succeed
@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from teltonika.codecs import CodecRegistry
-from teltonika.interfaces import IDeviceAuthority, ISink
+from teltonika.interfaces import IDeviceAuthority, IProcessReactor, ISink
 from teltonika.metrics import ServerMetrics
 from teltonika.protocol.server import DeviceFactory, DeviceProtocol, ServerSettings
 from teltonika.wire import CODEC_8E, AVLRecord, encode_avl_frame, encode_login
@@ -50,6 +50,13 @@ def avl_frame(count: int = 1, codec_id: int = CODEC_8E, start: int = 0) -> bytes
 
 
 LOGIN = encode_login(IMEI)
+
+
+def process_reactor(reactor: MemoryReactorClock) -> IProcessReactor:
+    """*reactor* where a service tree asks for the process's reactor. A memory reactor has
+    no UDP and (unless it is a :class:`ThreadedMemoryReactor`) no ``callFromThread``: the
+    tests that pass one never reach those."""
+    return cast(IProcessReactor, reactor)
 
 
 class ThreadedMemoryReactor(MemoryReactorClock):

@@ -7,13 +7,13 @@ from typing import Any
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.internet.testing import StringTransport
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.logger import capturedLogs
 from twisted.protocols.haproxy import proxyEndpoint
 from zope.interface import implementer
 
-from teltonika.interfaces import ISessionListener
+from teltonika.interfaces import IDeviceAuthority, ISessionListener
 from teltonika.logs import HEX_LOG_BYTES
 from teltonika.wire import (
     CODEC_8,
@@ -111,6 +111,7 @@ def test_failing_lookups_are_logged_rate_limited(logged_errors: Any) -> None:
     assert second["suppressed"] == 49
 
 
+@implementer(IDeviceAuthority)
 class _PendingAuthority:
     """A device authority that decides when the test says (a slow Redis lookup)."""
 
@@ -574,9 +575,9 @@ class _ListeningEndpoint:
     def __init__(self) -> None:
         self.factory: Any = None
 
-    def listen(self, factory: Any) -> Deferred[None]:
+    def listen(self, factory: Any) -> Deferred[IListeningPort]:
         self.factory = factory
-        return succeed(None)
+        return succeed(MemoryReactor().listenTCP(0, factory))
 
 
 PROXY_V1 = b"PROXY TCP4 203.0.113.7 10.0.0.2 56324 5027\r\n"

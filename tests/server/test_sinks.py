@@ -14,6 +14,7 @@ import pytest
 import pytest_twisted
 from prometheus_client import CollectorRegistry
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
@@ -510,7 +511,8 @@ async def test_jsonl_real_thread_fsync(tmp_path: Path) -> None:
     from twisted.internet import reactor
 
     path = tmp_path / "records.jsonl"
-    sink = JsonLinesSink(path, reactor, ServerMetrics(), instance_id="t", reactor=reactor)
+    threads = IReactorFromThreads(reactor)
+    sink = JsonLinesSink(path, reactor, ServerMetrics(), instance_id="t", reactor=threads)
     await sink.start()
     ds = [sink.publish(IMEI, "8E", (record(i),), i) for i in range(50)]
     closing = Deferred.fromCoroutine(sink.close())

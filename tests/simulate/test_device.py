@@ -86,7 +86,7 @@ class Harness:
         """Advance past one logging interval and return what the device wrote."""
         self.clock.advance(11.1)
         assert self.transport is not None
-        data = self.transport.value()
+        data: bytes = self.transport.value()
         self.transport.clear()
         return data
 

@@ -25,6 +25,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.task import deferLater
 
 from teltonika.contract import TELEMETRY_STREAM
@@ -146,7 +147,12 @@ class Client(WebSocketClientProtocol):
 
     async def wait_closed(self, timeout: float = 15.0) -> tuple[int | None, str]:
         d: Deferred[tuple[int | None, str]] = Deferred()
-        self.closed.addBoth(lambda r: (d.callback(r), r)[1])
+
+        def relay(result: tuple[int | None, str]) -> tuple[int | None, str]:
+            d.callback(result)
+            return result
+
+        self.closed.addCallback(relay)  # closed never fails
         d.addTimeout(timeout, reactor)
         return await d
 
@@ -169,7 +175,8 @@ async def connect(
     factory.protocol = Client
     factory.setProtocolOptions(openHandshakeTimeout=15, autoPingInterval=None)
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=10)
-    client: Client = await endpoint.connect(factory)
+    client = await endpoint.connect(factory)
+    assert isinstance(client, Client)
     await client.opened
     return client
 
@@ -265,5 +272,5 @@ async def clients() -> AsyncIterator[list[Client]]:
     yield opened
     for client in opened:
         if client.transport is not None:
-            client.transport.abortConnection()
+            ITCPTransport(client.transport).abortConnection()
     await sleep(0.01)
