@@ -60,7 +60,7 @@ from teltonika.commands.messages import RESPONSES_STREAM, Command, pairs
 from teltonika.redis.connect import lazy_connection, parse_redis_url
 from teltonika.simulate.device import Device as StreamingDevice
 from teltonika.simulate.device import DeviceConfig
-from teltonika.simulate.fleet import DeviceFactory
+from teltonika.simulate.fleet import SimulatedDeviceFactory
 from teltonika.simulate.ledger import Ledger
 from teltonika.wire import decode_messages, encode_login, encode_message, unwrap, wrap
 
@@ -169,7 +169,7 @@ async def bench(reactor: Any, args: argparse.Namespace, redis_url: str, port: in
     )
 
     statuses = Statuses(reader)
-    loop = defer.ensureDeferred(statuses.run())
+    loop = defer.Deferred.fromCoroutine(statuses.run())
 
     async def one(n: int, imei: str) -> float:
         command = Command(id=f"b{n}", imei=imei, payload=b"getinfo")
@@ -199,7 +199,9 @@ async def bench(reactor: Any, args: argparse.Namespace, redis_url: str, port: in
             count += 1
             i += 1
 
-    await defer.gatherResults([defer.ensureDeferred(worker(w)) for w in range(args.concurrency)])
+    await defer.gatherResults(
+        [defer.Deferred.fromCoroutine(worker(w)) for w in range(args.concurrency)]
+    )
     elapsed = time.perf_counter() - start
 
     streaming, ledger = await start_streaming(reactor, args, port, sender, len(imeis))
@@ -216,7 +218,10 @@ async def bench(reactor: Any, args: argparse.Namespace, redis_url: str, port: in
                 stream_failures.append(str(error))
 
     await defer.gatherResults(
-        [defer.ensureDeferred(streaming_worker(w)) for w in range(args.streaming_concurrency)]
+        [
+            defer.Deferred.fromCoroutine(streaming_worker(w))
+            for w in range(args.streaming_concurrency)
+        ]
     )
     for device in streaming:
         device.stop()
@@ -268,7 +273,7 @@ async def start_streaming(
     )
 
     def connect(device: StreamingDevice) -> None:
-        reactor.connectTCP("127.0.0.1", port, DeviceFactory(device))
+        reactor.connectTCP("127.0.0.1", port, SimulatedDeviceFactory(device))
 
     devices = [
         StreamingDevice(
@@ -350,7 +355,9 @@ def main() -> int:
             stderr=subprocess.STDOUT,
         )
         wait_port(port)
-        task.react(lambda reactor: defer.ensureDeferred(bench(reactor, args, redis_url, port)))
+        task.react(
+            lambda reactor: defer.Deferred.fromCoroutine(bench(reactor, args, redis_url, port))
+        )
     except SystemExit as done:
         return int(done.code or 0)
     finally:

@@ -172,7 +172,7 @@ def role_naive(args: dict[str, Any]) -> dict[str, Any]:
     from teltonika.codecs import CodecRegistry
     from teltonika.contract import TELEMETRY_STREAM, entry_fields
     from teltonika.redis.connect import lazy_connection, parse_redis_url
-    from teltonika.wire.codecs import BUILTIN_CODECS
+    from teltonika.wire.builtin_codecs import BUILTIN_CODECS
 
     registry = CodecRegistry(BUILTIN_CODECS)
     frame = build_frame()
@@ -193,7 +193,7 @@ def role_naive(args: dict[str, Any]) -> dict[str, Any]:
         await conn.disconnect()
 
     with contextlib.suppress(SystemExit):
-        task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
+        task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor)))
     return result
 
 
@@ -203,7 +203,7 @@ def role_redispy(args: dict[str, Any]) -> dict[str, Any]:
 
     from teltonika.codecs import CodecRegistry
     from teltonika.contract import TELEMETRY_STREAM, entry_fields
-    from teltonika.wire.codecs import BUILTIN_CODECS
+    from teltonika.wire.builtin_codecs import BUILTIN_CODECS
 
     codec, packet = CodecRegistry(BUILTIN_CODECS).decode_frame(build_frame())
     entries = []
@@ -237,7 +237,7 @@ def role_bare(args: dict[str, Any]) -> dict[str, Any]:
 
     from teltonika.codecs import CodecRegistry
     from teltonika.wire import Framer, ImeiFrame, tcp_ack
-    from teltonika.wire.codecs import BUILTIN_CODECS
+    from teltonika.wire.builtin_codecs import BUILTIN_CODECS
 
     registry = CodecRegistry(BUILTIN_CODECS)
 
@@ -269,7 +269,7 @@ def role_sink(args: dict[str, Any]) -> dict[str, Any]:
     from teltonika.codecs import CodecRegistry
     from teltonika.metrics import ServerMetrics
     from teltonika.redis.connect import lazy_connection, parse_redis_url
-    from teltonika.wire.codecs import BUILTIN_CODECS
+    from teltonika.wire.builtin_codecs import BUILTIN_CODECS
 
     sink_module.REPLICATED_WRITERS = args["writers"]
     _codec, packet = CodecRegistry(BUILTIN_CODECS).decode_frame(build_frame())
@@ -280,9 +280,9 @@ def role_sink(args: dict[str, Any]) -> dict[str, Any]:
         sink = sink_module.RedisStreamSink(
             lambda: lazy_connection(address),
             reactor,
-            ServerMetrics(CollectorRegistry()),
+            ServerMetrics.create(CollectorRegistry()),
             instance_id="bench",
-            durability=args["durability"],
+            settings=sink_module.RedisSinkSettings(durability=args["durability"]),
             connect=lambda: lazy_connection(address),
         )
         await sink.start()
@@ -297,13 +297,13 @@ def role_sink(args: dict[str, Any]) -> dict[str, Any]:
 
         start = time.perf_counter()
         await defer.gatherResults(
-            [defer.ensureDeferred(publisher(n)) for n in range(args["publishers"])]
+            [defer.Deferred.fromCoroutine(publisher(n)) for n in range(args["publishers"])]
         )
         result["records_per_s"] = count / (time.perf_counter() - start)
         await sink.close()
 
     with contextlib.suppress(SystemExit):
-        task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
+        task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor)))
     return result
 
 

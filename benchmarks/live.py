@@ -66,6 +66,8 @@ def bare(port: int, redis_url: str) -> None:
     from autobahn.twisted.resource import WebSocketResource
     from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
     from twisted.internet import reactor, task
+    from twisted.internet.protocol import connectionDone
+    from twisted.python.failure import Failure
     from twisted.web.resource import Resource
     from twisted.web.server import Site
 
@@ -87,7 +89,7 @@ def bare(port: int, redis_url: str) -> None:
         def onMessage(self, payload: bytes, isBinary: bool) -> None:
             self.sendMessage(b'{"type":"snapshot","id":"b","devices":[]}')
 
-        def connectionLost(self, reason: Any) -> None:
+        def connectionLost(self, reason: Failure = connectionDone) -> None:
             connected.discard(self)
             super().connectionLost(reason)
 

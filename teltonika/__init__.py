@@ -9,23 +9,27 @@ The ingestion server, ``twistd teltonika``:
 
 * ``wire/``: the pure wire layer, bytes in and immutable records out (and back): the
   framer that cuts a TCP stream, the frame envelope and its CRC, the AVL codecs 8/8E/16,
-  the message codecs 12/13/14, the login packet, the UDP datagram. No reactor, no I/O.
+  the message codecs 12/13/14, the login packet, the UDP datagram, and the built-in codecs
+  as ``ICodec`` plugins (``builtin_codecs``). No reactor, no I/O.
 * ``codecs``: the codec registry (``ICodec`` plugins by codec id); ``interfaces``: the
   seams (``ICodec``, ``ISink``, ``IDeviceAuthority``, ``ISessionListener``,
   ``IDeviceSocket``).
-* ``protocol/``: one device's TCP connection: a thin Protocol and its Factory
-  (``server``) in front of the session that decides (``session``: login, frames in order,
-  flow control, timers, close), and ``publish``, the publish-then-ACK rule both transports
-  share. ``udp``: datagrams (``--udp-port``), decoded by the same codec registry.
+* ``protocol/``: the device transports and what they share. ``tcp``: a thin Protocol
+  and its Factory in front of the session that decides (``session``: login, frames in
+  order, flow control, timers, close); ``udp``: datagrams (``--udp-port``), decoded by the
+  same codec registry; ``publish``: the publish-then-ACK rule both transports follow;
+  ``queue``: the per-socket write queue (every byte to a device, one outstanding
+  command); ``settings``: the server's limits and their defaults. It imports nothing from
+  ``commands/``.
 * ``authority``: who may log in (``--devices``). ``reuseport``: the ``reuseport:``
   endpoint, several processes on one device port (``SO_REUSEPORT``).
 * ``contract``: the record contract, what one stream entry or JSON line holds (version 1).
 * ``sinks/``: where records go before the ACK: a Redis stream or a fsynced JSON-lines
   file, both with group commit. ``redis/``: Redis connections, the durability check and
   pipelined ``XADD``, shared by every Redis user.
-* ``commands/``: the command plane: the per-socket write queue (every byte to a device,
-  one outstanding command), the connection registry and heartbeat, the janitor, the
-  command consumer and offline delivery.
+* ``commands/``: the command plane: the connection registry and heartbeat, the
+  janitor, the command consumer and offline delivery, all through Redis; it hands each
+  command to its device's write queue in ``protocol/``.
 * ``services/``: the ingestion service (start-up and the ordered shutdown) and the
   operations endpoint (``/metrics``, ``/healthz``, ``/readyz``), and the lock that keeps
   one ``--instance-id`` to one process per host and Redis. ``tap``: the options and
@@ -42,9 +46,9 @@ read, write, acknowledge loop); ``streams`` and ``fastreader`` (its Redis comman
 ``migrations/``); ``state`` (per-device latest positions); ``trim`` (safe stream trimming);
 ``live/`` (the WebSocket broadcast and the operator map page).
 
-Tools: ``cli`` with ``cli_decode`` and ``cli_send`` (the ``teltonika`` console script:
-``decode``, ``send``, ``simulate``); ``simulate/`` (a simulated tracker fleet and the ledger
-check that every ACKed record is stored); ``catalogue`` with ``data/io_catalogue.json``
+Tools: ``cli/``, the ``teltonika`` console script, one module per subcommand (``decode``,
+``send``, ``simulate``); ``simulate/`` (a simulated tracker fleet and the ledger check that
+every ACKed record is stored); ``catalogue`` with ``data/io_catalogue.json``
 (names, units and scales of IO elements). The twistd plugin files themselves are in
 ``twisted/plugins/`` at the top of the repository.
 """

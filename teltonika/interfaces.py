@@ -93,7 +93,7 @@ class IDeviceSocket(Interface):
 
     The session (``teltonika.protocol.session.DeviceSession``) decides; this only carries
     out. Production wraps the Twisted transport
-    (``teltonika.protocol.server.TransportSocket``); tests may record the calls.
+    (``teltonika.protocol.tcp.TransportSocket``); tests may record the calls.
     """
 
     def write(data: bytes) -> None:

@@ -43,26 +43,27 @@ from teltonika.codecs import load_codecs
 from teltonika.commands.consumer import DEFAULT_MAX_ATTEMPTS
 from teltonika.commands.janitor import JANITOR_INTERVAL
 from teltonika.commands.messages import InstanceSettings
-from teltonika.commands.queue import (
+from teltonika.commands.registry import HEARTBEAT_INTERVAL, HEARTBEAT_TTL
+from teltonika.interfaces import IDeviceAuthority, IProcessReactor
+from teltonika.metrics import ServerMetrics
+from teltonika.options import metrics_endpoint, normalize_endpoint, seconds, whole_number
+from teltonika.protocol.queue import (
     DEFAULT_COMMAND_QUIET,
     DEFAULT_COMMAND_SETTLE,
     DEFAULT_COMMAND_TIMEOUT,
     DEFAULT_MAX_DEPTH,
     DEFAULT_WARN_DEPTH,
 )
-from teltonika.commands.registry import HEARTBEAT_INTERVAL, HEARTBEAT_TTL
-from teltonika.interfaces import IDeviceAuthority, IProcessReactor
-from teltonika.metrics import ServerMetrics
-from teltonika.options import metrics_endpoint, normalize_endpoint, seconds, whole_number
-from teltonika.protocol.server import (
+from teltonika.protocol.settings import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_LOGIN_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_PENDING_FRAMES,
     DEFAULT_SINK_TIMEOUT,
-    DeviceFactory,
     ServerSettings,
 )
+from teltonika.protocol.tcp import DeviceFactory
+from teltonika.protocol.udp import DeviceDatagramProtocol
 from teltonika.redis.connect import (
     RedisURLError,
     SentinelAddress,
@@ -80,7 +81,6 @@ from teltonika.services.ingestion import (
 from teltonika.services.instance_lock import InstanceLock, InstanceLockService
 from teltonika.services.ops_http import DEFAULT_SERVER_METRICS, ops_service
 from teltonika.sinks.jsonl import DEFAULT_OUTPUT
-from teltonika.udp import DeviceDatagramProtocol
 from teltonika.wire.framer import DEFAULT_MAX_FRAME, FRAME_OVERHEAD, MIN_DATA_LENGTH
 
 if TYPE_CHECKING:
@@ -442,17 +442,19 @@ def _build_sink(
 ) -> ManagedSink:
     settings_id = options["instance-id"]
     if redis is not None:
-        from teltonika.sinks.redis_stream import RedisStreamSink
+        from teltonika.sinks.redis_stream import RedisSinkSettings, RedisStreamSink
 
         return RedisStreamSink(
             redis,
             reactor,
             metrics,
             instance_id=settings_id,
-            durability=options["redis-durability"],
-            maxlen=options["stream-maxlen"],
-            replicas=options["redis-replicas"],
-            replica_timeout=options["redis-wait-timeout"],
+            settings=RedisSinkSettings(
+                durability=options["redis-durability"],
+                replicas=options["redis-replicas"],
+                replica_timeout=options["redis-wait-timeout"],
+                maxlen=options["stream-maxlen"],
+            ),
             connect=redis.connect,
         )
     from teltonika.sinks.jsonl import JsonLinesSink
@@ -528,7 +530,7 @@ def build_service(
     :param freeze_gc: move start-up objects out of the collector's sight once the sink
         started (a real process; tests leave the collector alone).
     """
-    metrics = ServerMetrics(CollectorRegistry())
+    metrics = ServerMetrics.create(CollectorRegistry())
     redis = SharedConnection(parse_redis_url(options["redis"])) if options["redis"] else None
     settings = ServerSettings(
         instance_id=options["instance-id"],

@@ -4,19 +4,28 @@
   ``twisted.logger`` without claiming it, as trial does for free and pytest does not
   (the magic-wormhole client's ``observe_errors`` is the model). A test that provokes
   errors on purpose takes the ``logged_errors`` fixture and calls ``.flush(...)``.
+* ``redis_server`` (one throwaway redis-server per session) and ``redis_url`` (emptied for
+  each test); ``connect`` (a factory of txredisapi connections to it, all closed at
+  teardown) and ``redis`` (one such connection).
 * Hypothesis profiles: ``ci`` (deterministic, bounded) is chosen when ``CI`` is set.
+
+Helpers are in importable modules (``tests/helpers.py`` and the packages' ``helpers``),
+never in a conftest: no test module imports a conftest or another test module.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
+import pytest_twisted
 from hypothesis import HealthCheck, settings
-from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
-from zope.interface import implementer
+from twisted.logger import formatEvent, globalLogPublisher
+
+from teltonika.redis.connect import lazy_connection, parse_redis_url
+from tests.helpers import LoggedErrors
 
 settings.register_profile(
     "ci",
@@ -27,28 +36,6 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=100, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
-
-
-@implementer(ILogObserver)
-class LoggedErrors:
-    """Error-level events logged during one test."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        level = event.get("log_level")
-        if event.get("log_failure") is not None or level in (LogLevel.error, LogLevel.critical):
-            self.events.append(event)
-
-    def flush(self, *formats: str) -> list[dict[str, Any]]:
-        """Claim (and return) the logged errors, optionally only those with these formats."""
-        if not formats:
-            claimed, self.events = self.events, []
-            return claimed
-        claimed = [e for e in self.events if e.get("log_format") in formats]
-        self.events = [e for e in self.events if e.get("log_format") not in formats]
-        return claimed
 
 
 @pytest.fixture
@@ -94,3 +81,25 @@ def redis_url(redis_server: Any) -> str:
     redis_server.cli("FLUSHALL")
     url: str = redis_server.url
     return url
+
+
+@pytest_twisted.async_yield_fixture
+async def connect(redis_url: str) -> AsyncIterator[Callable[[], Any]]:
+    """A factory of txredisapi connections (utf-8) to the test's Redis; all are closed."""
+    made: list[Any] = []
+
+    def make() -> Any:
+        conn = lazy_connection(parse_redis_url(redis_url))
+        made.append(conn)
+        return conn
+
+    yield make
+    for conn in made:
+        await conn.disconnect()
+
+
+@pytest_twisted.async_yield_fixture
+async def redis(connect: Callable[[], Any]) -> AsyncIterator[Any]:
+    conn = connect()
+    await conn.ping()
+    yield conn

@@ -32,7 +32,7 @@ from teltonika.wire import (
     encode_command_frame,
     tcp_ack,
 )
-from teltonika.wire.codecs import AVLCodec, MessageCodec, codec8
+from teltonika.wire.builtin_codecs import AVLCodec, MessageCodec, codec8
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,9 @@
-"""Outbound commands (codec 12 / 14): the per-socket queue, routing through Redis, offline delivery.
+"""Outbound commands (codec 12 / 14): routing through Redis, statuses, offline delivery.
 
-``queue`` is pure Twisted (a writer and a clock): every byte to a device and the one
-outstanding command. Everything that talks to Redis: ``registry`` (IMEI -> instance, and
+Each command ends in its device's per-socket write queue,
+:mod:`teltonika.protocol.queue` (every byte to a device and the one outstanding command:
+it is the protocol's write path, so it lives there and this package uses it). Everything
+here talks to Redis: ``registry`` (IMEI -> instance, and
 the heartbeat), ``janitor`` (cleaning up after dead instances), ``consumer`` (this
 instance's command stream into the device's queue, statuses out, offline delivery at
 login), with ``scripts`` holding their atomic Lua steps. ``router`` connects device logins

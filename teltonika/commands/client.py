@@ -27,6 +27,7 @@ from teltonika.commands.messages import (
     RESPONSES_STREAM,
     Command,
     InstanceSettings,
+    Outcome,
     flat,
     heartbeat_key,
     offline_command,
@@ -34,7 +35,6 @@ from teltonika.commands.messages import (
     outbound_stream,
     pairs,
     publish_status_args,
-    status_fields,
 )
 from teltonika.commands.scripts import STORE_OFFLINE, run_script
 
@@ -111,7 +111,7 @@ def write_window(ahead: Sequence[float], settings: InstanceSettings) -> float:
 
     Every command, ahead or ours, may wait for its write moment (an ACK, or the quiet
     interval outside the margin around a periodic device's next frame: at most ``quiet``
-    plus twice the margin, see :mod:`teltonika.commands.queue`) and may have to wait out
+    plus twice the margin, see :mod:`teltonika.protocol.queue`) and may have to wait out
     a settle interval (the command before it timed out: one ahead, or one already
     settled); each one ahead then runs to its timeout. Plus the routing margin."""
     settle = settings.command_settle_s
@@ -130,15 +130,8 @@ def timeout_of(fields: dict[str, str], default: float) -> float:
 
 async def publish_not_connected(redis: Any, command: Command, now_ms: int) -> None:
     """The sender's own terminal status for a device connected nowhere."""
-    fields = status_fields(
-        command_id=command.id,
-        imei=command.imei,
-        codec=command.codec,
-        status=FAILED,
-        reason="device_not_connected",
-        instance_id=SENDER,
-        at_ms=now_ms,
-    )
+    outcome = Outcome(command.id, command.imei, command.codec, FAILED, "device_not_connected")
+    fields = outcome.fields(instance_id=SENDER, at_ms=now_ms)
     await maybeDeferred(redis.execute_command, *publish_status_args(fields))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from teltonika.commands.queue import InvalidCommandError
+from teltonika.protocol.queue import InvalidCommandError
 from teltonika.wire import encode_command_frame
 from teltonika.wire.records import CODEC_12, CODEC_14, DeviceMessage
 

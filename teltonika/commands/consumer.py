@@ -3,7 +3,7 @@
 Each instance reads its own stream through the consumer group ``teltonika`` (consumer
 name = instance id), so a restarted instance first re-reads the entries it had read but
 not settled (its pending list) and then continues with new ones. Dispatching only
-*submits* to the device's :class:`~teltonika.commands.queue.CommandQueue` and attaches
+*submits* to the device's :class:`~teltonika.protocol.queue.CommandQueue` and attaches
 callbacks; it never waits for the device, so the loop (and the device read path, which
 it never touches) is never blocked by a slow tracker.
 
@@ -56,18 +56,18 @@ from teltonika.commands.messages import (
     RESPONSES_STREAM,
     SESSION_GONE,
     Command,
+    Outcome,
     delivered_marks,
     flat,
     offline_command,
     offline_list,
     outbound_stream,
-    status_fields,
     text_of,
 )
 from teltonika.commands.metrics import CommandMetrics
-from teltonika.commands.queue import CommandError, CommandQueue, InvalidCommandError
 from teltonika.commands.scripts import DELIVERED as DELIVERED_SCRIPT
 from teltonika.commands.scripts import SETTLE, TAKE_OFFLINE, run_script
+from teltonika.protocol.queue import CommandError, CommandQueue, InvalidCommandError
 from teltonika.units import SECONDS
 from teltonika.wire.records import DeviceMessage
 
@@ -301,15 +301,14 @@ class CommandConsumer(Service):
         if fields.get("kind") == "flush":
             self._ack_only(entry_id)
             return
-        self._settle(
-            entry_id,
-            fields.get("offline") == "1",
+        outcome = Outcome(
             text_of(fields.get("id", "")),
             text_of(fields.get("imei", "")),
             text_of(fields.get("codec", "")),
             FAILED,
             reason=InvalidCommandError.reason,
         )
+        self._settle(entry_id, outcome, offline=fields.get("offline") == "1")
 
     def _written(self, ok: bool, entry_id: str, command: Command) -> None:
         """The frame was handed to the socket: publish ``delivered``, retried until Redis
@@ -317,14 +316,8 @@ class CommandConsumer(Service):
         instance shuts down."""
         if not ok:
             return
-        fields = status_fields(
-            command_id=command.id,
-            imei=command.imei,
-            codec=command.codec,
-            status=DELIVERED,
-            instance_id=self.instance_id,
-            at_ms=self.now_ms(),
-            attempt=command.attempt,
+        fields = Outcome.of(command, DELIVERED).fields(
+            instance_id=self.instance_id, at_ms=self.now_ms()
         )
         keys = [self.stream, RESPONSES_STREAM, delivered_marks(self.instance_id)]
         args = [entry_id, str(RESPONSES_MAXLEN), *flat(fields)]
@@ -344,9 +337,7 @@ class CommandConsumer(Service):
         self._track(d.addErrback(self._publish_failed, command.id, DELIVERED))
 
     def _replied(self, message: DeviceMessage, entry_id: str, command: Command) -> None:
-        self._settle(
-            entry_id,
-            command.offline,
+        outcome = Outcome(
             command.id,
             command.imei,
             command.codec,
@@ -355,6 +346,7 @@ class CommandConsumer(Service):
             response_hex=message.payload.hex(),
             attempt=command.attempt,
         )
+        self._settle(entry_id, outcome, offline=command.offline)
 
     def _reply_failed(
         self, failure: Failure, entry_id: str, command: Command, queue: CommandQueue
@@ -384,50 +376,26 @@ class CommandConsumer(Service):
         *,
         then: Callable[[str], None] | None = None,
     ) -> None:
-        self._settle(
-            entry_id,
-            command.offline,
-            command.id,
-            command.imei,
-            command.codec,
-            FAILED,
-            reason=reason,
-            attempt=command.attempt,
-            then=then,
-        )
+        outcome = Outcome.of(command, FAILED, reason=reason)
+        self._settle(entry_id, outcome, offline=command.offline, then=then)
 
     def _settle(
         self,
         entry_id: str,
-        offline: bool,
-        command_id: str,
-        imei: str,
-        codec: str,
-        status: str,
+        outcome: Outcome,
         *,
-        reason: str = "",
-        response: str = "",
-        response_hex: str = "",
-        attempt: int = 0,
+        offline: bool,
         then: Callable[[str], None] | None = None,
     ) -> Deferred[Any]:
-        """Publish the terminal status, XACK and XDEL the entry: one Lua script.
+        """Publish the terminal status *outcome*, XACK and XDEL the entry: one Lua script.
 
+        :param offline: the entry is an offline command (a retryable failure puts it back
+            to wait for the next login instead, ``requeued``).
         :param then: called with the status the script published (``requeued`` for an
             offline command put back to wait), not when it published nothing.
         """
-        fields = status_fields(
-            command_id=command_id,
-            imei=imei,
-            codec=codec,
-            status=status,
-            instance_id=self.instance_id,
-            at_ms=self.now_ms(),
-            reason=reason,
-            response=response,
-            response_hex=response_hex,
-            attempt=attempt,
-        )
+        command_id, imei = outcome.command_id, outcome.imei
+        fields = outcome.fields(instance_id=self.instance_id, at_ms=self.now_ms())
         keys = [
             self.stream,
             RESPONSES_STREAM,
@@ -469,7 +437,7 @@ class CommandConsumer(Service):
             )
         )
         d.addCallback(published)
-        d.addErrback(self._publish_failed, command_id, status)
+        d.addErrback(self._publish_failed, command_id, outcome.status)
         self._track(d)
         return d
 

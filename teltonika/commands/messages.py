@@ -63,7 +63,7 @@ from typing import Any, Final
 
 import attrs
 
-from teltonika.commands.queue import (
+from teltonika.protocol.queue import (
     DEFAULT_COMMAND_QUIET,
     DEFAULT_COMMAND_SETTLE,
     DEFAULT_COMMAND_TIMEOUT,
@@ -285,7 +285,7 @@ class InstanceSettings:
     :ivar command_settle_s: its ``--command-settle``: the pause after a timeout.
     :ivar command_due_margin_s: seconds either side of a periodic device's next frame in
         which a command waits for an ACK rather than the quiet interval
-        (:data:`~teltonika.commands.queue.FRAME_DUE_MARGIN`).
+        (:data:`~teltonika.protocol.queue.FRAME_DUE_MARGIN`).
     """
 
     command_timeout_s: float = DEFAULT_COMMAND_TIMEOUT
@@ -314,33 +314,47 @@ class InstanceSettings:
         return cls(**out)
 
 
-def status_fields(
-    *,
-    command_id: str,
-    imei: str,
-    codec: str,
-    status: str,
-    instance_id: str,
-    at_ms: int,
-    reason: str = "",
-    response: str = "",
-    response_hex: str = "",
-    attempt: int = 0,
-) -> dict[str, str]:
-    """One status entry for ``commands:responses``."""
-    return {
-        "v": COMMANDS_VERSION,
-        "id": command_id,
-        "imei": imei,
-        "codec": codec,
-        "status": status,
-        "reason": reason,
-        "response": response,
-        "response_hex": response_hex,
-        "instance_id": instance_id,
-        "at_ms": str(at_ms),
-        "attempt": str(attempt) if attempt else "",
-    }
+@attrs.frozen
+class Outcome:
+    """What became of one command: the fields of its status entry that are the command's
+    own (the instance publishing it and the time are added by :meth:`fields`).
+
+    :ivar status: ``delivered``, ``responded``, ``failed``, ``queued`` or ``requeued``.
+    :ivar reason: ``failed``: why (one of :data:`REASONS`); otherwise ``""``.
+    :ivar response: ``responded``: the reply as text; ``response_hex`` its bytes in hex.
+    :ivar attempt: offline commands: the attempt the status belongs to; 0 otherwise.
+    """
+
+    command_id: str
+    imei: str
+    codec: str
+    status: str
+    reason: str = ""
+    response: str = ""
+    response_hex: str = ""
+    attempt: int = 0
+
+    @classmethod
+    def of(cls, command: Command, status: str, *, reason: str = "") -> Outcome:
+        """*command* came to *status* (with *reason* when it failed)."""
+        return cls(command.id, command.imei, command.codec, status, reason, attempt=command.attempt)
+
+    def fields(self, *, instance_id: str, at_ms: int) -> dict[str, str]:
+        """The status entry for ``commands:responses``, published by *instance_id* at
+        *at_ms*."""
+        return {
+            "v": COMMANDS_VERSION,
+            "id": self.command_id,
+            "imei": self.imei,
+            "codec": self.codec,
+            "status": self.status,
+            "reason": self.reason,
+            "response": self.response,
+            "response_hex": self.response_hex,
+            "instance_id": instance_id,
+            "at_ms": str(at_ms),
+            "attempt": str(self.attempt) if self.attempt else "",
+        }
 
 
 def publish_status_args(fields: dict[str, str]) -> list[str]:

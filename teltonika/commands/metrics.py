@@ -1,59 +1,49 @@
-"""Prometheus metrics of the command path; no IMEI label anywhere (cardinality rule).
+"""Prometheus metrics of the command plane; no IMEI label anywhere (cardinality rule).
+
+The per-socket write queue's own metrics (its depth, unsolicited replies) are fields of
+:class:`~teltonika.metrics.ServerMetrics`, since the queue is the protocol's write path
+and exists without ``--redis`` too.
 
 The objects are built against a registry handed in, so each test can use a fresh
-``CollectorRegistry()``; the server builds one set against its own registry at start.
+``CollectorRegistry()``; the command plane builds one set against the server's registry
+when it is wired (declared the same way as :class:`~teltonika.metrics.ServerMetrics`).
 """
 
 from __future__ import annotations
 
-import weakref
-
 import attrs
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter
 
 
-@attrs.define
+@attrs.frozen
 class CommandMetrics:
-    """The command path's metrics.
+    """The command plane's metrics.
 
-    :ivar queue_depth: ``teltonika_command_queue_depth_total``: commands queued or
-        outstanding, summed over every socket of this process.
+    :ivar registry: where they are registered.
     :ivar commands: ``teltonika_commands_total{status,reason}``: statuses published.
     :ivar registry_failures: ``teltonika_registry_failures_total{operation}``: registry or
         heartbeat writes that failed (Redis down); the device stays connected.
     :ivar janitor_failures: ``teltonika_janitor_failures_total``: janitor passes that failed.
-    :ivar unsolicited: ``teltonika_command_unsolicited_replies_total{codec}``: codec 12/14
-        replies that matched no outstanding command.
+    :ivar janitor_removed: ``teltonika_janitor_removed_total``: registry entries of dead
+        instances this instance's janitor removed.
     :ivar update_retries: ``teltonika_command_redis_retries_total{update}``: failed
         attempts of a Redis update that is retried until Redis takes it (``settle``: a
         terminal status; ``take_offline``: moving offline commands at login).
     """
 
-    queue_depth: Gauge
+    registry: CollectorRegistry
     commands: Counter
     registry_failures: Counter
     janitor_failures: Counter
     janitor_removed: Counter
-    unsolicited: Counter
     update_retries: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> CommandMetrics:
-        """The metrics in *registry*: registered on the first call, the same object on
-        later calls (several factories may share one server registry)."""
-        known = _by_registry.get(registry)
-        if known is None:
-            known = _by_registry[registry] = cls._register(registry)
-        return known
-
-    @classmethod
-    def _register(cls, registry: CollectorRegistry) -> CommandMetrics:
+        """The metrics, registered on *registry* (each test passes a fresh one; the
+        command plane creates them once, on the server's registry)."""
         return cls(
-            queue_depth=Gauge(
-                "teltonika_command_queue_depth_total",
-                "Commands queued or outstanding, summed over all device sockets.",
-                registry=registry,
-            ),
+            registry=registry,
             commands=Counter(
                 "teltonika_commands_total",
                 "Command statuses published to commands:responses.",
@@ -76,12 +66,6 @@ class CommandMetrics:
                 "Registry entries of dead instances removed by this instance's janitor.",
                 registry=registry,
             ),
-            unsolicited=Counter(
-                "teltonika_command_unsolicited_replies_total",
-                "Codec 12/14 replies that matched no outstanding command.",
-                ["codec"],
-                registry=registry,
-            ),
             update_retries=Counter(
                 "teltonika_command_redis_retries_total",
                 "Failed attempts of command-plane Redis updates that are retried.",
@@ -89,8 +73,3 @@ class CommandMetrics:
                 registry=registry,
             ),
         )
-
-
-_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, CommandMetrics] = (
-    weakref.WeakKeyDictionary()
-)

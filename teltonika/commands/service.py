@@ -29,10 +29,10 @@ from teltonika.commands.consumer import CommandConsumer
 from teltonika.commands.janitor import Janitor
 from teltonika.commands.messages import InstanceSettings
 from teltonika.commands.metrics import CommandMetrics
-from teltonika.commands.queue import CommandQueue
 from teltonika.commands.registry import ConnectionRegistry
 from teltonika.commands.router import CommandRouter
-from teltonika.protocol.server import DeviceFactory
+from teltonika.protocol.queue import CommandQueue
+from teltonika.protocol.tcp import DeviceFactory
 from teltonika.redis.connect import SharedConnection
 from teltonika.services.ingestion import IngestionService
 
@@ -121,7 +121,7 @@ def command_plane(
     tree); its router listens to *factory*'s sessions, and its shutdown runs first among
     *ingestion*'s closing steps (before the shared Redis connection is closed).
     """
-    metrics: CommandMetrics = factory.command_metrics
+    metrics = CommandMetrics.create(factory.metrics.registry)
     instance_id = settings.instance_id
 
     def now_ms() -> int:

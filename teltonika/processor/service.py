@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ReactorNotRunning
@@ -84,6 +85,23 @@ def exit_after_shutdown(reactor: IReactorCore) -> Callable[[], None]:
     return exit_nonzero
 
 
+@attrs.frozen
+class Housekeeping:
+    """What the processor's timer does besides the stats, and how often.
+
+    :ivar stats_interval: seconds between two ticks (``--stats-interval``).
+    :ivar trim: trim the stream every *trim_interval* seconds (``--trim``).
+    :ivar retire_idle: every tick, delete the group's consumers with nothing pending that
+        have been idle longer than this many seconds (0: never;
+        ``--retire-idle-consumers``).
+    """
+
+    stats_interval: float = 5.0
+    trim: bool = False
+    trim_interval: float = 60.0
+    retire_idle: float = 0.0
+
+
 class ProcessorService(Service):
     """Runs a :class:`Consumer` plus a stats/trim timer.
 
@@ -91,10 +109,7 @@ class ProcessorService(Service):
     :param connect: opens the Redis connections when the service starts (building the
         service must not touch the network): returns (commands, reader), handed to the
         consumer's streams (:meth:`~teltonika.processor.streams.Streams.use`).
-    :param trim: trim the stream every *trim_interval* seconds (``--trim``).
-    :param retire_idle: every *stats_interval*, delete the group's consumers with nothing
-        pending that have been idle longer than this many seconds (0: never;
-        ``--retire-idle-consumers``).
+    :param housekeeping: the timer's interval, trimming and retiring of idle consumers.
     :param force_exit: called when shutdown exceeds *shutdown_timeout* seconds.
     :param crash_exit: called once the consumer crashed or refused to start
         (:func:`exit_after_shutdown` in production; None only stops reading).
@@ -109,11 +124,8 @@ class ProcessorService(Service):
         clock: IReactorTime,
         *,
         connect: Callable[[], tuple[Any, Any]] | None = None,
-        trim: bool = False,
-        trim_interval: float = 60.0,
-        stats_interval: float = 5.0,
+        housekeeping: Housekeeping = Housekeeping(),
         shutdown_timeout: float = 15.0,
-        retire_idle: float = 0.0,
         force_exit: Callable[[], None] = hard_exit,
         crash_exit: Callable[[], None] | None = None,
         description: str = "",
@@ -122,11 +134,11 @@ class ProcessorService(Service):
         self.redis = list(redis)
         self.connect = connect
         self.clock = clock
-        self.trim = trim
-        self.trim_interval = trim_interval
-        self.stats_interval = stats_interval
+        self.trim = housekeeping.trim
+        self.trim_interval = housekeeping.trim_interval
+        self.stats_interval = housekeeping.stats_interval
         self.shutdown_timeout = shutdown_timeout
-        self.retire_idle = retire_idle
+        self.retire_idle = housekeeping.retire_idle
         self.force_exit = force_exit
         self.crash_exit = crash_exit
         self.description = description

@@ -286,14 +286,18 @@ def makeService(options: Options, reactor: IProcessReactor | None = None) -> Pro
     from teltonika.processor.fastreader import reader_connection
     from teltonika.processor.metrics import ProcessorMetrics
     from teltonika.processor.migrations import apply_migrations
-    from teltonika.processor.service import ProcessorService, exit_after_shutdown
+    from teltonika.processor.service import (
+        Housekeeping,
+        ProcessorService,
+        exit_after_shutdown,
+    )
     from teltonika.processor.state import DeviceState
     from teltonika.processor.streams import Streams
     from teltonika.redis.connect import lazy_connection
     from teltonika.services.ops_http import ops_service
 
     registry = CollectorRegistry()
-    metrics = ProcessorMetrics(registry)
+    metrics = ProcessorMetrics.create(registry)
     block_ms = int(options["block-ms"])
     address = options.get("redis-address") or parse_redis_url(options["redis"])
     timeout = 10.0
@@ -367,11 +371,13 @@ def makeService(options: Options, reactor: IProcessReactor | None = None) -> Pro
         (),
         reactor,
         connect=connect,
-        trim=bool(options["trim"]),
-        trim_interval=float(options["trim-interval"]),
-        stats_interval=float(options["stats-interval"]),
+        housekeeping=Housekeeping(
+            stats_interval=float(options["stats-interval"]),
+            trim=bool(options["trim"]),
+            trim_interval=float(options["trim-interval"]),
+            retire_idle=float(options["retire-idle-consumers"]),
+        ),
         shutdown_timeout=float(options["shutdown-timeout"]),
-        retire_idle=float(options["retire-idle-consumers"]),
         crash_exit=exit_after_shutdown(reactor),
         description=(
             f"stream {options['stream']} group {options['group']} consumer "

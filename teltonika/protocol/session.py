@@ -22,7 +22,7 @@ Invariants:
   waits on the sink. When more than ``max_pending_frames`` frames are waiting, reading is
   paused, so a fast device cannot grow our memory.
 * Every byte to the device goes through :meth:`DeviceSession.write_to_device`, that is
-  through the connection's :class:`~teltonika.commands.queue.CommandQueue`, so ACKs and
+  through the connection's :class:`~teltonika.protocol.queue.CommandQueue`, so ACKs and
   command frames keep their order and a command is written only where the device cannot
   take it for an ACK.
 * Invalid input is never ACKed: one warn event (hex truncated), one count by ``reason``,
@@ -32,7 +32,7 @@ Invariants:
   not read what is left to send (so the close cannot finish) is aborted.
 
 The session is a plain object (the transit relay's ``TransitServerState`` shape): the
-:class:`~teltonika.protocol.server.DeviceProtocol` turns Twisted's callbacks into calls
+:class:`~teltonika.protocol.tcp.DeviceProtocol` turns Twisted's callbacks into calls
 on it, and it answers through :class:`~teltonika.interfaces.IDeviceSocket`. Its
 lifecycle is one :class:`SessionState`, changed only by :meth:`DeviceSession._enter`
 against :data:`TRANSITIONS`; whether reading is paused and whether a frame is being
@@ -51,10 +51,10 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from teltonika.commands.queue import CommandQueue
 from teltonika.contract import message_fields
 from teltonika.interfaces import ICodec, IDeviceSocket
 from teltonika.logs import truncated_hex
+from teltonika.protocol.queue import CommandQueue
 from teltonika.wire.errors import DecodeError, FramingError, ImeiError
 from teltonika.wire.login import ACCEPT, REJECT, parse_imei
 from teltonika.wire.records import (
@@ -68,7 +68,7 @@ from teltonika.wire.records import (
 )
 
 if TYPE_CHECKING:
-    from teltonika.protocol.server import DeviceFactory
+    from teltonika.protocol.tcp import DeviceFactory
 
 
 class SessionState(Enum):
@@ -187,7 +187,7 @@ class DeviceSession:
             default_timeout=settings.command_timeout,
             warn_depth=settings.command_queue_warn,
             max_depth=settings.command_queue_max,
-            metrics=server.command_metrics,
+            metrics=server.metrics,
             quiet=settings.command_quiet,
             settle=settings.command_settle,
             connection_idle=self._idle_for_commands,

@@ -31,8 +31,8 @@ from twisted.logger import Logger
 
 from teltonika.authority import FileAuthority
 from teltonika.exits import exit_now
-from teltonika.protocol.server import DeviceFactory
-from teltonika.udp import DeviceDatagramProtocol
+from teltonika.protocol.tcp import DeviceFactory
+from teltonika.protocol.udp import DeviceDatagramProtocol
 from teltonika.units import SECONDS
 
 DEFAULT_SHUTDOWN_TIMEOUT: Final = 10 * SECONDS
@@ -102,7 +102,6 @@ class IngestionService(Service):
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         file_authority: FileAuthority | None = None,
         reactor: IReactorFromThreads | None = None,
-        on_closed: Sequence[Callable[[], Any]] = (),
         freeze_gc: bool = False,
     ) -> None:
         self.factory = factory
@@ -114,7 +113,7 @@ class IngestionService(Service):
         self.shutdown_timeout = shutdown_timeout
         self.file_authority = file_authority
         self.reactor = reactor
-        self._closing_steps = list(on_closed)
+        self._closing_steps: list[Callable[[], Any]] = []
         self.freeze_gc = freeze_gc
         self.started: Deferred[None] | None = None
         self._old_sighup: Any = None

@@ -9,8 +9,9 @@ The pieces, one job each:
 * :mod:`teltonika.simulate.udp` -- the same device over the UDP channel;
 * :mod:`teltonika.simulate.ledger` -- counters, ACK latencies and the ACKed-record ledger;
 * :mod:`teltonika.simulate.verify` -- the ledger checked against the Redis stream or JSONL file;
-* :mod:`teltonika.simulate.fleet` -- many devices in one reactor, several processes for more;
-* :mod:`teltonika.simulate.cli` -- the command line.
+* :mod:`teltonika.simulate.fleet` -- many devices in one reactor, several processes for more.
+
+Its command line is ``teltonika simulate`` (:mod:`teltonika.cli.simulate`).
 
 Only the wire layer (:mod:`teltonika.wire`) is shared with the server: the simulator must
 be able to catch the server breaking the protocol, so it reuses no server logic.

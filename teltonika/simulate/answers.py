@@ -22,7 +22,7 @@ HARDWARE: str = "FMB920"
 
 
 @attrs.define
-class DeviceState:
+class SimulatedDeviceState:
     """The bits of device state that commands read or change.
 
     :ivar imei: the device's IMEI.
@@ -35,7 +35,9 @@ class DeviceState:
     outputs: list[int] = attrs.Factory(lambda: [0, 0])
 
 
-def answer(command: str, state: DeviceState, track: Track, now_s: float, buffered: int) -> str:
+def answer(
+    command: str, state: SimulatedDeviceState, track: Track, now_s: float, buffered: int
+) -> str:
     """The reply text a device sends to *command*.
 
     :param now_s: the device's wall clock, seconds since the epoch.
@@ -80,7 +82,7 @@ def answer(command: str, state: DeviceState, track: Track, now_s: float, buffere
     return f"Unknown command: {command.strip()[:64]}"
 
 
-def _setdigout(arguments: list[str], state: DeviceState) -> str:
+def _setdigout(arguments: list[str], state: SimulatedDeviceState) -> str:
     """``setdigout 10`` sets DOUT1=1, DOUT2=0; ``?`` keeps an output as it is."""
     if not arguments or not all(c in "01?" for c in arguments[0]):
         return "Wrong param: setdigout expects 0, 1 or ? per output"

@@ -36,10 +36,10 @@ from enum import Enum
 
 import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 
-from teltonika.simulate.answers import DeviceState, answer
+from teltonika.simulate.answers import SimulatedDeviceState, answer
 from teltonika.simulate.ledger import Ledger
 from teltonika.simulate.track import Track
 from teltonika.wire import (
@@ -150,7 +150,7 @@ class Device:
         self.ledger = ledger
         self._connect = connect
         self.track = Track(rng, config.codec_id)
-        self.device_state = DeviceState(imei=imei, started_s=clock.seconds())
+        self.device_state = SimulatedDeviceState(imei=imei, started_s=clock.seconds())
         self.state = State.DISCONNECTED
         self.buffer: deque[AVLRecord] = deque()
         self.inflight: InFlight | None = None
@@ -577,7 +577,7 @@ class Device:
         setattr(self, name, None)
 
 
-class DeviceProtocol(Protocol):
+class SimulatedDeviceProtocol(Protocol):
     """The thin Protocol: turns Twisted callbacks into calls on its :class:`Device`."""
 
     def __init__(self, device: Device) -> None:
@@ -590,5 +590,5 @@ class DeviceProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.device.data_received(data)
 
-    def connectionLost(self, reason: Failure | None = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.device.connection_lost()

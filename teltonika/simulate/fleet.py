@@ -29,7 +29,7 @@ from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from teltonika.simulate.device import Device, DeviceConfig, DeviceProtocol
+from teltonika.simulate.device import Device, DeviceConfig, SimulatedDeviceProtocol
 from teltonika.simulate.ledger import Ledger
 from teltonika.simulate.source import connect_from
 from teltonika.simulate.udp import UDPDevice, UDPDeviceProtocol
@@ -44,7 +44,7 @@ class _Device(TypingProtocol):
     def stop(self) -> None: ...
 
 
-class DeviceFactory(ClientFactory):
+class SimulatedDeviceFactory(ClientFactory):
     """One factory per device: failed connects go back to the device's backoff."""
 
     noisy = False
@@ -53,7 +53,7 @@ class DeviceFactory(ClientFactory):
         self.device = device
 
     def buildProtocol(self, addr: IAddress | None) -> TwistedProtocol:
-        return DeviceProtocol(self.device)
+        return SimulatedDeviceProtocol(self.device)
 
     def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
         self.device.connect_failed()
@@ -69,7 +69,7 @@ class Fleet:
 
     :param reactor: provides IReactorTime plus IReactorTCP (and IReactorUDP with ``udp``).
     :param connect_rate: devices booted per second during the ramp.
-    :param udp_port: with ``udp``, the server's UDP port (defaults to ``port``).
+    :param udp: the devices speak UDP to *port* instead of TCP.
     :param sources: local addresses TCP devices connect from, device *i* from
         ``sources[i % len(sources)]`` (:mod:`teltonika.simulate.source`); empty: the
         system's choice.
@@ -86,7 +86,6 @@ class Fleet:
         seed: int,
         connect_rate: float = 500.0,
         udp: bool = False,
-        ledger: Ledger | None = None,
         sources: Sequence[str] = (),
     ) -> None:
         self.reactor = reactor
@@ -96,7 +95,7 @@ class Fleet:
         self.port = port
         self.udp = udp
         self.connect_rate = connect_rate
-        self.ledger = ledger or Ledger()
+        self.ledger = Ledger()
         self.ledger.devices = devices
         self.devices: list[_Device] = []
         self._tcp: list[Device] = []
@@ -136,7 +135,7 @@ class Fleet:
         return connect
 
     def _connect_tcp(self, device: Device, source: str | None) -> None:
-        connect_from(self.reactor, source, self.host, self.port, DeviceFactory(device), 10)
+        connect_from(self.reactor, source, self.host, self.port, SimulatedDeviceFactory(device), 10)
 
     def _boot(self, index: int) -> None:
         if self._finished:

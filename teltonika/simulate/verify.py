@@ -20,7 +20,7 @@ from typing import Any, Final
 
 import attrs
 import orjson
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred
 
 from teltonika.contract import TELEMETRY_STREAM
 from teltonika.simulate.ledger import Ledger
@@ -149,11 +149,10 @@ def count_entries(entries: Iterable[Any], present: Counter[Key]) -> tuple[int, s
     return unreadable, last
 
 
-@inlineCallbacks
-def read_redis(url: str, stream: str = TELEMETRY_STREAM) -> Any:
+async def read_redis(url: str, stream: str = TELEMETRY_STREAM) -> tuple[Counter[Key], int]:
     """Count ``(imei, timestamp_ms)`` over the whole Redis stream, page by page.
 
-    :return: a Deferred firing with ``(Counter, unreadable)``.
+    :return: the counts and the number of unreadable entries.
     """
     from teltonika.redis.connect import lazy_connection, parse_redis_url
 
@@ -163,7 +162,7 @@ def read_redis(url: str, stream: str = TELEMETRY_STREAM) -> Any:
     try:
         start = "-"
         while True:
-            page = yield connection.execute_command("XRANGE", stream, start, "+", "COUNT", PAGE)
+            page = await connection.execute_command("XRANGE", stream, start, "+", "COUNT", PAGE)
             if not page:
                 break
             bad, last = count_entries(page, present)
@@ -172,13 +171,13 @@ def read_redis(url: str, stream: str = TELEMETRY_STREAM) -> Any:
                 break
             start = "(" + last
     finally:
-        yield connection.disconnect()
+        await connection.disconnect()
     return present, unreadable
 
 
 def verify_redis(ledger: Ledger, url: str, stream: str = TELEMETRY_STREAM) -> Deferred[Any]:
     """:func:`read_redis` then :func:`compare`; fires with a :class:`VerifyResult`."""
-    d: Deferred[Any] = read_redis(url, stream)
+    d = Deferred.fromCoroutine(read_redis(url, stream))
     d.addCallback(lambda found: compare(ledger, found[0], f"{url} {stream}", found[1]))
     return d
 

@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import Any, Final
 
+import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -109,6 +110,36 @@ class Verification(Enum):
     """The last check found settings that do not give what was asked."""
 
 
+@attrs.frozen
+class RedisSinkSettings:
+    """How a :class:`RedisStreamSink` writes and checks (the tap fills it from options).
+
+    :ivar durability: ``"memory"``, ``"fsync"`` or ``"replicated"`` (checked by
+        :meth:`RedisStreamSink.start`, and with ``fsync``/``replicated`` again every
+        *durability_interval* seconds and after every reconnect).
+    :ivar replicas: with ``replicated``, the replicas that must confirm every batch.
+    :ivar replica_timeout: with ``replicated``, seconds a batch waits for them.
+    :ivar maxlen: ``MAXLEN ~ N`` on every XADD, or None (default) for no trimming: a
+        blind trim can drop entries the processor has not read yet.
+    :ivar max_pending_records: records accepted and not yet confirmed before the sink
+        refuses more.
+    :ivar probe_interval: seconds between two readiness PINGs; *probe_timeout* bounds one.
+    :ivar write_timeout: seconds a batch's pipeline may take.
+    """
+
+    durability: str = "memory"
+    replicas: int = DEFAULT_REPLICAS
+    replica_timeout: float = DEFAULT_REPLICA_TIMEOUT
+    durability_interval: float = DEFAULT_DURABILITY_INTERVAL
+    maxlen: int | None = None
+    max_pending_records: int = DEFAULT_MAX_PENDING_RECORDS
+    probe_interval: float = 1 * SECONDS
+    probe_timeout: float = 2 * SECONDS
+    write_timeout: float = 10 * SECONDS
+    stream: str = TELEMETRY_STREAM
+    messages_stream: str = MESSAGES_STREAM
+
+
 @implementer(ISink)
 class RedisStreamSink:
     """Publish records as stream entries through a txredisapi connection.
@@ -117,15 +148,9 @@ class RedisStreamSink:
         :func:`teltonika.redis.connect.lazy_connection`); called by :meth:`start`, so
         building the sink connects nothing.
     :param clock: schedules batches and the readiness probe.
-    :param durability: ``"memory"``, ``"fsync"`` or ``"replicated"`` (checked by
-        :meth:`start`, and with ``fsync``/``replicated`` again every *durability_interval*
-        seconds and after every reconnect).
-    :param replicas: with ``replicated``, the replicas that must confirm every batch.
-    :param replica_timeout: with ``replicated``, seconds a batch waits for them.
+    :param settings: durability, trimming, limits and timers.
     :param connect: opens one more connection to the same Redis; with ``replicated``
         the sink writes over the shared one and ``DEFAULT_MAX_IN_FLIGHT - 1`` of these.
-    :param maxlen: ``MAXLEN ~ N`` on every XADD, or None (default) for no trimming: a
-        blind trim can drop entries the processor has not read yet.
     """
 
     name = "redis"
@@ -138,19 +163,11 @@ class RedisStreamSink:
         metrics: ServerMetrics,
         *,
         instance_id: str,
-        durability: str = "memory",
-        stream: str = TELEMETRY_STREAM,
-        messages_stream: str = MESSAGES_STREAM,
-        maxlen: int | None = None,
-        max_pending_records: int = DEFAULT_MAX_PENDING_RECORDS,
-        probe_interval: float = 1 * SECONDS,
-        probe_timeout: float = 2 * SECONDS,
-        write_timeout: float = 10 * SECONDS,
-        durability_interval: float = DEFAULT_DURABILITY_INTERVAL,
-        replicas: int = DEFAULT_REPLICAS,
-        replica_timeout: float = DEFAULT_REPLICA_TIMEOUT,
+        settings: RedisSinkSettings = RedisSinkSettings(),
         connect: Callable[[], Any] | None = None,
     ) -> None:
+        durability = settings.durability
+        replica_timeout = settings.replica_timeout
         self._get_redis = get_redis
         self._connect = connect
         self._writers: list[Any] = []
@@ -160,16 +177,16 @@ class RedisStreamSink:
         self.metrics = metrics
         self.instance_id = instance_id
         self.wanted_durability = durability
-        self.durability_check = DurabilityCheck(durability, replicas, replica_timeout)
+        self.durability_check = DurabilityCheck(durability, settings.replicas, replica_timeout)
         self._wait_bound = replica_timeout if durability == "replicated" else 0.0
         self.durability: Durability | None = None
-        self.durability_interval = durability_interval
-        self.stream = stream.encode()
-        self.messages_stream = messages_stream.encode()
-        self.maxlen = maxlen
-        self.probe_interval = probe_interval
-        self.probe_timeout = probe_timeout
-        self.write_timeout = write_timeout
+        self.durability_interval = settings.durability_interval
+        self.stream = settings.stream.encode()
+        self.messages_stream = settings.messages_stream.encode()
+        self.maxlen = settings.maxlen
+        self.probe_interval = settings.probe_interval
+        self.probe_timeout = settings.probe_timeout
+        self.write_timeout = settings.write_timeout
         self._ready = False
         self._reachable = False
         self._verification = Verification.UNVERIFIED
@@ -182,7 +199,7 @@ class RedisStreamSink:
         self._batcher: Batcher[Item] = Batcher(
             clock,
             self._write,
-            max_pending_records,
+            settings.max_pending_records,
             DEFAULT_MAX_BATCH_RECORDS,
             max_in_flight=DEFAULT_MAX_IN_FLIGHT,
         )

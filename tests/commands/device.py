@@ -7,7 +7,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from teltonika.wire import decode_messages, encode_login, encode_message, unwrap, wrap
@@ -81,7 +81,7 @@ class ScriptedDevice(Protocol):
         assert self.transport is not None
         self.transport.write(data)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.accepted.called:
             self.accepted.callback(False)
         self.lost.callback(None)

@@ -6,10 +6,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
 from teltonika.commands.messages import Command, flat, pairs
+from teltonika.commands.metrics import CommandMetrics
 
 
 async def eventually(
@@ -61,3 +63,9 @@ async def publish(redis: Any, instance_id: str, imei: str, payload: str, **kwarg
         "XADD", f"commands:outbound:{instance_id}", "*", *flat(command.fields())
     )
     return command_id
+
+
+def fresh_metrics() -> tuple[CommandMetrics, CollectorRegistry]:
+    """The command plane's metrics on a registry of their own, and that registry."""
+    registry = CollectorRegistry()
+    return CommandMetrics.create(registry), registry

@@ -18,11 +18,10 @@ from twisted.internet.testing import StringTransport
 from teltonika.commands.client import store_offline
 from teltonika.commands.codec import encode_command
 from teltonika.commands.consumer import CommandConsumer
-from teltonika.commands.messages import Command
-from teltonika.commands.queue import CommandQueue
+from teltonika.commands.messages import Command, Outcome
+from teltonika.protocol.queue import CommandQueue
 from teltonika.wire.records import CODEC_12, CODEC_14, DeviceMessage
-from tests.commands.conftest import fresh_metrics
-from tests.commands.helpers import eventually, publish, statuses, terminal
+from tests.commands.helpers import eventually, fresh_metrics, publish, statuses, terminal
 
 IMEI = "352093081452251"
 OTHER = "490154203237518"
@@ -389,7 +388,8 @@ async def test_abandon_ends_the_retries(
     devices = Devices()
     metrics, _ = fresh_metrics()
     consumer = CommandConsumer(connect(), Down(), "a", devices.lookup, reactor, metrics)
-    settling = consumer._settle("1-1", False, "c", IMEI, "12", "failed", reason="timeout")
+    outcome = Outcome("c", IMEI, "12", "failed", reason="timeout")
+    settling = consumer._settle("1-1", outcome, offline=False)
     await eventually(lambda: consumer._retry_waits)
     consumer.abandon()
     assert await settling is None

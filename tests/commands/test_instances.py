@@ -18,9 +18,8 @@ from teltonika.commands.messages import Command
 from teltonika.commands.scripts import TAKE_OFFLINE, run_script
 from teltonika.wire import encode_avl_frame
 from teltonika.wire.records import CODEC_8E, CODEC_12, CODEC_14, AVLRecord
-from tests.commands.conftest import fresh_metrics
 from tests.commands.device import ScriptedDevice, connect_device, echo, reply_frame
-from tests.commands.helpers import eventually, publish, statuses, terminal
+from tests.commands.helpers import eventually, fresh_metrics, publish, statuses, terminal
 from tests.commands.instances import Instance
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,7 @@ from twisted.internet.task import Clock
 
 from teltonika.commands.janitor import Janitor
 from teltonika.commands.registry import ConnectionRegistry
-from tests.commands.conftest import fresh_metrics
-from tests.commands.helpers import eventually, publish, statuses
+from tests.commands.helpers import eventually, fresh_metrics, publish, statuses
 
 A_IMEI = "352093081452251"
 B_IMEI = "490154203237518"

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from teltonika.commands.messages import Command, status_fields
-from teltonika.commands.queue import InvalidCommandError
+from teltonika.commands.messages import Command, Outcome
+from teltonika.protocol.queue import InvalidCommandError
 
 NAMES = [
     "v",
@@ -100,15 +100,7 @@ def test_status_fields_are_the_documented_ones() -> None:
     """The Lua scripts build the same field list (see scripts._STATUS_LUA)."""
     from teltonika.commands import scripts
 
-    fields = status_fields(
-        command_id="x",
-        imei="1",
-        codec="12",
-        status="failed",
-        instance_id="a",
-        at_ms=1,
-        reason="timeout",
-    )
+    fields = Outcome("x", "1", "12", "failed", "timeout").fields(instance_id="a", at_ms=1)
     names = list(fields)
     assert names == [
         "v",

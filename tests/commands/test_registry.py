@@ -8,7 +8,7 @@ from typing import Any
 import pytest_twisted
 
 from teltonika.commands.registry import ConnectionRegistry
-from tests.commands.conftest import fresh_metrics
+from tests.commands.helpers import fresh_metrics
 
 IMEI = "352093081452251"
 
@@ -120,15 +120,6 @@ async def test_sender_skips_an_entry_whose_instance_is_dead(redis: Any) -> None:
     assert not await redis.exists("commands:outbound:gone")
     await redis.set("instance:heartbeat:gone", "1")
     assert await send_command(redis, Command(id="live", imei=IMEI, payload=b"x"), 5) == "gone"
-
-
-def test_metrics_are_shared_per_registry() -> None:
-    from prometheus_client import CollectorRegistry
-
-    from teltonika.commands.metrics import CommandMetrics
-
-    registry = CollectorRegistry()
-    assert CommandMetrics.create(registry) is CommandMetrics.create(registry)
 
 
 class _HeldRedis:

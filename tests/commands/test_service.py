@@ -5,17 +5,19 @@ from __future__ import annotations
 from typing import Any, cast
 
 import pytest
+from prometheus_client import CollectorRegistry
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import usage
 
 from teltonika.codecs import load_codecs
 from teltonika.metrics import ServerMetrics
-from teltonika.protocol.server import DeviceFactory, ServerSettings
+from teltonika.protocol.settings import ServerSettings
+from teltonika.protocol.tcp import DeviceFactory
 from teltonika.tap import Options, build_service
 from teltonika.wire import encode_avl_frame, encode_login, encode_message, wrap
 from teltonika.wire.records import CODEC_8E, CODEC_12, AVLRecord
-from tests.commands.test_queue import frame, success
-from tests.server.helpers import ControlledSink, SetAuthority, process_reactor
+from tests.helpers import ControlledSink, SetAuthority, process_reactor, successResultOf
+from tests.helpers import command_frame as frame
 
 IMEI = "352093081452251"
 
@@ -104,7 +106,7 @@ def clock_of(factory: DeviceFactory) -> MemoryReactorClock:
 
 
 def make_factory(**settings: Any) -> tuple[DeviceFactory, ControlledSink, ServerMetrics]:
-    metrics = ServerMetrics()
+    metrics = ServerMetrics.create(CollectorRegistry())
     sink = ControlledSink()
     factory = DeviceFactory(
         load_codecs(),
@@ -128,7 +130,7 @@ def test_protocol_writes_go_through_the_queue_and_replies_resolve_commands() -> 
     protocol.dataReceived(avl(0))
     assert transport.value() == ACK_1 + frame("getinfo")
     protocol.dataReceived(wrap(encode_message(CODEC_12, b"INI:ok", 0x06)))
-    assert success(handle.reply).payload == b"INI:ok"
+    assert successResultOf(handle.reply).payload == b"INI:ok"
     assert sink.messages == []
     protocol.dataReceived(wrap(encode_message(CODEC_12, b"scale 1kg", 0x06)))
     assert [m["text"] for _, m, _d in sink.messages] == ["scale 1kg"]
@@ -143,8 +145,8 @@ def test_protocol_writes_go_through_the_queue_and_replies_resolve_commands() -> 
 def test_socket_close_fails_pending_and_the_gauge_sums_sockets() -> None:
     """teltonika_command_queue_depth_total sums every socket's queue; a closed socket's
     commands fail with SocketClosedError and leave the gauge."""
-    from teltonika.commands.queue import SocketClosedError
-    from tests.commands.test_queue import failure
+    from teltonika.protocol.queue import SocketClosedError
+    from tests.helpers import failureResultOf
 
     factory, _, metrics = make_factory()
     one, _ = login(factory)
@@ -156,8 +158,8 @@ def test_socket_close_fails_pending_and_the_gauge_sums_sockets() -> None:
     handles.append(two.session.commands.submit(frame("c"), CODEC_12))
     assert metrics.registry.get_sample_value("teltonika_command_queue_depth_total") == 3
     two.connectionLost()
-    failure(handles[1].reply).trap(SocketClosedError)
-    failure(handles[2].reply).trap(SocketClosedError)
+    failureResultOf(handles[1].reply).trap(SocketClosedError)
+    failureResultOf(handles[2].reply).trap(SocketClosedError)
     assert metrics.registry.get_sample_value("teltonika_command_queue_depth_total") == 1
 
 
@@ -174,7 +176,7 @@ def test_a_command_never_goes_out_in_place_of_an_ack() -> None:
     assert transport.value() == b""
     sink.calls[0][-1].callback(None)
     assert transport.value() == ACK_1 + frame("getinfo")
-    assert success(handle.written) is True
+    assert successResultOf(handle.written) is True
 
 
 def test_a_pipelined_frame_keeps_the_command_back_until_its_own_ack() -> None:
@@ -237,7 +239,7 @@ def test_a_reply_is_no_opportunity_for_the_next_command() -> None:
     assert transport.value() == frame("getinfo")
     transport.clear()
     protocol.dataReceived(wrap(encode_message(CODEC_12, b"INI:ok", 0x06)))
-    assert success(first.reply).payload == b"INI:ok"
+    assert successResultOf(first.reply).payload == b"INI:ok"
     assert transport.value() == b""
     clock_of(factory).advance(1)
     assert transport.value() == frame("getver")
@@ -283,14 +285,14 @@ def test_the_login_reply_starts_the_quiet_interval_again() -> None:
     """A login decided slowly (a 3 s authority lookup): the device starts sending its
     backlog when it reads the 01, so an offline command taken at login waits a quiet
     interval from the 01, not from the IMEI packet."""
-    from tests.server.test_protocol import _PendingAuthority
+    from tests.helpers import PendingAuthority
 
-    authority = _PendingAuthority()
+    authority = PendingAuthority()
     factory = DeviceFactory(
         load_codecs(),
         ControlledSink(),
         authority,
-        ServerMetrics(),
+        ServerMetrics.create(CollectorRegistry()),
         MemoryReactorClock(),
         ServerSettings(command_quiet=1),
     )
@@ -306,7 +308,7 @@ def test_the_login_reply_starts_the_quiet_interval_again() -> None:
     assert transport.value() == b"\x01"
     clock_of(factory).advance(0.01)
     assert transport.value() == b"\x01" + frame("getinfo")
-    assert success(handle.written) is True
+    assert successResultOf(handle.written) is True
 
 
 def test_no_command_is_written_while_the_connection_drains() -> None:
@@ -314,8 +316,8 @@ def test_no_command_is_written_while_the_connection_drains() -> None:
     written then would have its reply unread (and an offline one would run twice). It
     waits on neither path, after the last ACK nor after any quiet time, and fails with
     socket_closed when the connection closes; the ACK itself still goes out."""
-    from teltonika.commands.queue import SocketClosedError
-    from tests.commands.test_queue import failure
+    from teltonika.protocol.queue import SocketClosedError
+    from tests.helpers import failureResultOf
 
     factory, sink, _ = make_factory(command_quiet=1)
     sink.auto = False
@@ -328,8 +330,8 @@ def test_no_command_is_written_while_the_connection_drains() -> None:
     clock_of(factory).advance(10)
     assert transport.value() == ACK_1
     protocol.connectionLost()
-    failure(handle.reply).trap(SocketClosedError)
-    assert success(handle.written) is False
+    failureResultOf(handle.reply).trap(SocketClosedError)
+    assert successResultOf(handle.written) is False
 
     quiet, quiet_transport = login(factory)
     waiting = quiet.session.commands.submit(frame("getver"), CODEC_12)
@@ -338,4 +340,4 @@ def test_no_command_is_written_while_the_connection_drains() -> None:
     clock_of(factory).advance(10)
     assert quiet_transport.value() == b""
     quiet.connectionLost()
-    failure(waiting.reply).trap(SocketClosedError)
+    failureResultOf(waiting.reply).trap(SocketClosedError)

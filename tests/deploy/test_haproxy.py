@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from teltonika.protocol.server import DEFAULT_IDLE_TIMEOUT
+from teltonika.protocol.settings import DEFAULT_IDLE_TIMEOUT
 from teltonika.wire import CODEC_8E, encode_avl_frame, encode_login, tcp_ack
 from tests.deploy.processes import (
     HAPROXY_CONFIG,
@@ -31,7 +31,7 @@ from tests.faults.harness import (
     verify,
     wait_until,
 )
-from tests.server.helpers import record
+from tests.helpers import record
 
 PROXIED = "haproxy:tcp:{port}:interface=127.0.0.1"
 PROXIED_REUSEPORT = "haproxy:reuseport:{port}:interface=127.0.0.1"  # the two compose

@@ -22,10 +22,9 @@ from teltonika.processor.entries import ContractError, fields_dict, parse_entry
 from teltonika.processor.metrics import ProcessorMetrics
 from teltonika.processor.state import DeviceState
 from teltonika.processor.streams import Entry
-from tests.conftest import LoggedErrors
-from tests.processor.conftest import Processors, eventually, record, xrange
-from tests.processor.test_entries import field_values, hostile_fields, huge_bigint_entry
-from tests.processor.test_pipeline import DEAD, pending, sample
+from tests.helpers import LoggedErrors, successResultOf
+from tests.processor.helpers import DEAD, Processors, eventually, pending, record, sample, xrange
+from tests.processor.strategies import field_values, hostile_fields, huge_bigint_entry
 
 IMEIS = st.sampled_from(["356307042441013", "356307042441014"])
 
@@ -68,15 +67,6 @@ class Unused:
     consumer = "prop"
 
 
-def successful(d: Deferred[Any]) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    (result,) = results
-    if hasattr(result, "raiseException"):
-        result.raiseException()
-    return result
-
-
 def with_a_huge_bigint() -> list[list[Any]]:
     """A valid entry, the entry that used to kill the consumer, another valid entry."""
     valid = entry_fields("356307042441013", "8E", record(0), 1, "i")
@@ -94,11 +84,11 @@ def test_prepare_puts_every_entry_in_one_place(batch: list[list[Any]]) -> None:
         Unused(),  # type: ignore[arg-type]
         Unused(),  # type: ignore[arg-type]
         DeviceState(10),
-        ProcessorMetrics(CollectorRegistry()),
+        ProcessorMetrics.create(CollectorRegistry()),
         Clock(),
     )
     entries = [Entry(f"{n}-0", as_read(flat)) for n, flat in enumerate(batch)]
-    prepared = successful(Deferred.fromCoroutine(consumer.prepare(entries, redelivered=False)))
+    prepared = successResultOf(Deferred.fromCoroutine(consumer.prepare(entries, redelivered=False)))
     placed = [p.entry_id for p in prepared.positions] + [d.entry_id for d in prepared.dead]
     assert sorted(placed) == sorted(e.entry_id for e in entries)
     assert all(letter.reason != "check_failed" for letter in prepared.dead)

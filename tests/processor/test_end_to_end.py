@@ -16,7 +16,7 @@ import pytest
 
 from teltonika.wire import ACCEPT, CODEC_8, CODEC_8E, encode_avl_frame, encode_login
 from teltonika.wire.records import NX
-from tests.processor.conftest import BASE_MS, query, record
+from tests.processor.helpers import BASE_MS, query, record
 from tests.servers import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -18,20 +18,22 @@ import redis
 from twisted.internet.defer import Deferred
 
 from teltonika.contract import TELEMETRY_STREAM
-from tests.conftest import LoggedErrors
-from tests.processor.conftest import (
+from tests.helpers import LoggedErrors
+from tests.processor.helpers import (
     Processors,
+    count,
     entry,
     eventually,
     execute,
     http_status,
     imei,
+    pending,
     query,
     record,
+    sample,
     slow_inserts,
     xadd,
 )
-from tests.processor.test_pipeline import count, pending, sample
 from tests.servers import PostgresServer, RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import orjson
 import psycopg
@@ -14,40 +14,29 @@ from twisted.internet import reactor
 from teltonika.contract import TELEMETRY_STREAM
 from teltonika.processor.migrations import apply_migrations
 from teltonika.processor.streams import LETTER_CHARS
-from tests.conftest import LoggedErrors
-from tests.processor.conftest import (
+from tests.helpers import LoggedErrors
+from tests.processor.helpers import (
     BASE_MS,
+    DEAD,
     NX,
     Processors,
+    count,
     entry,
     eventually,
     execute,
     http_status,
     imei,
+    pending,
     query,
     record,
+    sample,
     slow_inserts,
     xadd,
     xrange,
 )
 from tests.servers import free_port
 
-DEAD = "telemetry:teltonika:dead"
 DEAD_FORMAT = "Dead-lettered entry {entry_id}: {reason} ({detail})"
-
-
-def pending(rds: redis.Redis, group: str = "processor") -> int | None:
-    """Pending count of the group (None while the group does not exist yet)."""
-    try:
-        pending: int = rds.xpending(TELEMETRY_STREAM, group)["pending"]
-        return pending
-    except redis.ResponseError:
-        return None
-
-
-def sample(service: Any, name: str, **labels: str) -> float:
-    value = service.processor.consumer.metrics.registry.get_sample_value(name, labels)
-    return float(value or 0)
 
 
 def with_field(fields: list[bytes], name: str, value: bytes | str) -> list[bytes]:
@@ -61,15 +50,6 @@ def with_field(fields: list[bytes], name: str, value: bytes | str) -> list[bytes
 def pairs(fields: list[bytes]) -> list[tuple[bytes, bytes]]:
     """An entry_fields list as (name, value) pairs."""
     return list(zip(fields[0::2], fields[1::2], strict=True))
-
-
-def count(dsn: str) -> int | None:
-    """Rows in positions (None before the migrations created the table)."""
-    try:
-        rows: int = query(dsn, "select count(*) from positions")[0][0]
-        return rows
-    except psycopg.errors.UndefinedTable:
-        return None
 
 
 @pytest_twisted.ensureDeferred

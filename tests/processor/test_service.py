@@ -9,8 +9,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from teltonika.processor.service import SWITCH_INTERVAL, ProcessorService
-from tests.conftest import LoggedErrors
+from teltonika.processor.service import SWITCH_INTERVAL, Housekeeping, ProcessorService
+from tests.helpers import LoggedErrors
 
 
 class FakeDatabase:
@@ -61,7 +61,7 @@ def make(stopping: Deferred[None]) -> tuple[ProcessorService, Clock, list[str], 
         FakeConsumer(stopping),  # type: ignore[arg-type]  # the service calls start and stop
         [redis],
         clock,
-        stats_interval=1000,
+        housekeeping=Housekeeping(stats_interval=1000),
         shutdown_timeout=15,
         force_exit=lambda: exits.append("exit"),
         crash_exit=lambda: exits.append("crash"),

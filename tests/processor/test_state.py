@@ -7,7 +7,7 @@ from zope.interface.verify import verifyObject
 
 from teltonika.processor.entries import Position
 from teltonika.processor.state import DeviceSnapshot, DeviceState, IDeviceState
-from tests.conftest import LoggedErrors
+from tests.helpers import LoggedErrors
 
 
 def latest(state: DeviceState, device: str) -> DeviceSnapshot:

@@ -8,7 +8,7 @@ import redis
 from teltonika.contract import TELEMETRY_STREAM
 from teltonika.processor.streams import GroupInfo, next_id
 from teltonika.processor.trim import safe_min_id
-from tests.processor.conftest import Processors, entry, eventually, record, xadd, xrange
+from tests.processor.helpers import Processors, entry, eventually, record, xadd, xrange
 
 
 def group(name: str, pending: int = 0, last: str = "0-0") -> GroupInfo:

@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from teltonika.codecs import load_codecs
-from teltonika.simulate.device import Device, DeviceConfig, DeviceProtocol, State
+from teltonika.simulate.device import Device, DeviceConfig, SimulatedDeviceProtocol, State
 from teltonika.simulate.ledger import Ledger
 from teltonika.wire import (
     CODEC_8E,
@@ -57,7 +57,7 @@ class Harness:
             self._dial,
         )
         self.transport: StringTransport | None = None
-        self.protocol: DeviceProtocol | None = None
+        self.protocol: SimulatedDeviceProtocol | None = None
 
     def _dial(self, device: Device) -> None:
         self.dials += 1
@@ -65,7 +65,7 @@ class Harness:
     def connect(self) -> StringTransport:
         """Complete the pending dial with a fresh StringTransport."""
         self.transport = StringTransport()
-        self.protocol = DeviceProtocol(self.device)
+        self.protocol = SimulatedDeviceProtocol(self.device)
         self.protocol.makeConnection(self.transport)
         return self.transport
 
@@ -73,14 +73,16 @@ class Harness:
         transport = self.connect()
         assert transport.value() == encode_login(IMEI)
         transport.clear()
-        self.protocol.dataReceived(b"\x01")  # type: ignore[union-attr]
+        self.send(b"\x01")
         return transport
 
     def lose(self) -> None:
-        self.protocol.connectionLost(None)  # type: ignore[union-attr]
+        assert self.protocol is not None
+        self.protocol.connectionLost()
 
     def send(self, data: bytes) -> None:
-        self.protocol.dataReceived(data)  # type: ignore[union-attr]
+        assert self.protocol is not None
+        self.protocol.dataReceived(data)
 
     def next_frame(self) -> bytes:
         """Advance past one logging interval and return what the device wrote."""

@@ -14,15 +14,15 @@ import pytest_twisted
 from twisted.internet import reactor as _reactor
 
 from teltonika.cli import main
-from teltonika.simulate.cli import _child_argv
+from teltonika.cli.simulate import _child_argv
 from teltonika.simulate.source import (
     IP_BIND_ADDRESS_NO_PORT,
     _SourceClient,
     parse_sources,
 )
+from tests.helpers import simulate
 
 from .fakeserver import FakeServerFactory, FakeServerProtocol
-from .test_cli import simulate
 
 reactor: Any = _reactor
 
@@ -51,7 +51,7 @@ def test_bind_usage_errors(
 
 def test_children_get_their_own_share_of_the_addresses() -> None:
     parser = argparse.ArgumentParser()
-    from teltonika.simulate.cli import add_arguments
+    from teltonika.cli.simulate import add_arguments
 
     add_arguments(parser)
     args = parser.parse_args(["--processes", "3", "--devices", "9", "--duration", "1"])

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from teltonika.simulate.answers import DeviceState, answer
+from teltonika.simulate.answers import SimulatedDeviceState, answer
 from teltonika.simulate.track import Track
 from teltonika.wire import CODEC_8, CODEC_8E, CODEC_16, NX, decode_avl, encode_avl
 
@@ -59,7 +59,7 @@ def test_track_is_plausible() -> None:
 
 def test_answers() -> None:
     track = Track(random.Random(3), CODEC_8)
-    state = DeviceState(imei="356307042441013", started_s=1_700_000_000.0)
+    state = SimulatedDeviceState(imei="356307042441013", started_s=1_700_000_000.0)
     now = 1_700_000_100.0
     assert answer("getinfo", state, track, now, 7).startswith("RTC:2023/11/14")
     assert "REC:7" in answer("getinfo", state, track, now, 7)

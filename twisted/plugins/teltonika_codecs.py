@@ -5,6 +5,6 @@ file. A third-party codec is a file like this one in any ``twisted/plugins`` dir
 on ``sys.path``; see README.rst, "Codecs and adding one".
 """
 
-from teltonika.wire.codecs import codec8, codec8e, codec12, codec13, codec14, codec16
+from teltonika.wire.builtin_codecs import codec8, codec8e, codec12, codec13, codec14, codec16
 
 __all__ = ["codec8", "codec8e", "codec12", "codec13", "codec14", "codec16"]

@@ -25,6 +25,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -41,7 +42,7 @@ from teltonika.processor.live.interfaces import (
 )
 from teltonika.processor.live.loader import LatestLoader
 from teltonika.processor.live.metrics import LiveMetrics
-from teltonika.processor.live.session import Greeting, Limits, LiveSession
+from teltonika.processor.live.session import Greeting, Limits, LiveSession, SessionParts
 from teltonika.processor.live.socketwrite import DirectWriter
 from teltonika.units import SECONDS
 
@@ -273,7 +274,7 @@ class LiveServerProtocol(WebSocketServerProtocol):
         transport.abortConnection()
 
     # -- end ---------------------------------------------------------------------------
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         factory = self.factory
         violation = _VIOLATIONS.get(getattr(self, "localCloseCode", None) or 0)
@@ -329,6 +330,9 @@ class LiveFactory(WebSocketServerFactory):
         self.clock = clock
         self.now_ms = now_ms
         self.metrics = metrics
+        self.session_parts = SessionParts(
+            hub, authenticator, directory, loader, clock, now_ms, metrics
+        )
         self.connection_count = 0
         self.per_user: dict[str, int] = {}
         self.open: set[LiveServerProtocol] = set()
@@ -357,10 +361,7 @@ class LiveFactory(WebSocketServerFactory):
         return LiveSession(
             connection,
             user,
-            hub=self.hub,
-            authenticator=self.authenticator,
-            directory=self.directory,
-            loader=self.loader,
+            parts=self.session_parts,
             limits=config.limits,
             greeting=Greeting(
                 config.server,
@@ -368,9 +369,6 @@ class LiveFactory(WebSocketServerFactory):
                 config.tick,
                 round(config.tick * CLIENT_TIMEOUT_TICKS, 3),
             ),
-            clock=self.clock,
-            now_ms=self.now_ms,
-            metrics=self.metrics,
             reauth=config.reauth,
         )
 

@@ -171,7 +171,7 @@ def live_service(
     """Build the live service from the processor's parsed *options* (starts nothing)."""
     from teltonika.processor.database import Database
 
-    metrics = LiveMetrics(registry)
+    metrics = LiveMetrics.create(registry)
 
     def now_ms() -> int:
         return int(reactor.seconds() * 1000)

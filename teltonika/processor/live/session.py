@@ -58,6 +58,22 @@ class Greeting:
     timeout: float
 
 
+@attrs.frozen
+class SessionParts:
+    """What every session of one live server works with (its factory holds one set).
+
+    :ivar now_ms: the server clock in epoch milliseconds.
+    """
+
+    hub: Hub
+    authenticator: IAuthenticator
+    directory: IEventDirectory
+    loader: LatestLoader
+    clock: IReactorTime
+    now_ms: Callable[[], int]
+    metrics: LiveMetrics
+
+
 class Connection(Outlet, Protocol):
     """An outlet that can also be closed."""
 
@@ -99,7 +115,7 @@ class RateLimiter:
 class LiveSession:
     """See the module docstring.
 
-    :param now_ms: the server clock in epoch milliseconds.
+    :param parts: the hub, authorities, loader, clocks and metrics of the server.
     :param reauth: seconds between two checks of the user's rights.
     """
 
@@ -110,30 +126,24 @@ class LiveSession:
         connection: Connection,
         user: User,
         *,
-        hub: Hub,
-        authenticator: IAuthenticator,
-        directory: IEventDirectory,
-        loader: LatestLoader,
+        parts: SessionParts,
         limits: Limits,
         greeting: Greeting,
-        clock: IReactorTime,
-        now_ms: Callable[[], int],
-        metrics: LiveMetrics,
         reauth: float = 600 * SECONDS,
     ) -> None:
         self.connection = connection
         self.user = user
-        self.hub = hub
-        self.authenticator = authenticator
-        self.directory = directory
-        self.loader = loader
+        self.hub = parts.hub
+        self.authenticator = parts.authenticator
+        self.directory = parts.directory
+        self.loader = parts.loader
         self.limits = limits
         self.greeting = greeting
-        self.clock = clock
-        self.now_ms = now_ms
-        self.metrics = metrics
+        self.clock = parts.clock
+        self.now_ms = parts.now_ms
+        self.metrics = parts.metrics
         self.reauth = reauth
-        self.rate = RateLimiter(limits.rate, clock)
+        self.rate = RateLimiter(limits.rate, parts.clock)
         self.subscriptions: dict[str, Subscription] = {}
         self.pending: dict[str, bool] = {}
         """Subscribe requests being authorized: id -> still wanted."""

@@ -10,7 +10,8 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, gatherResults
 
-from tests.processor.live.conftest import (
+from tests.processor.live.directus_stub import DirectusStub
+from tests.processor.live.helpers import (
     Env,
     LiveProcessor,
     connect,
@@ -18,7 +19,6 @@ from tests.processor.live.conftest import (
     imei,
     wait_table,
 )
-from tests.processor.live.directus_stub import DirectusStub
 
 pytestmark = pytest.mark.slow
 

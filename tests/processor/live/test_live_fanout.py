@@ -18,7 +18,7 @@ from teltonika.processor.live.hub import Hub
 from teltonika.processor.live.latest import LatestMap
 from teltonika.processor.live.metrics import LiveMetrics
 from teltonika.redis.connect import parse_redis_url
-from tests.processor.live.conftest import entry, eventually, imei, now_ms
+from tests.processor.live.helpers import entry, eventually, imei, now_ms
 from tests.servers import RedisServer
 
 
@@ -28,7 +28,7 @@ async def test_reader_follows_the_stream_across_a_redis_restart() -> None:
     client = redis.Redis.from_url(server.url)
     fields: dict[Any, Any] = entry(imei(1), now_ms())  # redis-py's field types are invariant
     client.xadd(TELEMETRY_STREAM, fields)  # before the start: not read
-    metrics = LiveMetrics(CollectorRegistry())
+    metrics = LiveMetrics.create(CollectorRegistry())
     latest = LatestMap(100, 300_000)
     hub = Hub(latest, reactor, metrics, now_ms)
     address = parse_redis_url(server.url)
@@ -86,7 +86,7 @@ def test_a_failing_entry_check_skips_the_entry_not_the_reader(
         return real(entry_id, flat)
 
     monkeypatch.setattr(fanout, "position_from_entry", flaky)
-    metrics = LiveMetrics(CollectorRegistry())
+    metrics = LiveMetrics.create(CollectorRegistry())
     latest = LatestMap(100, 300_000)
     clock = Clock()
     hub = Hub(latest, clock, metrics, now_ms)

@@ -10,7 +10,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
-from tests.processor.live.conftest import Env, connect, entry, imei, now_ms, wait_table
+from tests.processor.live.helpers import Env, connect, entry, imei, now_ms, wait_table
 
 pytestmark = pytest.mark.slow
 

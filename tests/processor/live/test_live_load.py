@@ -13,7 +13,8 @@ import pytest_twisted
 from twisted.internet.threads import deferToThread
 
 from teltonika.contract import TELEMETRY_STREAM
-from tests.processor.live.conftest import (
+from tests.processor.live.feeder import FIRST_DEVICE
+from tests.processor.live.helpers import (
     Env,
     connect,
     entry,
@@ -22,7 +23,6 @@ from tests.processor.live.conftest import (
     now_ms,
     wait_table,
 )
-from tests.processor.live.feeder import FIRST_DEVICE
 from tests.servers import REPO, checkout_env
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
-from tests.processor.live.conftest import Env, LiveProcessor, entry, imei, now_ms, wait_table
+from tests.processor.live.helpers import Env, LiveProcessor, entry, imei, now_ms, wait_table
 
 pytestmark = pytest.mark.slow
 LIVE, STALE, OFFLINE = imei(501), imei(502), imei(503)

@@ -16,7 +16,7 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
 from teltonika.processor.state import LATEST_ORDER
-from tests.processor.live.conftest import (
+from tests.processor.live.helpers import (
     SUBPROTOCOL,
     Env,
     LiveProcessor,

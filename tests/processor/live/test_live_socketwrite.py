@@ -18,7 +18,7 @@ from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
 from teltonika.processor.live.socketwrite import DirectWriter, _after
-from tests.processor.live.conftest import eventually
+from tests.processor.live.helpers import eventually
 
 
 @given(st.lists(st.binary(max_size=20), max_size=6), st.data())

@@ -187,7 +187,7 @@ def test_latest_rules() -> None:
 def test_loaded_rows_merge_with_live_updates(live_ts: int, stored_ts: int, expected: int) -> None:
     """A device missing from the map is loaded in one query; a live update that arrives
     while the query runs is kept when newer, replaced when older (merged by ts)."""
-    metrics = LiveMetrics(CollectorRegistry())
+    metrics = LiveMetrics.create(CollectorRegistry())
     latest = LatestMap(10, 300_000)
     hub = Hub(latest, Clock(), metrics, lambda: NOW)
     query: Deferred[list[Any]] = Deferred()
@@ -306,7 +306,7 @@ def test_live_map_ends_where_state_and_sql_end(
     expected = state.get(DEVICE)
     assert expected is not None
 
-    metrics = LiveMetrics(CollectorRegistry())
+    metrics = LiveMetrics.create(CollectorRegistry())
     latest = LatestMap(10, 300_000)
     clock = Clock()
     hub = Hub(latest, clock, metrics, lambda: NOW)
@@ -369,7 +369,9 @@ def test_attach_between_flushes_sends_nothing_twice() -> None:
     """Positions pending for an event go to the existing subscribers before a new one's
     snapshot, so the newcomer gets none of them again; one encoding is shared."""
     clock = Clock()
-    hub = Hub(LatestMap(10, 300_000), clock, LiveMetrics(CollectorRegistry()), lambda: NOW, 0.1)
+    hub = Hub(
+        LatestMap(10, 300_000), clock, LiveMetrics.create(CollectorRegistry()), lambda: NOW, 0.1
+    )
     first, second = Outlet(), Outlet()
     members = [m.Member(DEVICE, "1", "#1")]
     hub.attach(Subscription("a", "42", first), members)
@@ -387,7 +389,9 @@ def test_paused_subscription_conflates() -> None:
     """While paused, only the newest position per device is kept and the replaced ones
     are reported as skipped when sending resumes."""
     clock = Clock()
-    hub = Hub(LatestMap(10, 300_000), clock, LiveMetrics(CollectorRegistry()), lambda: NOW, 0.1)
+    hub = Hub(
+        LatestMap(10, 300_000), clock, LiveMetrics.create(CollectorRegistry()), lambda: NOW, 0.1
+    )
     outlet = Outlet()
     subscription = Subscription("s", None, outlet)
     hub.attach(subscription, [m.Member(DEVICE), m.Member("5" * 15)])

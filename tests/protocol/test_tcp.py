@@ -13,7 +13,7 @@ from twisted.logger import capturedLogs
 from twisted.protocols.haproxy import proxyEndpoint
 from zope.interface import implementer
 
-from teltonika.interfaces import IDeviceAuthority, ISessionListener
+from teltonika.interfaces import ISessionListener
 from teltonika.logs import HEX_LOG_BYTES
 from teltonika.wire import (
     CODEC_8,
@@ -25,12 +25,13 @@ from teltonika.wire import (
     tcp_ack,
     wrap,
 )
-from tests.server.helpers import (
+from tests.helpers import (
     IMEI,
     LOGIN,
     OTHER_IMEI,
     ControlledSink,
     Harness,
+    PendingAuthority,
     SetAuthority,
     avl_frame,
 )
@@ -111,26 +112,13 @@ def test_failing_lookups_are_logged_rate_limited(logged_errors: Any) -> None:
     assert second["suppressed"] == 49
 
 
-@implementer(IDeviceAuthority)
-class _PendingAuthority:
-    """A device authority that decides when the test says (a slow Redis lookup)."""
-
-    def __init__(self) -> None:
-        self.pending: list[Deferred[bool]] = []
-
-    def is_allowed(self, imei: str) -> Deferred[bool]:
-        d: Deferred[bool] = Deferred()
-        self.pending.append(d)
-        return d
-
-
 def test_no_more_reads_while_the_login_is_being_decided() -> None:
     """The framer lets data frames through once the IMEI packet is cut, so while a slow
     authority decides, a peer not yet admitted could make the server hold frames (8
     queued, up to 64 KiB each, on each of up to 1,000 pending lookups). Reading pauses
     until the decision: the frames that came in the login's own read are kept and
     handled once the login is accepted; nothing more is read before."""
-    authority = _PendingAuthority()
+    authority = PendingAuthority()
     h = Harness(authority=authority)
     proto, transport = h.connect()
     proto.dataReceived(LOGIN + avl_frame(1))
@@ -144,7 +132,7 @@ def test_no_more_reads_while_the_login_is_being_decided() -> None:
 
 
 def test_a_refused_login_reads_nothing_more() -> None:
-    authority = _PendingAuthority()
+    authority = PendingAuthority()
     h = Harness(authority=authority)
     proto, transport = h.connect()
     proto.dataReceived(LOGIN)
@@ -158,7 +146,7 @@ def test_a_pending_login_and_a_backlog_both_keep_reading_paused() -> None:
     """The login's pause and the backlog's pause do not undo each other: a backlog that
     formed in the login's read keeps reading paused after the login is accepted, until
     the queue drains."""
-    authority = _PendingAuthority()
+    authority = PendingAuthority()
     sink = ControlledSink(auto=False)
     h = Harness(sink=sink, authority=authority, max_pending_frames=2)
     proto, transport = h.connect()

@@ -18,7 +18,8 @@ from twisted.logger import capturedLogs
 from teltonika.codecs import CodecRegistry
 from teltonika.contract import FIELDS, MESSAGES_STREAM, TELEMETRY_STREAM, entry_values
 from teltonika.metrics import ServerMetrics
-from teltonika.protocol.server import DeviceFactory, ServerSettings
+from teltonika.protocol.settings import ServerSettings
+from teltonika.protocol.tcp import DeviceFactory
 from teltonika.redis.connect import lazy_connection, parse_redis_url
 from teltonika.redis.durability import (
     CONNECTION_NAME,
@@ -32,10 +33,14 @@ from teltonika.redis.durability import (
 )
 from teltonika.redis.streams import entry_id_ok, xadd_command
 from teltonika.sinks import SinkUnavailableError
-from teltonika.sinks.redis_stream import DurabilityChangedError, RedisStreamSink
+from teltonika.sinks.redis_stream import (
+    DurabilityChangedError,
+    RedisSinkSettings,
+    RedisStreamSink,
+)
 from teltonika.wire import tcp_ack
-from teltonika.wire.codecs import BUILTIN_CODECS
-from tests.server.helpers import IMEI, LOGIN, OTHER_IMEI, SetAuthority, avl_frame, record
+from teltonika.wire.builtin_codecs import BUILTIN_CODECS
+from tests.helpers import IMEI, LOGIN, OTHER_IMEI, SetAuthority, avl_frame, record
 
 
 @pytest_twisted.async_yield_fixture
@@ -47,15 +52,16 @@ async def txredis(redis_url: str) -> AsyncIterator[Any]:
         await connection.disconnect()
 
 
-def _sink(connection: Any, **kwargs: Any) -> RedisStreamSink:
+def _sink(connection: Any, connect: Any = None, **kwargs: Any) -> RedisStreamSink:
     settings: dict[str, Any] = {"probe_interval": 0.1, "probe_timeout": 0.5, "write_timeout": 1.0}
     settings.update(kwargs)
     return RedisStreamSink(
         lambda: connection,
         reactor,
-        ServerMetrics(CollectorRegistry()),
+        ServerMetrics.create(CollectorRegistry()),
         instance_id="inst-7",
-        **settings,
+        settings=RedisSinkSettings(**settings),
+        connect=connect,
     )
 
 
@@ -231,7 +237,9 @@ async def test_redis_set_authority(txredis: Any, redis_server: Any) -> None:
     from teltonika.authority import AuthorityError, AuthorityTimeoutError, RedisSetAuthority
 
     redis_server.cli("SADD", "devices", IMEI)
-    authority = RedisSetAuthority(lambda: txredis, "devices", reactor, ServerMetrics(), timeout=0.5)
+    authority = RedisSetAuthority(
+        lambda: txredis, "devices", reactor, ServerMetrics.create(CollectorRegistry()), timeout=0.5
+    )
     assert await authority.is_allowed(IMEI) is True
     assert await authority.is_allowed(OTHER_IMEI) is False
     redis_server.kill()
@@ -412,7 +420,11 @@ async def test_device_lookups_go_on_while_only_the_durability_is_refused(
     await sink.start()
     fsync_redis.cli("SADD", "devices", IMEI)
     authority = RedisSetAuthority(
-        lambda: txredis, "devices", reactor, ServerMetrics(), available=sink.reachable
+        lambda: txredis,
+        "devices",
+        reactor,
+        ServerMetrics.create(CollectorRegistry()),
+        available=sink.reachable,
     )
     fsync_redis.cli("CONFIG", "SET", "appendfsync", "everysec")
     await _wait_until(lambda: not sink.ready())
@@ -474,17 +486,17 @@ def test_a_batch_built_before_a_check_changed_the_mode_is_not_acked() -> None:
     everysec without WAITAOF, must not be ACKed. The next batch carries WAITAOF and is."""
     from twisted.internet.task import Clock
 
-    from tests.server.helpers import failureResultOf, successResultOf
+    from tests.helpers import failureResultOf, successResultOf
 
     clock, redis = Clock(), _HeldRedis()
     sink = RedisStreamSink(
         lambda: redis,
         clock,
-        ServerMetrics(CollectorRegistry()),
+        ServerMetrics.create(CollectorRegistry()),
         instance_id="i",
-        durability="fsync",
-        probe_interval=60.0,
-        durability_interval=5.0,
+        settings=RedisSinkSettings(
+            durability="fsync", probe_interval=60.0, durability_interval=5.0
+        ),
     )
     started = Deferred.fromCoroutine(sink.start())
     redis.answer()

@@ -35,7 +35,8 @@ socket errbacks everything pending with a dedicated error. On top of that:
      ``quiet`` would regularly get a command just as its frame is on the way. The margin
      is bounded so that the wait is too: a command waits at most ``quiet`` plus twice
      ``due_margin`` for a write moment (plus a store in progress), which is what a
-     sender's default expiry allows for (:func:`teltonika.commands.client.write_window`).
+     sender's default expiry allows for (the command client's ``write_window``, on
+     the command plane's side, reads these bounds; this module knows nothing of it).
 
   and in both cases only while the connection is idle (the ``connection_idle`` predicate
   the protocol supplies: no frame queued or being stored, no partial frame buffered; a
@@ -72,7 +73,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from teltonika.commands.metrics import CommandMetrics
+from teltonika.metrics import ServerMetrics
 from teltonika.units import SECONDS
 from teltonika.wire.records import (
     CODEC_12,
@@ -185,13 +186,12 @@ class CommandQueue:
     :param default_timeout: seconds a command waits for its reply unless it says otherwise.
     :param warn_depth: log a warning when this many commands are queued or outstanding.
     :param max_depth: refuse a command with :class:`WriteQueueFullError` at this depth.
-    :param metrics: where the depth gauge lives (``None``: no metrics).
+    :param metrics: where the depth gauge and the unsolicited-reply counter live
+        (``None``: no metrics).
     :param imei: for log events; set :attr:`imei` after login.
     :param quiet: seconds without a received byte after which an idle connection may get
         a command (see the module docstring); 0 writes as soon as the connection is idle.
     :param settle: seconds after a timeout before the next command may be written.
-    :param due_margin: seconds either side of a periodic device's next frame in which
-        the quiet path writes nothing (at most half the device's period).
     :param connection_idle: True when no frame of the connection is queued, being
         stored or partly received (the protocol's state; default: always idle).
     """
@@ -206,11 +206,10 @@ class CommandQueue:
         default_timeout: float = DEFAULT_COMMAND_TIMEOUT,
         warn_depth: int = DEFAULT_WARN_DEPTH,
         max_depth: int = DEFAULT_MAX_DEPTH,
-        metrics: CommandMetrics | None = None,
+        metrics: ServerMetrics | None = None,
         imei: str = "",
         quiet: float = DEFAULT_COMMAND_QUIET,
         settle: float = DEFAULT_COMMAND_SETTLE,
-        due_margin: float = FRAME_DUE_MARGIN,
         connection_idle: Callable[[], bool] = _always_idle,
     ) -> None:
         self._writer = writer
@@ -222,7 +221,9 @@ class CommandQueue:
         self.imei = imei
         self.quiet = quiet
         self.settle = settle
-        self.due_margin = due_margin
+        self.due_margin = FRAME_DUE_MARGIN
+        """Seconds either side of a periodic device's next frame in which the quiet path
+        writes nothing (at most half the device's period)."""
         self._connection_idle = connection_idle
         self._chain: Deferred[None] = succeed(None)
         self._waiting: deque[_Pending] = deque()
@@ -339,7 +340,7 @@ class CommandQueue:
         if expires_in is not None:
             pending.timer = self._clock.callLater(expires_in, self._expired, pending)
         if self._metrics is not None:
-            self._metrics.queue_depth.inc()
+            self._metrics.command_queue_depth.inc()
         if depth + 1 >= self.warn_depth:
             self._log.warn(
                 "{depth} commands queued for {imei}",
@@ -415,7 +416,7 @@ class CommandQueue:
             MESSAGE_TYPE_NACK,
         ):
             if self._metrics is not None:
-                self._metrics.unsolicited.labels(codec=f"{message.codec_id:d}").inc()
+                self._metrics.unsolicited_replies.labels(codec=f"{message.codec_id:d}").inc()
             self._log.info(
                 "Unsolicited codec {codec} reply from {imei} (no matching command)",
                 codec=message.codec_id,
@@ -557,7 +558,7 @@ class CommandQueue:
             pending.timer.cancel()
         pending.timer = None
         if self._metrics is not None:
-            self._metrics.queue_depth.dec()
+            self._metrics.command_queue_depth.dec()
 
     def _reject(self, pending: _Pending, error: CommandError) -> None:
         """Fail a command that never entered the queue (not counted in the depth)."""

@@ -19,8 +19,7 @@ from teltonika.services.instance_lock import (
     redis_target,
 )
 from teltonika.tap import Options, build_service
-from tests.conftest import LoggedErrors
-from tests.server.helpers import process_reactor
+from tests.helpers import LoggedErrors, process_reactor
 
 URL = "redis://:secret@10.0.0.5:6379/0"
 

@@ -16,7 +16,7 @@ from teltonika.cli import main
 from tests.servers import checkout_env
 from tests.wire.vectors import BY_NAME
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 ISSUE_FRAME = (
     "000000000000002808010000016b40d9ad80010000000000000000000000000000000103021503010101425e"

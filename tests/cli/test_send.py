@@ -16,8 +16,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.utils import getProcessOutputAndValue
 
-from teltonika import cli_send
 from teltonika.cli import main
+from teltonika.cli import send as cli_send
 from teltonika.commands import client
 from teltonika.commands.client import store_offline
 from teltonika.commands.messages import Command, pairs

@@ -19,7 +19,7 @@ from twisted.logger import capturedLogs
 
 from teltonika.codecs import CodecRegistry
 from teltonika.metrics import ServerMetrics
-from teltonika.udp import LOG_INTERVAL, DeviceDatagramProtocol
+from teltonika.protocol.udp import LOG_INTERVAL, DeviceDatagramProtocol
 from teltonika.wire import (
     CODEC_8,
     CODEC_12,
@@ -29,9 +29,9 @@ from teltonika.wire import (
     udp_ack,
     wrap_udp,
 )
-from teltonika.wire.codecs import BUILTIN_CODECS
-from tests.server.dropin import CODEC_7A, codec7a
-from tests.server.helpers import IMEI, ControlledSink, SetAuthority, record
+from teltonika.wire.builtin_codecs import BUILTIN_CODECS
+from tests.dropin import CODEC_7A, codec7a
+from tests.helpers import IMEI, ControlledSink, SetAuthority, record
 
 CODECS = CodecRegistry(BUILTIN_CODECS)
 
@@ -62,7 +62,7 @@ class Client(DatagramProtocol):
 @pytest_twisted.ensureDeferred
 async def test_udp_ack_after_sink_and_malformed_dropped(logged_errors: Any) -> None:
     sink = ControlledSink(auto=False)
-    metrics = ServerMetrics(CollectorRegistry())
+    metrics = ServerMetrics.create(CollectorRegistry())
     server = DeviceDatagramProtocol(CODECS, sink, SetAuthority(), metrics, reactor)
     server_port = listen_udp(server)
     client = Client()
@@ -112,7 +112,7 @@ async def test_datagram_bodies_are_decoded_by_the_codec_registry() -> None:
     message codec's body is dropped as malformed (reason field), and a body whose codec no
     plugin claims as unknown_codec."""
     sink = ControlledSink()
-    metrics = ServerMetrics(CollectorRegistry())
+    metrics = ServerMetrics.create(CollectorRegistry())
     codecs = CodecRegistry([*BUILTIN_CODECS, codec7a])
     server = DeviceDatagramProtocol(codecs, sink, SetAuthority(), metrics, reactor)
     server_port = listen_udp(server)
@@ -160,7 +160,7 @@ def udp_protocol() -> Iterator[Callable[..., tuple[DeviceDatagramProtocol, Clock
             CODECS,
             sink if sink is not None else ControlledSink(),
             authority if authority is not None else SetAuthority(),
-            ServerMetrics(CollectorRegistry()),
+            ServerMetrics.create(CollectorRegistry()),
             clock,
         )
         ports.append(listen_udp(protocol))
@@ -231,11 +231,11 @@ async def test_shutdown_drains_datagrams_before_closing_the_port(tmp_path: Path)
     starts is ACKed: the port stops reading but stays open until the sink answered."""
     from twisted.application.internet import UDPServer
 
-    from teltonika.protocol.server import DeviceFactory
+    from teltonika.protocol.tcp import DeviceFactory
     from teltonika.services.ingestion import IngestionService
 
     sink = ControlledSink(auto=False)
-    metrics = ServerMetrics(CollectorRegistry())
+    metrics = ServerMetrics.create(CollectorRegistry())
     datagrams = DeviceDatagramProtocol(CODECS, sink, SetAuthority(), metrics, reactor)
     factory = DeviceFactory(CODECS, sink, SetAuthority(), metrics, reactor)
     ingestion = IngestionService(

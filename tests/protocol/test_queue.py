@@ -11,11 +11,10 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
-from twisted.trial.unittest import SynchronousTestCase
 
 from teltonika.commands.codec import encode_command, reply_text
-from teltonika.commands.metrics import CommandMetrics
-from teltonika.commands.queue import (
+from teltonika.metrics import ServerMetrics
+from teltonika.protocol.queue import (
     CommandExpiredError,
     CommandNackError,
     CommandQueue,
@@ -26,16 +25,9 @@ from teltonika.commands.queue import (
 )
 from teltonika.wire import decode_messages, unwrap
 from teltonika.wire.records import CODEC_12, CODEC_13, CODEC_14, DeviceMessage
-
-IMEI = "352093081452251"
-_case = SynchronousTestCase()
-success = _case.successResultOf
-failure = _case.failureResultOf
-no_result = _case.assertNoResult
-
-
-def frame(text: str, codec: int = CODEC_12) -> bytes:
-    return encode_command(codec, text.encode(), IMEI)
+from tests.helpers import COMMAND_IMEI as IMEI
+from tests.helpers import assertNoResult, failureResultOf, successResultOf
+from tests.helpers import command_frame as frame
 
 
 def reply(text: str, codec: int = CODEC_12, message_type: int = 0x06) -> DeviceMessage:
@@ -53,7 +45,7 @@ class Rig:
         self.transport = StringTransport()
         self.clock = Clock()
         self.registry = CollectorRegistry()
-        self.metrics = CommandMetrics.create(self.registry)
+        self.metrics = ServerMetrics.create(self.registry)
         self.idle = True
         kwargs.setdefault("quiet", 0)
         kwargs.setdefault("settle", 0)
@@ -82,9 +74,9 @@ def test_ack_and_command_bytes_in_submission_order() -> None:
     handle = rig.queue.submit(frame("getinfo"), CODEC_12, command_id="c1")
     ack2 = rig.queue.write(b"\x00\x00\x00\x02")
     assert rig.take() == b"\x00\x00\x00\x01" + frame("getinfo") + b"\x00\x00\x00\x02"
-    assert success(ack1) is True and success(ack2) is True
-    assert success(handle.written) is True
-    no_result(handle.reply)
+    assert successResultOf(ack1) is True and successResultOf(ack2) is True
+    assert successResultOf(handle.written) is True
+    assertNoResult(handle.reply)
 
 
 def test_acks_are_not_held_behind_an_outstanding_command() -> None:
@@ -96,11 +88,11 @@ def test_acks_are_not_held_behind_an_outstanding_command() -> None:
     assert rig.take() == frame("getinfo")
     rig.queue.write(b"\x00\x00\x00\x05")
     assert rig.take() == b"\x00\x00\x00\x05"
-    no_result(second.written)
+    assertNoResult(second.written)
     assert rig.queue.reply_received(reply("INI:ok"))
-    assert success(first.reply).payload == b"INI:ok"
+    assert successResultOf(first.reply).payload == b"INI:ok"
     assert rig.take() == frame("getver")
-    assert success(second.written) is True
+    assert successResultOf(second.written) is True
 
 
 def test_one_outstanding_command() -> None:
@@ -111,7 +103,7 @@ def test_one_outstanding_command() -> None:
     assert rig.queue.depth == 3 and rig.gauge() == 3
     for i, handle in enumerate(handles):
         assert rig.queue.reply_received(reply(f"r{i}"))
-        assert success(handle.reply).payload == f"r{i}".encode()
+        assert successResultOf(handle.reply).payload == f"r{i}".encode()
         assert rig.take() == (frame(f"cmd{i + 1}") if i < 2 else b"")
     assert rig.queue.depth == 0 and rig.gauge() == 0
 
@@ -125,15 +117,15 @@ def test_timeout_fails_the_command_and_the_next_proceeds() -> None:
     rig.take()
     with capturedLogs() as events:
         rig.clock.advance(4.9)
-        no_result(first.reply)
+        assertNoResult(first.reply)
         rig.clock.advance(0.1)
-    failure(first.reply).trap(CommandTimeoutError)
+    failureResultOf(first.reply).trap(CommandTimeoutError)
     assert [e["log_format"] for e in events if "did not answer" in e["log_format"]]
     assert rig.take() == frame("b")
     rig.clock.advance(29.9)
-    no_result(second.reply)
+    assertNoResult(second.reply)
     rig.clock.advance(0.1)
-    failure(second.reply).trap(CommandTimeoutError)
+    failureResultOf(second.reply).trap(CommandTimeoutError)
     assert rig.gauge() == 0
 
 
@@ -142,7 +134,7 @@ def test_late_reply_after_timeout_is_unsolicited() -> None:
     rig = Rig()
     handle = rig.queue.submit(frame("a"), CODEC_12, timeout=1)
     rig.clock.advance(1)
-    failure(handle.reply).trap(CommandTimeoutError)
+    failureResultOf(handle.reply).trap(CommandTimeoutError)
     assert rig.queue.reply_received(reply("late")) is False
 
 
@@ -153,13 +145,13 @@ def test_socket_close_fails_every_pending_command() -> None:
     handles = [rig.queue.submit(frame(f"c{i}"), CODEC_12) for i in range(4)]
     rig.queue.close()
     for handle in handles:
-        failure(handle.reply).trap(SocketClosedError)
-    assert success(handles[0].written) is True
-    assert success(handles[1].written) is False
+        failureResultOf(handle.reply).trap(SocketClosedError)
+    assert successResultOf(handles[0].written) is True
+    assert successResultOf(handles[1].written) is False
     assert rig.gauge() == 0 and rig.queue.depth == 0
     late = rig.queue.submit(frame("late"), CODEC_12)
-    failure(late.reply).trap(SocketClosedError)
-    assert success(rig.queue.write(b"\x00")) is False
+    failureResultOf(late.reply).trap(SocketClosedError)
+    assert successResultOf(rig.queue.write(b"\x00")) is False
     assert rig.clock.getDelayedCalls() == []
 
 
@@ -171,13 +163,13 @@ def test_depth_warning_and_limit() -> None:
     warnings = [e for e in events if e["log_format"] == "{depth} commands queued for {imei}"]
     assert [e["depth"] for e in warnings] == [3, 4]
     refused = rig.queue.submit(frame("c5"), CODEC_12)
-    failure(refused.reply).trap(WriteQueueFullError)
-    assert success(refused.written) is False
+    failureResultOf(refused.reply).trap(WriteQueueFullError)
+    assert successResultOf(refused.written) is False
     assert rig.gauge() == 4
     rig.queue.reply_received(reply("ok"))
-    success(handles[0].reply)
+    successResultOf(handles[0].reply)
     again = rig.queue.submit(frame("c6"), CODEC_12)
-    no_result(again.reply)
+    assertNoResult(again.reply)
 
 
 def test_default_limits_are_5_and_20() -> None:
@@ -186,7 +178,7 @@ def test_default_limits_are_5_and_20() -> None:
     with capturedLogs():
         for i in range(20):
             rig.queue.submit(frame(f"c{i}"), CODEC_12)
-    failure(rig.queue.submit(frame("x"), CODEC_12).reply).trap(WriteQueueFullError)
+    failureResultOf(rig.queue.submit(frame("x"), CODEC_12).reply).trap(WriteQueueFullError)
 
 
 def test_reply_matches_only_the_same_codec() -> None:
@@ -197,9 +189,9 @@ def test_reply_matches_only_the_same_codec() -> None:
     assert rig.queue.reply_received(reply("scale 12.5kg", CODEC_12)) is False
     assert rig.queue.reply_received(DeviceMessage(CODEC_13, 0x06, b"x", timestamp_ms=1)) is False
     assert rig.queue.reply_received(reply("cmd", CODEC_14, 0x05)) is False
-    no_result(handle.reply)
+    assertNoResult(handle.reply)
     assert rig.queue.reply_received(reply("Ver:03.18", CODEC_14)) is True
-    assert success(handle.reply).payload == b"Ver:03.18"
+    assert successResultOf(handle.reply).payload == b"Ver:03.18"
 
 
 def test_unsolicited_reply_without_command() -> None:
@@ -213,10 +205,10 @@ def test_codec14_nack_fails_the_command() -> None:
     second = rig.queue.submit(frame("getinfo"), CODEC_12)
     with capturedLogs():
         assert rig.queue.reply_received(DeviceMessage(CODEC_14, 0x11, b"", imei=IMEI)) is True
-    err = failure(handle.reply)
+    err = failureResultOf(handle.reply)
     err.trap(CommandNackError)
     assert err.value.reason == "nack"
-    assert success(second.written) is True
+    assert successResultOf(second.written) is True
 
 
 def test_a_failed_command_does_not_poison_the_chain(logged_errors: Any) -> None:
@@ -234,13 +226,13 @@ def test_a_failed_command_does_not_poison_the_chain(logged_errors: Any) -> None:
     transport = Flaky()
     queue = CommandQueue(transport, Clock(), quiet=0)
     bad = queue.submit(frame("a"), CODEC_12)
-    failure(bad.reply).trap(SocketClosedError)
+    failureResultOf(bad.reply).trap(SocketClosedError)
     assert len(logged_errors.flush("Write to device {imei} failed")) == 1
     good = queue.submit(frame("b"), CODEC_12)
-    assert success(queue.write(b"\x01")) is True
+    assert successResultOf(queue.write(b"\x01")) is True
     assert transport.value() == frame("b") + b"\x01"
     assert queue.reply_received(reply("ok"))
-    success(good.reply)
+    successResultOf(good.reply)
 
 
 def test_each_caller_gets_its_own_deferred() -> None:
@@ -253,7 +245,7 @@ def test_each_caller_gets_its_own_deferred() -> None:
     a.reply.addCallback(seen.append)
     rig.queue.reply_received(reply("ra"))
     rig.queue.reply_received(reply("rb"))
-    assert success(b.reply).payload == b"rb"
+    assert successResultOf(b.reply).payload == b"rb"
     assert seen and seen[0] == reply("ra")
 
 
@@ -264,12 +256,12 @@ def test_cancel_drops_a_queued_command() -> None:
     c = rig.queue.submit(frame("c"), CODEC_12)
     rig.take()
     b.reply.cancel()
-    failure(b.reply).trap(CancelledError)
+    failureResultOf(b.reply).trap(CancelledError)
     assert rig.queue.depth == 2 and rig.gauge() == 2
     a.reply.cancel()
-    failure(a.reply).trap(CancelledError)
+    failureResultOf(a.reply).trap(CancelledError)
     assert rig.take() == frame("c")
-    no_result(c.reply)
+    assertNoResult(c.reply)
 
 
 def test_written_fires_before_reply_and_reentrant_submit_works() -> None:
@@ -282,12 +274,12 @@ def test_written_fires_before_reply_and_reentrant_submit_works() -> None:
     rig.queue.reply_received(reply("ra"))
     assert rig.take() == frame("b")
     assert rig.queue.reply_received(reply("rb"))
-    assert success(follow[0]).payload == b"rb"
+    assert successResultOf(follow[0]).payload == b"rb"
 
 
 def test_invalid_codec_is_refused() -> None:
     rig = Rig()
-    failure(rig.queue.submit(b"x", CODEC_13).reply).trap(InvalidCommandError)
+    failureResultOf(rig.queue.submit(b"x", CODEC_13).reply).trap(InvalidCommandError)
     assert rig.take() == b""
 
 
@@ -333,10 +325,10 @@ def test_command_waits_for_the_quiet_interval() -> None:
     rig.queue.received()
     rig.clock.advance(0.9)
     assert rig.take() == b""
-    no_result(handle.written)
+    assertNoResult(handle.written)
     rig.clock.advance(0.1)
     assert rig.take() == frame("getinfo")
-    assert success(handle.written) is True
+    assert successResultOf(handle.written) is True
 
 
 def test_command_goes_out_right_after_an_ack() -> None:
@@ -365,7 +357,7 @@ def test_an_ack_written_starts_the_quiet_interval_again() -> None:
     assert rig.take() == b""
     rig.clock.advance(0.89)
     assert rig.take() == b""
-    no_result(handle.written)
+    assertNoResult(handle.written)
     rig.clock.advance(0.01)
     assert rig.take() == frame("getinfo")
 
@@ -389,7 +381,7 @@ def test_acks_are_never_held_back_by_waiting_commands() -> None:
     """ACKs go out at once whatever the commands are waiting for."""
     rig = Rig(quiet=10, settle=10)
     rig.queue.submit(frame("a"), CODEC_12)
-    assert success(rig.queue.write(ACK_1)) is True
+    assert successResultOf(rig.queue.write(ACK_1)) is True
     assert rig.take() == ACK_1
 
 
@@ -402,7 +394,7 @@ def test_after_a_timeout_the_next_command_waits_the_settle_interval() -> None:
     assert rig.take() == frame("getver")
     with capturedLogs():
         rig.clock.advance(5)
-        failure(first.reply).trap(CommandTimeoutError)
+        failureResultOf(first.reply).trap(CommandTimeoutError)
         assert rig.take() == b""
         rig.clock.advance(1)
         assert rig.queue.reply_received(reply("Ver:03.18")) is False
@@ -411,9 +403,9 @@ def test_after_a_timeout_the_next_command_waits_the_settle_interval() -> None:
         assert rig.take() == ACK_1
         rig.clock.advance(1)
     assert rig.take() == frame("setdigout 1")
-    no_result(second.reply)
+    assertNoResult(second.reply)
     assert rig.queue.reply_received(reply("DOUT1:1"))
-    assert success(second.reply).payload == b"DOUT1:1"
+    assert successResultOf(second.reply).payload == b"DOUT1:1"
 
 
 def test_a_command_that_expires_while_waiting_is_never_written() -> None:
@@ -425,13 +417,13 @@ def test_a_command_that_expires_while_waiting_is_never_written() -> None:
     rig.take()
     with capturedLogs() as events:
         rig.clock.advance(1)
-    err = failure(stuck.reply)
+    err = failureResultOf(stuck.reply)
     err.trap(CommandExpiredError)
     assert err.value.reason == "expired"
-    assert success(stuck.written) is False
+    assert successResultOf(stuck.written) is False
     assert [e for e in events if "expired before" in e["log_format"]]
     assert rig.queue.reply_received(reply("Ver:1"))
-    success(slow.reply)
+    successResultOf(slow.reply)
     rig.clock.advance(60)
     assert rig.take() == b""
     assert rig.queue.depth == 0 and rig.gauge() == 0
@@ -447,14 +439,14 @@ def test_expiry_is_checked_at_the_moment_of_writing() -> None:
         rig.queue.write(ACK_1)
         rig.queue.ack_written()
     assert rig.take() == ACK_1
-    failure(handle.reply).trap(CommandExpiredError)
+    failureResultOf(handle.reply).trap(CommandExpiredError)
     assert rig.clock.getDelayedCalls() == []
 
 
 def test_an_already_expired_command_is_refused() -> None:
     rig = Rig()
     handle = rig.queue.submit(frame("a"), CODEC_12, expires_in=0)
-    failure(handle.reply).trap(CommandExpiredError)
+    failureResultOf(handle.reply).trap(CommandExpiredError)
     assert rig.take() == b"" and rig.queue.depth == 0
 
 
@@ -464,7 +456,7 @@ def test_closing_cancels_every_timer() -> None:
     handles = [rig.queue.submit(frame(f"c{i}"), CODEC_12, expires_in=10) for i in range(3)]
     rig.queue.close()
     for handle in handles:
-        failure(handle.reply).trap(SocketClosedError)
+        failureResultOf(handle.reply).trap(SocketClosedError)
     assert rig.clock.getDelayedCalls() == []
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from teltonika.wire import CODEC_8E, encode_avl_frame, encode_login, tcp_ack
-from tests.server.helpers import IMEI, OTHER_IMEI, record
-from tests.server.process import Device, ServerProcess
+from tests.end_to_end.process import Device, ServerProcess
+from tests.helpers import IMEI, OTHER_IMEI, record
 
 pytestmark = pytest.mark.slow
 

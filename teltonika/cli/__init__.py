@@ -13,9 +13,9 @@ import sys
 from collections.abc import Sequence
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "decode": ("teltonika.cli_decode", "decode hex frames into JSON, one object per frame"),
-    "send": ("teltonika.cli_send", "send a codec 12/14 command to a tracker through Redis"),
-    "simulate": ("teltonika.simulate.cli", "run a simulated tracker fleet against a server"),
+    "decode": ("teltonika.cli.decode", "decode hex frames into JSON, one object per frame"),
+    "send": ("teltonika.cli.send", "send a codec 12/14 command to a tracker through Redis"),
+    "simulate": ("teltonika.cli.simulate", "run a simulated tracker fleet against a server"),
 }
 
 

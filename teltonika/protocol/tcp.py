@@ -1,4 +1,4 @@
-"""The TCP listener: the device Protocol, its Factory and their settings.
+"""The TCP listener: the device Protocol and its Factory.
 
 :class:`DeviceProtocol` is an adapter, as the transit relay's ``TransitConnection`` is:
 Twisted's callbacks become calls on the connection's
@@ -15,9 +15,8 @@ listeners about logins and logouts, and drains and closes all sessions at shutdo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
-import attrs
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IAddress, IReactorTime, ITransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -25,75 +24,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from teltonika.commands.metrics import CommandMetrics
-from teltonika.commands.queue import (
-    DEFAULT_COMMAND_QUIET,
-    DEFAULT_COMMAND_SETTLE,
-    DEFAULT_COMMAND_TIMEOUT,
-    DEFAULT_MAX_DEPTH,
-    DEFAULT_WARN_DEPTH,
-)
 from teltonika.interfaces import IDeviceAuthority, IDeviceSocket, ISessionListener, ISink
 from teltonika.logs import RateLimitedLog
 from teltonika.metrics import ServerMetrics
 from teltonika.protocol.publish import Publisher
 from teltonika.protocol.session import DeviceSession
-from teltonika.units import SECONDS
-from teltonika.wire.framer import DEFAULT_MAX_FRAME, Framer
+from teltonika.protocol.settings import ServerSettings
+from teltonika.wire.framer import Framer
 
 if TYPE_CHECKING:
     from teltonika.codecs import CodecRegistry
-
-MINUTE: Final = 60 * SECONDS
-
-DEFAULT_LOGIN_TIMEOUT: Final = 30 * SECONDS
-DEFAULT_IDLE_TIMEOUT: Final = 20 * MINUTE
-DEFAULT_SINK_TIMEOUT: Final = 15 * SECONDS
-"""Well inside the device's default 30 s response timeout (docs/protocol.rst, section
-'Device timers')."""
-DEFAULT_MAX_CONNECTIONS: Final = 20_000
-DEFAULT_MAX_PENDING_FRAMES: Final = 8
-DEFAULT_CLOSE_GRACE: Final = 5 * SECONDS
-"""How long a closing connection may take to flush what is left to write (a last ACK, a
-``00``) before it is aborted: a peer that stops reading would otherwise keep its socket
-and its ``--max-connections`` slot for ever."""
-
-
-@attrs.frozen
-class ServerSettings:
-    """The limits of the TCP server (all from ``twistd teltonika`` options).
-
-    :ivar instance_id: names this server in every record it publishes.
-    :ivar max_frame: largest data frame in bytes, framing included.
-    :ivar login_timeout: seconds from connect to a successful login.
-    :ivar idle_timeout: seconds without any byte (keepalives count) before closing; 0 = off.
-    :ivar max_connections: open device connections beyond which new ones are closed at once.
-    :ivar luhn: require a valid Luhn check digit in IMEIs.
-    :ivar max_pending_frames: frames waiting on one connection before it stops reading.
-    :ivar sink_timeout: seconds a sink may take before the frame counts as failed.
-    :ivar command_timeout: seconds a command waits for the device's reply by default.
-    :ivar command_queue_warn: queued commands on one socket that log a warning.
-    :ivar command_queue_max: queued commands on one socket beyond which commands are refused.
-    :ivar command_quiet: seconds without a received byte after which an idle connection
-        may get a command (otherwise only right after an ACK).
-    :ivar command_settle: seconds after a command timed out before the next is written.
-    :ivar close_grace: seconds a closing connection may take before it is aborted.
-    """
-
-    instance_id: str = "teltonika"
-    max_frame: int = DEFAULT_MAX_FRAME
-    login_timeout: float = DEFAULT_LOGIN_TIMEOUT
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
-    luhn: bool = False
-    max_pending_frames: int = DEFAULT_MAX_PENDING_FRAMES
-    sink_timeout: float = DEFAULT_SINK_TIMEOUT
-    command_timeout: float = DEFAULT_COMMAND_TIMEOUT
-    command_queue_warn: int = DEFAULT_WARN_DEPTH
-    command_queue_max: int = DEFAULT_MAX_DEPTH
-    command_quiet: float = DEFAULT_COMMAND_QUIET
-    command_settle: float = DEFAULT_COMMAND_SETTLE
-    close_grace: float = DEFAULT_CLOSE_GRACE
 
 
 class DeviceProtocol(Protocol):
@@ -198,7 +138,6 @@ class DeviceFactory(Factory):
         self.connections: set[DeviceSession] = set()
         self.sessions: dict[str, DeviceSession] = {}
         self.session_listeners: list[ISessionListener] = []
-        self.command_metrics = CommandMetrics.create(metrics.registry)
         self.publisher = Publisher(sink, metrics, clock, self.settings.sink_timeout, "tcp")
         """Publish, then ACK, for every connection."""
         self.bytes_in = metrics.bytes_in.labels("tcp")

@@ -34,7 +34,7 @@ from teltonika.interfaces import ICodec, IDeviceAuthority, ISink
 from teltonika.logs import RateLimitedLog, truncated_hex
 from teltonika.metrics import ServerMetrics
 from teltonika.protocol.publish import Publisher
-from teltonika.protocol.server import DEFAULT_SINK_TIMEOUT
+from teltonika.protocol.settings import DEFAULT_SINK_TIMEOUT
 from teltonika.units import SECONDS
 from teltonika.wire.errors import DecodeError, FieldValueError
 from teltonika.wire.login import parse_imei

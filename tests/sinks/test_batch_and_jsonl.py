@@ -29,7 +29,7 @@ from teltonika.sinks.jsonl import (
     OutputInUseError,
     messages_path,
 )
-from tests.server.helpers import IMEI, failureResultOf, record, successResultOf
+from tests.helpers import IMEI, failureResultOf, record, successResultOf
 
 
 class Writes:
@@ -179,7 +179,7 @@ def test_batcher_close_fails_waiting_items_and_refuses_new() -> None:
 
 def _sync_sink(path: Path) -> tuple[JsonLinesSink, Clock, ServerMetrics, list[int]]:
     clock = Clock()
-    metrics = ServerMetrics(CollectorRegistry())
+    metrics = ServerMetrics.create(CollectorRegistry())
     calls: list[int] = []
 
     def run(f: Any, *args: Any) -> Deferred[Any]:
@@ -382,7 +382,7 @@ def test_jsonl_a_second_writer_of_a_file_is_refused(tmp_path: Path, second_outpu
     second = JsonLinesSink(
         tmp_path / second_output,
         Clock(),
-        ServerMetrics(CollectorRegistry()),
+        ServerMetrics.create(CollectorRegistry()),
         instance_id="test-2",
         run_in_thread=maybeDeferred,
     )
@@ -405,7 +405,11 @@ def test_jsonl_files_open_on_the_writer_thread_within_a_bound(tmp_path: Path) ->
     path = tmp_path / "records.jsonl"
     clock, runner = Clock(), QueuedRunner()
     sink = JsonLinesSink(
-        path, clock, ServerMetrics(CollectorRegistry()), instance_id="t", run_in_thread=runner
+        path,
+        clock,
+        ServerMetrics.create(CollectorRegistry()),
+        instance_id="t",
+        run_in_thread=runner,
     )
     started = Deferred.fromCoroutine(sink.start())
     assert not path.exists() and not started.called  # nothing touched the disk here
@@ -426,7 +430,11 @@ def test_jsonl_close_waits_for_a_probe_still_running(tmp_path: Path, logged_erro
     path = tmp_path / "records.jsonl"
     clock, runner = Clock(), QueuedRunner()
     sink = JsonLinesSink(
-        path, clock, ServerMetrics(CollectorRegistry()), instance_id="t", run_in_thread=runner
+        path,
+        clock,
+        ServerMetrics.create(CollectorRegistry()),
+        instance_id="t",
+        run_in_thread=runner,
     )
     started = Deferred.fromCoroutine(sink.start())
     runner.run_next()
@@ -500,7 +508,9 @@ def test_jsonl_file_writable_but_not_readable_starts_a_new_line(
 
 
 def test_jsonl_not_ready_before_start(tmp_path: Path) -> None:
-    sink = JsonLinesSink(tmp_path / "x", Clock(), ServerMetrics(), instance_id="i")
+    sink = JsonLinesSink(
+        tmp_path / "x", Clock(), ServerMetrics.create(CollectorRegistry()), instance_id="i"
+    )
     assert not sink.ready()
     failureResultOf(sink.publish(IMEI, "8", (record(),), 1), SinkUnavailableError)
 
@@ -512,7 +522,9 @@ async def test_jsonl_real_thread_fsync(tmp_path: Path) -> None:
 
     path = tmp_path / "records.jsonl"
     threads = IReactorFromThreads(reactor)
-    sink = JsonLinesSink(path, reactor, ServerMetrics(), instance_id="t", reactor=threads)
+    sink = JsonLinesSink(
+        path, reactor, ServerMetrics.create(CollectorRegistry()), instance_id="t", reactor=threads
+    )
     await sink.start()
     ds = [sink.publish(IMEI, "8E", (record(i),), i) for i in range(50)]
     closing = Deferred.fromCoroutine(sink.close())
@@ -538,12 +550,16 @@ class _HeldRedis:
 def test_redis_sink_probe_in_flight_at_close_reports_nothing(logged_errors: Any) -> None:
     """A readiness probe still waiting when the sink closes, and failing afterwards (the
     connection is being torn down), neither logs "sink is down" nor flips readiness."""
-    from teltonika.sinks.redis_stream import RedisStreamSink
+    from teltonika.sinks.redis_stream import RedisSinkSettings, RedisStreamSink
 
     clock, redis = Clock(), _HeldRedis()
-    metrics = ServerMetrics(CollectorRegistry())
+    metrics = ServerMetrics.create(CollectorRegistry())
     sink = RedisStreamSink(
-        lambda: redis, clock, metrics, instance_id="i", probe_interval=1.0, probe_timeout=5.0
+        lambda: redis,
+        clock,
+        metrics,
+        instance_id="i",
+        settings=RedisSinkSettings(probe_interval=1.0, probe_timeout=5.0),
     )
     started = Deferred.fromCoroutine(sink.start())
     redis.calls[0][1].callback(b"PONG")  # the durability check's PING
@@ -568,7 +584,7 @@ os.fsync = _fsync
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from teltonika.tap import Options, makeService
-from tests.server.helpers import IMEI, record
+from tests.helpers import IMEI, record
 
 options = Options()
 options.parseOptions(["--output", sys.argv[1], "--metrics", "off", "--shutdown-timeout", "0.2",

@@ -12,15 +12,15 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from teltonika.interfaces import IDeviceSocket
-from teltonika.protocol.server import TransportSocket
 from teltonika.protocol.session import (
     TRANSITIONS,
     DeviceSession,
     SessionState,
     SessionStateError,
 )
+from teltonika.protocol.tcp import TransportSocket
 from teltonika.wire import Framer, tcp_ack
-from tests.server.helpers import IMEI, LOGIN, ControlledSink, Harness, avl_frame
+from tests.helpers import IMEI, LOGIN, ControlledSink, Harness, avl_frame
 
 
 @implementer(IDeviceSocket)

@@ -1,8 +1,16 @@
-"""Shared helpers for the server tests: frames, a controllable sink, a connected protocol."""
+"""Helpers that several test packages share (conftest files hold only fixtures).
+
+Deferred results read synchronously (Twisted's ``successResultOf`` and friends, once for
+the suite), frames and records, a controllable sink, device authorities (one that knows a
+set, one that decides when the test says), a connected device protocol, command frames,
+the error-event collector behind the ``logged_errors`` fixture, and the ``teltonika
+simulate`` child process.
+"""
 
 from __future__ import annotations
 
 import queue
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -11,15 +19,20 @@ from prometheus_client import CollectorRegistry
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import ILogObserver, LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from teltonika.codecs import CodecRegistry
+from teltonika.commands.codec import encode_command
 from teltonika.interfaces import IDeviceAuthority, IProcessReactor, ISink
 from teltonika.metrics import ServerMetrics
-from teltonika.protocol.server import DeviceFactory, DeviceProtocol, ServerSettings
-from teltonika.wire import CODEC_8E, AVLRecord, encode_avl_frame, encode_login
-from teltonika.wire.codecs import BUILTIN_CODECS
+from teltonika.protocol.settings import ServerSettings
+from teltonika.protocol.tcp import DeviceFactory, DeviceProtocol
+from teltonika.wire import CODEC_8E, CODEC_12, AVLRecord, encode_avl_frame, encode_login
+from teltonika.wire.builtin_codecs import BUILTIN_CODECS
+from tests.servers import REPO, checkout_env
 
 IMEI = "356307042441013"
 OTHER_IMEI = "490154203237518"
@@ -27,6 +40,7 @@ OTHER_IMEI = "490154203237518"
 _sync = SynchronousTestCase()
 successResultOf = _sync.successResultOf  # noqa: N816 (Twisted's name)
 failureResultOf = _sync.failureResultOf  # noqa: N816
+assertNoResult = _sync.assertNoResult  # noqa: N816
 
 
 def record(n: int = 0, io: tuple[Any, ...] = ((1, 1, 1), (16, 4, 123456))) -> AVLRecord:
@@ -50,6 +64,14 @@ def avl_frame(count: int = 1, codec_id: int = CODEC_8E, start: int = 0) -> bytes
 
 
 LOGIN = encode_login(IMEI)
+
+COMMAND_IMEI = "352093081452251"
+"""The device of the command tests (a codec 14 frame carries its IMEI)."""
+
+
+def command_frame(text: str, codec: int = CODEC_12) -> bytes:
+    """The codec 12 (or 14) command frame the server writes for *text*."""
+    return encode_command(codec, text.encode(), COMMAND_IMEI)
 
 
 def process_reactor(reactor: MemoryReactorClock) -> IProcessReactor:
@@ -124,6 +146,19 @@ class SetAuthority:
         return succeed(self.allowed is None or imei in self.allowed)
 
 
+@implementer(IDeviceAuthority)
+class PendingAuthority:
+    """A device authority that decides when the test says (a slow Redis lookup)."""
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred[bool]] = []
+
+    def is_allowed(self, imei: str) -> Deferred[bool]:
+        d: Deferred[bool] = Deferred()
+        self.pending.append(d)
+        return d
+
+
 class Harness:
     """A factory with a Clock, a fresh metrics registry and a controllable sink."""
 
@@ -134,7 +169,7 @@ class Harness:
         **settings: Any,
     ) -> None:
         self.clock = Clock()
-        self.metrics = ServerMetrics(CollectorRegistry())
+        self.metrics = ServerMetrics.create(CollectorRegistry())
         self.sink = sink if sink is not None else ControlledSink()
         self.factory = DeviceFactory(
             CodecRegistry(BUILTIN_CODECS),
@@ -161,3 +196,34 @@ class Harness:
     def sample(self, name: str, **labels: str) -> float:
         value = self.metrics.registry.get_sample_value(name, labels or None)
         return 0.0 if value is None else value
+
+
+@implementer(ILogObserver)
+class LoggedErrors:
+    """Error-level events logged during one test."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        level = event.get("log_level")
+        if event.get("log_failure") is not None or level in (LogLevel.error, LogLevel.critical):
+            self.events.append(event)
+
+    def flush(self, *formats: str) -> list[dict[str, Any]]:
+        """Claim (and return) the logged errors, optionally only those with these formats."""
+        if not formats:
+            claimed, self.events = self.events, []
+            return claimed
+        claimed = [e for e in self.events if e.get("log_format") in formats]
+        self.events = [e for e in self.events if e.get("log_format") not in formats]
+        return claimed
+
+
+async def simulate(*argv: str) -> tuple[int, str, str]:
+    """Run ``python -m teltonika simulate ARGV`` in a child process, without blocking the
+    reactor; return its exit status, stdout and stderr."""
+    out, err, code = await getProcessOutputAndValue(
+        sys.executable, ["-m", "teltonika", "simulate", *argv], env=checkout_env(), path=str(REPO)
+    )
+    return code, out.decode(), err.decode()

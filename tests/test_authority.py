@@ -23,7 +23,7 @@ from teltonika.authority import (
     parse_authority_spec,
 )
 from teltonika.metrics import ServerMetrics
-from tests.server.helpers import (
+from tests.helpers import (
     IMEI,
     LOGIN,
     OTHER_IMEI,
@@ -86,7 +86,7 @@ class _SilentRedis:
 
 
 def _redis_authority(**kwargs: Any) -> tuple[RedisSetAuthority, _SilentRedis, Clock, ServerMetrics]:
-    redis, clock, metrics = _SilentRedis(), Clock(), ServerMetrics(CollectorRegistry())
+    redis, clock, metrics = _SilentRedis(), Clock(), ServerMetrics.create(CollectorRegistry())
     authority = RedisSetAuthority(lambda: redis, "fleet", clock, metrics, **kwargs)
     return authority, redis, clock, metrics
 

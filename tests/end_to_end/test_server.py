@@ -31,9 +31,9 @@ from teltonika.wire import (
     wrap,
     wrap_udp,
 )
-from tests.server import dropin
-from tests.server.helpers import IMEI, record
-from tests.server.process import Device, ServerProcess
+from tests import dropin
+from tests.end_to_end.process import Device, ServerProcess
+from tests.helpers import IMEI, record
 from tests.servers import free_port, wait_for_port
 
 pytestmark = pytest.mark.slow

@@ -2,7 +2,7 @@
 
 This file is self-contained on purpose: the end-to-end test copies it, as it is, into a
 ``twisted/plugins`` directory on the server's ``PYTHONPATH`` (how a deployment adds a
-codec), and the in-process tests import it as ``tests.server.dropin``.
+codec), and the in-process tests import it as ``tests.dropin``.
 
 Its body: ``7A | count u8 | count x (timestamp_ms u64, speed u8) | count u8``.
 """

@@ -20,7 +20,7 @@ from teltonika.services.ops_http import ops_service
 from teltonika.sinks.jsonl import JsonLinesSink
 from teltonika.sinks.redis_stream import RedisStreamSink
 from teltonika.tap import Options, TeltonikaService, build_service, makeService
-from tests.server.helpers import ThreadedMemoryReactor, process_reactor, successResultOf
+from tests.helpers import ThreadedMemoryReactor, process_reactor, successResultOf
 
 
 def parse(*argv: str) -> Options:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,24 +9,13 @@ import orjson
 import pytest
 import pytest_twisted
 from twisted.internet import reactor as _reactor
-from twisted.internet.utils import getProcessOutputAndValue
 
 from teltonika.cli import main
 from teltonika.contract import json_line
-from tests.servers import checkout_env
-
-from .fakeserver import FakeServerFactory
+from tests.helpers import simulate
+from tests.simulate.fakeserver import FakeServerFactory
 
 reactor: Any = _reactor
-ROOT = str(Path(__file__).resolve().parents[2])
-
-
-async def simulate(*argv: str) -> tuple[int, str, str]:
-    env = checkout_env()
-    out, err, code = await getProcessOutputAndValue(
-        sys.executable, ["-m", "teltonika", "simulate", *argv], env=env, path=ROOT
-    )
-    return code, out.decode(), err.decode()
 
 
 @pytest.mark.parametrize(
