@@ -21,6 +21,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import ILogObserver, LogLevel
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -38,9 +39,21 @@ IMEI = "356307042441013"
 OTHER_IMEI = "490154203237518"
 
 _sync = SynchronousTestCase()
-successResultOf = _sync.successResultOf  # noqa: N816 (Twisted's name)
-failureResultOf = _sync.failureResultOf  # noqa: N816
-assertNoResult = _sync.assertNoResult  # noqa: N816
+successResultOf = _sync.successResultOf  # noqa: N816 (Twisted's name; typed there)
+
+
+def failureResultOf(deferred: Deferred[Any], *expected: type[BaseException]) -> Failure:
+    """Twisted's ``failureResultOf`` with a signature (Twisted leaves it untyped): the
+    Failure *deferred* already holds, one of *expected* when any are named; the test fails
+    if it holds none, a success, or another error."""
+    failure: Failure = _sync.failureResultOf(deferred, *expected)
+    return failure
+
+
+def assertNoResult(deferred: Deferred[Any]) -> None:
+    """Twisted's ``assertNoResult`` with a signature (Twisted leaves it untyped): the test
+    fails if *deferred* has fired."""
+    _sync.assertNoResult(deferred)
 
 
 def record(n: int = 0, io: tuple[Any, ...] = ((1, 1, 1), (16, 4, 123456))) -> AVLRecord:
