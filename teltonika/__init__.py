@@ -12,8 +12,8 @@ The ingestion server, ``twistd teltonika``:
   the message codecs 12/13/14, the login packet, the UDP datagram, and the built-in codecs
   as ``ICodec`` plugins (``builtin_codecs``). No reactor, no I/O.
 * ``codecs``: the codec registry (``ICodec`` plugins by codec id); ``interfaces``: the
-  seams (``ICodec``, ``ISink``, ``IDeviceAuthority``, ``ISessionListener``,
-  ``IDeviceSocket``).
+  seams (``ICodec``, ``ISink`` and ``IManagedSink``, the sink the ingestion service
+  starts and closes, ``IDeviceAuthority``, ``ISessionListener``, ``IDeviceSocket``).
 * ``protocol/``: the device transports and what they share. ``tcp``: a thin Protocol
   and its Factory in front of the session that decides (``session``: login, frames in
   order, flow control, timers, close); ``udp``: datagrams (``--udp-port``), decoded by the
@@ -25,8 +25,9 @@ The ingestion server, ``twistd teltonika``:
   endpoint, several processes on one device port (``SO_REUSEPORT``).
 * ``contract``: the record contract, what one stream entry or JSON line holds (version 1).
 * ``sinks/``: where records go before the ACK: a Redis stream or a fsynced JSON-lines
-  file, both with group commit. ``redis/``: Redis connections, the durability check and
-  pipelined ``XADD``, shared by every Redis user.
+  file, both with group commit. ``redis/``: Redis connections (made from a URL, typed as
+  ``RedisConnection``), consumer groups and their error replies, the durability check
+  and pipelined ``XADD``, shared by every Redis user.
 * ``commands/``: the command plane: the connection registry and heartbeat, the
   janitor, the command consumer and offline delivery, all through Redis; it hands each
   command to its device's write queue in ``protocol/``.

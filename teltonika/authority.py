@@ -22,17 +22,19 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from teltonika.interfaces import IDeviceAuthority
 from teltonika.metrics import ServerMetrics
+from teltonika.redis.connection import RedisConnection
 from teltonika.units import SECONDS
 
 DEFAULT_POLL_INTERVAL: Final = 5 * SECONDS
@@ -182,7 +184,7 @@ class RedisSetAuthority:
 
     def __init__(
         self,
-        get_redis: Callable[[], Any],
+        get_redis: Callable[[], RedisConnection],
         key: str,
         clock: IReactorTime,
         metrics: ServerMetrics,
@@ -220,7 +222,7 @@ class RedisSetAuthority:
         self.in_flight -= 1
         return result
 
-    def _failed(self, failure: Any) -> Deferred[bool]:
+    def _failed(self, failure: Failure) -> Deferred[bool]:
         if failure.check(defer.TimeoutError):  # addTimeout's
             error: AuthorityError = AuthorityTimeoutError(
                 f"Redis did not answer the device lookup within {self.timeout} s"

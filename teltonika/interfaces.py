@@ -81,6 +81,29 @@ class ISink(Interface):
         """True while the sink believes it can store records (drives ``/readyz``)."""
 
 
+class IManagedSink(ISink):
+    """A sink with a lifecycle, started and closed by the ingestion service
+    (``teltonika.services.ingestion.IngestionService``); every sink the server runs is one.
+
+    The service calls :meth:`start` once after the listeners bound and before frames are
+    expected, and :meth:`close` once during shutdown, after every connection closed (so no
+    :meth:`~ISink.publish` comes after it). Both are ``async`` methods: the service awaits
+    them, :meth:`close` within ``--shutdown-timeout``.
+    """
+
+    async def start() -> None:
+        """Open the store and check it gives what the sink promises (the Redis sink's
+        ``--redis-durability`` check, the file sink's open and lock).
+
+        :raise Exception: the sink cannot run; the server refuses to start (exit status 1)
+            with the exception's message.
+        """
+
+    async def close() -> None:
+        """Store what is queued (a last group commit / pipeline), then release what the
+        sink opened itself (a connection the caller handed in stays the caller's)."""
+
+
 class IDeviceAuthority(Interface):
     """Decides whether a device may log in."""
 

@@ -33,7 +33,6 @@ from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
 from teltonika.authority import (
-    AuthoritySpecError,
     FileAuthority,
     OpenAuthority,
     RedisSetAuthority,
@@ -44,9 +43,25 @@ from teltonika.commands.consumer import DEFAULT_MAX_ATTEMPTS
 from teltonika.commands.janitor import JANITOR_INTERVAL
 from teltonika.commands.messages import InstanceSettings
 from teltonika.commands.registry import HEARTBEAT_INTERVAL, HEARTBEAT_TTL
-from teltonika.interfaces import IDeviceAuthority, IProcessReactor
+from teltonika.interfaces import IDeviceAuthority, IManagedSink, IProcessReactor
 from teltonika.metrics import ServerMetrics
-from teltonika.options import metrics_endpoint, normalize_endpoint, seconds, whole_number
+from teltonika.options import (
+    CoercedOptions,
+    authority_spec,
+    device_endpoint,
+    durability_mode,
+    frame_size,
+    metrics_option,
+    positive_seconds,
+    positive_whole_number,
+    printable_name,
+    redis_url,
+    seconds,
+    seconds_at_most,
+    seconds_up_to,
+    udp_address,
+    whole_number,
+)
 from teltonika.protocol.queue import (
     DEFAULT_COMMAND_QUIET,
     DEFAULT_COMMAND_SETTLE,
@@ -65,45 +80,32 @@ from teltonika.protocol.settings import (
 from teltonika.protocol.tcp import DeviceFactory
 from teltonika.protocol.udp import DeviceDatagramProtocol
 from teltonika.redis.connect import (
-    RedisURLError,
     SentinelAddress,
     SharedConnection,
     parse_redis_url,
 )
-from teltonika.redis.durability import DEFAULT_REPLICA_TIMEOUT, DEFAULT_REPLICAS, DURABILITY_MODES
+from teltonika.redis.durability import DEFAULT_REPLICA_TIMEOUT, DEFAULT_REPLICAS
 from teltonika.services.ingestion import (
     DEFAULT_SHUTDOWN_TIMEOUT,
     FatalHandler,
     IngestionService,
-    ManagedSink,
     exit_on_fatal,
 )
 from teltonika.services.instance_lock import InstanceLock, InstanceLockService
 from teltonika.services.ops_http import DEFAULT_SERVER_METRICS, ops_service
 from teltonika.sinks.jsonl import DEFAULT_OUTPUT
-from teltonika.wire.framer import DEFAULT_MAX_FRAME, FRAME_OVERHEAD, MIN_DATA_LENGTH
+from teltonika.wire.framer import DEFAULT_MAX_FRAME
 
 if TYPE_CHECKING:
     from teltonika.commands.service import CommandPlane
 
-DEFAULT_PORT: Final = "5027"
+DEFAULT_PORT: Final = "tcp:5027"
 MAX_COMMAND_QUIET: Final = 300.0
 """Seconds; a longer quiet interval would starve commands to devices that ping often."""
 MAX_COMMAND_SETTLE: Final = 300.0
 
 
-def parse_udp_port(value: str) -> tuple[str, int]:
-    """``PORT`` or ``INTERFACE:PORT`` -> (interface, port).
-
-    :raise usage.UsageError: anything else.
-    """
-    interface, _, port = value.rpartition(":")
-    if not port.isdigit() or int(port) > 65535:
-        raise usage.UsageError(f"--udp-port must be PORT or INTERFACE:PORT, not {value!r}")
-    return (interface, int(port))
-
-
-class Options(usage.Options):
+class Options(CoercedOptions):
     """``twistd teltonika`` options. Add an option by appending to the lists (subclasses
     and other modules may extend ``optParameters``); :meth:`postOptions` validates."""
 
@@ -129,12 +131,14 @@ class Options(usage.Options):
             "tcp:5027:interface=127.0.0.1; reuseport:5027 lets several processes share "
             "the port (each with its own --instance-id and --metrics port); "
             "haproxy:tcp:5027 behind a balancer sending the PROXY protocol.",
+            device_endpoint,
         ],
         [
             "udp-port",
             None,
             None,
             "UDP port for trackers, PORT or INTERFACE:PORT (off unless given).",
+            udp_address,
         ],
         [
             "redis",
@@ -144,6 +148,7 @@ class Options(usage.Options):
             "redis+sentinel://[[user]:password@]host:port[,host:port...]/SERVICE[/db] (the "
             "master is followed across failovers): publish records to the stream "
             "telemetry:teltonika. Without it records go to --output.",
+            redis_url,
         ],
         [
             "redis-durability",
@@ -154,6 +159,7 @@ class Options(usage.Options):
             "WAITAOF). replicated: fsync, and ACK only once --redis-replicas replicas "
             "confirmed (WAIT; WAITAOF on 7.2+), so a failover loses nothing ACKed. Checked "
             "at start-up and again while running.",
+            durability_mode,
         ],
         [
             "redis-replicas",
@@ -161,7 +167,7 @@ class Options(usage.Options):
             DEFAULT_REPLICAS,
             "With --redis-durability replicated: replicas that must confirm every batch "
             "(deploy at least one more, or a failover leaves too few and blocks ACKs).",
-            whole_number,
+            positive_whole_number,
         ],
         [
             "redis-wait-timeout",
@@ -169,7 +175,7 @@ class Options(usage.Options):
             DEFAULT_REPLICA_TIMEOUT,
             "With --redis-durability replicated: seconds a batch waits for its replicas; "
             "fewer confirmations in time and the frames are not ACKed (devices resend).",
-            seconds,
+            positive_seconds,
         ],
         [
             "stream-maxlen",
@@ -192,6 +198,7 @@ class Options(usage.Options):
             DEFAULT_SERVER_METRICS,
             "Endpoint for /metrics, /healthz and /readyz (loopback by default), or 'off'. "
             "One per process: processes sharing a reuseport: port each need their own.",
+            metrics_option,
         ],
         [
             "instance-id",
@@ -201,6 +208,7 @@ class Options(usage.Options):
             "its name for the command plane. Unique per process: processes sharing a "
             "reuseport: port each need their own (a second process on this host with the "
             "same id and Redis is refused).",
+            printable_name,
         ],
         [
             "devices",
@@ -208,20 +216,21 @@ class Options(usage.Options):
             "open",
             "Device authority: open, file:PATH (one IMEI a line, reloaded on SIGHUP or "
             "change) or redis:KEY (a Redis set).",
+            authority_spec,
         ],
         [
             "max-frame",
             None,
             DEFAULT_MAX_FRAME,
             "Largest data frame in bytes; a bigger one closes the connection.",
-            whole_number,
+            frame_size,
         ],
         [
             "login-timeout",
             None,
             DEFAULT_LOGIN_TIMEOUT,
             "Seconds from connect to login before the connection is closed.",
-            seconds,
+            positive_seconds,
         ],
         [
             "idle-timeout",
@@ -242,7 +251,7 @@ class Options(usage.Options):
             None,
             DEFAULT_MAX_PENDING_FRAMES,
             "Frames waiting on one connection before it stops reading.",
-            whole_number,
+            positive_whole_number,
         ],
         [
             "sink-timeout",
@@ -250,14 +259,14 @@ class Options(usage.Options):
             DEFAULT_SINK_TIMEOUT,
             "Seconds the sink may take to store a frame before it counts as failed "
             "(no ACK, connection closed).",
-            seconds,
+            positive_seconds,
         ],
         [
             "command-timeout",
             None,
             DEFAULT_COMMAND_TIMEOUT,
             "Seconds a command waits for the device's reply (a command may ask for another).",
-            seconds,
+            positive_seconds,
         ],
         [
             "command-quiet",
@@ -267,7 +276,10 @@ class Options(usage.Options):
             "after which a command may be written to it, unless its next periodic frame is "
             "due; otherwise commands go out only right after an ACK (a device reads the next "
             "4 bytes after a frame as its ACK).",
-            seconds,
+            seconds_up_to(
+                MAX_COMMAND_QUIET,
+                why="0 would write commands while a frame may be on its way",
+            ),
         ],
         [
             "command-settle",
@@ -275,7 +287,7 @@ class Options(usage.Options):
             DEFAULT_COMMAND_SETTLE,
             "Seconds after a command timed out before the next command is written to that "
             "device (a late reply in that time is unsolicited, not the next one's); 0 = none.",
-            seconds,
+            seconds_at_most(MAX_COMMAND_SETTLE),
         ],
         [
             "command-queue-warn",
@@ -289,7 +301,7 @@ class Options(usage.Options):
             None,
             DEFAULT_MAX_DEPTH,
             "Commands queued on one socket beyond which new ones fail with queue_full.",
-            whole_number,
+            positive_whole_number,
         ],
         [
             "heartbeat-interval",
@@ -297,7 +309,7 @@ class Options(usage.Options):
             HEARTBEAT_INTERVAL,
             "Seconds between heartbeats (instance:heartbeat:ID) and registry re-claims "
             "(with --redis).",
-            seconds,
+            positive_seconds,
         ],
         [
             "heartbeat-ttl",
@@ -312,80 +324,34 @@ class Options(usage.Options):
             None,
             JANITOR_INTERVAL,
             "Seconds between janitor passes (with --redis).",
-            seconds,
+            positive_seconds,
         ],
         [
             "offline-max-attempts",
             None,
             DEFAULT_MAX_ATTEMPTS,
             "Delivery attempts of an offline command before it fails with attempts_exhausted.",
-            whole_number,
+            positive_whole_number,
         ],
         [
             "shutdown-timeout",
             None,
             DEFAULT_SHUTDOWN_TIMEOUT,
             "Seconds to let in-flight frames finish on shutdown, and again to close connections.",
-            seconds,
+            positive_seconds,
         ],
     ]
 
     def postOptions(self) -> None:
-        self["port"] = normalize_endpoint(str(self["port"]), "--port")
-        self["metrics"] = metrics_endpoint(self["metrics"])
-        if self["udp-port"] is not None:
-            self["udp-port"] = parse_udp_port(str(self["udp-port"]))
-        if self["redis"] is not None:
-            try:
-                parse_redis_url(self["redis"])
-            except RedisURLError as error:
-                raise usage.UsageError(f"--redis: {error}") from None
-        if self["redis-durability"] not in DURABILITY_MODES:
-            raise usage.UsageError(
-                f"--redis-durability must be one of {', '.join(DURABILITY_MODES)}, not "
-                f"{self['redis-durability']!r}"
-            )
-        if self["redis-replicas"] < 1 or self["redis-wait-timeout"] <= 0:
-            raise usage.UsageError(
-                "--redis-replicas must be at least 1 and --redis-wait-timeout above 0"
-            )
+        """The rules between options (each option's own check is its coercer)."""
         if self["redis"] is None:
             if self["redis-durability"] != "memory":
                 raise usage.UsageError("--redis-durability applies only with --redis")
             if self["stream-maxlen"] is not None:
                 raise usage.UsageError("--stream-maxlen applies only with --redis")
-        try:
-            kind, _ = parse_authority_spec(str(self["devices"]))
-        except AuthoritySpecError as error:
-            raise usage.UsageError(str(error)) from None
+        kind, _ = parse_authority_spec(str(self["devices"]))
         if kind == "redis" and self["redis"] is None:
             raise usage.UsageError("--devices redis:KEY needs --redis")
-        if self["max-frame"] < MIN_DATA_LENGTH + FRAME_OVERHEAD:
-            raise usage.UsageError(
-                f"--max-frame must be at least {MIN_DATA_LENGTH + FRAME_OVERHEAD} bytes"
-            )
-        if self["max-pending-frames"] < 1:
-            raise usage.UsageError("--max-pending-frames must be at least 1")
-        if not self["instance-id"] or not self["instance-id"].isprintable():
-            raise usage.UsageError("--instance-id must be non-empty printable text")
-        if self["command-queue-max"] < 1 or self["command-timeout"] <= 0:
-            raise usage.UsageError("--command-queue-max and --command-timeout must be > 0")
-        if not 0 < self["command-quiet"] <= MAX_COMMAND_QUIET:
-            raise usage.UsageError(
-                f"--command-quiet must be more than 0 and at most {MAX_COMMAND_QUIET:g} "
-                "seconds (0 would write commands while a frame may be on its way)"
-            )
-        if self["command-settle"] > MAX_COMMAND_SETTLE:
-            raise usage.UsageError(
-                f"--command-settle must be at most {MAX_COMMAND_SETTLE:g} seconds"
-            )
-        if self["offline-max-attempts"] < 1:
-            raise usage.UsageError("--offline-max-attempts must be at least 1")
-        if self["heartbeat-interval"] <= 0 or self["janitor-interval"] <= 0:
-            raise usage.UsageError("--heartbeat-interval and --janitor-interval must be > 0")
-        for name in ("login-timeout", "sink-timeout", "shutdown-timeout"):
-            if self[name] <= 0:
-                raise usage.UsageError(f"--{name} must be more than 0 seconds")
         if self["redis-wait-timeout"] >= self["sink-timeout"]:
             raise usage.UsageError(
                 f"--redis-wait-timeout ({self['redis-wait-timeout']:g} s) must be below "
@@ -416,7 +382,7 @@ class Server:
     readiness: dict[str, Callable[[], bool]]
     redis: SharedConnection | None
     factory: DeviceFactory
-    sink: ManagedSink
+    sink: IManagedSink
     ingestion: IngestionService
     commands: CommandPlane | None
 
@@ -439,7 +405,7 @@ def _build_sink(
     reactor: IProcessReactor,
     metrics: ServerMetrics,
     redis: SharedConnection | None,
-) -> ManagedSink:
+) -> IManagedSink:
     settings_id = options["instance-id"]
     if redis is not None:
         from teltonika.sinks.redis_stream import RedisSinkSettings, RedisStreamSink
@@ -473,7 +439,7 @@ def _build_authority(
     reactor: IProcessReactor,
     metrics: ServerMetrics,
     redis: SharedConnection | None,
-    sink: ManagedSink,
+    sink: IManagedSink,
 ) -> tuple[IDeviceAuthority, IDeviceAuthority, FileAuthority | None]:
     """The device authority for TCP logins, the one for UDP datagrams, and the file
     authority to reload (if any).
@@ -554,7 +520,7 @@ def build_service(
     codecs = load_codecs()
     factory = DeviceFactory(
         codecs,
-        sink,  # type: ignore[arg-type]  # a ManagedSink provides ISink too
+        sink,
         authority,
         metrics,
         reactor,
@@ -566,7 +532,7 @@ def build_service(
         interface, port = options["udp-port"]
         datagrams = DeviceDatagramProtocol(
             codecs,
-            sink,  # type: ignore[arg-type]  # a ManagedSink provides ISink too
+            sink,
             udp_authority,
             metrics,
             reactor,

@@ -27,10 +27,11 @@ from zope.interface import implementer
 
 from teltonika.codecs import CodecRegistry
 from teltonika.commands.codec import encode_command
-from teltonika.interfaces import IDeviceAuthority, IProcessReactor, ISink
+from teltonika.interfaces import IDeviceAuthority, IManagedSink, IProcessReactor
 from teltonika.metrics import ServerMetrics
 from teltonika.protocol.settings import ServerSettings
 from teltonika.protocol.tcp import DeviceFactory, DeviceProtocol
+from teltonika.redis.connection import RedisConnection
 from teltonika.wire import CODEC_8E, CODEC_12, AVLRecord, encode_avl_frame, encode_login
 from teltonika.wire.builtin_codecs import BUILTIN_CODECS
 from tests.servers import REPO, checkout_env
@@ -94,6 +95,14 @@ def process_reactor(reactor: MemoryReactorClock) -> IProcessReactor:
     return cast(IProcessReactor, reactor)
 
 
+def connection_double(double: object) -> RedisConnection:
+    """*double* where the code under test takes a :class:`RedisConnection`: a test double
+    that answers only the calls that code makes on the path the test drives (a command
+    held unanswered, a connection that is down). The whole protocol is exercised against
+    a real redis-server elsewhere."""
+    return cast(RedisConnection, double)
+
+
 class ThreadedMemoryReactor(MemoryReactorClock):
     """A MemoryReactorClock that also takes ``callFromThread`` (the file sink's writer
     thread reports through it): the calls wait in a queue until :meth:`run_until`."""
@@ -115,9 +124,10 @@ class ThreadedMemoryReactor(MemoryReactorClock):
             f(*args, **kwargs)
 
 
-@implementer(ISink)
+@implementer(IManagedSink)
 class ControlledSink:
-    """An ISink whose Deferreds the test fires (auto-fires successfully by default)."""
+    """A sink whose Deferreds the test fires (auto-fires successfully by default), with
+    nothing to start or close."""
 
     name = "test"
 
@@ -145,6 +155,12 @@ class ControlledSink:
 
     def ready(self) -> bool:
         return self.is_ready
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
 
 
 @implementer(IDeviceAuthority)

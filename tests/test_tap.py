@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
-from teltonika.options import seconds
+from teltonika.options import positive_seconds, seconds
 from teltonika.redis.connect import RedisAddress
 from teltonika.services.ingestion import IngestionService
 from teltonika.services.ops_http import ops_service
@@ -98,16 +98,23 @@ def test_parsing() -> None:
         (["--stream-maxlen", "5"], "--stream-maxlen applies only with --redis"),
         (["--devices", "ldap:x"], "--devices must be 'open', 'file:PATH' or 'redis:KEY'"),
         (["--devices", "redis:k"], "--devices redis:KEY needs --redis"),
-        (["--max-frame", "10"], "--max-frame must be at least 20 bytes"),
-        (["--login-timeout", "soon"], "Parameter type enforcement failed"),
-        (["--max-connections", "-1"], "Parameter type enforcement failed"),
+        (["--max-frame", "10"], "--max-frame: must be at least 20 bytes, not 10"),
+        (["--login-timeout", "soon"], "--login-timeout: could not convert string to float: 'soon'"),
+        (["--max-connections", "-1"], "--max-connections: must be 0 or more, not -1"),
         (["--udp-port", "x:y"], "--udp-port must be PORT or INTERFACE:PORT"),
-        (["--instance-id", ""], "--instance-id must be non-empty printable text"),
-        (["--instance-id", "a\x00b"], "--instance-id must be non-empty printable text"),
-        (["--sink-timeout", "0"], "--sink-timeout must be more than 0 seconds"),
-        (["--login-timeout", "0"], "--login-timeout must be more than 0 seconds"),
-        (["--shutdown-timeout", "0"], "--shutdown-timeout must be more than 0 seconds"),
-        (["--sink-timeout", "-1"], "Parameter type enforcement failed"),
+        (["--instance-id", ""], "--instance-id: must be non-empty printable text, not ''"),
+        (
+            ["--instance-id", "a\x00b"],
+            "--instance-id: must be non-empty printable text, not 'a\\x00b'",
+        ),
+        (["--sink-timeout", "0"], "--sink-timeout: must be above 0, not 0"),
+        (["--login-timeout", "0"], "--login-timeout: must be above 0, not 0"),
+        (["--shutdown-timeout", "0"], "--shutdown-timeout: must be above 0, not 0"),
+        (["--sink-timeout", "-1"], "--sink-timeout: must be above 0, not -1"),
+        (["--redis-replicas", "0"], "--redis-replicas: must be at least 1, not 0"),
+        (["--max-pending-frames", "0"], "--max-pending-frames: must be at least 1, not 0"),
+        (["--command-quiet", "0"], "--command-quiet: must be more than 0 and at most 300"),
+        (["--command-settle", "301"], "--command-settle: must be at most 300 seconds, not 301"),
         (
             ["--redis", "redis://x", "--redis-wait-timeout", "15"],
             "--redis-wait-timeout (15 s) must be below --sink-timeout (15 s)",
@@ -120,7 +127,11 @@ def test_usage_errors(argv: list[str], message: str) -> None:
     assert message in str(info.value)
 
 
-_SECONDS_OPTIONS = [str(option[0]) for option in Options.optParameters if option[4:] == [seconds]]
+_SECONDS_OPTIONS = [
+    str(option[0])
+    for option in Options.optParameters
+    if option[4:] in ([seconds], [positive_seconds])
+]
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "1e999"])

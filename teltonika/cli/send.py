@@ -28,11 +28,17 @@ import argparse
 import contextlib
 import sys
 import time
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
 from teltonika.commands.messages import FAILED, Command
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
+    from teltonika.redis.connect import AnyRedisAddress
+    from teltonika.redis.connection import RedisConnection
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -140,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
 
     outcome: dict[str, Any] = {"status": EXIT_USAGE}
 
-    def main(reactor: Any) -> Deferred[None]:
+    def main(reactor: IReactorTime) -> Deferred[None]:
         return Deferred.fromCoroutine(_send(reactor, address, command, args, outcome))
 
     try:
@@ -185,7 +191,11 @@ def _clock_time(seconds: float) -> str:
 
 
 async def _send(
-    reactor: Any, address: Any, command: Command, args: argparse.Namespace, outcome: dict[str, Any]
+    reactor: IReactorTime,
+    address: AnyRedisAddress,
+    command: Command,
+    args: argparse.Namespace,
+    outcome: dict[str, Any],
 ) -> None:
     from twisted.internet import defer
     from twisted.internet.defer import maybeDeferred
@@ -219,9 +229,9 @@ async def _send(
 
 
 async def _deliver(
-    reactor: Any,
-    redis: Any,
-    reader: Any,
+    reactor: IReactorTime,
+    redis: RedisConnection,
+    reader: RedisConnection,
     command: Command,
     args: argparse.Namespace,
     outcome: dict[str, Any],

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Final
 
 import attrs
 from twisted.internet.defer import maybeDeferred
@@ -35,8 +35,11 @@ from teltonika.commands.messages import (
     outbound_stream,
     pairs,
     publish_status_args,
+    text_of,
 )
 from teltonika.commands.scripts import STORE_OFFLINE, run_script
+from teltonika.redis.connection import RedisConnection, reply_int, reply_list, reply_text
+from teltonika.redis.groups import first_stream, parse_entries
 
 SENDER: Final = "teltonika-send"
 """The ``instance_id`` of statuses a sender publishes itself (device_not_connected)."""
@@ -61,18 +64,19 @@ def new_command_id() -> str:
     return uuid.uuid4().hex
 
 
-async def last_response_id(redis: Any) -> str:
+async def last_response_id(redis: RedisConnection) -> str:
     """The id of the newest entry of ``commands:responses`` ("0-0" when empty): read
     statuses after it so that none published after this call is missed."""
     reply = await maybeDeferred(
         redis.execute_command, "XREVRANGE", RESPONSES_STREAM, "+", "-", "COUNT", "1"
     )
-    if not reply:
+    newest = reply_list(reply)
+    if not newest:
         return "0-0"
-    return str(reply[0][0])
+    return reply_text(reply_list(newest[0])[0])
 
 
-async def route_of(redis: Any, imei: str) -> Route | None:
+async def route_of(redis: RedisConnection, imei: str) -> Route | None:
     """The instance holding *imei*'s socket, or None when the device is not connected
     anywhere, or only to an instance whose heartbeat is gone (a dead instance's entry,
     not yet removed by a janitor)."""
@@ -85,7 +89,7 @@ async def route_of(redis: Any, imei: str) -> Route | None:
     return Route(str(instance), InstanceSettings.from_heartbeat(heartbeat))
 
 
-async def unsettled_commands(redis: Any, instance: str) -> list[dict[str, str]]:
+async def unsettled_commands(redis: RedisConnection, instance: str) -> list[dict[str, str]]:
     """The command entries in *instance*'s stream (not settled yet: being dispatched,
     queued on a socket or awaiting a reply), oldest first, at most :data:`STREAM_SCAN`."""
     reply = await maybeDeferred(
@@ -98,8 +102,12 @@ async def unsettled_commands(redis: Any, instance: str) -> list[dict[str, str]]:
         str(STREAM_SCAN),
     )
     out = []
-    for _entry_id, values in reply or []:
-        fields = dict(zip(values[::2], values[1::2], strict=False))
+    for entry in parse_entries(reply):
+        values = entry.fields or []
+        fields = {
+            text_of(name): text_of(value)
+            for name, value in zip(values[::2], values[1::2], strict=False)
+        }
         if fields.get("kind", "command") != "flush":
             out.append(fields)
     return out
@@ -128,21 +136,21 @@ def timeout_of(fields: dict[str, str], default: float) -> float:
     return value if 0 < value <= 3600 else default
 
 
-async def publish_not_connected(redis: Any, command: Command, now_ms: int) -> None:
+async def publish_not_connected(redis: RedisConnection, command: Command, now_ms: int) -> None:
     """The sender's own terminal status for a device connected nowhere."""
     outcome = Outcome(command.id, command.imei, command.codec, FAILED, "device_not_connected")
     fields = outcome.fields(instance_id=SENDER, at_ms=now_ms)
     await maybeDeferred(redis.execute_command, *publish_status_args(fields))
 
 
-async def publish_command(redis: Any, instance: str, command: Command) -> None:
+async def publish_command(redis: RedisConnection, instance: str, command: Command) -> None:
     """XADD *command* to *instance*'s stream."""
     await maybeDeferred(
         redis.execute_command, "XADD", outbound_stream(instance), "*", *flat(command.fields())
     )
 
 
-async def send_command(redis: Any, command: Command, now_ms: int) -> str | None:
+async def send_command(redis: RedisConnection, command: Command, now_ms: int) -> str | None:
     """Route *command* to the instance holding its device.
 
     :return: the instance id it was published to, or None when the device is not
@@ -157,7 +165,7 @@ async def send_command(redis: Any, command: Command, now_ms: int) -> str | None:
     return route.instance
 
 
-async def store_offline(redis: Any, command: Command, now_ms: int) -> str | None:
+async def store_offline(redis: RedisConnection, command: Command, now_ms: int) -> str | None:
     """Keep *command* for its device's next login (status ``queued``), and if the device
     is connected now, ask its instance to deliver it at once.
 
@@ -184,7 +192,7 @@ async def store_offline(redis: Any, command: Command, now_ms: int) -> str | None
             *flat(command.fields()),
         ],
     )
-    if not int(stored):
+    if not reply_int(stored):
         raise ValueError(f"command id {command.id} is already stored")
     instance = await maybeDeferred(redis.hget, REGISTRY_KEY, command.imei)
     if not instance:
@@ -197,7 +205,7 @@ async def store_offline(redis: Any, command: Command, now_ms: int) -> str | None
 
 
 async def wait_for_terminal(
-    redis: Any,
+    redis: RedisConnection,
     command_id: str,
     after: str,
     deadline: float,
@@ -228,15 +236,12 @@ async def wait_for_terminal(
             RESPONSES_STREAM,
             cursor,
         )
-        if not reply:
-            continue
-        for _stream, items in reply:
-            for entry_id, values in items:
-                cursor = entry_id
-                fields = pairs(list(values))
-                if fields.get("id") != command_id:
-                    continue
-                if on_status is not None:
-                    on_status(fields)
-                if fields.get("status") in TERMINAL:
-                    return fields
+        for entry in parse_entries(first_stream(reply)):
+            cursor = entry.entry_id
+            fields = pairs([text_of(value) for value in entry.fields or []])
+            if fields.get("id") != command_id:
+                continue
+            if on_status is not None:
+                on_status(fields)
+            if fields.get("status") in TERMINAL:
+                return fields

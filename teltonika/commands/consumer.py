@@ -68,6 +68,8 @@ from teltonika.commands.metrics import CommandMetrics
 from teltonika.commands.scripts import DELIVERED as DELIVERED_SCRIPT
 from teltonika.commands.scripts import SETTLE, TAKE_OFFLINE, run_script
 from teltonika.protocol.queue import CommandError, CommandQueue, InvalidCommandError
+from teltonika.redis.connection import RedisConnection
+from teltonika.redis.groups import ConsumerGroup, GroupReply, classify
 from teltonika.units import SECONDS
 from teltonika.wire.records import DeviceMessage
 
@@ -101,8 +103,8 @@ class CommandConsumer(Service):
 
     def __init__(
         self,
-        reader: Any,
-        redis: Any,
+        reader: RedisConnection,
+        redis: RedisConnection,
         instance_id: str,
         lookup: QueueLookup,
         clock: IReactorTime,
@@ -122,6 +124,7 @@ class CommandConsumer(Service):
         self.batch = batch
         self.max_attempts = max_attempts
         self.stream = outbound_stream(instance_id)
+        self.group = ConsumerGroup(self.stream, CONSUMER_GROUP, instance_id)
         self._loop: Deferred[None] | None = None
         self._stopping = False
         self._abandoned = False
@@ -171,7 +174,7 @@ class CommandConsumer(Service):
             except Exception as error:
                 if not self.running:
                     return
-                if "NOGROUP" in str(error):
+                if classify(error) is GroupReply.NO_GROUP:
                     # Redis lost the group (restarted without persistence): make it
                     # again; entries in flight here are still settled by their callbacks.
                     backlog, cursor = False, ">"
@@ -199,37 +202,18 @@ class CommandConsumer(Service):
                     self._log.failure("Dispatching {entry_id} failed", entry_id=entry_id)
 
     async def _ensure_group(self) -> None:
-        try:
-            await maybeDeferred(
-                self._redis.execute_command,
-                "XGROUP",
-                "CREATE",
-                self.stream,
-                CONSUMER_GROUP,
-                "0",
-                "MKSTREAM",
-            )
-        except Exception as error:
-            if "BUSYGROUP" not in str(error):
-                raise
+        await self.group.create(self._redis)
 
     async def _read(self, start: str) -> list[tuple[str, dict[Any, Any]]]:
-        args: list[Any] = ["XREADGROUP", "GROUP", CONSUMER_GROUP, self.instance_id]
-        args += ["COUNT", str(self.batch)]
-        if start == ">":
-            args += ["BLOCK", str(int(self.block * 1000))]
-        args += ["STREAMS", self.stream, start]
-        reply = await maybeDeferred(self._reader.execute_command, *args)
-        if not reply:
-            return []
+        block = int(self.block * 1000) if start == ">" else None
         out: list[tuple[str, dict[Any, Any]]] = []
-        for _stream, items in reply:
-            for entry_id, values in items:
-                if values is None:  # pending entry deleted meanwhile
-                    self._ack_only(entry_id)
-                    continue
-                # Names and values may be bytes (not UTF-8): dispatch() refuses those.
-                out.append((entry_id, dict(zip(values[::2], values[1::2], strict=False))))
+        for entry in await self.group.read(self._reader, start, self.batch, block):
+            values = entry.fields
+            if values is None:  # pending entry deleted meanwhile
+                self._ack_only(entry.entry_id)
+                continue
+            # Names and values may be bytes (not UTF-8): dispatch() refuses those.
+            out.append((entry.entry_id, dict(zip(values[::2], values[1::2], strict=False))))
         return out
 
     # -- dispatch ----------------------------------------------------------------------

@@ -20,7 +20,7 @@ so the TimerService keeps ticking.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -43,6 +43,7 @@ from teltonika.commands.scripts import (
     JANITOR_STREAM,
     run_script,
 )
+from teltonika.redis.connection import RedisConnection, reply_int, reply_list, reply_text
 from teltonika.units import SECONDS
 
 JANITOR_INTERVAL: Final = 30 * SECONDS
@@ -64,7 +65,7 @@ class Janitor:
 
     def __init__(
         self,
-        redis: Any,
+        redis: RedisConnection,
         instance_id: str,
         metrics: CommandMetrics,
         now_ms: Callable[[], int],
@@ -112,12 +113,12 @@ class Janitor:
                     [REGISTRY_KEY, heartbeat_key(instance)],
                     [instance, *imeis],
                 )
-                if int(count) > 0:
-                    removed += int(count)
-                    self._metrics.janitor_removed.inc(int(count))
+                if reply_int(count) > 0:
+                    removed += reply_int(count)
+                    self._metrics.janitor_removed.inc(reply_int(count))
                     self._log.info(
                         "Removed {count} registry entries of dead instance {instance}",
-                        count=int(count),
+                        count=reply_int(count),
                         instance=instance,
                     )
             count = await run_script(
@@ -131,11 +132,11 @@ class Janitor:
                 ],
                 [instance, now, str(RESPONSES_MAXLEN), self.instance_id],
             )
-            if int(count) > 0:
-                failed += int(count)
+            if reply_int(count) > 0:
+                failed += reply_int(count)
                 self._log.warn(
                     "Failed {count} undelivered commands of dead instance {instance}",
-                    count=int(count),
+                    count=reply_int(count),
                     instance=instance,
                 )
         expired = await run_script(
@@ -144,7 +145,7 @@ class Janitor:
             [OFFLINE_EXPIRY_KEY, RESPONSES_STREAM],
             [now, str(RESPONSES_MAXLEN), self.instance_id, str(EXPIRE_BATCH)],
         )
-        return {"removed": removed, "failed": failed, "expired": int(expired)}
+        return {"removed": removed, "failed": failed, "expired": reply_int(expired)}
 
     async def _instances_with_streams(self) -> set[str]:
         """Instance ids that have an outbound stream (SCAN, a few keys per instance)."""
@@ -154,9 +155,9 @@ class Janitor:
             reply = await maybeDeferred(
                 self._redis.scan, cursor, pattern=_OUTBOUND_PREFIX + "*", count=500
             )
-            cursor, keys = str(reply[0]), reply[1]
+            cursor, keys = reply_text(reply[0]), reply_list(reply[1])
             for key in keys:
-                found.add(key[len(_OUTBOUND_PREFIX) :])
+                found.add(reply_text(key)[len(_OUTBOUND_PREFIX) :])
             if cursor == "0":
                 return found
 

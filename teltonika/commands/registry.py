@@ -29,7 +29,8 @@ Rules, and why:
 
 from __future__ import annotations
 
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Any, Final, ParamSpec, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -39,9 +40,13 @@ from twisted.python.failure import Failure
 from teltonika.commands.messages import REGISTRY_KEY, InstanceSettings, heartbeat_key
 from teltonika.commands.metrics import CommandMetrics
 from teltonika.commands.scripts import REASSERT, UNREGISTER, run_script
+from teltonika.redis.connection import RedisConnection
 from teltonika.units import SECONDS
 
 HEARTBEAT_TTL: Final = 90 * SECONDS
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
 HEARTBEAT_INTERVAL: Final = 30 * SECONDS
 OPERATION_TIMEOUT: Final = 5 * SECONDS
 
@@ -65,11 +70,11 @@ class ConnectionRegistry:
 
     def __init__(
         self,
-        redis: Any,
+        redis: RedisConnection,
         instance_id: str,
         metrics: CommandMetrics,
         *,
-        now_ms: Any = None,
+        now_ms: Callable[[], int] | None = None,
         heartbeat_ttl: float = HEARTBEAT_TTL,
         clock: IReactorTime | None = None,
         timeout: float = OPERATION_TIMEOUT,
@@ -191,9 +196,11 @@ class ConnectionRegistry:
 
         return d.addBoth(settled)
 
-    def _call(self, function: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        """Call a txredisapi method with a timeout; a synchronous raise becomes a failure."""
-        d: Deferred[Any] = maybeDeferred(function, *args, **kwargs)
+    def _call(
+        self, function: Callable[_P, Deferred[_T]], *args: _P.args, **kwargs: _P.kwargs
+    ) -> Deferred[_T]:
+        """Call a Redis method with a timeout; a synchronous raise becomes a failure."""
+        d = maybeDeferred(function, *args, **kwargs)
         return d.addTimeout(self.timeout, self._clock)
 
     def _failed(self, operation: str, failure: Failure, **data: Any) -> None:

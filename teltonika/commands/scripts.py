@@ -37,7 +37,7 @@ and on Redis with replicas; it is not Redis Cluster safe.
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Final
 
 from twisted.internet.defer import Deferred
 
@@ -49,6 +49,7 @@ from teltonika.commands.messages import (
     heartbeat_key,
     outbound_stream,
 )
+from teltonika.redis.connection import RedisConnection, Reply
 
 _STATUS_LUA: Final = """
 local function status(id, imei, codec, st, reason, inst, now, attempt)
@@ -320,7 +321,8 @@ return n
 )
 
 
-def run_script(redis: Any, script: str, keys: list[str], args: list[str]) -> Deferred[Any]:
+def run_script(
+    redis: RedisConnection, script: str, keys: list[str], args: list[str]
+) -> Deferred[Reply]:
     """EVALSHA *script* (txredisapi loads it with EVAL on the first call or after NOSCRIPT)."""
-    d: Deferred[Any] = redis.eval(script, keys, args)
-    return d
+    return redis.eval(script, keys, args)

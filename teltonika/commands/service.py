@@ -15,8 +15,7 @@ whose call fails stops for good.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 import attrs
 from twisted.application.internet import TimerService
@@ -34,6 +33,7 @@ from teltonika.commands.router import CommandRouter
 from teltonika.protocol.queue import CommandQueue
 from teltonika.protocol.tcp import DeviceFactory
 from teltonika.redis.connect import SharedConnection
+from teltonika.redis.connection import LazyConnection
 from teltonika.services.ingestion import IngestionService
 
 _log = Logger()
@@ -54,7 +54,7 @@ class CommandPlane(MultiService):
         registry: ConnectionRegistry,
         consumer: CommandConsumer,
         janitor: Janitor,
-        reader: _Lazy,
+        reader: LazyConnection,
         *,
         heartbeat_interval: float,
         janitor_interval: float,
@@ -131,8 +131,8 @@ def command_plane(
         session = factory.sessions.get(imei)
         return None if session is None else session.commands
 
-    shared = _Lazy(redis)
-    reader = _Lazy(redis.connect)
+    shared = LazyConnection(redis)
+    reader = LazyConnection(redis.connect)
     registry = ConnectionRegistry(
         shared,
         instance_id,
@@ -164,26 +164,3 @@ def command_plane(
     factory.session_listeners.append(CommandRouter(registry, consumer))
     ingestion.add_closing_step(lambda: Deferred.fromCoroutine(plane.shutdown()), first=True)
     return plane
-
-
-class _Lazy:
-    """Makes its txredisapi connection on first use, so that ``makeService`` touches no
-    socket (``server.redis`` is the shared connection, made on first call as well)."""
-
-    def __init__(self, make: Callable[[], Any]) -> None:
-        self._make = make
-        self._conn: Any = None
-
-    def __getattr__(self, name: str) -> Any:
-        if self._conn is None:
-            self._conn = self._make()
-        return getattr(self._conn, name)
-
-    async def close(self) -> None:
-        """Disconnect if a connection was made (the shared one is closed by its owner)."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                await conn.disconnect()
-            except Exception as error:  # already gone: nothing left to release
-                _log.info("Redis connection close: {error}", error=str(error))

@@ -31,7 +31,7 @@ Invariants (README.rst, "Exactly once, and what that means"):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
@@ -53,8 +53,9 @@ from teltonika.processor.entries import (
 from teltonika.processor.metrics import ProcessorMetrics
 from teltonika.processor.migrations import SchemaError
 from teltonika.processor.state import DeviceState
-from teltonika.processor.streams import DeadLetter, Entry, Streams
+from teltonika.processor.streams import DeadLetter, Streams
 from teltonika.processor.writer import WriteOutcome, write_batch
+from teltonika.redis.groups import Entry, GroupReply, classify
 
 
 class _Timeout(Exception):
@@ -112,7 +113,7 @@ class Consumer:
         metrics: ProcessorMetrics,
         clock: IReactorTime,
         config: ConsumerConfig = ConsumerConfig(),
-        migrate: Any = None,
+        migrate: Callable[[psycopg.Connection[Any]], list[str]] | None = None,
     ) -> None:
         self.streams = streams
         self.database = database
@@ -213,7 +214,7 @@ class Consumer:
         if self.crashed is None:
             self._log.info("Consumer {consumer} stopped reading", consumer=self.streams.consumer)
 
-    async def _retrying(self, what: str, step: Any) -> bool:
+    async def _retrying(self, what: str, step: Callable[[], Awaitable[None]]) -> bool:
         """Run ``await step()`` until it succeeds (True) or we are stopping (False); a
         :class:`SchemaError` is not retried (it propagates)."""
         delay = self.config.retry_initial
@@ -310,7 +311,7 @@ class Consumer:
             try:
                 entries = await self.streams.read(cursor, config.batch_size, block)
             except Exception as e:
-                if "NOGROUP" in str(e) or "UNBLOCKED" in str(e):
+                if classify(e) in (GroupReply.NO_GROUP, GroupReply.UNBLOCKED):
                     await self._recreate_group()
                     cursor = "0"
                     continue

@@ -19,11 +19,12 @@ from __future__ import annotations
 from typing import Any
 
 from teltonika.redis.connect import AnyRedisAddress, SentinelAddress, lazy_connection
+from teltonika.redis.connection import RedisConnection
 
 
 def reader_connection(
     address: AnyRedisAddress, *, reply_timeout: float, connect_timeout: float = 5.0
-) -> Any:
+) -> RedisConnection:
     """A lazy, reconnecting connection meant for stream reads only."""
     try:
         import hiredis
@@ -80,4 +81,5 @@ def reader_connection(
     factory.startConnecting(
         txredisapi._makeEndpoint(address.host, address.port, connect_timeout, ssl_context_factory)
     )
-    return factory.handler
+    handler: RedisConnection = factory.handler  # txredisapi is untyped: typed from here on
+    return handler

@@ -19,7 +19,7 @@ import atexit
 import contextlib
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Final
 
 import attrs
 from twisted.application.service import Service
@@ -28,10 +28,12 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IDelayedCall, IReactorCore, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from teltonika.exits import exit_now
 from teltonika.processor.consumer import Consumer
 from teltonika.processor.trim import trim_stream
+from teltonika.redis.connection import RedisConnection
 
 SWITCH_INTERVAL = 0.0005
 """Seconds: the GIL switch interval the processor runs with (see startService)."""
@@ -120,10 +122,10 @@ class ProcessorService(Service):
     def __init__(
         self,
         consumer: Consumer,
-        redis: Sequence[Any],
+        redis: Sequence[RedisConnection],
         clock: IReactorTime,
         *,
-        connect: Callable[[], tuple[Any, Any]] | None = None,
+        connect: Callable[[], tuple[RedisConnection, RedisConnection]] | None = None,
         housekeeping: Housekeeping = Housekeeping(),
         shutdown_timeout: float = 15.0,
         force_exit: Callable[[], None] = hard_exit,
@@ -227,7 +229,7 @@ class ProcessorService(Service):
         """Never fails: a failing tick would stop the LoopingCall for good."""
         d: Deferred[None] = Deferred.fromCoroutine(self._tick_async())
 
-        def failed(failure: Any) -> None:
+        def failed(failure: Failure) -> None:
             self._log.warn("Stats/trim tick failed: {error}", error=failure.getErrorMessage())
 
         d.addErrback(failed)

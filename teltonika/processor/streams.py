@@ -16,6 +16,16 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
+from teltonika.redis.connection import (
+    Argument,
+    RedisConnection,
+    Reply,
+    reply_int,
+    reply_list,
+    reply_text,
+)
+from teltonika.redis.groups import ConsumerGroup, Entry, GroupReply, classify, parse_entries
+
 DEAD_STREAM: Final = "telemetry:teltonika:dead"
 
 ARGS_PER_CALL: Final = 1000
@@ -125,18 +135,6 @@ def letter_fields(fields: Sequence[Any]) -> tuple[list[Any], str | None]:
     return kept, f"{pairs} fields, {total} characters"
 
 
-class RedisReplyError(Exception):
-    """A reply that does not have the shape the command documents."""
-
-
-@attrs.frozen(slots=True)
-class Entry:
-    """One stream entry; ``fields`` is None when it was deleted while pending."""
-
-    entry_id: str
-    fields: list[Any] | None
-
-
 @attrs.frozen(slots=True)
 class DeadLetter:
     """An entry going to the dead-letter stream, and why."""
@@ -158,16 +156,6 @@ class GroupInfo:
     lag: int | None
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def _entries(raw: Any) -> list[Entry]:
-    if not raw:
-        return []
-    return [Entry(_text(item[0]), item[1]) for item in raw]
-
-
 def parse_id(entry_id: str) -> tuple[int, int]:
     """``"ms-seq"`` as a tuple that sorts like Redis sorts ids."""
     ms, _, seq = entry_id.partition("-")
@@ -182,10 +170,16 @@ def next_id(entry_id: str) -> str:
     return f"{ms}-{seq + 1}"
 
 
+def _required(connection: RedisConnection | None) -> RedisConnection:
+    if connection is None:
+        raise RuntimeError("no Redis connection yet: Streams.use() was not called")
+    return connection
+
+
 class Streams:
     """Commands on *stream* for consumer *consumer* of *group*.
 
-    :param redis: a txredisapi connection (see :func:`teltonika.redis.connect.lazy_connection`);
+    :param redis: a Redis connection (see :func:`teltonika.redis.connect.lazy_connection`);
         ``None`` until :meth:`use` hands one over (a service that connects at start).
     :param reader: a second connection for XREADGROUP only (default *redis*): a blocking
         read must not queue the XACKs of the batch being written behind it.
@@ -202,65 +196,66 @@ class Streams:
         dead_stream: str = DEAD_STREAM,
         dead_maxlen: int = 1_000_000,
         timeout: float = 10.0,
-        redis: Any = None,
-        reader: Any = None,
+        redis: RedisConnection | None = None,
+        reader: RedisConnection | None = None,
     ) -> None:
         self.clock = clock
         self.stream = stream
         self.group = group
         self.consumer = consumer
+        self.consumer_group = ConsumerGroup(stream, group, consumer)
         self.dead_stream = dead_stream
         self.dead_maxlen = dead_maxlen
         self.timeout = timeout
-        self.redis: Any = None
-        self.reader: Any = None
+        self.redis: RedisConnection | None = None
+        self.reader: RedisConnection | None = None
         if redis is not None:
             self.use(redis, reader)
 
-    def use(self, redis: Any, reader: Any = None) -> None:
+    def use(self, redis: RedisConnection, reader: RedisConnection | None = None) -> None:
         """Send commands on *redis* and read with *reader* (default *redis*) from now on."""
         self.redis = redis
         self.reader = redis if reader is None else reader
 
     def command(
-        self, *args: Any, timeout: float | None = None, connection: Any = None
-    ) -> Deferred[Any]:
+        self,
+        *args: Argument,
+        timeout: float | None = None,
+        connection: RedisConnection | None = None,
+    ) -> Deferred[Reply]:
         """Run one command with a timeout (raises ``TimeoutError`` when it expires)."""
-        d: Deferred[Any] = Deferred.fromCoroutine(
+        d: Deferred[Reply] = Deferred.fromCoroutine(
             self._command(self.redis if connection is None else connection, args)
         )
         d.addTimeout(self.timeout if timeout is None else timeout, self.clock)
         return d
 
     @staticmethod
-    async def _command(connection: Any, args: Sequence[Any]) -> Any:
-        return await connection.execute_command(*args)
+    async def _command(connection: RedisConnection | None, args: Sequence[Argument]) -> Reply:
+        return await _required(connection).execute_command(*args)
 
     async def ping(self) -> None:
         await self.command("PING")
 
     async def create_group(self, start: str = "0") -> bool:
         """Create the group (and the stream) if missing; False when it already existed."""
-        try:
-            await self.command("XGROUP", "CREATE", self.stream, self.group, start, "MKSTREAM")
-        except Exception as e:
-            if "BUSYGROUP" in str(e):
-                return False
-            raise
-        return True
+        return await self.consumer_group.create(
+            _required(self.redis), start, clock=self.clock, timeout=self.timeout
+        )
 
     async def read(self, cursor: str, count: int, block_ms: int | None) -> list[Entry]:
         """XREADGROUP from *cursor* (``">"`` for new entries, an id for own pending ones)."""
-        args: list[Any] = ["XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count]
         timeout = self.timeout
         if block_ms is not None:
-            args += ["BLOCK", block_ms]
             timeout += block_ms / 1000
-        args += ["STREAMS", self.stream, cursor]
-        reply = await self.command(*args, timeout=timeout, connection=self.reader)
-        if not reply:
-            return []
-        return _entries(reply[0][1])
+        return await self.consumer_group.read(
+            _required(self.reader),
+            cursor,
+            count,
+            block_ms,
+            clock=self.clock,
+            timeout=timeout,
+        )
 
     async def autoclaim(
         self, min_idle_ms: int, start: str, count: int
@@ -276,15 +271,17 @@ class Streams:
             "COUNT",
             count,
         )
-        deleted = [_text(i) for i in reply[2]] if len(reply) > 2 and reply[2] else []
-        return _text(reply[0]), _entries(reply[1]), deleted
+        parts = reply_list(reply)
+        deleted = [reply_text(i) for i in reply_list(parts[2])] if len(parts) > 2 else []
+        return reply_text(parts[0]), parse_entries(parts[1]), deleted
 
     async def deliveries(self, first: str, last: str, count: int) -> dict[str, int]:
         """How often each of our pending entries in [first, last] was delivered."""
         reply = await self.command(
             "XPENDING", self.stream, self.group, first, last, count, self.consumer
         )
-        return {_text(row[0]): int(row[3]) for row in reply or ()}
+        rows = [reply_list(row) for row in reply_list(reply)]
+        return {reply_text(row[0]): reply_int(row[3]) for row in rows}
 
     async def touch(self, ids: Sequence[str]) -> list[str]:
         """Reset the idle time of entries we still hold (``XCLAIM ... JUSTID`` does not
@@ -295,12 +292,12 @@ class Streams:
         reply = await self.command(
             "EVAL", TOUCH_SCRIPT, 1, self.stream, self.group, self.consumer, *ids
         )
-        return [_text(i) for i in reply or ()]
+        return [reply_text(i) for i in reply_list(reply)]
 
     async def ack(self, ids: Sequence[str]) -> int:
         if not ids:
             return 0
-        return int(await self.command("XACK", self.stream, self.group, *ids))
+        return reply_int(await self.command("XACK", self.stream, self.group, *ids))
 
     async def dead_letter(
         self, letters: Sequence[DeadLetter], ack_ids: Iterable[str], now_ms: int
@@ -325,7 +322,7 @@ class Streams:
         reply = await self.command(
             "EVAL", DEAD_LETTER_SCRIPT, 2, self.stream, self.dead_stream, *args
         )
-        return int(reply)
+        return reply_int(reply)
 
     async def retire_idle_consumers(self, min_idle_ms: int) -> list[tuple[str, int]]:
         """Delete the group's consumers idle longer than *min_idle_ms* with nothing pending
@@ -333,39 +330,42 @@ class Streams:
         reply = await self.command(
             "EVAL", RETIRE_SCRIPT, 1, self.stream, self.group, self.consumer, min_idle_ms
         )
-        flat = list(reply or ())
-        return [(_text(name), int(idle)) for name, idle in zip(flat[::2], flat[1::2], strict=True)]
+        flat = reply_list(reply)
+        return [
+            (reply_text(name), reply_int(idle))
+            for name, idle in zip(flat[::2], flat[1::2], strict=True)
+        ]
 
     async def groups(self) -> list[GroupInfo]:
         """``XINFO GROUPS`` of the stream (empty when the stream does not exist)."""
         try:
             reply = await self.command("XINFO", "GROUPS", self.stream)
         except Exception as e:
-            if "no such key" in str(e):
+            if classify(e) is GroupReply.NO_SUCH_KEY:
                 return []
             raise
         out = []
-        for row in reply or ():
-            info = {_text(k): v for k, v in zip(row[::2], row[1::2], strict=False)}
+        for row in map(reply_list, reply_list(reply)):
+            info = {reply_text(k): v for k, v in zip(row[::2], row[1::2], strict=False)}
             lag = info.get("lag")
             out.append(
                 GroupInfo(
-                    name=_text(info["name"]),
-                    consumers=int(info.get("consumers", 0)),
-                    pending=int(info.get("pending", 0)),
-                    last_delivered_id=_text(info.get("last-delivered-id", "0-0")),
-                    lag=None if lag is None else int(lag),
+                    name=reply_text(info["name"]),
+                    consumers=reply_int(info.get("consumers", 0)),
+                    pending=reply_int(info.get("pending", 0)),
+                    last_delivered_id=reply_text(info.get("last-delivered-id", "0-0")),
+                    lag=None if lag is None else reply_int(lag),
                 )
             )
         return out
 
     async def oldest_pending(self, group: str) -> str | None:
         """The smallest id *group* has delivered and not acknowledged, or None."""
-        reply = await self.command("XPENDING", self.stream, group)
-        if not reply or not int(reply[0]):
+        summary = reply_list(await self.command("XPENDING", self.stream, group))
+        if not summary or not reply_int(summary[0]):
             return None
-        return _text(reply[1])
+        return reply_text(summary[1])
 
     async def trim_minid(self, min_id: str) -> int:
         """``XTRIM stream MINID min_id`` (exact): removes entries with smaller ids."""
-        return int(await self.command("XTRIM", self.stream, "MINID", min_id))
+        return reply_int(await self.command("XTRIM", self.stream, "MINID", min_id))

@@ -19,13 +19,20 @@ from twisted.python import usage
 
 from teltonika.contract import TELEMETRY_STREAM
 from teltonika.interfaces import IProcessReactor
-from teltonika.options import metrics_endpoint, positive_seconds, positive_whole_number, seconds
+from teltonika.options import (
+    metrics_option,
+    non_empty,
+    positive_seconds,
+    positive_whole_number,
+    seconds,
+)
 from teltonika.processor.live.options import LiveOptions
 from teltonika.redis.connect import RedisURLError, SentinelAddress, parse_redis_url
 from teltonika.services.ops_http import DEFAULT_PROCESSOR_METRICS
 
 if TYPE_CHECKING:
     from teltonika.processor.service import ProcessorService
+    from teltonika.redis.connection import RedisConnection
 
 POSTGRES_ENV: Final = "TELTONIKA_POSTGRES_DSN"
 REDIS_ENV: Final = "TELTONIKA_REDIS_URL"
@@ -97,6 +104,7 @@ class Options(LiveOptions):
             "This instance's consumer name; must be unique in the group and stable across "
             "restarts (it re-reads its own pending entries on start). A name that is never "
             "used again stays in the group: see --retire-idle-consumers.",
+            non_empty,
         ],
         [
             "retire-idle-consumers",
@@ -165,6 +173,7 @@ class Options(LiveOptions):
             DEFAULT_PROCESSOR_METRICS,
             "Endpoint for /metrics, /healthz, /readyz (a port number means loopback; "
             "'off' disables).",
+            metrics_option,
         ],
         ["trim-interval", None, 60.0, "Seconds between trims when --trim is on.", positive_seconds],
         [
@@ -223,9 +232,6 @@ class Options(LiveOptions):
         self["postgres"] = self["postgres"] or os.environ.get(POSTGRES_ENV)
         if not self["postgres"]:
             raise usage.UsageError(f"give --postgres DSN or set ${POSTGRES_ENV}")
-        self["metrics"] = metrics_endpoint(self["metrics"])
-        if not self["consumer"]:
-            raise usage.UsageError("--consumer must not be empty")
         claim_idle = self["claim-idle"]
         if self["statement-timeout"] is None:
             self["statement-timeout"] = min(STATEMENT_TIMEOUT, claim_idle / 4)
@@ -302,9 +308,9 @@ def makeService(options: Options, reactor: IProcessReactor | None = None) -> Pro
     address = options.get("redis-address") or parse_redis_url(options["redis"])
     timeout = 10.0
 
-    connections: list[Any] = []
+    connections: list[RedisConnection] = []
 
-    def connect() -> tuple[Any, Any]:
+    def connect() -> tuple[RedisConnection, RedisConnection]:
         """Called by ProcessorService.startService: makeService touches no network."""
         made = (
             lazy_connection(address, reply_timeout=timeout),

@@ -24,11 +24,15 @@ txredisapi is used with two deliberate settings:
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Final
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from teltonika.redis.connection import RedisConnection
 
 DEFAULT_REPLY_TIMEOUT: Final = 10.0
 DEFAULT_SENTINEL_PORT: Final = 26379
@@ -237,7 +241,7 @@ def lazy_connection(
     connect_timeout: float = 5.0,
     charset: str | None = "utf-8",
     poolsize: int = 1,
-) -> Any:
+) -> RedisConnection:
     """A txredisapi connection (pool) that connects in the background and reconnects
     with backoff after any loss. Commands issued while it is down fail (or wait for the
     reconnect, depending on txredisapi's state); callers treat failures as "Redis down".
@@ -278,10 +282,11 @@ def lazy_connection(
     connected = getattr(getattr(connection, "_factory", None), "deferred", None)
     if connected is not None:
         connected.addErrback(_connection_setup_failed)
-    return connection
+    typed: RedisConnection = connection  # txredisapi is untyped: typed from here on
+    return typed
 
 
-def _connection_setup_failed(failure: Any) -> None:
+def _connection_setup_failed(failure: Failure) -> None:
     _log.info("Redis connection set-up failed: {error}", error=failure.getErrorMessage())
 
 
@@ -295,9 +300,9 @@ class SharedConnection:
 
     def __init__(self, address: AnyRedisAddress) -> None:
         self.address = address
-        self._connection: Any = None
+        self._connection: RedisConnection | None = None
 
-    def __call__(self) -> Any:
+    def __call__(self) -> RedisConnection:
         """The shared connection; it reconnects with backoff by itself."""
         if self._connection is None:
             self._connection = lazy_connection(self.address)
@@ -308,7 +313,7 @@ class SharedConnection:
         """True once the shared connection was asked for."""
         return self._connection is not None
 
-    def connect(self) -> Any:
+    def connect(self) -> RedisConnection:
         """Another connection to the same Redis (the caller closes it)."""
         return lazy_connection(self.address)
 
@@ -318,7 +323,7 @@ class SharedConnection:
 
         return self._connection is not None and master_known(self._connection)
 
-    def disconnect(self) -> Any:
+    def disconnect(self) -> Deferred[object] | None:
         """Close the shared connection, if one was made (the last shutdown step)."""
         if self._connection is not None:
             connection, self._connection = self._connection, None

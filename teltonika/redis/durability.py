@@ -38,8 +38,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import Enum
-from typing import Any, Final
+from typing import Final
 
+from teltonika.redis.connection import RedisConnection
 from teltonika.redis.streams import StreamWriteError, pipeline_commands
 
 WAITAOF_MIN_VERSION: Final = (7, 2)
@@ -207,7 +208,9 @@ class DurabilityCheck:
         """True when the settings can drift and must be verified again and again."""
         return self.wanted != "memory"
 
-    async def verify(self, redis: Any, others: Sequence[Any] = ()) -> Durability:
+    async def verify(
+        self, redis: RedisConnection, others: Sequence[RedisConnection] = ()
+    ) -> Durability:
         """Ask Redis for its settings (one round trip) and name the connection verified
         (and the *others*, further connections to the same server that batches use).
 
@@ -335,7 +338,9 @@ class DurabilityCheck:
             )
 
 
-async def check_durability(redis: Any, wanted: str, replicas: int = DEFAULT_REPLICAS) -> Durability:
+async def check_durability(
+    redis: RedisConnection, wanted: str, replicas: int = DEFAULT_REPLICAS
+) -> Durability:
     """Check once that Redis can give the durability *wanted* (``memory``, ``fsync`` or
     ``replicated``).
 

@@ -33,9 +33,11 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from teltonika.redis.connect import SentinelAddress
+from teltonika.redis.connection import RedisConnection, Reply
 
 DISCOVERY_INTERVAL: Final = 0.2
 """Seconds between two rounds of questions to the sentinels while none names a master."""
@@ -98,7 +100,7 @@ class MasterDiscovery:
 
     def __init__(
         self,
-        ask: Callable[[int], Deferred[object]],
+        ask: Callable[[int], Deferred[Reply]],
         count: int,
         service: str,
         clock: IReactorTime,
@@ -154,9 +156,9 @@ class MasterDiscovery:
             reasons.append(f"flags {state.get('flags', '?')} for {state.get('ip', '?')}")
             settled()
 
-        def failed(failure: Any) -> None:
+        def failed(failure: Failure) -> None:
             if not result.called:
-                reasons.append(failure.getErrorMessage() or failure.type.__name__)
+                reasons.append(failure.getErrorMessage() or type(failure.value).__name__)
                 settled()
 
         def settled() -> None:
@@ -174,9 +176,7 @@ class MasterDiscovery:
         return result
 
 
-def _failure(error: Exception) -> Any:
-    from twisted.python.failure import Failure
-
+def _failure(error: Exception) -> Failure:
     return Failure(error)
 
 
@@ -272,7 +272,7 @@ class SentinelEndpoint:
         self.master = address
         return address
 
-    def _not_found(self, failure: Any) -> Any:
+    def _not_found(self, failure: Failure) -> Failure:
         if not self._failing:
             self._failing = True
             _log.warn("Redis master unknown: {why}", why=failure.getErrorMessage())
@@ -299,7 +299,7 @@ def sentinel_connection(
     poolsize: int = 1,
     protocol: type | None = None,
     clock: IReactorTime | None = None,
-) -> Any:
+) -> RedisConnection:
     """A lazy txredisapi connection (pool) to the master of *address*'s service.
 
     Besides the txredisapi API, the handler has ``master()``: the master's
@@ -318,11 +318,8 @@ def sentinel_connection(
         for host, port in address.sentinels
     ]
 
-    def ask(index: int) -> Deferred[object]:
-        asked: Deferred[object] = sentinels[index].execute_command(
-            "SENTINEL", "MASTER", address.service
-        )
-        return asked
+    def ask(index: int) -> Deferred[Reply]:
+        return sentinels[index].execute_command("SENTINEL", "MASTER", address.service)
 
     discovery = MasterDiscovery(ask, len(sentinels), address.service, clock)
 
@@ -362,12 +359,13 @@ def sentinel_connection(
     if connected is not None:
         connected.addErrback(lambda failure: None)  # commands report their own failures
     factory.startConnecting(endpoint)
-    return handler
+    typed: RedisConnection = handler  # its base is untyped txredisapi: typed from here on
+    return typed
 
 
 def _sentinel_connection(
     host: str, port: int, address: SentinelAddress, connect_timeout: float
-) -> Any:
+) -> RedisConnection:
     """A lazy connection to one sentinel (no SELECT: a sentinel has no databases)."""
     import txredisapi
 
@@ -388,7 +386,8 @@ def _sentinel_connection(
     connected = getattr(getattr(connection, "_factory", None), "deferred", None)
     if connected is not None:
         connected.addErrback(lambda failure: None)  # questions report their own failures
-    return connection
+    typed: RedisConnection = connection  # txredisapi is untyped: typed from here on
+    return typed
 
 
 def _handler_base() -> type:
@@ -402,7 +401,7 @@ class SentinelConnectionHandler(_handler_base()):  # type: ignore[misc]
     """txredisapi's connection handler, plus :meth:`master` and the sentinels' cleanup."""
 
     _endpoint: SentinelEndpoint | None = None
-    _sentinels: Sequence[Any] = ()
+    _sentinels: Sequence[RedisConnection] = ()
 
     def master(self) -> tuple[str, int] | None:
         """The master's address while a connection to it is up; None while no master
@@ -423,9 +422,11 @@ class SentinelConnectionHandler(_handler_base()):  # type: ignore[misc]
         return f"<Redis through Sentinel: master {master}, {self._factory.size} connection(s)>"
 
 
-def master_known(connection: Any) -> bool:
-    """For ``/readyz``: True unless *connection* follows Sentinel and knows no master."""
-    master = getattr(type(connection), "master", None)
-    if master is None:
+def master_known(connection: RedisConnection) -> bool:
+    """For ``/readyz``: True unless *connection* follows Sentinel and knows no master.
+
+    A type check, not ``hasattr``: txredisapi's handler turns any attribute it lacks into
+    a command."""
+    if not isinstance(connection, SentinelConnectionHandler):
         return True
     return connection.master() is not None

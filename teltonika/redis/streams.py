@@ -13,9 +13,11 @@ Whether those writes are durable beyond Redis's memory, and how each batch prove
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Final
 
 from twisted.internet.defer import DeferredList, FirstError, maybeDeferred
+
+from teltonika.redis.connection import RedisConnection
 
 SEPARATOR: Final = b"\0"
 """Joins the values of one entry into one script argument. No contract value can hold a
@@ -103,7 +105,9 @@ def entry_id_ok(reply: object) -> bool:
     return ms.isdigit() and seq.isdigit()
 
 
-async def pipeline_commands(redis: Any, commands: Sequence[Sequence[bytes]]) -> list[object]:
+async def pipeline_commands(
+    redis: RedisConnection, commands: Sequence[Sequence[bytes]]
+) -> list[object]:
     """Send *commands* back to back and return their replies, in order.
 
     They are written in the same reactor turn, so they leave in one segment and come

@@ -21,7 +21,7 @@ import gc
 import signal
 from collections.abc import Callable, Coroutine, Sequence
 from types import FrameType
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred
@@ -31,6 +31,7 @@ from twisted.logger import Logger
 
 from teltonika.authority import FileAuthority
 from teltonika.exits import exit_now
+from teltonika.interfaces import IManagedSink
 from teltonika.protocol.tcp import DeviceFactory
 from teltonika.protocol.udp import DeviceDatagramProtocol
 from teltonika.units import SECONDS
@@ -39,18 +40,6 @@ DEFAULT_SHUTDOWN_TIMEOUT: Final = 10 * SECONDS
 FATAL_EXIT_GRACE: Final = 5 * SECONDS
 """A refused start exits at the latest this long after the decision, even when some
 service's stopService never finishes."""
-
-
-class ManagedSink(Protocol):
-    """What the service needs from a sink beyond :class:`~teltonika.interfaces.ISink`."""
-
-    name: str
-
-    async def start(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    def ready(self) -> bool: ...
 
 
 FatalHandler = Callable[[str], None]
@@ -93,7 +82,7 @@ class IngestionService(Service):
     def __init__(
         self,
         factory: DeviceFactory,
-        sink: ManagedSink,
+        sink: IManagedSink,
         listeners: Sequence[IService],
         *,
         udp: tuple[IService, DeviceDatagramProtocol] | None = None,

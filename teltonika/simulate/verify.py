@@ -155,6 +155,7 @@ async def read_redis(url: str, stream: str = TELEMETRY_STREAM) -> tuple[Counter[
     :return: the counts and the number of unreadable entries.
     """
     from teltonika.redis.connect import lazy_connection, parse_redis_url
+    from teltonika.redis.connection import reply_list
 
     connection = lazy_connection(parse_redis_url(url), reply_timeout=30.0)
     present: Counter[Key] = Counter()
@@ -162,7 +163,9 @@ async def read_redis(url: str, stream: str = TELEMETRY_STREAM) -> tuple[Counter[
     try:
         start = "-"
         while True:
-            page = await connection.execute_command("XRANGE", stream, start, "+", "COUNT", PAGE)
+            page = reply_list(
+                await connection.execute_command("XRANGE", stream, start, "+", "COUNT", PAGE)
+            )
             if not page:
                 break
             bad, last = count_entries(page, present)

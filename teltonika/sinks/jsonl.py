@@ -57,7 +57,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from teltonika.contract import json_line
-from teltonika.interfaces import ISink
+from teltonika.interfaces import IManagedSink
 from teltonika.metrics import ServerMetrics
 from teltonika.sinks import SinkError, SinkUnavailableError
 from teltonika.sinks.batch import Batcher
@@ -262,7 +262,7 @@ class WriterThread:
                 self._reactor.callFromThread(d.callback, result)
 
 
-@implementer(ISink)
+@implementer(IManagedSink)
 class JsonLinesSink:
     """Append records as JSON lines and fsync them in groups.
 

@@ -34,18 +34,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from enum import Enum
-from typing import Any, Final
+from typing import Final
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from teltonika.contract import FIELDS, MESSAGES_STREAM, TELEMETRY_STREAM, entry_values
-from teltonika.interfaces import ISink
+from teltonika.interfaces import IManagedSink
 from teltonika.metrics import ServerMetrics
+from teltonika.redis.connection import RedisConnection, Reply
 from teltonika.redis.durability import (
     DEFAULT_REPLICA_TIMEOUT,
     DEFAULT_REPLICAS,
@@ -140,7 +142,7 @@ class RedisSinkSettings:
     messages_stream: str = MESSAGES_STREAM
 
 
-@implementer(ISink)
+@implementer(IManagedSink)
 class RedisStreamSink:
     """Publish records as stream entries through a txredisapi connection.
 
@@ -158,21 +160,21 @@ class RedisStreamSink:
 
     def __init__(
         self,
-        get_redis: Callable[[], Any],
+        get_redis: Callable[[], RedisConnection],
         clock: IReactorTime,
         metrics: ServerMetrics,
         *,
         instance_id: str,
         settings: RedisSinkSettings = RedisSinkSettings(),
-        connect: Callable[[], Any] | None = None,
+        connect: Callable[[], RedisConnection] | None = None,
     ) -> None:
         durability = settings.durability
         replica_timeout = settings.replica_timeout
         self._get_redis = get_redis
         self._connect = connect
-        self._writers: list[Any] = []
+        self._writers: list[RedisConnection] = []
+        """The connections batches go out on; the first is the shared one (:attr:`redis`)."""
         self._in_flight: list[int] = []
-        self.redis: Any = None
         self.clock = clock
         self.metrics = metrics
         self.instance_id = instance_id
@@ -212,8 +214,7 @@ class RedisStreamSink:
 
         :raise teltonika.redis.durability.DurabilityError: Redis cannot give what was asked.
         """
-        self.redis = self._get_redis()
-        self._writers = [self.redis]
+        self._writers = [self._get_redis()]
         if self.wanted_durability == "replicated" and self._connect is not None:
             self._writers += [self._connect() for _ in range(REPLICATED_WRITERS - 1)]
         self._in_flight = [0] * len(self._writers)
@@ -250,13 +251,21 @@ class RedisStreamSink:
             except Exception as error:  # already gone: nothing left to release
                 self._log.info("Redis writer connection closed: {error}", error=error)
 
+    @property
+    def redis(self) -> RedisConnection:
+        """The shared connection (probes and durability checks go over it); only once
+        :meth:`start` was called."""
+        if not self._writers:
+            raise RuntimeError("the Redis sink was not started")
+        return self._writers[0]
+
     def _check(self) -> Deferred[None]:
         """Probe Redis; never raises (a failing LoopingCall would stop for good). While
         Redis is reachable but its durability is not verified, the probe is a durability
         check, so the sink recovers within a probe interval of the settings' return."""
         if self._reachable and self._verification is not Verification.VERIFIED:
             return self._recheck()
-        d: Deferred[object] = self.redis.execute_command("PING")
+        d: Deferred[Reply] = self.redis.execute_command("PING")
         # with replicated, the PING may wait behind a batch's WAIT on its connection: a
         # replica that is slow to confirm is not a Redis that is down
         d.addTimeout(self.probe_timeout + self._wait_bound, self.clock)
@@ -264,7 +273,7 @@ class RedisStreamSink:
         def ok(_: object) -> None:
             self._set_reachable(True, None)
 
-        def down(failure: Any) -> None:
+        def down(failure: Failure) -> None:
             self._set_reachable(False, failure.getErrorMessage())
 
         return d.addCallbacks(ok, down)
@@ -320,7 +329,7 @@ class RedisStreamSink:
         self._verification = Verification.VERIFIED
         self._update_ready()
 
-    def _not_verified(self, failure: Any) -> None:
+    def _not_verified(self, failure: Failure) -> None:
         if self._closed:
             return
         why = failure.getErrorMessage()
@@ -400,7 +409,7 @@ class RedisStreamSink:
         d.addErrback(self._write_failed)
         return d
 
-    def _write_failed(self, failure: Any) -> Any:
+    def _write_failed(self, failure: Failure) -> Failure:
         if failure.check(DurabilityChangedError):
             return failure  # Redis answered; the check that changed things is handled
         if failure.check(ReplicasNotConfirmedError):

@@ -9,6 +9,7 @@ import pytest_twisted
 
 from teltonika.commands.registry import ConnectionRegistry
 from tests.commands.helpers import fresh_metrics
+from tests.helpers import connection_double
 
 IMEI = "352093081452251"
 
@@ -145,7 +146,7 @@ def test_unregister_all_waits_for_removals_in_flight() -> None:
     clock = Clock()
     redis = _HeldRedis()
     metrics, prom = fresh_metrics()
-    registry = ConnectionRegistry(redis, "a", metrics, clock=clock, timeout=5.0)
+    registry = ConnectionRegistry(connection_double(redis), "a", metrics, clock=clock, timeout=5.0)
     registry.held[IMEI] = 1
     registry.unregister(IMEI)  # a connection closed during shutdown
     assert len(redis.pending) == 1

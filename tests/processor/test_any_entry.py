@@ -21,7 +21,7 @@ from teltonika.processor.consumer import Consumer
 from teltonika.processor.entries import ContractError, fields_dict, parse_entry
 from teltonika.processor.metrics import ProcessorMetrics
 from teltonika.processor.state import DeviceState
-from teltonika.processor.streams import Entry
+from teltonika.redis.groups import Entry
 from tests.helpers import LoggedErrors, successResultOf
 from tests.processor.helpers import DEAD, Processors, eventually, pending, record, sample, xrange
 from tests.processor.strategies import field_values, hostile_fields, huge_bigint_entry

@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from teltonika.processor.service import SWITCH_INTERVAL, Housekeeping, ProcessorService
-from tests.helpers import LoggedErrors
+from tests.helpers import LoggedErrors, connection_double
 
 
 class FakeDatabase:
@@ -59,7 +59,7 @@ def make(stopping: Deferred[None]) -> tuple[ProcessorService, Clock, list[str], 
     redis = FakeRedis()
     service = ProcessorService(
         FakeConsumer(stopping),  # type: ignore[arg-type]  # the service calls start and stop
-        [redis],
+        [connection_double(redis)],
         clock,
         housekeeping=Housekeeping(stats_interval=1000),
         shutdown_timeout=15,

@@ -240,7 +240,7 @@ async def test_shutdown_drains_datagrams_before_closing_the_port(tmp_path: Path)
     factory = DeviceFactory(CODECS, sink, SetAuthority(), metrics, reactor)
     ingestion = IngestionService(
         factory,
-        _StartedSink(),
+        ControlledSink(),
         [],
         udp=(UDPServer(0, datagrams, interface="127.0.0.1", reactor=reactor), datagrams),
         clock=reactor,
@@ -267,13 +267,3 @@ async def test_shutdown_drains_datagrams_before_closing_the_port(tmp_path: Path)
         assert datagrams.transport is None  # and then the port closed
     finally:
         await client_port.stopListening()
-
-
-class _StartedSink(ControlledSink):
-    """A ManagedSink with nothing to start or close."""
-
-    async def start(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None

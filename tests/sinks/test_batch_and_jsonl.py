@@ -7,7 +7,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 import pytest
@@ -17,8 +17,10 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
+from zope.interface.verify import verifyObject
 
 from teltonika.contract import json_line
+from teltonika.interfaces import IManagedSink
 from teltonika.metrics import ServerMetrics
 from teltonika.sinks import SinkClosedError, SinkOverloadedError, SinkUnavailableError
 from teltonika.sinks.batch import Batcher
@@ -29,7 +31,34 @@ from teltonika.sinks.jsonl import (
     OutputInUseError,
     messages_path,
 )
-from tests.helpers import IMEI, failureResultOf, record, successResultOf
+from teltonika.sinks.redis_stream import RedisStreamSink
+from tests.helpers import (
+    IMEI,
+    ControlledSink,
+    connection_double,
+    failureResultOf,
+    record,
+    successResultOf,
+)
+
+
+def test_every_sink_provides_the_managed_sink_interface(tmp_path: Path) -> None:
+    """The file sink, the Redis sink and the tests' sink all declare and fully provide
+    IManagedSink (ISink plus start/close), the one type the ingestion service takes.
+    Building a sink opens nothing, so none is started here."""
+    metrics = ServerMetrics.create(CollectorRegistry())
+    sinks = [
+        JsonLinesSink(tmp_path / "out.jsonl", Clock(), metrics, instance_id="test-1"),
+        RedisStreamSink(_no_connection, Clock(), metrics, instance_id="test-1"),
+        ControlledSink(),
+    ]
+    for sink in sinks:
+        assert IManagedSink.providedBy(sink)
+        assert verifyObject(IManagedSink, sink)
+
+
+def _no_connection() -> NoReturn:
+    raise AssertionError("a sink that is only built must not connect")
 
 
 class Writes:
@@ -555,7 +584,7 @@ def test_redis_sink_probe_in_flight_at_close_reports_nothing(logged_errors: Any)
     clock, redis = Clock(), _HeldRedis()
     metrics = ServerMetrics.create(CollectorRegistry())
     sink = RedisStreamSink(
-        lambda: redis,
+        lambda: connection_double(redis),
         clock,
         metrics,
         instance_id="i",

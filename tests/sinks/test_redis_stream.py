@@ -40,7 +40,15 @@ from teltonika.sinks.redis_stream import (
 )
 from teltonika.wire import tcp_ack
 from teltonika.wire.builtin_codecs import BUILTIN_CODECS
-from tests.helpers import IMEI, LOGIN, OTHER_IMEI, SetAuthority, avl_frame, record
+from tests.helpers import (
+    IMEI,
+    LOGIN,
+    OTHER_IMEI,
+    SetAuthority,
+    avl_frame,
+    connection_double,
+    record,
+)
 
 
 @pytest_twisted.async_yield_fixture
@@ -490,7 +498,7 @@ def test_a_batch_built_before_a_check_changed_the_mode_is_not_acked() -> None:
 
     clock, redis = Clock(), _HeldRedis()
     sink = RedisStreamSink(
-        lambda: redis,
+        lambda: connection_double(redis),
         clock,
         ServerMetrics.create(CollectorRegistry()),
         instance_id="i",

@@ -5,14 +5,16 @@ back ``--trim`` for ever and need a janitor, while ``XREAD`` leaves no state in 
 The reader starts at the stream's last id when the processor starts (what is older is in
 PostgreSQL and loaded on demand), keeps its cursor across Redis reconnects, and hands
 the positions of each reply to the hub in stream order. Positions go live when they are
-read, before the writer has committed their rows.
+read, before the writer has committed their rows. With the consumer groups it shares the
+error classifier (:func:`teltonika.redis.groups.classify`, for ``XINFO STREAM`` on a
+stream that does not exist yet) and the reading of a reply's entries.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -22,22 +24,20 @@ from twisted.logger import Logger
 from teltonika.processor.live.hub import Hub
 from teltonika.processor.live.messages import LivePosition, position_from_entry
 from teltonika.processor.live.metrics import LiveMetrics
+from teltonika.redis.connection import Argument, RedisConnection, Reply, reply_list, reply_text
+from teltonika.redis.groups import GroupReply, classify, first_stream
 from teltonika.units import SECONDS
 
 RETRY_INITIAL: Final = 0.25 * SECONDS
 RETRY_MAX: Final = 5 * SECONDS
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def last_generated_id(info: Any) -> str:
+def last_generated_id(info: Reply) -> str:
     """``last-generated-id`` from an ``XINFO STREAM`` reply."""
     if isinstance(info, list):
         for key, value in zip(info[0::2], info[1::2], strict=False):
-            if _text(key) == "last-generated-id":
-                return _text(value)
+            if reply_text(key) == "last-generated-id":
+                return reply_text(value)
     return "0-0"
 
 
@@ -53,7 +53,7 @@ class FanoutReader:
 
     def __init__(
         self,
-        connect: Callable[[], Any],
+        connect: Callable[[], RedisConnection],
         stream: str,
         hub: Hub,
         clock: IReactorTime,
@@ -74,11 +74,11 @@ class FanoutReader:
         self.count = count
         self.timeout = timeout
         self.cursor: str | None = None
-        self.redis: Any = None
+        self.redis: RedisConnection | None = None
         self.running = False
         self.ready = False
         self._loop: Deferred[None] | None = None
-        self._read: Deferred[Any] | None = None
+        self._read: Deferred[Reply] | None = None
 
     def start(self) -> None:
         self.running = True  # read by the loop, cleared by stop()
@@ -99,8 +99,8 @@ class FanoutReader:
         """True once :meth:`stop` was called (a method, so the loop re-reads it)."""
         return not self.running
 
-    def _command(self, *args: Any, timeout: float) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred.fromCoroutine(_execute(self.redis, args))
+    def _command(self, *args: Argument, timeout: float) -> Deferred[Reply]:
+        d: Deferred[Reply] = Deferred.fromCoroutine(_execute(self.redis, args))
         d.addTimeout(timeout, self.clock)
         self._read = d
         return d
@@ -151,26 +151,27 @@ class FanoutReader:
             failing = False
             delay = RETRY_INITIAL
             if reply:
-                self.handle(reply[0][1])
+                self.handle(reply_list(first_stream(reply)))
 
     async def _tail(self) -> str:
         try:
             info = await self._command("XINFO", "STREAM", self.stream, timeout=self.timeout)
         except Exception as e:
-            if "no such key" in str(e).lower():
+            if classify(e) is GroupReply.NO_SUCH_KEY:
                 return "0-0"
             raise
         return last_generated_id(info)
 
-    def handle(self, entries: list[Any]) -> None:
+    def handle(self, entries: list[Reply]) -> None:
         """One XREAD reply's entries: positions to the hub, cursor and metrics updated."""
         positions: list[LivePosition] = []
         unusable = 0
         for entry in entries:
+            parts = reply_list(entry)
             try:
-                position = position_from_entry(_text(entry[0]), entry[1])
+                position = position_from_entry(reply_text(parts[0]), parts[1])
             except Exception:  # a bug in the check must not stop the reader: skip, say so
-                self._log.failure("Live fan-out could not read entry {entry}", entry=entry[0])
+                self._log.failure("Live fan-out could not read entry {entry}", entry=parts[0])
                 position = None
             if position is None:
                 unusable += 1
@@ -178,7 +179,7 @@ class FanoutReader:
                 positions.append(position)
         if not entries:
             return
-        last = _text(entries[-1][0])
+        last = reply_text(reply_list(entries[-1])[0])
         self.cursor = last
         self.metrics.fanout_entries.inc(len(entries))
         if unusable:
@@ -189,7 +190,9 @@ class FanoutReader:
         self.hub.receive(positions)
 
 
-async def _execute(connection: Any, args: tuple[Any, ...]) -> Any:
+async def _execute(connection: RedisConnection | None, args: tuple[Argument, ...]) -> Reply:
+    if connection is None:
+        raise RuntimeError("the fan-out reader was not started")
     return await connection.execute_command(*args)
 
 

@@ -13,7 +13,12 @@ from typing import Any, Final
 
 from twisted.python import usage
 
-from teltonika.options import positive_number, positive_seconds, positive_whole_number
+from teltonika.options import (
+    CoercedOptions,
+    positive_number,
+    positive_seconds,
+    positive_whole_number,
+)
 from teltonika.processor.live.handshake import OriginError, parse_allowed
 from teltonika.processor.live.tiles import OSM_ATTRIBUTION, OSM_TILES
 
@@ -47,7 +52,7 @@ def is_loopback(endpoint: str) -> bool:
     return _LOOPBACK.fullmatch(interface) is not None
 
 
-class LiveOptions(usage.Options):
+class LiveOptions(CoercedOptions):
     """``--live`` and its companions (README.rst, "Live positions"); the processor's
     Options derive from this class."""
 
@@ -196,7 +201,7 @@ class LiveOptions(usage.Options):
     ]
 
     def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         self["live"] = []
         self["live-allowed-origin"] = []
 

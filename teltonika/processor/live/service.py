@@ -11,8 +11,8 @@ reader and the database thread.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, Final
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import CollectorRegistry
 from twisted.application import strports
@@ -27,7 +27,7 @@ from teltonika.interfaces import IProcessReactor
 from teltonika.processor.live import messages as m
 from teltonika.processor.live.fanout import FanoutReader
 from teltonika.processor.live.hub import Hub
-from teltonika.processor.live.interfaces import Forbidden, IAuthenticator, IEventDirectory
+from teltonika.processor.live.interfaces import Forbidden, IAuthenticator, IEventDirectory, User
 from teltonika.processor.live.latest import LatestMap
 from teltonika.processor.live.loader import LatestLoader
 from teltonika.processor.live.metrics import LiveMetrics
@@ -35,7 +35,11 @@ from teltonika.processor.live.options import LiveOptions
 from teltonika.processor.live.protocol import LiveConfig, LiveFactory
 from teltonika.processor.live.session import Limits
 from teltonika.processor.live.site import PageConfig, live_site
+from teltonika.redis.connection import RedisConnection
 from teltonika.units import SECONDS
+
+if TYPE_CHECKING:  # psycopg is the processor's extra: imported when the service is built
+    from teltonika.processor.database import Database
 
 DRAIN_STEPS: Final = 20
 TICK_CHECKS: Final = 5
@@ -51,7 +55,7 @@ class LiveService(MultiService):
         self,
         factory: LiveFactory,
         reader: FanoutReader,
-        database: Any,
+        database: Database,
         clock: IReactorTime,
         *,
         drain: float,
@@ -163,7 +167,7 @@ def live_service(
     registry: CollectorRegistry,
     reactor: IProcessReactor,
     *,
-    connect_redis: Callable[[], Any],
+    connect_redis: Callable[[], RedisConnection],
     stream: str,
     instance: str,
     state_size: int,
@@ -277,7 +281,7 @@ def authorities(
         authenticator = DirectusAuthenticator(client, reactor, metrics)
         if events and events.startswith("file:"):
 
-            def devices_check(user: Any, devices: Any) -> Deferred[None]:
+            def devices_check(user: User, devices: Sequence[str]) -> Deferred[None]:
                 if user.credential is None:
                     return fail(Forbidden("no credential"))
                 return Deferred.fromCoroutine(

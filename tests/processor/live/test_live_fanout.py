@@ -18,6 +18,7 @@ from teltonika.processor.live.hub import Hub
 from teltonika.processor.live.latest import LatestMap
 from teltonika.processor.live.metrics import LiveMetrics
 from teltonika.redis.connect import parse_redis_url
+from teltonika.redis.connection import RedisConnection
 from tests.processor.live.helpers import entry, eventually, imei, now_ms
 from tests.servers import RedisServer
 
@@ -90,10 +91,14 @@ def test_a_failing_entry_check_skips_the_entry_not_the_reader(
     latest = LatestMap(100, 300_000)
     clock = Clock()
     hub = Hub(latest, clock, metrics, now_ms)
-    reader = FanoutReader(lambda: None, TELEMETRY_STREAM, hub, clock, now_ms, metrics)
+
+    def never_connects() -> RedisConnection:
+        raise AssertionError("handle() only reads the replies it is given")
+
+    reader = FanoutReader(never_connects, TELEMETRY_STREAM, hub, clock, now_ms, metrics)
     base = now_ms()
-    entries = [
-        (f"{k}-0", [x for pair in entry(imei(k), base + k).items() for x in pair])
+    entries: list[Any] = [  # as Redis replies: lists
+        [f"{k}-0", [x for pair in entry(imei(k), base + k).items() for x in pair]]
         for k in (1, 2, 3)
     ]
     reader.handle(entries)
