@@ -53,6 +53,7 @@ class Codec7A:
         return bytes((CODEC_7A, count)) + body + bytes((count,))
 
     def acknowledgement(self, packet: Packet) -> bytes | None:
+        assert isinstance(packet, AVLPacket)  # what decode returns
         return tcp_ack(len(packet.records))
 
 

@@ -13,23 +13,25 @@ import queue
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.logger import LogLevel
+from twisted.logger import ILogObserver, LogLevel
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from teltonika.codecs import CodecRegistry
 from teltonika.commands.codec import encode_command
-from teltonika.interfaces import IDeviceAuthority, IManagedSink
+from teltonika.interfaces import IDeviceAuthority, IManagedSink, IProcessReactor
 from teltonika.metrics import ServerMetrics
 from teltonika.protocol.settings import ServerSettings
 from teltonika.protocol.tcp import DeviceFactory, DeviceProtocol
+from teltonika.redis.connection import RedisConnection
 from teltonika.wire import CODEC_8E, CODEC_12, AVLRecord, encode_avl_frame, encode_login
 from teltonika.wire.builtin_codecs import BUILTIN_CODECS
 from tests.servers import REPO, checkout_env
@@ -38,9 +40,21 @@ IMEI = "356307042441013"
 OTHER_IMEI = "490154203237518"
 
 _sync = SynchronousTestCase()
-successResultOf = _sync.successResultOf  # noqa: N816 (Twisted's name)
-failureResultOf = _sync.failureResultOf  # noqa: N816
-assertNoResult = _sync.assertNoResult  # noqa: N816
+successResultOf = _sync.successResultOf  # noqa: N816 (Twisted's name; typed there)
+
+
+def failureResultOf(deferred: Deferred[Any], *expected: type[BaseException]) -> Failure:
+    """Twisted's ``failureResultOf`` with a signature (Twisted leaves it untyped): the
+    Failure *deferred* already holds, one of *expected* when any are named; the test fails
+    if it holds none, a success, or another error."""
+    failure: Failure = _sync.failureResultOf(deferred, *expected)
+    return failure
+
+
+def assertNoResult(deferred: Deferred[Any]) -> None:
+    """Twisted's ``assertNoResult`` with a signature (Twisted leaves it untyped): the test
+    fails if *deferred* has fired."""
+    _sync.assertNoResult(deferred)
 
 
 def record(n: int = 0, io: tuple[Any, ...] = ((1, 1, 1), (16, 4, 123456))) -> AVLRecord:
@@ -72,6 +86,21 @@ COMMAND_IMEI = "352093081452251"
 def command_frame(text: str, codec: int = CODEC_12) -> bytes:
     """The codec 12 (or 14) command frame the server writes for *text*."""
     return encode_command(codec, text.encode(), COMMAND_IMEI)
+
+
+def process_reactor(reactor: MemoryReactorClock) -> IProcessReactor:
+    """*reactor* where a service tree asks for the process's reactor. A memory reactor has
+    no UDP and (unless it is a :class:`ThreadedMemoryReactor`) no ``callFromThread``: the
+    tests that pass one never reach those."""
+    return cast(IProcessReactor, reactor)
+
+
+def connection_double(double: object) -> RedisConnection:
+    """*double* where the code under test takes a :class:`RedisConnection`: a test double
+    that answers only the calls that code makes on the path the test drives (a command
+    held unanswered, a connection that is down). The whole protocol is exercised against
+    a real redis-server elsewhere."""
+    return cast(RedisConnection, double)
 
 
 class ThreadedMemoryReactor(MemoryReactorClock):
@@ -198,6 +227,7 @@ class Harness:
         return 0.0 if value is None else value
 
 
+@implementer(ILogObserver)
 class LoggedErrors:
     """Error-level events logged during one test."""
 

@@ -276,7 +276,11 @@ class SentinelDeployment:
             node.start()
         master = self.nodes[0]
         for replica in self.nodes[1:]:
-            _wait_for(lambda r=replica: "master_link_status:up" in r.cli("INFO", "replication"))
+
+            def linked(r: RedisServer = replica) -> bool:
+                return "master_link_status:up" in r.cli("INFO", "replication")
+
+            _wait_for(linked)
         for sentinel in self.sentinels:
             assert sentinel.config is not None
             with open(sentinel.config, "w") as file:
@@ -298,13 +302,15 @@ class SentinelDeployment:
             wait_for_port(sentinel.port)
         others, replicas = str(len(self.sentinels) - 1), str(len(self.nodes) - 1)
         for sentinel in self.sentinels:
-            _wait_for(
-                lambda s=sentinel: (
-                    (state := self._state(s)).get("num-other-sentinels") == others
+
+            def sees_all(s: RedisServer = sentinel) -> bool:
+                state = self._state(s)
+                return (
+                    state.get("num-other-sentinels") == others
                     and state.get("num-slaves") == replicas
-                ),
-                timeout=30,
-            )
+                )
+
+            _wait_for(sees_all, timeout=30)
         return self
 
     def _state(self, sentinel: RedisServer) -> dict[str, str]:

@@ -28,6 +28,7 @@ from tests.helpers import (
     LOGIN,
     OTHER_IMEI,
     Harness,
+    connection_double,
     failureResultOf,
     successResultOf,
 )
@@ -87,7 +88,9 @@ class _SilentRedis:
 
 def _redis_authority(**kwargs: Any) -> tuple[RedisSetAuthority, _SilentRedis, Clock, ServerMetrics]:
     redis, clock, metrics = _SilentRedis(), Clock(), ServerMetrics.create(CollectorRegistry())
-    authority = RedisSetAuthority(lambda: redis, "fleet", clock, metrics, **kwargs)
+    authority = RedisSetAuthority(
+        lambda: connection_double(redis), "fleet", clock, metrics, **kwargs
+    )
     return authority, redis, clock, metrics
 
 
@@ -137,7 +140,9 @@ def test_tcp_login_refused_with_00_when_the_lookup_times_out(logged_errors: Any)
     (long before the login timeout)."""
     redis = _SilentRedis()
     h = Harness(login_timeout=30.0)
-    h.factory.authority = RedisSetAuthority(lambda: redis, "fleet", h.clock, h.metrics, timeout=5.0)
+    h.factory.authority = RedisSetAuthority(
+        lambda: connection_double(redis), "fleet", h.clock, h.metrics, timeout=5.0
+    )
     proto, transport = h.connect()
     proto.dataReceived(LOGIN)
     assert transport.value() == b""

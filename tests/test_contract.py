@@ -166,9 +166,9 @@ def test_json_line_and_entry_agree_for_any_record(record: AVLRecord) -> None:
         if width == NX:
             assert b64decode(got["__buffer_b64"]) == value
         elif isinstance(got, dict):
-            assert int(got["__bigint"]) == value > MAX_SAFE_INTEGER
+            assert isinstance(value, int) and int(got["__bigint"]) == value > MAX_SAFE_INTEGER
         else:
-            assert got == value <= MAX_SAFE_INTEGER
+            assert isinstance(value, int) and got == value <= MAX_SAFE_INTEGER
 
 
 def test_entries_from_vectors() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -47,7 +48,9 @@ BOUNDS = [
     bound=st.sampled_from(BOUNDS),
     text=st.text(max_size=12) | st.floats().map(str) | st.integers().map(str),
 )
-def test_a_coercer_returns_a_value_within_its_bound_or_refuses(bound, text) -> None:
+def test_a_coercer_returns_a_value_within_its_bound_or_refuses(
+    bound: tuple[Callable[[str], float], Callable[[float], bool]], text: str
+) -> None:
     coerce, holds = bound
     try:
         value = coerce(text)
@@ -57,8 +60,10 @@ def test_a_coercer_returns_a_value_within_its_bound_or_refuses(bound, text) -> N
 
 
 @pytest.mark.parametrize(("coerce", "_"), BOUNDS)
-def test_every_coercer_documents_itself_for_help(coerce, _) -> None:
-    assert coerce.coerceDoc
+def test_every_coercer_documents_itself_for_help(
+    coerce: Callable[[str], float], _: Callable[[float], bool]
+) -> None:
+    assert getattr(coerce, "coerceDoc")  # noqa: B009 (set by setattr: no declared attribute)
 
 
 def test_metrics_endpoint() -> None:
@@ -76,7 +81,9 @@ def _processor(*argv: str) -> processor_tap.Options:
 
 
 @pytest.mark.parametrize("value", ["nan", "inf"])
-def test_the_processor_refuses_non_finite_seconds(value: str, monkeypatch) -> None:
+def test_the_processor_refuses_non_finite_seconds(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The processor's seconds options went through a coercer of its own that took "nan"
     (nan <= 0 is false) and "inf"; now they use the server's finite check."""
     monkeypatch.delenv("TELTONIKA_POSTGRES_DSN", raising=False)
@@ -164,7 +171,9 @@ def test_value_coercers_show_the_bad_value() -> None:
         (processor_tap.Options, ["--batch-size", "0"], "--batch-size: must be at least 1, not 0"),
     ],
 )
-def test_a_usage_error_names_the_option_and_the_value(options, argv, message) -> None:
+def test_a_usage_error_names_the_option_and_the_value(
+    options: type[usage.Options], argv: list[str], message: str
+) -> None:
     """Twisted says only "Parameter type enforcement failed"; both taps name the option."""
     with pytest.raises(usage.UsageError) as info:
         options().parseOptions(argv)

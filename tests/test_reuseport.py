@@ -52,7 +52,7 @@ def test_plugin_parses_an_escaped_ipv6_interface() -> None:
 def test_composes_with_the_proxy_protocol_wrapper() -> None:
     """``haproxy:reuseport:PORT``: Twisted's PROXY wrapper around our endpoint."""
     endpoint = serverFromString(MemoryReactor(), "haproxy:reuseport:5027:interface=127.0.0.1")
-    wrapped = endpoint._wrappedEndpoint  # type: ignore[attr-defined]
+    wrapped = endpoint._wrappedEndpoint
     assert isinstance(wrapped, ReusePortEndpoint)
     assert wrapped.port == 5027
 

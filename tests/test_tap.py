@@ -14,11 +14,13 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
 from teltonika.options import positive_seconds, seconds
+from teltonika.redis.connect import RedisAddress
 from teltonika.services.ingestion import IngestionService
 from teltonika.services.ops_http import ops_service
 from teltonika.sinks.jsonl import JsonLinesSink
+from teltonika.sinks.redis_stream import RedisStreamSink
 from teltonika.tap import Options, TeltonikaService, build_service, makeService
-from tests.helpers import ThreadedMemoryReactor, successResultOf
+from tests.helpers import ThreadedMemoryReactor, process_reactor, successResultOf
 
 
 def parse(*argv: str) -> Options:
@@ -177,7 +179,7 @@ def test_make_service_listens_and_starts_file_sink(tmp_path: Path) -> None:
     options = parse(
         "--port", "tcp:5999:interface=127.0.0.1", "--output", str(output), "--metrics", "9999"
     )
-    service = build_service(options, reactor, on_fatal=fatal.append)
+    service = build_service(options, process_reactor(reactor), on_fatal=fatal.append)
     assert isinstance(service, TeltonikaService)
     assert [s.name for s in service] == ["ingestion", "ops"]
     assert reactor.tcpServers == []  # nothing listens before start
@@ -186,8 +188,9 @@ def test_make_service_listens_and_starts_file_sink(tmp_path: Path) -> None:
     assert ports == [(5999, "127.0.0.1"), (9999, "127.0.0.1")]
     ingestion = service.getServiceNamed("ingestion")
     assert isinstance(ingestion, IngestionService)
-    assert ingestion.started is not None
-    reactor.run_until(lambda: ingestion.started.called)
+    started = ingestion.started
+    assert started is not None
+    reactor.run_until(lambda: started.called)
     sink = service.server.sink
     assert isinstance(sink, JsonLinesSink) and sink.ready()
     assert service.server.readiness["sink"]()
@@ -208,7 +211,7 @@ def test_make_service_udp_listener(tmp_path: Path) -> None:
     options = parse(
         "--udp-port", "127.0.0.1:6001", "--output", str(tmp_path / "o"), "--metrics", "off"
     )
-    service = build_service(options, MemoryReactorClock(), on_fatal=lambda m: None)
+    service = build_service(options, process_reactor(MemoryReactorClock()), on_fatal=lambda m: None)
     assert [s.name for s in service] == ["ingestion"]
     ingestion: Any = service.getServiceNamed("ingestion")
     [_tcp] = ingestion.listeners
@@ -222,7 +225,7 @@ def test_file_sink_failure_is_fatal(tmp_path: Path) -> None:
     reactor = ThreadedMemoryReactor()
     fatal: list[str] = []
     options = parse("--output", str(tmp_path / "missing" / "o.jsonl"), "--metrics", "off")
-    service = build_service(options, reactor, on_fatal=fatal.append)
+    service = build_service(options, process_reactor(reactor), on_fatal=fatal.append)
     _start(service)
     reactor.run_until(lambda: fatal)
     assert len(fatal) == 1 and "the file sink cannot start" in fatal[0]
@@ -235,16 +238,24 @@ def test_a_second_server_on_the_same_output_refuses_to_start(tmp_path: Path) -> 
     the second server refuses to start, in one sentence naming --output; the first one
     goes on."""
     output = tmp_path / "records.jsonl"
-    reactors, services, fatal = [], [], []
+    reactors: list[ThreadedMemoryReactor] = []
+    services: list[TeltonikaService] = []
+    fatal: list[str] = []
     for metrics_port in ("9991", "9992"):  # a second instance told to change --metrics
         reactor = ThreadedMemoryReactor()
         service = build_service(
             parse("--output", str(output), "--metrics", metrics_port),
-            reactor,
+            process_reactor(reactor),
             on_fatal=fatal.append,
         )
         _start(service)
-        reactor.run_until(lambda s=service: s.server.ingestion.started.called)
+        started = service.server.ingestion.started
+        assert started is not None
+
+        def start_called(d: Deferred[None] = started) -> bool:
+            return d.called
+
+        reactor.run_until(start_called)
         reactors.append(reactor)
         services.append(service)
     first, second = (s.server.sink for s in services)
@@ -254,7 +265,11 @@ def test_a_second_server_on_the_same_output_refuses_to_start(tmp_path: Path) -> 
     assert str(output) in message and "\n" not in message
     for reactor, service in zip(reactors, services, strict=True):
         stopped = service.stopService()
-        reactor.run_until(lambda d=stopped: d.called)
+
+        def stop_called(d: Deferred[None] = stopped) -> bool:
+            return d.called
+
+        reactor.run_until(stop_called)
 
 
 def test_devices_file_authority(tmp_path: Path) -> None:
@@ -265,13 +280,13 @@ def test_devices_file_authority(tmp_path: Path) -> None:
     options = parse(
         "--devices", f"file:{devices}", "--output", str(tmp_path / "o"), "--metrics", "off"
     )
-    service = build_service(options, reactor, on_fatal=lambda m: None)
+    service = build_service(options, process_reactor(reactor), on_fatal=lambda m: None)
     authority: Any = service.server.factory.authority
     assert authority.allowed == {"356307042441013", "490154203237518"}
     with pytest.raises(usage.UsageError, match="cannot read"):
         build_service(
             parse("--devices", f"file:{tmp_path / 'nope'}", "--metrics", "off"),
-            reactor,
+            process_reactor(reactor),
             on_fatal=lambda m: None,
         )
 
@@ -295,13 +310,15 @@ def test_redis_device_lookups_budget_per_transport_and_need_only_reachability() 
         "--metrics",
         "off",
     )
-    service = build_service(options, MemoryReactorClock(), on_fatal=lambda m: None)
+    service = build_service(options, process_reactor(MemoryReactorClock()), on_fatal=lambda m: None)
     tcp = service.server.factory.authority
+    assert service.server.ingestion.udp is not None
     _udp_service, datagrams = service.server.ingestion.udp
     udp = datagrams.authority
     assert isinstance(tcp, RedisSetAuthority) and isinstance(udp, RedisSetAuthority)
     assert tcp is not udp and tcp.max_in_flight == udp.max_in_flight
     sink = service.server.sink
+    assert isinstance(sink, RedisStreamSink) and tcp._available is not None
     assert tcp._available == sink.reachable and udp._available == sink.reachable
     sink._reachable = True  # Redis answers, the durability is refused: not ready
     assert not sink.ready() and tcp._available()
@@ -312,11 +329,12 @@ def test_redis_connection_is_lazy() -> None:
     reactor = MemoryReactorClock()
     service = build_service(
         parse("--redis", "redis://127.0.0.1:1/0", "--metrics", "off"),
-        reactor,
+        process_reactor(reactor),
         on_fatal=lambda m: None,
     )
     redis = service.server.redis
     assert redis is not None and not redis.made
+    assert isinstance(redis.address, RedisAddress)
     assert redis.address.port == 1
 
 
@@ -347,7 +365,7 @@ def test_twistd_entry_point_freezes_the_heap_and_tests_do_not(tmp_path: Path) ->
     leaves the collector alone unless told."""
     options = parse("--output", str(tmp_path / "r.jsonl"), "--metrics", "off")
     assert makeService(options).server.ingestion.freeze_gc
-    tested = build_service(options, MemoryReactorClock(), on_fatal=lambda m: None)
+    tested = build_service(options, process_reactor(MemoryReactorClock()), on_fatal=lambda m: None)
     assert not tested.server.ingestion.freeze_gc
 
 
@@ -357,13 +375,13 @@ def test_redis_tree_order_and_closing_steps() -> None:
     lock is released."""
     service = build_service(
         parse("--redis", "redis://127.0.0.1:1/0", "--metrics", "off"),
-        MemoryReactorClock(),
+        process_reactor(MemoryReactorClock()),
         on_fatal=lambda m: None,
     )
     assert [child.name for child in service] == ["instance-lock", "ingestion", "commands"]
     server = service.server
     assert server.redis is not None and server.commands is not None
     steps = server.ingestion._closing_steps
-    lock = service.getServiceNamed("instance-lock")  # type: ignore[no-untyped-call]
+    lock = service.getServiceNamed("instance-lock")
     assert steps[1:] == [server.redis.disconnect, lock.release]
     assert len(steps) == 3

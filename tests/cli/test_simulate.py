@@ -56,7 +56,8 @@ async def test_cli_run_prints_json_saves_ledger_and_verifies(tmp_path: Path) -> 
     assert summary["broken_promises"] == 0
     # The fake server keeps records in memory; write them as the file sink would, minus one.
     sink = tmp_path / "records.jsonl"
-    records = [(imei, r) for imei, packet in factory.frames for r in packet.records]
+    assert all(imei is not None for imei, _ in factory.frames)  # every frame after a login
+    records = [(imei, r) for imei, packet in factory.frames if imei for r in packet.records]
     sink.write_bytes(b"".join(json_line(i, "8", r, 0, "x") for i, r in records))
     code, out, _ = await simulate(
         "--verify-only", "--ledger", str(ledger), "--output", str(sink), "--json"

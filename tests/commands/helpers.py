@@ -31,7 +31,7 @@ async def eventually(
             return value
         if waited >= timeout:
             raise AssertionError(f"condition not met within {timeout}s")
-        await deferLater(reactor, step, lambda: None)  # type: ignore[arg-type]
+        await deferLater(reactor, step, lambda: None)
         waited += step
 
 

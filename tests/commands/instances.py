@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import reactor
 
+from teltonika.interfaces import IProcessReactor
 from teltonika.tap import Options, TeltonikaService, build_service
 from tests.servers import free_port
 
@@ -38,10 +39,11 @@ class Instance:
                 *self.extra,
             ]
         )
-        self.service = build_service(options, reactor, on_fatal=self.fatal.append)
-        self.service.privilegedStartService()  # type: ignore[no-untyped-call]
-        self.service.startService()  # type: ignore[no-untyped-call]
-        ingestion: Any = self.service.getServiceNamed("ingestion")  # type: ignore[no-untyped-call]
+        global_reactor = cast(IProcessReactor, reactor)  # as twistd's makeService does
+        self.service = build_service(options, global_reactor, on_fatal=self.fatal.append)
+        self.service.privilegedStartService()
+        self.service.startService()
+        ingestion: Any = self.service.getServiceNamed("ingestion")
         await ingestion.started
         assert not self.fatal, self.fatal
         return self
@@ -57,7 +59,7 @@ class Instance:
 
     async def stop(self) -> None:
         if self.service is not None and self.service.running:
-            await self.service.stopService()  # type: ignore[no-untyped-call]
+            await self.service.stopService()
 
     async def crash(self) -> None:
         """Stop without any cleanup in Redis: listeners and connections drop, the
@@ -66,8 +68,8 @@ class Instance:
         assert self.service is not None
         plane = self.commands
         plane.registry.held.clear()
-        plane.registry.stop_heartbeat = _nothing  # type: ignore[method-assign]
-        plane.registry.unregister = _nothing_for  # type: ignore[method-assign]
+        plane.registry.stop_heartbeat = _nothing
+        plane.registry.unregister = _nothing_for
         await self.stop()
 
 

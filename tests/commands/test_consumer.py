@@ -22,6 +22,7 @@ from teltonika.commands.messages import Command, Outcome
 from teltonika.protocol.queue import CommandQueue, CommandQueueSettings
 from teltonika.wire.records import CODEC_12, CODEC_14, DeviceMessage
 from tests.commands.helpers import eventually, fresh_metrics, publish, statuses, terminal
+from tests.helpers import connection_double
 
 IMEI = "352093081452251"
 OTHER = "490154203237518"
@@ -403,7 +404,9 @@ async def test_abandon_ends_the_retries(
 
     devices = Devices()
     metrics, _ = fresh_metrics()
-    consumer = CommandConsumer(connect(), Down(), "a", devices.lookup, reactor, metrics)
+    consumer = CommandConsumer(
+        connect(), connection_double(Down()), "a", devices.lookup, reactor, metrics
+    )
     outcome = Outcome("c", IMEI, "12", "failed", reason="timeout")
     settling = consumer._settle("1-1", outcome, offline=False)
     await eventually(lambda: consumer._retry_waits)

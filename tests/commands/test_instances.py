@@ -16,6 +16,7 @@ from teltonika.commands.janitor import Janitor
 from teltonika.commands.messages import OFFLINE_EXPIRY_KEY as EXPIRY
 from teltonika.commands.messages import Command
 from teltonika.commands.scripts import TAKE_OFFLINE, run_script
+from teltonika.redis.connection import reply_int
 from teltonika.wire import encode_avl_frame
 from teltonika.wire.records import CODEC_8E, CODEC_12, CODEC_14, AVLRecord
 from tests.commands.device import ScriptedDevice, connect_device, echo, reply_frame
@@ -394,7 +395,7 @@ async def test_an_offline_command_of_a_dead_instance_reaches_the_device_where_it
         [f"commands:offline:{IMEI_B}", "commands:outbound:b", "commands:responses", EXPIRY],
         ["b", "1", "10", "1000"],
     )
-    assert int(taken) == 1
+    assert reply_int(taken) == 1
     await cluster.device(a, IMEI_B, echo("A"))
     await eventually(lambda: _has(redis, {IMEI_B: "a"}))
     metrics, _ = fresh_metrics()

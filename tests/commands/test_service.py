@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -16,7 +16,7 @@ from teltonika.protocol.tcp import DeviceFactory
 from teltonika.tap import Options, build_service
 from teltonika.wire import encode_avl_frame, encode_login, encode_message, wrap
 from teltonika.wire.records import CODEC_8E, CODEC_12, AVLRecord
-from tests.helpers import ControlledSink, SetAuthority, successResultOf
+from tests.helpers import ControlledSink, SetAuthority, process_reactor, successResultOf
 from tests.helpers import command_frame as frame
 
 IMEI = "352093081452251"
@@ -71,16 +71,16 @@ def test_command_plane_only_with_redis(tmp_path: Any) -> None:
     without it none. build_service opens no Redis connection."""
     reactor = MemoryReactorClock()
     options = parse("--redis", "redis://127.0.0.1:1/0", "--metrics", "off")
-    service = build_service(options, reactor, on_fatal=lambda message: None)
-    plane = service.getServiceNamed("commands")  # type: ignore[no-untyped-call]
+    service = build_service(options, process_reactor(reactor), on_fatal=lambda message: None)
+    plane = service.getServiceNamed("commands")
     names = sorted(child.name for child in plane)
     assert names == ["command-consumer", "heartbeat", "janitor"]
     assert reactor.tcpClients == []
     assert len(service.server.factory.session_listeners) == 1
     options = parse("--output", str(tmp_path / "r.jsonl"), "--metrics", "off")
-    service = build_service(options, reactor, on_fatal=lambda message: None)
+    service = build_service(options, process_reactor(reactor), on_fatal=lambda message: None)
     with pytest.raises(KeyError):
-        service.getServiceNamed("commands")  # type: ignore[no-untyped-call]
+        service.getServiceNamed("commands")
 
 
 ACK_1 = b"\x00\x00\x00\x01"
@@ -98,6 +98,11 @@ def login(factory: DeviceFactory) -> tuple[Any, StringTransport]:
     protocol.dataReceived(encode_login(IMEI))
     transport.clear()
     return protocol, transport
+
+
+def clock_of(factory: DeviceFactory) -> MemoryReactorClock:
+    """The memory reactor a factory of this module was built with (typed IReactorTime)."""
+    return cast(MemoryReactorClock, factory.clock)
 
 
 def make_factory(**settings: Any) -> tuple[DeviceFactory, ControlledSink, ServerMetrics]:
@@ -167,7 +172,7 @@ def test_a_command_never_goes_out_in_place_of_an_ack() -> None:
     protocol, transport = login(factory)
     protocol.dataReceived(avl(0))
     handle = protocol.session.commands.submit(frame("getinfo"), CODEC_12)
-    factory.clock.advance(5)  # a slow sink: the quiet interval passes, the frame waits
+    clock_of(factory).advance(5)  # a slow sink: the quiet interval passes, the frame waits
     assert transport.value() == b""
     sink.calls[0][-1].callback(None)
     assert transport.value() == ACK_1 + frame("getinfo")
@@ -197,7 +202,7 @@ def test_a_partial_frame_keeps_the_command_back() -> None:
     second = avl(1)
     protocol.dataReceived(avl(0) + second[:10])
     assert transport.value() == ACK_1
-    factory.clock.advance(10)
+    clock_of(factory).advance(10)
     assert transport.value() == ACK_1
     protocol.dataReceived(second[10:])
     assert transport.value() == ACK_1 + ACK_1 + frame("getinfo")
@@ -210,11 +215,11 @@ def test_after_login_a_command_waits_for_an_ack_or_the_quiet_interval() -> None:
     factory, _, _ = make_factory(command_quiet=1.5)
     quiet_one, quiet_transport = login(factory)
     quiet_one.session.commands.submit(frame("getinfo"), CODEC_12)
-    factory.clock.advance(1.0)
+    clock_of(factory).advance(1.0)
     quiet_one.dataReceived(b"\xff")  # a keepalive is a byte received too
-    factory.clock.advance(1.4)
+    clock_of(factory).advance(1.4)
     assert quiet_transport.value() == b""
-    factory.clock.advance(0.1)
+    clock_of(factory).advance(0.1)
     assert quiet_transport.value() == frame("getinfo")
 
     busy, busy_transport = login(factory)
@@ -230,13 +235,13 @@ def test_a_reply_is_no_opportunity_for_the_next_command() -> None:
     protocol, transport = login(factory)
     first = protocol.session.commands.submit(frame("getinfo"), CODEC_12)
     protocol.session.commands.submit(frame("getver"), CODEC_12)
-    factory.clock.advance(1)
+    clock_of(factory).advance(1)
     assert transport.value() == frame("getinfo")
     transport.clear()
     protocol.dataReceived(wrap(encode_message(CODEC_12, b"INI:ok", 0x06)))
     assert successResultOf(first.reply).payload == b"INI:ok"
     assert transport.value() == b""
-    factory.clock.advance(1)
+    clock_of(factory).advance(1)
     assert transport.value() == frame("getver")
 
 
@@ -247,11 +252,11 @@ def test_a_device_reporting_every_second_gets_its_command_after_an_ack() -> None
     factory, _, _ = make_factory()
     protocol, transport = login(factory)
     for n in range(3):
-        factory.clock.advance(1.0)
+        clock_of(factory).advance(1.0)
         protocol.dataReceived(avl(n))
     transport.clear()
     protocol.session.commands.submit(frame("getinfo"), CODEC_12)
-    factory.clock.advance(1.0)
+    clock_of(factory).advance(1.0)
     assert transport.value() == b""
     protocol.dataReceived(avl(3))
     assert transport.value() == ACK_1 + frame("getinfo")
@@ -265,14 +270,14 @@ def test_an_ack_after_a_slow_store_starts_the_quiet_interval_again() -> None:
     sink.auto = False
     protocol, transport = login(factory)
     protocol.dataReceived(avl(0))
-    factory.clock.advance(1.5)
+    clock_of(factory).advance(1.5)
     sink.calls[0][-1].callback(None)
     assert transport.value() == ACK_1
-    factory.clock.advance(0.1)
+    clock_of(factory).advance(0.1)
     protocol.session.commands.submit(frame("getinfo"), CODEC_12)
-    factory.clock.advance(0.89)
+    clock_of(factory).advance(0.89)
     assert transport.value() == ACK_1
-    factory.clock.advance(0.01)
+    clock_of(factory).advance(0.01)
     assert transport.value() == ACK_1 + frame("getinfo")
 
 
@@ -295,13 +300,13 @@ def test_the_login_reply_starts_the_quiet_interval_again() -> None:
     transport = StringTransport()
     protocol.makeConnection(transport)
     protocol.dataReceived(encode_login(IMEI))
-    factory.clock.advance(3)
+    clock_of(factory).advance(3)
     authority.pending[0].callback(True)
     assert transport.value() == b"\x01"
     handle = protocol.session.commands.submit(frame("getinfo"), CODEC_12)
-    factory.clock.advance(0.99)
+    clock_of(factory).advance(0.99)
     assert transport.value() == b"\x01"
-    factory.clock.advance(0.01)
+    clock_of(factory).advance(0.01)
     assert transport.value() == b"\x01" + frame("getinfo")
     assert successResultOf(handle.written) is True
 
@@ -322,7 +327,7 @@ def test_no_command_is_written_while_the_connection_drains() -> None:
     protocol.session.stop_reading()
     sink.calls[0][-1].callback(None)
     assert transport.value() == ACK_1
-    factory.clock.advance(10)
+    clock_of(factory).advance(10)
     assert transport.value() == ACK_1
     protocol.connectionLost()
     failureResultOf(handle.reply).trap(SocketClosedError)
@@ -330,9 +335,9 @@ def test_no_command_is_written_while_the_connection_drains() -> None:
 
     quiet, quiet_transport = login(factory)
     waiting = quiet.session.commands.submit(frame("getver"), CODEC_12)
-    factory.clock.advance(0.5)
+    clock_of(factory).advance(0.5)
     quiet.session.stop_reading()
-    factory.clock.advance(10)
+    clock_of(factory).advance(10)
     assert quiet_transport.value() == b""
     quiet.connectionLost()
     failureResultOf(waiting.reply).trap(SocketClosedError)

@@ -129,19 +129,28 @@ def test_rolling_restart_moves_every_device_with_no_broken_promise(
     )
     wait_total(servers, "teltonika_connections_open", devices, 30)
     moved = []
-    for name, server, other in (("s1", *servers), ("s2", *reversed(servers))):
+    first, second = servers
+    for name, server, other in (("s1", first, second), ("s2", second, first)):
         haproxy.admin(f"set server teltonika/{name} state drain")
         seconds, _status = server.terminate(timeout=60)
         assert "Shutdown complete" in server.log_tail(10), server.log_tail()
+
+        def all_moved(o: ServerProcess = other) -> bool:
+            return o.metric_sum("teltonika_connections_open") == devices
+
         wait_until(
-            lambda o=other: o.metric_sum("teltonika_connections_open") == devices,
+            all_moved,
             30,
             f"every device on the other instance after {name} stopped",
         )
         moved.append(seconds)
         acked_before = other.metric("teltonika_acked_records_total")
+
+        def streaming(o: ServerProcess = other, a: float = acked_before) -> bool:
+            return o.metric("teltonika_acked_records_total") > a + 100
+
         wait_until(
-            lambda o=other, a=acked_before: o.metric("teltonika_acked_records_total") > a + 100,
+            streaming,
             20,
             "the fleet streams on",
         )

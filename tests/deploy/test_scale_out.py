@@ -8,7 +8,6 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -21,7 +20,7 @@ from tests.faults.harness import (
     verify,
     wait_until,
 )
-from tests.servers import checkout_env
+from tests.servers import RedisServer, checkout_env
 
 pytestmark = pytest.mark.slow
 DEVICES = 40
@@ -40,14 +39,14 @@ def send(redis_url: str, imei: str, command: str) -> tuple[int, str]:
     return out.returncode, out.stdout.decode(errors="replace")
 
 
-def registry(redis_server: Any) -> dict[str, str]:
+def registry(redis_server: RedisServer) -> dict[str, str]:
     """``connections:registry``: IMEI -> instance id."""
     lines = redis_server.cli("HGETALL", "connections:registry").split()
     return dict(zip(lines[::2], lines[1::2], strict=True))
 
 
 def test_two_processes_share_one_port_and_commands_reach_either(
-    tmp_path: Path, redis_url: str, redis_server: Any
+    tmp_path: Path, redis_url: str, redis_server: RedisServer
 ) -> None:
     port = free_port()
     servers = [
@@ -74,11 +73,11 @@ def test_two_processes_share_one_port_and_commands_reach_either(
         # A sender routes only to an instance with a live heartbeat; a first heartbeat
         # that timed out on a loaded machine is repeated at --heartbeat-interval.
         for name in ("edge-a", "edge-b"):
-            wait_until(
-                lambda n=name: redis_server.cli("EXISTS", f"instance:heartbeat:{n}").strip() == "1",
-                20,
-                f"{name}'s heartbeat",
-            )
+
+            def beating(n: str = name) -> bool:
+                return redis_server.cli("EXISTS", f"instance:heartbeat:{n}").strip() == "1"
+
+            wait_until(beating, 20, f"{name}'s heartbeat")
         replies = [send(redis_url, imei, "getver") for imei in targets]
         code, summary = sim.result(timeout=90)
         _code, check = verify(sim.ledger_path, "--redis", redis_url)

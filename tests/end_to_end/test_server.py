@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -183,7 +183,8 @@ def test_redis_server_end_to_end(
     device.send(bytes(corrupt))
     assert device.closed_by_peer()
     client = redis_py.Redis.from_url(redis_url, decode_responses=True)
-    entries = client.xrange(TELEMETRY_STREAM)
+    # redis-py types XRANGE for any client (None, bytes or str); decode_responses: str
+    entries = cast("list[tuple[str, dict[str, str]]]", client.xrange(TELEMETRY_STREAM))
     client.close()
     assert len(entries) == 12
     assert all(list(fields) == list(FIELDS) for _, fields in entries)
@@ -305,7 +306,9 @@ def test_sigkill_loses_nothing_acked_redis(
     server.wait_for_log("Redis sink ready")
     acked = _stream_until_killed(server)
     client = redis_py.Redis.from_url(redis_url, decode_responses=True)
-    stored = {int(fields["timestamp_ms"]) for _, fields in client.xrange(TELEMETRY_STREAM)}
+    # redis-py types XRANGE for any client (None, bytes or str); decode_responses: str
+    entries = cast("list[tuple[str, dict[str, str]]]", client.xrange(TELEMETRY_STREAM))
+    stored = {int(fields["timestamp_ms"]) for _, fields in entries}
     client.close()
     assert set(acked) <= stored
 

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.servers import checkout_env
+
 from .harness import (
     ROOT,
     ServerProcess,
     Simulation,
     assert_nothing_lost,
-    checkout_env,
     fleet_options,
     verify,
     wait_until,

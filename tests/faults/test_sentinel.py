@@ -27,14 +27,13 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.servers import PostgresServer, SentinelDeployment
+from tests.servers import PostgresServer, SentinelDeployment, checkout_env
 
 from .harness import (
     ROOT,
     ServerProcess,
     Simulation,
     assert_nothing_lost,
-    checkout_env,
     fleet_options,
     free_port,
     verify,

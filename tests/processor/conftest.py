@@ -71,6 +71,11 @@ if os.environ.get("TELTONIKA_TEST_LOG"):
     import signal
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    from twisted.logger import formatEvent, globalLogPublisher
+    from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+    from zope.interface import provider
 
-    globalLogPublisher.addObserver(lambda e: print("LOG", formatEvent(e), file=sys.stderr))
+    @provider(ILogObserver)
+    def print_event(event: LogEvent) -> None:
+        print("LOG", formatEvent(event), file=sys.stderr)
+
+    globalLogPublisher.addObserver(print_event)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import redis
@@ -17,6 +17,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from teltonika.contract import TELEMETRY_STREAM, entry_fields
+from teltonika.interfaces import IProcessReactor
 from teltonika.processor.tap import Options, makeService
 from teltonika.wire.records import NX, AVLRecord
 
@@ -62,8 +63,20 @@ def xadd(client: redis.Redis, fields: Sequence[bytes | str], stream: str = TELEM
     pairs = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
     for name, value in pairs:
         mapping[name] = value
-    entry_id: str = client.xadd(stream, mapping)
-    return entry_id
+    # the rds client decodes responses (str); a pipeline answers itself, and the tests that
+    # queue on one ignore what this returns
+    return cast(str, client.xadd(stream, mapping))
+
+
+def xrange(
+    client: redis.Redis,
+    stream: str = TELEMETRY_STREAM,
+    min: str = "-",
+    count: int | None = None,
+) -> list[tuple[str, dict[str, str]]]:
+    """XRANGE typed as the ``rds`` client returns it: that client decodes responses, so ids
+    and fields are ``str`` (redis-py's own types allow bytes, and None, for any client)."""
+    return cast("list[tuple[str, dict[str, str]]]", client.xrange(stream, min=min, count=count))
 
 
 def imei(n: int) -> str:
@@ -160,7 +173,8 @@ class Processors:
         """Services that asked for the process to exit non-zero (a crash, a refused start)."""
 
     def start(self, *extra: str) -> Any:
-        service = makeService(processor_options(self.redis_url, self.dsn, *extra), reactor)
+        options = processor_options(self.redis_url, self.dsn, *extra)
+        service = makeService(options, cast(IProcessReactor, reactor))  # as twistd does
         service.processor.force_exit = lambda: None
         service.processor.crash_exit = lambda: self.exits.append(service)
         service.startService()
@@ -180,22 +194,25 @@ class Processors:
 DEAD = "telemetry:teltonika:dead"
 
 
-def pending(rds, group="processor"):
+def pending(rds: redis.Redis, group: str = "processor") -> int | None:
     """Pending count of the group (None while the group does not exist yet)."""
     try:
-        return rds.xpending(TELEMETRY_STREAM, group)["pending"]
+        pending: int = rds.xpending(TELEMETRY_STREAM, group)["pending"]
+        return pending
     except redis.ResponseError:
         return None
 
 
-def sample(service, name, **labels):
-    return service.processor.consumer.metrics.registry.get_sample_value(name, labels) or 0
+def sample(service: Any, name: str, **labels: str) -> float:
+    value = service.processor.consumer.metrics.registry.get_sample_value(name, labels)
+    return float(value or 0)
 
 
-def count(dsn):
+def count(dsn: str) -> int | None:
     """Rows in positions (None before the migrations created the table)."""
     try:
-        return query(dsn, "select count(*) from positions")[0][0]
+        rows: int = query(dsn, "select count(*) from positions")[0][0]
+        return rows
     except psycopg.errors.UndefinedTable:
         return None
 
@@ -215,4 +232,5 @@ __all__ = [
     "record",
     "sample",
     "xadd",
+    "xrange",
 ]

@@ -10,7 +10,7 @@ from teltonika.processor.entries import fields_dict
 from teltonika.wire.records import NX, AVLRecord
 
 
-def fields_of(flat):
+def fields_of(flat: list[bytes]) -> dict[str, object]:
     return fields_dict([v.decode() if isinstance(v, bytes) else v for v in flat])
 
 

@@ -4,10 +4,11 @@ a real PostgreSQL."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest_twisted
+import redis
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
@@ -21,8 +22,8 @@ from teltonika.processor.entries import ContractError, fields_dict, parse_entry
 from teltonika.processor.metrics import ProcessorMetrics
 from teltonika.processor.state import DeviceState
 from teltonika.redis.groups import Entry
-from tests.helpers import successResultOf
-from tests.processor.helpers import DEAD, eventually, pending, record, sample
+from tests.helpers import LoggedErrors, successResultOf
+from tests.processor.helpers import DEAD, Processors, eventually, pending, record, sample, xrange
 from tests.processor.strategies import field_values, hostile_fields, huge_bigint_entry
 
 IMEIS = st.sampled_from(["356307042441013", "356307042441014"])
@@ -75,7 +76,7 @@ def with_a_huge_bigint() -> list[list[Any]]:
 
 @example(batch=with_a_huge_bigint())
 @given(batch=st.lists(field_maps(), min_size=1, max_size=20))
-def test_prepare_puts_every_entry_in_one_place(batch):
+def test_prepare_puts_every_entry_in_one_place(batch: list[list[Any]]) -> None:
     """prepare() sorts every entry of a batch into exactly one of positions or dead letters
     (a ContractError reason, never the check_failed safety net), and the COPY payload has
     one line per position."""
@@ -104,8 +105,12 @@ def test_prepare_puts_every_entry_in_one_place(batch):
 @given(batch=st.lists(field_maps(), min_size=1, max_size=15))
 @pytest_twisted.ensureDeferred
 async def test_every_entry_ends_as_one_row_or_one_dead_letter(
-    processors, rds, pg_dsn, logged_errors, batch
-):
+    processors: Processors,
+    rds: redis.Redis,
+    pg_dsn: str,
+    logged_errors: LoggedErrors,
+    batch: list[list[Any]],
+) -> None:
     """Arbitrary entries through a running processor: all are acknowledged; every one
     is either a dead letter (exactly one, with its id) or its row is in positions; rows
     inserted plus duplicates plus dead letters add up to the entries read."""
@@ -117,15 +122,18 @@ async def test_every_entry_ends_as_one_row_or_one_dead_letter(
         return sample(service, f"teltonika_processor_{name}_total")
 
     base = {name: metric(name) for name in ("entries_acked", "rows_inserted", "duplicates")}
-    last_letter = (rds.xrevrange(DEAD, count=1) or [("0-0", None)])[0][0]
-    ids = [rds.xadd("telemetry:teltonika", as_sent(flat)) for flat in batch]
+    last_letter = str((rds.xrevrange(DEAD, count=1) or [("0-0", None)])[0][0])
+    ids = [
+        str(rds.xadd("telemetry:teltonika", cast("dict[Any, Any]", as_sent(flat))))
+        for flat in batch
+    ]
 
     def acked() -> bool:
         return metric("entries_acked") >= base["entries_acked"] + len(ids) and pending(rds) == 0
 
     await eventually(acked)
     assert metric("entries_acked") == base["entries_acked"] + len(ids)
-    letters = [f["dead.id"] for _, f in rds.xrange(DEAD, min=f"({last_letter}")]
+    letters = [f["dead.id"] for _, f in xrange(rds, DEAD, min=f"({last_letter}")]
     assert len(letters) == len(set(letters)) and set(letters) <= set(ids)
     inserted = metric("rows_inserted") - base["rows_inserted"]
     duplicates = metric("duplicates") - base["duplicates"]

@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def start(tmp_path: Path, name: str, *args: str, env: dict[str, str] | None = None):
+def start(
+    tmp_path: Path, name: str, *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], Path]:
     log = tmp_path / f"{name}.log"
     command = [
         sys.executable,
@@ -70,7 +72,11 @@ def run_device(port: int, imei: str, frames: int, offset: int) -> set[tuple[str,
         assert recv_exactly(sock, 1) == ACCEPT
         for n in range(frames):
             codec = CODEC_8E if n % 2 else CODEC_8
-            io = ((1, 1, n % 2), (66, 2, 12000 + n), (78, 8, 2**63 + n))
+            io: tuple[tuple[int, int, int | bytes], ...] = (
+                (1, 1, n % 2),
+                (66, 2, 12000 + n),
+                (78, 8, 2**63 + n),
+            )
             if codec == CODEC_8E:
                 io += ((385, NX, bytes([n, offset, 255])),)
             records = [record(offset + n * 10_000 + k * 1000, io=io) for k in range(3)]
@@ -99,7 +105,7 @@ def wait_ready(port: int, timeout: float = 30.0) -> None:
             time.sleep(0.05)
 
 
-def test_fleet_to_postgres_exactly_once(redis_url, pg_dsn, tmp_path):
+def test_fleet_to_postgres_exactly_once(redis_url: str, pg_dsn: str, tmp_path: Path) -> None:
     """Six devices, codec 8 and 8E frames with a u64 and NX IO value, event records that
     share their millisecond with a periodic record, two frames sent twice: the rows are
     exactly the records the devices saw ACKed, each once."""

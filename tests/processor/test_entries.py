@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import orjson
 import pytest
 from hypothesis import example, given
@@ -11,6 +14,7 @@ from teltonika.contract import entry_fields
 from teltonika.processor.entries import (
     REASONS,
     ContractError,
+    Position,
     parse_entry,
     parse_fields,
     reverse_io,
@@ -19,7 +23,7 @@ from teltonika.wire.records import NX, AVLRecord
 from tests.processor.strategies import RECORD, fields_of, hostile_fields, huge_bigint_entry
 
 
-def test_parse_valid_entry():
+def test_parse_valid_entry() -> None:
     """A valid entry keeps every value exactly and reverses its sentinels."""
     p = parse_entry("1-0", fields_of(entry_fields("356307042441013", "8E", RECORD, 5, "i1")))
     assert p.device_id == "356307042441013"
@@ -67,7 +71,7 @@ def test_parse_valid_entry():
         ("instance_id", "\udcff", "bad_field"),
     ],
 )
-def test_contract_violations(field, value, reason):
+def test_contract_violations(field: str, value: str, reason: str) -> None:
     """Each kind of violation raises ContractError with its low-cardinality reason."""
     fields = fields_of(entry_fields("356307042441013", "8E", RECORD, 5, "i1"))
     fields[field] = value
@@ -76,7 +80,7 @@ def test_contract_violations(field, value, reason):
     assert info.value.reason == reason
 
 
-def test_missing_and_binary_fields():
+def test_missing_and_binary_fields() -> None:
     """A missing field is missing_field; a value that is not UTF-8 (bytes) is bad_field."""
     fields = fields_of(entry_fields("356307042441013", "8E", RECORD, 5, "i1"))
     del fields["angle"]
@@ -90,7 +94,7 @@ def test_missing_and_binary_fields():
         parse_entry("1-0", {})
 
 
-def test_io_without_sentinels_passes_through():
+def test_io_without_sentinels_passes_through() -> None:
     """An IO bag without sentinels is handed to jsonb as it came (no re-serialisation)."""
     text = '{"1":1,"66":12480}'
     assert reverse_io(text) is text
@@ -111,7 +115,9 @@ io_values = st.one_of(
     lon=st.integers(-1_800_000_000, 1_800_000_000),
     ts=st.integers(0, 2**42),
 )
-def test_any_encoded_record_parses_back(io, lat, lon, ts):
+def test_any_encoded_record_parses_back(
+    io: list[tuple[int, tuple[int, int | bytes]]], lat: int, lon: int, ts: int
+) -> None:
     """Whatever the ingestion encoder writes, the processor reads back exactly."""
     rec = AVLRecord(
         timestamp_ms=ts,
@@ -128,7 +134,10 @@ def test_any_encoded_record_parses_back(io, lat, lon, ts):
     p = parse_entry("1-0", fields_of(entry_fields("356307042441013", "8E", rec, 1, "i")))
     assert p.timestamp_ms == ts
     assert round(float(p.latitude) * 1e7) == lat
-    expected = {str(io_id): value.hex() if width == NX else value for io_id, (width, value) in io}
+    expected = {
+        str(io_id): value.hex() if isinstance(value, bytes) else value
+        for io_id, (width, value) in io
+    }
     assert orjson.loads(p.io) == expected
 
 
@@ -142,7 +151,7 @@ def test_any_encoded_record_parses_back(io, lat, lon, ts):
         ("{}", {}),
     ],
 )
-def test_io_general_and_fast_paths_agree(text, expected):
+def test_io_general_and_fast_paths_agree(text: str, expected: dict[str, object]) -> None:
     """Bags the fast path does not recognise (spaces, leading zeros) are read by the
     general path with the same result, as compact JSON with canonical ids."""
     out = reverse_io(text)
@@ -150,14 +159,14 @@ def test_io_general_and_fast_paths_agree(text, expected):
     assert out == orjson.dumps(expected).decode()
 
 
-def test_unusual_but_valid_fields_take_the_general_path():
+def test_unusual_but_valid_fields_take_the_general_path() -> None:
     """A generation type the fast path does not accept still parses field by field."""
     fields = fields_of(entry_fields("356307042441013", "16", RECORD, 5, "i1"))
     fields["generation_type"] = "1234567"
     assert parse_entry("1-0", fields).generation_type == "1234567"
 
 
-def test_copy_line_escapes_free_text():
+def test_copy_line_escapes_free_text() -> None:
     """instance_id is the only free text; COPY's special characters are escaped. The io
     bag goes out as compact JSON, the record hash last."""
     fields = fields_of(entry_fields("356307042441013", "8", RECORD, 5, "a\tb\\c\nd"))
@@ -168,7 +177,7 @@ def test_copy_line_escapes_free_text():
     assert line.split("\t")[11] == "\\N"  # no generation type: NULL
 
 
-def test_numbers_are_canonical_whatever_their_spelling():
+def test_numbers_are_canonical_whatever_their_spelling() -> None:
     """Leading zeros, "-0" and trailing fractional zeros are rewritten canonically, so the
     stored values and the record hash do not depend on how a writer spelled them."""
     fields = fields_of(entry_fields("356307042441013", "16", RECORD, 5, "i1"))
@@ -193,21 +202,21 @@ def test_numbers_are_canonical_whatever_their_spelling():
     parsed = parse_entry("3-0", zero)
     assert (parsed.latitude, parsed.altitude, parsed.generation_type) == ("0", "0", "7")
     padded = parse_entry(
-        "4-0", dict(fields, timestamp_ms="000" + fields["timestamp_ms"], received_at_ms="0005")
+        "4-0", dict(fields, timestamp_ms="000" + str(fields["timestamp_ms"]), received_at_ms="0005")
     )
     assert (padded.timestamp_ms, padded.received_at_ms) == (RECORD.timestamp_ms, 5)
     assert padded.record_hash == canonical.record_hash
     assert padded.copy_row()[1] == str(RECORD.timestamp_ms)
     # a number is bounded by its length as spelled (18 digits), zeros included
     with pytest.raises(ContractError, match="timestamp_ms"):
-        parse_entry("5-0", dict(fields, timestamp_ms="0" * 6 + fields["timestamp_ms"]))
+        parse_entry("5-0", dict(fields, timestamp_ms="0" * 6 + str(fields["timestamp_ms"])))
     # an IMEI is an identifier, not a number: 15 digits exactly, a leading zero kept
     assert parse_entry("6-0", dict(fields, imei="035630704244101")).device_id == ("035630704244101")
     with pytest.raises(ContractError, match="imei"):
         parse_entry("7-0", dict(fields, imei="0356307042441013"))
 
 
-def test_a_repeated_io_id_keeps_its_last_value_everywhere():
+def test_a_repeated_io_id_keeps_its_last_value_everywhere() -> None:
     """An IO id twice in one record: the ingestion side keeps the last value (one key in
     the entry's JSON); an entry whose JSON repeats a key (another writer) is read the same
     way on both paths (last value, as jsonb reads it), so its stored bag and record hash
@@ -215,7 +224,7 @@ def test_a_repeated_io_id_keeps_its_last_value_everywhere():
     twice = RECORD._replace(io=((239, 1, 1), (66, 2, 5), (239, 1, 0)))
     once = RECORD._replace(io=((239, 1, 0), (66, 2, 5)))
     written = fields_of(entry_fields("356307042441013", "8E", twice, 5, "i1"))
-    assert orjson.loads(written["io"]) == {"239": 0, "66": 5}
+    assert orjson.loads(str(written["io"])) == {"239": 0, "66": 5}
     expected = parse_entry("1-0", fields_of(entry_fields("356307042441013", "8E", once, 5, "i1")))
     assert parse_entry("1-0", written).record_hash == expected.record_hash
     for text in (
@@ -229,7 +238,7 @@ def test_a_repeated_io_id_keeps_its_last_value_everywhere():
         assert parsed.record_hash == expected.record_hash
 
 
-def test_record_hash_is_the_record_content():
+def test_record_hash_is_the_record_content() -> None:
     """A resend (another received_at_ms and instance_id) has the same hash; a record that
     differs in any content field, or in one IO value, has another."""
     fields = fields_of(entry_fields("356307042441013", "8E", RECORD, 5, "i1"))
@@ -270,7 +279,7 @@ def test_record_hash_is_the_record_content():
         ("100", "100"),
     ],
 )
-def test_canonical_degrees(text, canonical):
+def test_canonical_degrees(text: str, canonical: str) -> None:
     """One text form for degrees, whatever the source (a record or a numeric(10,7) row)."""
     from teltonika.processor.identity import canonical_degrees
 
@@ -279,7 +288,7 @@ def test_canonical_degrees(text, canonical):
 
 @example(fields=huge_bigint_entry())
 @given(fields=hostile_fields())
-def test_any_field_map_parses_or_raises_contract_error(fields):
+def test_any_field_map_parses_or_raises_contract_error(fields: dict[str, object]) -> None:
     """Whatever names and values an entry holds (arbitrary bytes and text, thousands of
     digits, malformed JSON and sentinels), parse_entry returns a Position or raises
     ContractError with one of the contract reasons: never anything else."""
@@ -291,7 +300,7 @@ def test_any_field_map_parses_or_raises_contract_error(fields):
     position.copy_line().encode("utf-8")  # what goes to COPY can always be encoded
 
 
-def outcome(parse, *args):
+def outcome(parse: Callable[..., Position], *args: Any) -> Position | str:
     try:
         return parse(*args)
     except ContractError as e:
@@ -301,14 +310,14 @@ def outcome(parse, *args):
 @example(fields=huge_bigint_entry())
 @example(fields=fields_of(entry_fields("356307042441013", "16", RECORD, 5, "i1")))
 @given(fields=hostile_fields())
-def test_the_field_list_path_agrees_with_the_mapping_path(fields):
+def test_the_field_list_path_agrees_with_the_mapping_path(fields: dict[str, object]) -> None:
     """parse_fields (the consumer's: straight from the reply's list when the names are in
     the writer's order) gives the same Position, or the same reason, as parse_entry."""
     flat = [part for pair in fields.items() for part in pair]
     assert outcome(parse_fields, "1-0", flat) == outcome(parse_entry, "1-0", fields)
 
 
-def test_oversized_entries_are_refused_before_they_are_read():
+def test_oversized_entries_are_refused_before_they_are_read() -> None:
     """More than MAX_FIELDS fields, or any name or value longer than MAX_VALUE_CHARS, is
     ``oversized`` whichever path the entry takes (a fast-path io, an extra field)."""
     from teltonika.processor.entries import MAX_FIELDS, MAX_VALUE_CHARS, parse_fields
@@ -332,6 +341,7 @@ def test_oversized_entries_are_refused_before_they_are_read():
 
     assert letter_fields(good) == (good, None)
     kept, note = letter_fields(many + ["x"] * 100_000)
+    assert note is not None
     assert len(kept) == 2 * LETTER_FIELDS and note.startswith(
         f"{(len(many) + 100_000) // 2} fields"
     )

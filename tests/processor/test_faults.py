@@ -8,15 +8,19 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import attrs
 import psycopg
 import pytest
 import pytest_twisted
+import redis
 from twisted.internet.defer import Deferred
 
 from teltonika.contract import TELEMETRY_STREAM
+from tests.helpers import LoggedErrors
 from tests.processor.helpers import (
+    Processors,
     count,
     entry,
     eventually,
@@ -30,14 +34,20 @@ from tests.processor.helpers import (
     slow_inserts,
     xadd,
 )
-from tests.servers import free_port
+from tests.servers import PostgresServer, RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
 @pytest_twisted.ensureDeferred
-async def test_postgres_stopped_mid_run(processors, rds, pg_dsn, postgres_server, logged_errors):
+async def test_postgres_stopped_mid_run(
+    processors: Processors,
+    rds: redis.Redis,
+    pg_dsn: str,
+    postgres_server: PostgresServer,
+    logged_errors: LoggedErrors,
+) -> None:
     """While PostgreSQL is down nothing is acknowledged, /readyz answers 503, at most two
     batches are held (nothing more is read), and everything is written once it is back."""
     port = free_port()
@@ -60,6 +70,7 @@ async def test_postgres_stopped_mid_run(processors, rds, pg_dsn, postgres_server
         lambda: sample(service, "teltonika_processor_postgres_errors_total", kind="connection") >= 5
     )
     held = pending(rds)
+    assert held is not None
     read = sample(service, "teltonika_processor_entries_read_total")
     assert sample(service, "teltonika_processor_entries_acked_total") == 5
     # what was read is held (one batch being retried, at most one read ahead), the rest
@@ -79,7 +90,7 @@ async def test_postgres_stopped_mid_run(processors, rds, pg_dsn, postgres_server
 
 def twistd(
     tmp_path: Path, redis_url: str, dsn: str, consumer: str, *extra: str, preamble: str = ""
-):
+) -> tuple[subprocess.Popen[bytes], Path]:
     """``twistd -n teltonika-processor`` as a child process (DSN from the environment);
     *preamble* is Python run first (to plant a fault)."""
     log = tmp_path / f"processor-{consumer}.log"
@@ -114,8 +125,13 @@ def twistd(
 @pytest.mark.parametrize("restart_as", ["same consumer", "another processor"])
 @pytest_twisted.ensureDeferred
 async def test_sigkill_between_commit_and_xack(
-    restart_as, processors, rds, redis_server, pg_dsn, tmp_path
-):
+    restart_as: str,
+    processors: Processors,
+    rds: redis.Redis,
+    redis_server: RedisServer,
+    pg_dsn: str,
+    tmp_path: Path,
+) -> None:
     """A processor whose XACKs cannot succeed (a Redis ACL forbids XACK) commits its rows
     and is SIGKILLed with every entry still pending. Restarted under the same consumer
     name it re-reads its own pending entries; or another processor claims them after
@@ -159,7 +175,9 @@ async def test_sigkill_between_commit_and_xack(
 
 
 @pytest_twisted.ensureDeferred
-async def test_sigterm_finishes_and_exits(rds, redis_url, pg_dsn, tmp_path):
+async def test_sigterm_finishes_and_exits(
+    rds: redis.Redis, redis_url: str, pg_dsn: str, tmp_path: Path
+) -> None:
     """SIGTERM: the running processor finishes its batch, acknowledges, closes and exits
     (logging the lifecycle on the way)."""
     for i in range(25):
@@ -190,17 +208,24 @@ async def test_sigterm_finishes_and_exits(rds, redis_url, pg_dsn, tmp_path):
     # whatever was read before SIGTERM is committed and acknowledged: no entry is
     # both pending and stored, and nothing stored is unacknowledged.
     stored = count(pg_dsn)
+    assert stored is not None
     assert stored + pending_or_unread(rds) == 50
 
 
-def pending_or_unread(rds) -> int:
+def pending_or_unread(rds: redis.Redis) -> int:
     info = next(g for g in rds.xinfo_groups(TELEMETRY_STREAM) if g["name"] == "processor")
     assert info["pending"] == 0
     return int(info["lag"] or 0)
 
 
 @pytest_twisted.ensureDeferred
-async def test_redis_restarted_mid_run(processors, rds, redis_server, pg_dsn, logged_errors):
+async def test_redis_restarted_mid_run(
+    processors: Processors,
+    rds: redis.Redis,
+    redis_server: RedisServer,
+    pg_dsn: str,
+    logged_errors: LoggedErrors,
+) -> None:
     """Redis crashing (and coming back empty) makes the processor not ready; it reconnects
     by itself, recreates its group and stores what arrives afterwards."""
     service = processors.start()
@@ -219,7 +244,13 @@ async def test_redis_restarted_mid_run(processors, rds, redis_server, pg_dsn, lo
 
 
 @pytest_twisted.ensureDeferred
-async def test_starts_before_postgres(processors, rds, pg_dsn, postgres_server, logged_errors):
+async def test_starts_before_postgres(
+    processors: Processors,
+    rds: redis.Redis,
+    pg_dsn: str,
+    postgres_server: PostgresServer,
+    logged_errors: LoggedErrors,
+) -> None:
     """Started while PostgreSQL is down, the processor waits (not ready, retrying), then
     migrates and consumes once PostgreSQL is up."""
     postgres_server.stop("fast")
@@ -238,8 +269,12 @@ async def test_starts_before_postgres(processors, rds, pg_dsn, postgres_server, 
 
 @pytest_twisted.ensureDeferred
 async def test_held_entries_are_refreshed_and_never_taken_back(
-    processors, rds, pg_dsn, postgres_server, logged_errors
-):
+    processors: Processors,
+    rds: redis.Redis,
+    pg_dsn: str,
+    postgres_server: PostgresServer,
+    logged_errors: LoggedErrors,
+) -> None:
     """While PostgreSQL is down the processor keeps every entry it holds fresh, the
     read-ahead batch too, so a peer with a short --claim-idle finds nothing to claim; an
     entry a peer claimed anyway is not taken back (and is still written once)."""
@@ -257,7 +292,8 @@ async def test_held_entries_are_refreshed_and_never_taken_back(
     claimable = rds.xautoclaim(TELEMETRY_STREAM, "processor", "peer", 2000, justid=True)
     assert claimable == []
 
-    (taken,) = rds.xclaim(TELEMETRY_STREAM, "processor", "peer", 0, [ids(rds)[-1]], justid=True)
+    claimed = rds.xclaim(TELEMETRY_STREAM, "processor", "peer", 0, [ids(rds)[-1]], justid=True)
+    (taken,) = cast("list[str]", claimed)  # justid: the ids alone
     seen = sample(service, errors, kind="connection")
     await eventually(lambda: sample(service, errors, kind="connection") >= seen + 2)
     owner = rds.xpending_range(TELEMETRY_STREAM, "processor", taken, taken, 1)[0]["consumer"]
@@ -271,8 +307,8 @@ async def test_held_entries_are_refreshed_and_never_taken_back(
 
 @pytest_twisted.ensureDeferred
 async def test_held_entries_stay_fresh_while_a_write_is_slow(
-    processors, rds, pg_dsn, logged_errors
-):
+    processors: Processors, rds: redis.Redis, pg_dsn: str, logged_errors: LoggedErrors
+) -> None:
     """Refreshing is a timer, not a step of the retry loop: while one write is slow but
     does not fail (a trigger sleeping 3 s, under a 10 s --statement-timeout), the batch
     being written and the one read ahead are refreshed every --refresh-interval, so none
@@ -292,23 +328,27 @@ async def test_held_entries_stay_fresh_while_a_write_is_slow(
     await eventually(lambda: sample(service, refreshed) >= 12)  # 2 refreshes of all 6
     assert count(pg_dsn) == 0  # the first write is still sleeping
     rows = rds.xpending_range(TELEMETRY_STREAM, "processor", "-", "+", 10)
-    assert len(rows) == 6 and max(row["time_since_delivered"] for row in rows) < 1500
+    assert len(rows) == 6 and max(int(row["time_since_delivered"]) for row in rows) < 1500
     assert rds.xautoclaim(TELEMETRY_STREAM, "processor", "peer", 1500, justid=True) == []
     await eventually(lambda: count(pg_dsn) == 6 and pending(rds) == 0, timeout=30)
     assert sample(service, "teltonika_processor_entries_taken_over_total") == 0
     logged_errors.flush()
 
 
-def ids(rds) -> list[str]:
+def ids(rds: redis.Redis) -> list[str]:
     """Ids of the entries pending in group processor, oldest first."""
     rows = rds.xpending_range(TELEMETRY_STREAM, "processor", "-", "+", 100)
-    return [row["message_id"] for row in rows]
+    return [str(row["message_id"]) for row in rows]
 
 
 @pytest_twisted.ensureDeferred
 async def test_stop_wakes_every_sleeping_retry(
-    processors, rds, redis_server, pg_dsn, logged_errors
-):
+    processors: Processors,
+    rds: redis.Redis,
+    redis_server: RedisServer,
+    pg_dsn: str,
+    logged_errors: LoggedErrors,
+) -> None:
     """Two committed batches wait for XACKs that Redis refuses, each sleeping before its
     next attempt (100 s here): stopping wakes both, and the shutdown ends at once."""
     rds.execute_command("ACL", "SETUSER", "noack", "on", ">pw", "~*", "&*", "+@all", "-xack")
@@ -332,8 +372,8 @@ async def test_stop_wakes_every_sleeping_retry(
 
 @pytest_twisted.ensureDeferred
 async def test_statement_and_lock_timeouts_count_as_unavailable(
-    processors, rds, pg_dsn, logged_errors
-):
+    processors: Processors, rds: redis.Redis, pg_dsn: str, logged_errors: LoggedErrors
+) -> None:
     """A PostgreSQL that stalls rather than fails: a write waiting on a table lock (then a
     statement held up by a slow trigger) fails after --lock-timeout (--statement-timeout),
     the processor turns not ready and retries, and writes everything once it is free."""
@@ -380,7 +420,7 @@ def exit_status(child: subprocess.Popen[bytes]) -> int:
             child.wait(10)
 
 
-def test_refused_start_exits_nonzero(redis_url, pg_dsn, tmp_path):
+def test_refused_start_exits_nonzero(redis_url: str, pg_dsn: str, tmp_path: Path) -> None:
     """twistd teltonika-processor against a positions table of another schema exits with
     status 70 (so a supervisor restarts it, and shows why) after logging the reason."""
     execute(pg_dsn, "CREATE TABLE positions (id integer PRIMARY KEY, lat float)")
@@ -398,7 +438,9 @@ PLANTED_BUG = (
 )
 
 
-def test_a_crashed_loop_exits_nonzero(rds, redis_url, pg_dsn, tmp_path):
+def test_a_crashed_loop_exits_nonzero(
+    rds: redis.Redis, redis_url: str, pg_dsn: str, tmp_path: Path
+) -> None:
     """twistd teltonika-processor whose loop crashes (a bug planted in the state update)
     logs the crash, shuts down in order and exits with status 70; the entry it was writing
     stays pending (committed, so its redelivery after the restart is a duplicate)."""

@@ -5,21 +5,23 @@ written."""
 from __future__ import annotations
 
 import threading
+from typing import Any, cast
 
 import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twisted.internet.interfaces import IReactorFromThreads
 
 from teltonika.contract import entry_fields
 from teltonika.processor import migrations
-from teltonika.processor.entries import fields_dict, parse_entry
+from teltonika.processor.entries import Position, fields_dict, parse_entry
 from teltonika.processor.migrations import apply_migrations, load_migrations
 from teltonika.processor.writer import write_batch
 from teltonika.wire.records import NX, AVLRecord
 
 
-def test_packaged_migrations_are_numbered():
+def test_packaged_migrations_are_numbered() -> None:
     versions = [m.version for m in load_migrations()]
     assert versions == sorted(set(versions)) and versions[0] == 1
 
@@ -29,7 +31,7 @@ def unguarded() -> list[str]:
     return [m.name for m in load_migrations() if m.version not in migrations.GUARDS]
 
 
-def test_concurrent_start_applies_each_migration_once(pg_dsn):
+def test_concurrent_start_applies_each_migration_once(pg_dsn: str) -> None:
     """Four processes' worth of connections migrating at once: each version is applied
     by exactly one of them, all succeed, and the table exists."""
     barrier = threading.Barrier(4)
@@ -61,7 +63,9 @@ def test_concurrent_start_applies_each_migration_once(pg_dsn):
         assert apply_migrations(conn) == []  # a later start applies nothing
 
 
-def test_timescaledb_step_is_recorded_only_when_it_can_work(pg_dsn, monkeypatch):
+def test_timescaledb_step_is_recorded_only_when_it_can_work(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without TimescaleDB, 002 is not recorded (so a later start, after the extension is
     installed, still runs it); with its guard true it runs and is recorded, and a version
     an older processor recorded while the extension was absent is run again."""
@@ -98,14 +102,16 @@ VALUES (%s, timestamptz 'epoch' + %s * interval '1 millisecond',
 """
 
 
-def position(rec: AVLRecord, imei: str = "356307042441013", codec: str = "8E", **extra):
+def position(
+    rec: AVLRecord, imei: str = "356307042441013", codec: str = "8E", **extra: object
+) -> Position:
     flat = entry_fields(imei, codec, rec, rec.timestamp_ms + 500, "ingest-1")
     fields = fields_dict([v.decode() for v in flat])
     fields.update(extra)
     return parse_entry("1-0", fields)
 
 
-def test_upgrade_in_place_from_the_first_schema(pg_dsn):
+def test_upgrade_in_place_from_the_first_schema(pg_dsn: str) -> None:
     """A positions table created by migration 001 alone (as an older processor left it,
     002 recorded while it did nothing) with rows in it: 003 computes every row's hash
     exactly as the processor computes it from the entry, swaps the key, and afterwards a
@@ -131,7 +137,7 @@ def test_upgrade_in_place_from_the_first_schema(pg_dsn):
         for p in old:
             conn.execute(_OLD_INSERT, p.copy_row()[:-1])
         assert apply_migrations(conn) == ["003_record_hash.sql"]
-        stored = dict(
+        stored: dict[str, int] = dict(
             conn.execute(
                 "select device_id || (extract(epoch from ts)*1000)::bigint, record_hash"
                 " from positions"
@@ -180,7 +186,7 @@ records = st.builds(
 
 @settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=st.lists(records, min_size=1, max_size=10))
-def test_sql_hash_equals_the_processors(pg_dsn, batch):
+def test_sql_hash_equals_the_processors(pg_dsn: str, batch: list[AVLRecord]) -> None:
     """For any records, teltonika_record_hash() over the stored row (what migration 003
     uses for old rows) equals the hash the processor computed from the entry."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
@@ -221,7 +227,7 @@ BREAKAGES = {
 
 
 @pytest.mark.parametrize("breakage", sorted(BREAKAGES))
-def test_a_schema_the_processor_cannot_write_is_refused(pg_dsn, breakage):
+def test_a_schema_the_processor_cannot_write_is_refused(pg_dsn: str, breakage: str) -> None:
     """After migrating, positions is checked; a table with another schema (or one changed
     by hand) raises SchemaError naming what is wrong, instead of retrying writes forever."""
     change, problem = BREAKAGES[breakage]
@@ -234,7 +240,7 @@ def test_a_schema_the_processor_cannot_write_is_refused(pg_dsn, breakage):
         assert problem in str(info.value)
 
 
-def test_a_foreign_table_fails_its_migration_with_a_clear_message(pg_dsn):
+def test_a_foreign_table_fails_its_migration_with_a_clear_message(pg_dsn: str) -> None:
     """A positions table of another application before the first start: 001 cannot create
     ours, 003 cannot upgrade it; the error names the migration and what is missing."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
@@ -246,7 +252,7 @@ def test_a_foreign_table_fails_its_migration_with_a_clear_message(pg_dsn):
         assert "column device_id is missing" in message
 
 
-def test_migration_003_runs_again_without_harm(pg_dsn):
+def test_migration_003_runs_again_without_harm(pg_dsn: str) -> None:
     """003 is idempotent: on a table upgraded by hand half-way (the column added and filled
     for some rows, the old key still there) it completes the upgrade, and on a table
     already upgraded whose record was lost (or under another name of the key) it changes
@@ -278,7 +284,9 @@ def test_migration_003_runs_again_without_harm(pg_dsn):
         assert migrations.schema_problems(conn) == []
 
 
-def test_timeouts_are_set_per_session_without_startup_options(pg_dsn, monkeypatch):
+def test_timeouts_are_set_per_session_without_startup_options(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The two timeouts reach the session with SET after connecting, not as libpq's
     ``options`` startup parameter (which PgBouncer refuses or silently drops); migrations
     lift them and put back the session's own values, not the server's defaults."""
@@ -289,12 +297,14 @@ def test_timeouts_are_set_per_session_without_startup_options(pg_dsn, monkeypatc
     seen: list[dict[str, object]] = []
     real_connect = psycopg.connect
 
-    def connect(*args, **kwargs):
+    def connect(*args: Any, **kwargs: Any) -> psycopg.Connection[Any]:
         seen.append(kwargs)
         return real_connect(*args, **kwargs)
 
     monkeypatch.setattr(psycopg, "connect", connect)
-    database = Database(pg_dsn, reactor, statement_timeout=1.5, lock_timeout=0.25)
+    database = Database(
+        pg_dsn, cast(IReactorFromThreads, reactor), statement_timeout=1.5, lock_timeout=0.25
+    )
     connection = database._connect()
     try:
         assert "options" not in seen[0]

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import orjson
 import psycopg
+import pytest
 import pytest_twisted
+import redis
 from twisted.internet import reactor
 
 from teltonika.contract import TELEMETRY_STREAM
 from teltonika.processor.migrations import apply_migrations
 from teltonika.processor.streams import LETTER_CHARS
+from tests.helpers import LoggedErrors
 from tests.processor.helpers import (
     BASE_MS,
     DEAD,
     NX,
+    Processors,
     count,
     entry,
     eventually,
@@ -26,13 +32,14 @@ from tests.processor.helpers import (
     sample,
     slow_inserts,
     xadd,
+    xrange,
 )
 from tests.servers import free_port
 
 DEAD_FORMAT = "Dead-lettered entry {entry_id}: {reason} ({detail})"
 
 
-def with_field(fields, name, value):
+def with_field(fields: list[bytes], name: str, value: bytes | str) -> list[bytes]:
     """A copy of an entry_fields list with one field's value replaced."""
     out = list(fields)
     index = out.index(name.encode())
@@ -40,13 +47,15 @@ def with_field(fields, name, value):
     return out
 
 
-def pairs(fields):
+def pairs(fields: list[bytes]) -> list[tuple[bytes, bytes]]:
     """An entry_fields list as (name, value) pairs."""
     return list(zip(fields[0::2], fields[1::2], strict=True))
 
 
 @pytest_twisted.ensureDeferred
-async def test_contract_checks_and_sentinels(processors, rds, pg_dsn, logged_errors):
+async def test_contract_checks_and_sentinels(
+    processors: Processors, rds: redis.Redis, pg_dsn: str, logged_errors: LoggedErrors
+) -> None:
     """A u64 above 2**53 reaches jsonb digit for digit and NX bytes become hex; an unknown
     version, a bad sentinel, a missing field and a non-integer IO value are dead-lettered
     with their original id, fields and reason, logged at error, counted and acknowledged."""
@@ -70,7 +79,7 @@ async def test_contract_checks_and_sentinels(processors, rds, pg_dsn, logged_err
     assert query(pg_dsn, "select (io->>'78')::numeric = 18446744073709551615 from positions")[0][0]
     assert rows[0][4] == "54.6872000"
 
-    letters = {fields["dead.id"]: fields for _id, fields in rds.xrange(DEAD)}
+    letters = {fields["dead.id"]: fields for _id, fields in xrange(rds, DEAD)}
     assert letters[bad_version]["dead.reason"] == "unknown_version"
     assert letters[bad_sentinel]["dead.reason"] == "bad_sentinel"
     assert letters[bad_b64]["dead.reason"] == "bad_sentinel"
@@ -86,7 +95,9 @@ async def test_contract_checks_and_sentinels(processors, rds, pg_dsn, logged_err
 
 
 @pytest_twisted.ensureDeferred
-async def test_duplicate_in_one_batch_is_one_row(processors, rds, pg_dsn):
+async def test_duplicate_in_one_batch_is_one_row(
+    processors: Processors, rds: redis.Redis, pg_dsn: str
+) -> None:
     """The same record twice in one batch gives one row; both entries are acknowledged."""
     xadd(rds, entry(rec=record(0)))
     xadd(rds, entry(rec=record(0)))
@@ -99,7 +110,9 @@ async def test_duplicate_in_one_batch_is_one_row(processors, rds, pg_dsn):
 
 
 @pytest_twisted.ensureDeferred
-async def test_duplicate_in_two_batches_is_one_row(processors, rds, pg_dsn):
+async def test_duplicate_in_two_batches_is_one_row(
+    processors: Processors, rds: redis.Redis, pg_dsn: str
+) -> None:
     """The same record again in a later batch is a duplicate, not a second row."""
     service = processors.start()
     await eventually(service.processor.consumer.ready)
@@ -113,7 +126,9 @@ async def test_duplicate_in_two_batches_is_one_row(processors, rds, pg_dsn):
 
 
 @pytest_twisted.ensureDeferred
-async def test_poison_row_is_isolated(processors, rds, pg_dsn, logged_errors):
+async def test_poison_row_is_isolated(
+    processors: Processors, rds: redis.Redis, pg_dsn: str, logged_errors: LoggedErrors
+) -> None:
     """One row PostgreSQL rejects (a device time out of range) is bisected out of its
     batch and dead-lettered; the other rows of the batch are written."""
     ids = [xadd(rds, entry(imei=imei(i), rec=record(i))) for i in range(20)]
@@ -122,7 +137,7 @@ async def test_poison_row_is_isolated(processors, rds, pg_dsn, logged_errors):
     service = processors.start()
     await eventually(lambda: rds.xlen(DEAD) == 1 and pending(rds) == 0)
     assert count(pg_dsn) == 30
-    ((_, letter),) = rds.xrange(DEAD)
+    ((_, letter),) = xrange(rds, DEAD)
     assert letter["dead.id"] == poison
     assert letter["dead.reason"] == "rejected_by_database"
     assert "out of range" in letter["dead.detail"]
@@ -132,7 +147,9 @@ async def test_poison_row_is_isolated(processors, rds, pg_dsn, logged_errors):
 
 
 @pytest_twisted.ensureDeferred
-async def test_rehydration_one_query_per_batch(processors, rds, pg_dsn):
+async def test_rehydration_one_query_per_batch(
+    processors: Processors, rds: redis.Redis, pg_dsn: str
+) -> None:
     """Devices missing from memory are loaded from positions in one query per batch, and a
     record older than the stored latest does not move the latest position backwards."""
     first = processors.start()
@@ -164,7 +181,9 @@ async def test_rehydration_one_query_per_batch(processors, rds, pg_dsn):
 
 
 @pytest_twisted.ensureDeferred
-async def test_claim_idle_and_max_deliveries(processors, rds, pg_dsn, logged_errors):
+async def test_claim_idle_and_max_deliveries(
+    processors: Processors, rds: redis.Redis, pg_dsn: str, logged_errors: LoggedErrors
+) -> None:
     """Entries left pending by a dead consumer are claimed after --claim-idle. Delivered
     more than --max-deliveries times is not a reason by itself: a good entry redelivered
     that often (restarts, claims while PostgreSQL was down) is written; only one that
@@ -196,7 +215,7 @@ async def test_claim_idle_and_max_deliveries(processors, rds, pg_dsn, logged_err
         imei(2),
         imei(3),
     ]
-    ((_, letter),) = rds.xrange(DEAD)
+    ((_, letter),) = xrange(rds, DEAD)
     assert letter["dead.id"] == ids[1]
     assert letter["dead.reason"] == "max_deliveries"
     assert letter["dead.detail"].startswith("delivered 6 times (limit 5); written alone it failed")
@@ -207,7 +226,9 @@ async def test_claim_idle_and_max_deliveries(processors, rds, pg_dsn, logged_err
 
 
 @pytest_twisted.ensureDeferred
-async def test_two_processors_share_the_group(processors, rds, pg_dsn):
+async def test_two_processors_share_the_group(
+    processors: Processors, rds: redis.Redis, pg_dsn: str
+) -> None:
     """Two processors in one group split the entries: every entry is one row, each
     processor handled some, and nothing stays pending."""
     a = processors.start("--consumer", "a", "--batch-size", "7")
@@ -223,7 +244,7 @@ async def test_two_processors_share_the_group(processors, rds, pg_dsn):
 
 
 @pytest_twisted.ensureDeferred
-async def test_io_bag_round_trip(processors, rds, pg_dsn):
+async def test_io_bag_round_trip(processors: Processors, rds: redis.Redis, pg_dsn: str) -> None:
     """Every IO value of a codec 8E record is stored under its decimal id."""
     io = ((1, 1, 0), (21, 1, 5), (66, 2, 65535), (241, 4, 24602), (11, 8, 2**53 - 1))
     xadd(rds, entry(rec=record(0, io=io)))
@@ -234,7 +255,9 @@ async def test_io_bag_round_trip(processors, rds, pg_dsn):
 
 
 @pytest_twisted.ensureDeferred
-async def test_free_text_and_binary_values(processors, rds, pg_dsn, logged_errors):
+async def test_free_text_and_binary_values(
+    processors: Processors, rds: redis.Redis, pg_dsn: str, logged_errors: LoggedErrors
+) -> None:
     """An instance id with COPY's special characters is stored exactly; a field that is not
     UTF-8 is dead-lettered as bad_field, never written."""
     xadd(rds, with_field(entry(rec=record(0)), "instance_id", "a\tb\\c\nd"))
@@ -242,13 +265,15 @@ async def test_free_text_and_binary_values(processors, rds, pg_dsn, logged_error
     processors.start()
     await eventually(lambda: count(pg_dsn) == 1 and rds.xlen(DEAD) == 1 and pending(rds) == 0)
     assert query(pg_dsn, "select instance_id from positions") == [("a\tb\\c\nd",)]
-    ((_, letter),) = rds.xrange(DEAD)
+    ((_, letter),) = xrange(rds, DEAD)
     assert (letter["dead.id"], letter["dead.reason"]) == (bad, "bad_field")
     assert len(logged_errors.flush(DEAD_FORMAT)) == 1
 
 
 @pytest_twisted.ensureDeferred
-async def test_group_deleted_under_the_processor(processors, rds, pg_dsn):
+async def test_group_deleted_under_the_processor(
+    processors: Processors, rds: redis.Redis, pg_dsn: str
+) -> None:
     """When the stream (and with it the group) is deleted while the processor runs, it
     creates the group again and carries on with the new entries."""
     service = processors.start()
@@ -265,7 +290,9 @@ ACKED = "teltonika_processor_entries_acked_total"
 
 
 @pytest_twisted.ensureDeferred
-async def test_same_second_records_are_distinct_rows(processors, rds, pg_dsn):
+async def test_same_second_records_are_distinct_rows(
+    processors: Processors, rds: redis.Redis, pg_dsn: str
+) -> None:
     """A periodic record (ignition on) and an ignition-off event stamped with the same
     millisecond are two rows, and resending both (another receive time and instance) adds
     none. The event is the device's latest position, in memory and as rehydrated by a
@@ -305,8 +332,8 @@ async def test_same_second_records_are_distinct_rows(processors, rds, pg_dsn):
 
 @pytest_twisted.ensureDeferred
 async def test_an_entry_that_breaks_the_check_does_not_take_its_batch(
-    processors, rds, pg_dsn, logged_errors
-):
+    processors: Processors, rds: redis.Redis, pg_dsn: str, logged_errors: LoggedErrors
+) -> None:
     """A __bigint of 5,000 digits (int() refuses it) in the middle of a batch is
     dead-lettered as bad_sentinel; the entries around it are written, the consumer stays
     ready and keeps reading."""
@@ -318,7 +345,7 @@ async def test_an_entry_that_breaks_the_check_does_not_take_its_batch(
         xadd(rds, entry(imei=imei(i), rec=record(i)))
     service = processors.start()
     await eventually(lambda: count(pg_dsn) == 10 and rds.xlen(DEAD) == 1 and pending(rds) == 0)
-    ((_, letter),) = rds.xrange(DEAD)
+    ((_, letter),) = xrange(rds, DEAD)
     assert (letter["dead.id"], letter["dead.reason"]) == (bad, "bad_sentinel")
     assert service.processor.consumer.ready()
     xadd(rds, entry(imei=imei(11), rec=record(11)))
@@ -328,7 +355,9 @@ async def test_an_entry_that_breaks_the_check_does_not_take_its_batch(
 
 
 @pytest_twisted.ensureDeferred
-async def test_each_new_device_is_rehydrated_once(processors, rds, pg_dsn):
+async def test_each_new_device_is_rehydrated_once(
+    processors: Processors, rds: redis.Redis, pg_dsn: str
+) -> None:
     """The next batch decides which devices it must rehydrate only after the previous one
     updated the state: with batch 2 read while batch 1 waits on a table lock, three new
     devices seen in both batches cost one rehydration query, not two."""
@@ -354,7 +383,9 @@ DELETED_FORMAT = (
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_entry_deleted_while_pending_is_an_error(processors, rds, pg_dsn, logged_errors):
+async def test_an_entry_deleted_while_pending_is_an_error(
+    processors: Processors, rds: redis.Redis, pg_dsn: str, logged_errors: LoggedErrors
+) -> None:
     """A pending entry whose content was deleted upstream before it was stored is data
     lost: logged at error level (with its id), counted and acknowledged."""
     rds.xgroup_create(TELEMETRY_STREAM, "processor", "0", mkstream=True)
@@ -371,8 +402,8 @@ async def test_an_entry_deleted_while_pending_is_an_error(processors, rds, pg_ds
 
 @pytest_twisted.ensureDeferred
 async def test_dead_letters_are_written_once_across_a_failed_attempt(
-    processors, rds, pg_dsn, logged_errors
-):
+    processors: Processors, rds: redis.Redis, pg_dsn: str, logged_errors: LoggedErrors
+) -> None:
     """Dead-lettering a batch fails half-way: Redis refuses (and disconnects) the command
     that carries the second letter, larger than its proto-max-bulk-len (1 MiB: a value of
     600,000 two-byte characters, within the contract's 1 MiB of characters). Once that
@@ -387,13 +418,15 @@ async def test_dead_letters_are_written_once_across_a_failed_attempt(
     finally:
         rds.config_set("proto-max-bulk-len", 512 << 20)
     await eventually(lambda: pending(rds) == 0, timeout=30)
-    letters = sorted(fields["dead.id"] for _, fields in rds.xrange(DEAD))
+    letters = sorted(fields["dead.id"] for _, fields in xrange(rds, DEAD))
     assert letters == sorted([small, big])
     logged_errors.flush()
 
 
 @pytest_twisted.ensureDeferred
-async def test_idle_consumers_with_nothing_pending_are_retired(processors, rds, pg_dsn):
+async def test_idle_consumers_with_nothing_pending_are_retired(
+    processors: Processors, rds: redis.Redis, pg_dsn: str
+) -> None:
     """--retire-idle-consumers deletes other consumers of the group that hold nothing and
     have been idle that long; never one with pending entries, never itself."""
     rds.xgroup_create(TELEMETRY_STREAM, "processor", "0", mkstream=True)
@@ -402,7 +435,7 @@ async def test_idle_consumers_with_nothing_pending_are_retired(processors, rds, 
         "--claim-idle", "0.3", "--retire-idle-consumers", "0.3", "--stats-interval", "0.2"
     )
 
-    def consumers(group="processor"):
+    def consumers(group: str = "processor") -> set[str]:
         return {c["name"] for c in rds.xinfo_consumers(TELEMETRY_STREAM, group)}
 
     await eventually(lambda: consumers() == {"c1"})
@@ -423,7 +456,9 @@ async def test_idle_consumers_with_nothing_pending_are_retired(processors, rds, 
 
 
 @pytest_twisted.ensureDeferred
-async def test_refuses_to_start_on_a_schema_it_cannot_write(processors, rds, pg_dsn, logged_errors):
+async def test_refuses_to_start_on_a_schema_it_cannot_write(
+    processors: Processors, rds: redis.Redis, pg_dsn: str, logged_errors: LoggedErrors
+) -> None:
     """A positions table of another schema: the processor says what is wrong at critical
     level, never becomes ready, reads nothing and asks for the non-zero exit."""
     execute(pg_dsn, "CREATE TABLE positions (id integer PRIMARY KEY, lat float)")
@@ -439,7 +474,9 @@ async def test_refuses_to_start_on_a_schema_it_cannot_write(processors, rds, pg_
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_crash_leaves_no_ready_zombie(processors, rds, pg_dsn, logged_errors):
+async def test_a_crash_leaves_no_ready_zombie(
+    processors: Processors, rds: redis.Redis, pg_dsn: str, logged_errors: LoggedErrors
+) -> None:
     """An exception nothing expected (a bug planted in the state update) ends the loop: it
     is logged as critical with its traceback, /readyz turns 503 and the service asks for
     the non-zero exit so that a supervisor restarts the process."""
@@ -449,7 +486,7 @@ async def test_a_crash_leaves_no_ready_zombie(processors, rds, pg_dsn, logged_er
     await eventually(consumer.ready)
     assert await http_status(port, "/readyz") == 200
 
-    def planted_bug(*args):
+    def planted_bug(*args: object) -> NoReturn:
         raise RuntimeError("planted")
 
     consumer._update_state = planted_bug
@@ -463,8 +500,8 @@ async def test_a_crash_leaves_no_ready_zombie(processors, rds, pg_dsn, logged_er
 
 @pytest_twisted.ensureDeferred
 async def test_a_bug_while_processing_claimed_entries_is_a_crash(
-    processors, rds, pg_dsn, logged_errors
-):
+    processors: Processors, rds: redis.Redis, pg_dsn: str, logged_errors: LoggedErrors
+) -> None:
     """A bug met while writing entries claimed from a dead consumer is a crash (critical,
     non-zero exit), not reported as "Redis unreachable" and retried for ever."""
     rds.xgroup_create(TELEMETRY_STREAM, "processor", "0", mkstream=True)
@@ -473,7 +510,7 @@ async def test_a_bug_while_processing_claimed_entries_is_a_crash(
     service = processors.start("--claim-idle", "0.3", "--claim-interval", "0.2")
     consumer = service.processor.consumer
 
-    def planted_bug(*args):
+    def planted_bug(*args: object) -> NoReturn:
         raise RuntimeError("planted")
 
     consumer._update_state = planted_bug
@@ -486,8 +523,12 @@ async def test_a_bug_while_processing_claimed_entries_is_a_crash(
 
 @pytest_twisted.ensureDeferred
 async def test_a_bug_while_writing_is_a_crash_not_an_outage(
-    processors, rds, pg_dsn, logged_errors, monkeypatch
-):
+    processors: Processors,
+    rds: redis.Redis,
+    pg_dsn: str,
+    logged_errors: LoggedErrors,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """An exception that is not a PostgreSQL error while writing (a TypeError: a bug) ends
     the loop as a crash (exit 70 asked for, not ready), instead of being retried for ever
     as if the database were down."""
@@ -497,7 +538,7 @@ async def test_a_bug_while_writing_is_a_crash_not_an_outage(
     consumer = service.processor.consumer
     await eventually(consumer.ready)
 
-    def planted_bug(*args):
+    def planted_bug(*args: object) -> NoReturn:
         raise TypeError("planted")
 
     monkeypatch.setattr(consumer_module, "write_batch", planted_bug)
@@ -512,7 +553,9 @@ async def test_a_bug_while_writing_is_a_crash_not_an_outage(
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_database_error_is_retried_not_a_crash(processors, rds, pg_dsn, logged_errors):
+async def test_a_database_error_is_retried_not_a_crash(
+    processors: Processors, rds: redis.Redis, pg_dsn: str, logged_errors: LoggedErrors
+) -> None:
     """Conversely, a PostgreSQL error that is neither a connection loss nor bad data (the
     table renamed away by an operator) is retried, not ready meanwhile, and everything is written
     once it is granted again."""
@@ -532,8 +575,8 @@ async def test_a_database_error_is_retried_not_a_crash(processors, rds, pg_dsn, 
 
 @pytest_twisted.ensureDeferred
 async def test_a_batch_too_slow_for_the_statement_timeout_is_split(
-    processors, rds, pg_dsn, logged_errors
-):
+    processors: Processors, rds: redis.Redis, pg_dsn: str, logged_errors: LoggedErrors
+) -> None:
     """A batch whose INSERT cannot finish within --statement-timeout (a row trigger takes
     0.1 s per row: 16 rows need 1.6 s, the limit is 0.7 s) is written in smaller
     transactions after each timeout instead of timing out for ever; every row once."""
@@ -554,8 +597,8 @@ async def test_a_batch_too_slow_for_the_statement_timeout_is_split(
 
 @pytest_twisted.ensureDeferred
 async def test_oversized_entries_end_as_one_bounded_dead_letter(
-    processors, rds, pg_dsn, logged_errors
-):
+    processors: Processors, rds: redis.Redis, pg_dsn: str, logged_errors: LoggedErrors
+) -> None:
     """An entry of 100,000 fields, one whose io is larger than any record (2 MiB) and one
     with a 2 MiB field the contract does not know each end as one dead letter with reason
     oversized, holding a bounded part of the entry (the Lua script that writes letters
@@ -571,7 +614,7 @@ async def test_oversized_entries_end_as_one_bounded_dead_letter(
     service = processors.start()
     await eventually(lambda: rds.xlen(DEAD) == 3 and pending(rds) == 0, timeout=30)
     assert count(pg_dsn) == 4
-    letters = {letter["dead.id"]: letter for _, letter in rds.xrange(DEAD)}
+    letters = {letter["dead.id"]: letter for _, letter in xrange(rds, DEAD)}
     assert set(letters) == set(bad)
     for letter in letters.values():
         assert letter["dead.reason"] == "oversized"
@@ -588,8 +631,8 @@ async def test_oversized_entries_end_as_one_bounded_dead_letter(
 
 @pytest_twisted.ensureDeferred
 async def test_over_delivered_entries_are_never_lettered_while_postgres_takes_no_writes(
-    processors, rds, pg_dsn, logged_errors
-):
+    processors: Processors, rds: redis.Redis, pg_dsn: str, logged_errors: LoggedErrors
+) -> None:
     """Entries delivered more than --max-deliveries times (restarts, claims during an
     outage) while PostgreSQL takes no writes (a standby after a failover: read-only) are
     held and retried, never dead-lettered for their delivery count; once it takes writes
@@ -609,7 +652,7 @@ async def test_over_delivered_entries_are_never_lettered_while_postgres_takes_no
         atomic.xadd(TELEMETRY_STREAM, dict(pairs(entry(imei=imei(i), rec=record(i)))), entry_id)
     atomic.xreadgroup("processor", "dead", {TELEMETRY_STREAM: ">"})
     for _ in range(6):
-        atomic.xclaim(TELEMETRY_STREAM, "processor", "dead", 0, ids)
+        atomic.xclaim(TELEMETRY_STREAM, "processor", "dead", 0, [*ids])
     atomic.execute()
     errors = "teltonika_processor_postgres_errors_total"
     await eventually(lambda: sample(service, errors, kind="ReadOnlySqlTransaction") >= 3)

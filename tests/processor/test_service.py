@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
@@ -14,6 +15,7 @@ from teltonika.processor.service import (
     Housekeeping,
     ProcessorService,
 )
+from tests.helpers import LoggedErrors, connection_double
 
 
 class FakeDatabase:
@@ -51,13 +53,18 @@ class FakeRedis:
         return succeed(None)
 
 
+def fake(service: ProcessorService) -> FakeConsumer:
+    """The FakeConsumer that make() gave the service (typed as its real consumer)."""
+    return cast(FakeConsumer, service.consumer)
+
+
 def make(stopping: Deferred[None]) -> tuple[ProcessorService, Clock, list[str], FakeRedis]:
     clock = Clock()
     exits: list[str] = []
     redis = FakeRedis()
     service = ProcessorService(
-        FakeConsumer(stopping),
-        [redis],
+        FakeConsumer(stopping),  # type: ignore[arg-type]  # the service calls start and stop
+        [connection_double(redis)],
         clock,
         housekeeping=Housekeeping(stats_interval=1000),
         exits=ExitPolicy(
@@ -70,20 +77,20 @@ def make(stopping: Deferred[None]) -> tuple[ProcessorService, Clock, list[str], 
     return service, clock, exits, redis
 
 
-def test_clean_shutdown_closes_everything_and_cancels_the_backstop():
+def test_clean_shutdown_closes_everything_and_cancels_the_backstop() -> None:
     """When the batch in flight finishes, Redis and the database close and the backstop
     never fires."""
     finished: Deferred[None] = Deferred()
     service, clock, exits, redis = make(finished)
     done = service.stopService()
-    assert not done.called
+    assert done.called == False  # noqa: E712 (`not` would narrow it for mypy past the next call)
     finished.callback(None)
-    assert done.called and redis.closed and service.consumer.database.stopped
+    assert done.called and redis.closed and fake(service).database.stopped
     clock.advance(60)
     assert exits == []
 
 
-def test_backstop_forces_the_exit(logged_errors):
+def test_backstop_forces_the_exit(logged_errors: LoggedErrors) -> None:
     """A batch that never finishes: after --shutdown-timeout the exit is forced (logged at
     error level)."""
     service, clock, exits, _ = make(Deferred())
@@ -95,7 +102,7 @@ def test_backstop_forces_the_exit(logged_errors):
     assert len(logged_errors.flush()) == 1
 
 
-def test_switch_interval_is_restored_at_stop():
+def test_switch_interval_is_restored_at_stop() -> None:
     """The process-wide GIL switch interval is shortened while the processor runs and put
     back as it was once it stopped."""
     before = sys.getswitchinterval()
@@ -111,7 +118,7 @@ def test_switch_interval_is_restored_at_stop():
         sys.setswitchinterval(before)
 
 
-def test_switch_interval_is_restored_once_by_the_last_service():
+def test_switch_interval_is_restored_once_by_the_last_service() -> None:
     """Two processor services in one process: the interval is restored to the original
     (not to the one the first service set) when the last one stops, never while one
     still runs; a service restarted, or stopped twice, counts once."""
@@ -137,11 +144,11 @@ def test_switch_interval_is_restored_once_by_the_last_service():
         sys.setswitchinterval(before)
 
 
-def test_a_crashed_consumer_makes_the_process_exit(logged_errors):
+def test_a_crashed_consumer_makes_the_process_exit(logged_errors: LoggedErrors) -> None:
     """When the consumer's loop ends because it crashed, the service logs it as critical and
     asks for the non-zero exit; a loop that ended normally asks for nothing."""
     service, _, exits, _ = make(Deferred())
-    consumer = service.consumer
+    consumer = fake(service)
     consumer.crashed = Failure(RuntimeError("boom"))
     consumer.ended.callback(None)
     assert exits == ["crash"]
@@ -151,6 +158,6 @@ def test_a_crashed_consumer_makes_the_process_exit(logged_errors):
     service.stopService()
 
     service, _, exits, _ = make(Deferred())
-    service.consumer.ended.callback(None)
+    fake(service).ended.callback(None)
     assert exits == []
     service.stopService()

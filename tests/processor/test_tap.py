@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import cast
 
 import pytest
 from twisted.application.service import IServiceMaker
@@ -10,17 +11,18 @@ from twisted.internet.testing import MemoryReactor
 from twisted.plugin import getPlugins
 from twisted.python import usage
 
+from teltonika.interfaces import IProcessReactor
 from teltonika.processor import tap
 from teltonika.processor.tap import Options, makeService
 
 
-def parse(*argv):
+def parse(*argv: str) -> Options:
     options = Options()
     options.parseOptions(list(argv))
     return options
 
 
-def test_defaults(monkeypatch):
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     """Defaults are the documented ones; the DSN can come from the environment."""
     monkeypatch.setenv("TELTONIKA_POSTGRES_DSN", "postgresql://u:secret@db/x")
     monkeypatch.delenv("TELTONIKA_REDIS_URL", raising=False)
@@ -43,7 +45,7 @@ def test_defaults(monkeypatch):
     assert o["consumer"]
 
 
-def test_timeouts_and_retirement_accepted(monkeypatch):
+def test_timeouts_and_retirement_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
     """Timeouts below --claim-idle and a retirement age at least --claim-idle are taken."""
     monkeypatch.delenv("TELTONIKA_POSTGRES_DSN", raising=False)
     o = parse(
@@ -65,7 +67,7 @@ def test_timeouts_and_retirement_accepted(monkeypatch):
     )
 
 
-def test_timeout_defaults_follow_a_short_claim_idle(monkeypatch):
+def test_timeout_defaults_follow_a_short_claim_idle(monkeypatch: pytest.MonkeyPatch) -> None:
     """With a --claim-idle shorter than the timeouts' defaults, the defaults shrink."""
     monkeypatch.delenv("TELTONIKA_POSTGRES_DSN", raising=False)
     o = parse("--postgres", "x", "--claim-idle", "12")
@@ -74,7 +76,7 @@ def test_timeout_defaults_follow_a_short_claim_idle(monkeypatch):
     assert parse("--postgres", "x")["refresh-interval"] == 5.0
 
 
-def test_refresh_interval_is_at_most_half_of_claim_idle(monkeypatch):
+def test_refresh_interval_is_at_most_half_of_claim_idle(monkeypatch: pytest.MonkeyPatch) -> None:
     """A held entry idles up to one refresh interval (plus one refresh's duration): the
     interval must leave half of --claim-idle for that, and reaches the consumer."""
     monkeypatch.delenv("TELTONIKA_POSTGRES_DSN", raising=False)
@@ -88,7 +90,7 @@ def test_refresh_interval_is_at_most_half_of_claim_idle(monkeypatch):
         parse("--postgres", "x", "--refresh-interval", "0")
 
 
-def test_overrides_and_metrics_forms(monkeypatch):
+def test_overrides_and_metrics_forms(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TELTONIKA_POSTGRES_DSN", raising=False)
     o = parse(
         "--postgres",
@@ -124,13 +126,13 @@ def test_overrides_and_metrics_forms(monkeypatch):
         ["--postgres", "x", "--retire-idle-consumers", "-1"],
     ],
 )
-def test_bad_options(argv, monkeypatch):
+def test_bad_options(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TELTONIKA_POSTGRES_DSN", raising=False)
     with pytest.raises(usage.UsageError):
         parse(*argv)
 
 
-def test_help_documents_every_option_with_its_default():
+def test_help_documents_every_option_with_its_default() -> None:
     text = " ".join(str(Options()).split())
     for name in (
         "--redis",
@@ -155,21 +157,21 @@ def test_help_documents_every_option_with_its_default():
     assert "[default: 500]" in text and "[default: processor]" in text
 
 
-def test_missing_psycopg_names_the_install_command(monkeypatch):
+def test_missing_psycopg_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without psycopg the options fail with the command that installs it."""
     monkeypatch.setitem(sys.modules, "psycopg", None)
     with pytest.raises(usage.UsageError, match=r"pip install 'teltonika\[processor\]'"):
         parse("--postgres", "x")
 
 
-def test_plugin_is_discovered():
+def test_plugin_is_discovered() -> None:
     makers = {m.tapname: m for m in getPlugins(IServiceMaker)}
     maker = makers["teltonika-processor"]
     assert maker.options is Options
     assert maker.makeService is makeService
 
 
-def test_make_service_starts_nothing_and_listens_on_metrics():
+def test_make_service_starts_nothing_and_listens_on_metrics() -> None:
     """makeService builds the tree without touching the network; starting it listens on
     the metrics endpoint (loopback)."""
     reactor = MemoryReactor()
@@ -181,7 +183,8 @@ def test_make_service_starts_nothing_and_listens_on_metrics():
         "--redis",
         "redis://127.0.0.1:1/0",
     )
-    service = makeService(options, reactor)
+    # a partial reactor (no clock, threads or UDP): this tree only listens on TCP here
+    service = makeService(options, cast(IProcessReactor, reactor))
     assert reactor.tcpServers == [] and reactor.tcpClients == []
     assert service.processor.consumer.streams.redis is None  # connects on start only
     ops = next(s for s in service if s is not service.processor)

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import pytest_twisted
+import redis
 
 from teltonika.contract import TELEMETRY_STREAM
 from teltonika.processor.streams import GroupInfo, next_id
 from teltonika.processor.trim import safe_min_id
-from tests.processor.helpers import entry, eventually, record, xadd
+from tests.processor.helpers import Processors, entry, eventually, record, xadd, xrange
 
 
-def group(name, pending=0, last="0-0"):
+def group(name: str, pending: int = 0, last: str = "0-0") -> GroupInfo:
     return GroupInfo(name=name, consumers=1, pending=pending, last_delivered_id=last, lag=0)
 
 
-def test_safe_min_id():
+def test_safe_min_id() -> None:
     """The MINID is the oldest need over all groups: a pending entry, or the first entry
     after what a group has been delivered."""
     assert safe_min_id([], {}) is None
@@ -26,7 +27,9 @@ def test_safe_min_id():
 
 
 @pytest_twisted.ensureDeferred
-async def test_trim_keeps_what_a_slower_group_needs(processors, rds, pg_dsn):
+async def test_trim_keeps_what_a_slower_group_needs(
+    processors: Processors, rds: redis.Redis, pg_dsn: str
+) -> None:
     """With a second, slower group, --trim removes only entries both groups acknowledged,
     and never one the slower group still has pending or has not been delivered yet."""
     rds.xgroup_create(TELEMETRY_STREAM, "slow", "0", mkstream=True)
@@ -35,7 +38,7 @@ async def test_trim_keeps_what_a_slower_group_needs(processors, rds, pg_dsn):
     rds.xack(TELEMETRY_STREAM, "slow", *ids[:5])
     service = processors.start("--trim", "--trim-interval", "0.2", "--stats-interval", "0.1")
     await eventually(lambda: rds.xlen(TELEMETRY_STREAM) == 15)
-    assert rds.xrange(TELEMETRY_STREAM, count=1)[0][0] == ids[5]  # slow's oldest pending
+    assert xrange(rds, count=1)[0][0] == ids[5]  # slow's oldest pending
     assert rds.xpending(TELEMETRY_STREAM, "processor")["pending"] == 0
     assert (
         service.processor.consumer.metrics.registry.get_sample_value(
@@ -46,6 +49,6 @@ async def test_trim_keeps_what_a_slower_group_needs(processors, rds, pg_dsn):
 
     rds.xack(TELEMETRY_STREAM, "slow", *ids[5:10])
     await eventually(lambda: rds.xlen(TELEMETRY_STREAM) == 10)
-    assert rds.xrange(TELEMETRY_STREAM, count=1)[0][0] == ids[10]  # never delivered to slow
+    assert xrange(rds, count=1)[0][0] == ids[10]  # never delivered to slow
     assert await service.processor.trim_now() == 0
-    assert [e for e, _ in rds.xrange(TELEMETRY_STREAM)] == ids[10:]
+    assert [e for e, _ in xrange(rds)] == ids[10:]

@@ -206,9 +206,9 @@ def test_codec14_nack_fails_the_command() -> None:
     second = rig.queue.submit(frame("getinfo"), CODEC_12)
     with capturedLogs():
         assert rig.queue.reply_received(DeviceMessage(CODEC_14, 0x11, b"", imei=IMEI)) is True
-    err = failureResultOf(handle.reply)
-    err.trap(CommandNackError)
-    assert err.value.reason == "nack"
+    err = failureResultOf(handle.reply, CommandNackError).value
+    assert isinstance(err, CommandNackError)
+    assert err.reason == "nack"
     assert successResultOf(second.written) is True
 
 
@@ -418,9 +418,9 @@ def test_a_command_that_expires_while_waiting_is_never_written() -> None:
     rig.take()
     with capturedLogs() as events:
         rig.clock.advance(1)
-    err = failureResultOf(stuck.reply)
-    err.trap(CommandExpiredError)
-    assert err.value.reason == "expired"
+    err = failureResultOf(stuck.reply, CommandExpiredError).value
+    assert isinstance(err, CommandExpiredError)
+    assert err.reason == "expired"
     assert successResultOf(stuck.written) is False
     assert [e for e in events if "expired before" in e["log_format"]]
     assert rig.queue.reply_received(reply("Ver:1"))

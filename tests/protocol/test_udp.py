@@ -14,6 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.udp import Port
 from twisted.logger import capturedLogs
 
 from teltonika.codecs import CodecRegistry
@@ -35,6 +36,13 @@ from tests.helpers import IMEI, ControlledSink, SetAuthority, record
 CODECS = CodecRegistry(BUILTIN_CODECS)
 
 
+def listen_udp(protocol: DatagramProtocol) -> Port:
+    """Bind *protocol* to a free loopback UDP port (the global reactor's declared type does
+    not show its listenUDP)."""
+    port: Port = reactor.listenUDP(0, protocol, interface="127.0.0.1")  # type: ignore[attr-defined]
+    return port
+
+
 class Client(DatagramProtocol):
     def __init__(self) -> None:
         self.replies: list[bytes] = []
@@ -46,22 +54,26 @@ class Client(DatagramProtocol):
             d, self.waiting = self.waiting, None
             d.callback(datagram)
 
+    def send(self, datagram: bytes, address: tuple[str, int]) -> None:
+        assert self.transport is not None  # listening
+        self.transport.write(datagram, address)
+
 
 @pytest_twisted.ensureDeferred
 async def test_udp_ack_after_sink_and_malformed_dropped(logged_errors: Any) -> None:
     sink = ControlledSink(auto=False)
     metrics = ServerMetrics.create(CollectorRegistry())
     server = DeviceDatagramProtocol(CODECS, sink, SetAuthority(), metrics, reactor)
-    server_port = reactor.listenUDP(0, server, interface="127.0.0.1")
+    server_port = listen_udp(server)
     client = Client()
-    client_port = reactor.listenUDP(0, client, interface="127.0.0.1")
+    client_port = listen_udp(client)
     address = ("127.0.0.1", server_port.getHost().port)
     try:
         datagram = encode_udp(
             IMEI, CODEC_8, [record(1), record(2)], packet_id=0xCAFE, avl_packet_id=7
         )
-        client.transport.write(b"\x00\x01garbage", address)
-        client.transport.write(datagram, address)
+        client.send(b"\x00\x01garbage", address)
+        client.send(datagram, address)
         while not sink.calls:
             await deferLater(reactor, 0.01, lambda: None)
         assert client.replies == []  # nothing before the sink confirmed
@@ -72,7 +84,7 @@ async def test_udp_ack_after_sink_and_malformed_dropped(logged_errors: Any) -> N
         assert sink.calls[0][0] == IMEI and len(sink.calls[0][2]) == 2
 
         # a failing sink: no ACK, counted
-        client.transport.write(datagram, address)
+        client.send(datagram, address)
         while len(sink.calls) < 2:
             await deferLater(reactor, 0.01, lambda: None)
         sink.calls[1][4].errback(RuntimeError("down"))
@@ -103,14 +115,14 @@ async def test_datagram_bodies_are_decoded_by_the_codec_registry() -> None:
     metrics = ServerMetrics.create(CollectorRegistry())
     codecs = CodecRegistry([*BUILTIN_CODECS, codec7a])
     server = DeviceDatagramProtocol(codecs, sink, SetAuthority(), metrics, reactor)
-    server_port = reactor.listenUDP(0, server, interface="127.0.0.1")
+    server_port = listen_udp(server)
     client = Client()
-    client_port = reactor.listenUDP(0, client, interface="127.0.0.1")
+    client_port = listen_udp(client)
     address = ("127.0.0.1", server_port.getHost().port)
     try:
         packet = AVLPacket(CODEC_7A, (record(1), record(2), record(3)))
         client.waiting = Deferred()
-        client.transport.write(wrap_udp(IMEI, codec7a.encode(packet), 5, 6), address)
+        client.send(wrap_udp(IMEI, codec7a.encode(packet), 5, 6), address)
         assert await client.waiting == udp_ack(5, 6, 3)
         [(imei, codec, records, _at, _d)] = sink.calls
         assert (imei, codec) == (IMEI, "7A")
@@ -151,7 +163,7 @@ def udp_protocol() -> Iterator[Callable[..., tuple[DeviceDatagramProtocol, Clock
             ServerMetrics.create(CollectorRegistry()),
             clock,
         )
-        ports.append(reactor.listenUDP(0, protocol, interface="127.0.0.1"))
+        ports.append(listen_udp(protocol))
         return protocol, clock
 
     yield make
@@ -238,11 +250,11 @@ async def test_shutdown_drains_datagrams_before_closing_the_port(tmp_path: Path)
     ingestion.privilegedStartService()
     ingestion.startService()
     client = Client()
-    client_port = reactor.listenUDP(0, client, interface="127.0.0.1")
+    client_port = listen_udp(client)
     try:
         assert datagrams.transport is not None
         address = ("127.0.0.1", datagrams.transport.getHost().port)
-        client.transport.write(encode_udp(IMEI, CODEC_8, [record(1)], packet_id=3), address)
+        client.send(encode_udp(IMEI, CODEC_8, [record(1)], packet_id=3), address)
         while not sink.calls:
             await deferLater(reactor, 0.01, lambda: None)
         stopping = ingestion.stopService()

@@ -7,9 +7,10 @@ import pytest
 from teltonika.redis.connect import RedisAddress, RedisURLError, parse_redis_url
 
 
-def test_password_is_parsed_but_never_shown():
+def test_password_is_parsed_but_never_shown() -> None:
     """The password reaches the connection, but neither str() nor repr() prints it."""
     address = parse_redis_url("rediss://app:s3cr%40t@redis.example:6380/2")
+    assert isinstance(address, RedisAddress)
     assert (address.username, address.password, address.port, address.db, address.tls) == (
         "app",
         "s3cr@t",
@@ -42,7 +43,7 @@ def test_password_is_parsed_but_never_shown():
         "redis+sentinel://h1:26379/mymaster?sentinel_password=s3cret&x=1",
     ],
 )
-def test_errors_do_not_carry_the_password(url):
+def test_errors_do_not_carry_the_password(url: str) -> None:
     """A URL refused for its scheme, port or db is quoted in the error without its
     password, also when the password holds an unencoded '/', '?', '#' or '@' (then the
     URL is refused: it cannot be parsed as meant)."""
@@ -51,7 +52,7 @@ def test_errors_do_not_carry_the_password(url):
     assert "s3cret" not in str(info.value) and "***" in str(info.value)
 
 
-def test_redact_url_leaves_urls_without_a_password_alone():
+def test_redact_url_leaves_urls_without_a_password_alone() -> None:
     from teltonika.redis.connect import redact_url
 
     assert redact_url("redis://host:6379/0") == "redis://host:6379/0"
@@ -61,10 +62,11 @@ def test_redact_url_leaves_urls_without_a_password_alone():
     assert redact_url("redis://u:p/a?s#s@host/1") == "redis://u:***@host/1"
 
 
-def test_an_encoded_password_parses_and_never_shows():
+def test_an_encoded_password_parses_and_never_shows() -> None:
     """A percent-encoded password with URL-special characters parses to the real password,
     which neither the address's str() nor its repr() shows."""
     address = parse_redis_url("redis://u:s3%2Fc%40r%3Fe%23t@host:6380/2")
+    assert isinstance(address, RedisAddress)
     assert address.password == "s3/c@r?e#t"
     assert (address.host, address.port, address.db) == ("host", 6380, 2)
     assert "s3" not in repr(address) and "s3" not in str(address)

@@ -19,7 +19,7 @@ from teltonika.services.instance_lock import (
     redis_target,
 )
 from teltonika.tap import Options, build_service
-from tests.helpers import LoggedErrors
+from tests.helpers import LoggedErrors, process_reactor
 
 URL = "redis://:secret@10.0.0.5:6379/0"
 
@@ -101,10 +101,14 @@ def test_service_takes_the_lock_once_and_releases_it(locks: list[InstanceLock]) 
 def test_make_service_adds_the_lock_first_with_redis_only(tmp_path: object) -> None:
     options = Options()
     options.parseOptions(["--redis", "redis://127.0.0.1:1/0", "--metrics", "off"])
-    service = build_service(options, MemoryReactorClock(), on_fatal=lambda message: None)
+    service = build_service(
+        options, process_reactor(MemoryReactorClock()), on_fatal=lambda message: None
+    )
     names = [child.name for child in service]
     assert names[0] == "instance-lock" and names[1] == "ingestion"
     options = Options()
     options.parseOptions(["--output", f"{tmp_path}/r.jsonl", "--metrics", "off"])
-    service = build_service(options, MemoryReactorClock(), on_fatal=lambda message: None)
+    service = build_service(
+        options, process_reactor(MemoryReactorClock()), on_fatal=lambda message: None
+    )
     assert "instance-lock" not in [child.name for child in service]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from twisted.internet.interfaces import ITransport
 from twisted.internet.protocol import Factory, Protocol
 
 from teltonika.codecs import load_codecs
@@ -41,6 +42,10 @@ class FakeServerProtocol(Protocol):
         self.framer = Framer()
         self.imei: str | None = None
 
+    def _transport(self) -> ITransport:
+        assert self.transport is not None  # connected: only called from dataReceived
+        return self.transport
+
     def connectionMade(self) -> None:
         self.factory.connections.append(self)
 
@@ -49,14 +54,14 @@ class FakeServerProtocol(Protocol):
             for frame in self.framer.feed(data):
                 self.handle(frame)
         except FramingError:
-            self.transport.loseConnection()
+            self._transport().loseConnection()
 
     def handle(self, frame: object) -> None:
         factory = self.factory
         if isinstance(frame, ImeiFrame):
             self.imei = parse_imei(frame.raw)
             factory.logins.append(self.imei)
-            self.transport.write(ACCEPT if factory.accept_login else REJECT)
+            self._transport().write(ACCEPT if factory.accept_login else REJECT)
             return
         if not isinstance(frame, DataFrame):
             factory.keepalives += 1
@@ -66,9 +71,9 @@ class FakeServerProtocol(Protocol):
         except DecodeError:
             factory.bad_frames += 1
             if factory.close_on_bad:
-                self.transport.loseConnection()
+                self._transport().loseConnection()
             else:
-                self.transport.write(tcp_ack(0))
+                self._transport().write(tcp_ack(0))
             return
         if isinstance(packet, MessagePacket):
             factory.replies.extend(packet.messages)
@@ -77,7 +82,7 @@ class FakeServerProtocol(Protocol):
         factory.frames.append((self.imei, packet))
         if factory.silent:
             return
-        self.transport.write(tcp_ack(factory.ack_count(len(packet.records))))
+        self._transport().write(tcp_ack(factory.ack_count(len(packet.records))))
 
 
 class FakeServerFactory(Factory):

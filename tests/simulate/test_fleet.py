@@ -121,6 +121,7 @@ class FakeUDPServer(DatagramProtocol):
             self.seen.add(packet.imei)
             return
         self.records.extend((packet.imei, r.timestamp_ms) for r in packet.packet.records)
+        assert self.transport is not None  # listening
         self.transport.write(
             udp_ack(packet.packet_id, packet.avl_packet_id, len(packet.packet.records)), addr
         )
@@ -165,6 +166,7 @@ class CheckingUDPServer(DatagramProtocol):
         except DecodeError:
             self.bad += 1
             return
+        assert self.transport is not None  # listening
         self.transport.write(
             udp_ack(packet.packet_id, packet.avl_packet_id, len(packet.packet.records)), addr
         )

@@ -45,8 +45,9 @@ def test_track_is_plausible() -> None:
         assert r.timestamp_ms > last_stamp
         last_stamp = r.timestamp_ms
         io = r.io_values()
-        assert io[16] >= odometer
-        odometer = int(io[16])  # type: ignore[arg-type]
+        total = io[16]
+        assert isinstance(total, int) and total >= odometer
+        odometer = total
         assert 0 <= r.speed <= 130
         assert io[240] == int(r.speed > 0)
         if changed:

@@ -63,7 +63,9 @@ def same_layout_batches(draw: st.DrawFn) -> tuple[int, list[AVLRecord]]:
     records = []
     for _ in range(draw(st.integers(1, 6))):
         base = draw(avl_records(codec_id))
-        io = [(draw(ids), width, draw(st.integers(0, 2 ** (8 * width) - 1))) for width in widths]
+        io: list[tuple[int, int, int | bytes]] = [
+            (draw(ids), width, draw(st.integers(0, 2 ** (8 * width) - 1))) for width in widths
+        ]
         io += [(draw(ids), NX, draw(st.binary(max_size=12))) for _ in range(nx_count)]
         records.append(base._replace(io=tuple(io)))
     return codec_id, records

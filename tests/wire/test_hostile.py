@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from teltonika.codecs import load_codecs
+from teltonika.interfaces import ICodec
 from teltonika.wire import (
     CODEC_8,
     CODEC_8E,
@@ -49,7 +50,7 @@ from tests.wire.strategies import avl_batches, imeis, mutated, valid_data_frames
 from tests.wire.vectors import VECTORS
 
 REGISTRY = load_codecs()
-FUZZ_EXAMPLES = max(600, settings.default.max_examples)
+FUZZ_EXAMPLES = max(600, settings().max_examples)  # settings(): the loaded profile's
 """The main fuzzers run more examples than the profile's default; still about 2 s each."""
 VECTOR_FRAMES = [bytes.fromhex(v["hex"]) for v in VECTORS if v["transport"] == "tcp"]
 VECTOR_DATAGRAMS = [
@@ -71,7 +72,11 @@ def only_decode_error(function: Callable[[bytes], Any], data: bytes) -> Any:
 def all_codecs(data: bytes) -> None:
     """Every codec's body decoder, whatever the first byte says."""
     for codec in REGISTRY:
-        only_decode_error(lambda d, c=codec: c.decode(d, 0, len(d)), data)
+
+        def decode(d: bytes, c: ICodec = codec) -> object:
+            return c.decode(d, 0, len(d))
+
+        only_decode_error(decode, data)
     only_decode_error(lambda d: decode_avl(d, 0, len(d)), data)
     only_decode_error(lambda d: decode_messages(d, 0, len(d)), data)
 

@@ -26,6 +26,7 @@ from teltonika.wire import (
     CRCError,
     DataFrame,
     DecodeError,
+    Frame,
     FrameLengthError,
     Framer,
     ImeiFrame,
@@ -341,7 +342,7 @@ def test_stream_vector(chunk: int) -> None:
     vector = BY_NAME["stream_imei_plus_four_c8_frames_in_one_read"]
     raw = frame(vector["name"])
     framer = Framer()
-    frames = []
+    frames: list[Frame] = []
     for start in range(0, len(raw), chunk):
         frames.extend(framer.feed(raw[start : start + chunk]))
     assert framer.buffered == 0

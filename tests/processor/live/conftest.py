@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 import pytest_twisted
+from twisted.internet.interfaces import ITCPTransport
 
 from tests.processor.live.helpers import Client, Env, sleep
 from tests.servers import RedisServer
@@ -44,5 +45,5 @@ async def clients() -> AsyncIterator[list[Client]]:
     yield opened
     for client in opened:
         if client.transport is not None:
-            client.transport.abortConnection()
+            ITCPTransport(client.transport).abortConnection()
     await sleep(0.01)

@@ -5,10 +5,11 @@ process, answering ``/users/me``, ``/items/events/<id>``, ``/items/entries`` and
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ServerFactory
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -32,7 +33,9 @@ class DirectusStub(Resource):
     def start(self) -> int:
         site = Site(self)
         site.noisy = False
-        self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        # listenTCP is declared for ServerFactory[its default protocol], an invariant generic
+        factory = cast(ServerFactory, site)
+        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         return int(self.port.getHost().port)
 
     def calls(self, path: str) -> list[dict[str, str]]:

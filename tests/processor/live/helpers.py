@@ -140,7 +140,12 @@ class Client(WebSocketClientProtocol):
 
     async def wait_closed(self, timeout: float = 15.0) -> tuple[int | None, str]:
         d: Deferred[tuple[int | None, str]] = Deferred()
-        self.closed.addBoth(lambda r: (d.callback(r), r)[1])
+
+        def relay(result: tuple[int | None, str]) -> tuple[int | None, str]:
+            d.callback(result)
+            return result
+
+        self.closed.addCallback(relay)  # closed never fails
         d.addTimeout(timeout, reactor)
         return await d
 
@@ -163,7 +168,8 @@ async def connect(
     factory.protocol = Client
     factory.setProtocolOptions(openHandshakeTimeout=15, autoPingInterval=None)
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=10)
-    client: Client = await endpoint.connect(factory)
+    client = await endpoint.connect(factory)
+    assert isinstance(client, Client)
     await client.opened
     return client
 

@@ -18,6 +18,7 @@ from teltonika.processor.live.hub import Hub
 from teltonika.processor.live.latest import LatestMap
 from teltonika.processor.live.metrics import LiveMetrics
 from teltonika.redis.connect import parse_redis_url
+from teltonika.redis.connection import RedisConnection
 from tests.processor.live.helpers import entry, eventually, imei, now_ms
 from tests.servers import RedisServer
 
@@ -26,7 +27,8 @@ from tests.servers import RedisServer
 async def test_reader_follows_the_stream_across_a_redis_restart() -> None:
     server = RedisServer().start()
     client = redis.Redis.from_url(server.url)
-    client.xadd(TELEMETRY_STREAM, entry(imei(1), now_ms()))  # before the start: not read
+    fields: dict[Any, Any] = entry(imei(1), now_ms())  # redis-py's field types are invariant
+    client.xadd(TELEMETRY_STREAM, fields)  # before the start: not read
     metrics = LiveMetrics.create(CollectorRegistry())
     latest = LatestMap(100, 300_000)
     hub = Hub(latest, reactor, metrics, now_ms)
@@ -74,9 +76,9 @@ def test_a_failing_entry_check_skips_the_entry_not_the_reader(
     and logged; the entries after it still go to the hub and the cursor moves on."""
     from twisted.internet.task import Clock
 
-    from teltonika.processor.live import fanout
+    from teltonika.processor.live import fanout, messages
 
-    real = fanout.position_from_entry
+    real = messages.position_from_entry  # what fanout imported
 
     def flaky(entry_id: str, flat: object) -> Any:
         if entry_id == "2-0":
@@ -88,7 +90,11 @@ def test_a_failing_entry_check_skips_the_entry_not_the_reader(
     latest = LatestMap(100, 300_000)
     clock = Clock()
     hub = Hub(latest, clock, metrics, now_ms)
-    reader = FanoutReader(lambda: None, TELEMETRY_STREAM, hub, clock, now_ms, metrics)
+
+    def never_connects() -> RedisConnection:
+        raise AssertionError("handle() only reads the replies it is given")
+
+    reader = FanoutReader(never_connects, TELEMETRY_STREAM, hub, clock, now_ms, metrics)
     base = now_ms()
     entries: list[Any] = [  # as Redis replies: lists
         [f"{k}-0", [x for pair in entry(imei(k), base + k).items() for x in pair]]

@@ -51,6 +51,11 @@ def stop_reading(client: Any) -> None:
     client.transport.pauseProducing()
 
 
+def resume_reading(client: Any) -> None:
+    """The client's socket is read again."""
+    client.transport.resumeProducing()
+
+
 @pytest_twisted.ensureDeferred
 async def test_slow_client_conflated_then_evicted(live_env: Env, clients: list[Any]) -> None:
     """While 10,000 positions/s flow: a client that stops reading is conflated (skipped
@@ -75,7 +80,7 @@ async def test_slow_client_conflated_then_evicted(live_env: Env, clients: list[A
             lambda: proc.metric("teltonika_processor_live_positions_conflated_total") > 0,
             timeout=20,
         )
-        resuming.transport.resumeProducing()
+        resume_reading(resuming)
         await eventually(
             lambda: any(m["type"] == "positions" and m["skipped"] > 0 for m in resuming.received),
             timeout=20,
@@ -84,7 +89,7 @@ async def test_slow_client_conflated_then_evicted(live_env: Env, clients: list[A
             lambda: proc.metric("teltonika_processor_live_slow_client_evictions_total") == 1,
             timeout=20,
         )
-        stuck.transport.resumeProducing()  # a paused socket does not notice the abort
+        resume_reading(stuck)  # a paused socket does not notice the abort
         code, _ = await stuck.wait_closed(timeout=20)
         assert code == 1006  # aborted, no closing handshake
         rss_end = proc.rss_kib()
@@ -131,7 +136,11 @@ async def test_two_instances_share_the_group(live_env: Env, clients: list[Any]) 
 
     expected = dict.fromkeys(devices, base + 9)
     for client in (first, second):
-        await eventually(lambda c=client: newest(c) == expected)
+
+        def caught_up(c: Any = client) -> bool:
+            return newest(c) == expected
+
+        await eventually(caught_up)
         got = [p["ts"] for m in client.received if m["type"] == "positions" for p in m["positions"]]
         assert len(got) == 50
     one.stop(signal.SIGKILL)

@@ -77,9 +77,11 @@ def page_proc(live_env: Env) -> LiveProcessor:
 
 
 def rows(chrome: webdriver.Chrome) -> dict[str, dict[str, Any]]:
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for li in chrome.find_elements(By.CSS_SELECTOR, "#devices li"):
-        out[li.get_attribute("data-device")] = {
+        device = li.get_attribute("data-device")
+        assert device is not None  # every row names its device
+        out[device] = {
             "state": li.get_attribute("data-state"),
             "lat": li.get_attribute("data-lat"),
             "age": li.find_element(By.CSS_SELECTOR, ".age").text,

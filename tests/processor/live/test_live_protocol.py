@@ -238,11 +238,13 @@ async def test_same_ts_ends_on_the_record_postgresql_calls_latest(
     )
     await eventually(lambda: stored_rows(live_env, device) == 2)
     with psycopg.connect(live_env.dsn, autocommit=True) as conn:
-        (stored_lat,) = conn.execute(
+        row = conn.execute(
             f"SELECT latitude::float8 FROM positions WHERE device_id = %s"
             f" ORDER BY {LATEST_ORDER} LIMIT 1",
             (device,),
         ).fetchone()
+    assert row is not None
+    (stored_lat,) = row
     assert stored_lat == shown[-1]["lat"] == float(lat["event"])
     later = await connect(proc.port)
     clients.append(later)
@@ -254,10 +256,11 @@ async def test_same_ts_ends_on_the_record_postgresql_calls_latest(
 
 def stored_rows(live_env: Env, device: str) -> int:
     with psycopg.connect(live_env.dsn, autocommit=True) as conn:
-        (count,) = conn.execute(
+        row = conn.execute(
             "SELECT count(*) FROM positions WHERE device_id = %s", (device,)
         ).fetchone()
-    return int(count)
+    assert row is not None  # count(*) always answers one row
+    return int(row[0])
 
 
 @pytest_twisted.ensureDeferred

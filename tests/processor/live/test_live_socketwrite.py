@@ -5,15 +5,15 @@ the transport's producer (backpressure unchanged)."""
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import Any, cast
 
 import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IConsumer, IPushProducer, ISystemHandle
+from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
@@ -45,9 +45,10 @@ class Server(Protocol):
         self.connected_: Deferred[Server] = Deferred()
 
     def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.registerProducer(self, True)
-        self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        IConsumer(self.transport).registerProducer(self, True)
+        handle = ISystemHandle(self.transport).getHandle()
+        assert isinstance(handle, socket.socket)
+        handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
         self.connected_.callback(self)
 
     def pauseProducing(self) -> None:
@@ -68,7 +69,8 @@ async def test_real_tcp_in_order_through_a_full_buffer() -> None:
     when the peer reads every byte arrives once, in order, and the producer is resumed."""
     server = Server()
     factory = Factory.forProtocol(lambda: server)
-    port: Any = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    # listenTCP is declared for ServerFactory[its default protocol], an invariant generic
+    port: Any = reactor.listenTCP(0, cast(ServerFactory, factory), interface="127.0.0.1")
     peer = socket.create_connection(("127.0.0.1", port.getHost().port))
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
     peer.setblocking(False)

@@ -5,7 +5,7 @@ ordering and conflation, the single-flight cache, and the handshake decisions.""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypedDict
 
 import orjson
 import pytest
@@ -212,8 +212,14 @@ def test_loaded_rows_merge_with_live_updates(live_ts: int, stored_ts: int, expec
 
 
 # -- the "latest" rule, shared with the processor's state and PostgreSQL's LATEST_ORDER ----
-PERIODIC = {"event_io_id": 0, "priority": 0, "record_hash": 2**62}
-EVENT = {"event_io_id": 239, "priority": 0, "record_hash": -(2**62)}
+class SameInstant(TypedDict):
+    event_io_id: int
+    priority: int
+    record_hash: int
+
+
+PERIODIC: SameInstant = {"event_io_id": 0, "priority": 0, "record_hash": 2**62}
+EVENT: SameInstant = {"event_io_id": 239, "priority": 0, "record_hash": -(2**62)}
 
 
 @pytest.mark.parametrize("order", ["periodic first", "event first"])
