@@ -89,6 +89,8 @@ from teltonika.services.ingestion import (
     DEFAULT_SHUTDOWN_TIMEOUT,
     FatalHandler,
     IngestionService,
+    IngestionSettings,
+    ReloadableAuthority,
     exit_on_fatal,
 )
 from teltonika.services.instance_lock import InstanceLock, InstanceLockService
@@ -548,10 +550,12 @@ def build_service(
         udp=udp,
         clock=reactor,
         on_fatal=on_fatal,
-        shutdown_timeout=options["shutdown-timeout"],
-        file_authority=file_authority,
-        reactor=reactor,
-        freeze_gc=freeze_gc,
+        settings=IngestionSettings(
+            shutdown_timeout=options["shutdown-timeout"], freeze_gc=freeze_gc
+        ),
+        file_authority=(
+            None if file_authority is None else ReloadableAuthority(file_authority, reactor)
+        ),
     )
     ingestion.setName("ingestion")  # type: ignore[no-untyped-call]
     readiness: dict[str, Callable[[], bool]] = {"sink": sink.ready}

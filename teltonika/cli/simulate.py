@@ -275,7 +275,7 @@ def _in_reactor(start: Callable[[Any], Deferred[Any]]) -> Any:
 
 
 async def _run_fleet(reactor: Any, args: argparse.Namespace, outcome: dict[str, Any]) -> Ledger:
-    from teltonika.simulate.fleet import Fleet
+    from teltonika.simulate.fleet import Fleet, FleetSettings
 
     fleet = Fleet(
         reactor,
@@ -285,9 +285,7 @@ async def _run_fleet(reactor: Any, args: argparse.Namespace, outcome: dict[str, 
         args.devices,
         args.imei_start,
         args.seed,
-        connect_rate=args.connect_rate,
-        udp=args.udp,
-        sources=args.sources,
+        FleetSettings(connect_rate=args.connect_rate, udp=args.udp, sources=args.sources),
     )
     outcome["fleet"] = fleet
     progress: LoopingCall | None = None

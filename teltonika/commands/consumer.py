@@ -37,6 +37,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Any, Final
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -86,6 +87,22 @@ QueueLookup = Callable[[str], CommandQueue | None]
 """IMEI -> the CommandQueue of its live session on this instance, or None."""
 
 
+@attrs.frozen
+class CommandConsumerSettings:
+    """How a :class:`CommandConsumer` reads and retries (the command plane fills it from
+    ``--offline-max-attempts``; the rest keep their defaults in production).
+
+    :ivar block: seconds one XREADGROUP waits for new entries (a stop waits this long at
+        most for the read in progress).
+    :ivar batch: entries one XREADGROUP returns at most.
+    :ivar max_attempts: offline delivery attempts before ``attempts_exhausted``.
+    """
+
+    block: float = DEFAULT_BLOCK
+    batch: int = DEFAULT_BATCH
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+
+
 class CommandConsumer(Service):
     """Reads this instance's command stream and dispatches to device sockets.
 
@@ -94,8 +111,7 @@ class CommandConsumer(Service):
     :param redis: the shared txredisapi connection for everything else.
     :param lookup: finds the device's CommandQueue.
     :param clock: the reactor (retry delays, timestamps).
-    :param block: seconds one XREADGROUP waits for new entries.
-    :param max_attempts: offline delivery attempts before ``attempts_exhausted``.
+    :param settings: the read's blocking time and size, and the offline attempts.
     """
 
     _log = Logger()
@@ -110,9 +126,7 @@ class CommandConsumer(Service):
         clock: IReactorTime,
         metrics: CommandMetrics,
         *,
-        block: float = DEFAULT_BLOCK,
-        batch: int = DEFAULT_BATCH,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        settings: CommandConsumerSettings = CommandConsumerSettings(),
     ) -> None:
         self._reader = reader
         self._redis = redis
@@ -120,9 +134,9 @@ class CommandConsumer(Service):
         self._lookup = lookup
         self._clock = clock
         self._metrics = metrics
-        self.block = block
-        self.batch = batch
-        self.max_attempts = max_attempts
+        self.block = settings.block
+        self.batch = settings.batch
+        self.max_attempts = settings.max_attempts
         self.stream = outbound_stream(instance_id)
         self.group = ConsumerGroup(self.stream, CONSUMER_GROUP, instance_id)
         self._loop: Deferred[None] | None = None

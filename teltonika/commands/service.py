@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from teltonika.commands.consumer import CommandConsumer
+from teltonika.commands.consumer import CommandConsumer, CommandConsumerSettings
 from teltonika.commands.janitor import Janitor
 from teltonika.commands.messages import InstanceSettings
 from teltonika.commands.metrics import CommandMetrics
@@ -149,7 +149,7 @@ def command_plane(
         lookup,
         clock,
         metrics,
-        max_attempts=settings.max_attempts,
+        settings=CommandConsumerSettings(max_attempts=settings.max_attempts),
     )
     janitor = Janitor(shared, instance_id, metrics, now_ms, clock=clock)
     plane = CommandPlane(

@@ -104,6 +104,22 @@ class Housekeeping:
     retire_idle: float = 0.0
 
 
+@attrs.frozen
+class ExitPolicy:
+    """When and how the processor's process leaves on its own (the tap fills it from
+    ``--shutdown-timeout``; tests record the calls instead of exiting).
+
+    :ivar shutdown_timeout: seconds a shutdown may take before the backstop fires.
+    :ivar force_exit: the backstop: called when a shutdown exceeds *shutdown_timeout*.
+    :ivar crash_exit: called once the consumer crashed or refused to start
+        (:func:`exit_after_shutdown` in production; None only stops reading).
+    """
+
+    shutdown_timeout: float = 15.0
+    force_exit: Callable[[], None] = hard_exit
+    crash_exit: Callable[[], None] | None = None
+
+
 class ProcessorService(Service):
     """Runs a :class:`Consumer` plus a stats/trim timer.
 
@@ -112,9 +128,7 @@ class ProcessorService(Service):
         service must not touch the network): returns (commands, reader), handed to the
         consumer's streams (:meth:`~teltonika.processor.streams.Streams.use`).
     :param housekeeping: the timer's interval, trimming and retiring of idle consumers.
-    :param force_exit: called when shutdown exceeds *shutdown_timeout* seconds.
-    :param crash_exit: called once the consumer crashed or refused to start
-        (:func:`exit_after_shutdown` in production; None only stops reading).
+    :param exits: the shutdown's bound and backstop, and what a crash calls.
     """
 
     _log = Logger()
@@ -127,9 +141,7 @@ class ProcessorService(Service):
         *,
         connect: Callable[[], tuple[RedisConnection, RedisConnection]] | None = None,
         housekeeping: Housekeeping = Housekeeping(),
-        shutdown_timeout: float = 15.0,
-        force_exit: Callable[[], None] = hard_exit,
-        crash_exit: Callable[[], None] | None = None,
+        exits: ExitPolicy = ExitPolicy(),
         description: str = "",
     ) -> None:
         self.consumer = consumer
@@ -139,10 +151,10 @@ class ProcessorService(Service):
         self.trim = housekeeping.trim
         self.trim_interval = housekeeping.trim_interval
         self.stats_interval = housekeeping.stats_interval
-        self.shutdown_timeout = shutdown_timeout
+        self.shutdown_timeout = exits.shutdown_timeout
         self.retire_idle = housekeeping.retire_idle
-        self.force_exit = force_exit
-        self.crash_exit = crash_exit
+        self.force_exit = exits.force_exit
+        self.crash_exit = exits.crash_exit
         self.description = description
         self._holds_switch_interval = False
         self._next_trim = 0.0

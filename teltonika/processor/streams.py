@@ -176,14 +176,29 @@ def _required(connection: RedisConnection | None) -> RedisConnection:
     return connection
 
 
+@attrs.frozen
+class StreamsSettings:
+    """Where :class:`Streams` dead-letters entries and how long a command may take (the
+    processor's tap fills it from ``--dead-stream`` and ``--dead-maxlen``).
+
+    :ivar dead_stream: the stream that receives entries given up on.
+    :ivar dead_maxlen: ``MAXLEN ~`` of *dead_stream*.
+    :ivar timeout: seconds any command may take (plus the BLOCK time for reads).
+    """
+
+    dead_stream: str = DEAD_STREAM
+    dead_maxlen: int = 1_000_000
+    timeout: float = 10.0
+
+
 class Streams:
     """Commands on *stream* for consumer *consumer* of *group*.
 
+    :param settings: the dead-letter stream and its length, and the command timeout.
     :param redis: a Redis connection (see :func:`teltonika.redis.connect.lazy_connection`);
         ``None`` until :meth:`use` hands one over (a service that connects at start).
     :param reader: a second connection for XREADGROUP only (default *redis*): a blocking
         read must not queue the XACKs of the batch being written behind it.
-    :param timeout: seconds any command may take (plus the BLOCK time for reads).
     """
 
     def __init__(
@@ -193,9 +208,7 @@ class Streams:
         group: str,
         consumer: str,
         *,
-        dead_stream: str = DEAD_STREAM,
-        dead_maxlen: int = 1_000_000,
-        timeout: float = 10.0,
+        settings: StreamsSettings = StreamsSettings(),
         redis: RedisConnection | None = None,
         reader: RedisConnection | None = None,
     ) -> None:
@@ -204,9 +217,9 @@ class Streams:
         self.group = group
         self.consumer = consumer
         self.consumer_group = ConsumerGroup(stream, group, consumer)
-        self.dead_stream = dead_stream
-        self.dead_maxlen = dead_maxlen
-        self.timeout = timeout
+        self.dead_stream = settings.dead_stream
+        self.dead_maxlen = settings.dead_maxlen
+        self.timeout = settings.timeout
         self.redis: RedisConnection | None = None
         self.reader: RedisConnection | None = None
         if redis is not None:

@@ -293,12 +293,13 @@ def makeService(options: Options, reactor: IProcessReactor | None = None) -> Pro
     from teltonika.processor.metrics import ProcessorMetrics
     from teltonika.processor.migrations import apply_migrations
     from teltonika.processor.service import (
+        ExitPolicy,
         Housekeeping,
         ProcessorService,
         exit_after_shutdown,
     )
     from teltonika.processor.state import DeviceState
-    from teltonika.processor.streams import Streams
+    from teltonika.processor.streams import Streams, StreamsSettings
     from teltonika.redis.connect import lazy_connection
     from teltonika.services.ops_http import ops_service
 
@@ -330,9 +331,11 @@ def makeService(options: Options, reactor: IProcessReactor | None = None) -> Pro
         options["stream"],
         options["group"],
         options["consumer"],
-        dead_stream=options["dead-stream"],
-        dead_maxlen=int(options["dead-maxlen"]),
-        timeout=timeout,
+        settings=StreamsSettings(
+            dead_stream=options["dead-stream"],
+            dead_maxlen=int(options["dead-maxlen"]),
+            timeout=timeout,
+        ),
     )
     database = Database(
         options["postgres"],
@@ -383,8 +386,10 @@ def makeService(options: Options, reactor: IProcessReactor | None = None) -> Pro
             trim_interval=float(options["trim-interval"]),
             retire_idle=float(options["retire-idle-consumers"]),
         ),
-        shutdown_timeout=float(options["shutdown-timeout"]),
-        crash_exit=exit_after_shutdown(reactor),
+        exits=ExitPolicy(
+            shutdown_timeout=float(options["shutdown-timeout"]),
+            crash_exit=exit_after_shutdown(reactor),
+        ),
         description=(
             f"stream {options['stream']} group {options['group']} consumer "
             f"{options['consumer']}, Redis {address}, PostgreSQL {redact_dsn(options['postgres'])}"

@@ -178,20 +178,35 @@ def _always_idle() -> bool:
     return True
 
 
+@attrs.frozen
+class CommandQueueSettings:
+    """How one socket's :class:`CommandQueue` paces and bounds commands (the session fills
+    it from :class:`~teltonika.protocol.settings.ServerSettings`, ``--command-*``).
+
+    :ivar default_timeout: seconds a command waits for its reply unless it says otherwise.
+    :ivar warn_depth: log a warning when this many commands are queued or outstanding.
+    :ivar max_depth: refuse a command with :class:`WriteQueueFullError` at this depth.
+    :ivar quiet: seconds without a received byte after which an idle connection may get
+        a command (see the module docstring); 0 writes as soon as the connection is idle.
+    :ivar settle: seconds after a timeout before the next command may be written.
+    """
+
+    default_timeout: float = DEFAULT_COMMAND_TIMEOUT
+    warn_depth: int = DEFAULT_WARN_DEPTH
+    max_depth: int = DEFAULT_MAX_DEPTH
+    quiet: float = DEFAULT_COMMAND_QUIET
+    settle: float = DEFAULT_COMMAND_SETTLE
+
+
 class CommandQueue:
     """One device socket's ordered writes and its single outstanding command.
 
     :param writer: the transport.
     :param clock: where timeouts are scheduled (the reactor, or a ``Clock`` in tests).
-    :param default_timeout: seconds a command waits for its reply unless it says otherwise.
-    :param warn_depth: log a warning when this many commands are queued or outstanding.
-    :param max_depth: refuse a command with :class:`WriteQueueFullError` at this depth.
+    :param settings: the reply timeout, the depth limits and the write gate's intervals.
     :param metrics: where the depth gauge and the unsolicited-reply counter live
         (``None``: no metrics).
     :param imei: for log events; set :attr:`imei` after login.
-    :param quiet: seconds without a received byte after which an idle connection may get
-        a command (see the module docstring); 0 writes as soon as the connection is idle.
-    :param settle: seconds after a timeout before the next command may be written.
     :param connection_idle: True when no frame of the connection is queued, being
         stored or partly received (the protocol's state; default: always idle).
     """
@@ -203,24 +218,20 @@ class CommandQueue:
         writer: IWriter,
         clock: IReactorTime,
         *,
-        default_timeout: float = DEFAULT_COMMAND_TIMEOUT,
-        warn_depth: int = DEFAULT_WARN_DEPTH,
-        max_depth: int = DEFAULT_MAX_DEPTH,
+        settings: CommandQueueSettings = CommandQueueSettings(),
         metrics: ServerMetrics | None = None,
         imei: str = "",
-        quiet: float = DEFAULT_COMMAND_QUIET,
-        settle: float = DEFAULT_COMMAND_SETTLE,
         connection_idle: Callable[[], bool] = _always_idle,
     ) -> None:
         self._writer = writer
         self._clock = clock
-        self.default_timeout = default_timeout
-        self.warn_depth = warn_depth
-        self.max_depth = max_depth
+        self.default_timeout = settings.default_timeout
+        self.warn_depth = settings.warn_depth
+        self.max_depth = settings.max_depth
         self._metrics = metrics
         self.imei = imei
-        self.quiet = quiet
-        self.settle = settle
+        self.quiet = settings.quiet
+        self.settle = settings.settle
         self.due_margin = FRAME_DUE_MARGIN
         """Seconds either side of a periodic device's next frame in which the quiet path
         writes nothing (at most half the device's period)."""

@@ -23,6 +23,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from types import FrameType
 from typing import Any, Final
 
+import attrs
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
@@ -68,6 +69,35 @@ def exit_on_fatal(reactor: IReactorCore) -> FatalHandler:
     return fatal
 
 
+@attrs.frozen
+class IngestionSettings:
+    """How long the ingestion service's shutdown steps may take, and whether it freezes
+    its start-up objects (the tap fills it from options).
+
+    :ivar shutdown_timeout: seconds each shutdown step may take (``--shutdown-timeout``).
+    :ivar freeze_gc: once the sink started, move every object built so far out of the
+        garbage collector's sight (``gc.freeze``: a full collection then scans only
+        per-connection and per-frame objects); the twistd plugin sets it, tests do not.
+    """
+
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    freeze_gc: bool = False
+
+
+@attrs.frozen
+class ReloadableAuthority:
+    """The file device authority (``--devices file:PATH``) and the reactor through which
+    a SIGHUP reloads it: a signal handler may run in the middle of any reactor code, so
+    it only hands the reload to the reactor with ``callFromThread``.
+
+    :ivar authority: started and stopped with the service, reloaded on SIGHUP.
+    :ivar reactor: takes the reload from the signal handler.
+    """
+
+    authority: FileAuthority
+    reactor: IReactorFromThreads
+
+
 class IngestionService(Service):
     """Owns the device listeners, the sink lifecycle and the ordered shutdown.
 
@@ -75,6 +105,8 @@ class IngestionService(Service):
     :param udp: the UDP listener service and its protocol, when ``--udp-port`` is given;
         the port stays open until the datagrams already received are answered.
     :param on_fatal: called when the sink cannot start.
+    :param settings: the bound of each shutdown step, and whether to freeze the GC.
+    :param file_authority: the file device authority to run and reload on SIGHUP, if any.
     """
 
     _log = Logger()
@@ -88,10 +120,8 @@ class IngestionService(Service):
         udp: tuple[IService, DeviceDatagramProtocol] | None = None,
         clock: IReactorTime,
         on_fatal: FatalHandler,
-        shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
-        file_authority: FileAuthority | None = None,
-        reactor: IReactorFromThreads | None = None,
-        freeze_gc: bool = False,
+        settings: IngestionSettings = IngestionSettings(),
+        file_authority: ReloadableAuthority | None = None,
     ) -> None:
         self.factory = factory
         self.sink = sink
@@ -99,11 +129,11 @@ class IngestionService(Service):
         self.udp = udp
         self.clock = clock
         self.on_fatal = on_fatal
-        self.shutdown_timeout = shutdown_timeout
-        self.file_authority = file_authority
-        self.reactor = reactor
+        self.shutdown_timeout = settings.shutdown_timeout
+        self.file_authority = None if file_authority is None else file_authority.authority
+        self.reactor = None if file_authority is None else file_authority.reactor
         self._closing_steps: list[Callable[[], Any]] = []
-        self.freeze_gc = freeze_gc
+        self.freeze_gc = settings.freeze_gc
         self.started: Deferred[None] | None = None
         self._old_sighup: Any = None
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol as TypingProtocol
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import ClientFactory
@@ -64,15 +65,31 @@ def imei_for(start: int, index: int) -> str:
     return f"{start + index:015d}"
 
 
+@attrs.frozen
+class FleetSettings:
+    """How a :class:`Fleet`'s devices reach the server (``teltonika simulate`` fills it
+    from ``--connect-rate``, ``--udp`` and ``--source``).
+
+    :ivar connect_rate: devices booted per second during the ramp.
+    :ivar udp: the devices speak UDP to the port instead of TCP.
+    :ivar sources: local addresses TCP devices connect from, device *i* from
+        ``sources[i % len(sources)]`` (:mod:`teltonika.simulate.source`); empty: the
+        system's choice.
+    """
+
+    connect_rate: float = 500.0
+    udp: bool = False
+    sources: Sequence[str] = ()
+
+
 class Fleet:
     """Devices sharing one reactor and one :class:`Ledger`.
 
-    :param reactor: provides IReactorTime plus IReactorTCP (and IReactorUDP with ``udp``).
-    :param connect_rate: devices booted per second during the ramp.
-    :param udp: the devices speak UDP to *port* instead of TCP.
-    :param sources: local addresses TCP devices connect from, device *i* from
-        ``sources[i % len(sources)]`` (:mod:`teltonika.simulate.source`); empty: the
-        system's choice.
+    :param reactor: provides IReactorTime plus IReactorTCP (and IReactorUDP with
+        ``settings.udp``).
+    :param devices: how many devices; device *i* has the IMEI ``imei_for(imei_start, i)``
+        and its own random generator seeded from *seed* and *i*.
+    :param settings: the ramp's rate, TCP or UDP, and the source addresses.
     """
 
     def __init__(
@@ -84,17 +101,16 @@ class Fleet:
         devices: int,
         imei_start: int,
         seed: int,
-        connect_rate: float = 500.0,
-        udp: bool = False,
-        sources: Sequence[str] = (),
+        settings: FleetSettings = FleetSettings(),
     ) -> None:
+        udp, sources = settings.udp, settings.sources
         self.reactor = reactor
         self.clock: IReactorTime = reactor  # type: ignore[assignment]
         self.config = config
         self.host = host
         self.port = port
         self.udp = udp
-        self.connect_rate = connect_rate
+        self.connect_rate = settings.connect_rate
         self.ledger = Ledger()
         self.ledger.devices = devices
         self.devices: list[_Device] = []

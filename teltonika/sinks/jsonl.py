@@ -47,6 +47,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
+import attrs
 import orjson
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, fail
@@ -262,15 +263,30 @@ class WriterThread:
                 self._reactor.callFromThread(d.callback, result)
 
 
+@attrs.frozen
+class JsonLinesSinkSettings:
+    """How a :class:`JsonLinesSink` bounds its backlog and retries (the defaults are what
+    ``--output`` runs with; tests shorten them).
+
+    :ivar max_pending_records: records accepted and not yet fsynced before the sink
+        refuses more.
+    :ivar probe_interval: seconds between probe writes while the sink is down.
+    :ivar open_timeout: seconds :meth:`JsonLinesSink.start` may take to open the files.
+    """
+
+    max_pending_records: int = DEFAULT_MAX_PENDING_RECORDS
+    probe_interval: float = DEFAULT_PROBE_INTERVAL
+    open_timeout: float = DEFAULT_OPEN_TIMEOUT
+
+
 @implementer(IManagedSink)
 class JsonLinesSink:
     """Append records as JSON lines and fsync them in groups.
 
     :param path: the records file (created if missing, always appended to).
+    :param settings: the backlog limit, the probe interval and the opening's bound.
     :param run_in_thread: runs the blocking write+fsync; default a dedicated
         :class:`WriterThread` started by :meth:`start`. Tests pass a synchronous runner.
-    :param probe_interval: seconds between probe writes while the sink is down.
-    :param open_timeout: seconds :meth:`start` may take to open the files.
     """
 
     name = "file"
@@ -283,18 +299,16 @@ class JsonLinesSink:
         metrics: ServerMetrics,
         *,
         instance_id: str,
+        settings: JsonLinesSinkSettings = JsonLinesSinkSettings(),
         run_in_thread: RunInThread | None = None,
         reactor: IReactorFromThreads | None = None,
-        max_pending_records: int = DEFAULT_MAX_PENDING_RECORDS,
-        probe_interval: float = DEFAULT_PROBE_INTERVAL,
-        open_timeout: float = DEFAULT_OPEN_TIMEOUT,
     ) -> None:
         self.path = Path(path)
         self.clock = clock
         self.metrics = metrics
         self.instance_id = instance_id
-        self.probe_interval = probe_interval
-        self.open_timeout = open_timeout
+        self.probe_interval = settings.probe_interval
+        self.open_timeout = settings.open_timeout
         self._reactor = reactor
         self._thread: WriterThread | None = None
         self._run = run_in_thread
@@ -305,7 +319,7 @@ class JsonLinesSink:
         self._closed = False
         self._probe: LoopingCall | None = None
         self._batcher: Batcher[tuple[bytes, bytes]] = Batcher(
-            clock, self._write, max_pending_records
+            clock, self._write, settings.max_pending_records
         )
 
     async def start(self) -> None:

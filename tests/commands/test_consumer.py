@@ -17,9 +17,9 @@ from twisted.internet.testing import StringTransport
 
 from teltonika.commands.client import store_offline
 from teltonika.commands.codec import encode_command
-from teltonika.commands.consumer import CommandConsumer
+from teltonika.commands.consumer import CommandConsumer, CommandConsumerSettings
 from teltonika.commands.messages import Command, Outcome
-from teltonika.protocol.queue import CommandQueue
+from teltonika.protocol.queue import CommandQueue, CommandQueueSettings
 from teltonika.wire.records import CODEC_12, CODEC_14, DeviceMessage
 from tests.commands.helpers import eventually, fresh_metrics, publish, statuses, terminal
 from tests.helpers import connection_double
@@ -41,7 +41,9 @@ class Devices:
         transport = StringTransport()
         kwargs.setdefault("quiet", 0)
         kwargs.setdefault("settle", 0)
-        queue = CommandQueue(transport, self.clock, imei=imei, **kwargs)
+        queue = CommandQueue(
+            transport, self.clock, settings=CommandQueueSettings(**kwargs), imei=imei
+        )
         self.sockets[imei] = (transport, queue)
         return transport, queue
 
@@ -60,7 +62,13 @@ async def rig(
     def start(instance_id: str = "a", **kwargs: Any) -> CommandConsumer:
         metrics, _ = fresh_metrics()
         consumer = CommandConsumer(
-            connect(), redis, instance_id, devices.lookup, reactor, metrics, block=0.2, **kwargs
+            connect(),
+            redis,
+            instance_id,
+            devices.lookup,
+            reactor,
+            metrics,
+            settings=CommandConsumerSettings(block=0.2, **kwargs),
         )
         consumer.startService()
         started.append(consumer)
@@ -342,7 +350,15 @@ async def test_a_failed_status_update_is_retried_until_redis_takes_it(
     transport, queue = devices.connect(IMEI)
     flaky = FlakyRedis(redis, ran, _publishes({"settle": "responded", "delivered": update}[update]))
     metrics, registry = fresh_metrics()
-    consumer = CommandConsumer(connect(), flaky, "a", devices.lookup, reactor, metrics, block=0.2)
+    consumer = CommandConsumer(
+        connect(),
+        flaky,
+        "a",
+        devices.lookup,
+        reactor,
+        metrics,
+        settings=CommandConsumerSettings(block=0.2),
+    )
     consumer.startService()
     try:
         command_id = await publish(redis, "a", IMEI, "getinfo")

@@ -9,7 +9,12 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from teltonika.processor.service import SWITCH_INTERVAL, Housekeeping, ProcessorService
+from teltonika.processor.service import (
+    SWITCH_INTERVAL,
+    ExitPolicy,
+    Housekeeping,
+    ProcessorService,
+)
 from tests.helpers import LoggedErrors, connection_double
 
 
@@ -62,9 +67,11 @@ def make(stopping: Deferred[None]) -> tuple[ProcessorService, Clock, list[str], 
         [connection_double(redis)],
         clock,
         housekeeping=Housekeeping(stats_interval=1000),
-        shutdown_timeout=15,
-        force_exit=lambda: exits.append("exit"),
-        crash_exit=lambda: exits.append("crash"),
+        exits=ExitPolicy(
+            shutdown_timeout=15,
+            force_exit=lambda: exits.append("exit"),
+            crash_exit=lambda: exits.append("crash"),
+        ),
     )
     service.startService()
     return service, clock, exits, redis

@@ -18,6 +18,7 @@ from teltonika.protocol.queue import (
     CommandExpiredError,
     CommandNackError,
     CommandQueue,
+    CommandQueueSettings,
     CommandTimeoutError,
     InvalidCommandError,
     SocketClosedError,
@@ -52,10 +53,10 @@ class Rig:
         self.queue = CommandQueue(
             self.transport,
             self.clock,
+            settings=CommandQueueSettings(**kwargs),
             metrics=self.metrics,
             imei=IMEI,
             connection_idle=lambda: self.idle,
-            **kwargs,
         )
 
     def take(self) -> bytes:
@@ -224,7 +225,7 @@ def test_a_failed_command_does_not_poison_the_chain(logged_errors: Any) -> None:
             super().write(data)
 
     transport = Flaky()
-    queue = CommandQueue(transport, Clock(), quiet=0)
+    queue = CommandQueue(transport, Clock(), settings=CommandQueueSettings(quiet=0))
     bad = queue.submit(frame("a"), CODEC_12)
     failureResultOf(bad.reply).trap(SocketClosedError)
     assert len(logged_errors.flush("Write to device {imei} failed")) == 1

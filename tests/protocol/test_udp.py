@@ -232,7 +232,7 @@ async def test_shutdown_drains_datagrams_before_closing_the_port(tmp_path: Path)
     from twisted.application.internet import UDPServer
 
     from teltonika.protocol.tcp import DeviceFactory
-    from teltonika.services.ingestion import IngestionService
+    from teltonika.services.ingestion import IngestionService, IngestionSettings
 
     sink = ControlledSink(auto=False)
     metrics = ServerMetrics.create(CollectorRegistry())
@@ -245,7 +245,7 @@ async def test_shutdown_drains_datagrams_before_closing_the_port(tmp_path: Path)
         udp=(UDPServer(0, datagrams, interface="127.0.0.1", reactor=reactor), datagrams),
         clock=reactor,
         on_fatal=lambda message: None,
-        shutdown_timeout=5.0,
+        settings=IngestionSettings(shutdown_timeout=5.0),
     )
     ingestion.privilegedStartService()
     ingestion.startService()

@@ -10,7 +10,7 @@ from twisted.internet.protocol import DatagramProtocol
 
 from teltonika.codecs import load_codecs
 from teltonika.simulate.device import DeviceConfig
-from teltonika.simulate.fleet import Fleet, imei_for
+from teltonika.simulate.fleet import Fleet, FleetSettings, imei_for
 from teltonika.wire import CODEC_8, CODEC_16, DecodeError, decode_udp, udp_ack
 
 from .fakeserver import FakeServerFactory
@@ -134,7 +134,16 @@ async def test_udp_fleet_resends_after_a_lost_datagram() -> None:
     port = reactor.listenUDP(0, server, interface="127.0.0.1")
     try:
         config = DeviceConfig(records_per_frame=2, interval_s=0.05, max_frames=2, ack_timeout_s=0.2)
-        fleet = Fleet(reactor, config, "127.0.0.1", port.getHost().port, 5, 4000, seed=2, udp=True)
+        fleet = Fleet(
+            reactor,
+            config,
+            "127.0.0.1",
+            port.getHost().port,
+            5,
+            4000,
+            seed=2,
+            settings=FleetSettings(udp=True),
+        )
         ledger = await fleet.run(None, drain_s=5.0)
     finally:
         await port.stopListening()
@@ -173,7 +182,16 @@ async def test_udp_corrupt_datagrams_are_not_acked_then_sent_intact() -> None:
             records_per_frame=2, interval_s=0.05, max_frames=4, ack_timeout_s=0.1,
             corrupt_rate=0.5,
         )  # fmt: skip
-        fleet = Fleet(reactor, config, "127.0.0.1", port.getHost().port, 5, 5000, seed=4, udp=True)
+        fleet = Fleet(
+            reactor,
+            config,
+            "127.0.0.1",
+            port.getHost().port,
+            5,
+            5000,
+            seed=4,
+            settings=FleetSettings(udp=True),
+        )
         ledger = await fleet.run(None, drain_s=5.0)
     finally:
         await port.stopListening()

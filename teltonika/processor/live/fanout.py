@@ -16,6 +16,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Final
 
+import attrs
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
@@ -41,12 +42,28 @@ def last_generated_id(info: Reply) -> str:
     return "0-0"
 
 
+@attrs.frozen
+class FanoutSettings:
+    """How a :class:`FanoutReader` reads (the defaults are what production runs with;
+    tests shorten them).
+
+    :ivar block_ms: milliseconds one ``XREAD`` waits for new entries.
+    :ivar count: entries one ``XREAD`` returns at most.
+    :ivar timeout: seconds any command may take (plus the BLOCK time for a read).
+    """
+
+    block_ms: int = 1000
+    count: int = 1000
+    timeout: float = 10 * SECONDS
+
+
 class FanoutReader:
     """Reads *stream* from its end and feeds *hub* (see the module docstring).
 
     :param connect: opens the dedicated Redis connection (a blocking read must not hold
         up the writer's commands).
     :param now_ms: the server clock in epoch milliseconds (for the lag metric).
+    :param settings: the read's blocking time, size and timeout.
     """
 
     _log = Logger()
@@ -60,9 +77,7 @@ class FanoutReader:
         now_ms: Callable[[], int],
         metrics: LiveMetrics,
         *,
-        block_ms: int = 1000,
-        count: int = 1000,
-        timeout: float = 10 * SECONDS,
+        settings: FanoutSettings = FanoutSettings(),
     ) -> None:
         self.connect = connect
         self.stream = stream
@@ -70,9 +85,9 @@ class FanoutReader:
         self.clock = clock
         self.now_ms = now_ms
         self.metrics = metrics
-        self.block_ms = block_ms
-        self.count = count
-        self.timeout = timeout
+        self.block_ms = settings.block_ms
+        self.count = settings.count
+        self.timeout = settings.timeout
         self.cursor: str | None = None
         self.redis: RedisConnection | None = None
         self.running = False

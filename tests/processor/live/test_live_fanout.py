@@ -13,7 +13,7 @@ from twisted.internet import reactor
 
 from teltonika.contract import TELEMETRY_STREAM
 from teltonika.processor.fastreader import reader_connection
-from teltonika.processor.live.fanout import FanoutReader
+from teltonika.processor.live.fanout import FanoutReader, FanoutSettings
 from teltonika.processor.live.hub import Hub
 from teltonika.processor.live.latest import LatestMap
 from teltonika.processor.live.metrics import LiveMetrics
@@ -40,8 +40,7 @@ async def test_reader_follows_the_stream_across_a_redis_restart() -> None:
         reactor,
         now_ms,
         metrics,
-        block_ms=100,
-        timeout=2,
+        settings=FanoutSettings(block_ms=100, timeout=2),
     )
     reader.start()
     try:
