@@ -54,7 +54,7 @@ from twisted.python.failure import Failure
 from teltonika.contract import message_fields
 from teltonika.interfaces import ICodec, IDeviceSocket
 from teltonika.logs import truncated_hex
-from teltonika.protocol.queue import CommandQueue, CommandQueueSettings
+from teltonika.protocol.queue import CommandQueue
 from teltonika.wire.errors import DecodeError, FramingError, ImeiError
 from teltonika.wire.login import ACCEPT, REJECT, parse_imei
 from teltonika.wire.records import (
@@ -180,17 +180,10 @@ class DeviceSession:
         self._abort_timer: IDelayedCall | None = None
         self._idle_waiters: list[Deferred[None]] = []
         self._lost_waiters: list[Deferred[None]] = []
-        settings = server.settings
         self.commands = CommandQueue(
             _SocketWriter(self),
             server.clock,
-            settings=CommandQueueSettings(
-                default_timeout=settings.command_timeout,
-                warn_depth=settings.command_queue_warn,
-                max_depth=settings.command_queue_max,
-                quiet=settings.command_quiet,
-                settle=settings.command_settle,
-            ),
+            settings=server.command_queue_settings,
             metrics=server.metrics,
             connection_idle=self._idle_for_commands,
         )

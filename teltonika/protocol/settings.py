@@ -17,6 +17,7 @@ from teltonika.protocol.queue import (
     DEFAULT_COMMAND_TIMEOUT,
     DEFAULT_MAX_DEPTH,
     DEFAULT_WARN_DEPTH,
+    CommandQueueSettings,
 )
 from teltonika.units import SECONDS
 from teltonika.wire.framer import DEFAULT_MAX_FRAME
@@ -71,3 +72,14 @@ class ServerSettings:
     command_quiet: float = DEFAULT_COMMAND_QUIET
     command_settle: float = DEFAULT_COMMAND_SETTLE
     close_grace: float = DEFAULT_CLOSE_GRACE
+
+    def command_queue(self) -> CommandQueueSettings:
+        """The ``--command-*`` knobs as every socket's write queue takes them (the
+        factory builds this once and hands the same value to each session)."""
+        return CommandQueueSettings(
+            default_timeout=self.command_timeout,
+            warn_depth=self.command_queue_warn,
+            max_depth=self.command_queue_max,
+            quiet=self.command_quiet,
+            settle=self.command_settle,
+        )

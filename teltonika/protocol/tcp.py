@@ -135,6 +135,7 @@ class DeviceFactory(Factory):
         self.metrics = metrics
         self.clock = clock
         self.settings = settings if settings is not None else ServerSettings()
+        self.command_queue_settings = self.settings.command_queue()
         self.connections: set[DeviceSession] = set()
         self.sessions: dict[str, DeviceSession] = {}
         self.session_listeners: list[ISessionListener] = []
