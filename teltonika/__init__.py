@@ -40,7 +40,8 @@ The ingestion server, ``twistd teltonika``:
   events.
 
 The processor, ``twistd teltonika-processor`` (``processor/``; the server never imports
-it): ``tap`` and ``service`` (options, start-up, shutdown, exit status); ``consumer`` (the
+it): ``tap`` and ``service`` (options, start-up, shutdown, exit status); ``defaults`` (the
+defaults the tap and the settings classes share); ``consumer`` (the
 read, write, acknowledge loop); ``streams`` and ``fastreader`` (its Redis commands);
 ``entries`` and ``identity`` (the contract read back, and a record's hash); ``writer``,
 ``database`` and ``migrations`` (PostgreSQL on its own thread, the SQL files in

@@ -14,6 +14,7 @@ options.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Final, TypeVar
 
@@ -32,7 +33,7 @@ LOOPBACK: Final = "127.0.0.1"
 _T = TypeVar("_T")
 
 
-def _documented(doc: str) -> Callable[[Callable[[str], _T]], Callable[[str], _T]]:
+def documented(doc: str) -> Callable[[Callable[[str], _T]], Callable[[str], _T]]:
     """Attach the ``--help`` text Twisted reads from a coercer's ``coerceDoc``."""
 
     def attach(coerce: Callable[[str], _T]) -> Callable[[str], _T]:
@@ -42,7 +43,7 @@ def _documented(doc: str) -> Callable[[Callable[[str], _T]], Callable[[str], _T]
     return attach
 
 
-@_documented("A whole number >= 0.")
+@documented("A whole number >= 0.")
 def whole_number(value: str) -> int:
     """A count where 0 means none (or no limit, as the option says)."""
     number = int(value)
@@ -51,7 +52,7 @@ def whole_number(value: str) -> int:
     return number
 
 
-@_documented("A whole number, at least 1.")
+@documented("A whole number, at least 1.")
 def positive_whole_number(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -68,7 +69,7 @@ def _finite(value: str, unit: str = "seconds") -> float:
     return number
 
 
-@_documented("Seconds (a finite decimal number >= 0).")
+@documented("Seconds (a finite decimal number >= 0).")
 def seconds(value: str) -> float:
     number = _finite(value)
     if number < 0:
@@ -76,7 +77,7 @@ def seconds(value: str) -> float:
     return number
 
 
-@_documented("Seconds (a finite decimal number above 0).")
+@documented("Seconds (a finite decimal number above 0).")
 def positive_seconds(value: str) -> float:
     number = _finite(value)
     if number <= 0:
@@ -84,7 +85,7 @@ def positive_seconds(value: str) -> float:
     return number
 
 
-@_documented("A finite decimal number above 0.")
+@documented("A finite decimal number above 0.")
 def positive_number(value: str) -> float:
     number = _finite(value, "units")
     if number <= 0:
@@ -155,19 +156,19 @@ class CoercedOptions(usage.Options):
                 self._dispatch[name] = _NamedCoercion(self, dispatcher.coerce)
 
 
-@_documented("A port number or a server endpoint description such as tcp:5027.")
+@documented("A port number or a server endpoint description such as tcp:5027.")
 def device_endpoint(value: str) -> str:
     """``--port``: a bare port becomes ``tcp:N`` (:func:`normalize_endpoint`)."""
     return normalize_endpoint(value, "--port")
 
 
-@_documented("A port number (on loopback), a server endpoint description, or off.")
+@documented("A port number (on loopback), a server endpoint description, or off.")
 def metrics_option(value: str) -> str | None:
     """``--metrics`` (:func:`metrics_endpoint`)."""
     return metrics_endpoint(value)
 
 
-@_documented("PORT or INTERFACE:PORT.")
+@documented("PORT or INTERFACE:PORT.")
 def udp_address(value: str) -> tuple[str, int]:
     """``--udp-port``: ``PORT`` or ``INTERFACE:PORT`` -> (interface, port)."""
     interface, _, port = value.rpartition(":")
@@ -176,7 +177,7 @@ def udp_address(value: str) -> tuple[str, int]:
     return (interface, int(port))
 
 
-@_documented("A redis://, rediss:// or redis+sentinel:// URL.")
+@documented("A redis://, rediss:// or redis+sentinel:// URL.")
 def redis_url(value: str) -> str:
     """A Redis URL that parses (:func:`teltonika.redis.connect.parse_redis_url`); the
     URL itself is kept, the message never shows its password."""
@@ -187,7 +188,7 @@ def redis_url(value: str) -> str:
     return value
 
 
-@_documented(f"One of {', '.join(DURABILITY_MODES)}.")
+@documented(f"One of {', '.join(DURABILITY_MODES)}.")
 def durability_mode(value: str) -> str:
     """``--redis-durability``."""
     if value not in DURABILITY_MODES:
@@ -195,7 +196,7 @@ def durability_mode(value: str) -> str:
     return value
 
 
-@_documented("open, file:PATH or redis:KEY.")
+@documented("open, file:PATH or redis:KEY.")
 def authority_spec(value: str) -> str:
     """``--devices`` (:func:`teltonika.authority.parse_authority_spec`)."""
     try:
@@ -205,7 +206,7 @@ def authority_spec(value: str) -> str:
     return value
 
 
-@_documented(f"Bytes, at least {MIN_DATA_LENGTH + FRAME_OVERHEAD}.")
+@documented(f"Bytes, at least {MIN_DATA_LENGTH + FRAME_OVERHEAD}.")
 def frame_size(value: str) -> int:
     """``--max-frame``: no smaller than the smallest data frame."""
     number = int(value)
@@ -214,7 +215,7 @@ def frame_size(value: str) -> int:
     return number
 
 
-@_documented("Printable text, not empty.")
+@documented("Printable text, not empty.")
 def printable_name(value: str) -> str:
     """A name that goes into records, keys and logs (``--instance-id``, ``--consumer``)."""
     if not value or not value.isprintable():
@@ -227,7 +228,7 @@ def seconds_up_to(limit: float, *, why: str = "") -> Callable[[str], float]:
     bound, shown in the message)."""
     reason = f" ({why})" if why else ""
 
-    @_documented(f"Seconds, above 0 and at most {limit:g}.")
+    @documented(f"Seconds, above 0 and at most {limit:g}.")
     def coerce(value: str) -> float:
         number = _finite(value)
         if not 0 < number <= limit:
@@ -242,7 +243,7 @@ def seconds_up_to(limit: float, *, why: str = "") -> Callable[[str], float]:
 def seconds_at_most(limit: float) -> Callable[[str], float]:
     """A coercer of seconds from 0 to *limit*."""
 
-    @_documented(f"Seconds, from 0 to {limit:g}.")
+    @documented(f"Seconds, from 0 to {limit:g}.")
     def coerce(value: str) -> float:
         number = seconds(value)
         if number > limit:
@@ -252,8 +253,20 @@ def seconds_at_most(limit: float) -> Callable[[str], float]:
     return coerce
 
 
-@_documented("Text, not empty.")
+@documented("Text, not empty.")
 def non_empty(value: str) -> str:
     if not value:
         raise ValueError("must not be empty")
+    return value
+
+
+_STREAM_ID = re.compile(r"\d+(-\d+)?")
+
+
+@documented("$ (new entries only), 0 (everything) or an entry id MS-SEQ or MS.")
+def group_start(value: str) -> str:
+    """``--group-start``: an id ``XGROUP CREATE`` takes; Redis would refuse anything else
+    only when the group is first created, long after the command line was read."""
+    if value != "$" and not _STREAM_ID.fullmatch(value):
+        raise ValueError(f"must be $, 0 or an entry id such as 1700000000000-0, not {value!r}")
     return value

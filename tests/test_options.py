@@ -16,6 +16,7 @@ from teltonika.options import (
     device_endpoint,
     durability_mode,
     frame_size,
+    group_start,
     metrics_endpoint,
     metrics_option,
     non_empty,
@@ -117,6 +118,7 @@ def test_one_name_one_rule_in_both_taps() -> None:
     assert coercers["idle-timeout"] is seconds  # 0 disables
     assert coercers["sink-timeout"] is positive_seconds
     assert coercers["claim-idle"] is positive_seconds
+    assert coercers["redis"] is redis_url
 
 
 def test_endpoint_coercers() -> None:
@@ -159,6 +161,9 @@ def test_value_coercers_show_the_bad_value() -> None:
         seconds_up_to(300, why="why")("0")
     with pytest.raises(ValueError, match="at most 5 seconds, not 6"):
         seconds_at_most(5)("6")
+    assert [group_start(v) for v in ("$", "0", "1-2", "17")] == ["$", "0", "1-2", "17"]
+    with pytest.raises(ValueError, match=r"must be \$, 0 or an entry id .*, not 'latest'"):
+        group_start("latest")
 
 
 @pytest.mark.parametrize(
@@ -169,6 +174,16 @@ def test_value_coercers_show_the_bad_value() -> None:
         (tap.Options, ["--redis", "http://x"], "--redis: Redis URL must start with redis://"),
         (processor_tap.Options, ["--consumer", ""], "--consumer: must not be empty"),
         (processor_tap.Options, ["--batch-size", "0"], "--batch-size: must be at least 1, not 0"),
+        (
+            processor_tap.Options,
+            ["--redis", "http://x"],
+            "--redis: Redis URL must start with redis://",
+        ),
+        (
+            processor_tap.Options,
+            ["--group-start", "x"],
+            "--group-start: must be $, 0 or an entry id",
+        ),
     ],
 )
 def test_a_usage_error_names_the_option_and_the_value(

@@ -385,3 +385,49 @@ def test_redis_tree_order_and_closing_steps() -> None:
     lock = service.getServiceNamed("instance-lock")
     assert steps[1:] == [server.redis.disconnect, lock.release]
     assert len(steps) == 3
+
+
+def test_options_reach_the_objects_they_configure() -> None:
+    """Non-default values of the timing options arrive in the factory's write-queue
+    settings, the Redis sink's durability check, the ingestion service and both
+    publishers; --luhn reaches TCP and UDP."""
+    from teltonika.protocol.queue import CommandQueueSettings
+
+    options = parse(
+        "--redis",
+        "redis://127.0.0.1:1/0",
+        "--redis-durability",
+        "replicated",
+        "--redis-wait-timeout",
+        "3.5",
+        "--sink-timeout",
+        "21",
+        "--shutdown-timeout",
+        "17",
+        "--command-timeout",
+        "41",
+        "--command-quiet",
+        "0.75",
+        "--command-settle",
+        "2.5",
+        "--luhn",
+        "--udp-port",
+        "127.0.0.1:0",
+        "--metrics",
+        "off",
+    )
+    service = build_service(options, process_reactor(MemoryReactorClock()), on_fatal=lambda m: None)
+    factory = service.server.factory
+    queue = factory.command_queue_settings
+    assert isinstance(queue, CommandQueueSettings)
+    assert (queue.default_timeout, queue.quiet, queue.settle) == (41.0, 0.75, 2.5)
+    sink = service.server.sink
+    assert isinstance(sink, RedisStreamSink)
+    assert sink.durability_check.replica_timeout == 3.5
+    ingestion = service.server.ingestion
+    assert ingestion.shutdown_timeout == 17.0
+    assert factory.publisher.timeout == 21.0 and factory.settings.sink_timeout == 21.0
+    assert ingestion.udp is not None
+    _udp_service, datagrams = ingestion.udp
+    assert datagrams.publisher.timeout == 21.0 and datagrams.sink_timeout == 21.0
+    assert factory.settings.luhn and datagrams.luhn

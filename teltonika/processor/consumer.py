@@ -43,6 +43,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from teltonika.processor.database import Database, error_kind, is_unavailable
+from teltonika.processor.defaults import BATCH_SIZE
 from teltonika.processor.entries import (
     MAX_FIELDS,
     ContractError,
@@ -82,7 +83,7 @@ class Batch:
 class ConsumerConfig:
     """Tuning of the loop; the defaults are the command-line defaults."""
 
-    batch_size: int = 500
+    batch_size: int = BATCH_SIZE
     block_ms: int = 2000
     claim_idle: float = 60.0
     claim_interval: float = 10.0

@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 
 from teltonika.exits import exit_now
 from teltonika.processor.consumer import Consumer
+from teltonika.processor.defaults import SHUTDOWN_TIMEOUT, STATS_INTERVAL, TRIM_INTERVAL
 from teltonika.processor.trim import trim_stream
 from teltonika.redis.connection import RedisConnection
 
@@ -98,9 +99,9 @@ class Housekeeping:
         ``--retire-idle-consumers``).
     """
 
-    stats_interval: float = 5.0
+    stats_interval: float = STATS_INTERVAL
     trim: bool = False
-    trim_interval: float = 60.0
+    trim_interval: float = TRIM_INTERVAL
     retire_idle: float = 0.0
 
 
@@ -115,7 +116,7 @@ class ExitPolicy:
         (:func:`exit_after_shutdown` in production; None only stops reading).
     """
 
-    shutdown_timeout: float = 15.0
+    shutdown_timeout: float = SHUTDOWN_TIMEOUT
     force_exit: Callable[[], None] = hard_exit
     crash_exit: Callable[[], None] | None = None
 

@@ -27,6 +27,11 @@ from teltonika.redis.connection import (
 from teltonika.redis.groups import ConsumerGroup, Entry, GroupReply, classify, parse_entries
 
 DEAD_STREAM: Final = "telemetry:teltonika:dead"
+"""The default ``--dead-stream``: the stream that receives entries given up on."""
+DEAD_MAXLEN: Final = 1_000_000
+"""Entries (a count): the default ``--dead-maxlen``, the ``MAXLEN ~`` of the dead-letter stream."""
+COMMAND_TIMEOUT: Final = 10.0
+"""Seconds: how long one Redis command may take (plus the BLOCK time for reads)."""
 
 ARGS_PER_CALL: Final = 1000
 """Most ids one command inside a script takes (Lua's ``unpack`` has a stack limit)."""
@@ -187,8 +192,8 @@ class StreamsSettings:
     """
 
     dead_stream: str = DEAD_STREAM
-    dead_maxlen: int = 1_000_000
-    timeout: float = 10.0
+    dead_maxlen: int = DEAD_MAXLEN
+    timeout: float = COMMAND_TIMEOUT
 
 
 class Streams:

@@ -20,14 +20,23 @@ from twisted.python import usage
 from teltonika.contract import TELEMETRY_STREAM
 from teltonika.interfaces import IProcessReactor
 from teltonika.options import (
+    group_start,
     metrics_option,
     non_empty,
     positive_seconds,
     positive_whole_number,
+    redis_url,
     seconds,
 )
+from teltonika.processor.defaults import (
+    BATCH_SIZE,
+    SHUTDOWN_TIMEOUT,
+    STATS_INTERVAL,
+    TRIM_INTERVAL,
+)
 from teltonika.processor.live.options import LiveOptions
-from teltonika.redis.connect import RedisURLError, SentinelAddress, parse_redis_url
+from teltonika.processor.streams import COMMAND_TIMEOUT, DEAD_MAXLEN, DEAD_STREAM
+from teltonika.redis.connect import SentinelAddress, parse_redis_url
 from teltonika.services.ops_http import DEFAULT_PROCESSOR_METRICS
 
 if TYPE_CHECKING:
@@ -72,6 +81,7 @@ class Options(LiveOptions):
             f"Redis URL redis://[user:password@]host[:port][/db], or through Sentinel "
             "redis+sentinel://[[user]:password@]host:port[,host:port...]/SERVICE[/db] "
             f"(default: ${REDIS_ENV}, else {DEFAULT_REDIS}).",
+            redis_url,
         ],
         [
             "postgres",
@@ -81,11 +91,11 @@ class Options(LiveOptions):
             "the password out of the process list).",
         ],
         ["stream", None, TELEMETRY_STREAM, "Stream to consume."],
-        ["dead-stream", None, "telemetry:teltonika:dead", "Dead-letter stream."],
+        ["dead-stream", None, DEAD_STREAM, "Dead-letter stream."],
         [
             "dead-maxlen",
             None,
-            1_000_000,
+            DEAD_MAXLEN,
             "Approximate cap on the dead-letter stream.",
             positive_whole_number,
         ],
@@ -95,7 +105,8 @@ class Options(LiveOptions):
             None,
             "0",
             "Where a newly created group starts: 0 = everything in the stream, "
-            "$ = new entries only.",
+            "$ = new entries only, or an entry id MS-SEQ.",
+            group_start,
         ],
         [
             "consumer",
@@ -118,7 +129,7 @@ class Options(LiveOptions):
         [
             "batch-size",
             None,
-            500,
+            BATCH_SIZE,
             "Entries per XREADGROUP and per transaction.",
             positive_whole_number,
         ],
@@ -175,11 +186,17 @@ class Options(LiveOptions):
             "'off' disables).",
             metrics_option,
         ],
-        ["trim-interval", None, 60.0, "Seconds between trims when --trim is on.", positive_seconds],
+        [
+            "trim-interval",
+            None,
+            TRIM_INTERVAL,
+            "Seconds between trims when --trim is on.",
+            positive_seconds,
+        ],
         [
             "stats-interval",
             None,
-            5.0,
+            STATS_INTERVAL,
             "Seconds between consumer lag/pending updates.",
             positive_seconds,
         ],
@@ -211,7 +228,7 @@ class Options(LiveOptions):
         [
             "shutdown-timeout",
             None,
-            15.0,
+            SHUTDOWN_TIMEOUT,
             "Backstop: force the exit when shutdown takes longer (seconds).",
             positive_seconds,
         ],
@@ -224,11 +241,14 @@ class Options(LiveOptions):
             require_psycopg()
         except MissingDriverError as e:
             raise usage.UsageError(str(e)) from None
-        self["redis"] = self["redis"] or os.environ.get(REDIS_ENV) or DEFAULT_REDIS
-        try:
-            self["redis-address"] = parse_redis_url(self["redis"])
-        except RedisURLError as e:
-            raise usage.UsageError(str(e)) from None
+        if not self["redis"]:
+            # the fallback goes through --redis's own coercer, named by where it came from
+            fallback = os.environ.get(REDIS_ENV) or DEFAULT_REDIS
+            try:
+                self["redis"] = redis_url(fallback)
+            except ValueError as e:
+                raise usage.UsageError(f"${REDIS_ENV}: {e}") from None
+        self["redis-address"] = parse_redis_url(self["redis"])
         self["postgres"] = self["postgres"] or os.environ.get(POSTGRES_ENV)
         if not self["postgres"]:
             raise usage.UsageError(f"give --postgres DSN or set ${POSTGRES_ENV}")
@@ -307,7 +327,7 @@ def makeService(options: Options, reactor: IProcessReactor | None = None) -> Pro
     metrics = ProcessorMetrics.create(registry)
     block_ms = int(options["block-ms"])
     address = options.get("redis-address") or parse_redis_url(options["redis"])
-    timeout = 10.0
+    timeout = COMMAND_TIMEOUT
 
     connections: list[RedisConnection] = []
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import cast
 
 import pytest
 from twisted.application.service import IServiceMaker
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.python import usage
 
 from teltonika.interfaces import IProcessReactor
+from teltonika.options import group_start
 from teltonika.processor import tap
 from teltonika.processor.tap import Options, makeService
 
@@ -115,6 +117,7 @@ def test_overrides_and_metrics_forms(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         [],  # no DSN anywhere
         ["--postgres", "x", "--redis", "http://nope"],
+        ["--postgres", "x", "--group-start", "latest"],
         ["--postgres", "x", "--batch-size", "0"],
         ["--postgres", "x", "--claim-idle", "-1"],
         ["--postgres", "x", "--consumer", ""],
@@ -192,3 +195,88 @@ def test_make_service_starts_nothing_and_listens_on_metrics() -> None:
     assert reactor.tcpServers[0][0] == 9999
     assert reactor.tcpServers[0][3] == "127.0.0.1"
     assert tap.DEFAULT_REDIS == "redis://127.0.0.1:6379/0"
+
+
+def test_options_reach_the_objects_they_configure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Non-default values arrive in the ProcessorService, its Consumer and its Streams."""
+    monkeypatch.delenv("TELTONIKA_REDIS_URL", raising=False)
+    options = parse(
+        "--postgres",
+        "dbname=x",
+        "--metrics",
+        "off",
+        "--trim",
+        "--trim-interval",
+        "33",
+        "--stats-interval",
+        "7",
+        "--shutdown-timeout",
+        "21",
+        "--batch-size",
+        "77",
+        "--group-start",
+        "$",
+        "--dead-stream",
+        "dead:elsewhere",
+        "--dead-maxlen",
+        "4321",
+    )
+    service = makeService(options, cast(IProcessReactor, MemoryReactorClock()))
+    processor = service.processor
+    assert (processor.trim, processor.trim_interval, processor.stats_interval) == (True, 33.0, 7.0)
+    assert processor.shutdown_timeout == 21.0
+    config = processor.consumer.config
+    assert (config.batch_size, config.group_start) == (77, "$")
+    streams = processor.consumer.streams
+    assert (streams.dead_stream, streams.dead_maxlen) == ("dead:elsewhere", 4321)
+
+
+def test_option_defaults_are_the_settings_defaults() -> None:
+    """Each default is written once: the tap's --help shows what the settings classes use."""
+    from teltonika.processor.consumer import ConsumerConfig
+    from teltonika.processor.service import ExitPolicy, Housekeeping
+    from teltonika.processor.streams import StreamsSettings
+
+    defaults = {name: default for name, _short, default, *_rest in Options.optParameters}
+    housekeeping, exits, config = Housekeeping(), ExitPolicy(), ConsumerConfig()
+    streams = StreamsSettings()
+    assert defaults["trim-interval"] == housekeeping.trim_interval
+    assert defaults["stats-interval"] == housekeeping.stats_interval
+    assert defaults["shutdown-timeout"] == exits.shutdown_timeout
+    assert defaults["batch-size"] == config.batch_size
+    assert defaults["group-start"] == config.group_start
+    assert (defaults["dead-stream"], defaults["dead-maxlen"]) == (
+        streams.dead_stream,
+        streams.dead_maxlen,
+    )
+
+
+@pytest.mark.parametrize("value", ["$", "0", "1700000000000-3", "1700000000000"])
+def test_group_start_takes_what_xgroup_create_takes(value: str) -> None:
+    assert group_start(value) == value
+
+
+@pytest.mark.parametrize("value", ["", "latest", "-1", "1-", "1-2-3", " 0", ">"])
+def test_group_start_refuses_anything_else_naming_option_and_value(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TELTONIKA_POSTGRES_DSN", raising=False)
+    with pytest.raises(usage.UsageError, match=re.escape("--group-start: must be $, 0")) as e:
+        parse("--postgres", "x", "--group-start", value)
+    assert repr(value) in str(e.value)
+
+
+def test_redis_from_the_command_line_and_the_environment_share_one_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--redis is checked by its coercer (naming the option); $TELTONIKA_REDIS_URL goes
+    through the same coercer, and its error names the variable."""
+    monkeypatch.setenv("TELTONIKA_REDIS_URL", "redis://envhost:6390/3")
+    o = parse("--postgres", "x")
+    assert o["redis"] == "redis://envhost:6390/3" and o["redis-address"].host == "envhost"
+    with pytest.raises(usage.UsageError, match=r"^--redis: .*'http://nope'"):
+        parse("--postgres", "x", "--redis", "http://nope")
+    monkeypatch.setenv("TELTONIKA_REDIS_URL", "http://env-nope")
+    with pytest.raises(usage.UsageError, match=r"^\$TELTONIKA_REDIS_URL: .*'http://env-nope'"):
+        parse("--postgres", "x")
+    assert parse("--postgres", "x", "--redis", "redis://h/1")["redis"] == "redis://h/1"

@@ -2,8 +2,9 @@
 
 Twisted's ``usage.Options`` gathers ``optParameters`` from every class of the hierarchy,
 so the processor's Options only derive from :class:`LiveOptions` and call
-:meth:`LiveOptions.check_live` from ``postOptions``. Every value is validated here,
-with a plain-sentence ``UsageError``.
+:meth:`LiveOptions.check_live` from ``postOptions``. Each value is checked by its coercer
+(the :mod:`teltonika.options` idiom: the ``UsageError`` names the option and the value);
+:meth:`LiveOptions.check_live` keeps the rules between options.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from typing import Any, Final
 from twisted.python import usage
 
 from teltonika.options import (
+    OFF,
     CoercedOptions,
+    documented,
     positive_number,
     positive_seconds,
     positive_whole_number,
 )
-from teltonika.processor.live.handshake import OriginError, parse_allowed
+from teltonika.processor.live.handshake import Origin, OriginError, parse_origin
 from teltonika.processor.live.tiles import OSM_ATTRIBUTION, OSM_TILES
 
 AUTH_FORMS: Final = "directus:URL, token-file:PATH or none"
@@ -52,6 +55,44 @@ def is_loopback(endpoint: str) -> bool:
     return _LOOPBACK.fullmatch(interface) is not None
 
 
+@documented(AUTH_FORMS + ".")
+def live_auth(value: str) -> str:
+    """``--live-auth``: one of its three forms, a Directus URL over http(s)."""
+    auth = value.strip()
+    kind, _, argument = auth.partition(":")
+    if kind not in ("directus", "token-file", "none") or (kind != "none") != bool(argument):
+        raise ValueError(f"must be {AUTH_FORMS}, not {value!r}")
+    if kind == "directus" and not argument.startswith(("http://", "https://")):
+        raise ValueError(f"directus:URL needs an http:// or https:// URL, not {value!r}")
+    return auth
+
+
+@documented("file:PATH or directus.")
+def live_events(value: str) -> str:
+    """``--live-events``."""
+    if value != "directus" and not value.startswith("file:"):
+        raise ValueError(f"must be file:PATH or directus, not {value!r}")
+    return value
+
+
+@documented("A tile URL template, or none.")
+def live_tiles(value: str) -> str | None:
+    """``--live-tiles``: ``none``/``off`` (a plain grid) -> ``None``."""
+    tiles = value.strip()
+    return None if tiles.lower() in OFF else tiles
+
+
+def live_origin(value: str) -> Origin:
+    """One ``--live-allowed-origin`` (:func:`~teltonika.processor.live.handshake.parse_origin`).
+
+    :raise usage.UsageError: naming the option (its message shows the value).
+    """
+    try:
+        return parse_origin(value)
+    except OriginError as e:
+        raise usage.UsageError(f"--live-allowed-origin: {e}") from None
+
+
 class LiveOptions(CoercedOptions):
     """``--live`` and its companions (README.rst, "Live positions"); the processor's
     Options derive from this class."""
@@ -62,6 +103,7 @@ class LiveOptions(CoercedOptions):
             None,
             "none",
             f"Who may connect to --live: {AUTH_FORMS} (none only on loopback).",
+            live_auth,
         ],
         [
             "live-events",
@@ -69,6 +111,7 @@ class LiveOptions(CoercedOptions):
             None,
             "Events and their devices: file:PATH (JSON), or directus (the default with "
             "--live-auth directus:URL).",
+            live_events,
         ],
         [
             "live-session-cookie",
@@ -195,7 +238,13 @@ class LiveOptions(CoercedOptions):
             "Longest wait of a position before it is sent (batching).",
             positive_seconds,
         ],
-        ["live-tiles", None, OSM_TILES, "Map tile URL template for the page, or none (grid)."],
+        [
+            "live-tiles",
+            None,
+            OSM_TILES,
+            "Map tile URL template for the page, or none (grid).",
+            live_tiles,
+        ],
         ["live-tiles-attribution", None, OSM_ATTRIBUTION, "Attribution shown under the tiles."],
         ["live-trail-minutes", None, 10.0, "Minutes of trail drawn per device.", positive_number],
     ]
@@ -204,6 +253,7 @@ class LiveOptions(CoercedOptions):
         super().__init__()
         self["live"] = []
         self["live-allowed-origin"] = []
+        self["live-origins"] = frozenset()
 
     def opt_live(self, endpoint: str) -> None:
         """Serve the live broadcast and the operator page on this endpoint (a port number
@@ -213,6 +263,7 @@ class LiveOptions(CoercedOptions):
     def opt_live_allowed_origin(self, origin: str) -> None:
         """An origin (scheme://host[:port]) besides the page's own whose pages may
         connect (repeatable)."""
+        self["live-origins"] = self["live-origins"] | {live_origin(origin)}
         self["live-allowed-origin"].append(origin)
 
     def check_live(self) -> None:
@@ -226,16 +277,7 @@ class LiveOptions(CoercedOptions):
                     "--live needs autobahn and treq: pip install 'teltonika[processor]' "
                     f"(or '.[processor]' from a checkout) ({e})"
                 ) from None
-        try:
-            self["live-origins"] = parse_allowed(self["live-allowed-origin"])
-        except OriginError as e:
-            raise usage.UsageError(f"--live-allowed-origin: {e}") from None
-        auth = str(self["live-auth"]).strip()
-        kind, _, argument = auth.partition(":")
-        if kind not in ("directus", "token-file", "none") or (kind != "none") != bool(argument):
-            raise usage.UsageError(f"--live-auth must be {AUTH_FORMS}, not {auth!r}")
-        if kind == "directus" and not argument.startswith(("http://", "https://")):
-            raise usage.UsageError("--live-auth directus:URL needs an http:// or https:// URL")
+        kind = str(self["live-auth"]).partition(":")[0]
         if kind == "none":
             exposed = [e for e in self["live"] if not is_loopback(e)]
             if exposed:
@@ -244,10 +286,5 @@ class LiveOptions(CoercedOptions):
                     f"loopback; {exposed[0]} does not (give --live-auth directus:URL or "
                     "token-file:PATH)"
                 )
-        events = self["live-events"]
-        if events is not None and events != "directus" and not events.startswith("file:"):
-            raise usage.UsageError("--live-events must be file:PATH or directus")
-        if events == "directus" and kind != "directus":
+        if self["live-events"] == "directus" and kind != "directus":
             raise usage.UsageError("--live-events directus needs --live-auth directus:URL")
-        tiles = str(self["live-tiles"]).strip()
-        self["live-tiles"] = None if tiles.lower() in ("none", "off", "") else tiles

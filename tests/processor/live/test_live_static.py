@@ -11,7 +11,14 @@ from importlib.resources import files
 import pytest
 from twisted.python import usage
 
-from teltonika.processor.live.options import is_loopback, live_endpoint
+from teltonika.processor.live.options import (
+    is_loopback,
+    live_auth,
+    live_endpoint,
+    live_events,
+    live_origin,
+    live_tiles,
+)
 from teltonika.processor.tap import Options
 
 LEAFLET_SHA256 = {
@@ -60,10 +67,10 @@ def test_live_options() -> None:
     assert options["live-origins"] == frozenset({("https", "a.b", 443)})
     for argv, message in (
         (["--live", "tcp:8090"], "only allowed when every --live endpoint listens on loopback"),
-        (["--live-auth", "ldap:x"], "--live-auth must be"),
+        (["--live-auth", "ldap:x"], "--live-auth: must be"),
         (["--live-auth", "directus:ftp://x"], "http:// or https://"),
         (["--live-allowed-origin", "null"], "--live-allowed-origin"),
-        (["--live-events", "x.json"], "--live-events must be"),
+        (["--live-events", "x.json"], "--live-events: must be file:PATH or directus, not 'x.json'"),
         (["--live-slow-timeout", "0"], "must be above 0"),
     ):
         with pytest.raises(usage.UsageError, match=re.escape(message)):
@@ -71,3 +78,35 @@ def test_live_options() -> None:
     assert parse("--live", "tcp:8090", "--live-auth", "token-file:/x")["live"] == ["tcp:8090"]
     assert is_loopback(live_endpoint("1")) and is_loopback(r"tcp6:1:interface=\:\:1")
     assert not is_loopback("tcp:1:interface=0.0.0.0") and is_loopback("unix:/run/x.sock")
+
+
+def test_live_auth_coercer() -> None:
+    """Three forms; a Directus URL over http(s) only; the message shows the value."""
+    assert live_auth(" directus:https://d.example ") == "directus:https://d.example"
+    assert live_auth("token-file:/run/t") == "token-file:/run/t"
+    assert live_auth("none") == "none"
+    for bad in ("ldap:x", "none:x", "token-file:", "directus:ftp://x"):
+        with pytest.raises(ValueError, match=re.escape(repr(bad))):
+            live_auth(bad)
+
+
+def test_live_events_coercer() -> None:
+    assert live_events("directus") == "directus" and live_events("file:/e.json") == "file:/e.json"
+    with pytest.raises(ValueError, match=re.escape("not 'e.json'")):
+        live_events("e.json")
+
+
+def test_live_tiles_coercer() -> None:
+    """none, off or nothing mean the plain grid; a template is kept, trimmed."""
+    assert live_tiles(" https://t/{z}/{x}/{y}.png ") == "https://t/{z}/{x}/{y}.png"
+    assert live_tiles("None") is None and live_tiles("off") is None and live_tiles("") is None
+
+
+def test_live_allowed_origin_coercer() -> None:
+    """Each origin is checked as it is given, the error names the option and the value;
+    repeated values accumulate into the allowed set."""
+    assert live_origin("https://a.b:8443") == ("https", "a.b", 8443)
+    with pytest.raises(usage.UsageError, match=r"^--live-allowed-origin: .*'ftp://x'"):
+        live_origin("ftp://x")
+    options = parse("--live-allowed-origin", "https://a.b", "--live-allowed-origin", "http://c")
+    assert options["live-origins"] == frozenset({("https", "a.b", 443), ("http", "c", 80)})
