@@ -27,12 +27,12 @@ import attrs
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReactorTime
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 
 from teltonika.authority import FileAuthority
 from teltonika.exits import exit_now
-from teltonika.interfaces import IManagedSink
+from teltonika.interfaces import IManagedSink, IProcessReactor
 from teltonika.protocol.tcp import DeviceFactory
 from teltonika.protocol.udp import DeviceDatagramProtocol
 from teltonika.units import SECONDS
@@ -47,7 +47,7 @@ FatalHandler = Callable[[str], None]
 """Called with a sentence when the server cannot run (it must stop the process)."""
 
 
-def exit_on_fatal(reactor: IReactorCore) -> FatalHandler:
+def exit_on_fatal(reactor: IProcessReactor) -> FatalHandler:
     """A :data:`FatalHandler` for twistd: log critically, stop the reactor, exit status 1.
 
     twistd itself has no way to set an exit status from a running service, so the
@@ -62,7 +62,7 @@ def exit_on_fatal(reactor: IReactorCore) -> FatalHandler:
             exit_now(1)
 
         reactor.addSystemEventTrigger("after", "shutdown", hard_exit)
-        reactor.callLater(FATAL_EXIT_GRACE, hard_exit)  # type: ignore[attr-defined]
+        reactor.callLater(FATAL_EXIT_GRACE, hard_exit)
         if reactor.running:
             reactor.stop()
 
