@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import implementer
 
+from teltonika.interfaces import IProcessReactor
 from teltonika.processor.live.cache import SingleFlightCache
 from teltonika.processor.live.interfaces import (
     Credential,
@@ -86,8 +87,9 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def no_cookie_client(reactor: Any) -> HTTPClient:
-    """A treq client that keeps no cookies and reuses connections."""
+def no_cookie_client(reactor: IProcessReactor) -> HTTPClient:
+    """A treq client that keeps no cookies and reuses connections (the reactor connects
+    over TCP and times the pool's idle connections)."""
     jar = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
     agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=True))
     return HTTPClient(agent, cookiejar=jar)  # type: ignore[arg-type]
