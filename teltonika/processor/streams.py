@@ -28,9 +28,6 @@ from teltonika.redis.groups import ConsumerGroup, Entry, GroupReply, classify, p
 
 DEAD_STREAM: Final = "telemetry:teltonika:dead"
 
-ARGS_PER_CALL: Final = 1000
-"""Most ids one command inside a script takes (Lua's ``unpack`` has a stack limit)."""
-
 TOUCH_SCRIPT: Final = """
 local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
 local mine, lost = {}, {}

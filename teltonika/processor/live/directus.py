@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Final
 
@@ -371,6 +371,3 @@ async def directus_devices_check(
     readable = {str(dotted(item, s.device_imei_field)) for item in data}
     if not set(devices) <= readable:
         raise Forbidden("some devices are not readable")
-
-
-DevicesCheck = Callable[[User, Sequence[str]], Deferred[None]]
