@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Refresh the Leaflet files the operator page ships (teltonika/processor/live/static/leaflet/)
 # from the npm registry with `npm pack`, then print the SHA-256 sums that
-# tests/processor/live/test_static.py checks. Usage: scripts/vendor-leaflet.sh [VERSION]
+# tests/processor/live/test_live_static.py checks. Usage: scripts/vendor-leaflet.sh [VERSION]
 set -euo pipefail
 version=${1:-1.9.4}
 cd "$(dirname "$0")/.."

@@ -3,12 +3,13 @@
 Deferred results read synchronously (Twisted's ``successResultOf`` and friends, once for
 the suite), frames and records, a controllable sink, device authorities (one that knows a
 set, one that decides when the test says), a connected device protocol, command frames,
-the error-event collector behind the ``logged_errors`` fixture, and the ``teltonika
-simulate`` child process.
+the error-event collector behind the ``logged_errors`` fixture, the ``teltonika
+simulate`` child process, and :func:`eventually` for tests that run real servers.
 """
 
 from __future__ import annotations
 
+import inspect
 import queue
 import sys
 import time
@@ -16,8 +17,9 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from prometheus_client import CollectorRegistry
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import ILogObserver, LogLevel
@@ -256,3 +258,26 @@ async def simulate(*argv: str) -> tuple[int, str, str]:
         sys.executable, ["-m", "teltonika", "simulate", *argv], env=checkout_env(), path=str(REPO)
     )
     return code, out.decode(), err.decode()
+
+
+async def eventually(
+    predicate: Callable[[], object], timeout: float = 10.0, step: float = 0.01
+) -> Any:
+    """Poll *predicate* (sync, or returning something to await) on the reactor every
+    *step* seconds until it gives a truthy value, and return that value; fail after
+    *timeout* seconds.
+
+    Only for tests that run real servers (Redis, PostgreSQL, TCP): there is no event to
+    wait on across processes.
+    """
+    waited = 0.0
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if waited >= timeout:
+            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+        await deferLater(reactor, step, lambda: None)
+        waited += step

@@ -1,11 +1,12 @@
 """The package's layering, checked on the import statements themselves.
 
-``docs/design.rst`` and the code map in ``teltonika/__init__.py`` promise three things
+``docs/design.rst`` and the code map in ``teltonika/__init__.py`` promise four things
 that nothing else would keep true: the wire layer is pure (no reactor, no I/O, nothing of
 ours above it), the protocol layer does not reach up into the command plane or any
-storage (``commands/`` uses the protocol's write queue, never the other way round), and
-the ingestion server never imports the processor (so ``twistd teltonika`` runs without
-the processor's extras installed). Every ``import`` counts, including the lazy ones
+storage (``commands/`` uses the protocol's write queue, never the other way round), the
+ingestion server never imports the processor (so ``twistd teltonika`` runs without the
+processor's extras installed), and the processor imports only the contract and the
+shared parts, never the server itself. Every ``import`` counts, including the lazy ones
 inside functions.
 """
 
@@ -115,3 +116,24 @@ def test_the_protocol_layer_does_not_import(upper: str) -> None:
 def test_the_ingestion_server_never_imports_the_processor() -> None:
     server = [p for p in modules("") if not module_name(p).startswith("teltonika.processor")]
     assert offending(server, ("teltonika.processor",)) == {}
+
+
+@pytest.mark.parametrize(
+    "server_part",
+    [
+        "teltonika.protocol",
+        "teltonika.sinks",
+        "teltonika.commands",
+        "teltonika.services.ingestion",
+        "teltonika.services.instance_lock",
+        "teltonika.codecs",
+        "teltonika.authority",
+        "teltonika.metrics",
+        "teltonika.tap",
+    ],
+)
+def test_the_processor_never_imports_the_server(server_part: str) -> None:
+    """The processor shares the contract, the wire records, the Redis helpers, the option
+    coercers and the operations endpoint (``services/ops_http``) with the server, and
+    nothing that runs device connections or stores their records."""
+    assert offending(modules("processor"), (server_part,)) == {}

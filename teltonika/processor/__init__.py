@@ -10,7 +10,10 @@ The ingestion server never imports this package. Its pieces, one job each:
 * :mod:`.state` — bounded per-device latest position, and the one rule (Python and SQL)
   for which record is a device's latest;
 * :mod:`.streams` — the Redis commands the consumer uses, parsed into plain values;
+* :mod:`.fastreader` — the ``XREADGROUP`` connection whose replies hiredis decodes in C;
 * :mod:`.consumer` — the read / write / acknowledge loop;
 * :mod:`.trim` — safe ``XTRIM MINID`` over every consumer group;
-* :mod:`.metrics`, :mod:`.service`, :mod:`.tap` — operations and wiring.
+* :mod:`.metrics`, :mod:`.service`, :mod:`.tap` — operations and wiring;
+* :mod:`.live` — with ``--live``, the WebSocket broadcast of positions and the operator
+  map page.
 """

@@ -33,9 +33,6 @@ DEAD_MAXLEN: Final = 1_000_000
 COMMAND_TIMEOUT: Final = 10.0
 """Seconds: how long one Redis command may take (plus the BLOCK time for reads)."""
 
-ARGS_PER_CALL: Final = 1000
-"""Most ids one command inside a script takes (Lua's ``unpack`` has a stack limit)."""
-
 TOUCH_SCRIPT: Final = """
 local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
 local mine, lost = {}, {}

@@ -7,10 +7,11 @@ fired, within ``--sink-timeout``. A failure or a timeout sends nothing; the devi
 the records and sends them again.
 
 :class:`Publisher` holds that rule and the metrics that go with it (frames and records
-received, sink latency and failures, ACKs and ACKed records). What differs between the
-transports is only how an ACK is sent and what a failure does: a TCP session writes to its
-socket and closes on a failure; the UDP listener answers the datagram's source address and
-drops the datagram. Each passes those two steps in.
+received, sink latency and failures, ACKs and ACKed records), and stores the device
+messages (codec 12/13/14, never ACKed) under the same sink timeout and failure count.
+What differs between the transports is only how an ACK is sent and what a failure does: a
+TCP session writes to its socket and closes on a failure; the UDP listener answers the
+datagram's source address and drops the datagram. Each passes those two steps in.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ SendAck = Callable[[bytes], bool]
 StoreFailed = Callable[[Failure, int], None]
 """Told why the sink did not store a packet of *n* records (already counted as a sink
 failure)."""
+MessageFailed = Callable[[Failure], None]
+"""Told why the sink did not store a device message (already counted as a sink failure)."""
 
 
 class Publisher:
@@ -118,3 +121,20 @@ class Publisher:
     def _failed(self, failure: Failure, failed: StoreFailed, count: int) -> None:
         self.metrics.sink_failures.labels(self.sink.name).inc()
         failed(failure, count)
+
+    def publish_message(
+        self, imei: str, fields: dict[str, str], failed: MessageFailed
+    ) -> Deferred[None]:
+        """Store one device message (its stream *fields*), within the same timeout as
+        records; nothing is ACKed either way.
+
+        :param failed: called when the sink failed or timed out.
+        :return: fires (with None) when the message ended either way.
+        """
+        d: Deferred[None] = maybeDeferred(self.sink.publish_message, imei, fields)
+        d.addTimeout(self.timeout, self.clock)
+        return d.addErrback(self._message_failed, failed)
+
+    def _message_failed(self, failure: Failure, failed: MessageFailed) -> None:
+        self.metrics.sink_failures.labels(self.sink.name).inc()
+        failed(failure)

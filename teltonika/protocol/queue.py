@@ -180,8 +180,10 @@ def _always_idle() -> bool:
 
 @attrs.frozen
 class CommandQueueSettings:
-    """How one socket's :class:`CommandQueue` paces and bounds commands (the session fills
-    it from :class:`~teltonika.protocol.settings.ServerSettings`, ``--command-*``).
+    """How one socket's :class:`CommandQueue` paces and bounds commands, from the
+    ``--command-*`` options (the factory builds it once with
+    :meth:`~teltonika.protocol.settings.ServerSettings.command_queue` and hands the same
+    value to every session).
 
     :ivar default_timeout: seconds a command waits for its reply unless it says otherwise.
     :ivar warn_depth: log a warning when this many commands are queued or outstanding.

@@ -568,11 +568,8 @@ class DeviceSession:
         fields = message_fields(
             imei, message, codec.name, received_at_ms, server.settings.instance_id
         )
-        d: Deferred[None] = maybeDeferred(server.sink.publish_message, imei, fields)
-        d.addTimeout(server.settings.sink_timeout, server.clock)
 
         def failed(failure: Failure) -> None:
-            server.metrics.sink_failures.labels(server.sink.name).inc()
             self._log.error(
                 "Sink {sink} did not store a codec {codec} message from {imei}: {error}",
                 sink=server.sink.name,
@@ -581,7 +578,7 @@ class DeviceSession:
                 error=failure.getErrorMessage(),
             )
 
-        return d.addErrback(failed)
+        return server.publisher.publish_message(imei, fields, failed)
 
     # -- rejections and timers ---------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """The TCP server's settings and their defaults (``twistd teltonika`` options).
 
 One frozen value, built once by the tap and shared by every session through the Factory,
-so the limits are in one place that imports nothing but the defaults of the parts they
-configure (the framer's frame size, the write queue's command timings).
+so the limits are in one place that imports nothing but the parts they configure: the
+framer's frame size, and the write queue's command timings and its settings value
+(``CommandQueueSettings``, built once by :meth:`ServerSettings.command_queue`).
 """
 
 from __future__ import annotations

@@ -16,9 +16,10 @@ listeners about logins and logouts, and drains and closes all sessions at shutdo
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IAddress, IReactorTime, ITransport
+from twisted.internet.interfaces import IAddress, IPushProducer, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -36,12 +37,19 @@ if TYPE_CHECKING:
     from teltonika.codecs import CodecRegistry
 
 
+class IDeviceTransport(ITCPTransport, IPushProducer):
+    """What :class:`DeviceProtocol` needs of its transport: a TCP connection (which can
+    be aborted) that is also a push producer (which can be paused), as each of Twisted's
+    TCP transports is."""
+
+
 class DeviceProtocol(Protocol):
     """One tracker's TCP connection, handed to its :class:`DeviceSession`.
 
     :ivar session: the connection's session (from ``connectionMade`` on).
     """
 
+    transport: IDeviceTransport | None
     session: DeviceSession
 
     def __init__(self, factory: DeviceFactory) -> None:
@@ -63,11 +71,23 @@ class DeviceProtocol(Protocol):
         return self._framer.buffered
 
 
+class SocketTransport(TypingProtocol):
+    """What :class:`TransportSocket` calls on its transport (an :class:`IDeviceTransport`
+    in production; ``StringTransport``, which has the same methods, in tests)."""
+
+    def write(self, data: bytes) -> None: ...
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+    def loseConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
+    def getPeer(self) -> IAddress: ...
+
+
 @implementer(IDeviceSocket)
 class TransportSocket:
     """:class:`~teltonika.interfaces.IDeviceSocket` over a Twisted TCP transport."""
 
-    def __init__(self, transport: ITransport) -> None:
+    def __init__(self, transport: SocketTransport) -> None:
         self._transport = transport
 
     def write(self, data: bytes) -> None:
@@ -76,11 +96,11 @@ class TransportSocket:
 
     def pause(self) -> None:
         """IDeviceSocket API"""
-        self._transport.pauseProducing()  # type: ignore[attr-defined]
+        self._transport.pauseProducing()
 
     def resume(self) -> None:
         """IDeviceSocket API"""
-        self._transport.resumeProducing()  # type: ignore[attr-defined]
+        self._transport.resumeProducing()
 
     def close(self) -> None:
         """IDeviceSocket API"""
@@ -88,7 +108,7 @@ class TransportSocket:
 
     def abort(self) -> None:
         """IDeviceSocket API"""
-        self._transport.abortConnection()  # type: ignore[attr-defined]
+        self._transport.abortConnection()
 
     def peer(self) -> str:
         """IDeviceSocket API"""

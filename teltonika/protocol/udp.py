@@ -21,11 +21,11 @@ sink still go out (:meth:`DeviceDatagramProtocol.when_idle`).
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import MessageLengthError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -83,7 +83,7 @@ class DeviceDatagramProtocol(DatagramProtocol):
         self._idle_waiters: list[Deferred[None]] = []
         self._limited = RateLimitedLog(self._log, clock, LOG_INTERVAL)
 
-    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+    def datagramReceived(self, datagram: bytes, addr: Address) -> None:
         self.metrics.bytes_in.labels("udp").inc(len(datagram))
         try:
             envelope, codec, packet = self._decode(datagram)
@@ -137,7 +137,7 @@ class DeviceDatagramProtocol(DatagramProtocol):
         codec: ICodec,
         packet: AVLPacket,
         addr: Address,
-    ) -> Any:
+    ) -> Deferred[None] | None:
         if isinstance(allowed, Failure):
             self.metrics.datagrams.labels("authority_failed").inc()
             self._limited.emit(
@@ -205,7 +205,8 @@ class DeviceDatagramProtocol(DatagramProtocol):
     def stop_reading(self) -> None:
         """Take no more datagrams; the socket stays open for the ACKs still to come."""
         if self.transport is not None:
-            self.transport.stopReading()  # type: ignore[attr-defined]
+            # The UDP port is a push producer (a FileDescriptor): pausing it stops reading.
+            IPushProducer(self.transport).pauseProducing()
 
     def when_idle(self) -> Deferred[None]:
         """Fire when no datagram is waiting for the authority or the sink."""
@@ -216,9 +217,11 @@ class DeviceDatagramProtocol(DatagramProtocol):
         return d
 
 
-def _peer(addr: Any) -> str:
-    try:
-        host, port = addr
-    except (TypeError, ValueError):
-        return str(addr)
-    return f"{host}:{port}"
+def _peer(addr: object) -> str:
+    """``host:port`` for an IPv4 source address; any other shape (an IPv6 socket's
+    4-tuple, whatever Twisted's ``tuple[str, int]`` annotation says) as it prints."""
+    match addr:
+        case (host, port):
+            return f"{host}:{port}"
+        case _:
+            return str(addr)

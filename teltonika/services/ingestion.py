@@ -19,20 +19,20 @@ from __future__ import annotations
 
 import gc
 import signal
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from types import FrameType
-from typing import Any, Final
+from typing import Final
 
 import attrs
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReactorTime
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 
 from teltonika.authority import FileAuthority
 from teltonika.exits import exit_now
-from teltonika.interfaces import IManagedSink
+from teltonika.interfaces import IManagedSink, IProcessReactor
 from teltonika.protocol.tcp import DeviceFactory
 from teltonika.protocol.udp import DeviceDatagramProtocol
 from teltonika.units import SECONDS
@@ -46,8 +46,15 @@ service's stopService never finishes."""
 FatalHandler = Callable[[str], None]
 """Called with a sentence when the server cannot run (it must stop the process)."""
 
+ClosingStep = Callable[[], Awaitable[object] | None]
+"""A last shutdown step: returns None when it is done, or a Deferred or coroutine to
+wait for (within ``shutdown_timeout``)."""
 
-def exit_on_fatal(reactor: IReactorCore) -> FatalHandler:
+SignalHandler = Callable[[int, FrameType | None], object] | int | None
+"""What ``signal.signal`` returns: a handler, ``SIG_DFL``/``SIG_IGN``, or None."""
+
+
+def exit_on_fatal(reactor: IProcessReactor) -> FatalHandler:
     """A :data:`FatalHandler` for twistd: log critically, stop the reactor, exit status 1.
 
     twistd itself has no way to set an exit status from a running service, so the
@@ -62,7 +69,7 @@ def exit_on_fatal(reactor: IReactorCore) -> FatalHandler:
             exit_now(1)
 
         reactor.addSystemEventTrigger("after", "shutdown", hard_exit)
-        reactor.callLater(FATAL_EXIT_GRACE, hard_exit)  # type: ignore[attr-defined]
+        reactor.callLater(FATAL_EXIT_GRACE, hard_exit)
         if reactor.running:
             reactor.stop()
 
@@ -132,12 +139,12 @@ class IngestionService(Service):
         self.shutdown_timeout = settings.shutdown_timeout
         self.file_authority = None if file_authority is None else file_authority.authority
         self.reactor = None if file_authority is None else file_authority.reactor
-        self._closing_steps: list[Callable[[], Any]] = []
+        self._closing_steps: list[ClosingStep] = []
         self.freeze_gc = settings.freeze_gc
         self.started: Deferred[None] | None = None
-        self._old_sighup: Any = None
+        self._old_sighup: SignalHandler = None
 
-    def add_closing_step(self, step: Callable[[], Any], *, first: bool = False) -> None:
+    def add_closing_step(self, step: ClosingStep, *, first: bool = False) -> None:
         """Run *step* after the sink closed, each step bounded by ``shutdown_timeout``;
         *first* puts it before the steps given so far (a part that still talks to Redis
         stops before the connection it uses is closed)."""
@@ -248,18 +255,18 @@ class IngestionService(Service):
             )
 
 
-async def _within(result: Any, timeout: float, clock: IReactorTime) -> Any:
-    """Await *result* (a coroutine, a Deferred or a plain value) for at most *timeout*
-    seconds: a shutdown step must never hang the process."""
+async def _within(result: Awaitable[object] | None, timeout: float, clock: IReactorTime) -> None:
+    """Await *result* (a coroutine or a Deferred; None is done already) for at most
+    *timeout* seconds: a shutdown step must never hang the process."""
     if isinstance(result, Coroutine):
         result = Deferred.fromCoroutine(result)
     if isinstance(result, Deferred):
         result.addTimeout(timeout, clock)
-        return await result
-    return result
+    if result is not None:
+        await result
 
 
-async def _maybe(result: Any) -> Any:
-    if isinstance(result, Deferred):
-        return await result
-    return result
+async def _maybe(result: Awaitable[object] | None) -> None:
+    """Await what a ``stopService`` returned (a Deferred or None)."""
+    if result is not None:
+        await result

@@ -24,7 +24,8 @@ from teltonika.wire import AVLRecord, encode_udp
 class UDPDevice:
     """A tracker that reports over UDP.
 
-    :param send: writes one datagram to the server (the Protocol's connected transport).
+    :ivar send: writes one datagram to the server (the Protocol's connected transport),
+        from :meth:`start` until :meth:`stop`; None otherwise.
     """
 
     def __init__(

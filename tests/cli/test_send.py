@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.utils import getProcessOutputAndValue
 
 from teltonika.cli import main
@@ -23,8 +23,9 @@ from teltonika.commands.client import store_offline
 from teltonika.commands.messages import Command, pairs
 from teltonika.redis.connect import parse_redis_url
 from tests.commands.device import ScriptedDevice, connect_device, echo
-from tests.commands.helpers import eventually, publish, statuses
+from tests.commands.helpers import publish, statuses
 from tests.commands.instances import Instance
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +91,7 @@ async def test_send_waits_for_the_device(redis_url: str, redis: Any, server: Ins
     """With --wait-for-device the command waits in Redis; the device logs in later and
     the reply is printed."""
     sending = send(redis_url, IMEI, "setdigout 1", "--wait-for-device", "30", "--id", "w")
-    result = ensureDeferred(sending)
+    result = Deferred.fromCoroutine(sending)
     await eventually(lambda: redis.exists("commands:offline:command:w"))
     device: ScriptedDevice = await connect_device(reactor, server.port, IMEI, echo("late"))
     try:
@@ -211,7 +212,7 @@ async def test_the_default_expiry_and_wait_follow_the_queue_ahead(
     started = reactor.seconds()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(client, "wait_for_terminal", spy)
-        sending = ensureDeferred(
+        sending = Deferred.fromCoroutine(
             run_send(redis_url, "setdigout 1", "--id", "mine", "--timeout", "7")
         )
         stream = "commands:outbound:z"
@@ -251,7 +252,7 @@ async def test_exit_2_says_whether_the_command_can_still_run(
     monkeypatch.setattr(cli_send, "MARGIN", 0.2)
     monkeypatch.setattr(client, "ROUTING_MARGIN", 0.2)
     await fake_instance(redis)
-    sending = ensureDeferred(
+    sending = Deferred.fromCoroutine(
         run_send(redis_url, "getinfo", "--id", "late", "--timeout", "0.2", *argv)
     )
     if delivered:
@@ -305,7 +306,7 @@ async def test_exit_1_names_the_reason_and_what_it_means(
     """A failed status exits 1 with the reason, what it means, and whether the device may
     have run the command (from the delivered status)."""
     await fake_instance(redis)
-    sending = ensureDeferred(run_send(redis_url, "getinfo", "--id", "f", "-q"))
+    sending = Deferred.fromCoroutine(run_send(redis_url, "getinfo", "--id", "f", "-q"))
     await eventually(lambda: redis.exists("commands:outbound:z"))
     if delivered:
         await redis.execute_command(

@@ -3,36 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
 
 from teltonika.commands.messages import Command, flat, pairs
 from teltonika.commands.metrics import CommandMetrics
-
-
-async def eventually(
-    predicate: Callable[[], Awaitable[Any] | Any], timeout: float = 10.0, step: float = 0.01
-) -> Any:
-    """Poll *predicate* (sync or async) until it returns something truthy.
-
-    Only for tests that run real servers (Redis, TCP): there is no event to wait on
-    across processes.
-    """
-    waited = 0.0
-    while True:
-        value = predicate()
-        if hasattr(value, "__await__"):
-            value = await value
-        if value:
-            return value
-        if waited >= timeout:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await deferLater(reactor, step, lambda: None)
-        waited += step
+from tests.helpers import eventually
 
 
 async def statuses(redis: Any, command_id: str | None = None) -> list[dict[str, str]]:

@@ -21,8 +21,8 @@ from teltonika.commands.consumer import CommandConsumer, CommandConsumerSettings
 from teltonika.commands.messages import Command, Outcome
 from teltonika.protocol.queue import CommandQueue, CommandQueueSettings
 from teltonika.wire.records import CODEC_12, CODEC_14, DeviceMessage
-from tests.commands.helpers import eventually, fresh_metrics, publish, statuses, terminal
-from tests.helpers import connection_double
+from tests.commands.helpers import fresh_metrics, publish, statuses, terminal
+from tests.helpers import connection_double, eventually
 
 IMEI = "352093081452251"
 OTHER = "490154203237518"

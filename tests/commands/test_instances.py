@@ -20,8 +20,9 @@ from teltonika.redis.connection import reply_int
 from teltonika.wire import encode_avl_frame
 from teltonika.wire.records import CODEC_8E, CODEC_12, CODEC_14, AVLRecord
 from tests.commands.device import ScriptedDevice, connect_device, echo, reply_frame
-from tests.commands.helpers import eventually, fresh_metrics, publish, statuses, terminal
+from tests.commands.helpers import fresh_metrics, publish, statuses, terminal
 from tests.commands.instances import Instance
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,8 @@ from twisted.internet.task import Clock
 
 from teltonika.commands.janitor import Janitor
 from teltonika.commands.registry import ConnectionRegistry
-from tests.commands.helpers import eventually, fresh_metrics, publish, statuses
+from tests.commands.helpers import fresh_metrics, publish, statuses
+from tests.helpers import eventually
 
 A_IMEI = "352093081452251"
 B_IMEI = "490154203237518"

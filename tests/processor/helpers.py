@@ -7,19 +7,20 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from functools import partial
 from typing import Any, cast
 
 import psycopg
 import redis
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from teltonika.contract import TELEMETRY_STREAM, entry_fields
 from teltonika.interfaces import IProcessReactor
 from teltonika.processor.tap import Options, makeService
 from teltonika.wire.records import NX, AVLRecord
+from tests import helpers
 
 BASE_MS = 1_700_000_000_000
 
@@ -83,19 +84,10 @@ def imei(n: int) -> str:
     return f"35630704{n:07d}"
 
 
-async def eventually(
-    predicate: Callable[[], Any], timeout: float = 15.0, step: float = 0.05
-) -> Any:
-    """Poll *predicate* (sync) on the reactor until it returns a truthy value."""
-    waited = 0.0
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if waited >= timeout:
-            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
-        await deferLater(reactor, step, lambda: None)
-        waited += step
+eventually = partial(helpers.eventually, timeout=15.0, step=0.05)
+"""The shared :func:`tests.helpers.eventually`, paced for the processor: its predicates
+query Redis and PostgreSQL with blocking clients that hold the reactor while they run, so
+they poll less often (and a processor test may take longer)."""
 
 
 async def http_status(port: int, path: str) -> int:

@@ -415,6 +415,26 @@ def test_device_message_published_not_acked_connection_usable() -> None:
     assert h.sample("teltonika_device_messages_total", codec="12") == 1
 
 
+def test_device_message_sink_timeout_is_counted_and_keeps_the_connection(
+    logged_errors: Any,
+) -> None:
+    """A device message the sink never stores times out after sink_timeout, as records
+    do: counted as a sink failure and logged, but nothing is written and the connection
+    stays open (the device would not resend a message)."""
+    sink = ControlledSink(auto=False)
+    h = Harness(sink=sink, sink_timeout=5.0)
+    proto, transport = h.login()
+    proto.dataReceived(wrap(encode_message(CODEC_12, b"weight=1kg\r\n", MESSAGE_TYPE_RESPONSE)))
+    h.clock.advance(4.9)
+    assert h.sample("teltonika_sink_failures_total", sink="test") == 0
+    h.clock.advance(0.2)
+    assert h.sample("teltonika_sink_failures_total", sink="test") == 1
+    [event] = logged_errors.flush()
+    assert event["codec"] == "12" and event["imei"] == IMEI
+    assert transport.value() == b""
+    assert not transport.disconnecting
+
+
 def test_max_connections_refuses_excess_at_once() -> None:
     """Beyond max_connections a new connection is aborted at once and counted."""
     h = Harness(max_connections=1)

@@ -611,7 +611,7 @@ def _fsync(fd):
 os.fsync = _fsync
 
 from twisted.internet import reactor
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred
 from teltonika.tap import Options, makeService
 from tests.helpers import IMEI, record
 
@@ -632,7 +632,7 @@ async def scenario():
 
 service.privilegedStartService()
 service.startService()
-reactor.callWhenRunning(lambda: ensureDeferred(scenario()))
+reactor.callWhenRunning(lambda: Deferred.fromCoroutine(scenario()))
 reactor.run()
 """
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Final
 
@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import implementer
 
+from teltonika.interfaces import IProcessReactor
 from teltonika.processor.live.cache import SingleFlightCache
 from teltonika.processor.live.interfaces import (
     Credential,
@@ -86,8 +87,9 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def no_cookie_client(reactor: Any) -> HTTPClient:
-    """A treq client that keeps no cookies and reuses connections."""
+def no_cookie_client(reactor: IProcessReactor) -> HTTPClient:
+    """A treq client that keeps no cookies and reuses connections (the reactor connects
+    over TCP and times the pool's idle connections)."""
     jar = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
     agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=True))
     return HTTPClient(agent, cookiejar=jar)  # type: ignore[arg-type]
@@ -369,6 +371,3 @@ async def directus_devices_check(
     readable = {str(dotted(item, s.device_imei_field)) for item in data}
     if not set(devices) <= readable:
         raise Forbidden("some devices are not readable")
-
-
-DevicesCheck = Callable[[User, Sequence[str]], Deferred[None]]
