@@ -44,6 +44,7 @@ for i = 3, #ARGV do
     lost[#lost + 1] = ARGV[i]
   end
 end
+-- at most 1000 ids per command: Lua's unpack and a call's arguments have a stack limit
 for i = 1, #mine, 1000 do
   local args = {stream, group, consumer, 0}
   for k = i, math.min(i + 999, #mine) do args[#args + 1] = mine[k] end
@@ -77,6 +78,7 @@ for _ = 1, tonumber(ARGV[5]) do
   end
   i = i + count
 end
+-- at most 1000 ids per XACK: Lua's unpack has a stack limit
 for k = i, #ARGV, 1000 do
   redis.call('XACK', stream, group, unpack(ARGV, k, math.min(k + 999, #ARGV)))
 end
