@@ -227,16 +227,11 @@ class CommandQueue:
     ) -> None:
         self._writer = writer
         self._clock = clock
-        self.default_timeout = settings.default_timeout
-        self.warn_depth = settings.warn_depth
-        self.max_depth = settings.max_depth
+        self.settings = settings
+        """Shared by every socket of a listener (one reference, not five copied fields
+        per connection)."""
         self._metrics = metrics
         self.imei = imei
-        self.quiet = settings.quiet
-        self.settle = settings.settle
-        self.due_margin = FRAME_DUE_MARGIN
-        """Seconds either side of a periodic device's next frame in which the quiet path
-        writes nothing (at most half the device's period)."""
         self._connection_idle = connection_idle
         self._chain: Deferred[None] = succeed(None)
         self._waiting: deque[_Pending] = deque()
@@ -323,7 +318,7 @@ class CommandQueue:
         pending = _Pending(
             frame,
             codec_id,
-            self.default_timeout if timeout is None else timeout,
+            self.settings.default_timeout if timeout is None else timeout,
             command_id,
             handle,
             None if expires_in is None else now + expires_in,
@@ -335,7 +330,7 @@ class CommandQueue:
             self._reject(pending, InvalidCommandError(f"codec 0x{codec_id:02X} is not 12 or 14"))
             return handle
         depth = self.depth
-        if depth >= self.max_depth:
+        if depth >= self.settings.max_depth:
             self._log.warn(
                 "Command {command_id} refused: {depth} commands already queued for {imei}",
                 command_id=command_id,
@@ -354,7 +349,7 @@ class CommandQueue:
             pending.timer = self._clock.callLater(expires_in, self._expired, pending)
         if self._metrics is not None:
             self._metrics.command_queue_depth.inc()
-        if depth + 1 >= self.warn_depth:
+        if depth + 1 >= self.settings.warn_depth:
             self._log.warn(
                 "{depth} commands queued for {imei}",
                 depth=depth + 1,
@@ -380,11 +375,11 @@ class CommandQueue:
         ``quiet`` seconds without a byte received or an ACK written, and outside the
         window in which the device's next periodic frame is due (``due_margin``, at most
         half a period, either side of one period after its last frame)."""
-        at = max(now, self._quiet_since + self.quiet)
+        at = max(now, self._quiet_since + self.settings.quiet)
         gap, last = self._frame_gap, self._last_frame
         if gap is None or last is None:
             return at
-        margin = min(gap / 2, self.due_margin)
+        margin = min(gap / 2, FRAME_DUE_MARGIN)
         due = last + gap
         if at <= due - margin or at >= due + margin:
             return at
@@ -476,7 +471,7 @@ class CommandQueue:
             if not after_ack:
                 # A frame is queued, being stored or partly received: its ACK (or more
                 # bytes) will come; look again after another quiet interval regardless.
-                self._arm(max(self.quiet, MIN_RECHECK))
+                self._arm(max(self.settings.quiet, MIN_RECHECK))
             return
         while self._waiting:
             pending = self._waiting.popleft()
@@ -537,7 +532,7 @@ class CommandQueue:
         pending.timer = None
         # A late reply to this command must not resolve the next one: keep the socket
         # free of commands for a while, so such a reply finds nothing outstanding.
-        self._settle_until = self._clock.seconds() + self.settle
+        self._settle_until = self._clock.seconds() + self.settings.settle
         self._log.warn(
             "Device {imei} did not answer command {command_id} within {timeout} s",
             imei=self.imei,

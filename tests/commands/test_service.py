@@ -126,7 +126,7 @@ def test_protocol_writes_go_through_the_queue_and_replies_resolve_commands() -> 
     factory, sink, metrics = make_factory(command_timeout=7)
     protocol, transport = login(factory)
     handle = protocol.session.commands.submit(frame("getinfo"), CODEC_12)
-    assert protocol.session.commands.default_timeout == 7
+    assert protocol.session.commands.settings.default_timeout == 7
     protocol.dataReceived(avl(0))
     assert transport.value() == ACK_1 + frame("getinfo")
     protocol.dataReceived(wrap(encode_message(CODEC_12, b"INI:ok", 0x06)))

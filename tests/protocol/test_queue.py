@@ -175,7 +175,8 @@ def test_depth_warning_and_limit() -> None:
 
 def test_default_limits_are_5_and_20() -> None:
     rig = Rig()
-    assert (rig.queue.warn_depth, rig.queue.max_depth, rig.queue.default_timeout) == (5, 20, 30)
+    limits = rig.queue.settings
+    assert (limits.warn_depth, limits.max_depth, limits.default_timeout) == (5, 20, 30)
     with capturedLogs():
         for i in range(20):
             rig.queue.submit(frame(f"c{i}"), CODEC_12)
